@@ -1,0 +1,15 @@
+"""macfw: train, ablate and extend MAC (Model-Based RL with Action Chunks) on OGBench."""
+
+__version__ = "0.1.0"
+
+from macfw import registry
+from macfw.registry import register
+
+# Importing the component modules registers them.
+from macfw.nn import flow as _flow  # noqa: F401,E402
+from macfw.nn import models as _models  # noqa: F401,E402
+from macfw import samplers as _samplers  # noqa: F401,E402
+from macfw.agents import mac as _mac  # noqa: F401,E402
+from macfw.data import ogbench_data as _ogbench_data  # noqa: F401,E402
+
+__all__ = ["register", "registry", "__version__"]

@@ -1,0 +1,260 @@
+"""MAC: Model-Based RL with Action Chunks (Park, Park, Lee, Levine, ICLR 2026).
+
+The whole update on one screen (DESIGN §2.4), composed from registered parts:
+
+1. model losses on the batch: chunk dynamics ``f``, flow matching + distillation for the
+   behaviour policy, success model ``c``, reward model ``r`` (single-task);
+2. an imagined rollout of ``H`` chunks without gradient: ``A_k = sampler(s_k, g)``,
+   ``s_{k+1} = f(s_k, A_k)``, reward/mask from ``c`` (and ``r``);
+3. lambda-returns with ``Gamma = gamma^n`` against the EMA value ``V'``; value loss;
+4. critic loss on the first imagined step: ``(Q(s_0, g, A_0) - sg(r_0 + Gamma m_0 V(s_1, g)))^2``;
+5. one Adam step on the sum of all losses, then the EMA update of ``V'``.
+
+Code name -> paper symbol: ``chunk_len`` n, ``horizon`` H (chunks), ``gamma`` gamma,
+``lam`` lambda, ``tau`` EMA rate, ``dynamics`` f, ``policy`` (v, mu), ``critic`` Q,
+``value`` V, ``target_value`` V', ``success`` c, ``reward`` r.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array
+
+from macfw.nn.flow import FlowPolicy
+from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
+from macfw.registry import register
+from macfw.samplers import RejectionSampler, Sampler
+from macfw.spec import Spec
+
+
+class Networks(eqx.Module):
+    """Every trained network of MAC (the parameters the optimiser updates)."""
+
+    dynamics: eqx.Module
+    policy: eqx.Module
+    critic: eqx.Module
+    value: eqx.Module
+    success: eqx.Module
+    reward: eqx.Module | None
+
+
+class TrainState(eqx.Module):
+    """Everything an update reads and writes.
+
+    Attributes:
+      step: gradient steps taken (int32 scalar).
+      nets: the trained networks.
+      target_value: EMA copy of ``nets.value`` (``V'``).
+      opt_state: optax state.
+      key: raw PRNG key data ``(2,)`` uint32 (checkpointable as a plain array).
+    """
+
+    step: Array
+    nets: Networks
+    target_value: eqx.Module
+    opt_state: Any
+    key: Array
+
+
+def lambda_returns(rewards, masks, values, *, discount: float, lam: float):
+    """Lambda-returns of an imagined rollout (DESIGN §2.4 step 3).
+
+    Args:
+      rewards, masks: ``(H, ...)`` per chunk step ``r_k``, ``m_k``.
+      values: ``(H + 1, ...)`` target values ``V'(s_k)`` for ``k = 0..H``.
+      discount: ``Gamma = gamma^n`` (per chunk).
+      lam: ``lambda``.
+
+    Returns:
+      ``(H, ...)`` targets ``G_k = V'(s_k) + adv_k`` with
+      ``delta_k = r_k + Gamma m_k V'(s_{k+1}) - V'(s_k)``,
+      ``adv_k = delta_k + Gamma lambda m_k adv_{k+1}``, ``adv_H = 0``.
+    """
+    deltas = rewards + discount * masks * values[1:] - values[:-1]
+
+    def step(adv_next, x):
+        delta, m = x
+        adv = delta + discount * lam * m * adv_next
+        return adv, adv
+
+    _, advs = jax.lax.scan(step, jnp.zeros_like(values[0]), (deltas, masks), reverse=True)
+    return values[:-1] + advs
+
+
+def param_checksum(tree) -> str:
+    """SHA-256 (hex, first 16 chars) of every array leaf's bytes, in tree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array)):
+        a = np.asarray(leaf)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+@register("agent")
+class MAC:
+    """The MAC agent: component factories plus the update and acting rules.
+
+    Component arguments are registered classes (Gin: ``MAC.dynamics = @ChunkDynamics``); each is
+    called as ``Cls(spec, key=...)`` with hyperparameters bound by Gin. ``sampler`` is an instance.
+
+    Args:
+      gamma: per-step discount (``Gamma = gamma ** chunk_len`` per chunk).
+      lam: lambda of the lambda-returns.
+      horizon: imagined rollout length H in chunks (H * n environment steps).
+      tau: EMA rate of the target value.
+      learning_rate: Adam step size.
+      rollout_batch_size: states rolled out per update (None: the whole batch).
+      grad_clip: global-norm gradient clipping (None: off).
+    """
+
+    def __init__(self, dynamics: Callable = ChunkDynamics, policy: Callable = FlowPolicy, critic: Callable = QCritic,
+                 value: Callable = StateValue, success: Callable = SuccessModel, reward: Callable = RewardModel,
+                 sampler: Sampler | None = None, *, gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
+                 tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
+                 grad_clip: float | None = None):
+        if horizon < 1:
+            raise ValueError(f"MAC.horizon must be >= 1 chunk, got {horizon}.")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"MAC.gamma must be in (0, 1], got {gamma}.")
+        self.factories = dict(dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward)
+        self.sampler = sampler if sampler is not None else RejectionSampler()
+        self.gamma = float(gamma)
+        self.lam = float(lam)
+        self.horizon = int(horizon)
+        self.tau = float(tau)
+        self.learning_rate = float(learning_rate)
+        self.rollout_batch_size = rollout_batch_size
+        self.grad_clip = grad_clip
+        self.spec: Spec | None = None
+
+    # ------------------------------------------------------------------ building
+    def optimizer(self) -> optax.GradientTransformation:
+        tx = optax.adam(self.learning_rate)
+        if self.grad_clip is not None:
+            tx = optax.chain(optax.clip_by_global_norm(self.grad_clip), tx)
+        return tx
+
+    def init(self, spec: Spec, key) -> TrainState:
+        """Build every network for ``spec`` and the optimiser state. ``key``: raw key data or int seed."""
+        self.spec = spec
+        if isinstance(key, int):
+            key = jax.random.PRNGKey(key)
+        key, *ks = jax.random.split(key, 7)
+        f = self.factories
+        nets = Networks(
+            dynamics=f["dynamics"](spec, key=ks[0]),
+            policy=f["policy"](spec, key=ks[1]),
+            critic=f["critic"](spec, key=ks[2]),
+            value=f["value"](spec, key=ks[3]),
+            success=f["success"](spec, key=ks[4]),
+            reward=None if spec.goal_conditioned or f["reward"] is None else f["reward"](spec, key=ks[5]),
+        )
+        opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
+        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.value)
+        return TrainState(step=jnp.zeros((), jnp.int32), nets=nets, target_value=target,
+                          opt_state=opt_state, key=key)
+
+    # ------------------------------------------------------------------ acting
+    def act(self, nets: Networks, s, g, *, key, acting: bool = True):
+        """A chunk for one (scaled) state and goal: ``(chunk_len, act_dim)`` in [-1, 1]."""
+        A = self.sampler(nets.policy, nets.critic, s, g, key=key, acting=acting)
+        return A.reshape(self.spec.chunk_len, self.spec.act_dim)
+
+    # ------------------------------------------------------------------ the update
+    def rollout(self, nets: Networks, s0, g, key):
+        """Imagined rollout of H chunks (no gradient). ``s0: (B, ob_dim)``, ``g: (B, goal_dim)``.
+
+        Returns dict with ``states (H+1, B, ob_dim)``, ``actions (H, B, chunk_dim)``,
+        ``rewards, masks (H, B)``.
+        """
+        nets = jax.lax.stop_gradient(nets)
+        B = s0.shape[0]
+        goal_conditioned = g.shape[-1] > 0
+
+        def one(s, gg, k):
+            A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
+            logit = nets.success(s, gg, A)
+            c = (jax.nn.sigmoid(logit) > 0.5).astype(jnp.float32)
+            r = c - 1.0 if goal_conditioned else nets.reward(s, gg, A)
+            return A, nets.dynamics(s, A), r, 1.0 - c
+
+        def step(s, k):
+            A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
+            return s_next, (s, A, r, m)
+
+        s_last, (states, actions, rewards, masks) = jax.lax.scan(step, s0, jax.random.split(key, self.horizon))
+        states = jnp.concatenate([states, s_last[None]], axis=0)
+        return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
+
+    def loss(self, nets: Networks, target_value, batch: dict, roll: dict, key) -> tuple[Array, dict]:
+        """Sum of all MAC losses (DESIGN §2.4) and namespaced metrics."""
+        B = batch["obs"].shape[0]
+        k_flow, _ = jax.random.split(key)
+        s, A, vg, ag = batch["obs"], batch["actions"], batch["value_goals"], batch["actor_goals"]
+
+        dyn, m_dyn = jax.vmap(nets.dynamics.loss)(s, A, batch["next_obs"])
+        flow, m_flow = jax.vmap(lambda *x: nets.policy.loss(*x[:3], key=x[3]))(s, ag, A, jax.random.split(k_flow, B))
+        succ, m_succ = jax.vmap(nets.success.loss)(s, vg, A, batch["success"])
+        total = dyn.mean() + flow.mean() + succ.mean()
+        metrics = {**m_dyn, **m_flow, **m_succ}
+        if nets.reward is not None:
+            rew, m_rew = jax.vmap(nets.reward.loss)(s, vg, A, batch["rewards"])
+            total = total + rew.mean()
+            metrics.update(m_rew)
+
+        # value: lambda-returns against V' on the H+1 imagined states (computed once).
+        states, g = roll["states"], roll["goals"]
+        discount = self.gamma ** self.spec.chunk_len
+        v_targ = jax.vmap(jax.vmap(target_value), in_axes=(0, None))(states, g)  # (H+1, Br)
+        returns = jax.lax.stop_gradient(
+            lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam))
+        v_pred = jax.vmap(jax.vmap(nets.value), in_axes=(0, None))(states[:-1], g)  # (H, Br)
+        value_loss = jnp.mean((v_pred - returns) ** 2)
+
+        # critic: TD target on the first imagined step with the online value.
+        v1 = jax.lax.stop_gradient(jax.vmap(nets.value)(states[1], g))
+        q_target = roll["rewards"][0] + discount * roll["masks"][0] * v1
+        q = jax.vmap(nets.critic)(states[0], g, roll["actions"][0])
+        critic_loss = jnp.mean((q - q_target) ** 2)
+
+        total = total + value_loss + critic_loss
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+        metrics.update({
+            "value/loss": value_loss, "value/mean": v_pred.mean(), "value/return_mean": returns.mean(),
+            "critic/loss": critic_loss, "critic/q_mean": q.mean(),
+            "rollout/reward_mean": roll["rewards"].mean(), "rollout/done_rate": 1.0 - roll["masks"].mean(),
+            "total/loss": total,
+        })
+        return total, metrics
+
+    def update(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One MAC gradient step (pure; jit it). ``batch`` from :func:`macfw.data.batches.sample_batch`."""
+        key, k_roll, k_loss = jax.random.split(state.key, 3)
+        Br = self.rollout_batch_size or batch["obs"].shape[0]
+        s0, g0 = batch["obs"][:Br], batch["value_goals"][:Br]
+        roll = self.rollout(state.nets, s0, g0, k_roll)
+        roll["goals"] = g0
+
+        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
+
+        def loss_fn(p):
+            return self.loss(eqx.combine(p, static), state.target_value, batch, roll, k_loss)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        nets = eqx.combine(params, static)
+        target = jax.tree_util.tree_map(
+            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
+            state.target_value, nets.value)
+        metrics["optim/grad_norm"] = optax.global_norm(grads)
+        return TrainState(step=state.step + 1, nets=nets, target_value=target, opt_state=opt_state, key=key), metrics

@@ -1,0 +1,174 @@
+"""Chunked, goal-relabelled batch sampling and [-1, 1] scaling (paper §4; DESIGN §2.1).
+
+Everything here is a pure function of arrays, so a batch is sampled on the device inside the
+jitted update from the train state's key (no host work per step).
+
+Units: indices ``t`` are environment steps in the flat (compact) OGBench arrays; a chunk spans
+``n = chunk_len`` environment steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+#: Hindsight relabelling probabilities (DESIGN §2.1).
+VALUE_GOAL_P_CUR, VALUE_GOAL_P_TRAJ, VALUE_GOAL_P_RAND = 0.2, 0.5, 0.3
+ACTOR_GOAL_P_TRAJ = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaler:
+    """Per-dimension min/max scaling to [-1, 1]: ``2 (x - lo) / (hi - lo) - 1``.
+
+    Constant dimensions (``hi - lo < 1e-6``) map to ``x - lo`` (i.e. 0 on the data).
+    ``lo, hi: (dim,)`` numpy float32.
+    """
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Scaler":
+        x = np.asarray(x, np.float32)
+        return cls(lo=x.min(axis=0), hi=x.max(axis=0))
+
+    @property
+    def _range(self):
+        r = self.hi - self.lo
+        return np.where(r < 1e-6, 2.0, r).astype(np.float32)
+
+    def __call__(self, x):
+        xp = jnp if isinstance(x, jax.Array) else np
+        return (2.0 * (x - self.lo) / self._range - 1.0).astype(xp.float32)
+
+    def inverse(self, y):
+        return (y + 1.0) * self._range / 2.0 + self.lo
+
+    def to_dict(self) -> dict:
+        return {"lo": np.asarray(self.lo), "hi": np.asarray(self.hi)}
+
+    @classmethod
+    def from_dict(cls, d) -> "Scaler":
+        return cls(lo=np.asarray(d["lo"], np.float32), hi=np.asarray(d["hi"], np.float32))
+
+
+def trajectory_ends(valids: np.ndarray) -> np.ndarray:
+    """For each index, the index of the final observation of its trajectory: ``(N,)`` int32.
+
+    ``valids`` is OGBench's compact-layout flag: 0 exactly at each trajectory's final
+    observation (which has no next state), 1 elsewhere.
+    """
+    valids = np.asarray(valids)
+    ends = np.where(valids < 0.5)[0]
+    n = len(valids)
+    if len(ends) == 0 or ends[-1] != n - 1:
+        ends = np.concatenate([ends, [n - 1]])
+    idx = np.searchsorted(ends, np.arange(n), side="left")
+    return ends[idx].astype(np.int32)
+
+
+class ChunkData(eqx.Module):
+    """The dataset on the device, ready for jitted sampling.
+
+    Attributes (N transitions in OGBench's compact layout):
+      observations: ``(N, ob_dim)`` scaled to [-1, 1].
+      actions: ``(N, act_dim)`` clipped to ``[-1 + 1e-5, 1 - 1e-5]``.
+      goals: ``(N, goal_dim)`` scaled goal representation of each state (oracle representation,
+        or the observation itself); ``(N, 0)`` for single-task data.
+      rewards, masks: ``(N,)`` per-step OGBench single-task reward and mask (zeros / ones for
+        goal-conditioned data).
+      traj_end: ``(N,)`` index of the final observation of each index's trajectory.
+      starts: ``(M,)`` valid chunk starts ``t`` (``t + n <= traj_end[t]``).
+    """
+
+    observations: Float[Array, "N ob_dim"]
+    actions: Float[Array, "N act_dim"]
+    goals: Float[Array, "N goal_dim"]
+    rewards: Float[Array, " N"]
+    masks: Float[Array, " N"]
+    traj_end: Int[Array, " N"]
+    starts: Int[Array, " M"]
+
+    @property
+    def size(self) -> int:
+        return int(self.observations.shape[0])
+
+
+def valid_starts(traj_end: np.ndarray, chunk_len: int) -> np.ndarray:
+    """Indices ``t`` whose chunk ``t .. t+n`` lies in one trajectory: ``t + n <= traj_end[t]``.
+
+    Raises:
+      ValueError: no trajectory is longer than ``chunk_len`` steps.
+    """
+    t = np.arange(len(traj_end))
+    starts = np.where(t + chunk_len <= traj_end)[0].astype(np.int32)
+    if len(starts) == 0:
+        raise ValueError(
+            f"No valid chunk start: every trajectory is shorter than chunk_len={chunk_len} + 1 steps. "
+            "Use a smaller chunk length or longer episodes."
+        )
+    return starts
+
+
+def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma: float,
+                 goal_conditioned: bool, normalize_reward: bool = True) -> dict[str, Array]:
+    """Sample one training batch (pure and jittable).
+
+    Returns a dict of arrays (B = batch_size):
+      ``obs (B, ob_dim)`` = s_t; ``actions (B, n*act_dim)`` = A_t; ``next_obs (B, ob_dim)`` = s_{t+n};
+      ``value_goals, actor_goals (B, goal_dim)``; ``success (B,)`` the chunk success label;
+      ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx (B,)`` int indices.
+
+    Goal-conditioned: value goal = current state (p 0.2), uniform later state of the same
+    trajectory (p 0.5) or random state (p 0.3); actor goal = geometric offset ``~ Geom(1 - gamma)``
+    clipped to the trajectory end (p 0.5) or random state (p 0.5). ``success = 1`` iff the
+    value-goal index lies in ``[t, t+n)``; reward ``success - 1``, mask ``1 - success``.
+    Single-task: reward = ``sum_i gamma^i r_{t+i}`` over the chunk (divided by ``n`` when
+    ``normalize_reward``, as the paper's code does), ``success = 1`` iff some step of the chunk
+    has OGBench mask 0 (task solved), mask 1.
+    """
+    n = chunk_len
+    ks = jax.random.split(key, 8)
+    N = data.observations.shape[0]
+    t = data.starts[jax.random.randint(ks[0], (batch_size,), 0, data.starts.shape[0])]
+    steps = t[:, None] + jnp.arange(n)[None, :]
+    actions = data.actions[steps].reshape(batch_size, -1)
+    end = data.traj_end[t]
+    batch = {
+        "idx": t,
+        "obs": data.observations[t],
+        "actions": actions,
+        "next_obs": data.observations[t + n],
+    }
+    if goal_conditioned:
+        # value goals
+        later = jax.random.randint(ks[1], (batch_size,), t + 1, end + 1)
+        rand = jax.random.randint(ks[2], (batch_size,), 0, N)
+        u = jax.random.uniform(ks[3], (batch_size,))
+        vg = jnp.where(u < VALUE_GOAL_P_CUR, t, jnp.where(u < VALUE_GOAL_P_CUR + VALUE_GOAL_P_TRAJ, later, rand))
+        # actor goals
+        offset = jax.random.geometric(ks[4], 1.0 - gamma, (batch_size,)) if gamma < 1.0 else end - t
+        geo = jnp.minimum(t + offset.astype(t.dtype), end)
+        rand2 = jax.random.randint(ks[5], (batch_size,), 0, N)
+        ag = jnp.where(jax.random.uniform(ks[6], (batch_size,)) < ACTOR_GOAL_P_TRAJ, geo, rand2)
+        success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
+        batch.update(
+            value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg,
+            success=success, rewards=success - 1.0, masks=1.0 - success,
+        )
+    else:
+        disc = gamma ** jnp.arange(n, dtype=jnp.float32)
+        r = jnp.sum(data.rewards[steps] * disc[None, :], axis=1)
+        if normalize_reward:
+            r = r / n
+        success = jnp.any(data.masks[steps] < 0.5, axis=1).astype(jnp.float32)
+        empty = jnp.zeros((batch_size, 0), jnp.float32)
+        batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, success=success, rewards=r,
+                     masks=jnp.ones_like(r))
+    return batch

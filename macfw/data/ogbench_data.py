@@ -1,0 +1,223 @@
+"""OGBench datasets through OGBench's own loader (``ogbench.make_env_and_datasets``).
+
+A user with the official files sets ``OGBenchDataset.dataset_path``; otherwise macfw generates
+the dataset with OGBench's oracles into its cache (see :mod:`macfw.data.generate`) and reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from macfw.data.batches import ChunkData, Scaler, trajectory_ends, valid_starts
+from macfw.registry import register
+from macfw.spec import Spec
+
+TASK_MODES = ("singletask", "oraclerep", "goal")
+REQUIRED_KEYS = ("observations", "actions", "terminals")
+ACTION_CLIP = 1.0 - 1e-5
+
+
+@dataclasses.dataclass
+class LoadedData:
+    """What the training loop needs from a dataset.
+
+    Attributes:
+      data: :class:`ChunkData` on the device.
+      spec: sizes for building the networks.
+      obs_scaler, goal_scaler: [-1, 1] scalers (``goal_scaler`` None for single-task).
+      dataset_name: the OGBench name loaded (e.g. ``cube-single-play-singletask-v0``).
+      eval_env: the OGBench environment base name (e.g. ``cube-single``) and ``task_mode``.
+    """
+
+    data: ChunkData
+    spec: Spec
+    obs_scaler: Scaler
+    goal_scaler: Scaler | None
+    dataset_name: str
+    env_name: str
+    task_mode: str
+    task_id: int | None
+    num_transitions: int
+
+
+def check_dataset_file(path: str | os.PathLike) -> None:
+    """Fail early, clearly, on a missing, truncated or foreign dataset file.
+
+    Raises:
+      FileNotFoundError: the file (or its ``-val`` companion) does not exist.
+      ValueError: not a readable ``.npz`` or missing a required key (names the key and the fix).
+    """
+    path = Path(path)
+    for p in (path, Path(str(path).replace(".npz", "-val.npz"))):
+        if not p.exists():
+            raise FileNotFoundError(
+                f"Dataset file {str(p)!r} does not exist. OGBench expects NAME.npz and NAME-val.npz side by side; "
+                "fix OGBenchDataset.dataset_path, or leave it unset to generate the data into the cache."
+            )
+        try:
+            with np.load(p) as f:
+                keys = set(f.files)
+                missing = [k for k in REQUIRED_KEYS if k not in keys]
+                if missing:
+                    raise ValueError(
+                        f"Dataset file {str(p)!r} lacks the required key(s) {missing} (has {sorted(keys)}). "
+                        "An OGBench dataset needs observations, actions, terminals (and qpos for singletask/oraclerep)."
+                    )
+                for k in REQUIRED_KEYS:
+                    f[k]  # reads the member: catches truncation
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(
+                f"Dataset file {str(p)!r} is not a readable .npz ({type(e).__name__}: {e}). It may be truncated or "
+                "not an OGBench dataset; delete it to regenerate, or point dataset_path at a good copy."
+            ) from e
+
+
+@register("dataset")
+class OGBenchDataset:
+    """An OGBench 'play' dataset, loaded with OGBench's loader and prepared for chunk sampling.
+
+    Args:
+      env_name: OGBench environment, e.g. ``"cube-single"``, ``"scene"``, ``"puzzle-3x3"``.
+      dataset_type: ``"play"``.
+      task_mode: ``"singletask"`` (reward-based; OGBench relabels rewards), ``"oraclerep"``
+        (goal-conditioned with oracle goal representations) or ``"goal"`` (full-state goals).
+      task_id: single-task task (1..5); None is OGBench's default task.
+      dataset_path: an existing ``NAME.npz`` (with ``NAME-val.npz`` beside it). None: generate
+        into the cache (``num_episodes`` episodes of ``episode_length`` steps, seed ``data_seed``).
+      scale_with: fit the [-1, 1] scaling on the ``"val"`` split (the reference's choice) or ``"train"``.
+
+    Raises:
+      ValueError: unknown ``task_mode`` / ``scale_with``, or an environment OGBench does not know.
+    """
+
+    def __init__(self, env_name: str = "cube-single", dataset_type: str = "play", task_mode: str = "singletask",
+                 task_id: int | None = None, dataset_path: str | None = None, num_episodes: int = 1000,
+                 episode_length: int = 1001, data_seed: int = 0, cache_dir: str | None = None,
+                 scale_with: str = "val", workers: int | None = None):
+        if task_mode not in TASK_MODES:
+            raise ValueError(f"Unknown task_mode {task_mode!r}; choose one of {list(TASK_MODES)}.")
+        if scale_with not in ("val", "train"):
+            raise ValueError(f"Unknown scale_with {scale_with!r}; choose 'val' or 'train'.")
+        if task_mode == "singletask" and task_id is not None and not 1 <= int(task_id) <= 5:
+            raise ValueError(f"task_id must be in 1..5 or None (the default task), got {task_id!r}.")
+        self.env_name = env_name
+        self.dataset_type = dataset_type
+        self.task_mode = task_mode
+        self.task_id = task_id
+        self.dataset_path = dataset_path
+        self.num_episodes = num_episodes
+        self.episode_length = episode_length
+        self.data_seed = data_seed
+        self.cache_dir = cache_dir
+        self.scale_with = scale_with
+        self.workers = workers
+
+    # -- names -------------------------------------------------------------------------------
+    @property
+    def base_name(self) -> str:
+        """The dataset file's name in OGBench, e.g. ``cube-single-play-v0``."""
+        return f"{self.env_name}-{self.dataset_type}-v0"
+
+    @property
+    def dataset_name(self) -> str:
+        """The name given to ``ogbench.make_env_and_datasets``."""
+        if self.task_mode == "singletask":
+            task = "" if self.task_id is None else f"-task{int(self.task_id)}"
+            return f"{self.env_name}-{self.dataset_type}-singletask{task}-v0"
+        if self.task_mode == "oraclerep":
+            return f"{self.env_name}-{self.dataset_type}-oraclerep-v0"
+        return self.base_name
+
+    def check_env(self) -> None:
+        """Raise ValueError when OGBench has no environment ``env_name``."""
+        import gymnasium
+
+        import ogbench  # noqa: F401  (registers the environments)
+
+        env_id = f"{self.env_name}-v0"
+        if env_id not in gymnasium.registry:
+            known = sorted({k[:-3] for k in gymnasium.registry if k.endswith("-v0") and "singletask" not in k
+                            and not k.startswith("visual") and any(w in k for w in ("cube", "scene", "puzzle", "maze", "soccer"))})
+            raise ValueError(f"OGBench has no environment {self.env_name!r} (no {env_id!r}). Known environments: {known}.")
+
+    def resolve_path(self) -> Path:
+        """The train file to load, generating it into the cache when no path is configured."""
+        if self.dataset_path is not None:
+            path = Path(os.path.expanduser(self.dataset_path))
+            check_dataset_file(path)
+            return path
+        from macfw.data.generate import ensure_dataset
+
+        path = ensure_dataset(self.base_name, self.num_episodes, episode_length=self.episode_length,
+                              seed=self.data_seed, cache_dir=self.cache_dir, workers=self.workers)
+        check_dataset_file(path)
+        return path
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(self, chunk_len: int) -> LoadedData:
+        """Load, scale and move the data to the device.
+
+        Args:
+          chunk_len: action-chunk length ``n`` (environment steps).
+
+        Raises:
+          FileNotFoundError / ValueError: see :func:`check_dataset_file` and the class doc.
+        """
+        import ogbench
+
+        self.check_env()
+        path = self.resolve_path()
+        env, train, val = ogbench.make_env_and_datasets(self.dataset_name, dataset_path=str(path), compact_dataset=True)
+        env.close()
+        return self.prepare(train, val, chunk_len)
+
+    def prepare(self, train: dict, val: dict, chunk_len: int) -> LoadedData:
+        """Turn OGBench's compact dataset dicts into :class:`LoadedData` (see :meth:`load`)."""
+        fit_src = val if self.scale_with == "val" else train
+        obs_scaler = Scaler.fit(fit_src["observations"])
+        obs = obs_scaler(np.asarray(train["observations"], np.float32))
+        actions = np.clip(np.asarray(train["actions"], np.float32), -ACTION_CLIP, ACTION_CLIP)
+        n = len(obs)
+        if self.task_mode == "oraclerep":
+            goal_scaler = Scaler.fit(fit_src["oracle_reps"])
+            goals = goal_scaler(np.asarray(train["oracle_reps"], np.float32))
+        elif self.task_mode == "goal":
+            goal_scaler = obs_scaler
+            goals = obs
+        else:
+            goal_scaler = None
+            goals = np.zeros((n, 0), np.float32)
+        rewards = np.asarray(train.get("rewards", np.zeros(n)), np.float32)
+        masks = np.asarray(train.get("masks", np.ones(n)), np.float32)
+        traj_end = trajectory_ends(train["valids"])
+        starts = valid_starts(traj_end, chunk_len)
+        data = ChunkData(
+            observations=jnp.asarray(obs), actions=jnp.asarray(actions), goals=jnp.asarray(goals),
+            rewards=jnp.asarray(rewards), masks=jnp.asarray(masks), traj_end=jnp.asarray(traj_end),
+            starts=jnp.asarray(starts),
+        )
+        spec = Spec(ob_dim=int(obs.shape[1]), act_dim=int(actions.shape[1]), goal_dim=int(goals.shape[1]),
+                    chunk_len=int(chunk_len))
+        return LoadedData(data=data, spec=spec, obs_scaler=obs_scaler, goal_scaler=goal_scaler,
+                          dataset_name=self.dataset_name, env_name=self.env_name, task_mode=self.task_mode,
+                          task_id=self.task_id, num_transitions=n)
+
+
+def default_task_id(env_name: str) -> int:
+    """OGBench's default single-task task id for ``env_name`` (e.g. 2 for cube-single)."""
+    import gymnasium
+
+    import ogbench  # noqa: F401
+
+    env = gymnasium.make(f"{env_name}-singletask-v0")
+    try:
+        env.reset(seed=0)
+        return int(env.unwrapped._reward_task_id)  # noqa: SLF001
+    finally:
+        env.close()

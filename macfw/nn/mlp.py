@@ -1,0 +1,91 @@
+"""Multilayer perceptrons: the building block of every MAC network (paper §4, DESIGN §2.2)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": jax.nn.gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+class MLP(eqx.Module):
+    """``Linear -> act -> LayerNorm`` blocks, then a final linear layer.
+
+    Written for one example: ``x: (in_dim,) -> (out_dim,)``; batch with ``jax.vmap``.
+    The paper's default is 4 hidden layers of 1024 with GELU and LayerNorm after each
+    hidden activation.
+
+    Args:
+      in_dim: input size.
+      out_dim: output size.
+      hidden_dims: sizes of the hidden layers, e.g. ``(1024, 1024, 1024, 1024)``.
+      activation: one of :data:`ACTIVATIONS`.
+      layer_norm: apply LayerNorm after each hidden activation.
+      final_init_scale: multiplies the final layer's initial weights (small values start
+        residual outputs near zero).
+      key: PRNG key (keyword-only).
+
+    Raises:
+      ValueError: unknown ``activation`` (the message lists the known ones) or a
+        non-positive size.
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    norms: tuple[eqx.nn.LayerNorm | None, ...]
+    activation: str = eqx.field(static=True)
+    compute_dtype: str | None = eqx.field(static=True, default=None)
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dims: Sequence[int] = (1024, 1024, 1024, 1024),
+        *,
+        key: PRNGKeyArray,
+        activation: str = "gelu",
+        layer_norm: bool = True,
+        final_init_scale: float = 1.0,
+        compute_dtype: str | None = None,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        dims = [int(in_dim), *[int(h) for h in hidden_dims], int(out_dim)]
+        if any(d < 0 for d in dims) or any(d == 0 for d in dims[1:]):
+            raise ValueError(f"MLP sizes must be positive, got in_dim={in_dim}, hidden_dims={tuple(hidden_dims)}, out_dim={out_dim}.")
+        keys = jax.random.split(key, len(dims) - 1)
+        layers = [eqx.nn.Linear(max(a, 1) if a == 0 else a, b, key=k) for a, b, k in zip(dims[:-1], dims[1:], keys)]
+        if final_init_scale != 1.0:
+            last = layers[-1]
+            last = eqx.tree_at(lambda l: (l.weight, l.bias), last, (last.weight * final_init_scale, last.bias * final_init_scale))
+            layers[-1] = last
+        self.layers = tuple(layers)
+        self.norms = tuple(eqx.nn.LayerNorm(h) if layer_norm else None for h in dims[1:-1])
+        self.activation = activation
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: Float[Array, " in_dim"]) -> Float[Array, " out_dim"]:
+        act = ACTIVATIONS[self.activation]
+        out_dtype = x.dtype
+        if x.shape[-1] == 0:  # an empty input (e.g. no goal, no inputs): a learned constant
+            x = jnp.zeros((1,), x.dtype)
+        for layer, norm in zip(self.layers[:-1], self.norms):
+            x = act(self._linear(layer, x))
+            if norm is not None:
+                x = norm(x.astype(jnp.float32)).astype(x.dtype)
+        return self._linear(self.layers[-1], x).astype(out_dtype)
+
+    def _linear(self, layer: eqx.nn.Linear, x: Array) -> Array:
+        if self.compute_dtype is None:
+            return layer(x)
+        dt = jnp.dtype(self.compute_dtype)
+        y = jnp.dot(layer.weight.astype(dt), x.astype(dt), preferred_element_type=jnp.float32)
+        return y + layer.bias

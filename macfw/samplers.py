@@ -1,0 +1,59 @@
+"""Action-chunk samplers: how MAC picks a chunk from the behaviour policy (paper §4.2).
+
+Shapes per example: ``s: (ob_dim,)``, ``g: (goal_dim,)``; returns ``A: (chunk_dim,)`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from macfw.registry import register
+
+
+class Sampler(eqx.Module):
+    """Base of the sampler family. ``acting`` selects the test-time setting (e.g. more candidates)."""
+
+    @abc.abstractmethod
+    def __call__(self, policy, critic, s, g, *, key: PRNGKeyArray, acting: bool = False) -> Float[Array, " chunk_dim"]:
+        ...
+
+
+def candidates(policy, s, g, num: int, key) -> Float[Array, "num chunk_dim"]:
+    """``num`` clipped candidate chunks ``clip(policy.sample(s, g), -1, 1)``: ``(num, chunk_dim)``."""
+    keys = jax.random.split(key, num)
+    cands = jax.vmap(lambda k: policy.sample(s, g, key=k))(keys)
+    return jnp.clip(cands, -1.0, 1.0)
+
+
+@register("sampler")
+class RejectionSampler(Sampler):
+    """Rejection sampling: draw N candidates from the behaviour policy, return ``argmax_i Q(s, g, A_i)``.
+
+    Args:
+      num_train_candidates: N inside imagined training rollouts (paper: 8).
+      num_act_candidates: N when acting in the environment (paper: 32).
+
+    Raises:
+      ValueError: a candidate count below 1.
+    """
+
+    num_train_candidates: int = eqx.field(static=True)
+    num_act_candidates: int = eqx.field(static=True)
+
+    def __init__(self, num_train_candidates: int = 8, num_act_candidates: int = 32):
+        for name, v in (("num_train_candidates", num_train_candidates), ("num_act_candidates", num_act_candidates)):
+            if int(v) < 1:
+                raise ValueError(f"RejectionSampler.{name} must be >= 1, got {v}.")
+        self.num_train_candidates = int(num_train_candidates)
+        self.num_act_candidates = int(num_act_candidates)
+
+    def __call__(self, policy, critic, s, g, *, key, acting=False):
+        num = self.num_act_candidates if acting else self.num_train_candidates
+        cands = candidates(policy, s, g, num, key)
+        q = jax.vmap(lambda a: critic(s, g, a))(cands)
+        return cands[jnp.argmax(q)]
