@@ -114,13 +114,15 @@ class MAC:
       learning_rate: Adam step size.
       rollout_batch_size: states rolled out per update (None: the whole batch).
       grad_clip: global-norm gradient clipping (None: off).
+      unroll_rollout: unroll the H-step rollout loop in the compiled program (larger program;
+        lets XLA fuse across steps and count every step's FLOPs).
     """
 
     def __init__(self, dynamics: Callable = ChunkDynamics, policy: Callable = FlowPolicy, critic: Callable = QCritic,
                  value: Callable = StateValue, success: Callable = SuccessModel, reward: Callable = RewardModel,
                  sampler: Sampler | None = None, *, gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
                  tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
-                 grad_clip: float | None = None):
+                 grad_clip: float | None = None, unroll_rollout: bool = False):
         if horizon < 1:
             raise ValueError(f"MAC.horizon must be >= 1 chunk, got {horizon}.")
         if not 0.0 < gamma <= 1.0:
@@ -134,6 +136,7 @@ class MAC:
         self.learning_rate = float(learning_rate)
         self.rollout_batch_size = rollout_batch_size
         self.grad_clip = grad_clip
+        self.unroll_rollout = bool(unroll_rollout)
         self.spec: Spec | None = None
 
     # ------------------------------------------------------------------ building
@@ -191,7 +194,8 @@ class MAC:
             A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
             return s_next, (s, A, r, m)
 
-        s_last, (states, actions, rewards, masks) = jax.lax.scan(step, s0, jax.random.split(key, self.horizon))
+        s_last, (states, actions, rewards, masks) = jax.lax.scan(
+            step, s0, jax.random.split(key, self.horizon), unroll=self.horizon if self.unroll_rollout else 1)
         states = jnp.concatenate([states, s_last[None]], axis=0)
         return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
 
