@@ -13,3 +13,7 @@ from macfw.agents import mac as _mac  # noqa: F401,E402
 from macfw.data import ogbench_data as _ogbench_data  # noqa: F401,E402
 
 __all__ = ["register", "registry", "__version__"]
+
+# Gin configurables outside the component registry (must exist before a config is parsed).
+from macfw import parallel as _parallel  # noqa: F401,E402
+from macfw import train as _train  # noqa: F401,E402

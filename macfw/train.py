@@ -28,32 +28,147 @@ from macfw.data.ogbench_data import LoadedData, OGBenchDataset, default_task_id
 
 
 # ------------------------------------------------------------------------------- step function
-def make_train_step(agent: MAC, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
-                    normalize_reward: bool = True):
-    """``step(data, state) -> (state, metrics)``: ``steps_per_dispatch`` updates in one ``lax.scan``.
+class NonFiniteError(FloatingPointError):
+    """A loss or parameter became NaN/Inf; the message names the step and the loss terms."""
 
-    Batches are sampled on the device from the state's key; metrics are averaged over the scan.
-    The state argument is donated.
+
+class TrainStep:
+    """``step(data, state) -> (state, metrics)``: ``steps_per_dispatch`` MAC updates in one compiled call.
+
+    One ``jax.jit`` with explicit shardings: the state (parameters, optimiser state, target value,
+    key) and the on-device dataset replicated over the mesh, every batch sharded along its
+    ``data`` axis, the state donated. Batches are sampled on the device from the state's key
+    (``host_batches=False``), or passed in, stacked ``(K, B, ...)``, by a host-side prefetcher.
+    With ``num_seeds`` the state carries a leading seed axis and the update is vmapped over it.
+    Metrics are averaged over the K updates on the device; ``guard/finite`` is 1 when every loss
+    and parameter is finite.
     """
-    goal_conditioned = agent.spec.goal_conditioned
 
-    def one(data, state: TrainState):
-        k_batch, k_next = jax.random.split(state.key)
-        batch = sample_batch(data, k_batch, batch_size, chunk_len=chunk_len, gamma=agent.gamma,
-                             goal_conditioned=goal_conditioned, normalize_reward=normalize_reward)
-        state = eqx.tree_at(lambda s: s.key, state, k_next)
-        return agent.update(state, batch)
+    def __init__(self, agent: MAC, template: TrainState, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
+                 normalize_reward: bool = True, mesh=None, host_batches: bool = False, num_seeds: int | None = None):
+        from macfw.parallel import batch_sharded, data_axis_size, make_mesh, replicated
 
-    @eqx.filter_jit(donate="all-except-first")
-    def step(data, state):
-        def body(st, _):
-            st, metrics = one(data, st)
+        self.mesh = mesh if mesh is not None else make_mesh()
+        n_data = data_axis_size(self.mesh)
+        if batch_size % n_data:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_data} devices on the "
+                             "mesh's data axis; change the batch size or make_mesh.mesh_shape.")
+        self.agent, self.K, self.host_batches, self.num_seeds = agent, int(steps_per_dispatch), host_batches, num_seeds
+        self.batch_size, self.chunk_len, self.normalize_reward = batch_size, chunk_len, normalize_reward
+        _, self.static = eqx.partition(template, eqx.is_array)
+        goal_conditioned = agent.spec.goal_conditioned
+        bshard = batch_sharded(self.mesh)
+
+        def constrain(batch):
+            return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, bshard), batch)
+
+        def one(data_or_batch, st: TrainState):
+            if host_batches:
+                batch = data_or_batch
+            else:
+                k_batch, k_next = jax.random.split(st.key)
+                batch = sample_batch(data_or_batch, k_batch, batch_size, chunk_len=chunk_len, gamma=agent.gamma,
+                                     goal_conditioned=goal_conditioned, normalize_reward=normalize_reward)
+                st = eqx.tree_at(lambda s: s.key, st, k_next)
+            if num_seeds is None:
+                batch = constrain(batch)
+            st, metrics = agent.update(st, batch)
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()] +
+                                       [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
+                                           eqx.filter(st.nets, eqx.is_inexact_array))]))
+            metrics["guard/finite"] = finite.astype(jnp.float32)
             return st, metrics
 
-        state, metrics = jax.lax.scan(body, state, None, length=steps_per_dispatch)
-        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+        if num_seeds is not None:
+            one = jax.vmap(one, in_axes=(0 if host_batches else None, 0))
 
-    return step
+        def run(data, arrays):
+            st = eqx.combine(arrays, self.static)
+            if host_batches:
+                st, metrics = jax.lax.scan(lambda c, b: one(b, c), st, data)
+            else:
+                st, metrics = jax.lax.scan(lambda c, _: one(data, c), st, None, length=self.K)
+            metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+            metrics["guard/finite"] = metrics["guard/finite"] >= 1.0
+            return eqx.partition(st, eqx.is_array)[0], metrics
+
+        repl = replicated(self.mesh)
+        data_sharding = repl
+        if host_batches:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
+            data_sharding = NamedSharding(self.mesh, spec)
+        self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,))
+
+    def __call__(self, data, state: TrainState):
+        arrays, _ = eqx.partition(state, eqx.is_array)
+        arrays, metrics = self._jit(data, arrays)
+        return eqx.combine(arrays, self.static), metrics
+
+    def lower(self, data, state):
+        return self._jit.lower(data, eqx.partition(state, eqx.is_array)[0])
+
+
+def make_train_step(agent: MAC, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
+                    normalize_reward: bool = True, template: TrainState | None = None, mesh=None,
+                    host_batches: bool = False, num_seeds: int | None = None) -> TrainStep:
+    """Build the compiled step (see :class:`TrainStep`); ``template`` defaults to a fresh init."""
+    if template is None:
+        template = agent.init(agent.spec, jax.random.PRNGKey(0))
+    return TrainStep(agent, template, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=steps_per_dispatch,
+                     normalize_reward=normalize_reward, mesh=mesh, host_batches=host_batches, num_seeds=num_seeds)
+
+
+class HostBatches:
+    """Samples ``(K, B, ...)`` batch stacks on the host CPU and prefetches them to the devices.
+
+    For datasets that do not fit in device memory. The sampling key of dispatch ``i`` is
+    ``fold_in(key, first step of i)``, so a resumed run draws the same batches without saved state.
+    """
+
+    def __init__(self, data, *, key, batch_size: int, chunk_len: int, gamma: float, goal_conditioned: bool,
+                 normalize_reward: bool, K: int, sharding, num_seeds: int | None = None):
+        import threading
+        import queue
+
+        cpu = jax.devices("cpu")[0]
+        self.data = jax.device_put(data, cpu)
+        self.key = jax.device_put(key, cpu)
+        S = num_seeds
+
+        def sample_k(data, key):
+            def one(k):
+                if S is None:
+                    return sample_batch(data, k, batch_size, chunk_len=chunk_len, gamma=gamma,
+                                        goal_conditioned=goal_conditioned, normalize_reward=normalize_reward)
+                return jax.vmap(lambda kk: sample_batch(data, kk, batch_size, chunk_len=chunk_len, gamma=gamma,
+                                                        goal_conditioned=goal_conditioned,
+                                                        normalize_reward=normalize_reward))(jax.random.split(k, S))
+            return jax.vmap(one)(jax.random.split(key, K))
+
+        self._sample = jax.jit(sample_k)
+        self.sharding = sharding
+        self._queue: "queue.Queue" = queue.Queue(maxsize=2)
+        self._threading = threading
+        self._thread = None
+
+    def _make(self, step: int):
+        with jax.default_device(jax.devices("cpu")[0]):
+            b = self._sample(self.data, jax.random.fold_in(self.key, step))
+        return jax.device_put(b, self.sharding)
+
+    def start(self, first_step: int, stride: int, last_step: int):
+        def work():
+            s = first_step
+            while s < last_step:
+                self._queue.put(self._make(s))
+                s += stride
+        self._thread = self._threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def next(self):
+        return self._queue.get()
 
 
 # ------------------------------------------------------------------------------- logging
@@ -138,31 +253,88 @@ def run_evaluation(agent: MAC, nets, loaded: LoadedData, *, episodes: int, task_
 
 
 # ------------------------------------------------------------------------------- the loop
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes the current dispatch, saves, waits and exits 0."""
+
+    def __init__(self):
+        import signal
+
+        self.signal = signal
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (self.signal.SIGTERM, self.signal.SIGINT):
+                self._old[sig] = self.signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == self.signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            self.signal.signal(sig, old)
+
+    def agreed(self) -> bool:
+        """True on every process once any process got a signal (multi-host: all save the same step)."""
+        flag = self.received is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+        return flag
+
+
+def _check_finite(metrics_host: dict, step: int, K: int) -> None:
+    if metrics_host.get("guard/finite", True):
+        return
+    bad = sorted(k for k, v in metrics_host.items() if k != "guard/finite" and not np.all(np.isfinite(v)))
+    where = f"step {step}" if K == 1 else f"steps {step - K + 1}..{step}"
+    terms = ", ".join(bad) if bad else "a parameter (losses were finite)"
+    raise NonFiniteError(
+        f"Non-finite value at {where}: {terms}. The run stopped; no checkpoint was written for this state. "
+        "Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
+
+
 @gin.configurable
 def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBenchDataset | None = None, *,
-          seed: int = 0, num_steps: int = 1_000_000, batch_size: int = 1024, chunk_len: int = 10,
-          normalize_reward: bool = True, steps_per_dispatch: int = 1, log_interval: int = 1000,
-          eval_interval: int = 100_000, save_interval: int = 100_000, max_to_keep: int | None = 3,
-          eval_episodes: int = 15, eval_task_ids: tuple[int, ...] | None = None, execute_steps: int = 1,
-          eval_seed: int = 10_000, async_checkpoints: bool = True, progress: bool = True) -> dict:
+          seed: int = 0, num_seeds: int | None = None, num_steps: int = 1_000_000, batch_size: int = 1024,
+          chunk_len: int = 10, normalize_reward: bool = True, steps_per_dispatch: int = 1,
+          log_interval: int = 1000, eval_interval: int = 100_000, save_interval: int = 100_000,
+          max_to_keep: int | None = 3, eval_episodes: int = 15, eval_task_ids: tuple[int, ...] | None = None,
+          execute_steps: int = 1, eval_seed: int = 10_000, async_checkpoints: bool = True, progress: bool = True,
+          data_on_device: bool | None = None, device_data_limit_gb: float = 8.0) -> dict:
     """Train MAC in ``workdir``, resuming from its newest checkpoint; returns the summary dict.
 
     Args:
       workdir: run folder (``config.gin``, ``train.csv``, ``eval.csv``, TensorBoard events,
         ``checkpoints/``, ``summary.json``).
       agent, dataset: the registered agent and dataset (Gin: ``train.agent = @MAC()``).
-      seed: seed of parameters and of the on-device batch sampling.
+      seed: seed of parameters and of batch sampling.
+      num_seeds: train seeds ``seed .. seed + num_seeds - 1`` at once (vmapped, one checkpoint);
+        None trains the single seed ``seed``.
       num_steps: total gradient steps.
-      batch_size: transitions (chunks) per gradient step.
+      batch_size: chunks per gradient step (global, over all devices).
       chunk_len: action-chunk length n in environment steps.
       steps_per_dispatch: gradient steps per compiled call; every interval must be a multiple.
       eval_episodes: evaluation episodes per task; ``eval_task_ids`` tasks (None: the run's task
         for single-task data, 1..5 for goal-conditioned data); ``execute_steps`` actions executed
         per chunk.
+      data_on_device: keep the dataset on the devices and sample inside the step (None: when it
+        is smaller than ``device_data_limit_gb``), else sample on the host and prefetch.
 
     Raises:
       ValueError: an interval that is not a positive multiple of ``steps_per_dispatch``.
+      PermissionError: ``workdir`` is not writable.
+      NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
+    from macfw.parallel import batch_sharded, make_mesh, put_replicated, to_host
+
     t_start = time.time()
     agent = agent if agent is not None else MAC()
     dataset = dataset if dataset is not None else OGBenchDataset()
@@ -171,111 +343,190 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
                     ("save_interval", save_interval)):
         if v < 1 or v % K:
             raise ValueError(f"train.{name} must be a positive multiple of steps_per_dispatch={K}, got {v}.")
+    if num_seeds is not None and num_seeds < 1:
+        raise ValueError(f"train.num_seeds must be >= 1 or None, got {num_seeds}.")
     workdir = Path(workdir).absolute()
+    lead = jax.process_index() == 0
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test_{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise PermissionError(f"Workdir {str(workdir)!r} is not writable ({e}). Pass a writable --workdir.") from e
 
     loaded = dataset.load(chunk_len)
-    state = agent.init(loaded.spec, jax.random.PRNGKey(seed))
+    mesh = make_mesh()
+    if num_seeds is None:
+        state = agent.init(loaded.spec, jax.random.PRNGKey(seed))
+    else:
+        keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
+        state = eqx.filter_vmap(lambda k: agent.init(loaded.spec, k))(keys)
+    state = put_replicated(state, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         state, _ = ckpt.restore(state, resume_step)
         print(f"[macfw] resuming from step {resume_step} in {workdir}", flush=True)
-    (workdir / "config.gin").write_text(gin.config_str())
+    if lead:
+        (workdir / "config.gin").write_text(gin.config_str())
 
-    train_log = CSVLog(workdir / "train.csv", resume_step)
-    eval_log = CSVLog(workdir / "eval.csv", resume_step)
-    from tensorboardX import SummaryWriter
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded.data))
+    on_device = data_on_device if data_on_device is not None else nbytes < device_data_limit_gb * 2**30
+    step_fn = TrainStep(agent, state, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=K,
+                        normalize_reward=normalize_reward, mesh=mesh, host_batches=not on_device, num_seeds=num_seeds)
+    host = None
+    data = put_replicated(loaded.data, mesh) if on_device else None
+    if not on_device:
+        from jax.sharding import NamedSharding, PartitionSpec as P
 
-    tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
+        spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
+        host = HostBatches(loaded.data, key=jax.random.PRNGKey(seed + 7919), batch_size=batch_size,
+                           chunk_len=chunk_len, gamma=agent.gamma, goal_conditioned=loaded.spec.goal_conditioned,
+                           normalize_reward=normalize_reward, K=K, sharding=NamedSharding(mesh, spec),
+                           num_seeds=num_seeds)
 
-    step_fn = make_train_step(agent, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=K,
-                              normalize_reward=normalize_reward)
+    train_log = CSVLog(workdir / "train.csv", resume_step) if lead else None
+    eval_log = CSVLog(workdir / "eval.csv", resume_step) if lead else None
+    tb = None
+    if lead:
+        from tensorboardX import SummaryWriter
+
+        tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
     meta = {
         "spec": loaded.spec.to_dict(), "obs_scaler": _tolist(loaded.obs_scaler),
         "goal_scaler": _tolist(loaded.goal_scaler) if loaded.goal_scaler else None,
         "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
-        "task_id": loaded.task_id, "chunk_len": chunk_len, "gin_config": gin.config_str(), "versions": versions(),
+        "task_id": loaded.task_id, "chunk_len": chunk_len, "num_seeds": num_seeds, "seed": seed,
+        "gin_config": gin.config_str(), "versions": versions(),
     }
 
-    step = int(state.step)
+    def seeds_nets():
+        nets = jax.tree_util.tree_map(to_host, eqx.filter(state.nets, eqx.is_array))
+        nets = eqx.combine(nets, eqx.filter(state.nets, eqx.is_array, inverse=True))
+        if num_seeds is None:
+            return [nets]
+        return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, nets) for i in range(num_seeds)]
+
+    def do_eval(at_step):
+        results = [run_evaluation(agent, n, loaded, episodes=eval_episodes, task_ids=eval_task_ids,
+                                  execute_steps=execute_steps, seed=eval_seed + at_step + 1000 * i)
+                   for i, n in enumerate(seeds_nets())]
+        return results
+
+    step = int(np.asarray(to_host(state.step)).reshape(-1)[0])
     last_eval = None
+    last_saved = resume_step
     train_time, timed_steps = 0.0, 0
     pbar = None
-    if progress:
+    if progress and lead:
         from tqdm import tqdm
 
         pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    interrupted = False
+    if host is not None:
+        host.start(step, K, num_steps)
     try:
-        first = True
-        while step < num_steps:
-            t0 = time.perf_counter()
-            state, metrics = step_fn(loaded.data, state)
-            step += K
-            if not first:
-                jax.block_until_ready(metrics)
-                train_time += time.perf_counter() - t0
-                timed_steps += K
-            first = False
-            if pbar is not None:
-                pbar.update(K)
-            if step % log_interval == 0 or step == num_steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                ups = timed_steps / train_time if train_time > 0 else float("nan")
-                row = {"step": step, "wall_time_s": time.time() - t_start, "updates_per_s": ups, **m}
-                train_log.write(row)
-                for k, v in m.items():
-                    tb.add_scalar(k, v, step)
+        with _Preemption() as pre:
+            first = True
+            while step < num_steps:
+                t0 = time.perf_counter()
+                state, metrics = step_fn(data if host is None else host.next(), state)
+                step += K
+                m_host = jax.device_get(metrics)  # one small transfer; also the NaN guard
+                if not first:
+                    train_time += time.perf_counter() - t0
+                    timed_steps += K
+                first = False
+                _check_finite(m_host, step, K)
                 if pbar is not None:
-                    pbar.set_postfix({k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}" for k, v in m.items()
-                                      if k in ("dynamics/loss", "flow/loss", "value/loss", "critic/loss")})
-            if step % eval_interval == 0 or step == num_steps:
-                res = run_evaluation(agent, state.nets, loaded, episodes=eval_episodes, task_ids=eval_task_ids,
-                                     execute_steps=execute_steps, seed=eval_seed + step)
-                last_eval = res
-                row = {"step": step, "success": res.success, "episodes": res.episodes,
-                       **{f"success/{k}": v for k, v in res.per_task_success.items()},
-                       "mean_return": res.mean_return, "mean_length": res.mean_length}
-                eval_log.write(row)
-                tb.add_scalar("eval/success", res.success, step)
-                for k, v in res.per_task_success.items():
-                    tb.add_scalar(f"eval/success_{k}", v, step)
-                tqdm_write(pbar, f"[macfw] step {step}: success {res.success:.3f} over {res.episodes} episodes")
-            if step % save_interval == 0 or step == num_steps:
-                ckpt.save(step, state, dict(meta, step=step))
+                    pbar.update(K)
+                if lead and (step % log_interval == 0 or step == num_steps):
+                    m = {k: float(np.mean(v)) for k, v in m_host.items() if k != "guard/finite"}
+                    if num_seeds is not None:
+                        for k, v in m_host.items():
+                            if k != "guard/finite":
+                                m.update({f"{k}/seed{i}": float(x) for i, x in enumerate(np.asarray(v))})
+                    ups = timed_steps / train_time if train_time > 0 else float("nan")
+                    train_log.write({"step": step, "wall_time_s": time.time() - t_start, "updates_per_s": ups, **m})
+                    for k, v in m.items():
+                        tb.add_scalar(k, v, step)
+                    if pbar is not None:
+                        pbar.set_postfix({k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}" for k, v in
+                                          m.items() if k in ("dynamics/loss", "flow/loss", "value/loss", "critic/loss")})
+                stop = pre.agreed()
+                if lead and (step % eval_interval == 0 or step == num_steps) and not stop:
+                    results = do_eval(step)
+                    last_eval = results
+                    res = _merge_results(results)
+                    eval_log.write({"step": step, **_eval_row(res, results)})
+                    tb.add_scalar("eval/success", res["success"], step)
+                    tqdm_write(pbar, f"[macfw] step {step}: success {res['success']:.3f} over {res['episodes']} episodes")
+                if step % save_interval == 0 or step == num_steps or stop:
+                    ckpt.save(step, state, dict(meta, step=step))
+                    last_saved = step
+                if stop:
+                    interrupted = True
+                    tqdm_write(pbar, f"[macfw] signal {pre.received}: saved step {step}; exiting. "
+                                     "Re-run the same command to resume.")
+                    break
         ckpt.wait()
     finally:
         if pbar is not None:
             pbar.close()
-        tb.close()
+        if tb is not None:
+            tb.close()
         ckpt.close()
 
+    summary = {"step": step, "interrupted": interrupted, "last_saved_step": last_saved}
+    if interrupted or not lead:
+        return summary
     if last_eval is None:  # resumed at (or past) the end: evaluate the final state
-        last_eval = run_evaluation(agent, state.nets, loaded, episodes=eval_episodes, task_ids=eval_task_ids,
-                                   execute_steps=execute_steps, seed=eval_seed + step)
+        last_eval = do_eval(step)
+    res = _merge_results(last_eval)
     (workdir / "config.gin").write_text(gin.operative_config_str())
-    summary = {
-        "step": step,
-        "success": last_eval.success,
-        "per_task_success": last_eval.per_task_success,
-        "episodes": last_eval.episodes,
+    summary.update({
+        "success": res["success"],
+        "per_task_success": res["per_task_success"],
+        "episodes": res["episodes"],
         "updates_per_s": timed_steps / train_time if train_time > 0 else None,
         "wall_time_s": time.time() - t_start,
-        "param_checksum": param_checksum((state.nets, state.target_value)),
+        "param_checksum": param_checksum(jax.tree_util.tree_map(to_host, eqx.filter(
+            (state.nets, state.target_value), eqx.is_array))),
         "dataset": loaded.dataset_name,
         "num_transitions": loaded.num_transitions,
         "spec": loaded.spec.to_dict(),
         "devices": [str(d) for d in jax.devices()],
+        "num_processes": jax.process_count(),
         "versions": versions(),
-    }
+    })
+    if num_seeds is not None:
+        summary["seeds"] = list(range(seed, seed + num_seeds))
+        summary["per_seed_success"] = [r.success for r in last_eval]
+        summary["success_std"] = float(np.std(summary["per_seed_success"]))
     write_json_atomic(workdir / "summary.json", summary)
     return summary
+
+
+def _merge_results(results) -> dict:
+    """Mean over seeds of success and per-task success; total episodes."""
+    tasks = results[0].per_task_success.keys()
+    return {
+        "success": float(np.mean([r.success for r in results])),
+        "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},
+        "episodes": int(sum(r.episodes for r in results)),
+        "mean_return": float(np.mean([r.mean_return for r in results])),
+        "mean_length": float(np.mean([r.mean_length for r in results])),
+    }
+
+
+def _eval_row(res: dict, results) -> dict:
+    row = {"success": res["success"], "episodes": res["episodes"],
+           **{f"success/{k}": v for k, v in res["per_task_success"].items()},
+           "mean_return": res["mean_return"], "mean_length": res["mean_length"]}
+    if len(results) > 1:
+        row.update({f"success/seed{i}": r.success for i, r in enumerate(results)})
+    return row
 
 
 def tqdm_write(pbar, msg: str) -> None:

@@ -73,16 +73,18 @@ GOAL_DIMS = pytest.mark.parametrize("goal_dim", [4, 0], ids=["goal4", "goal0"])
 @GOAL_DIMS
 def test_dynamics_shapes(goal_dim):
     s, g, A = _inputs(goal_dim)
+
+    @eqx.filter_jit
+    def run(f, s, A):
+        return jax.vmap(f)(s, A), jax.vmap(f)(s, -A), jax.vmap(f.loss)(s, A, s)[0]
+
     for name in _names("dynamics"):
         f = _build("dynamics", name, _spec(goal_dim))
-        out = jax.vmap(f)(s, A)
+        out, out2, loss = map(np.asarray, run(f, s, A))
         assert out.shape == (B, OB), name
-        assert np.all(np.isfinite(np.asarray(out))), name
-        # depends on the chunk (not a constant map of the state)
-        out2 = jax.vmap(f)(s, -A)
-        assert not np.allclose(np.asarray(out), np.asarray(out2)), name
-        loss, metrics = jax.vmap(f.loss)(s, A, s)
-        assert loss.shape == (B,) and np.all(np.asarray(loss) >= 0), name
+        assert np.all(np.isfinite(out)), name
+        assert not np.allclose(out, out2), name  # depends on the chunk, not only on the state
+        assert loss.shape == (B,) and np.all(loss >= 0), name
 
 
 @GOAL_DIMS
@@ -91,11 +93,10 @@ def test_chunk_heads_scalar_per_example(kind, goal_dim):
     s, g, A = _inputs(goal_dim)
     for name in _names(kind):
         head = _build(kind, name, _spec(goal_dim))
-        out = jax.vmap(head)(s, g, A)
+        out = np.asarray(eqx.filter_jit(lambda h, *x: jax.vmap(h)(*x))(head, s, g, A))
         assert out.shape == (B,), (kind, name, out.shape)
-        assert np.all(np.isfinite(np.asarray(out)))
-        # outputs differ across examples: the head reads its inputs
-        assert np.unique(np.round(np.asarray(out), 6)).size > 1, (kind, name)
+        assert np.all(np.isfinite(out))
+        assert np.unique(np.round(out, 6)).size > 1, (kind, name)  # reads its inputs
 
 
 @GOAL_DIMS
@@ -103,32 +104,36 @@ def test_value_scalar_per_example(goal_dim):
     s, g, _ = _inputs(goal_dim)
     for name in _names("value"):
         v = _build("value", name, _spec(goal_dim))
-        out = jax.vmap(v)(s, g)
+        out = np.asarray(eqx.filter_jit(lambda h, *x: jax.vmap(h)(*x))(v, s, g))
         assert out.shape == (B,), (name, out.shape)
-        assert np.all(np.isfinite(np.asarray(out)))
-        assert np.unique(np.round(np.asarray(out), 6)).size > 1, name
+        assert np.all(np.isfinite(out))
+        assert np.unique(np.round(out, 6)).size > 1, name
 
 
 @GOAL_DIMS
 def test_policy_sample_and_loss_shapes(goal_dim):
     s, g, A = _inputs(goal_dim)
     keys = jax.random.split(jax.random.PRNGKey(3), B)
+
+    @eqx.filter_jit
+    def run(pi, s, g, A, keys):
+        out = jax.vmap(lambda s_, g_, k: pi.sample(s_, g_, key=k))(s, g, keys)
+        same_s = jax.vmap(lambda k: pi.sample(s[0], g[0], key=k))(keys)
+        loss = jax.vmap(lambda s_, g_, a_, k: pi.loss(s_, g_, a_, key=k)[0])(s, g, A, keys)
+        return out, same_s, loss
+
     for name in _names("policy"):
         pi = _build("policy", name, _spec(goal_dim))
-        out = jax.vmap(lambda s_, g_, k: pi.sample(s_, g_, key=k))(s, g, keys)
+        out, same_s, loss = map(np.asarray, run(pi, s, g, A, keys))
         assert out.shape == (B, CHUNK), (name, out.shape)
-        assert np.all(np.isfinite(np.asarray(out)))
-        # different keys -> different samples for the same state
-        same_s = jax.vmap(lambda k: pi.sample(s[0], g[0], key=k))(keys)
-        assert np.unique(np.round(np.asarray(same_s[:, 0]), 6)).size > 1, name
-        loss, _ = jax.vmap(lambda s_, g_, a_, k: pi.loss(s_, g_, a_, key=k))(s, g, A, keys)
+        assert np.all(np.isfinite(out))
+        assert np.unique(np.round(same_s[:, 0], 6)).size > 1, name  # different keys, different samples
         assert loss.shape == (B,), (name, loss.shape)
-        assert np.all(np.isfinite(np.asarray(loss)))
+        assert np.all(np.isfinite(loss))
 
 
 @GOAL_DIMS
-@pytest.mark.parametrize("acting", [False, True], ids=["train", "act"])
-def test_sampler_shapes_and_range(goal_dim, acting):
+def test_sampler_shapes_and_range(goal_dim):
     spec = _spec(goal_dim)
     s, g, _ = _inputs(goal_dim)
     pi = FlowPolicy(spec, key=jax.random.PRNGKey(4), hidden_dims=HID)
@@ -136,15 +141,23 @@ def test_sampler_shapes_and_range(goal_dim, acting):
     pi = eqx.tree_at(lambda p: p.one_step.layers[-1].weight, pi, pi.one_step.layers[-1].weight * 20.0)
     q = QCritic(spec, key=jax.random.PRNGKey(5), hidden_dims=HID)
     keys = jax.random.split(jax.random.PRNGKey(6), B)
-    raw = jax.vmap(lambda s_, g_, k: pi.sample(s_, g_, key=k))(s, g, keys)
-    assert np.abs(np.asarray(raw)).max() > 1.0  # so the clipping below is exercised
+
+    @eqx.filter_jit
+    def run(sampler, pi, q, s, g, keys):
+        raw = jax.vmap(lambda s_, g_, k: pi.sample(s_, g_, key=k))(s, g, keys)
+        outs = [jax.vmap(lambda s_, g_, k: sampler(pi, q, s_, g_, key=k, acting=acting))(s, g, keys)
+                for acting in (False, True)]
+        return raw, outs
+
     for name in _names("sampler"):
         sampler = registry.get("sampler", name)()
-        out = jax.vmap(lambda s_, g_, k: sampler(pi, q, s_, g_, key=k, acting=acting))(s, g, keys)
-        out = np.asarray(out)
-        assert out.shape == (B, CHUNK), (name, out.shape)
-        assert np.all(np.isfinite(out))
-        assert out.min() >= -1.0 and out.max() <= 1.0, name
+        raw, outs = run(sampler, pi, q, s, g, keys)
+        assert np.abs(np.asarray(raw)).max() > 1.0  # so the clipping is exercised
+        for acting, out in zip((False, True), outs):
+            out = np.asarray(out)
+            assert out.shape == (B, CHUNK), (name, acting, out.shape)
+            assert np.all(np.isfinite(out))
+            assert out.min() >= -1.0 and out.max() <= 1.0, (name, acting)
 
 
 # ------------------------------------------------------------------------------------ registry

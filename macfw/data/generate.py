@@ -50,6 +50,8 @@ import os
 import pathlib
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Sequence
 
 import numpy as np
@@ -425,10 +427,21 @@ def generate_dataset(
             from macfw.data.generate import _collect_episode as collect
 
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers) as pool:
-                for split, index, episode in pool.imap_unordered(collect, tasks, chunksize=1):
+            executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            try:
+                futures = [executor.submit(collect, task) for task in tasks]
+                for future in as_completed(futures):
+                    split, index, episode = future.result()
                     results[split][index] = episode
                     bar.update(1)
+            except BrokenProcessPool as e:
+                raise RuntimeError(
+                    "a dataset-generation worker process died; if this was called from a script, "
+                    "guard its entry point with `if __name__ == '__main__':` (worker processes are "
+                    "spawned and re-import the main module), or pass workers=1"
+                ) from e
+            finally:
+                executor.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
 
