@@ -54,7 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="Run folder; re-use it to resume.")
     p.add_argument("--import", dest="imports", action="append", default=[],
                    help="Python module to import first (registers your own components).")
+    p.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator HOST:PORT")
+    p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
     args = p.parse_args(argv)
+    from macfw.parallel import initialize_distributed
+
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if not args.gin_file:
         p.error("give at least one --gin_file (e.g. gin/quickstart.gin)")
     for mod in args.imports:
@@ -63,6 +69,12 @@ def main(argv=None) -> int:
     from macfw.train import train
 
     summary = train(args.workdir)
+    if summary.get("interrupted"):
+        print(f"[macfw] stopped by a signal at step {summary['step']} (checkpoint saved); "
+              "re-run the same command to resume.", flush=True)
+        return 0
+    if "success" not in summary:  # non-lead process of a multi-host run
+        return 0
     print(f"[macfw] done: step {summary['step']}, success {summary['success']:.3f} over {summary['episodes']} "
           f"episodes, {summary['wall_time_s']:.0f} s; summary in {args.workdir}/summary.json", flush=True)
     return 0

@@ -100,24 +100,31 @@ def test_flow_and_distilled_policy_sample_both_modes(trained):
 
 @pytest.mark.parametrize("solver,steps", [("heun", 4), ("midpoint", 7)])
 def test_other_solvers_finite_and_shaped(solver, steps):
-    spec = Spec(ob_dim=3, act_dim=2, goal_dim=2, chunk_len=3)
-    pi = FlowPolicy(spec, key=jax.random.PRNGKey(0), hidden_dims=(16,), distill=False, solver=solver, flow_steps=steps)
+    spec = SPEC  # same sizes as the trained policy: its (eagerly compiled) initialisers are reused
+    pi = FlowPolicy(spec, key=jax.random.PRNGKey(5), hidden_dims=(64, 64), distill=False, solver=solver,
+                    flow_steps=steps)
     assert pi.one_step is None
-    s = jnp.ones((5, 3))
-    g = jnp.ones((5, 2))
+    s = jnp.linspace(-1, 1, 5)[:, None]
+    g = jnp.zeros((5, 0))
     keys = jax.random.split(jax.random.PRNGKey(1), 5)
-    out = eqx.filter_jit(lambda pi, s, g, k: jax.vmap(lambda s_, g_, k_: pi.sample(s_, g_, key=k_))(s, g, k))(pi, s, g, keys)
-    out = np.asarray(out)
+
+    @eqx.filter_jit
+    def run(pi, s, g, keys):
+        out = jax.vmap(lambda s_, g_, k_: pi.sample(s_, g_, key=k_))(s, g, keys)
+        z = jax.random.normal(keys[0], (spec.chunk_dim,))
+        return out, pi.solve(s[0], g[0], z), solve_flow(pi.velocity, s[0], g[0], z, num_steps=steps, solver="euler")
+
+    out, ref, euler = map(np.asarray, run(pi, s, g, keys))
     assert out.shape == (5, spec.chunk_dim)
     assert np.all(np.isfinite(out))
-    # without distillation, sample() solves the ODE from the key's noise
-    z = jax.random.normal(keys[0], (spec.chunk_dim,))
-    np.testing.assert_allclose(out[0], np.asarray(pi.solve(s[0], g[0], z)), rtol=1e-4, atol=1e-5)
+    # without distillation, sample() solves the ODE (with the configured solver) from the key's noise
+    np.testing.assert_allclose(out[0], ref, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(ref, euler, atol=1e-7)  # the configured solver is used, not euler
 
 
 def test_unknown_solver_raises():
     with pytest.raises(ValueError) as ei:
-        FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(8,), solver="rk99")
+        FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(64, 64), solver="rk99")
     msg = str(ei.value)
     assert "rk99" in msg
     for name in SOLVERS:
@@ -129,10 +136,10 @@ def test_unknown_solver_raises():
 
 def test_bad_flow_steps_raises():
     with pytest.raises(ValueError):
-        FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(8,), flow_steps=0)
+        FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(64, 64), flow_steps=0)
 
 
 def test_distilled_requires_distill():
-    pi = FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(8,), distill=False)
+    pi = FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(64, 64), distill=False)
     with pytest.raises(ValueError):
         pi.distilled(jnp.zeros(1), jnp.zeros(0), jnp.zeros(1))

@@ -43,6 +43,7 @@ class Networks(eqx.Module):
     value: eqx.Module
     success: eqx.Module
     reward: eqx.Module | None
+    actor: eqx.Module | None = None  # an extra actor (MAC-FQL, macfw.agents.fql); None for MAC
 
 
 class TrainState(eqx.Module):

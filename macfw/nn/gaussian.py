@@ -1,0 +1,109 @@
+"""Gaussian behaviour-cloning action-chunk policy: the sampler of the MAC-Gau ablation (DESIGN §2.7).
+
+MAC-Gau replaces the flow-matching behaviour policy by a tanh-squashed Gaussian fitted by maximum
+likelihood to the dataset chunks; candidates are still picked by rejection sampling against ``Q``
+(``MAC.policy = @GaussianPolicy``, same :class:`~macfw.samplers.RejectionSampler`).
+
+Shapes per example: ``s: (ob_dim,)``, ``g: (goal_dim,)``, ``A: (chunk_dim,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from macfw.nn.flow import BehaviorPolicy
+from macfw.nn.mlp import MLP
+from macfw.nn.models import HIDDEN
+from macfw.registry import register
+from macfw.spec import Spec
+
+#: Dataset chunks are clipped to ``(-1 + TARGET_EPS, 1 - TARGET_EPS)`` before ``atanh``.
+TARGET_EPS = 1e-5
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@register("policy")
+class GaussianPolicy(BehaviorPolicy):
+    """Tanh-squashed Gaussian over action chunks, ``A = tanh(mean(s, g) + std(s, g) * eps)``.
+
+    One MLP maps ``[s, g]`` to the mean and the log standard deviation of the pre-squash Gaussian
+    (``2 * chunk_dim`` outputs; a diagonal, state-dependent standard deviation). The log-std is
+    clipped to ``[log_std_min, log_std_max]``. The loss is the negative log-likelihood of the
+    dataset chunk under the squashed distribution, with the tanh Jacobian correction::
+
+        u = atanh(clip(A, -1 + 1e-5, 1 - 1e-5))
+        log p(A) = sum_i [ log N(u_i; mean_i, std_i) - log(1 - A_i^2) ]
+
+    Args:
+      spec: sizes; input ``ob_dim + goal_dim``, output ``2 * chunk_dim``.
+      hidden_dims: MLP hidden sizes (default 4 x 1024).
+      layer_norm: LayerNorm after each hidden activation.
+      log_std_min, log_std_max: clipping range of the log standard deviation (natural log).
+      state_dependent_std: learn ``log std(s, g)`` (True) or one state-independent vector.
+      key: PRNG key.
+
+    Raises:
+      ValueError: ``log_std_min >= log_std_max``.
+    """
+
+    net: MLP
+    log_std_param: Array | None
+    chunk_dim: int = eqx.field(static=True)
+    log_std_min: float = eqx.field(static=True)
+    log_std_max: float = eqx.field(static=True)
+
+    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
+                 log_std_min: float = -5.0, log_std_max: float = 2.0, state_dependent_std: bool = True,
+                 compute_dtype: str | None = None):
+        if not log_std_min < log_std_max:
+            raise ValueError(f"GaussianPolicy needs log_std_min < log_std_max, got {log_std_min} >= {log_std_max}.")
+        out = 2 * spec.chunk_dim if state_dependent_std else spec.chunk_dim
+        self.net = MLP(spec.ob_dim + spec.goal_dim, out, tuple(hidden_dims), key=key, layer_norm=layer_norm,
+                       compute_dtype=compute_dtype)
+        self.log_std_param = None if state_dependent_std else jnp.zeros((spec.chunk_dim,), jnp.float32)
+        self.chunk_dim = spec.chunk_dim
+        self.log_std_min = float(log_std_min)
+        self.log_std_max = float(log_std_max)
+
+    def mean_log_std(self, s, g) -> tuple[Float[Array, " chunk_dim"], Float[Array, " chunk_dim"]]:
+        """Mean and clipped log-std of the pre-squash Gaussian, each ``(chunk_dim,)``."""
+        out = self.net(jnp.concatenate([s, g]))
+        if self.log_std_param is None:
+            mean, log_std = out[: self.chunk_dim], out[self.chunk_dim:]
+        else:
+            mean, log_std = out, self.log_std_param
+        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+    def log_prob(self, s, g, A) -> Float[Array, ""]:
+        """Log-density of the chunk ``A: (chunk_dim,)`` under the squashed Gaussian (summed over dims)."""
+        mean, log_std = self.mean_log_std(s, g)
+        A = jnp.clip(A, -1.0 + TARGET_EPS, 1.0 - TARGET_EPS)
+        u = jnp.arctanh(A)
+        z = (u - mean) * jnp.exp(-log_std)
+        gauss = -0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI
+        log_det = jnp.log1p(-A ** 2)  # log |dA/du| = log(1 - tanh(u)^2)
+        return jnp.sum(gauss - log_det)
+
+    def sample(self, s, g, *, key):
+        mean, log_std = self.mean_log_std(s, g)
+        eps = jax.random.normal(key, mean.shape, mean.dtype)
+        return jnp.tanh(mean + jnp.exp(log_std) * eps)
+
+    def mode(self, s, g) -> Float[Array, " chunk_dim"]:
+        """``tanh(mean)``: the deterministic chunk."""
+        return jnp.tanh(self.mean_log_std(s, g)[0])
+
+    def loss(self, s, g, A, *, key=None):
+        nll = -self.log_prob(s, g, A)
+        _, log_std = self.mean_log_std(s, g)
+        return nll, {
+            "policy/loss": nll,
+            "policy/nll_per_dim": nll / self.chunk_dim,
+            "policy/std_mean": jnp.mean(jnp.exp(log_std)),
+        }

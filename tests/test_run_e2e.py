@@ -1,0 +1,145 @@
+"""End to end: ``python -m macfw.run --gin_file gin/smoke.gin --workdir W`` writes every documented output
+(DESIGN §6), and a run stopped after a checkpoint then re-run on the same folder ends with exactly the
+parameters of an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--gin_file", "gin/smoke.gin"]
+SUMMARY_KEYS = {"step", "success", "per_task_success", "episodes", "updates_per_s", "wall_time_s", "param_checksum"}
+
+pytestmark = pytest.mark.slow
+
+
+def _env(cache: Path) -> dict:
+    env = dict(os.environ)
+    env["MACFW_CACHE_DIR"] = str(cache)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _cmd(workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "macfw.run", *SMOKE, "--workdir", str(workdir), *extra]
+
+
+def _popen(cmd, env, log: Path):
+    f = open(log, "w")
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    p._log_file = f  # noqa: SLF001
+    return p
+
+
+def _finish(p, log: Path, timeout=600) -> tuple[int, str]:
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        rc = -9
+    p._log_file.close()  # noqa: SLF001
+    return rc, log.read_text()
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A: uninterrupted. B: stopped after the step-20 checkpoint (num_steps = 20), then the plain command
+    again on the same folder. The dataset is generated once into a shared cache first, so A and the first
+    half of B can run side by side."""
+    root = tmp_path_factory.mktemp("e2e")
+    cache = root / "cache"
+    env = _env(cache)
+    gen = subprocess.run(
+        [sys.executable, "-c",
+         "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
+         "print(d.OGBenchDataset().resolve_path())"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
+    assert str(cache) in gen.stdout
+
+    a, b = root / "A", root / "B"
+    pa = _popen(_cmd(a), env, root / "A.log")
+    pb = _popen(_cmd(b, "--gin_bindings", "train.num_steps = 20"), env, root / "B1.log")
+    rc_a, log_a = _finish(pa, root / "A.log")
+    rc_b1, log_b1 = _finish(pb, root / "B1.log")
+    b1_summary = json.loads((b / "summary.json").read_text()) if (b / "summary.json").exists() else None
+    b1_ckpts = sorted(p.name for p in (b / "checkpoints").iterdir()) if (b / "checkpoints").exists() else []
+    b1_rows = _rows(b / "train.csv") if (b / "train.csv").exists() else []
+    rc_b2, log_b2 = _finish(_popen(_cmd(b), env, root / "B2.log"), root / "B2.log")
+    return dict(a=a, b=b, rc_a=rc_a, log_a=log_a, rc_b1=rc_b1, log_b1=log_b1, rc_b2=rc_b2, log_b2=log_b2,
+                b1_summary=b1_summary, b1_ckpts=b1_ckpts, b1_rows=b1_rows)
+
+
+def test_smoke_run_writes_documented_outputs(runs):
+    a = runs["a"]
+    assert runs["rc_a"] == 0, runs["log_a"][-5000:]
+    for name in ("config.gin", "train.csv", "eval.csv", "summary.json"):
+        assert (a / name).is_file(), name
+    config = (a / "config.gin").read_text()
+    assert "num_steps = 40" in config and "MAC" in config
+    events = list(a.glob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
+    ckpts = a / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit())
+    assert steps == [20, 40]
+
+    summary = json.loads((a / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert summary["step"] == 40
+    assert isinstance(summary["per_task_success"], dict) and summary["per_task_success"]
+    assert 0.0 <= summary["success"] <= 1.0
+    assert summary["episodes"] >= 1
+    assert summary["updates_per_s"] is None or summary["updates_per_s"] > 0
+    assert summary["wall_time_s"] > 0
+    assert isinstance(summary["param_checksum"], str) and len(summary["param_checksum"]) >= 8
+
+    rows = _rows(a / "train.csv")
+    assert [int(float(r["step"])) for r in rows] == [10, 20, 30, 40]
+    first, last = float(rows[0]["dynamics/loss"]), float(rows[-1]["dynamics/loss"])
+    assert last < first, (first, last)
+    eval_rows = _rows(a / "eval.csv")
+    assert [int(float(r["step"])) for r in eval_rows] == [40]
+    assert float(eval_rows[0]["success"]) == pytest.approx(summary["success"])
+
+
+def test_resume_after_checkpoint_matches_uninterrupted_run(runs):
+    b = runs["b"]
+    assert runs["rc_a"] == 0, runs["log_a"][-5000:]
+    assert runs["rc_b1"] == 0, runs["log_b1"][-5000:]
+    # the first half stopped at 20 with one checkpoint, as a run killed after its first save
+    assert runs["b1_ckpts"] == ["20"]
+    assert runs["b1_summary"] is not None and runs["b1_summary"]["step"] == 20
+    assert [int(float(r["step"])) for r in runs["b1_rows"]] == [10, 20]
+
+    assert runs["rc_b2"] == 0, runs["log_b2"][-5000:]
+    assert "resuming from step 20" in runs["log_b2"]
+    summary_a = json.loads((runs["a"] / "summary.json").read_text())
+    summary_b = json.loads((b / "summary.json").read_text())
+    assert summary_b["step"] == 40
+    assert runs["b1_summary"]["param_checksum"] != summary_b["param_checksum"]  # it did train on
+    assert summary_b["param_checksum"] == summary_a["param_checksum"]
+
+    steps = [int(float(r["step"])) for r in _rows(b / "train.csv")]
+    assert steps == [10, 20, 30, 40], steps
+    eval_steps = [int(float(r["step"])) for r in _rows(b / "eval.csv")]
+    assert len(eval_steps) == len(set(eval_steps)) and eval_steps[-1] == 40
+    assert sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
+    # the resumed run logs the same metrics as the uninterrupted one after the resume point
+    rows_a = {int(float(r["step"])): r for r in _rows(runs["a"] / "train.csv")}
+    rows_b = {int(float(r["step"])): r for r in _rows(b / "train.csv")}
+    for step in (30, 40):
+        assert float(rows_b[step]["dynamics/loss"]) == pytest.approx(float(rows_a[step]["dynamics/loss"]), rel=1e-5)
