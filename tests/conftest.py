@@ -1,0 +1,13 @@
+"""Session-wide test settings.
+
+Set before JAX is imported: one dataset cache for the whole session (tiny datasets are generated
+once) and JAX's persistent compilation cache, shared with the ``python -m macfw.run`` subprocesses
+the end-to-end tests start, so identical programs compile once per session.
+"""
+
+import os
+import tempfile
+
+_CACHE = os.environ.setdefault("MACFW_CACHE_DIR", tempfile.mkdtemp(prefix="macfw-test-cache-"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax-compile"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
