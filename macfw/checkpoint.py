@@ -1,24 +1,66 @@
 """Orbax checkpoints of a whole training run: one folder per step under ``WORKDIR/checkpoints``.
 
-A checkpoint holds the train state's arrays (parameters, optimiser state, target network, RNG
-key data, step) and a JSON ``meta`` item (scaling statistics, sizes, the operative Gin config,
-versions). Steps are counted in gradient steps.
+A checkpoint holds the train state's arrays and a JSON ``meta`` item; together they are all a
+resume needs:
+
+* ``state``: parameters (``nets``), optimiser state, target network (``target_value``), the RNG
+  key as raw ``uint32`` key data (``key``; in device-sampling mode this is also the data sampler's
+  state, since batches are drawn from it), and ``step``;
+* ``meta``: the data sizes (``spec``), the observation/goal scaling statistics, the dataset and
+  evaluation environment, the sampler mode (device: the key above; host: batches are drawn from
+  ``fold_in(PRNGKey(seed + 7919), step)``, so the step *is* the sampler's state), the operative
+  Gin config (``gin_config``), the versions of macfw, jax, equinox, orbax and ogbench, and the
+  names, shapes and dtypes of every saved array (to name a mismatching component on restore).
+
+Steps are counted in gradient steps.
+
+Complete or invisible. Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it
+when done. On top of that, once a save has finished, a manifest ``macfw_manifest.json`` listing
+every file of the step folder and its size is written into it atomically (temporary file, fsync,
+``os.replace``). :meth:`Checkpointer.all_steps` lists only steps whose manifest exists and matches
+the files on disk, so a step being written, half deleted or damaged is never listed or restored.
+Old steps (beyond ``max_to_keep``) are deleted by this class, never by Orbax, and only after the
+newer step's manifest is written: the manifest first (the step disappears at once), then the folder
+is renamed into ``.macfw-trash`` and removed. On start (unless read-only), leftover temporary
+folders, the trash and step folders without a valid manifest are removed; a valid step is never
+touched. Errors of asynchronous saves are raised by the next :meth:`Checkpointer.save`,
+:meth:`Checkpointer.wait` or :meth:`Checkpointer.close`, and a step whose save failed never
+becomes visible. :meth:`Checkpointer.restore` of the newest step falls back to the next older
+valid one (with a warning naming the broken step) if the newest cannot be read.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+MANIFEST = "macfw_manifest.json"
+TRASH = ".macfw-trash"
+TMP_MARK = ".orbax-checkpoint-tmp"
+MANIFEST_FORMAT = 1
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the configured model (names the differing component)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save did not complete (the step stays invisible; older steps are kept)."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """Refused to save a state with NaN/Inf values (names the step and the first bad array)."""
 
 
 def _leaves_with_names(tree) -> tuple[list[str], list[Any], Any]:
@@ -47,77 +89,370 @@ def _component(name: str) -> str:
     return ".".join(parts[:2]) if parts and parts[0] in ("nets",) else parts[0]
 
 
+# ------------------------------------------------------------------------------- manifests
+def _files_on_disk(folder: Path) -> dict[str, int]:
+    out = {}
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            p = Path(root) / f
+            rel = p.relative_to(folder).as_posix()
+            if rel == MANIFEST:
+                continue
+            out[rel] = p.stat().st_size
+    return out
+
+
+def manifest_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` is not a complete step (None when its manifest matches the files on disk)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "no manifest (the save or a deletion did not finish)"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    try:
+        files = {str(k): int(v) for k, v in manifest["files"].items()}
+        if int(manifest["step"]) != int(folder.name):
+            return f"manifest names step {manifest['step']}"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"malformed manifest ({e!r})"
+    try:
+        disk = _files_on_disk(folder)
+    except OSError as e:
+        return f"unreadable folder ({e})"
+    if disk != files:
+        missing = sorted(set(files) - set(disk))
+        extra = sorted(set(disk) - set(files))
+        resized = sorted(k for k in set(files) & set(disk) if files[k] != disk[k])
+        parts = [f"{label} {names[:3]}{'...' if len(names) > 3 else ''}" for label, names in
+                 (("missing", missing), ("unexpected", extra), ("wrong size", resized)) if names]
+        return "files differ from the manifest: " + "; ".join(parts)
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """List every file of a finished step folder with its size, atomically (tmp + fsync + replace)."""
+    folder = Path(folder)
+    manifest = {"format": MANIFEST_FORMAT, "step": int(folder.name), "files": _files_on_disk(folder),
+                "written_at": time.time()}
+    tmp = folder / f"{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync_dir(folder)
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _host_bool(x) -> bool:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return bool(np.asarray(x))
+
+
+@jax.jit
+def _finite_flags(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 class Checkpointer:
-    """Save and restore train states with an Orbax ``CheckpointManager``.
+    """Save and restore train states with an Orbax ``CheckpointManager`` (see the module doc).
 
     Args:
-      directory: the checkpoints folder (created).
+      directory: the checkpoints folder (created unless ``read_only``).
       max_to_keep: newest steps kept (None keeps all).
-      async_save: write in a background thread; :meth:`wait` blocks until done.
+      async_save: write in a background thread; :meth:`wait` blocks until done (and raises the
+        error of a failed save).
+      read_only: list and restore only; nothing in ``directory`` is changed (for evaluation).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_to_keep = max_to_keep
+        self.read_only = read_only
+        self.async_save = async_save
+        self._pending: int | None = None
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if _is_primary():
+                self._sanitize()
+            _sync("macfw_checkpointer_sanitized")
+        elif not self.directory.is_dir():
+            raise FileNotFoundError(f"No checkpoint folder {str(self.directory)!r}.")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            cleanup_tmp_directories=True,
+            max_to_keep=None,  # deletion is ours: only after the newer step's manifest exists
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
+    # ------------------------------------------------------------------ housekeeping
+    def _remove(self, folder: Path) -> None:
+        """Make ``folder`` invisible at once (manifest first, then a rename), then delete it."""
+        try:
+            (folder / MANIFEST).unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        trash = self.directory / TRASH
+        trash.mkdir(exist_ok=True)
+        target = trash / f"{folder.name}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(folder, target)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            trash.rmdir()  # only when empty
+        except OSError:
+            pass
+
+    def _sanitize(self) -> None:
+        """Remove leftovers of interrupted saves and deletions; never touches a valid step."""
+        for entry in sorted(self.directory.iterdir()):
+            name = entry.name
+            if name == TRASH:
+                shutil.rmtree(entry, ignore_errors=True)
+            elif TMP_MARK in name:
+                warnings.warn(f"Removing the unfinished save {str(entry)!r} (a run was interrupted while saving).")
+                self._remove(entry)
+            elif name.isdigit() and entry.is_dir():
+                problem = manifest_problem(entry)
+                if problem is not None:
+                    warnings.warn(f"Removing incomplete checkpoint step {int(name)} ({str(entry)!r}): {problem}.")
+                    self._remove(entry)
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        """Rename an unreadable step to ``<step>.broken-<time>`` (kept for inspection, never listed)."""
+        if self.read_only or not _is_primary():
+            return
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.broken-{int(time.time())}"
+        try:
+            (src / MANIFEST).unlink()
+            os.rename(src, dst)
+            warnings.warn(f"Moved the unreadable checkpoint step {step} to {str(dst)!r} ({reason}).")
+        except OSError:
+            pass
+        self.manager.reload()
+
+    def _collect_garbage(self, keep_step: int) -> None:
+        if self.max_to_keep is None or not _is_primary():
+            return
+        steps = self.all_steps()
+        old = [s for s in steps if s != keep_step][: max(0, len(steps) - self.max_to_keep)]
+        for s in old:
+            self._remove(self.directory / str(s))
+
+    # ------------------------------------------------------------------ listing
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """Steps whose manifest exists and matches the files on disk, oldest first."""
+        steps = []
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if entry.name.isdigit() and entry.is_dir() and manifest_problem(entry) is None:
+                steps.append(int(entry.name))
+        return sorted(steps)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state, meta: dict, *, force: bool = True) -> bool:
-        items, names = state_to_items(state)
-        meta = dict(meta, leaf_names=names, leaf_shapes=[list(np.shape(x)) for x in items.values()],
-                    leaf_dtypes=[str(x.dtype) for x in items.values()])
-        return self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+    # ------------------------------------------------------------------ saving
+    def _save_finished(self) -> bool:
+        try:
+            return not self.manager.is_saving_in_progress()
+        except Exception:  # pragma: no cover - older/newer Orbax without the method
+            return False
 
-    def read_meta(self, step: int | None = None) -> dict:
-        step = self.latest_step() if step is None else step
-        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"])
+    def _finish_pending(self) -> None:
+        """Wait for the pending save, check it, write its manifest, delete old steps."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        final = self.directory / str(step)
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise CheckpointSaveError(
+                f"Saving checkpoint step {step} in {str(self.directory)!r} failed ({type(e).__name__}: {e}). "
+                "The step was not committed; older steps are intact. Check the disk (space, permissions) and "
+                "re-run the same command to resume.") from e
+        if _is_primary():
+            if not ((final / "state").is_dir() and (final / "meta").is_dir()):
+                raise CheckpointSaveError(
+                    f"Saving checkpoint step {step} in {str(self.directory)!r} did not complete (no committed "
+                    f"folder {str(final)!r}); older steps are intact. Re-run the same command to resume.")
+            write_manifest(final)
+            self._collect_garbage(step)
+        self.manager.reload()
 
-    def restore(self, template, step: int | None = None) -> tuple[Any, dict]:
-        """Restore ``step`` (default: newest) onto ``template``'s structure and shardings.
+    def poll(self) -> None:
+        """Non-blocking: if the pending asynchronous save has finished, make it visible."""
+        if self._pending is not None and self._save_finished():
+            self._finish_pending()
+
+    def save(self, step: int, state, meta: dict, *, force: bool = True, check_finite: bool = True) -> bool:
+        """Start saving ``state`` as ``step`` (asynchronously unless ``async_save=False``).
+
+        The previous save is finished first (its error, if any, is raised here). Returns False when
+        ``step`` is already saved (nothing is written).
 
         Raises:
-          FileNotFoundError: no checkpoint.
-          CheckpointMismatchError: array names or shapes differ from the template (the message
-            names the first differing component and both shapes).
+          NonFiniteStateError: a floating-point array holds NaN/Inf (nothing is written).
+          CheckpointSaveError: this or the previous save failed.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        meta = self.read_meta(step)
-        items, names = state_to_items(template)
-        saved_names, saved_shapes = meta.get("leaf_names", []), meta.get("leaf_shapes", [])
-        if saved_names != names or [list(np.shape(x)) for x in items.values()] != saved_shapes:
-            raise CheckpointMismatchError(_describe_mismatch(names, items, saved_names, saved_shapes, step, self.directory))
-        abstract = {
-            k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=getattr(v, "sharding", None)) for k, v in items.items()
-        }
-        out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return items_to_state(dict(out["state"]), template), dict(out["meta"])
+        if self.read_only:
+            raise PermissionError(f"Checkpointer for {str(self.directory)!r} is read-only.")
+        self._finish_pending()
+        step = int(step)
+        items, names = state_to_items(state)
+        if check_finite:
+            inexact = [(n, x) for n, x in zip(names, items.values())
+                       if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)]
+            if inexact:
+                flags = _finite_flags([x for _, x in inexact])
+                if not _host_bool(jnp.all(flags)):
+                    bad = [n for (n, _), ok in zip(inexact, np.asarray(jax.device_get(flags)).reshape(-1)) if not ok]
+                    raise NonFiniteStateError(
+                        f"Refusing to save checkpoint step {step}: {len(bad)} array(s) hold NaN/Inf, first "
+                        f"{bad[0]!r} (component {_component(bad[0])!r}). Nothing was written; older steps are "
+                        "intact. Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
+        existing = self.directory / str(step)
+        if step in self.all_steps():
+            return False
+        if existing.exists() and _is_primary():  # a stale, invalid folder of this step
+            self._remove(existing)
+        _sync(f"macfw_checkpointer_presave_{step}")
+        self.manager.reload()
+        meta = dict(meta, leaf_names=names, leaf_shapes=[list(np.shape(x)) for x in items.values()],
+                    leaf_dtypes=[str(x.dtype) for x in items.values()])
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
+        except Exception as e:
+            raise CheckpointSaveError(
+                f"Saving checkpoint step {step} in {str(self.directory)!r} failed ({type(e).__name__}: {e}). "
+                "Older steps are intact.") from e
+        if saved:
+            self._pending = step
+            if not self.async_save:
+                self._finish_pending()
+        return bool(saved)
 
     def wait(self) -> None:
+        """Block until the last save is complete and visible (raises its error, if any)."""
+        self._finish_pending()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # ------------------------------------------------------------------ restoring
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No complete checkpoint in {str(self.directory)!r}.")
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, template, step: int | None = None, *,
+                check_meta: Callable[[dict, int], None] | None = None) -> tuple[Any, dict]:
+        """Restore ``step`` (default: the newest valid one) onto ``template``'s structure and shardings.
+
+        With ``step=None``, a newest step that cannot be read (or holds NaN/Inf) is skipped with a
+        warning naming it (and, unless read-only, renamed to ``<step>.broken-<time>``), and the
+        next older valid step is restored. ``check_meta(meta, step)`` may raise to refuse a step
+        (e.g. :class:`CheckpointMismatchError`); such errors are never skipped.
+
+        Array leaves of ``template`` without a sharding get the sharding of the other leaves
+        (e.g. the RNG key), so a restored state never lands on a single device by accident.
+
+        Raises:
+          FileNotFoundError: no (readable) checkpoint.
+          CheckpointMismatchError: array names or shapes differ from the template (the message
+            names the first differing component and both shapes).
+        """
+        if step is not None:
+            return self._restore_step(template, int(step), check_meta)
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No complete checkpoint in {str(self.directory)!r}.")
+        errors = []
+        for s in reversed(steps):
+            try:
+                return self._restore_step(template, s, check_meta)
+            except (CheckpointMismatchError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # unreadable: fall back to the next older step
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                errors.append(f"step {s}: {msg}")
+                older = [x for x in steps if x < s]
+                warnings.warn(f"Checkpoint step {s} in {str(self.directory)!r} cannot be restored ({msg}); "
+                              + (f"falling back to step {older[-1]}." if older else "no older step is left."))
+                self._quarantine(s, msg)
+        raise FileNotFoundError(f"No readable checkpoint in {str(self.directory)!r}: " + "; ".join(errors))
+
+    def _restore_step(self, template, step: int, check_meta) -> tuple[Any, dict]:
+        meta = self.read_meta(step)
+        if check_meta is not None:
+            check_meta(meta, step)
+        items, names = state_to_items(template)
+        saved_names, saved_shapes = meta.get("leaf_names", []), meta.get("leaf_shapes", [])
+        if saved_names != names or [list(np.shape(x)) for x in items.values()] != saved_shapes:
+            raise CheckpointMismatchError(_describe_mismatch(names, items, saved_names, saved_shapes, step,
+                                                             self.directory))
+        shardings = [getattr(v, "sharding", None) for v in items.values()]
+        default = next((s for s in shardings if s is not None), None)
+        if default is None:
+            default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=s if s is not None else default)
+                    for (k, v), s in zip(items.items(), shardings)}
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = dict(out["state"])
+        inexact = [x for x in restored.values() if jnp.issubdtype(x.dtype, jnp.inexact)]
+        if inexact and not _host_bool(jnp.all(_finite_flags(inexact))):
+            raise FloatingPointError(f"checkpoint step {step} holds NaN/Inf values")
+        return items_to_state(restored, template), dict(out["meta"])
 
 
 def _describe_mismatch(names, items, saved_names, saved_shapes, step, directory) -> str:
@@ -126,14 +461,14 @@ def _describe_mismatch(names, items, saved_names, saved_shapes, step, directory)
     old = dict(zip(saved_names, saved_shapes))
     for n in names:
         if n not in old:
-            return (f"Checkpoint step {step} in {directory} has no array {n!r} (component {_component(n)!r}): the "
-                    "configured model differs from the saved one. Use the original config or a new --workdir.")
+            return (f"Checkpoint step {step} in {str(directory)!r} has no array {n!r} (component {_component(n)!r}): "
+                    "the configured model differs from the saved one. Use the original config or a new --workdir.")
         if old[n] != cur[n]:
-            return (f"Checkpoint step {step} in {directory}: component {_component(n)!r} array {n!r} has shape "
+            return (f"Checkpoint step {step} in {str(directory)!r}: component {_component(n)!r} array {n!r} has shape "
                     f"{tuple(old[n])} in the checkpoint but {tuple(cur[n])} in the configured model. Resume with the "
                     "original shapes (network sizes, chunk length, dataset) or start a new --workdir.")
     for n in saved_names:
         if n not in cur:
-            return (f"Checkpoint step {step} in {directory} holds {n!r} (component {_component(n)!r}) which the "
-                    "configured model lacks. Use the original config or a new --workdir.")
-    return f"Checkpoint step {step} in {directory} does not match the configured model."
+            return (f"Checkpoint step {step} in {str(directory)!r} holds {n!r} (component {_component(n)!r}) which "
+                    "the configured model lacks. Use the original config or a new --workdir.")
+    return f"Checkpoint step {step} in {str(directory)!r} does not match the configured model."

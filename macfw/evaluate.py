@@ -34,6 +34,11 @@ actor is called once per *decision* (one chunk), so with chunks executed open-lo
 
 Actions are clipped to [-1, 1] before they are executed (as OGBench's own evaluation does).
 
+Command line (a saved checkpoint, without training; see :func:`main`)::
+
+    python -m macfw.evaluate --workdir DIR [--step N] [--episodes K] [--tasks 1,2,...]
+        [--execute_steps E] [--video PATH] [--seed S] [--import MODULE]
+
 Video: rendering uses MuJoCo's offscreen renderer, whose OpenGL backend is chosen from the
 ``MUJOCO_GL`` environment variable when ``mujoco`` is first imported. On a headless Linux machine
 (no ``DISPLAY``) this module sets ``MUJOCO_GL=egl`` if it is imported before ``mujoco``, the
@@ -75,7 +80,7 @@ _default_mujoco_gl()
 
 import numpy as np
 
-__all__ = ["Actor", "EvalResult", "TASK_MODES", "evaluate"]
+__all__ = ["Actor", "EvalResult", "TASK_MODES", "evaluate", "load_checkpoint", "evaluate_checkpoint", "main"]
 
 #: ``actor(obs, goal, seed) -> chunk``; see the module docstring for shapes.
 Actor = Callable[[np.ndarray, Optional[np.ndarray], int], np.ndarray]
@@ -522,3 +527,218 @@ def evaluate(
         mean_length=float(np.mean(lengths)),
         video_paths=video_paths,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating a saved checkpoint (command line)
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_setting(name: str, default=None):
+    """``train.<name>`` from the parsed Gin config, else train()'s own default."""
+    import inspect
+
+    import gin
+
+    try:
+        return gin.query_parameter(f"train.{name}")
+    except ValueError:
+        from macfw.train import train
+
+        fn = getattr(train, "__wrapped__", train)
+        p = inspect.signature(fn).parameters.get(name)
+        return p.default if p is not None and p.default is not inspect.Parameter.empty else default
+
+
+def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = ()):
+    """Rebuild a run's agent from its checkpoint and restore the state, without loading any data.
+
+    The agent is built from the Gin config stored in the checkpoint (``meta['gin_config']``, the
+    run's ``gin.config_str()``), its sizes from ``meta['spec']``; a template state is initialised
+    with the agent and the checkpoint restored onto it (read-only: the folder is not changed).
+
+    Args:
+      workdir: the run folder (holds ``checkpoints/``).
+      step: the step to restore; None: the newest complete one (falling back to an older one
+        if it is unreadable).
+      imports: modules to import first (user components named in the stored config).
+
+    Returns:
+      ``(agent, state, meta, step)``; with ``num_seeds`` the state has a leading seed axis.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint (or not ``step``) in ``workdir/checkpoints``.
+    """
+    import importlib
+
+    import equinox as eqx
+    import gin
+    import jax
+    import jax.numpy as jnp
+
+    import macfw  # noqa: F401  (registers the built-in components)
+    import macfw.train  # noqa: F401
+    from macfw.checkpoint import Checkpointer
+    from macfw.spec import Spec
+
+    for mod in imports:
+        importlib.import_module(mod)
+    ckdir = Path(workdir) / "checkpoints"
+    if not ckdir.is_dir():
+        raise FileNotFoundError(f"No checkpoints in {str(workdir)!r} (no folder {str(ckdir)!r}). Pass the --workdir "
+                                "of a training run.")
+    ckpt = Checkpointer(ckdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No complete checkpoint in {str(ckdir)!r}.")
+        if step is not None and int(step) not in steps:
+            raise FileNotFoundError(f"No complete checkpoint step {step} in {str(ckdir)!r}; complete steps: {steps}. "
+                                    "Fix --step.")
+        meta = ckpt.read_meta(steps[-1] if step is None else int(step))
+        gin.clear_config()
+        gin.parse_config(meta["gin_config"])
+        ref = gin.query_parameter("train.agent")
+        agent = ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
+        if agent is None:
+            from macfw.agents.mac import MAC
+
+            agent = MAC()
+        spec = Spec(**meta["spec"])
+        num_seeds = meta.get("num_seeds")
+        if num_seeds is None:
+            template = agent.init(spec, jax.random.PRNGKey(0))
+        else:
+            keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
+            template = eqx.filter_vmap(lambda k: agent.init(spec, k))(keys)
+            agent.spec = spec
+        state, meta = ckpt.restore(template, step)
+    finally:
+        ckpt.close()
+    return agent, state, meta, int(meta["step"])
+
+
+def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | None = None,
+                        task_ids: Iterable[int] | None = None, execute_steps: int | None = None,
+                        video_path=None, seed: int | None = None, imports: Iterable[str] = (),
+                        write_json: bool = True) -> dict:
+    """Evaluate a saved checkpoint of ``workdir`` (see :func:`load_checkpoint`); returns the report dict.
+
+    Defaults come from the run's stored config: ``train.eval_episodes``, ``train.execute_steps``,
+    ``train.eval_task_ids`` (None: the run's task for single-task data, 1..5 otherwise) and the
+    evaluation seed ``train.eval_seed + step + 1000 * seed_index`` (the seed the run used for its
+    own evaluation at that step, so the result matches ``eval.csv`` there). With ``num_seeds`` every
+    seed is evaluated; ``success`` is the mean over seeds. Writes ``workdir/eval_step{N}.json``.
+    """
+    import jax
+    import equinox as eqx
+
+    from macfw.data.batches import Scaler
+    from macfw.data.ogbench_data import default_task_id
+    from macfw.train import make_actor, write_json_atomic
+
+    agent, state, meta, step = load_checkpoint(workdir, step, imports)
+    episodes = int(_train_setting("eval_episodes", 15) if episodes is None else episodes)
+    execute_steps = int(_train_setting("execute_steps", 1) if execute_steps is None else execute_steps)
+    eval_seed = int(_train_setting("eval_seed", 10_000))
+    env_name, task_mode = meta["env_name"], meta["task_mode"]
+    if task_ids is None:
+        task_ids = _train_setting("eval_task_ids", None)
+    if task_ids is None:
+        task_ids = ((meta.get("task_id") or default_task_id(env_name),) if task_mode == "singletask"
+                    else (1, 2, 3, 4, 5))
+    task_ids = tuple(int(t) for t in task_ids)
+    obs_scaler = Scaler.from_dict(meta["obs_scaler"])
+    goal_scaler = Scaler.from_dict(meta["goal_scaler"]) if meta.get("goal_scaler") else None
+
+    nets = eqx.combine(jax.device_get(eqx.filter(state.nets, eqx.is_array)),
+                       eqx.filter(state.nets, eqx.is_array, inverse=True))
+    num_seeds = meta.get("num_seeds")
+    per_seed = [nets] if num_seeds is None else [
+        jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, nets) for i in range(num_seeds)]
+    results = []
+    for i, n in enumerate(per_seed):
+        s = (eval_seed + step + 1000 * i) if seed is None else int(seed) + 1000 * i
+        actor = make_actor(agent, n, obs_scaler, goal_scaler)
+        vp = video_path if (video_path is not None and i == 0) else None
+        results.append(evaluate(actor, env_name, task_mode=task_mode, task_ids=task_ids, episodes_per_task=episodes,
+                                execute_steps=execute_steps, seed=s, video_path=vp))
+    tasks = list(results[0].per_task_success)
+    report = {
+        "workdir": str(Path(workdir).absolute()), "step": step, "env_name": env_name, "task_mode": task_mode,
+        "task_ids": list(task_ids), "episodes_per_task": episodes, "execute_steps": execute_steps,
+        "success": float(np.mean([r.success for r in results])),
+        "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},
+        "episodes": int(sum(r.episodes for r in results)),
+        "mean_return": float(np.mean([r.mean_return for r in results])),
+        "mean_length": float(np.mean([r.mean_length for r in results])),
+        "video_paths": [p for r in results for p in r.video_paths],
+        "num_seeds": num_seeds,
+        "per_seed": [r.to_dict() for r in results],
+    }
+    if write_json:
+        out = Path(workdir) / f"eval_step{step}.json"
+        write_json_atomic(out, report)
+        report["json_path"] = str(out)
+    return report
+
+
+def _parse_tasks(text: str) -> tuple[int, ...]:
+    try:
+        tasks = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ValueError(f"--tasks must be comma-separated task numbers like 1,2,3; got {text!r}.") from None
+    if not tasks:
+        raise ValueError(f"--tasks must name at least one task, like 1,2,3; got {text!r}.")
+    return tasks
+
+
+def main(argv=None) -> int:
+    """``python -m macfw.evaluate --workdir DIR [--step N] [--episodes K] [--tasks 1,2] [--execute_steps E]
+    [--video PATH] [--seed S] [--import MODULE]``: evaluate a saved checkpoint without training.
+
+    Prints per-task success and the mean, writes ``DIR/eval_step{N}.json``. Exit code 0, or 2 with
+    one line ``macfw.evaluate: error: ...`` on a known error (no checkpoint, bad argument).
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m macfw.evaluate",
+                                description="Evaluate a saved macfw checkpoint in the OGBench simulator.")
+    p.add_argument("--workdir", required=True, help="run folder of `python -m macfw.run`")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per task (default: train.eval_episodes)")
+    p.add_argument("--tasks", type=_parse_tasks, default=None,
+                   help="comma-separated task ids, e.g. 1,2,3 (default: the run's evaluation tasks)")
+    p.add_argument("--execute_steps", type=int, default=None,
+                   help="actions executed per chunk (default: train.execute_steps)")
+    p.add_argument("--video", default=None, help="write a video (.mp4/.gif) of the first episode of each task")
+    p.add_argument("--seed", type=int, default=None,
+                   help="evaluation seed (default: the run's own, train.eval_seed + step)")
+    p.add_argument("--import", dest="imports", action="append", default=[],
+                   help="Python module to import first (registers your own components)")
+    args = p.parse_args(argv)
+    try:
+        report = evaluate_checkpoint(args.workdir, args.step, episodes=args.episodes, task_ids=args.tasks,
+                                     execute_steps=args.execute_steps, video_path=args.video, seed=args.seed,
+                                     imports=args.imports)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        if os.environ.get("MACFW_DEBUG"):
+            raise
+        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+        print(f"macfw.evaluate: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    print(f"[macfw.evaluate] {report['env_name']} ({report['task_mode']}), step {report['step']}, "
+          f"{report['episodes_per_task']} episode(s) per task, execute_steps {report['execute_steps']}:")
+    for t, v in report["per_task_success"].items():
+        print(f"  {t}: success {v:.3f}")
+    if report["num_seeds"]:
+        print("  per seed: " + ", ".join(f"{r['success']:.3f}" for r in report["per_seed"]))
+    print(f"  mean: success {report['success']:.3f} over {report['episodes']} episodes")
+    for v in report["video_paths"]:
+        print(f"  video: {v}")
+    print(f"  written: {report.get('json_path')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

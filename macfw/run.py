@@ -1,13 +1,23 @@
 """Command line: ``python -m macfw.run --gin_file F [--gin_file F2] [--gin_bindings B] --workdir DIR``.
 
 Re-running the same command on the same DIR resumes from the newest complete checkpoint.
+
+Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving (re-run to resume); 2 a known user
+error (unknown component or Gin binding, bad dataset file or environment, a checkpoint that does
+not fit the config, workdir not writable, bad train.* setting), printed as one line
+``macfw: error: ...`` on stderr; 3 the training diverged (NaN/Inf; the step and loss terms are
+named); 130 a second Ctrl-C. Set ``MACFW_DEBUG=1`` to get the full traceback of known errors too.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import inspect
+import os
 import re
+import signal
 import sys
 
 import gin
@@ -17,22 +27,61 @@ import macfw.train  # noqa: F401  (registers train() with Gin)
 from macfw import registry
 
 
+class GinConfigError(ValueError):
+    """A Gin file or binding that cannot be parsed or names an unknown parameter."""
+
+
+def _configurable_params(name: str) -> list[str] | None:
+    """The parameters a Gin configurable accepts (None when it cannot be found)."""
+    try:
+        from gin import config as gin_config
+
+        selector = gin_config._REGISTRY.get_match(name)  # noqa: SLF001
+        if selector is None:
+            return None
+        fn = selector.wrapped
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        params = [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
+        return params
+    except Exception:
+        return None
+
+
+def _gin_error(e: Exception) -> GinConfigError:
+    msg = str(e)
+    first = msg.splitlines()[0] if msg else type(e).__name__
+    where = " ".join(line.strip() for line in msg.splitlines()[1:3])
+    m = re.search(r"Configurable '([\w./]+)' doesn't have a parameter named '(\w+)'", msg)
+    if m:
+        conf, param = m.group(1), m.group(2)
+        params = _configurable_params(conf) or []
+        close = difflib.get_close_matches(param, params, n=3)
+        hint = f" Did you mean {', '.join(repr(f'{conf}.{c}') for c in close)}?" if close else ""
+        return GinConfigError(
+            f"Unknown Gin binding {conf}.{param} ({where}): {conf} has no parameter {param!r}.{hint} "
+            f"Its parameters: {params}. Fix the binding in the Gin file or --gin_bindings.")
+    return GinConfigError(f"Bad Gin config: {first} ({where}). Fix the Gin file or --gin_bindings "
+                          "(form: Configurable.parameter = value).")
+
+
 def parse_gin(gin_files, gin_bindings) -> None:
     """Parse Gin files and bindings; an unknown component name lists the registered ones.
 
     Raises:
       registry.UnknownComponentError: a ``@Name`` that is not registered.
-      ValueError: any other Gin error (Gin's own message, which names the line).
+      GinConfigError (a ValueError): any other Gin error (unknown parameter, syntax): names the
+        binding and its line, and for an unknown parameter lists the valid ones.
+      FileNotFoundError: a Gin file that does not exist.
     """
-    import os
-
     for f in gin_files:  # lets `include 'gin/mac.gin'` resolve from the repo and from the file's folder
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"Gin file {f!r} does not exist (relative to {os.getcwd()!r}). Fix --gin_file.")
         d = os.path.dirname(os.path.abspath(f))
         for path in (d, os.path.dirname(d), os.path.dirname(os.path.dirname(d))):
             gin.add_config_file_search_path(path)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
-    except ValueError as e:
+    except (ValueError, SyntaxError) as e:
         msg = str(e)
         m = re.search(r"No configurable matching (?:reference )?'@?([\w./]+)(?:\(\))?'", msg)
         if m:
@@ -44,11 +93,46 @@ def parse_gin(gin_files, gin_bindings) -> None:
             raise registry.UnknownComponentError(
                 f"Unknown component {name!r} in the Gin config. Registered components — {listing}. "
                 f"Fix the name, or import the module that registers it with --import.\n{msg}") from None
-        raise
+        raise _gin_error(e) from None
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """User errors reported as one line (exit code 2) instead of a traceback."""
+    from macfw.checkpoint import CheckpointMismatchError, CheckpointSaveError
+    from macfw.data.ogbench_data import DatasetError
+    from macfw.train import ConfigError, WorkdirError
+
+    return (registry.UnknownComponentError, GinConfigError, DatasetError, FileNotFoundError, CheckpointMismatchError,
+            CheckpointSaveError, ConfigError, WorkdirError)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message without Gin's call context, on one line."""
+    lines = [ln.strip() for ln in str(e).splitlines()
+             if ln.strip() and not ln.strip().startswith("In call to configurable")]
+    if isinstance(e, registry.UnknownComponentError):
+        lines = lines[:1]
+    return " ".join(lines) or type(e).__name__
+
+
+def report(prog: str, e: BaseException) -> None:
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+
+
+def _early_signals() -> None:
+    """Until train() takes over: SIGTERM/SIGINT stop the start-up at once (nothing to save yet)."""
+    from macfw.train import Preempted
+
+    def handle(signum, frame):
+        raise Preempted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m macfw.run", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m macfw.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gin_file", action="append", default=[], help="Gin config file (repeatable).")
     p.add_argument("--gin_bindings", action="append", default=[], help="Gin binding, e.g. 'train.num_steps = 10'.")
     p.add_argument("--workdir", required=True, help="Run folder; re-use it to resume.")
@@ -58,20 +142,50 @@ def main(argv=None) -> int:
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
     args = p.parse_args(argv)
-    from macfw.parallel import initialize_distributed
-
-    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if not args.gin_file:
         p.error("give at least one --gin_file (e.g. gin/quickstart.gin)")
-    for mod in args.imports:
-        importlib.import_module(mod)
-    parse_gin(args.gin_file, args.gin_bindings)
-    from macfw.train import train
+    from macfw.train import NonFiniteError, Preempted
 
-    summary = train(args.workdir)
+    debug = bool(os.environ.get("MACFW_DEBUG"))
+    in_main = argv is None
+    if in_main:
+        _early_signals()
+    try:
+        from macfw.parallel import initialize_distributed
+
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        for mod in args.imports:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise FileNotFoundError(f"--import {mod!r} failed ({e}). Fix the module name or PYTHONPATH.") from e
+        parse_gin(args.gin_file, args.gin_bindings)
+        from macfw.train import train
+
+        summary = train(args.workdir)
+    except Preempted as e:
+        print(f"[macfw] stopped by signal {e.args[0] if e.args else ''} during start-up; nothing to save. "
+              "Re-run the same command to resume.", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("macfw: interrupted (second Ctrl-C); the last started checkpoint save was waited for.",
+              file=sys.stderr, flush=True)
+        return 130
+    except NonFiniteError as e:
+        if debug:
+            raise
+        report("macfw", e)
+        return 3
+    except known_errors() as e:
+        if debug:
+            raise
+        report("macfw", e)
+        return 2
     if summary.get("interrupted"):
-        print(f"[macfw] stopped by a signal at step {summary['step']} (checkpoint saved); "
-              "re-run the same command to resume.", flush=True)
+        saved = summary.get("last_saved_step")
+        print(f"[macfw] stopped by a signal at step {summary['step']} ("
+              + (f"newest checkpoint: step {saved}" if saved is not None else "no checkpoint yet")
+              + "); re-run the same command to resume.", flush=True)
         return 0
     if "success" not in summary:  # non-lead process of a multi-host run
         return 0

@@ -32,6 +32,22 @@ class NonFiniteError(FloatingPointError):
     """A loss or parameter became NaN/Inf; the message names the step and the loss terms."""
 
 
+class ConfigError(ValueError):
+    """A ``train.*`` setting has a wrong type or value (the message names it and the fix)."""
+
+
+class WorkdirError(PermissionError):
+    """The run folder cannot be created or written."""
+
+
+class Preempted(BaseException):
+    """Raised by the SIGTERM/SIGINT handler while nothing is left to save (setup, evaluation).
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that library code's ``except Exception``
+    does not swallow it; :func:`train` turns it into a clean, interrupted return.
+    """
+
+
 class TrainStep:
     """``step(data, state) -> (state, metrics)``: ``steps_per_dispatch`` MAC updates in one compiled call.
 
@@ -41,11 +57,14 @@ class TrainStep:
     (``host_batches=False``), or passed in, stacked ``(K, B, ...)``, by a host-side prefetcher.
     With ``num_seeds`` the state carries a leading seed axis and the update is vmapped over it.
     Metrics are averaged over the K updates on the device; ``guard/finite`` is 1 when every loss
-    and parameter is finite.
+    and parameter is finite, and ``guard/first_bad`` is the index (0..K-1) of the first update of
+    the dispatch that was not. ``debug_nan_at_step=N`` (tests only) multiplies the observations of
+    the batch of gradient step N (the update after which ``state.step == N``) by NaN.
     """
 
     def __init__(self, agent: MAC, template: TrainState, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
-                 normalize_reward: bool = True, mesh=None, host_batches: bool = False, num_seeds: int | None = None):
+                 normalize_reward: bool = True, mesh=None, host_batches: bool = False, num_seeds: int | None = None,
+                 debug_nan_at_step: int | None = None):
         from macfw.parallel import batch_sharded, data_axis_size, make_mesh, replicated
 
         self.mesh = mesh if mesh is not None else make_mesh()
@@ -70,6 +89,12 @@ class TrainStep:
                 batch = sample_batch(data_or_batch, k_batch, batch_size, chunk_len=chunk_len, gamma=agent.gamma,
                                      goal_conditioned=goal_conditioned, normalize_reward=normalize_reward)
                 st = eqx.tree_at(lambda s: s.key, st, k_next)
+            if debug_nan_at_step is not None:
+                poison = jnp.where(st.step + 1 == debug_nan_at_step, jnp.nan, 1.0)
+                batch = dict(batch)
+                for k in ("obs", "next_obs"):
+                    if k in batch:
+                        batch[k] = batch[k] * poison.astype(batch[k].dtype)
             if num_seeds is None:
                 batch = constrain(batch)
             st, metrics = agent.update(st, batch)
@@ -88,8 +113,10 @@ class TrainStep:
                 st, metrics = jax.lax.scan(lambda c, b: one(b, c), st, data)
             else:
                 st, metrics = jax.lax.scan(lambda c, _: one(data, c), st, None, length=self.K)
+            ok = metrics["guard/finite"].reshape(metrics["guard/finite"].shape[0], -1).min(axis=1) >= 1.0  # (K,)
             metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
             metrics["guard/finite"] = metrics["guard/finite"] >= 1.0
+            metrics["guard/first_bad"] = jnp.argmin(ok).astype(jnp.int32)
             return eqx.partition(st, eqx.is_array)[0], metrics
 
         repl = replicated(self.mesh)
@@ -112,12 +139,14 @@ class TrainStep:
 
 def make_train_step(agent: MAC, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
                     normalize_reward: bool = True, template: TrainState | None = None, mesh=None,
-                    host_batches: bool = False, num_seeds: int | None = None) -> TrainStep:
+                    host_batches: bool = False, num_seeds: int | None = None,
+                    debug_nan_at_step: int | None = None) -> TrainStep:
     """Build the compiled step (see :class:`TrainStep`); ``template`` defaults to a fresh init."""
     if template is None:
         template = agent.init(agent.spec, jax.random.PRNGKey(0))
     return TrainStep(agent, template, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=steps_per_dispatch,
-                     normalize_reward=normalize_reward, mesh=mesh, host_batches=host_batches, num_seeds=num_seeds)
+                     normalize_reward=normalize_reward, mesh=mesh, host_batches=host_batches, num_seeds=num_seeds,
+                     debug_nan_at_step=debug_nan_at_step)
 
 
 class HostBatches:
@@ -254,13 +283,23 @@ def run_evaluation(agent: MAC, nets, loaded: LoadedData, *, episodes: int, task_
 
 # ------------------------------------------------------------------------------- the loop
 class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes the current dispatch, saves, waits and exits 0."""
+    """SIGTERM/SIGINT handling for the whole of :func:`train`.
 
-    def __init__(self):
+    A signal sets a flag. During set-up the flag is checked between phases (workdir, data, init,
+    checkpoint restore, compiled-step construction) and the run stops there, exits 0, saving
+    nothing (there is nothing new). Inside :meth:`interruptible` blocks (data loading or
+    generation, which can take long, and evaluations) a signal raises :class:`Preempted` at once.
+    In the training loop the flag makes the loop finish the current dispatch (the first one
+    includes compilation), save, wait for the save and exit 0. A second SIGINT there stops at once
+    (KeyboardInterrupt), after the last started save is waited for.
+    """
+
+    def __init__(self, immediate: bool = False):
         import signal
 
         self.signal = signal
         self.received: int | None = None
+        self.immediate = immediate
         self._old = {}
 
     def __enter__(self):
@@ -272,13 +311,36 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None and signum == self.signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        first = self.received is None
         self.received = signum
+        if self.immediate:
+            raise Preempted(signum)
+        if not first and signum == self.signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             self.signal.signal(sig, old)
+
+    def check(self) -> None:
+        """Raise :class:`Preempted` if a signal has arrived (a safe point)."""
+        if self.received is not None:
+            raise Preempted(self.received)
+
+    def interruptible(self):
+        """Context: a signal (or one that already arrived) raises :class:`Preempted` at once."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def block():
+            self.immediate = True
+            try:
+                self.check()
+                yield
+            finally:
+                self.immediate = False
+
+        return block()
 
     def agreed(self) -> bool:
         """True on every process once any process got a signal (multi-host: all save the same step)."""
@@ -291,14 +353,35 @@ class _Preemption:
 
 
 def _check_finite(metrics_host: dict, step: int, K: int) -> None:
-    if metrics_host.get("guard/finite", True):
+    if np.all(metrics_host.get("guard/finite", True)):
         return
-    bad = sorted(k for k, v in metrics_host.items() if k != "guard/finite" and not np.all(np.isfinite(v)))
-    where = f"step {step}" if K == 1 else f"steps {step - K + 1}..{step}"
-    terms = ", ".join(bad) if bad else "a parameter (losses were finite)"
+    bad = sorted(k for k, v in metrics_host.items() if not k.startswith("guard/") and not np.all(np.isfinite(v)))
+    first = int(np.asarray(metrics_host.get("guard/first_bad", 0)).reshape(-1)[0])
+    at = step - K + 1 + first
+    where = f"step {at}" if K == 1 else f"step {at} (in the dispatch of steps {step - K + 1}..{step})"
+    fin = np.asarray(metrics_host["guard/finite"]).reshape(-1)
+    seeds = f" in seed index {[i for i, ok in enumerate(fin) if not ok]}" if fin.size > 1 else ""
+    terms = "loss term(s) " + ", ".join(bad) if bad else "a parameter (losses were finite)"
     raise NonFiniteError(
-        f"Non-finite value at {where}: {terms}. The run stopped; no checkpoint was written for this state. "
-        "Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
+        f"Non-finite value at {where}{seeds}: {terms}. The run stopped; no checkpoint was written for this state "
+        "(earlier checkpoints are intact). Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
+
+
+def _agree_int(x: int | None) -> int | None:
+    """Process 0's value on every process (multi-host); ``x`` itself on a single process."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    v = int(multihost_utils.broadcast_one_to_all(np.array(-1 if x is None else x, np.int64)))
+    return None if v < 0 else v
+
+
+def _check_schedule(K, **values) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % K:
+            raise ConfigError(f"train.{name} must be a positive integer multiple of train.steps_per_dispatch={K}, "
+                              f"got {v!r}. Fix the Gin binding train.{name}.")
 
 
 @gin.configurable
@@ -308,7 +391,8 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
           log_interval: int = 1000, eval_interval: int = 100_000, save_interval: int = 100_000,
           max_to_keep: int | None = 3, eval_episodes: int = 15, eval_task_ids: tuple[int, ...] | None = None,
           execute_steps: int = 1, eval_seed: int = 10_000, async_checkpoints: bool = True, progress: bool = True,
-          data_on_device: bool | None = None, device_data_limit_gb: float = 8.0) -> dict:
+          data_on_device: bool | None = None, device_data_limit_gb: float = 8.0,
+          debug_nan_at_step: int | None = None) -> dict:
     """Train MAC in ``workdir``, resuming from its newest checkpoint; returns the summary dict.
 
     Args:
@@ -327,107 +411,156 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
         per chunk.
       data_on_device: keep the dataset on the devices and sample inside the step (None: when it
         is smaller than ``device_data_limit_gb``), else sample on the host and prefetch.
+      debug_nan_at_step: tests only: poison the batch of this gradient step with NaN.
+
+    Resuming: the newest complete checkpoint is restored (falling back to an older one if it is
+    unreadable). Settings that change an array shape (network sizes, data sizes, chunk length,
+    num_seeds) raise :class:`CheckpointMismatchError`; schedule settings (num_steps, intervals)
+    may change freely. SIGTERM/SIGINT: see :class:`_Preemption`; the summary then has
+    ``interrupted: True``. Every exit path (return, exception, signal) waits for the last save.
 
     Raises:
-      ValueError: an interval that is not a positive multiple of ``steps_per_dispatch``.
-      PermissionError: ``workdir`` is not writable.
+      ConfigError: an interval that is not a positive multiple of ``steps_per_dispatch``.
+      WorkdirError: ``workdir`` is not writable.
+      CheckpointMismatchError: the checkpoint does not fit the configured model or data.
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
-    from macfw.parallel import batch_sharded, make_mesh, put_replicated, to_host
+    from macfw.checkpoint import CheckpointMismatchError
+    from macfw.parallel import make_mesh, put_replicated, to_host
 
     t_start = time.time()
-    agent = agent if agent is not None else MAC()
-    dataset = dataset if dataset is not None else OGBenchDataset()
-    K = int(steps_per_dispatch)
-    for name, v in (("num_steps", num_steps), ("log_interval", log_interval), ("eval_interval", eval_interval),
-                    ("save_interval", save_interval)):
-        if v < 1 or v % K:
-            raise ValueError(f"train.{name} must be a positive multiple of steps_per_dispatch={K}, got {v}.")
-    if num_seeds is not None and num_seeds < 1:
-        raise ValueError(f"train.num_seeds must be >= 1 or None, got {num_seeds}.")
+    K = steps_per_dispatch
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
+        raise ConfigError(f"train.steps_per_dispatch must be a positive integer, got {K!r}.")
+    K = int(K)
+    _check_schedule(K, num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
+                    save_interval=save_interval)
+    if num_seeds is not None and (isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer))
+                                  or num_seeds < 1):
+        raise ConfigError(f"train.num_seeds must be an integer >= 1 or None, got {num_seeds!r}.")
+    if max_to_keep is not None and (not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 1):
+        raise ConfigError(f"train.max_to_keep must be an integer >= 1 or None (keep all), got {max_to_keep!r}.")
     workdir = Path(workdir).absolute()
     lead = jax.process_index() == 0
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"Workdir {str(workdir)!r} is not writable ({e}). Pass a writable --workdir.") from e
 
-    loaded = dataset.load(chunk_len)
-    mesh = make_mesh()
-    if num_seeds is None:
-        state = agent.init(loaded.spec, jax.random.PRNGKey(seed))
-    else:
-        keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
-        state = eqx.filter_vmap(lambda k: agent.init(loaded.spec, k))(keys)
-    state = put_replicated(state, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        state, _ = ckpt.restore(state, resume_step)
-        print(f"[macfw] resuming from step {resume_step} in {workdir}", flush=True)
-    if lead:
-        (workdir / "config.gin").write_text(gin.config_str())
+    # Everything that must be closed on the way out, whatever the way.
+    ckpt = tb = pbar = None
+    progress_state = {"step": None, "last_saved": None}
+    summary: dict = {}
+    pre = _Preemption()
+    with pre:
+        try:
+            try:
+                workdir.mkdir(parents=True, exist_ok=True)
+                probe = workdir / f".write_test_{os.getpid()}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
+                                   "Pass a writable --workdir.") from e
+            agent = agent if agent is not None else MAC()
+            dataset = dataset if dataset is not None else OGBenchDataset()
 
-    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded.data))
-    on_device = data_on_device if data_on_device is not None else nbytes < device_data_limit_gb * 2**30
-    step_fn = TrainStep(agent, state, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=K,
-                        normalize_reward=normalize_reward, mesh=mesh, host_batches=not on_device, num_seeds=num_seeds)
-    host = None
-    data = put_replicated(loaded.data, mesh) if on_device else None
-    if not on_device:
-        from jax.sharding import NamedSharding, PartitionSpec as P
+            with pre.interruptible():  # loading (or generating) the data may take long
+                loaded = dataset.load(chunk_len)
+            mesh = make_mesh()
+            if num_seeds is None:
+                state = agent.init(loaded.spec, jax.random.PRNGKey(seed))
+            else:
+                keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
+                state = eqx.filter_vmap(lambda k: agent.init(loaded.spec, k))(keys)
+            state = put_replicated(state, mesh)
+            pre.check()
+            ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
 
-        spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
-        host = HostBatches(loaded.data, key=jax.random.PRNGKey(seed + 7919), batch_size=batch_size,
-                           chunk_len=chunk_len, gamma=agent.gamma, goal_conditioned=loaded.spec.goal_conditioned,
-                           normalize_reward=normalize_reward, K=K, sharding=NamedSharding(mesh, spec),
-                           num_seeds=num_seeds)
+            def check_meta(m: dict, s: int) -> None:
+                saved, now = m.get("spec") or {}, loaded.spec.to_dict()
+                words = {"ob_dim": "observation size", "act_dim": "action size", "goal_dim": "goal size",
+                         "chunk_len": "chunk length"}
+                diffs = [f"{words.get(k, k)} ({k}) {saved.get(k)} in the checkpoint but {v} in the configured data"
+                         for k, v in now.items() if k in saved and saved[k] != v]
+                if diffs:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint step {s} in {str(ckpt.directory)!r} does not fit the configured data: "
+                        + "; ".join(diffs) + ". Resume with the original dataset (OGBenchDataset.env_name, "
+                        "task_mode, dataset_path) and train.chunk_len, or start a new --workdir.")
+                if "num_seeds" in m and m["num_seeds"] != num_seeds:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint step {s} in {str(ckpt.directory)!r} was trained with train.num_seeds="
+                        f"{m['num_seeds']!r} but the config has {num_seeds!r}. Use the original value or a new "
+                        "--workdir.")
 
-    train_log = CSVLog(workdir / "train.csv", resume_step) if lead else None
-    eval_log = CSVLog(workdir / "eval.csv", resume_step) if lead else None
-    tb = None
-    if lead:
-        from tensorboardX import SummaryWriter
+            resume_step = _agree_int(ckpt.latest_step())
+            if resume_step is not None:
+                state, saved_meta = ckpt.restore(state, None if jax.process_count() == 1 else resume_step,
+                                                 check_meta=check_meta)
+                state = put_replicated(state, mesh)
+                resume_step = int(np.asarray(to_host(state.step)).reshape(-1)[0])
+                _warn_scaler_change(saved_meta, loaded)
+                print(f"[macfw] resuming from step {resume_step} in {workdir}", flush=True)
+            progress_state.update(step=resume_step or 0, last_saved=resume_step)
+            pre.check()
+            if lead:
+                (workdir / "config.gin").write_text(gin.config_str())
 
-        tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
-    meta = {
-        "spec": loaded.spec.to_dict(), "obs_scaler": _tolist(loaded.obs_scaler),
-        "goal_scaler": _tolist(loaded.goal_scaler) if loaded.goal_scaler else None,
-        "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
-        "task_id": loaded.task_id, "chunk_len": chunk_len, "num_seeds": num_seeds, "seed": seed,
-        "gin_config": gin.config_str(), "versions": versions(),
-    }
+            nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded.data))
+            on_device = data_on_device if data_on_device is not None else nbytes < device_data_limit_gb * 2**30
+            step_fn = TrainStep(agent, state, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=K,
+                                normalize_reward=normalize_reward, mesh=mesh, host_batches=not on_device,
+                                num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
+            host = None
+            data = put_replicated(loaded.data, mesh) if on_device else None
+            if not on_device:
+                from jax.sharding import NamedSharding, PartitionSpec as P
 
-    def seeds_nets():
-        nets = jax.tree_util.tree_map(to_host, eqx.filter(state.nets, eqx.is_array))
-        nets = eqx.combine(nets, eqx.filter(state.nets, eqx.is_array, inverse=True))
-        if num_seeds is None:
-            return [nets]
-        return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, nets) for i in range(num_seeds)]
+                spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
+                host = HostBatches(loaded.data, key=jax.random.PRNGKey(seed + 7919), batch_size=batch_size,
+                                   chunk_len=chunk_len, gamma=agent.gamma,
+                                   goal_conditioned=loaded.spec.goal_conditioned, normalize_reward=normalize_reward,
+                                   K=K, sharding=NamedSharding(mesh, spec), num_seeds=num_seeds)
 
-    def do_eval(at_step):
-        results = [run_evaluation(agent, n, loaded, episodes=eval_episodes, task_ids=eval_task_ids,
-                                  execute_steps=execute_steps, seed=eval_seed + at_step + 1000 * i)
-                   for i, n in enumerate(seeds_nets())]
-        return results
+            train_log = CSVLog(workdir / "train.csv", resume_step) if lead else None
+            eval_log = CSVLog(workdir / "eval.csv", resume_step) if lead else None
+            if lead:
+                from tensorboardX import SummaryWriter
 
-    step = int(np.asarray(to_host(state.step)).reshape(-1)[0])
-    last_eval = None
-    last_saved = resume_step
-    train_time, timed_steps = 0.0, 0
-    pbar = None
-    if progress and lead:
-        from tqdm import tqdm
+                tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
+            meta = {
+                "spec": loaded.spec.to_dict(), "obs_scaler": _tolist(loaded.obs_scaler),
+                "goal_scaler": _tolist(loaded.goal_scaler) if loaded.goal_scaler else None,
+                "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
+                "task_id": loaded.task_id, "chunk_len": chunk_len, "num_seeds": num_seeds, "seed": seed,
+                "sampler": ({"mode": "device", "state": "TrainState.key"} if on_device else
+                            {"mode": "host", "state": "derived: fold_in(PRNGKey(seed + 7919), step)"}),
+                "gin_config": gin.config_str(), "versions": versions(),
+            }
 
-        pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    interrupted = False
-    if host is not None:
-        host.start(step, K, num_steps)
-    try:
-        with _Preemption() as pre:
+            def seeds_nets():
+                nets = jax.tree_util.tree_map(to_host, eqx.filter(state.nets, eqx.is_array))
+                nets = eqx.combine(nets, eqx.filter(state.nets, eqx.is_array, inverse=True))
+                if num_seeds is None:
+                    return [nets]
+                return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, nets)
+                        for i in range(num_seeds)]
+
+            def do_eval(at_step):
+                return [run_evaluation(agent, n, loaded, episodes=eval_episodes, task_ids=eval_task_ids,
+                                       execute_steps=execute_steps, seed=eval_seed + at_step + 1000 * i)
+                        for i, n in enumerate(seeds_nets())]
+
+            step = int(np.asarray(to_host(state.step)).reshape(-1)[0])
+            last_eval = None
+            last_saved = resume_step
+            train_time, timed_steps = 0.0, 0
+            if progress and lead:
+                from tqdm import tqdm
+
+                pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            interrupted = False
+            if host is not None:
+                host.start(step, K, num_steps)
+
+            pre.check()  # from here on a signal means: finish the dispatch, save, exit 0
             first = True
             while step < num_steps:
                 t0 = time.perf_counter()
@@ -439,13 +572,15 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
                     timed_steps += K
                 first = False
                 _check_finite(m_host, step, K)
+                progress_state["step"] = step
+                ckpt.poll()  # a finished asynchronous save becomes visible
                 if pbar is not None:
                     pbar.update(K)
                 if lead and (step % log_interval == 0 or step == num_steps):
-                    m = {k: float(np.mean(v)) for k, v in m_host.items() if k != "guard/finite"}
+                    m = {k: float(np.mean(v)) for k, v in m_host.items() if not k.startswith("guard/")}
                     if num_seeds is not None:
                         for k, v in m_host.items():
-                            if k != "guard/finite":
+                            if not k.startswith("guard/"):
                                 m.update({f"{k}/seed{i}": float(x) for i, x in enumerate(np.asarray(v))})
                     ups = timed_steps / train_time if train_time > 0 else float("nan")
                     train_log.write({"step": step, "wall_time_s": time.time() - t_start, "updates_per_s": ups, **m})
@@ -456,33 +591,56 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
                                           m.items() if k in ("dynamics/loss", "flow/loss", "value/loss", "critic/loss")})
                 stop = pre.agreed()
                 if lead and (step % eval_interval == 0 or step == num_steps) and not stop:
-                    results = do_eval(step)
-                    last_eval = results
-                    res = _merge_results(results)
-                    eval_log.write({"step": step, **_eval_row(res, results)})
-                    tb.add_scalar("eval/success", res["success"], step)
-                    tqdm_write(pbar, f"[macfw] step {step}: success {res['success']:.3f} over {res['episodes']} episodes")
+                    try:
+                        with pre.interruptible():  # an evaluation is abandoned at once on a signal
+                            results = do_eval(step)
+                    except Preempted:
+                        results = None
+                        if jax.process_count() == 1:
+                            stop = True  # else the next pre.agreed() stops every process together
+                    if results is not None:
+                        last_eval = results
+                        res = _merge_results(results)
+                        eval_log.write({"step": step, **_eval_row(res, results)})
+                        tb.add_scalar("eval/success", res["success"], step)
+                        tqdm_write(pbar, f"[macfw] step {step}: success {res['success']:.3f} over "
+                                         f"{res['episodes']} episodes")
                 if step % save_interval == 0 or step == num_steps or stop:
                     ckpt.save(step, state, dict(meta, step=step))
                     last_saved = step
+                    progress_state["last_saved"] = step
                 if stop:
                     interrupted = True
-                    tqdm_write(pbar, f"[macfw] signal {pre.received}: saved step {step}; exiting. "
+                    tqdm_write(pbar, f"[macfw] signal {pre.received}: saving step {step}; exiting. "
                                      "Re-run the same command to resume.")
                     break
-        ckpt.wait()
-    finally:
-        if pbar is not None:
-            pbar.close()
-        if tb is not None:
-            tb.close()
-        ckpt.close()
+            ckpt.wait()
+            progress_state["last_saved"] = last_saved
 
-    summary = {"step": step, "interrupted": interrupted, "last_saved_step": last_saved}
-    if interrupted or not lead:
+            summary = {"step": step, "interrupted": interrupted, "last_saved_step": last_saved}
+            if not interrupted and lead:
+                with pre.interruptible():
+                    if last_eval is None:  # resumed at (or past) the end, or the last evaluation was abandoned
+                        last_eval = do_eval(step)
+        except Preempted as p:
+            pre.immediate = False
+            summary = {"step": progress_state["step"] or 0, "interrupted": True,
+                       "last_saved_step": progress_state["last_saved"], "signal": int(p.args[0]) if p.args else None}
+            last = progress_state["last_saved"]
+            tqdm_write(pbar, f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
+                             + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
+                             + ". Re-run the same command to resume.")
+        except BaseException:
+            pre.immediate = False
+            _close_quietly(pbar, tb, ckpt)
+            raise
+        pre.immediate = False
+        _close_quietly(pbar, tb, None)
+        if ckpt is not None:
+            ckpt.close()  # waits for the last save; raises its error
+    if summary.get("interrupted") or not lead:
         return summary
-    if last_eval is None:  # resumed at (or past) the end: evaluate the final state
-        last_eval = do_eval(step)
+
     res = _merge_results(last_eval)
     (workdir / "config.gin").write_text(gin.operative_config_str())
     summary.update({
@@ -506,6 +664,38 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
         summary["success_std"] = float(np.std(summary["per_seed_success"]))
     write_json_atomic(workdir / "summary.json", summary)
     return summary
+
+
+def _close_quietly(pbar, tb, ckpt) -> None:
+    """Close what is open while an exception propagates: waits for the last save, never masks the error."""
+    import warnings
+
+    for obj in (pbar, tb):
+        if obj is not None:
+            try:
+                obj.close()
+            except Exception:
+                pass
+    if ckpt is not None:
+        try:
+            ckpt.close()
+        except Exception as e:  # the original error matters more; say what happened to the save
+            warnings.warn(f"While stopping, the last checkpoint save failed too ({type(e).__name__}: {e}).")
+
+
+def _warn_scaler_change(saved_meta: dict, loaded: LoadedData) -> None:
+    import warnings
+
+    for name, scaler in (("obs_scaler", loaded.obs_scaler), ("goal_scaler", loaded.goal_scaler)):
+        saved = saved_meta.get(name)
+        if saved is None or scaler is None:
+            continue
+        d = max(float(np.max(np.abs(np.asarray(saved[k], np.float32) - np.asarray(getattr(scaler, k), np.float32))))
+                for k in ("lo", "hi"))
+        if d > 1e-6:
+            warnings.warn(f"The dataset's {name} differs from the checkpoint's (max |difference| {d:.3g}): the "
+                          "dataset changed since the checkpoint was written, so the network sees differently "
+                          "scaled inputs. Use the original dataset, or start a new --workdir.")
 
 
 def _merge_results(results) -> dict:

@@ -24,7 +24,6 @@ def _env(cache: Path) -> dict:
     env = dict(os.environ)
     env["MACFW_CACHE_DIR"] = str(cache)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("XLA_FLAGS", None)
     return env
 
 
@@ -61,7 +60,8 @@ def runs(tmp_path_factory):
     again on the same folder. The dataset is generated once into a shared cache first, so A and the first
     half of B can run side by side."""
     root = tmp_path_factory.mktemp("e2e")
-    cache = root / "cache"
+    # the session's dataset cache (tests/conftest.py sets one) so that other tests reuse the tiny dataset
+    cache = Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache")
     env = _env(cache)
     gen = subprocess.run(
         [sys.executable, "-c",

@@ -46,36 +46,71 @@ class LoadedData:
     num_transitions: int
 
 
-def check_dataset_file(path: str | os.PathLike) -> None:
+class DatasetError(ValueError):
+    """A dataset file or dataset setting that cannot work (the message names the value and the fix)."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset file (or its ``-val`` companion) does not exist."""
+
+
+class UnknownEnvironmentError(DatasetError):
+    """``OGBenchDataset.env_name`` is not an OGBench environment."""
+
+
+#: Extra keys OGBench's loader reads in these task modes (reward relabelling / oracle goals).
+INFO_KEYS = {"singletask": ("qpos",), "oraclerep": ("qpos",)}
+
+
+def check_dataset_file(path: str | os.PathLike, task_mode: str | None = None) -> None:
     """Fail early, clearly, on a missing, truncated or foreign dataset file.
 
+    Checks ``path`` and its ``-val.npz`` companion: both exist, are readable ``.npz`` archives
+    whose required arrays (``observations``, ``actions``, ``terminals``, plus ``qpos`` for the
+    ``singletask``/``oraclerep`` modes) can be read in full, with 2-D observations and actions and
+    one row per transition in each array.
+
     Raises:
-      FileNotFoundError: the file (or its ``-val`` companion) does not exist.
-      ValueError: not a readable ``.npz`` or missing a required key (names the key and the fix).
+      DatasetNotFoundError (a FileNotFoundError): a file does not exist.
+      DatasetError (a ValueError): not a readable ``.npz``, truncated, a required key missing, or
+        inconsistent array shapes (names the file, the key and the fix).
     """
     path = Path(path)
+    if not str(path).endswith(".npz"):
+        raise DatasetError(f"Dataset file {str(path)!r} must end in '.npz' (OGBench finds the validation file by "
+                           "replacing '.npz' with '-val.npz'). Fix OGBenchDataset.dataset_path.")
+    required = REQUIRED_KEYS + INFO_KEYS.get(task_mode or "", ())
     for p in (path, Path(str(path).replace(".npz", "-val.npz"))):
-        if not p.exists():
-            raise FileNotFoundError(
+        if not p.is_file():
+            raise DatasetNotFoundError(
                 f"Dataset file {str(p)!r} does not exist. OGBench expects NAME.npz and NAME-val.npz side by side; "
                 "fix OGBenchDataset.dataset_path, or leave it unset to generate the data into the cache."
             )
+        fix = ("Delete it to have it regenerated (cached data), or point OGBenchDataset.dataset_path at a good copy.")
         try:
-            with np.load(p) as f:
+            with np.load(p, allow_pickle=False) as f:
                 keys = set(f.files)
-                missing = [k for k in REQUIRED_KEYS if k not in keys]
+                missing = [k for k in required if k not in keys]
                 if missing:
-                    raise ValueError(
-                        f"Dataset file {str(p)!r} lacks the required key(s) {missing} (has {sorted(keys)}). "
-                        "An OGBench dataset needs observations, actions, terminals (and qpos for singletask/oraclerep)."
-                    )
-                for k in REQUIRED_KEYS:
-                    f[k]  # reads the member: catches truncation
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ValueError(
+                    raise DatasetError(
+                        f"Dataset file {str(p)!r} lacks the required key(s) {missing} (has {sorted(keys)}). An OGBench "
+                        f"dataset needs {list(REQUIRED_KEYS)} (and qpos for singletask/oraclerep). {fix}")
+                arrays = {k: f[k] for k in required}  # reads every member in full: catches truncation
+        except DatasetError:
+            raise
+        except Exception as e:  # BadZipFile, zlib.error, EOFError, pickle refusal (not an npz), ...
+            raise DatasetError(
                 f"Dataset file {str(p)!r} is not a readable .npz ({type(e).__name__}: {e}). It may be truncated or "
-                "not an OGBench dataset; delete it to regenerate, or point dataset_path at a good copy."
-            ) from e
+                f"not an OGBench dataset. {fix}") from e
+        n = len(arrays["observations"])
+        for k in ("observations", "actions"):
+            if arrays[k].ndim < 2:
+                raise DatasetError(f"Dataset file {str(p)!r}: {k!r} has shape {arrays[k].shape}, expected "
+                                   f"(transitions, size...). {fix}")
+        bad = {k: len(v) for k, v in arrays.items() if len(v) != n}
+        if bad:
+            raise DatasetError(f"Dataset file {str(p)!r}: arrays differ in length ({n} observations but {bad}); "
+                               f"the file is damaged. {fix}")
 
 
 @register("dataset")
@@ -101,11 +136,11 @@ class OGBenchDataset:
                  episode_length: int = 1001, data_seed: int = 0, cache_dir: str | None = None,
                  scale_with: str = "val", workers: int | None = None):
         if task_mode not in TASK_MODES:
-            raise ValueError(f"Unknown task_mode {task_mode!r}; choose one of {list(TASK_MODES)}.")
+            raise DatasetError(f"Unknown OGBenchDataset.task_mode {task_mode!r}; choose one of {list(TASK_MODES)}.")
         if scale_with not in ("val", "train"):
-            raise ValueError(f"Unknown scale_with {scale_with!r}; choose 'val' or 'train'.")
+            raise DatasetError(f"Unknown OGBenchDataset.scale_with {scale_with!r}; choose 'val' or 'train'.")
         if task_mode == "singletask" and task_id is not None and not 1 <= int(task_id) <= 5:
-            raise ValueError(f"task_id must be in 1..5 or None (the default task), got {task_id!r}.")
+            raise DatasetError(f"OGBenchDataset.task_id must be in 1..5 or None (the default task), got {task_id!r}.")
         self.env_name = env_name
         self.dataset_type = dataset_type
         self.task_mode = task_mode
@@ -135,28 +170,34 @@ class OGBenchDataset:
         return self.base_name
 
     def check_env(self) -> None:
-        """Raise ValueError when OGBench has no environment ``env_name``."""
+        """Raise :class:`UnknownEnvironmentError` (a ValueError) when OGBench has no ``env_name``."""
+        import difflib
+
         import gymnasium
 
         import ogbench  # noqa: F401  (registers the environments)
 
         env_id = f"{self.env_name}-v0"
-        if env_id not in gymnasium.registry:
+        if not isinstance(self.env_name, str) or env_id not in gymnasium.registry:
             known = sorted({k[:-3] for k in gymnasium.registry if k.endswith("-v0") and "singletask" not in k
                             and not k.startswith("visual") and any(w in k for w in ("cube", "scene", "puzzle", "maze", "soccer"))})
-            raise ValueError(f"OGBench has no environment {self.env_name!r} (no {env_id!r}). Known environments: {known}.")
+            close = difflib.get_close_matches(str(self.env_name), known, n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise UnknownEnvironmentError(
+                f"OGBench has no environment {self.env_name!r} (no {env_id!r}).{hint} Fix OGBenchDataset.env_name; "
+                f"known environments: {known}.")
 
     def resolve_path(self) -> Path:
         """The train file to load, generating it into the cache when no path is configured."""
         if self.dataset_path is not None:
             path = Path(os.path.expanduser(self.dataset_path))
-            check_dataset_file(path)
+            check_dataset_file(path, self.task_mode)
             return path
         from macfw.data.generate import ensure_dataset
 
         path = ensure_dataset(self.base_name, self.num_episodes, episode_length=self.episode_length,
                               seed=self.data_seed, cache_dir=self.cache_dir, workers=self.workers)
-        check_dataset_file(path)
+        check_dataset_file(path, self.task_mode)
         return path
 
     # -- loading -----------------------------------------------------------------------------
@@ -168,13 +209,30 @@ class OGBenchDataset:
 
         Raises:
           FileNotFoundError / ValueError: see :func:`check_dataset_file` and the class doc.
+          DatasetError: the file's observation or action size differs from the environment's.
         """
         import ogbench
 
         self.check_env()
         path = self.resolve_path()
-        env, train, val = ogbench.make_env_and_datasets(self.dataset_name, dataset_path=str(path), compact_dataset=True)
-        env.close()
+        try:
+            env, train, val = ogbench.make_env_and_datasets(self.dataset_name, dataset_path=str(path),
+                                                            compact_dataset=True)
+        except (KeyError, ValueError, IndexError) as e:
+            raise DatasetError(
+                f"OGBench could not load {str(path)!r} as {self.dataset_name!r} ({type(e).__name__}: {e}). The file "
+                "may belong to another environment; fix OGBenchDataset.env_name/task_mode or dataset_path.") from e
+        try:
+            for what, space, arr in (("observation", env.observation_space, train["observations"]),
+                                     ("action", env.action_space, train["actions"])):
+                want = tuple(getattr(space, "shape", None) or ())
+                if want and tuple(np.shape(arr)[1:]) != want:
+                    raise DatasetError(
+                        f"Dataset file {str(path)!r} has {what}s of size {tuple(np.shape(arr)[1:])} but the OGBench "
+                        f"environment {self.env_name!r} has {want}: the file belongs to another environment. Fix "
+                        "OGBenchDataset.env_name or OGBenchDataset.dataset_path.")
+        finally:
+            env.close()
         return self.prepare(train, val, chunk_len)
 
     def prepare(self, train: dict, val: dict, chunk_len: int) -> LoadedData:

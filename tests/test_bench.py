@@ -1,0 +1,101 @@
+"""The throughput benchmark: the command line writes consistent figures, and the FLOP count of an
+update includes every step of the (unrolled) imagined rollout.
+
+The command-line run (a subprocess, ``--preset tiny``: horizon 3) starts first so its compilation
+overlaps the in-process horizon-1 run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TIMEOUT = float(os.environ.get("MACFW_TEST_SUBPROCESS_TIMEOUT", "480"))
+
+
+class _CLI:
+    def __init__(self, tmp: Path):
+        self.json_path = tmp / "bench.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MACFW_")}
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+        env["XLA_FLAGS"] = " ".join(flags)
+        env["JAX_PLATFORMS"] = "cpu"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "macfw.bench", "--preset", "tiny", "--json", str(self.json_path), "--dispatches", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).parents[1]))
+        self._done = None
+
+    def result(self):
+        if self._done is None:
+            try:
+                out, err = self.proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+                pytest.fail(f"python -m macfw.bench timed out after {TIMEOUT:.0f} s\n{out}\n{err[-6000:]}", pytrace=False)
+            self._done = (self.proc.returncode, out, err)
+        rc, out, err = self._done
+        if rc != 0:
+            pytest.fail(f"python -m macfw.bench exited with {rc}\nstdout:\n{out}\nstderr:\n{err[-6000:]}", pytrace=False)
+        return out, json.loads(self.json_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    c = _CLI(tmp_path_factory.mktemp("bench"))
+    yield c
+    if c.proc.poll() is None:
+        c.proc.kill()
+        c.proc.wait()
+
+
+def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
+    """FLOPs(H=3) - FLOPs(H=1) must hold at least two more rollout steps (XLA counts a loop body once,
+    so a rolled-up rollout would add only the H-proportional value-loss work)."""
+    import equinox as eqx
+    import jax
+
+    from macfw import bench
+    from macfw.spec import Spec
+
+    h1 = dict(bench.PRESETS["tiny"], horizon=1)
+    monkeypatch.setitem(bench.PRESETS, "tiny-h1", h1)
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 1.0)  # the peak is checked on the CLI run
+    out1 = bench.run("tiny-h1", dispatches=1)
+    assert out1["config"]["horizon"] == 1
+
+    # FLOPs of one rollout step alone (horizon 1): every extra horizon step must add at least this
+    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=h1["chunk"])
+    agent = bench.build_agent(h1, unroll=True)
+    state = agent.init(spec, jax.random.PRNGKey(0))
+    data = bench.synthetic_data(spec)
+    Br = h1["rollout_batch"]
+    roll = eqx.filter_jit(lambda nets, s, g, k: agent.rollout(nets, s, g, k)["states"])
+    roll_step = bench._flops(roll.lower(state.nets, data.observations[:Br], data.goals[:Br],
+                                        jax.random.PRNGKey(1)).compile())
+    assert roll_step > 0
+
+    _, out3 = cli.result()
+    H3 = out3["config"]["horizon"]
+    assert H3 == 3
+    f1, f3 = out1["flops_per_update"], out3["flops_per_update"]
+    assert f3 > f1 > 0, (f1, f3)
+    assert f3 - f1 >= 0.95 * (H3 - 1) * roll_step, (
+        f"FLOPs grew by {f3 - f1:.4g} from horizon 1 to {H3}, less than {H3 - 1} rollout steps of {roll_step:.4g}: "
+        "the rollout is not counted per step")
+
+
+def test_cli_tiny(cli):
+    out, r = cli.result()
+    assert "utilisation" in out
+    assert r["preset"] == "tiny" and r["steps_per_dispatch"] == 2
+    for k in ("updates_per_s", "flops_per_update", "matmul_peak_flops", "rollout_s", "sampler_s", "compile_s"):
+        assert r[k] > 0, (k, r[k])
+    assert r["achieved_flops"] == pytest.approx(r["flops_per_update"] * r["updates_per_s"], rel=1e-6)
+    assert r["utilisation"] == pytest.approx(r["achieved_flops"] / r["matmul_peak_flops"], rel=1e-6)
+    assert r["rollout_per_s"] == pytest.approx(1.0 / r["rollout_s"], rel=1e-6)

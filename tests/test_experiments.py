@@ -1,0 +1,168 @@
+"""The experiment scripts in experiments/ (paper Figures 2-3 and the results table).
+
+results_table runs on hand-written summary.json files (fast); chunk_sweep and model_error run end
+to end on tiny generated data (slow: each trains for real, in subprocesses).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXP = REPO / "experiments"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXP / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One dataset cache for the module: the smoke data (4 x 101 steps of cube-single) is generated once."""
+    return tmp_path_factory.mktemp("macfw_cache")
+
+
+# --------------------------------------------------------------------------------------- results_table
+def _write_run(root: Path, name: str, *, dataset: str, per_task: dict, seed: int | None = None, step: int = 1000,
+               **extra):
+    d = root / name
+    d.mkdir(parents=True)
+    s = {"step": step, "success": float(np.mean(list(per_task.values()))), "per_task_success": per_task,
+         "episodes": 15 * len(per_task), "dataset": dataset, "interrupted": False, **extra}
+    (d / "summary.json").write_text(json.dumps(s))
+    if seed is not None:
+        (d / "config.gin").write_text(f"train.chunk_len = 10\ntrain.seed = {seed}\n")
+
+
+def _row(md: str, env: str, section: str) -> list[str]:
+    part = md.split(f"## {section}")[1].split("## ")[0]
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == env:
+            return cells
+    raise AssertionError(f"no row {env!r} in section {section!r}:\n{md}")
+
+
+def test_results_table_numbers(tmp_path, capsys):
+    rt = _load("results_table")
+    root = tmp_path / "runs"
+    # single-task: 2 envs x 2 seeds x tasks (one run per task, OGBench's single-task protocol)
+    cube = {0: [1.0, 0.8, 1.0, 0.6, 1.0], 1: [0.8, 1.0, 1.0, 0.8, 0.6]}
+    for seed, vals in cube.items():
+        for i, v in enumerate(vals, 1):
+            _write_run(root, f"cs-t{i}-s{seed}", dataset=f"cube-single-play-singletask-task{i}-v0",
+                       per_task={f"task{i}": v}, seed=seed)
+    scene = {0: [0.2, 0.4], 1: [0.6, 0.4]}  # tasks 1 and 2 only
+    for seed, vals in scene.items():
+        for i, v in enumerate(vals, 1):
+            _write_run(root / f"seed{seed}", f"scene-t{i}-s{seed}", dataset=f"scene-play-singletask-task{i}-v0",
+                       per_task={f"task{i}": v})  # no config.gin: seed from the folder name
+    # goal-conditioned: one run evaluates all 5 tasks
+    for seed, scale in ((0, 1.0), (1, 0.5)):
+        _write_run(root, f"cd-gc-s{seed}", dataset="cube-double-play-oraclerep-v0",
+                   per_task={f"task{i}": 0.2 * i * scale for i in range(1, 6)}, seed=seed, step=500)
+    # an unfinished run is skipped
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / "summary.json").write_text(json.dumps({"step": 3, "interrupted": True}))
+
+    out = tmp_path / "table.md"
+    assert rt.main([str(root), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md == capsys.readouterr().out
+
+    st = "Single-task"
+    r = _row(md, "cube-single", st)
+    # per task: mean +- std (ddof=0) over the 2 seeds, in %
+    assert r[1:6] == ["90.0 ± 10.0", "90.0 ± 10.0", "100.0 ± 0.0", "70.0 ± 10.0", "80.0 ± 20.0"]
+    # average: seed task-averages 88 and 84 -> 86 +- 2
+    assert r[6] == "86.0 ± 2.0"
+    assert r[7] == "99 ± 2"  # the paper's number beside ours
+    assert r[8] == "2" and r[9] == "1000"
+    r = _row(md, "scene", st)
+    assert r[1:3] == ["40.0 ± 20.0", "40.0 ± 0.0"] and r[3:6] == ["—", "—", "—"]
+    assert r[6] == "40.0 ± 10.0"  # seed averages 30 and 50
+    assert r[7] == "97 ± 4"
+    gc = "Goal-conditioned (oracle"
+    r = _row(md, "cube-double", gc)
+    assert r[1] == "15.0 ± 5.0" and r[5] == "75.0 ± 25.0"
+    assert r[6] == "45.0 ± 15.0"  # seed averages 60 and 30
+    assert r[7] == "100 ± 1" and r[9] == "500"
+    # paper-only environments are listed with their numbers
+    assert "puzzle-4x4 78 ± 13" in md and "humanoidmaze-giant 0 ± 0" in md
+    assert "cube-double 53 ± 4" in md  # single-task cube-double: paper only
+
+
+def test_results_table_multiseed_run_and_glob(tmp_path, capsys):
+    rt = _load("results_table")
+    # a train.num_seeds run: seeds and per-seed success inside one summary.json
+    _write_run(tmp_path, "puzzle-3x3-vmapped", dataset="puzzle-3x3-play-singletask-v0", per_task={"task4": 0.25},
+               seeds=[0, 1, 2, 3], per_seed_success=[0.0, 0.2, 0.4, 0.4])
+    assert rt.main([str(tmp_path / "puzzle-*")]) == 0
+    md = capsys.readouterr().out
+    r = _row(md, "puzzle-3x3", "Single-task")
+    assert r[1] == "25.0 ± 16.6" and r[2] == "25.0 ± 16.6" and r[3] == "20 ± 0" and r[4] == "4"
+    assert rt.parse_dataset_name("humanoidmaze-medium-navigate-oraclerep-v0") == ("humanoidmaze-medium", "oraclerep", None)
+    assert rt.parse_dataset_name("cube-single-play-singletask-task3-v0") == ("cube-single", "singletask", "task3")
+
+
+def test_results_table_nothing_found(tmp_path):
+    rt = _load("results_table")
+    assert rt.main([str(tmp_path)]) == 1
+
+
+# --------------------------------------------------------------------------------------- chunk_sweep
+@pytest.mark.slow
+def test_chunk_sweep_smoke(tmp_path, cache_dir, monkeypatch, capsys):
+    cs = _load("chunk_sweep")
+    monkeypatch.setenv("MACFW_CACHE_DIR", str(cache_dir))
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "sweep"
+    args = ["--base", "gin/smoke.gin", "--chunks", "1,5", "--seeds", "0", "--out", str(out),
+            "--gin_bindings", "train.progress = False", "--gin_bindings", "OGBenchDataset.workers = 1"]
+    assert cs.main(args) == 0
+    md = (out / "chunk_sweep.md").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "5"]
+    for n, r in zip((1, 5), rows):
+        s = json.loads((out / "runs" / f"n{n}-s0" / "summary.json").read_text())
+        assert s["spec"]["chunk_len"] == n
+        assert f"{s['success'] * 100:.1f} ± 0.0" in r and "1/1" in r and f"s0: {s['success'] * 100:.1f}" in r
+    assert (out / "chunk_sweep.png").stat().st_size > 1000
+    capsys.readouterr()
+    # resumable: finished runs are skipped
+    assert cs.main(args) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+
+
+# --------------------------------------------------------------------------------------- model_error
+@pytest.mark.slow
+def test_model_error_tiny(tmp_path, cache_dir):
+    out = tmp_path / "me"
+    env = dict(os.environ, MACFW_CACHE_DIR=str(cache_dir))
+    cmd = [sys.executable, str(EXP / "model_error.py"), "--out", str(out), "--episodes", "4",
+           "--episode_length", "101", "--steps", "50", "--hidden", "16,16", "--batch", "16",
+           "--steps_per_dispatch", "25", "--workers", "1"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(out / "model_error.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == ["chunk", "horizon", "error"]
+    got = {(int(x["chunk"]), int(x["horizon"])) for x in rows}
+    assert got == {(n, h) for n in (1, 10) for h in range(10, 101, 10)} and len(rows) == 20
+    errs = np.array([float(x["error"]) for x in rows])
+    assert np.all(np.isfinite(errs)) and np.all(errs >= 0)
+    assert (out / "model_error.png").stat().st_size > 1000
+    assert "open-loop MSE in scaled [-1, 1] observation space" in r.stdout

@@ -1,0 +1,511 @@
+"""Long runs that survive anything: checkpoints complete or invisible, SIGKILL/SIGTERM resume to the
+same parameters, NaN guard, and one clear line per bad input with earlier checkpoints intact.
+
+Fast tests (in-process, tiny states) exercise :class:`macfw.checkpoint.Checkpointer` directly. The
+``slow`` ones run ``python -m macfw.run`` on gin/smoke.gin in subprocesses; they share one generated
+dataset (``MACFW_CACHE_DIR`` in a module tmp dir) and one uninterrupted reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from macfw.checkpoint import (MANIFEST, TMP_MARK, CheckpointSaveError, Checkpointer, NonFiniteStateError,
+                              manifest_problem)
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--gin_file", "gin/smoke.gin", "--gin_bindings", "train.progress = False"]
+
+
+# ============================================================================ in-process: Checkpointer
+def _state(v: float, n: int = 4):
+    return {"w": jnp.full((3, n), float(v)), "key": jnp.array([int(v), int(v) + 1], jnp.uint32),
+            "step": jnp.array(int(v), jnp.int32)}
+
+
+def _saved(directory, steps, **kw) -> Checkpointer:
+    ck = Checkpointer(directory, max_to_keep=kw.pop("max_to_keep", None), **kw)
+    for s in steps:
+        ck.save(s, _state(s), {"step": s})
+    ck.wait()
+    return ck
+
+
+def test_only_complete_steps_are_listed_and_restored(tmp_path):
+    d = tmp_path / "ck"
+    _saved(d, [1, 2, 3]).close()
+    assert Checkpointer(d, read_only=True).all_steps() == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert manifest_problem(d / str(s)) is None
+        assert (d / str(s) / MANIFEST).is_file()
+
+    # a file removed from the newest step, a file truncated in the middle one
+    victim = next(p for p in sorted((d / "3").rglob("*")) if p.is_file() and p.name != MANIFEST and "state" in p.parts)
+    victim.unlink()
+    trunc = next(p for p in sorted((d / "2").rglob("*")) if p.is_file() and p.stat().st_size > 10
+                 and p.name != MANIFEST)
+    trunc.write_bytes(trunc.read_bytes()[:-5])
+    ro = Checkpointer(d, read_only=True)
+    assert ro.all_steps() == [1]
+    assert ro.latest_step() == 1
+    state, meta = ro.restore(_state(0))
+    assert meta["step"] == 1 and float(state["w"][0, 0]) == 1.0
+    assert (d / "3").exists() and (d / "2").exists()  # read-only: nothing removed
+
+    # a writable Checkpointer removes the broken steps at start, keeps the valid one, and saves step 3 again
+    with pytest.warns(UserWarning, match="incomplete checkpoint step 3"):
+        ck = Checkpointer(d, max_to_keep=None)
+    assert not (d / "3").exists() and not (d / "2").exists()
+    assert ck.all_steps() == [1]
+    ck.save(3, _state(33), {"step": 3})
+    ck.close()
+    state, meta = Checkpointer(d, read_only=True).restore(_state(0))
+    assert meta["step"] == 3 and float(state["w"][0, 0]) == 33.0
+
+
+def test_leftover_temporary_folder_is_removed_and_the_step_saves_again(tmp_path):
+    d = tmp_path / "ck"
+    _saved(d, [10]).close()
+    tmp = d / f"20{TMP_MARK}-1234567"
+    (tmp / "state").mkdir(parents=True)
+    (tmp / "state" / "junk").write_bytes(b"x" * 100)
+    half = d / "20"  # a committed-looking folder without manifest (killed before the manifest was written)
+    shutil.copytree(d / "10", half)
+    (half / MANIFEST).unlink()
+    assert Checkpointer(d, read_only=True).all_steps() == [10]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ck = Checkpointer(d, max_to_keep=None)
+    assert sorted(p.name for p in d.iterdir()) == ["10"]
+    assert ck.save(20, _state(20), {"step": 20})
+    ck.close()
+    ro = Checkpointer(d, read_only=True)
+    assert ro.all_steps() == [10, 20]
+    assert ro.restore(_state(0))[1]["step"] == 20
+
+
+def test_unreadable_newest_step_falls_back_with_a_warning(tmp_path):
+    d = tmp_path / "ck"
+    _saved(d, [1, 2]).close()
+    f = d / "2" / "state" / "manifest.ocdbt"  # same size, garbage content: listed, but cannot be read
+    f.write_bytes(b"\0" * f.stat().st_size)
+    ck = Checkpointer(d, max_to_keep=None)
+    assert ck.all_steps() == [1, 2]
+    with pytest.warns(UserWarning, match="step 2 .*cannot be restored.*falling back to step 1"):
+        state, meta = ck.restore(_state(0))
+    assert meta["step"] == 1 and float(state["w"][0, 0]) == 1.0
+    assert ck.all_steps() == [1]  # the broken step was moved aside (kept for inspection, never listed)
+    assert any(p.name.startswith("2.broken-") for p in d.iterdir())
+    ck.close()
+
+
+def test_deleting_old_steps_never_leaves_a_listed_broken_step(tmp_path):
+    d = tmp_path / "ck"
+    ck = _saved(d, [1, 2, 3, 4, 5], max_to_keep=2)
+    ck.close()
+    assert sorted(p.name for p in d.iterdir()) == ["4", "5"]
+    # a deletion interrupted after the manifest went but before the folder did
+    (d / "4" / MANIFEST).unlink()
+    ro = Checkpointer(d, read_only=True)
+    assert ro.all_steps() == [5]
+    # ... or interrupted half-way through the rename into the trash
+    (d / ".macfw-trash").mkdir()
+    shutil.copytree(d / "5", d / ".macfw-trash" / "3-1-1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ck = Checkpointer(d, max_to_keep=2)
+    assert sorted(p.name for p in d.iterdir()) == ["5"]
+    ck.close()
+
+
+def test_asynchronous_save_errors_are_raised_and_leave_older_steps(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    d = tmp_path / "ck"
+    ck = _saved(d, [1])
+
+    def boom(*a, **k):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(async_checkpointer, "_on_commit_callback", boom)
+    ck.save(2, _state(2), {"step": 2})
+    with pytest.raises(CheckpointSaveError, match="step 2.*disk full"):
+        ck.wait()
+    monkeypatch.undo()
+    assert ck.all_steps() == [1]
+    ck.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ck = Checkpointer(d, max_to_keep=None)  # removes the unfinished step-2 folder
+    assert ck.all_steps() == [1] and sorted(p.name for p in d.iterdir()) == ["1"]
+    ck.close()
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    d = tmp_path / "ck"
+    ck = _saved(d, [1])
+    bad = _state(2)
+    bad["w"] = bad["w"].at[1, 2].set(jnp.nan)
+    with pytest.raises(NonFiniteStateError, match=r"step 2.*\['w'\]"):
+        ck.save(2, bad, {"step": 2})
+    ck.close()
+    assert sorted(p.name for p in d.iterdir()) == ["1"]
+
+
+def test_restored_leaves_without_target_sharding_follow_the_others(tmp_path):
+    d = tmp_path / "ck"
+    _saved(d, [1]).close()
+    template = _state(0)
+    template["key"] = np.zeros(2, np.uint32)  # e.g. a key built on the host
+    state, _ = Checkpointer(d, read_only=True).restore(template)
+    assert isinstance(state["key"], jax.Array)
+    assert state["key"].sharding == state["w"].sharding
+    assert np.asarray(state["key"]).tolist() == [1, 2]
+
+
+def test_shape_mismatch_names_the_component(tmp_path):
+    from macfw.checkpoint import CheckpointMismatchError
+
+    d = tmp_path / "ck"
+    _saved(d, [1]).close()
+    with pytest.raises(CheckpointMismatchError, match=r"component .*\['w'\].*\(3, 4\) in the checkpoint but \(3, 5\)"):
+        Checkpointer(d, read_only=True).restore(_state(0, n=5))
+
+
+# ============================================================================ subprocesses of macfw.run
+def _env(cache: Path) -> dict:
+    env = dict(os.environ)
+    env["MACFW_CACHE_DIR"] = str(cache)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.pop("XLA_FLAGS", None)
+    env.pop("MACFW_DEBUG", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _cmd(workdir: Path, *bindings: str, gin=SMOKE) -> list[str]:
+    extra = [a for b in bindings for a in ("--gin_bindings", b)]
+    return [sys.executable, "-m", "macfw.run", *gin, *extra, "--workdir", str(workdir)]
+
+
+class Proc:
+    def __init__(self, cmd, env, log: Path):
+        self.log = log
+        self._f = open(log, "w")
+        self.t0 = time.time()
+        self.p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._f, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, timeout=900) -> int:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            rc = self.p.wait()
+        self._f.close()
+        return rc
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def _summary(workdir: Path) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def _listed(workdir: Path) -> list[int]:
+    return Checkpointer(workdir / "checkpoints", read_only=True).all_steps()
+
+
+def _snapshot(workdir: Path) -> dict:
+    """Every file of the valid checkpoints with size and mtime (to show they were not touched)."""
+    root = workdir / "checkpoints"
+    out = {}
+    for s in _listed(workdir):
+        for p in sorted((root / str(s)).rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _restores(workdir: Path) -> int:
+    from macfw.evaluate import load_checkpoint
+
+    _, state, meta, step = load_checkpoint(workdir)
+    assert int(np.asarray(state.step).reshape(-1)[0]) == step
+    return step
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Generated data (once) and an uninterrupted reference run of gin/smoke.gin."""
+    root = tmp_path_factory.mktemp("robust")
+    cache = root / "cache"
+    env = _env(cache)
+    gen = subprocess.run(
+        [sys.executable, "-c",
+         "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
+         "print(d.OGBenchDataset().resolve_path())"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
+    data = Path(gen.stdout.strip().splitlines()[-1])
+    return dict(root=root, cache=cache, env=env, data=data)
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    ref = world["root"] / "ref"
+    p = Proc(_cmd(ref), world["env"], world["root"] / "ref.log")
+    rc = p.wait()
+    assert rc == 0, p.text[-5000:]
+    return dict(workdir=ref, checksum=_summary(ref)["param_checksum"], wall=time.time() - p.t0)
+
+
+def _wait_for_new_save(workdir: Path, before: set, proc: Proc, timeout: float) -> None:
+    """Until a checkpoint folder (temporary or final) not in ``before`` appears, or the process ends."""
+    t_end = time.time() + timeout
+    ck = workdir / "checkpoints"
+    while time.time() < t_end and proc.p.poll() is None:
+        if ck.is_dir() and any(p.name not in before and (p.name.isdigit() or TMP_MARK in p.name)
+                               for p in ck.iterdir()):
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_resumes_to_the_same_checksum(world, reference):
+    """SIGKILL three times at random moments around saves (save_interval=10: a save every dispatch);
+    every restart resumes from the newest listed step, which restores; the end equals the reference
+    (which saved every 20 steps: the save interval does not change the result)."""
+    rng = random.Random(int(os.environ.get("MACFW_KILL_SEED", time.time())))
+    w = world["root"] / "killed"
+    cmd = _cmd(w, "train.save_interval = 10")
+    kills, resumed_from = 0, []
+    for attempt in range(12):
+        listed = _listed(w) if (w / "checkpoints").is_dir() else []
+        before = set(os.listdir(w / "checkpoints")) if (w / "checkpoints").is_dir() else set()
+        p = Proc(cmd, world["env"], world["root"] / f"killed{attempt}.log")
+        if kills < 3:
+            _wait_for_new_save(w, before, p, timeout=600)
+            time.sleep(rng.uniform(0.0, 2.5))
+            if p.p.poll() is None:
+                p.p.send_signal(signal.SIGKILL)
+                kills += 1
+        rc = p.wait()
+        text = p.text
+        if listed:
+            assert f"resuming from step {listed[-1]} " in text, (listed, text[-3000:])
+            assert "cannot be restored" not in text, text[-3000:]
+            resumed_from.append(listed[-1])
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL, text[-5000:]
+        steps = _listed(w)
+        if steps:  # the newest listed step restores
+            assert _restores(w) == steps[-1]
+    assert kills == 3 and rc == 0, (kills, rc)
+    assert _summary(w)["param_checksum"] == reference["checksum"]
+    assert _listed(w)[-1] == 40
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_exits_0_and_resumes_to_the_same_checksum(world, reference):
+    w = world["root"] / "term"
+    cmd = _cmd(w, "train.save_interval = 40")  # no scheduled save before the end: the signal's save is the one
+    p = Proc(cmd, world["env"], world["root"] / "term1.log")
+    csv = w / "train.csv"
+    t_end = time.time() + 600
+    while p.p.poll() is None and time.time() < t_end:  # wait for training to be under way (first logged row)
+        if csv.exists() and csv.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    p.p.send_signal(signal.SIGTERM)  # step 10 is done (logged): the save must be at or after it
+    rc = p.wait()
+    assert rc == 0, p.text[-5000:]
+    assert "stopped by a signal" in p.text and "Traceback" not in p.text
+    steps = _listed(w)
+    assert len(steps) == 1 and 10 <= steps[0] < 40, (steps, p.text[-3000:])
+    assert not (w / "summary.json").exists()
+    assert _restores(w) == steps[-1]
+
+    p2 = Proc(cmd, world["env"], world["root"] / "term2.log")
+    assert p2.wait() == 0, p2.text[-5000:]
+    assert f"resuming from step {steps[-1]} " in p2.text
+    assert _summary(w)["param_checksum"] == reference["checksum"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_startup_exits_0_without_a_save(world):
+    w = world["root"] / "term_early"
+    p = Proc(_cmd(w), world["env"], world["root"] / "term_early.log")
+    t_end = time.time() + 300
+    while p.p.poll() is None and time.time() < t_end and not (w / "checkpoints").is_dir():
+        time.sleep(0.02)  # the checkpoint folder is made during set-up, before compilation
+    p.p.send_signal(signal.SIGTERM)
+    rc = p.wait()
+    assert rc == 0, p.text[-5000:]
+    assert "Traceback" not in p.text
+    assert "stop" in p.text
+    assert _listed(w) in ([], [10], [20], [30], [40])  # nothing, or the save of the dispatch under way
+
+
+@pytest.mark.slow
+def test_injected_nan_stops_the_run_naming_the_step_and_saves_nothing_non_finite(world):
+    w = world["root"] / "nan"
+    p = Proc(_cmd(w, "train.save_interval = 10", "train.debug_nan_at_step = 25"), world["env"],
+             world["root"] / "nan.log")
+    rc = p.wait()
+    text = p.text
+    assert rc == 3, text[-5000:]
+    err = [ln for ln in text.splitlines() if ln.startswith("macfw: error:")]
+    assert len(err) == 1 and "Traceback" not in text, text[-5000:]
+    assert "Non-finite value at step 25 " in err[0] and "loss" in err[0], err
+    assert _listed(w) == [10, 20]  # steps 21..30 never saved
+    assert _restores(w) == 20
+
+
+# ---------------------------------------------------------------------------- bad inputs (in-process main)
+def _main(argv, capsys) -> tuple[int, str]:
+    import gin
+
+    from macfw import run
+
+    gin.clear_config()
+    try:
+        rc = run.main(argv)
+    finally:
+        gin.clear_config()
+    out = capsys.readouterr()
+    return rc, out.err
+
+
+@pytest.fixture(scope="module")
+def bad_world(world, reference, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    w = root / "run"
+    shutil.copytree(reference["workdir"], w)
+    data = world["data"]
+    val = Path(str(data).replace(".npz", "-val.npz"))
+    files = {}
+
+    def pair(name, make_train, make_val=None):
+        t = root / f"{name}.npz"
+        v = root / f"{name}-val.npz"
+        make_train(t)
+        (make_val or (lambda q: shutil.copy(val, q)))(v)
+        files[name] = t
+
+    pair("truncated", lambda q: q.write_bytes(data.read_bytes()[: data.stat().st_size // 2]))
+    pair("notnpz", lambda q: q.write_text("observations,actions\n1,2\n"))
+
+    def without_actions(q):
+        with np.load(data) as f:
+            np.savez(q, **{k: f[k] for k in f.files if k != "actions"})
+
+    pair("nokey", without_actions)
+
+    def narrow_obs(src):  # observations of another size than cube-single's
+        def make(q):
+            with np.load(src) as f:
+                arrays = {k: f[k] for k in f.files}
+            arrays["observations"] = arrays["observations"][:, :20]
+            np.savez(q, **arrays)
+        return make
+
+    pair("narrow", narrow_obs(data), narrow_obs(val))
+    blocker = root / "a_file"
+    blocker.write_text("not a folder")
+    return dict(workdir=w, files=files, blocker=blocker, env=world["env"])
+
+
+BAD = [
+    ("unknown_component", ["MAC.dynamics = @ChunkDynamix"], "Unknown component 'ChunkDynamix'.*Registered"),
+    ("unknown_binding", ["MAC.learnin_rate = 1e-3"], r"MAC\.learnin_rate.*Did you mean 'MAC\.learning_rate'"),
+    ("mistyped_value", ["train.num_steps = 'forty'"], r"train\.num_steps must be a positive integer.*'forty'"),
+    ("dataset_missing", ["OGBenchDataset.dataset_path = '{root}/nowhere.npz'"], r"nowhere\.npz' does not exist"),
+    ("dataset_truncated", ["OGBenchDataset.dataset_path = '{truncated}'"], r"truncated\.npz' is not a readable \.npz"),
+    ("dataset_not_npz", ["OGBenchDataset.dataset_path = '{notnpz}'"], r"notnpz\.npz' is not a readable \.npz"),
+    ("dataset_missing_key", ["OGBenchDataset.dataset_path = '{nokey}'"], r"lacks the required key\(s\) \['actions'\]"),
+    ("obs_size_vs_env", ["OGBenchDataset.dataset_path = '{narrow}'"],
+     r"observations of size \(20,\) but the OGBench environment 'cube-single' has \(28,\)"),
+    ("unknown_env", ["OGBenchDataset.env_name = 'cube-singel'"], r"no environment 'cube-singel'.*Did you mean"),
+    ("shape_vs_checkpoint", ["ChunkDynamics.hidden_dims = (16,)"],
+     r"component 'nets\.dynamics'.*in the checkpoint but .* in the configured model"),
+    ("action_chunk_vs_checkpoint", ["CHUNK = 3"], r"chunk length \(chunk_len\) 5 in the checkpoint but 3"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,bindings,pattern", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gives_one_clear_line_and_keeps_checkpoints(bad_world, capsys, name, bindings, pattern):
+    import re
+
+    w = bad_world["workdir"]
+    fmt = {"root": str(w.parent), **{k: str(v) for k, v in bad_world["files"].items()}}
+    argv = [*SMOKE, *[a for b in bindings for a in ("--gin_bindings", b.format(**fmt))], "--workdir", str(w)]
+    before = _snapshot(w)
+    old = os.environ.get("MACFW_CACHE_DIR")
+    os.environ["MACFW_CACHE_DIR"] = bad_world["env"]["MACFW_CACHE_DIR"]
+    try:
+        rc, err = _main(argv, capsys)
+    finally:
+        if old is None:
+            os.environ.pop("MACFW_CACHE_DIR", None)
+        else:
+            os.environ["MACFW_CACHE_DIR"] = old
+    lines = [ln for ln in err.splitlines() if ln.startswith("macfw: error:")]
+    assert rc == 2 and len(lines) == 1, (rc, err[-3000:])
+    assert re.search(pattern, lines[0]), lines[0]
+    assert _snapshot(w) == before  # untouched
+    assert _listed(w) == [20, 40] and _restores(w) == 40
+
+
+@pytest.mark.slow
+def test_workdir_not_writable_and_cli_prints_one_line(bad_world):
+    target = bad_world["blocker"] / "run"  # a folder inside a regular file cannot be made (even by root)
+    r = subprocess.run(_cmd(target), cwd=REPO, env=bad_world["env"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("macfw: error:")]
+    assert len(lines) == 1 and "is not writable" in lines[0] and "--workdir" in lines[0], r.stderr[-2000:]
+
+    r = subprocess.run(_cmd(bad_world["workdir"], "MAC.dynamics = @Nope"), cwd=REPO, env=bad_world["env"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()][-1].startswith("macfw: error: Unknown component 'Nope'")
+
+
+@pytest.mark.slow
+def test_schedule_only_changes_continue(bad_world, capsys):
+    """num_steps and intervals may change on resume (no array shape changes): the run goes on."""
+    w = bad_world["workdir"]
+    argv = [*SMOKE, "--gin_bindings", "train.num_steps = 50", "--gin_bindings", "train.save_interval = 50",
+            "--gin_bindings", "train.log_interval = 50", "--gin_bindings", "train.eval_interval = 50",
+            "--workdir", str(w)]
+    old = os.environ.get("MACFW_CACHE_DIR")
+    os.environ["MACFW_CACHE_DIR"] = bad_world["env"]["MACFW_CACHE_DIR"]
+    try:
+        rc, err = _main(argv, capsys)
+    finally:
+        if old is None:
+            os.environ.pop("MACFW_CACHE_DIR", None)
+        else:
+            os.environ["MACFW_CACHE_DIR"] = old
+    assert rc == 0, err[-3000:]
+    assert _listed(w) == [20, 40, 50]
+    assert _summary(w)["step"] == 50
