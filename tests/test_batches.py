@@ -240,10 +240,6 @@ def test_scaler_round_trip():
     np.testing.assert_allclose(np.asarray(sc2(x)), y)
 
 
-@pytest.mark.xfail(
-    reason="BUG: macfw/data/batches.py Scaler.__call__ maps a constant dimension to x - lo - 1 (-1 on the data), "
-           "not x - lo (0 on the data) as its docstring promises",
-    strict=True)
 def test_scaler_constant_dimension_maps_to_zero():
     x = np.array([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]], np.float32)
     sc = Scaler.fit(x)

@@ -61,7 +61,8 @@ def _build(kind, name, spec, seed=1):
 
 
 def _names(kind):
-    names = registry.registered(kind)
+    """Registered names of ``kind`` (not the test-only classes defined in this module)."""
+    names = [n for n in registry.registered(kind) if registry.get(kind, n).__module__ != __name__]
     assert names, f"no component registered under {kind!r}"
     return names
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -243,17 +244,146 @@ def _snapshot(workdir: Path) -> dict:
     return out
 
 
+GIN_LOCK = threading.Lock()  # gin's config is global: in-process runs and restores take turns
+
+
 def _restores(workdir: Path) -> int:
+    """Restore the newest listed step in-process (rebuilt from its stored config); returns its step."""
     from macfw.evaluate import load_checkpoint
 
-    _, state, meta, step = load_checkpoint(workdir)
+    with GIN_LOCK:
+        _, state, meta, step = load_checkpoint(workdir)
     assert int(np.asarray(state.step).reshape(-1)[0]) == step
     return step
 
 
+class Job:
+    """A scenario running in a background thread (its subprocesses run side by side with the others)."""
+
+    def __init__(self, fn, *args):
+        self._out, self._err = None, None
+        self._t = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._t.start()
+
+    def _run(self, fn, *args):
+        try:
+            self._out = fn(*args)
+        except BaseException as e:  # re-raised in the test
+            self._err = e
+
+    def result(self, timeout=1800):
+        self._t.join(timeout)
+        assert not self._t.is_alive(), "scenario timed out"
+        if self._err is not None:
+            raise self._err
+        return self._out
+
+
+def _wait_for_new_save(workdir: Path, before: set, proc: Proc, timeout: float) -> None:
+    """Until a checkpoint folder (temporary or final) not in ``before`` appears, or the process ends."""
+    t_end = time.time() + timeout
+    ck = workdir / "checkpoints"
+    while time.time() < t_end and proc.p.poll() is None:
+        if ck.is_dir() and any(p.name not in before and (p.name.isdigit() or TMP_MARK in p.name)
+                               for p in ck.iterdir()):
+            return
+        time.sleep(0.05)
+
+
+def _scenario_reference(world):
+    ref = world["root"] / "ref"
+    p = Proc(_cmd(ref), world["env"], world["root"] / "ref.log")
+    rc = p.wait()
+    assert rc == 0, p.text[-5000:]
+    return dict(workdir=ref, checksum=_summary(ref)["param_checksum"])
+
+
+def _scenario_sigkill(world):
+    """SIGKILL three times at random moments around saves (save_interval=10: a save every dispatch,
+    max_to_keep=2: old steps are deleted meanwhile), then run to the end. Every restart must resume
+    from the newest step listed before it, and that step must restore."""
+    seed = int(os.environ.get("MACFW_KILL_SEED", time.time_ns() % 2**31))
+    rng = random.Random(seed)
+    w = world["root"] / "killed"
+    cmd = _cmd(w, "train.save_interval = 10", "train.max_to_keep = 2")
+    kills, history = 0, []
+    for attempt in range(12):
+        listed = _listed(w) if (w / "checkpoints").is_dir() else []
+        before = set(os.listdir(w / "checkpoints")) if (w / "checkpoints").is_dir() else set()
+        p = Proc(cmd, world["env"], world["root"] / f"killed{attempt}.log")
+        if kills < 3:
+            _wait_for_new_save(w, before, p, timeout=900)
+            time.sleep(rng.uniform(0.0, 2.5))
+            if p.p.poll() is None:
+                p.p.send_signal(signal.SIGKILL)
+                kills += 1
+        rc = p.wait()
+        text = p.text
+        history.append((listed, rc))
+        if listed:
+            assert f"resuming from step {listed[-1]} " in text, (seed, listed, text[-3000:])
+            assert "cannot be restored" not in text, (seed, text[-3000:])
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL, text[-5000:]
+        steps = _listed(w)
+        if steps:  # the newest listed step restores
+            assert _restores(w) == steps[-1]
+    return dict(workdir=w, kills=kills, rc=rc, history=history, seed=seed)
+
+
+def _scenario_sigterm(world):
+    w = world["root"] / "term"
+    cmd = _cmd(w, "train.save_interval = 40")  # no scheduled save before the end: the signal's save is the one
+    p = Proc(cmd, world["env"], world["root"] / "term1.log")
+    csv = w / "train.csv"
+    t_end = time.time() + 900
+    while p.p.poll() is None and time.time() < t_end:  # training under way: step 10 done and logged
+        if csv.exists() and csv.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    p.p.send_signal(signal.SIGTERM)  # the save must be at or after step 10
+    rc1, text1 = p.wait(), p.text
+    steps = _listed(w)
+    summary_after_signal = (w / "summary.json").exists()
+    restored = _restores(w) if steps else None
+    p2 = Proc(cmd, world["env"], world["root"] / "term2.log")
+    rc2 = p2.wait()
+    return dict(workdir=w, rc1=rc1, text1=text1, steps=steps, summary_after_signal=summary_after_signal,
+                restored=restored, rc2=rc2, text2=p2.text)
+
+
+def _scenario_sigterm_startup(world):
+    w = world["root"] / "term_early"
+    p = Proc(_cmd(w), world["env"], world["root"] / "term_early.log")
+    t_end = time.time() + 900
+    while p.p.poll() is None and time.time() < t_end and not (w / "checkpoints").is_dir():
+        time.sleep(0.02)  # the checkpoint folder is made during set-up, before compilation
+    p.p.send_signal(signal.SIGTERM)
+    rc = p.wait()
+    return dict(workdir=w, rc=rc, text=p.text, steps=_listed(w) if (w / "checkpoints").is_dir() else [])
+
+
+def _scenario_nan(world):
+    w = world["root"] / "nan"
+    p = Proc(_cmd(w, "train.save_interval = 10", "train.debug_nan_at_step = 25"), world["env"],
+             world["root"] / "nan.log")
+    rc = p.wait()
+    return dict(workdir=w, rc=rc, text=p.text)
+
+
+SCENARIOS = {  # scenario -> (function, the tests that need it)
+    "reference": (_scenario_reference, ("sigkill", "sigterm_mid", "bad_input", "workdir", "schedule")),
+    "sigkill": (_scenario_sigkill, ("sigkill",)),
+    "sigterm": (_scenario_sigterm, ("sigterm_mid",)),
+    "sigterm_startup": (_scenario_sigterm_startup, ("sigterm_during_startup",)),
+    "nan": (_scenario_nan, ("injected_nan",)),
+}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Generated data (once) and an uninterrupted reference run of gin/smoke.gin."""
+    """Generated data (once) for every subprocess."""
     root = tmp_path_factory.mktemp("robust")
     cache = root / "cache"
     env = _env(cache)
@@ -268,115 +398,65 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(world):
-    ref = world["root"] / "ref"
-    p = Proc(_cmd(ref), world["env"], world["root"] / "ref.log")
-    rc = p.wait()
-    assert rc == 0, p.text[-5000:]
-    return dict(workdir=ref, checksum=_summary(ref)["param_checksum"], wall=time.time() - p.t0)
+def jobs(world, request):
+    """Every scenario that a selected test needs, started at once, side by side (2 cores stay busy)."""
+    selected = " ".join(item.name for item in request.session.items)
+    started = {name: Job(fn, world) for name, (fn, users) in SCENARIOS.items()
+               if any(u in selected for u in users)}
+    yield started
+    for job in started.values():
+        try:
+            job.result()
+        except BaseException:
+            pass
 
 
-def _wait_for_new_save(workdir: Path, before: set, proc: Proc, timeout: float) -> None:
-    """Until a checkpoint folder (temporary or final) not in ``before`` appears, or the process ends."""
-    t_end = time.time() + timeout
-    ck = workdir / "checkpoints"
-    while time.time() < t_end and proc.p.poll() is None:
-        if ck.is_dir() and any(p.name not in before and (p.name.isdigit() or TMP_MARK in p.name)
-                               for p in ck.iterdir()):
-            return
-        time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_sigkill_at_random_moments_resumes_to_the_same_checksum(world, reference):
-    """SIGKILL three times at random moments around saves (save_interval=10: a save every dispatch);
-    every restart resumes from the newest listed step, which restores; the end equals the reference
-    (which saved every 20 steps: the save interval does not change the result)."""
-    rng = random.Random(int(os.environ.get("MACFW_KILL_SEED", time.time())))
-    w = world["root"] / "killed"
-    cmd = _cmd(w, "train.save_interval = 10")
-    kills, resumed_from = 0, []
-    for attempt in range(12):
-        listed = _listed(w) if (w / "checkpoints").is_dir() else []
-        before = set(os.listdir(w / "checkpoints")) if (w / "checkpoints").is_dir() else set()
-        p = Proc(cmd, world["env"], world["root"] / f"killed{attempt}.log")
-        if kills < 3:
-            _wait_for_new_save(w, before, p, timeout=600)
-            time.sleep(rng.uniform(0.0, 2.5))
-            if p.p.poll() is None:
-                p.p.send_signal(signal.SIGKILL)
-                kills += 1
-        rc = p.wait()
-        text = p.text
-        if listed:
-            assert f"resuming from step {listed[-1]} " in text, (listed, text[-3000:])
-            assert "cannot be restored" not in text, text[-3000:]
-            resumed_from.append(listed[-1])
-        if rc == 0:
-            break
-        assert rc == -signal.SIGKILL, text[-5000:]
-        steps = _listed(w)
-        if steps:  # the newest listed step restores
-            assert _restores(w) == steps[-1]
-    assert kills == 3 and rc == 0, (kills, rc)
-    assert _summary(w)["param_checksum"] == reference["checksum"]
-    assert _listed(w)[-1] == 40
+@pytest.fixture(scope="module")
+def reference(jobs):
+    return jobs["reference"].result()
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_saves_exits_0_and_resumes_to_the_same_checksum(world, reference):
-    w = world["root"] / "term"
-    cmd = _cmd(w, "train.save_interval = 40")  # no scheduled save before the end: the signal's save is the one
-    p = Proc(cmd, world["env"], world["root"] / "term1.log")
-    csv = w / "train.csv"
-    t_end = time.time() + 600
-    while p.p.poll() is None and time.time() < t_end:  # wait for training to be under way (first logged row)
-        if csv.exists() and csv.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.05)
-    p.p.send_signal(signal.SIGTERM)  # step 10 is done (logged): the save must be at or after it
-    rc = p.wait()
-    assert rc == 0, p.text[-5000:]
-    assert "stopped by a signal" in p.text and "Traceback" not in p.text
-    steps = _listed(w)
-    assert len(steps) == 1 and 10 <= steps[0] < 40, (steps, p.text[-3000:])
-    assert not (w / "summary.json").exists()
-    assert _restores(w) == steps[-1]
-
-    p2 = Proc(cmd, world["env"], world["root"] / "term2.log")
-    assert p2.wait() == 0, p2.text[-5000:]
-    assert f"resuming from step {steps[-1]} " in p2.text
-    assert _summary(w)["param_checksum"] == reference["checksum"]
+def test_sigkill_at_random_moments_resumes_to_the_same_checksum(jobs, reference):
+    """Three SIGKILLs at random moments; the end equals the uninterrupted reference (which saved every
+    20 steps and kept every step: save settings do not change the result)."""
+    r = jobs["sigkill"].result()
+    assert r["kills"] == 3 and r["rc"] == 0, r
+    assert _summary(r["workdir"])["param_checksum"] == reference["checksum"], r
+    assert _listed(r["workdir"]) == [30, 40]
 
 
 @pytest.mark.slow
-def test_sigterm_during_startup_exits_0_without_a_save(world):
-    w = world["root"] / "term_early"
-    p = Proc(_cmd(w), world["env"], world["root"] / "term_early.log")
-    t_end = time.time() + 300
-    while p.p.poll() is None and time.time() < t_end and not (w / "checkpoints").is_dir():
-        time.sleep(0.02)  # the checkpoint folder is made during set-up, before compilation
-    p.p.send_signal(signal.SIGTERM)
-    rc = p.wait()
-    assert rc == 0, p.text[-5000:]
-    assert "Traceback" not in p.text
-    assert "stop" in p.text
-    assert _listed(w) in ([], [10], [20], [30], [40])  # nothing, or the save of the dispatch under way
+def test_sigterm_mid_run_saves_exits_0_and_resumes_to_the_same_checksum(jobs, reference):
+    r = jobs["sigterm"].result()
+    assert r["rc1"] == 0, r["text1"][-5000:]
+    assert "stopped by a signal" in r["text1"] and "Traceback" not in r["text1"]
+    assert len(r["steps"]) == 1 and 10 <= r["steps"][0] < 40, (r["steps"], r["text1"][-3000:])
+    assert not r["summary_after_signal"]
+    assert r["restored"] == r["steps"][0]
+    assert r["rc2"] == 0, r["text2"][-5000:]
+    assert f"resuming from step {r['steps'][0]} " in r["text2"]
+    assert _summary(r["workdir"])["param_checksum"] == reference["checksum"]
 
 
 @pytest.mark.slow
-def test_injected_nan_stops_the_run_naming_the_step_and_saves_nothing_non_finite(world):
-    w = world["root"] / "nan"
-    p = Proc(_cmd(w, "train.save_interval = 10", "train.debug_nan_at_step = 25"), world["env"],
-             world["root"] / "nan.log")
-    rc = p.wait()
-    text = p.text
-    assert rc == 3, text[-5000:]
+def test_sigterm_during_startup_exits_0_without_a_save(jobs):
+    r = jobs["sigterm_startup"].result()
+    assert r["rc"] == 0, r["text"][-5000:]
+    assert "Traceback" not in r["text"] and "stop" in r["text"], r["text"][-5000:]
+    assert r["steps"] in ([], [10])  # nothing, or the save of the dispatch under way (a very slow start)
+
+
+@pytest.mark.slow
+def test_injected_nan_stops_the_run_naming_the_step_and_saves_nothing_non_finite(jobs):
+    r = jobs["nan"].result()
+    text = r["text"]
+    assert r["rc"] == 3, text[-5000:]
     err = [ln for ln in text.splitlines() if ln.startswith("macfw: error:")]
     assert len(err) == 1 and "Traceback" not in text, text[-5000:]
     assert "Non-finite value at step 25 " in err[0] and "loss" in err[0], err
-    assert _listed(w) == [10, 20]  # steps 21..30 never saved
-    assert _restores(w) == 20
+    assert _listed(r["workdir"]) == [10, 20]  # steps 21..30 never saved
+    assert _restores(r["workdir"]) == 20
 
 
 # ---------------------------------------------------------------------------- bad inputs (in-process main)
@@ -385,11 +465,12 @@ def _main(argv, capsys) -> tuple[int, str]:
 
     from macfw import run
 
-    gin.clear_config()
-    try:
-        rc = run.main(argv)
-    finally:
+    with GIN_LOCK:
         gin.clear_config()
+        try:
+            rc = run.main(argv)
+        finally:
+            gin.clear_config()
     out = capsys.readouterr()
     return rc, out.err
 

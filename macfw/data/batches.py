@@ -45,10 +45,11 @@ class Scaler:
 
     def __call__(self, x):
         xp = jnp if isinstance(x, jax.Array) else np
-        return (2.0 * (x - self.lo) / self._range - 1.0).astype(xp.float32)
+        mid = (self.lo + self.hi) / 2.0
+        return (2.0 * (x - mid) / self._range).astype(xp.float32)
 
     def inverse(self, y):
-        return (y + 1.0) * self._range / 2.0 + self.lo
+        return y * self._range / 2.0 + (self.lo + self.hi) / 2.0
 
     def to_dict(self) -> dict:
         return {"lo": np.asarray(self.lo), "hi": np.asarray(self.hi)}
