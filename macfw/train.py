@@ -384,6 +384,15 @@ def _check_schedule(K, **values) -> None:
                               f"got {v!r}. Fix the Gin binding train.{name}.")
 
 
+def init_state(agent: MAC, spec, seed: int, num_seeds: int | None = None) -> TrainState:
+    """A fresh train state for ``seed``; with ``num_seeds`` K, seeds ``seed .. seed + K - 1`` stacked
+    along a leading axis (each identical to a single-seed init with that seed)."""
+    if num_seeds is None:
+        return agent.init(spec, jax.random.PRNGKey(seed))
+    keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
+    return eqx.filter_vmap(lambda k: agent.init(spec, k))(keys)
+
+
 @gin.configurable
 def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBenchDataset | None = None, *,
           seed: int = 0, num_seeds: int | None = None, num_steps: int = 1_000_000, batch_size: int = 1024,
@@ -464,12 +473,7 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
             with pre.interruptible():  # loading (or generating) the data may take long
                 loaded = dataset.load(chunk_len)
             mesh = make_mesh()
-            if num_seeds is None:
-                state = agent.init(loaded.spec, jax.random.PRNGKey(seed))
-            else:
-                keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
-                state = eqx.filter_vmap(lambda k: agent.init(loaded.spec, k))(keys)
-            state = put_replicated(state, mesh)
+            state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
             pre.check()
             ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
 
