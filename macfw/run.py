@@ -130,6 +130,22 @@ def _early_signals() -> None:
         signal.signal(sig, handle)
 
 
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in ``<macfw cache>/jax-compile``, so a resumed or repeated
+    run skips compilation. ``JAX_COMPILATION_CACHE_DIR`` overrides the folder; ``MACFW_NO_COMPILE_CACHE=1``
+    turns it off."""
+    if os.environ.get("MACFW_NO_COMPILE_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    try:
+        import jax
+
+        from macfw.data.generate import default_cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax-compile"))
+    except Exception as e:  # never fail a run for a cache
+        print(f"[macfw] compilation cache disabled: {e}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m macfw.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +166,7 @@ def main(argv=None) -> int:
     in_main = argv is None
     if in_main:
         _early_signals()
+    _enable_compilation_cache()
     try:
         from macfw.parallel import initialize_distributed
 
