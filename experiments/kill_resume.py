@@ -1,11 +1,14 @@
 """SIGKILL-at-random-moments trials: does a killed run always resume to the identical parameters?
 
-One uninterrupted reference run of gin/smoke.gin (its ``param_checksum``, and its wall time ``T``),
+One uninterrupted reference run of gin/smoke.gin (its ``param_checksum``; a second uninterrupted run,
+which must agree, gives the timing with warm data and compilation caches: ``T0`` from the start to the
+first save (after the first compiled call), ``D`` from there to the end),
 then ``--trials`` trials. A trial runs the same command with ``train.save_interval = 10`` (a save every
 compiled call, so kills often land in the middle of saves and deletions of old steps, with
-``train.max_to_keep = 2``) in a fresh folder, kills it with SIGKILL ``--kills`` times at moments drawn
-uniformly from [``--early`` x T, T] after the process started (times ``--jobs``: trials running side
-by side share the CPU), and then lets the command run to the end. A trial passes when
+``train.max_to_keep = 2``) in a fresh folder, kills it with SIGKILL ``--kills`` times -- each kill,
+with probability ``--early``, at a uniform moment in [0, T0] after the start, else at a uniform moment
+in [0, D] after the run's first new save began (training, saving, deleting old steps, evaluating) --
+and then lets the command run to the end. A trial passes when
 
 * every restart after a kill resumes from the newest step listed just before it ("resuming from
   step N"), without falling back to an older step (the newest listed step restores), and
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -42,7 +46,8 @@ def _env(cache: Path) -> dict:
     env = dict(os.environ)
     env["MACFW_CACHE_DIR"] = str(cache)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env["PYTHONWARNINGS"] = "ignore"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache / "jax-compile"))  # restarts skip compilation
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     return env
 
 
@@ -58,18 +63,38 @@ def _listed(workdir: Path) -> list[int]:
     return Checkpointer(ck, read_only=True).all_steps() if ck.is_dir() else []
 
 
-def _run(cmd, env, log: Path, kill_after: float | None, timeout: float = 1800) -> tuple[int, str, bool]:
-    """Run ``cmd``; SIGKILL it ``kill_after`` seconds after start (if still running). (rc, log text, killed)."""
+def _ckpt_names(workdir: Path) -> set:
+    ck = workdir / "checkpoints"
+    try:
+        return {n for n in os.listdir(ck) if n.split(".")[0].isdigit()}
+    except OSError:
+        return set()
+
+
+def _run(cmd, env, log: Path, kill: tuple | None, workdir: Path, timeout: float = 1800) -> tuple[int, str, list | None]:
+    """Run ``cmd``; SIGKILL it as ``kill`` says (if still running).
+
+    Returns (rc, log text, the checkpoint folder's step entries at the kill, or None when not killed).
+
+    ``kill``: None (never), ``("at", t)``: t seconds after the start, or ``("train", d)``: d seconds
+    after this run's first save began (a new step folder, temporary or final, appeared: the first
+    compiled call is done), i.e. while training, saving and deleting old steps.
+    """
+    before = _ckpt_names(workdir)
     with open(log, "w") as f:
+        t0 = time.time()
         p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-        killed = False
+        killed = None
+        deadline = None if kill is None or kill[0] != "at" else t0 + kill[1]
         try:
-            if kill_after is not None:
-                try:
-                    p.wait(timeout=kill_after)
-                except subprocess.TimeoutExpired:
+            while kill is not None and p.poll() is None and time.time() - t0 < timeout:
+                if deadline is None and _ckpt_names(workdir) - before:
+                    deadline = time.time() + kill[1]
+                if deadline is not None and time.time() >= deadline:
                     p.send_signal(signal.SIGKILL)
-                    killed = True
+                    killed = sorted(_ckpt_names(workdir))
+                    break
+                time.sleep(0.02)
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
@@ -81,13 +106,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--kills", type=int, default=2, help="SIGKILLs per trial before the final run")
-    ap.add_argument("--early", type=float, default=0.25, help="earliest kill moment, as a fraction of T")
+    ap.add_argument("--early", type=float, default=0.2,
+                    help="fraction of kills at a uniform moment of the start-up (the rest: while training/saving)")
     ap.add_argument("--out", default="/tmp/macfw_kill_resume")
     ap.add_argument("--cache", default=None, help="MACFW_CACHE_DIR (default: OUT/cache)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: time)")
     ap.add_argument("--keep", action="store_true", help="keep every trial's folder (default: only failed ones)")
     ap.add_argument("--jobs", type=int, default=1, help="trials run side by side")
     a = ap.parse_args(argv)
+    try:  # Orbax's notes about read-only checkpoint managers (used here to list steps) are noise
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,16 +135,34 @@ def main(argv=None) -> int:
             cwd=REPO, env=env, capture_output=True, text=True)
         if gen.returncode != 0:
             raise SystemExit(f"data generation failed: {gen.stderr[-3000:]}")
-        t0 = time.time()
-        rc, text, _ = _run(_cmd(ref), env, out / "reference.log", None)
+        rc, text, _ = _run(_cmd(ref), env, out / "reference.log", None, ref)  # also fills the compilation cache
         if rc != 0:
             print(text[-5000:])
             raise SystemExit(f"reference run failed (rc {rc})")
-        (ref / "wall_s").write_text(str(time.time() - t0))
-    T = float((ref / "wall_s").read_text())
+    if not (ref / "timing.json").exists():
+        timed = out / "timed"
+        shutil.rmtree(timed, ignore_errors=True)
+        t0 = time.time()  # T0: start-up until the first save begins; D: from there to the end (warm caches)
+        p = subprocess.Popen(_cmd(timed, "train.save_interval = 10", "train.max_to_keep = 2"), cwd=REPO, env=env,
+                             stdout=open(out / "timed.log", "w"), stderr=subprocess.STDOUT, text=True)
+        t_first = None
+        while p.poll() is None:
+            if t_first is None and _ckpt_names(timed):
+                t_first = time.time()
+            time.sleep(0.02)
+        t_end = time.time()
+        if p.returncode != 0 or t_first is None or json.loads((timed / "summary.json").read_text())[
+                "param_checksum"] != json.loads((ref / "summary.json").read_text())["param_checksum"]:
+            raise SystemExit(f"two uninterrupted runs differ (rc {p.returncode}); see {out / 'timed.log'}")
+        (ref / "timing.json").write_text(json.dumps({"T0": t_first - t0, "D": t_end - t_first}))
+        shutil.rmtree(timed, ignore_errors=True)
+    timing = json.loads((ref / "timing.json").read_text())
+    T0, D = timing["T0"], timing["D"]
+    T = T0 + D
     checksum = json.loads((ref / "summary.json").read_text())["param_checksum"]
-    print(f"[kill_resume] reference checksum {checksum}, T = {T:.1f} s; {a.trials} trials x {a.kills} kills "
-          f"in [{a.early:.2f}T, T]; seed {seed}", flush=True)
+    print(f"[kill_resume] reference checksum {checksum}; start-up T0 = {T0:.1f} s, then training/saving/eval "
+          f"D = {D:.1f} s; {a.trials} trials x {a.kills} kills (fraction {a.early:.2f} in start-up); seed {seed}",
+          flush=True)
 
     def one_trial(trial: int) -> dict:
         rng = random.Random(seed * 1000 + trial)
@@ -123,14 +173,18 @@ def main(argv=None) -> int:
         t_trial = time.time()
         for attempt in range(a.kills + 5):
             listed = _listed(w)
-            kill_after = rng.uniform(a.early * T, T) * a.jobs if attempt < a.kills else None  # jobs share the CPU
-            rc, text, killed = _run(cmd, env, out / f"trial{trial:03d}_{attempt}.log", kill_after)
+            kill = None
+            if attempt < a.kills:  # mostly while training and saving, sometimes anywhere in start-up
+                kill = ("at", rng.uniform(0.0, T0)) if rng.random() < a.early else ("train", rng.uniform(0.0, D))
+            rc, text, at_kill = _run(cmd, env, out / f"trial{trial:03d}_{attempt}.log", kill, w)
+            killed = at_kill is not None
             if listed:
-                if f"resuming from step {listed[-1]} " not in text:
-                    problems.append(f"run {attempt}: listed {listed} but did not resume from step {listed[-1]}")
+                resumed = [int(x) for x in re.findall(r"resuming from step (\d+) ", text)]
+                if resumed != [listed[-1]] and (resumed or not killed):  # (a run killed early says nothing)
+                    problems.append(f"run {attempt}: listed {listed} but resumed from {resumed or 'nothing'}")
                 if "cannot be restored" in text:
                     problems.append(f"run {attempt}: the newest listed step {listed[-1]} did not restore")
-            events.append({"kill_after_s": kill_after, "killed": killed, "rc": rc, "listed_before": listed,
+            events.append({"kill": kill, "killed": killed, "folders_at_kill": at_kill, "rc": rc, "listed_before": listed,
                            "listed_after": _listed(w)})
             if rc == 0 and not killed:
                 break
@@ -144,9 +198,9 @@ def main(argv=None) -> int:
             problems.append(f"final checksum {final} != reference {checksum}")
         ok = not problems
         kills = sum(e["killed"] for e in events)
-        steps_at_kill = [e["listed_after"][-1] if e["listed_after"] else None for e in events if e["killed"]]
-        print(f"[kill_resume] trial {trial}: {'identical' if ok else 'DIFFERENT'}; {kills} kill(s), newest listed "
-              f"step after each: {steps_at_kill}" + (f"; problems: {problems}" if problems else ""), flush=True)
+        at = [e["folders_at_kill"] for e in events if e["killed"]]
+        print(f"[kill_resume] trial {trial}: {'identical' if ok else 'DIFFERENT'}; {kills} kill(s), step folders at "
+              f"each kill: {at}" + (f"; problems: {problems}" if problems else ""), flush=True)
         if ok and not a.keep:
             shutil.rmtree(w, ignore_errors=True)
         return {"trial": trial, "identical": ok, "kills": kills, "events": events, "problems": problems,

@@ -94,7 +94,6 @@ if __name__ != "__main__":
     from macfw.nn.flow import FlowPolicy
     from macfw.nn.gaussian import GaussianPolicy
     from macfw.nn.models import QCritic
-    from macfw.samplers import RejectionSampler
     from macfw.spec import Spec
 
     HID = (32, 32)

@@ -21,10 +21,8 @@ pytestmark = pytest.mark.slow
 def _env(cache: Path) -> dict:
     env = dict(os.environ)
     env["MACFW_CACHE_DIR"] = str(cache)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("XLA_FLAGS", None)
+    env.setdefault("JAX_PLATFORMS", "cpu")  # XLA_FLAGS and the compilation cache (tests/conftest.py) are kept
     env.pop("MACFW_DEBUG", None)
-    env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
@@ -33,7 +31,7 @@ def run(tmp_path_factory):
     """A 10-step smoke run (one compiled call), evaluated and saved at step 10."""
     root = tmp_path_factory.mktemp("evalcli")
     w = root / "run"
-    env = _env(root / "cache")
+    env = _env(Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache"))  # the session's (tests/conftest.py)
     cmd = [sys.executable, "-m", "macfw.run", "--gin_file", "gin/smoke.gin",
            "--gin_bindings", "train.num_steps = 10", "--gin_bindings", "train.eval_interval = 10",
            "--gin_bindings", "train.save_interval = 10", "--gin_bindings", "train.progress = False",

@@ -24,7 +24,6 @@ import pytest
 SCRIPT = Path(__file__).parent / "_scripts" / "par_worker.py"
 TIMEOUT = float(os.environ.get("MACFW_TEST_SUBPROCESS_TIMEOUT", "480"))
 RTOL, ATOL = 1e-5, 1e-6
-BATCH, K = 32, 2  # tiny preset: batch 32, 2 steps per dispatch (par_worker.BATCH, PRESETS['tiny'])
 
 
 def _free_port() -> int:
@@ -141,7 +140,7 @@ def test_four_devices_match_one_device(workers):
     i4, i1 = _info(d4), _info(d1)
     assert (i4["device_count"], i4["mesh_shape"]) == (4, {"data": 4})
     assert (i1["device_count"], i1["mesh_shape"]) == (1, {"data": 1})
-    assert i4["step"] == i1["step"] == 3 * K
+    assert i4["step"] == i1["step"] == 3 * i1["K"]
     assert all(i4["finite"]) and all(i1["finite"])
     p4, p1 = _load(d4 / "params.npz"), _load(d1 / "params.npz")
     assert _max_change(p1, _load(d1 / "init_params.npz")) > 1e-4, "training did not change the parameters"
@@ -166,10 +165,11 @@ def test_four_device_step_is_partitioned(workers):
 def test_host_batches_four_devices(workers):
     d4 = workers.result("d4")
     info = _info(d4)
+    K, B, ob = info["K"], info["batch"], info["ob_dim"]
     # HostBatches delivers (K, B, ...) stacks sharded along the batch axis over the 4 devices
-    assert info["host_batch_obs_shape"] == [K, BATCH, 28]
+    assert info["host_batch_obs_shape"] == [K, B, ob]
     assert info["host_batch_num_shards"] == 4
-    assert info["host_batch_shard_shapes"] == [[K, BATCH // 4, 28]]
+    assert info["host_batch_shard_shapes"] == [[K, B // 4, ob]]
     a, b = _load(d4 / "host_a.npz"), _load(d4 / "host_b.npz")
     assert info["host_a_step"] == info["host_b_step"] == 3 * K
     assert all(info["host_a_finite"]) and all(info["host_b_finite"])
@@ -190,7 +190,7 @@ def test_two_processes_match_single_process(workers):
             (2, i, 4, 2), info
         assert info["mesh_shape"] == {"data": 4}
         assert info["hlo_num_partitions"] == 4 and info["hlo_all_reduce"] > 0, info
-        assert all(info["finite"]) and info["step"] == 3 * K
+        assert all(info["finite"]) and info["step"] == 3 * info["K"]
         _assert_trees_close(_load(dist / f"params_p{i}.npz"), ref, f"params of process {i} (2 x 2 devices) vs 1 device")
 
 
@@ -222,6 +222,7 @@ def test_make_mesh_shape_error(workers):
 
 
 def test_batch_size_not_divisible_by_data_axis(workers):
-    err = _info(workers.result("d4"))["errors"]["batch"]
-    assert err is not None, "TrainStep accepted batch_size=30 on a 4-device data axis"
-    assert "30" in err and "4" in err, err
+    info = _info(workers.result("d4"))
+    err, bad = info["errors"]["batch"], str(info["batch"] - 2)
+    assert err is not None, f"TrainStep accepted batch_size={bad} on a 4-device data axis"
+    assert bad in err and "4" in err, err

@@ -2,8 +2,9 @@
 same parameters, NaN guard, and one clear line per bad input with earlier checkpoints intact.
 
 Fast tests (in-process, tiny states) exercise :class:`macfw.checkpoint.Checkpointer` directly. The
-``slow`` ones run ``python -m macfw.run`` on gin/smoke.gin in subprocesses; they share one generated
-dataset (``MACFW_CACHE_DIR`` in a module tmp dir) and one uninterrupted reference run.
+``slow`` ones run ``python -m macfw.run`` on gin/smoke.gin in subprocesses, side by side (see ``jobs``);
+they share one generated dataset (the session's ``MACFW_CACHE_DIR`` from tests/conftest.py, else a
+module tmp dir) and one uninterrupted reference run.
 """
 
 from __future__ import annotations
@@ -191,10 +192,8 @@ def test_shape_mismatch_names_the_component(tmp_path):
 def _env(cache: Path) -> dict:
     env = dict(os.environ)
     env["MACFW_CACHE_DIR"] = str(cache)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("XLA_FLAGS", None)
+    env.setdefault("JAX_PLATFORMS", "cpu")  # XLA_FLAGS and the compilation cache (tests/conftest.py) are kept
     env.pop("MACFW_DEBUG", None)
-    env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
@@ -385,7 +384,7 @@ SCENARIOS = {  # scenario -> (function, the tests that need it)
 def world(tmp_path_factory):
     """Generated data (once) for every subprocess."""
     root = tmp_path_factory.mktemp("robust")
-    cache = root / "cache"
+    cache = Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache")  # the session's (tests/conftest.py)
     env = _env(cache)
     gen = subprocess.run(
         [sys.executable, "-c",
@@ -424,6 +423,24 @@ def test_sigkill_at_random_moments_resumes_to_the_same_checksum(jobs, reference)
     assert r["kills"] == 3 and r["rc"] == 0, r
     assert _summary(r["workdir"])["param_checksum"] == reference["checksum"], r
     assert _listed(r["workdir"]) == [30, 40]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holds_everything_a_resume_needs(reference):
+    ck = Checkpointer(reference["workdir"] / "checkpoints", read_only=True)
+    assert ck.all_steps() == [20, 40]
+    meta = ck.read_meta(40)
+    assert meta["step"] == 40 and meta["spec"] == {"ob_dim": 28, "act_dim": 5, "goal_dim": 0, "chunk_len": 5}
+    assert len(meta["obs_scaler"]["lo"]) == len(meta["obs_scaler"]["hi"]) == 28
+    assert meta["sampler"]["mode"] == "device" and "key" in meta["sampler"]["state"]
+    assert "ChunkDynamics.hidden_dims" in meta["gin_config"] and "train.num_steps = 40" in meta["gin_config"]
+    for pkg in ("macfw", "jax", "equinox", "orbax-checkpoint", "ogbench"):
+        assert meta["versions"][pkg] not in ("", None), pkg
+    names = meta["leaf_names"]
+    for part in (".step", ".key", ".nets.dynamics", ".nets.policy", ".target_value", ".opt_state"):
+        assert any(n.startswith(part) for n in names), part
+    key = names.index(".key")
+    assert meta["leaf_dtypes"][key] == "uint32" and meta["leaf_shapes"][key] == [2]  # raw key data
 
 
 @pytest.mark.slow
@@ -533,22 +550,16 @@ BAD = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,bindings,pattern", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gives_one_clear_line_and_keeps_checkpoints(bad_world, capsys, name, bindings, pattern):
+def test_bad_input_gives_one_clear_line_and_keeps_checkpoints(bad_world, capsys, monkeypatch, name, bindings,
+                                                               pattern):
     import re
 
     w = bad_world["workdir"]
     fmt = {"root": str(w.parent), **{k: str(v) for k, v in bad_world["files"].items()}}
     argv = [*SMOKE, *[a for b in bindings for a in ("--gin_bindings", b.format(**fmt))], "--workdir", str(w)]
     before = _snapshot(w)
-    old = os.environ.get("MACFW_CACHE_DIR")
-    os.environ["MACFW_CACHE_DIR"] = bad_world["env"]["MACFW_CACHE_DIR"]
-    try:
-        rc, err = _main(argv, capsys)
-    finally:
-        if old is None:
-            os.environ.pop("MACFW_CACHE_DIR", None)
-        else:
-            os.environ["MACFW_CACHE_DIR"] = old
+    monkeypatch.setenv("MACFW_CACHE_DIR", bad_world["env"]["MACFW_CACHE_DIR"])
+    rc, err = _main(argv, capsys)
     lines = [ln for ln in err.splitlines() if ln.startswith("macfw: error:")]
     assert rc == 2 and len(lines) == 1, (rc, err[-3000:])
     assert re.search(pattern, lines[0]), lines[0]
@@ -572,21 +583,14 @@ def test_workdir_not_writable_and_cli_prints_one_line(bad_world):
 
 
 @pytest.mark.slow
-def test_schedule_only_changes_continue(bad_world, capsys):
+def test_schedule_only_changes_continue(bad_world, capsys, monkeypatch):
     """num_steps and intervals may change on resume (no array shape changes): the run goes on."""
     w = bad_world["workdir"]
     argv = [*SMOKE, "--gin_bindings", "train.num_steps = 50", "--gin_bindings", "train.save_interval = 50",
             "--gin_bindings", "train.log_interval = 50", "--gin_bindings", "train.eval_interval = 50",
             "--workdir", str(w)]
-    old = os.environ.get("MACFW_CACHE_DIR")
-    os.environ["MACFW_CACHE_DIR"] = bad_world["env"]["MACFW_CACHE_DIR"]
-    try:
-        rc, err = _main(argv, capsys)
-    finally:
-        if old is None:
-            os.environ.pop("MACFW_CACHE_DIR", None)
-        else:
-            os.environ["MACFW_CACHE_DIR"] = old
+    monkeypatch.setenv("MACFW_CACHE_DIR", bad_world["env"]["MACFW_CACHE_DIR"])
+    rc, err = _main(argv, capsys)
     assert rc == 0, err[-3000:]
     assert _listed(w) == [20, 40, 50]
     assert _summary(w)["step"] == 50

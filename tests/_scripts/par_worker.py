@@ -4,7 +4,8 @@ Run with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the device coun
 jax is imported, hence a subprocess). Writes into ``--out``:
 
 * ``params.npz``: every array leaf of ``state.nets`` after ``--dispatches`` dispatches (device-sampled
-  batches, global batch ``BATCH``, seed 0); ``state.npz``: every array leaf of the whole train state.
+  batches, global batch ``BATCH``, seed 0); ``state.npz``: every array leaf of the whole train state;
+  ``init.npz`` / ``init_params.npz``: the same before training.
 * ``info.json``: device/process counts, facts about the compiled step (all-reduces, partitions), the
   shardings of the state, and the results of the optional parts below.
 
@@ -95,6 +96,7 @@ def main() -> int:
 
     mesh = make_mesh()
     info["mesh_shape"] = dict(mesh.shape)
+    info["K"], info["batch"], info["ob_dim"] = K, BATCH, spec.ob_dim
 
     if a.errors:
         errs = {}
