@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 # Headless machines: pick MuJoCo's EGL backend before anything imports mujoco (no GLFW warnings).
-from macfw.evaluate import _default_mujoco_gl  # noqa: E402
+from macfw._mujoco_gl import default_mujoco_gl  # noqa: E402
 
-_default_mujoco_gl()
+default_mujoco_gl()
 
 from macfw import registry
 from macfw.registry import register

@@ -176,6 +176,24 @@ def _host_bool(x) -> bool:
     return bool(np.asarray(x))
 
 
+class _quiet_absl:
+    def __init__(self, active: bool):
+        self.active, self.old = active, None
+
+    def __enter__(self):
+        if self.active:
+            from absl import logging as absl_logging
+
+            self.old = absl_logging.get_verbosity()
+            absl_logging.set_verbosity(absl_logging.ERROR)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            from absl import logging as absl_logging
+
+            absl_logging.set_verbosity(self.old)
+
+
 @jax.jit
 def _finite_flags(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
@@ -213,7 +231,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        with _quiet_absl(read_only):  # Orbax logs two warnings about read-only managers
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     # ------------------------------------------------------------------ housekeeping
     def _remove(self, folder: Path) -> None:
@@ -351,7 +370,7 @@ class Checkpointer:
                         f"{bad[0]!r} (component {_component(bad[0])!r}). Nothing was written; older steps are "
                         "intact. Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
         existing = self.directory / str(step)
-        if step in self.all_steps():
+        if existing.is_dir() and manifest_problem(existing) is None:  # already saved
             return False
         if existing.exists() and _is_primary():  # a stale, invalid folder of this step
             self._remove(existing)
