@@ -98,9 +98,9 @@ class TrainStep:
             if num_seeds is None:
                 batch = constrain(batch)
             st, metrics = agent.update(st, batch)
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()] +
-                                       [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
-                                           eqx.filter(st.nets, eqx.is_inexact_array))]))
+            # Scalars only (losses and the gradient norm): a parameter can only turn non-finite
+            # through a non-finite gradient, and the parameters are checked once per dispatch below.
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
             metrics["guard/finite"] = finite.astype(jnp.float32)
             return st, metrics
 
@@ -114,8 +114,10 @@ class TrainStep:
             else:
                 st, metrics = jax.lax.scan(lambda c, _: one(data, c), st, None, length=self.K)
             ok = metrics["guard/finite"].reshape(metrics["guard/finite"].shape[0], -1).min(axis=1) >= 1.0  # (K,)
+            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
+                eqx.filter(st.nets, eqx.is_inexact_array))]))
             metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
-            metrics["guard/finite"] = metrics["guard/finite"] >= 1.0
+            metrics["guard/finite"] = (metrics["guard/finite"] >= 1.0) & params_ok
             metrics["guard/first_bad"] = jnp.argmin(ok).astype(jnp.int32)
             return eqx.partition(st, eqx.is_array)[0], metrics
 
@@ -530,8 +532,8 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
 
                 tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
             meta = {
-                "spec": loaded.spec.to_dict(), "obs_scaler": _tolist(loaded.obs_scaler),
-                "goal_scaler": _tolist(loaded.goal_scaler) if loaded.goal_scaler else None,
+                "spec": loaded.spec.to_dict(), "obs_scaler": _json_scaler(loaded.obs_scaler),
+                "goal_scaler": _json_scaler(loaded.goal_scaler) if loaded.goal_scaler else None,
                 "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
                 "task_id": loaded.task_id, "chunk_len": chunk_len, "num_seeds": num_seeds, "seed": seed,
                 "sampler": ({"mode": "device", "state": "TrainState.key"} if on_device else
@@ -730,5 +732,6 @@ def tqdm_write(pbar, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _tolist(scaler: Scaler) -> dict:
-    return {"lo": np.asarray(scaler.lo).tolist(), "hi": np.asarray(scaler.hi).tolist()}
+def _json_scaler(scaler: Scaler) -> dict:
+    """:meth:`Scaler.to_dict` as JSON lists (checkpoint meta)."""
+    return {k: v.tolist() for k, v in scaler.to_dict().items()}

@@ -16,6 +16,7 @@ from typing import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from macfw.nn.mlp import MLP
@@ -78,9 +79,8 @@ class _Head(eqx.Module):
         return self.net(jnp.concatenate(xs))[0]
 
 
-@register("critic")
-class QCritic(_Head):
-    """Chunk critic ``Q(s, g, A) -> R`` (paper §4.2). Inputs ``ob_dim + goal_dim + chunk_dim``; scalar out."""
+class _ChunkHead(_Head):
+    """A scalar head on ``(s, g, A)``: inputs ``ob_dim + goal_dim + chunk_dim``, scalar out."""
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
@@ -88,6 +88,11 @@ class QCritic(_Head):
 
     def __call__(self, s, g, A) -> Float[Array, ""]:
         return self._out(s, g, A)
+
+
+@register("critic")
+class QCritic(_ChunkHead):
+    """Chunk critic ``Q(s, g, A) -> R`` (paper §4.2). Inputs ``ob_dim + goal_dim + chunk_dim``; scalar out."""
 
 
 @register("value")
@@ -103,36 +108,23 @@ class StateValue(_Head):
 
 
 @register("success")
-class SuccessModel(_Head):
+class SuccessModel(_ChunkHead):
     """Chunk success logit ``c(s, g, A)``: does the chunk reach the goal (or solve the task)?
 
     Trained with binary cross-entropy to the chunk success label (DESIGN §2.1).
     """
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
-        self.net = _mlp(spec.ob_dim + spec.goal_dim + spec.chunk_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
-
-    def __call__(self, s, g, A) -> Float[Array, ""]:
-        return self._out(s, g, A)
-
     def loss(self, s, g, A, label) -> tuple[Array, dict]:
+        """BCE for one example; ``label`` in {0, 1}. Returns ``(loss, metrics)``, all scalars."""
         logit = self(s, g, A)
-        bce = jnp.maximum(logit, 0) - logit * label + jnp.log1p(jnp.exp(-jnp.abs(logit)))
+        bce = optax.sigmoid_binary_cross_entropy(logit, label)
         acc = ((logit > 0) == (label > 0.5)).astype(jnp.float32)
         return bce, {"success/loss": bce, "success/accuracy": acc}
 
 
 @register("reward")
-class RewardModel(_Head):
+class RewardModel(_ChunkHead):
     """Chunk reward ``r(s, g, A) -> R`` for single-task data (MSE to the chunk reward)."""
-
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
-        self.net = _mlp(spec.ob_dim + spec.goal_dim + spec.chunk_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
-
-    def __call__(self, s, g, A) -> Float[Array, ""]:
-        return self._out(s, g, A)
 
     def loss(self, s, g, A, target) -> tuple[Array, dict]:
         err = (self(s, g, A) - target) ** 2
