@@ -227,7 +227,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # deletion is ours: only after the newer step's manifest exists
             create=not read_only,
-            cleanup_tmp_directories=not read_only,
+            # Leftover temporary folders are removed by _sanitize above, synchronously. Orbax's own
+            # clean-up runs in a background thread that close() does not join: a process stopping
+            # right after start-up (SIGTERM) then dies with that thread's traceback.
+            cleanup_tmp_directories=False,
             enable_async_checkpointing=async_save,
             read_only=read_only,
         )
