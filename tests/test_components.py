@@ -237,3 +237,23 @@ def test_parse_gin_unknown_component_in_binding():
         macfw.run.parse_gin([], ["MAC.dynamics = @NoSuchDynamics"])
     msg = str(ei.value)
     assert "NoSuchDynamics" in msg and "ChunkDynamics" in msg
+
+
+# ------------------------------------------------------------------------------------ MLP numerics
+def test_mlp_gelu_and_layer_norm_match_the_reference_functions():
+    """The MLP's written-out GELU and one-pass LayerNorm compute jax.nn.gelu and eqx.nn.LayerNorm."""
+    from macfw.nn.mlp import MLP, _layer_norm, gelu
+
+    x = jnp.linspace(-8.0, 8.0, 4001)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x), atol=1e-6)
+    ln = eqx.nn.LayerNorm(64)
+    ln = eqx.tree_at(lambda n: (n.weight, n.bias), ln,
+                     (jax.random.normal(jax.random.PRNGKey(0), (64,)), jax.random.normal(jax.random.PRNGKey(1), (64,))))
+    for shift in (0.0, 5.0):  # also rows whose mean is large against their spread
+        h = jax.random.normal(jax.random.PRNGKey(2), (64,)) + shift
+        np.testing.assert_allclose(_layer_norm(ln, h), ln(h), atol=2e-5)
+    mlp = MLP(OB, 3, HID, key=jax.random.PRNGKey(3))
+    h = jax.random.normal(jax.random.PRNGKey(4), (OB,))
+    for layer, norm in zip(mlp.layers[:-1], mlp.norms):
+        h = norm(jax.nn.gelu(layer(h)))
+    np.testing.assert_allclose(mlp(jax.random.normal(jax.random.PRNGKey(4), (OB,))), mlp.layers[-1](h), atol=2e-5)
