@@ -24,9 +24,15 @@ class Sampler(eqx.Module):
 
 
 def candidates(policy, s, g, num: int, key) -> Float[Array, "num chunk_dim"]:
-    """``num`` clipped candidate chunks ``clip(policy.sample(s, g), -1, 1)``: ``(num, chunk_dim)``."""
-    keys = jax.random.split(key, num)
-    cands = jax.vmap(lambda k: policy.sample(s, g, key=k))(keys)
+    """``num`` clipped candidate chunks ``clip(policy.sample(s, g), -1, 1)``: ``(num, chunk_dim)``.
+
+    Uses ``policy.sample_many`` when the policy has it (every :class:`~macfw.nn.flow.BehaviorPolicy`
+    does), else ``num`` calls of ``policy.sample`` with split keys.
+    """
+    if hasattr(policy, "sample_many"):
+        cands = policy.sample_many(s, g, num, key=key)
+    else:
+        cands = jax.vmap(lambda k: policy.sample(s, g, key=k))(jax.random.split(key, num))
     return jnp.clip(cands, -1.0, 1.0)
 
 

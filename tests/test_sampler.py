@@ -41,7 +41,9 @@ def setup():
         act = sampler(policy, critic, s, g, key=key, acting=True)
         c_train = candidates(policy, s, g, N_TRAIN, key)
         c_act = candidates(policy, s, g, N_ACT, key)
-        raw = jax.vmap(lambda k: policy.sample(s, g, key=k))(jax.random.split(key, N_ACT))
+        # the policy's own draws: one-step policy mu on N_ACT noises drawn in one call
+        z = jax.random.normal(key, (N_ACT, SPEC.chunk_dim))
+        raw = jax.vmap(lambda zi: policy.distilled(s, g, zi))(z)
         return train, act, c_train, c_act, raw
 
     return run, key

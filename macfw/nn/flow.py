@@ -48,6 +48,15 @@ class BehaviorPolicy(eqx.Module):
     def sample(self, s, g, *, key: PRNGKeyArray) -> Float[Array, " chunk_dim"]:
         ...
 
+    def sample_many(self, s, g, num: int, *, key: PRNGKeyArray) -> Float[Array, "num chunk_dim"]:
+        """``num`` independent samples for one ``(s, g)``: ``(num, chunk_dim)``, not clipped.
+
+        The default vmaps :meth:`sample` over ``num`` split keys. Policies that map noise to chunks
+        override it to draw all the noise in one call (the rejection sampler's candidates: paper
+        §4.2), which is cheaper than ``num`` separate draws.
+        """
+        return jax.vmap(lambda k: self.sample(s, g, key=k))(jax.random.split(key, num))
+
 
 def solve_flow(field, s, g, z, *, num_steps: int = 10, solver: str | diffrax.AbstractSolver = "euler",
                adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3, max_steps: int = 256):
@@ -154,6 +163,12 @@ class FlowPolicy(BehaviorPolicy):
     def sample(self, s, g, *, key):
         z = jax.random.normal(key, (self.chunk_dim,))
         return self.distilled(s, g, z) if self.one_step is not None else self.solve(s, g, z)
+
+    def sample_many(self, s, g, num, *, key):
+        """``num`` chunks from noise ``z: (num, chunk_dim)`` drawn in one call (mu, or the ODE solve)."""
+        z = jax.random.normal(key, (num, self.chunk_dim))
+        to_chunk = self.distilled if self.one_step is not None else self.solve
+        return jax.vmap(lambda zi: to_chunk(s, g, zi))(z)
 
     def loss(self, s, g, A, *, key):
         kz, ku, kd = jax.random.split(key, 3)

@@ -95,6 +95,12 @@ class GaussianPolicy(BehaviorPolicy):
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         return jnp.tanh(mean + jnp.exp(log_std) * eps)
 
+    def sample_many(self, s, g, num, *, key):
+        """``num`` chunks sharing one evaluation of the mean and std network: ``(num, chunk_dim)``."""
+        mean, log_std = self.mean_log_std(s, g)
+        eps = jax.random.normal(key, (num, *mean.shape), mean.dtype)
+        return jnp.tanh(mean + jnp.exp(log_std) * eps)
+
     def mode(self, s, g) -> Float[Array, " chunk_dim"]:
         """``tanh(mean)``: the deterministic chunk."""
         return jnp.tanh(self.mean_log_std(s, g)[0])
