@@ -627,7 +627,9 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
                     progress_state["last_saved"] = step
                 if stop:
                     interrupted = True
-                    tqdm_write(pbar, f"[macfw] signal {pre.received}: saving step {step}; exiting. "
+                    who = (f"signal {pre.received}" if pre.received is not None
+                           else "another process of this run got a signal")
+                    tqdm_write(pbar, f"[macfw] {who}: saving step {step}; exiting. "
                                      "Re-run the same command to resume.")
                     break
             ckpt.wait()

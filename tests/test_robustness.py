@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -384,12 +385,40 @@ def _scenario_nan(world):
     return dict(workdir=w, rc=rc, text=p.text)
 
 
+def _scenario_sigterm_two_processes(world):
+    """Two jax.distributed processes (one CPU device each) train one run; only process 1 gets SIGTERM
+    once training is under way. Both must stop at the same step, save it together and exit 0."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    w = world["root"] / "term_two"
+    env = {k: v for k, v in world["env"].items() if not k.startswith("MACFW_") or k == "MACFW_CACHE_DIR"}
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    procs = [Proc(_cmd(w, "train.num_steps = 400", "train.save_interval = 400", "train.eval_interval = 400")
+                  + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                  env, world["root"] / f"term_two{i}.log") for i in range(2)]
+    csv = w / "train.csv"
+    t_end = time.time() + 900
+    while all(p.p.poll() is None for p in procs) and time.time() < t_end:  # step 10 done and logged
+        if csv.exists() and csv.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    procs[1].p.send_signal(signal.SIGTERM)
+    rcs = [p.wait() for p in procs]
+    return dict(workdir=w, rcs=rcs, texts=[p.text for p in procs],
+                steps=_listed(w) if (w / "checkpoints").is_dir() else [])
+
+
 SCENARIOS = {  # scenario -> (function, the tests that need it)
     "reference": (_scenario_reference, ("sigkill", "sigterm_mid", "bad_input", "workdir", "schedule")),
     "sigkill": (_scenario_sigkill, ("sigkill",)),
     "sigterm": (_scenario_sigterm, ("sigterm_mid",)),
     "sigterm_startup": (_scenario_sigterm_startup, ("sigterm_during_startup",)),
     "nan": (_scenario_nan, ("injected_nan",)),
+    "sigterm_two": (_scenario_sigterm_two_processes, ("sigterm_two_processes",)),
 }
 
 
@@ -475,6 +504,20 @@ def test_sigterm_during_startup_exits_0_without_a_save(jobs):
     assert r["rc"] == 0, r["text"][-5000:]
     assert "Traceback" not in r["text"] and "stop" in r["text"], r["text"][-5000:]
     assert r["steps"] in ([], [10])  # nothing, or the save of the dispatch under way (a very slow start)
+
+
+@pytest.mark.slow
+def test_sigterm_two_processes_both_save_the_same_step_and_exit_0(jobs):
+    r = jobs["sigterm_two"].result()
+    logs = "\n".join(t[-3000:] for t in r["texts"])
+    assert r["rcs"] == [0, 0], logs
+    assert "Traceback" not in logs, logs
+    saved = [re.findall(r"saving step (\d+); exiting", t) for t in r["texts"]]
+    assert "signal 15: saving step" in r["texts"][1] and "another process of this run got a signal" in r["texts"][0]
+    assert len(saved[0]) == len(saved[1]) == 1 and saved[0] == saved[1], saved
+    step = int(saved[0][0])
+    assert 10 <= step < 400 and r["steps"] == [step], (step, r["steps"])
+    assert _restores(r["workdir"]) == step  # the two-process checkpoint restores in one process
 
 
 @pytest.mark.slow
