@@ -24,16 +24,11 @@ class Sampler(eqx.Module):
 
 
 def candidates(policy, s, g, num: int, key) -> Float[Array, "num chunk_dim"]:
-    """``num`` clipped candidate chunks ``clip(policy.sample(s, g), -1, 1)``: ``(num, chunk_dim)``.
+    """``num`` clipped candidate chunks ``clip(policy.sample_many(s, g, num), -1, 1)``: ``(num, chunk_dim)``.
 
-    Uses ``policy.sample_many`` when the policy has it (every :class:`~macfw.nn.flow.BehaviorPolicy`
-    does), else ``num`` calls of ``policy.sample`` with split keys.
+    ``policy`` is a :class:`~macfw.nn.flow.BehaviorPolicy` (``s: (ob_dim,)``, ``g: (goal_dim,)``).
     """
-    if hasattr(policy, "sample_many"):
-        cands = policy.sample_many(s, g, num, key=key)
-    else:
-        cands = jax.vmap(lambda k: policy.sample(s, g, key=k))(jax.random.split(key, num))
-    return jnp.clip(cands, -1.0, 1.0)
+    return jnp.clip(policy.sample_many(s, g, num, key=key), -1.0, 1.0)
 
 
 @register("sampler")

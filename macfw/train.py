@@ -130,23 +130,24 @@ class TrainStep:
             data_sharding = NamedSharding(self.mesh, spec)
         self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,))
 
-    def __call__(self, data, state: TrainState):
+    def _placed(self, data, state: TrainState):
+        """The dataset (device mode) and the state's arrays, replicated on the mesh.
+
+        Inputs not yet placed there (a state fresh from ``agent.init``) have another type than the
+        step's outputs, so feeding the outputs back would trace and compile the step a second time.
+        Placing them first (a no-op for arrays already there) compiles it once.
+        """
         from macfw.parallel import put_replicated
 
-        # Inputs not yet placed on the mesh (a state fresh from ``agent.init``) have another type
-        # than the step's outputs, so feeding the outputs back would trace and compile the step a
-        # second time. Placing them first (a no-op for arrays already there) compiles it once.
         arrays = put_replicated(eqx.partition(state, eqx.is_array)[0], self.mesh)
-        if not self.host_batches:
-            data = put_replicated(data, self.mesh)
-        arrays, metrics = self._jit(data, arrays)
+        return (data if self.host_batches else put_replicated(data, self.mesh)), arrays
+
+    def __call__(self, data, state: TrainState):
+        arrays, metrics = self._jit(*self._placed(data, state))
         return eqx.combine(arrays, self.static), metrics
 
     def lower(self, data, state):
-        from macfw.parallel import put_replicated
-
-        arrays = put_replicated(eqx.partition(state, eqx.is_array)[0], self.mesh)
-        return self._jit.lower(data if self.host_batches else put_replicated(data, self.mesh), arrays)
+        return self._jit.lower(*self._placed(data, state))
 
 
 def make_train_step(agent: MAC, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,

@@ -395,8 +395,6 @@ def _scenario_sigterm_two_processes(world):
         port = sock.getsockname()[1]
     w = world["root"] / "term_two"
     env = {k: v for k, v in world["env"].items() if not k.startswith("MACFW_") or k == "MACFW_CACHE_DIR"}
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
     procs = [Proc(_cmd(w, "train.num_steps = 400", "train.save_interval = 400", "train.eval_interval = 400")
                   + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
                   env, world["root"] / f"term_two{i}.log") for i in range(2)]

@@ -161,8 +161,7 @@ class FlowPolicy(BehaviorPolicy):
         return self.one_step(jnp.concatenate([s, g, z]))
 
     def sample(self, s, g, *, key):
-        z = jax.random.normal(key, (self.chunk_dim,))
-        return self.distilled(s, g, z) if self.one_step is not None else self.solve(s, g, z)
+        return self.sample_many(s, g, 1, key=key)[0]
 
     def sample_many(self, s, g, num, *, key):
         """``num`` chunks from noise ``z: (num, chunk_dim)`` drawn in one call (mu, or the ODE solve)."""

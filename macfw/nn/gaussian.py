@@ -91,9 +91,7 @@ class GaussianPolicy(BehaviorPolicy):
         return jnp.sum(gauss - log_det)
 
     def sample(self, s, g, *, key):
-        mean, log_std = self.mean_log_std(s, g)
-        eps = jax.random.normal(key, mean.shape, mean.dtype)
-        return jnp.tanh(mean + jnp.exp(log_std) * eps)
+        return self.sample_many(s, g, 1, key=key)[0]
 
     def sample_many(self, s, g, num, *, key):
         """``num`` chunks sharing one evaluation of the mean and std network: ``(num, chunk_dim)``."""
