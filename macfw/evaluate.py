@@ -533,6 +533,37 @@ def _train_setting(name: str, default=None):
         return p.default if p is not None and p.default is not inspect.Parameter.empty else default
 
 
+class TaskMismatchError(ValueError):
+    """A single-task run asked to be evaluated on another task than the one it was trained for."""
+
+
+def resolve_task_ids(env_name: str, task_mode: str, trained_task_id: int | None,
+                     task_ids: Iterable[int] | None) -> tuple[int, ...]:
+    """The evaluation tasks of a run: ``task_ids`` checked, or the run's default.
+
+    A single-task agent learned the rewards of one task (``OGBenchDataset.task_id``; None is
+    OGBench's default task of ``env_name``), so it is evaluated on that task only; a
+    goal-conditioned agent on any of OGBench's five evaluation goals (default all five).
+
+    Raises:
+      TaskMismatchError: a single-task run and a task id other than the trained one.
+    """
+    if task_mode == "singletask":
+        from macfw.data.ogbench_data import default_task_id
+
+        trained = int(trained_task_id) if trained_task_id is not None else default_task_id(env_name)
+        if task_ids is None:
+            return (trained,)
+        task_ids = tuple(int(t) for t in task_ids)
+        if set(task_ids) != {trained}:
+            raise TaskMismatchError(
+                f"This run was trained single-task on {env_name} task{trained} (its rewards came from that task), so "
+                f"it cannot be evaluated on task(s) {sorted(set(task_ids) - {trained})}. Omit --tasks (or "
+                f"train.eval_task_ids) or pass {trained}; for another task train a run with OGBenchDataset.task_id.")
+        return task_ids
+    return (1, 2, 3, 4, 5) if task_ids is None else tuple(int(t) for t in task_ids)
+
+
 def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = ()):
     """Rebuild a run's agent from its checkpoint and restore the state, without loading any data.
 
@@ -617,7 +648,6 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
     import equinox as eqx
 
     from macfw.data.batches import Scaler
-    from macfw.data.ogbench_data import default_task_id
     from macfw.train import make_actor, write_json_atomic
 
     agent, state, meta, step = load_checkpoint(workdir, step, imports)
@@ -627,10 +657,7 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
     env_name, task_mode = meta["env_name"], meta["task_mode"]
     if task_ids is None:
         task_ids = _train_setting("eval_task_ids", None)
-    if task_ids is None:
-        task_ids = ((meta.get("task_id") or default_task_id(env_name),) if task_mode == "singletask"
-                    else (1, 2, 3, 4, 5))
-    task_ids = tuple(int(t) for t in task_ids)
+    task_ids = resolve_task_ids(env_name, task_mode, meta.get("task_id"), task_ids)
     obs_scaler = Scaler.from_dict(meta["obs_scaler"])
     goal_scaler = Scaler.from_dict(meta["goal_scaler"]) if meta.get("goal_scaler") else None
 

@@ -100,10 +100,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """User errors reported as one line (exit code 2) instead of a traceback."""
     from macfw.checkpoint import CheckpointMismatchError, CheckpointSaveError
     from macfw.data.ogbench_data import DatasetError
+    from macfw.evaluate import TaskMismatchError
     from macfw.train import ConfigError, WorkdirError
 
     return (registry.UnknownComponentError, GinConfigError, DatasetError, FileNotFoundError, CheckpointMismatchError,
-            CheckpointSaveError, ConfigError, WorkdirError)
+            CheckpointSaveError, ConfigError, WorkdirError, TaskMismatchError)
 
 
 def one_line(e: BaseException) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 from macfw.agents.mac import MAC, TrainState, param_checksum
 from macfw.checkpoint import Checkpointer
 from macfw.data.batches import Scaler, sample_batch
-from macfw.data.ogbench_data import LoadedData, OGBenchDataset, default_task_id
+from macfw.data.ogbench_data import LoadedData, OGBenchDataset
 
 
 # ------------------------------------------------------------------------------- step function
@@ -282,14 +282,10 @@ def make_actor(agent: MAC, nets, obs_scaler: Scaler, goal_scaler: Scaler | None)
 
 def run_evaluation(agent: MAC, nets, loaded: LoadedData, *, episodes: int, task_ids, execute_steps: int,
                    seed: int, video_path=None):
-    from macfw.evaluate import evaluate
+    from macfw.evaluate import evaluate, resolve_task_ids
 
     actor = make_actor(agent, nets, loaded.obs_scaler, loaded.goal_scaler)
-    if task_ids is None:
-        if loaded.task_mode == "singletask":
-            task_ids = (loaded.task_id or default_task_id(loaded.env_name),)
-        else:
-            task_ids = (1, 2, 3, 4, 5)
+    task_ids = resolve_task_ids(loaded.env_name, loaded.task_mode, loaded.task_id, task_ids)
     return evaluate(actor, loaded.env_name, task_mode=loaded.task_mode, task_ids=tuple(task_ids),
                     episodes_per_task=episodes, execute_steps=execute_steps, seed=seed, video_path=video_path)
 
@@ -485,6 +481,9 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
 
             with pre.interruptible():  # loading (or generating) the data may take long
                 loaded = dataset.load(chunk_len)
+            from macfw.evaluate import resolve_task_ids
+
+            eval_task_ids = resolve_task_ids(loaded.env_name, loaded.task_mode, loaded.task_id, eval_task_ids)
             mesh = make_mesh()
             state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
             pre.check()

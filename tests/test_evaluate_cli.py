@@ -69,12 +69,22 @@ def test_evaluate_cli_reproduces_the_runs_own_evaluation(run):
 
 def test_evaluate_cli_options_and_errors(run):
     w = run["workdir"]
-    r = _evaluate(run, "--step", "10", "--episodes", "2", "--tasks", "1,3", "--execute_steps", "5")
+    r = _evaluate(run, "--step", "10", "--episodes", "2", "--tasks", "2", "--execute_steps", "5")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads((w / "eval_step10.json").read_text())
-    assert out["task_ids"] == [1, 3] and out["episodes"] == 4 and out["execute_steps"] == 5
-    assert set(out["per_task_success"]) == {"task1", "task3"}
+    assert out["task_ids"] == [2] and out["episodes"] == 2 and out["execute_steps"] == 5
+    assert set(out["per_task_success"]) == {"task2"}
     assert 0.0 <= out["success"] <= 1.0
+
+    # a single-task agent learned task2's rewards: other tasks are refused in one line, nothing written
+    before = sorted(p.name for p in w.iterdir())
+    for tasks in ("1,3", "2,4", "5"):
+        r = _evaluate(run, "--tasks", tasks)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("macfw.evaluate: error:"), lines
+        assert "trained single-task on cube-single task2" in lines[0] and "pass 2" in lines[0], lines[0]
+    assert sorted(p.name for p in w.iterdir()) == before
 
     r = _evaluate(run, "--step", "7")
     assert r.returncode == 2 and "Traceback" not in r.stderr

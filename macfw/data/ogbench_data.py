@@ -113,6 +113,10 @@ def check_dataset_file(path: str | os.PathLike, task_mode: str | None = None) ->
                                f"the file is damaged. {fix}")
 
 
+#: Single-task mask semantics (see ``OGBenchDataset.singletask_masks``).
+SINGLETASK_MASKS = ("ogbench", "ones")
+
+
 @register("dataset")
 class OGBenchDataset:
     """An OGBench 'play' dataset, loaded with OGBench's loader and prepared for chunk sampling.
@@ -126,19 +130,28 @@ class OGBenchDataset:
       dataset_path: an existing ``NAME.npz`` (with ``NAME-val.npz`` beside it). None: generate
         into the cache (``num_episodes`` episodes of ``episode_length`` steps, seed ``data_seed``).
       scale_with: fit the [-1, 1] scaling on the ``"val"`` split (the reference's choice) or ``"train"``.
+      singletask_masks: single-task success/termination labels. ``"ogbench"``: OGBench's masks
+        (0 where the task is solved), so the success model learns when a chunk solves the task and
+        imagined single-task rollouts terminate there. ``"ones"``: the authors' loader, which sets
+        every mask to 1, so the success model learns 0 and single-task rollouts never terminate
+        (DESIGN §2.6). Goal-conditioned data ignores it.
 
     Raises:
-      ValueError: unknown ``task_mode`` / ``scale_with``, or an environment OGBench does not know.
+      ValueError: unknown ``task_mode`` / ``scale_with`` / ``singletask_masks``, or an environment
+        OGBench does not know.
     """
 
     def __init__(self, env_name: str = "cube-single", dataset_type: str = "play", task_mode: str = "singletask",
                  task_id: int | None = None, dataset_path: str | None = None, num_episodes: int = 1000,
                  episode_length: int = 1001, data_seed: int = 0, cache_dir: str | None = None,
-                 scale_with: str = "val", workers: int | None = None):
+                 scale_with: str = "val", workers: int | None = None, singletask_masks: str = "ogbench"):
         if task_mode not in TASK_MODES:
             raise DatasetError(f"Unknown OGBenchDataset.task_mode {task_mode!r}; choose one of {list(TASK_MODES)}.")
         if scale_with not in ("val", "train"):
             raise DatasetError(f"Unknown OGBenchDataset.scale_with {scale_with!r}; choose 'val' or 'train'.")
+        if singletask_masks not in SINGLETASK_MASKS:
+            raise DatasetError(f"Unknown OGBenchDataset.singletask_masks {singletask_masks!r}; choose one of "
+                               f"{list(SINGLETASK_MASKS)}.")
         if task_mode == "singletask" and task_id is not None and not 1 <= int(task_id) <= 5:
             raise DatasetError(f"OGBenchDataset.task_id must be in 1..5 or None (the default task), got {task_id!r}.")
         self.env_name = env_name
@@ -152,6 +165,7 @@ class OGBenchDataset:
         self.cache_dir = cache_dir
         self.scale_with = scale_with
         self.workers = workers
+        self.singletask_masks = singletask_masks
 
     # -- names -------------------------------------------------------------------------------
     @property
@@ -253,6 +267,8 @@ class OGBenchDataset:
             goals = np.zeros((n, 0), np.float32)
         rewards = np.asarray(train.get("rewards", np.zeros(n)), np.float32)
         masks = np.asarray(train.get("masks", np.ones(n)), np.float32)
+        if self.task_mode == "singletask" and self.singletask_masks == "ones":
+            masks = np.ones(n, np.float32)  # the authors' loader: no success, no termination
         traj_end = trajectory_ends(train["valids"])
         starts = valid_starts(traj_end, chunk_len)
         data = ChunkData(

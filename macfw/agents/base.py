@@ -1,0 +1,148 @@
+"""The agent interface: what the training loop, evaluation, checkpoints and the benchmark rely on.
+
+Every agent (MAC, its ablations, the baselines) subclasses :class:`Agent` and registers under the
+``agent`` kind (``@register("agent")``). The loop (:mod:`macfw.train`) knows nothing else about
+an agent: it asks for the batch the agent needs (:attr:`Agent.batch_spec`), builds the state
+(:meth:`Agent.init`), runs the pure update (:meth:`Agent.update`) ``K`` times per compiled call,
+checkpoints the whole state, and evaluates with :meth:`Agent.act` on
+:meth:`Agent.acting_params`. Seeds are vmapped over the state and batches are sharded over
+devices by the loop, so an agent is written for one seed and one (global) batch.
+
+A state is an :class:`equinox.Module` with at least these fields (:class:`AgentState` has them):
+
+* ``step``: gradient steps taken, int32 scalar;
+* ``key``: raw PRNG key data ``(2,)`` uint32 (the loop splits it to sample batches on the device);
+* ``nets``: the trained networks (the loop checks them for NaN/Inf once per compiled call).
+
+Anything else an agent must carry between updates (target networks, optimiser state, a buffer of
+model rollouts refreshed every K gradient steps) is a field of its state too, so it is
+checkpointed and restored exactly like the parameters.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import Array, Float
+
+from macfw.spec import Spec
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """What one training sample holds (DESIGN §2.1); the loop samples batches to this spec.
+
+    Every batch (``macfw.data.batches.sample_batch``) holds, per example: ``obs (ob_dim,)`` = s_t;
+    ``actions (chunk_len * act_dim,)`` = a_t .. a_{t+n-1}; ``next_obs (ob_dim,)`` = s_{t+n};
+    ``rewards ()`` the n-step discounted reward ``sum_i gamma^i r_{t+i}`` (single-task; divided by
+    n when ``normalize_reward``), or ``success - 1`` (goal-conditioned); ``masks ()``;
+    ``success ()`` the chunk success label; ``value_goals, actor_goals (goal_dim,)`` hindsight
+    relabelled goals (``(0,)`` single-task); and, when ``future_len > 0``,
+    ``future_obs (future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}.
+
+    Attributes:
+      chunk_len: n, environment steps per sample (1: one-step transitions; n-step targets and
+        action chunks both use n). Only indices ``t`` with ``t + max(n, future_len)`` in the
+        same trajectory are sampled.
+      gamma: per-step discount of the n-step reward and of the geometric actor-goal offset.
+      normalize_reward: divide the single-task n-step reward by n (the MAC authors' scale).
+      future_len: also return the next ``future_len`` observations (0: none).
+    """
+
+    chunk_len: int = 1
+    gamma: float = 0.99
+    normalize_reward: bool = False
+    future_len: int = 0
+
+    @property
+    def window(self) -> int:
+        """Environment steps after ``t`` a sample reads: ``max(chunk_len, future_len)``."""
+        return max(self.chunk_len, self.future_len)
+
+
+class AgentState(eqx.Module):
+    """A generic agent state (an agent may define its own with at least ``step``, ``key``, ``nets``).
+
+    Attributes:
+      step: gradient steps taken (int32 scalar).
+      key: raw PRNG key data ``(2,)`` uint32.
+      nets: the trained networks (what the optimiser updates).
+      opt_state: optax state.
+      extra: any other training-time pytree (target networks, a model-rollout buffer, ...).
+    """
+
+    step: Array
+    key: Array
+    nets: Any
+    opt_state: Any
+    extra: Any = None
+
+
+class Agent(abc.ABC):
+    """Abstract base of every agent (registered under the ``agent`` kind).
+
+    Subclasses set ``self.spec`` in :meth:`init` (sizes come from the data, never from Gin) and
+    implement the four abstract members. Hyperparameters are constructor arguments bound by Gin.
+
+    Attributes:
+      spec: the sizes the agent was built for (None until :meth:`init`).
+      acts_in_chunks: True when :meth:`act` returns a whole chunk ``(chunk_len, act_dim)`` (the
+        loop may execute up to ``chunk_len`` of its actions); False for one action ``(1, act_dim)``.
+    """
+
+    spec: Spec | None = None
+    acts_in_chunks: bool = False
+
+    @property
+    @abc.abstractmethod
+    def batch_spec(self) -> BatchSpec:
+        """The batch this agent trains on (see :class:`BatchSpec`)."""
+
+    @property
+    def chunk_len(self) -> int:
+        """n in environment steps (the data's chunk length)."""
+        return self.batch_spec.chunk_len
+
+    @property
+    def gamma(self) -> float:
+        return self.batch_spec.gamma
+
+    @abc.abstractmethod
+    def init(self, spec: Spec, key) -> eqx.Module:
+        """Build every network for ``spec`` and return a fresh state (``key``: raw key data or an int seed)."""
+
+    @abc.abstractmethod
+    def update(self, state: eqx.Module, batch: dict[str, Array]) -> tuple[eqx.Module, dict[str, Array]]:
+        """One gradient step: ``(state, batch) -> (state, metrics)``; pure and jittable.
+
+        ``batch`` holds ``(B, ...)`` arrays as described in :class:`BatchSpec`; ``metrics`` are
+        scalars with namespaced keys (``dynamics/loss``, ``critic/loss``, ...).
+        """
+
+    @abc.abstractmethod
+    def act(self, params: Any, s: Float[Array, " ob_dim"], g: Float[Array, " goal_dim"], *,
+            key) -> Float[Array, "k act_dim"]:
+        """Actions for one scaled observation and goal: ``(chunk_len, act_dim)`` when
+        :attr:`acts_in_chunks`, else ``(1, act_dim)``; values in [-1, 1]. ``params`` is
+        :meth:`acting_params` of a state."""
+
+    def acting_params(self, state: eqx.Module) -> Any:
+        """The part of a state :meth:`act` needs (default: ``state.nets``)."""
+        return state.nets
+
+
+def param_checksum(tree) -> str:
+    """SHA-256 (hex, first 16 chars) of every array leaf's bytes, in tree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array)):
+        a = np.asarray(leaf)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
