@@ -123,7 +123,7 @@ def collect(out: Path, chunks, seeds) -> dict[int, dict[int, float]]:
             got = (s.get("spec") or {}).get("chunk_len")
             if got is not None and int(got) != n:
                 print(f"[chunk_sweep] warning: {run_dir(out, n, seed)} trained chunk_len={got}, not {n} "
-                      "(a Gin file or binding overrides train.chunk_len?)", file=sys.stderr)
+                      "(a Gin file or binding overrides MAC.chunk_len?)", file=sys.stderr)
             res.setdefault(n, {})[seed] = float(s["success"])
     return res
 

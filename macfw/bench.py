@@ -1,14 +1,18 @@
-"""Throughput benchmark of the MAC update: ``python -m macfw.bench --preset cpu-small [--json PATH]``.
+"""Throughput benchmark of any agent's update: ``python -m macfw.bench --preset cpu-small [--json PATH]``.
 
 Prints updates per second after compilation, the FLOPs of one update from XLA's cost analysis,
 the achieved FLOP/s, and a practical peak measured in the same run: the FLOP/s of a large plain
 matrix product on the same device. ``utilisation = achieved / peak`` (DESIGN §7). It also times
-the imagined rollout alone and the rejection sampler alone.
+the parts of an update the agent names (:meth:`Agent.benchmark_parts`; MAC: the imagined rollout
+and the rejection sampler), as ``<part>_s``.
+
+The agent comes from Gin (default ``gin/mac.gin``; ``--gin_file gin/baselines/mopo.gin`` for
+another agent); a preset binds the sizes (``HIDDEN``, batch size) and MAC's rollout settings.
 
 FLOP counting: XLA's cost analysis counts a loop body once, so the update is compiled for
-counting with the H-step rollout unrolled and one gradient step per call, and the diffrax ODE
-loop of the distillation target (``flow_steps`` field evaluations, counted once) is corrected by
-adding ``flow_steps - 1`` times the cost of one batched velocity evaluation.
+counting from :meth:`Agent.for_flop_count` (MAC: the H-step rollout unrolled) with one gradient
+step per call, plus :meth:`Agent.uncounted_flops` (MAC: ``flow_steps - 1`` more velocity
+evaluations of the distillation target's diffrax ODE loop).
 
 On a GPU: ``python -m macfw.bench --preset paper --json bench.json`` (bf16 matrix products
 with ``--compute-dtype bfloat16``).
@@ -19,34 +23,39 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from macfw.agents.mac import MAC
-from macfw.data.batches import ChunkData, sample_batch, trajectory_ends, valid_starts
-from macfw.nn.flow import FlowPolicy
-from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
-from macfw.samplers import RejectionSampler
+from macfw.data.batches import ChunkData, sample_for, trajectory_ends, valid_starts
 from macfw.spec import Spec
 
+REPO = Path(__file__).resolve().parents[1]
+
+#: Sizes (``batch``, ``steps_per_dispatch``) and Gin bindings of each preset.
 PRESETS = {
     # MLP 2 x 256, batch 256, rollout batch 256, n = 10, H = 10, N = 8 (DESIGN §7's CPU reference point)
-    "cpu-small": dict(hidden=(256, 256), batch=256, rollout_batch=256, chunk=10, horizon=10, num_train=8,
-                      flow_steps=10, steps_per_dispatch=10),
+    "cpu-small": dict(batch=256, steps_per_dispatch=10, bindings={
+        "HIDDEN": (256, 256), "CHUNK": 10, "MAC.rollout_batch_size": 256, "MAC.horizon": 10,
+        "RejectionSampler.num_train_candidates": 8, "FlowPolicy.flow_steps": 10}),
     # the paper's defaults (DESIGN §2.6)
-    "paper": dict(hidden=(1024,) * 4, batch=1024, rollout_batch=1024, chunk=10, horizon=10, num_train=8,
-                  flow_steps=10, steps_per_dispatch=10),
+    "paper": dict(batch=1024, steps_per_dispatch=10, bindings={
+        "HIDDEN": (1024,) * 4, "CHUNK": 10, "MAC.rollout_batch_size": 1024, "MAC.horizon": 10,
+        "RejectionSampler.num_train_candidates": 8, "FlowPolicy.flow_steps": 10}),
     # tiny, for tests
-    "tiny": dict(hidden=(32, 32), batch=32, rollout_batch=16, chunk=5, horizon=3, num_train=2, flow_steps=3,
-                 steps_per_dispatch=2),
+    "tiny": dict(batch=32, steps_per_dispatch=2, bindings={
+        "HIDDEN": (32, 32), "CHUNK": 5, "MAC.rollout_batch_size": 16, "MAC.horizon": 3,
+        "RejectionSampler.num_train_candidates": 2, "FlowPolicy.flow_steps": 3}),
 }
 
 
-def synthetic_data(spec: Spec, num_episodes: int = 20, episode_length: int = 201, seed: int = 0) -> ChunkData:
-    """Random data in OGBench's compact layout (sizes matter for speed, values do not)."""
+def synthetic_data(spec: Spec, num_episodes: int = 20, episode_length: int = 201, seed: int = 0,
+                   window: int | None = None) -> ChunkData:
+    """Random data in OGBench's compact layout (sizes matter for speed, values do not); chunk starts
+    leave ``window`` steps (default ``spec.chunk_len``) before each trajectory's end."""
     rng = np.random.default_rng(seed)
     n = num_episodes * episode_length
     valids = np.ones(n, np.float32)
@@ -58,18 +67,33 @@ def synthetic_data(spec: Spec, num_episodes: int = 20, episode_length: int = 201
         goals=jnp.asarray(rng.uniform(-1, 1, (n, spec.goal_dim)), jnp.float32),
         rewards=jnp.asarray(-(rng.uniform(size=n) < 0.9).astype(np.float32)),
         masks=jnp.asarray(rng.uniform(size=n) < 0.95, jnp.float32),
-        traj_end=jnp.asarray(ends), starts=jnp.asarray(valid_starts(ends, spec.chunk_len)),
+        traj_end=jnp.asarray(ends), starts=jnp.asarray(valid_starts(ends, max(spec.chunk_len, window or 0))),
     )
 
 
-def build_agent(p: dict, *, gamma=0.99, compute_dtype=None, unroll=False) -> MAC:
-    def bind(cls, **kw):
-        return lambda spec, key: cls(spec, key=key, hidden_dims=p["hidden"], compute_dtype=compute_dtype, **kw)
+def build_agent(preset: dict, *, gin_files=("gin/mac.gin",), gin_bindings=(), compute_dtype=None):
+    """The agent that ``gin_files`` bind to ``train.agent``, with ``preset``'s sizes and bindings.
 
-    return MAC(dynamics=bind(ChunkDynamics), policy=bind(FlowPolicy, flow_steps=p["flow_steps"]), critic=bind(QCritic),
-               value=bind(StateValue), success=bind(SuccessModel), reward=bind(RewardModel),
-               sampler=RejectionSampler(p["num_train"], 32), gamma=gamma, horizon=p["horizon"],
-               rollout_batch_size=p["rollout_batch"], unroll_rollout=unroll)
+    Gin files are looked up relative to the working directory, then to the macfw checkout.
+
+    Raises:
+      FileNotFoundError: a Gin file that exists in neither place.
+    """
+    import gin
+
+    from macfw.run import parse_gin
+
+    files = []
+    for f in gin_files:
+        p = Path(f)
+        if not p.is_file() and (REPO / f).is_file():
+            p = REPO / f
+        files.append(str(p))
+    binds = {**preset["bindings"], **({"COMPUTE_DTYPE": compute_dtype} if compute_dtype else {})}
+    gin.clear_config()
+    parse_gin(files, [f"{k} = {v!r}" for k, v in binds.items()] + list(gin_bindings))
+    ref = gin.query_parameter("train.agent")
+    return ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
 
 
 def _flops(compiled) -> float:
@@ -108,18 +132,23 @@ def matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
     return 2.0 * size**3 / mean
 
 
-def run(preset: str = "cpu-small", *, ob_dim: int = 28, act_dim: int = 5, goal_dim: int = 0, compute_dtype=None,
-        steps_per_dispatch: int | None = None, dispatches: int = 5) -> dict:
-    p = dict(PRESETS[preset])
+def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28,
+        act_dim: int = 5, goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None,
+        dispatches: int = 5) -> dict:
+    """Time one agent's training step at ``preset``'s sizes on synthetic data; returns the figures."""
+    from macfw.step import make_train_step
+
+    p = PRESETS[preset]
     K = steps_per_dispatch or p["steps_per_dispatch"]
-    spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=p["chunk"])
-    data = synthetic_data(spec)
-    from macfw.train import make_train_step
+    B = p["batch"]
+    agent = build_agent(p, gin_files=gin_files, gin_bindings=gin_bindings, compute_dtype=compute_dtype)
+    bspec = agent.batch_spec
+    spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=bspec.chunk_len)
+    data = synthetic_data(spec, window=bspec.window)
 
     # --- timing: the real training step (K updates per dispatch)
-    agent = build_agent(p, compute_dtype=compute_dtype)
     state = agent.init(spec, jax.random.PRNGKey(0))
-    step = make_train_step(agent, batch_size=p["batch"], chunk_len=p["chunk"], steps_per_dispatch=K)
+    step = make_train_step(agent, batch_size=B, steps_per_dispatch=K, template=state)
     t0 = time.perf_counter()
     state, m = step(data, state)
     jax.block_until_ready(m)
@@ -131,49 +160,43 @@ def run(preset: str = "cpu-small", *, ob_dim: int = 28, act_dim: int = 5, goal_d
     dt = time.perf_counter() - t0
     ups = dispatches * K / dt
 
-    # --- FLOPs per update: XLA cost analysis (rollout unrolled; ODE loop corrected)
-    agent_c = build_agent(p, compute_dtype=compute_dtype, unroll=True)
+    # --- FLOPs per update: XLA cost analysis of the counting variant, plus what it misses
+    agent_c = agent.for_flop_count()
     state_c = agent_c.init(spec, jax.random.PRNGKey(0))
-    step_c = make_train_step(agent_c, batch_size=p["batch"], chunk_len=p["chunk"], steps_per_dispatch=1)
+    step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
     t0 = time.perf_counter()
-    flops_step = _flops(step_c.lower(data, state_c).compile())
+    flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
     count_compile_s = time.perf_counter() - t0
-    pol = state_c.nets.policy
-    B = p["batch"]
-    s = jnp.zeros((B, spec.ob_dim)); g = jnp.zeros((B, spec.goal_dim)); x = jnp.zeros((B, spec.chunk_dim))
-    vel = jax.jit(jax.vmap(lambda pol, s, g, x: pol.velocity(s, g, x, 0.5), in_axes=(None, 0, 0, 0)))
-    flops_vel = _flops(vel.lower(pol, s, g, x).compile())
-    flops = flops_step + (p["flow_steps"] - 1) * flops_vel
     peak = matmul_peak(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
 
-    # --- rollout alone and sampler alone
-    Br = p["rollout_batch"]
-    s0 = data.observations[:Br]; g0 = data.goals[:Br]
-    roll = eqx.filter_jit(lambda nets, s, g, k: agent.rollout(nets, s, g, k)["states"])
-    roll_mean, _ = _time(roll, state.nets, s0, g0, jax.random.PRNGKey(1))
-    samp = eqx.filter_jit(jax.vmap(lambda nets, s, g, k: agent.sampler(nets.policy, nets.critic, s, g, key=k),
-                                   in_axes=(None, 0, 0, 0)))
-    samp_mean, _ = _time(samp, state.nets, s0, g0, jax.random.split(jax.random.PRNGKey(2), Br))
+    # --- the parts the agent names, alone
+    batch = sample_for(bspec, data, jax.random.PRNGKey(3), B, goal_conditioned=spec.goal_conditioned)
+    parts = {}
+    for name, (fn, args) in agent.benchmark_parts(state, batch).items():
+        parts[f"{name}_s"] = _time(fn, *args)[0]
+        parts[f"{name}_per_s"] = 1.0 / parts[f"{name}_s"]
 
     achieved = flops * ups
-    out = {
-        "preset": preset, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-        "num_devices": jax.device_count(), "compute_dtype": compute_dtype or "float32",
+    return {
+        "preset": preset, "agent": type(agent).__name__, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]), "num_devices": jax.device_count(), "compute_dtype": compute_dtype or "float32",
         "steps_per_dispatch": K, "compile_s": compile_s, "count_compile_s": count_compile_s,
         "updates_per_s": ups, "flops_per_update": flops, "achieved_flops": achieved,
-        "matmul_peak_flops": peak, "utilisation": achieved / peak,
-        "rollout_s": roll_mean, "rollout_per_s": 1.0 / roll_mean,
-        "sampler_s": samp_mean, "sampler_calls_per_s": Br / samp_mean,
-        "config": {**p, "steps_per_dispatch": K, "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},
+        "matmul_peak_flops": peak, "utilisation": achieved / peak, **parts,
+        "config": {"batch": B, "steps_per_dispatch": K, "bindings": {k: v for k, v in p["bindings"].items()},
+                   "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": bspec.__dict__,
+                   "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},
         "versions": {"jax": jax.__version__},
     }
-    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m macfw.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    ap.add_argument("--gin_file", action="append", default=None,
+                    help="Gin file binding train.agent (repeatable; default gin/mac.gin)")
+    ap.add_argument("--gin_bindings", action="append", default=[], help="extra Gin binding (repeatable)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     ap.add_argument("--compute-dtype", default=None, choices=[None, "bfloat16", "float32"],
                     help="matrix-product dtype (parameters stay float32)")
@@ -183,10 +206,11 @@ def main(argv=None) -> int:
     ap.add_argument("--act-dim", type=int, default=5)
     ap.add_argument("--goal-dim", type=int, default=0)
     a = ap.parse_args(argv)
-    out = run(a.preset, ob_dim=a.ob_dim, act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
+    out = run(a.preset, gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim, act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
               steps_per_dispatch=a.steps_per_dispatch, dispatches=a.dispatches)
-    for k in ("preset", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s", "updates_per_s",
-              "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation", "rollout_s", "sampler_s"):
+    keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",
+            "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation")
+    for k in keys + tuple(k for k in out if k.endswith("_s") and k not in keys and k != "count_compile_s"):
         v = out[k]
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
     if a.json:

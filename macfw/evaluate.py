@@ -517,20 +517,20 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------
 
 
-def _train_setting(name: str, default=None):
-    """``train.<name>`` from the parsed Gin config, else train()'s own default."""
-    import inspect
+#: Evaluation defaults (``train.eval_episodes``, ``train.execute_steps``, ``train.eval_seed``).
+DEFAULT_EPISODES, DEFAULT_EXECUTE_STEPS, DEFAULT_EVAL_SEED = 15, 1, 10_000
 
+
+def _run_setting(meta: dict, key: str, binding: str, default):
+    """An evaluation setting of a run: its checkpoint's ``meta['eval']``, else its Gin config, else ``default``."""
     import gin
 
+    if key in (meta.get("eval") or {}):
+        return meta["eval"][key]
     try:
-        return gin.query_parameter(f"train.{name}")
+        return gin.query_parameter(binding)
     except ValueError:
-        from macfw.train import train
-
-        fn = getattr(train, "__wrapped__", train)
-        p = inspect.signature(fn).parameters.get(name)
-        return p.default if p is not None and p.default is not inspect.Parameter.empty else default
+        return default
 
 
 class TaskMismatchError(ValueError):
@@ -564,6 +564,62 @@ def resolve_task_ids(env_name: str, task_mode: str, trained_task_id: int | None,
     return (1, 2, 3, 4, 5) if task_ids is None else tuple(int(t) for t in task_ids)
 
 
+def seed_params(agent, state, num_seeds: int | None) -> list:
+    """Per seed, :meth:`Agent.acting_params` of ``state`` on the host (one entry without ``num_seeds``)."""
+    import equinox as eqx
+    import jax
+
+    from macfw.parallel import to_host
+
+    params = agent.acting_params(state)
+    params = eqx.combine(jax.tree_util.tree_map(to_host, eqx.filter(params, eqx.is_array)),
+                         eqx.filter(params, eqx.is_array, inverse=True))
+    if num_seeds is None:
+        return [params]
+    return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, params) for i in range(num_seeds)]
+
+
+def make_actor(agent, params, obs_scaler, goal_scaler) -> Actor:
+    """An :data:`Actor` ``(obs, goal, seed) -> (k, act_dim)`` that scales inputs like training and calls
+    :meth:`Agent.act` (compiled once) on ``params`` (:meth:`Agent.acting_params` of one seed)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    act = eqx.filter_jit(lambda p, s, g, k: agent.act(p, s, g, key=k))
+    empty = np.zeros((0,), np.float32)
+
+    def actor(obs, goal, seed):
+        s = obs_scaler(np.asarray(obs, np.float32))
+        g = empty if goal is None or goal_scaler is None else goal_scaler(np.asarray(goal, np.float32))
+        return np.asarray(act(params, jnp.asarray(s), jnp.asarray(g), jax.random.PRNGKey(seed)))
+
+    return actor
+
+
+def merge_results(results: list[EvalResult]) -> dict:
+    """Mean over seeds of success and per-task success; total episodes."""
+    tasks = results[0].per_task_success.keys()
+    return {
+        "success": float(np.mean([r.success for r in results])),
+        "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},
+        "episodes": int(sum(r.episodes for r in results)),
+        "mean_return": float(np.mean([r.mean_return for r in results])),
+        "mean_length": float(np.mean([r.mean_length for r in results])),
+    }
+
+
+def eval_row(results: list[EvalResult]) -> dict:
+    """One ``eval.csv`` row: merged success, per task, per seed (with several seeds)."""
+    res = merge_results(results)
+    row = {"success": res["success"], "episodes": res["episodes"],
+           **{f"success/{k}": v for k, v in res["per_task_success"].items()},
+           "mean_return": res["mean_return"], "mean_length": res["mean_length"]}
+    if len(results) > 1:
+        row.update({f"success/seed{i}": r.success for i, r in enumerate(results)})
+    return row
+
+
 def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = ()):
     """Rebuild a run's agent from its checkpoint and restore the state, without loading any data.
 
@@ -585,15 +641,12 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
     """
     import importlib
 
-    import equinox as eqx
     import gin
-    import jax
-    import jax.numpy as jnp
 
-    import macfw  # noqa: F401  (registers the built-in components)
-    import macfw.train  # noqa: F401
+    import macfw  # noqa: F401  (registers the built-in components and Gin configurables)
     from macfw.checkpoint import Checkpointer
     from macfw.spec import Spec
+    from macfw.step import init_state
 
     for mod in imports:
         importlib.import_module(mod)
@@ -612,20 +665,15 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
         meta = ckpt.read_meta(steps[-1] if step is None else int(step))
         gin.clear_config()
         gin.parse_config(meta["gin_config"])
-        ref = gin.query_parameter("train.agent")
+        try:
+            ref = gin.query_parameter("train.agent")
+        except ValueError:
+            ref = None
         agent = ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
         if agent is None:
-            from macfw.agents.mac import MAC
-
-            agent = MAC()
-        spec = Spec(**meta["spec"])
-        num_seeds = meta.get("num_seeds")
-        if num_seeds is None:
-            template = agent.init(spec, jax.random.PRNGKey(0))
-        else:
-            keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
-            template = eqx.filter_vmap(lambda k: agent.init(spec, k))(keys)
-            agent.spec = spec
+            raise FileNotFoundError(f"The config stored in {str(ckdir)!r} binds no train.agent; this checkpoint "
+                                    "cannot be rebuilt.")
+        template = init_state(agent, Spec(**meta["spec"]), 0, meta.get("num_seeds"))
         state, meta = ckpt.restore(template, step)
     finally:
         ckpt.close()
@@ -644,30 +692,25 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
     own evaluation at that step, so the result matches ``eval.csv`` there). With ``num_seeds`` every
     seed is evaluated; ``success`` is the mean over seeds. Writes ``workdir/eval_step{N}.json``.
     """
-    import jax
-    import equinox as eqx
-
     from macfw.data.batches import Scaler
-    from macfw.train import make_actor, write_json_atomic
+    from macfw.logs import write_json_atomic
 
     agent, state, meta, step = load_checkpoint(workdir, step, imports)
-    episodes = int(_train_setting("eval_episodes", 15) if episodes is None else episodes)
-    execute_steps = int(_train_setting("execute_steps", 1) if execute_steps is None else execute_steps)
-    eval_seed = int(_train_setting("eval_seed", 10_000))
+    episodes = int(_run_setting(meta, "episodes", "train.eval_episodes", DEFAULT_EPISODES)
+                   if episodes is None else episodes)
+    execute_steps = int(_run_setting(meta, "execute_steps", "train.execute_steps", DEFAULT_EXECUTE_STEPS)
+                        if execute_steps is None else execute_steps)
+    eval_seed = int(_run_setting(meta, "seed", "train.eval_seed", DEFAULT_EVAL_SEED))
     env_name, task_mode = meta["env_name"], meta["task_mode"]
     if task_ids is None:
-        task_ids = _train_setting("eval_task_ids", None)
+        task_ids = _run_setting(meta, "task_ids", "train.eval_task_ids", None)
     task_ids = resolve_task_ids(env_name, task_mode, meta.get("task_id"), task_ids)
     obs_scaler = Scaler.from_dict(meta["obs_scaler"])
     goal_scaler = Scaler.from_dict(meta["goal_scaler"]) if meta.get("goal_scaler") else None
 
-    nets = eqx.combine(jax.device_get(eqx.filter(state.nets, eqx.is_array)),
-                       eqx.filter(state.nets, eqx.is_array, inverse=True))
     num_seeds = meta.get("num_seeds")
-    per_seed = [nets] if num_seeds is None else [
-        jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, nets) for i in range(num_seeds)]
     results = []
-    for i, n in enumerate(per_seed):
+    for i, n in enumerate(seed_params(agent, state, num_seeds)):
         s = (eval_seed + step + 1000 * i) if seed is None else int(seed) + 1000 * i
         actor = make_actor(agent, n, obs_scaler, goal_scaler)
         vp = video_path if (video_path is not None and i == 0) else None

@@ -1,4 +1,14 @@
-"""The training loop: one compiled, donated step function; hooks every N steps from plain Python.
+"""The training loop, for any registered :class:`~macfw.agents.base.Agent`.
+
+:func:`train` runs in named phases, each in one place:
+
+1. :func:`check_settings`: every ``train.*`` value, before anything is written;
+2. :func:`build`: the run folder, the data (to the agent's batch spec), the mesh and a fresh state;
+3. :func:`restore_or_initialize`: the newest complete checkpoint, or the fresh state;
+4. the loop: one compiled, donated call of K updates (:class:`macfw.step.TrainStep`) per
+   iteration, then the hooks (:class:`LogHook`, :class:`EvalHook`, :class:`SaveHook`), each
+   acting every N gradient steps;
+5. :func:`summarize`: ``summary.json``.
 
 Units: ``num_steps``, ``log_interval``, ``eval_interval`` and ``save_interval`` count gradient
 steps; ``steps_per_dispatch`` gradient steps run per compiled call (``lax.scan``).
@@ -6,11 +16,8 @@ steps; ``steps_per_dispatch`` gradient steps run per compiled call (``lax.scan``
 
 from __future__ import annotations
 
-import csv
-import json
-import math
+import dataclasses
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -18,364 +25,112 @@ from typing import Any
 import equinox as eqx
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from macfw.agents.mac import MAC, TrainState, param_checksum
-from macfw.checkpoint import Checkpointer
-from macfw.data.batches import Scaler, sample_batch
-from macfw.data.ogbench_data import LoadedData, OGBenchDataset
+from macfw.agents.base import Agent, param_checksum
+from macfw.checkpoint import Checkpointer, CheckpointMismatchError
+from macfw.data.ogbench_data import LoadedData
+from macfw.errors import ConfigError
+from macfw.evaluate import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, eval_row, evaluate,
+                            make_actor, merge_results, resolve_task_ids, seed_params)
+from macfw.logs import CSVLog, json_scaler, tqdm_write, versions, write_json_atomic
+from macfw.parallel import make_mesh, put_replicated, to_host
+from macfw.signals import Preempted, Preemption
+from macfw.step import HostBatches, NonFiniteError, TrainStep, check_finite, init_state, make_train_step
 
+__all__ = ["train", "TrainStep", "make_train_step", "HostBatches", "init_state", "NonFiniteError", "ConfigError",
+           "WorkdirError", "Preempted"]
 
-# ------------------------------------------------------------------------------- step function
-class NonFiniteError(FloatingPointError):
-    """A loss or parameter became NaN/Inf; the message names the step and the loss terms."""
-
-
-class ConfigError(ValueError):
-    """A ``train.*`` setting has a wrong type or value (the message names it and the fix)."""
+#: Host-mode batches are drawn from ``fold_in(PRNGKey(seed + HOST_KEY_OFFSET), step)``.
+HOST_KEY_OFFSET = 7919
 
 
 class WorkdirError(PermissionError):
     """The run folder cannot be created or written."""
 
 
-class Preempted(BaseException):
-    """Raised by the SIGTERM/SIGINT handler while nothing is left to save (setup, evaluation).
+# ------------------------------------------------------------------------------- 1. settings
+def check_settings(*, agent, dataset, steps_per_dispatch, num_steps, log_interval, eval_interval, save_interval,
+                   num_seeds, max_to_keep) -> int:
+    """Check the ``train.*`` values that need no data; returns K = ``steps_per_dispatch``.
 
-    A ``BaseException`` (like ``KeyboardInterrupt``) so that library code's ``except Exception``
-    does not swallow it; :func:`train` turns it into a clean, interrupted return.
+    Raises:
+      ConfigError: naming the binding, the value received and the allowed range.
     """
+    if not isinstance(agent, Agent):
+        raise ConfigError(f"train.agent = {agent!r} is not an agent: bind a registered one, e.g. "
+                          "train.agent = @MAC() (see macfw.registry.registered('agent')).")
+    if dataset is None:
+        raise ConfigError("train.dataset is not set: bind one, e.g. train.dataset = @OGBenchDataset().")
+    K = steps_per_dispatch
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
+        raise ConfigError(f"train.steps_per_dispatch must be a positive integer, got {K!r}.")
+    K = int(K)
+    for name, v in dict(num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
+                        save_interval=save_interval).items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % K:
+            raise ConfigError(f"train.{name} must be a positive integer multiple of train.steps_per_dispatch={K}, "
+                              f"got {v!r}. Fix the Gin binding train.{name}.")
+    if num_seeds is not None and (isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer))
+                                  or num_seeds < 1):
+        raise ConfigError(f"train.num_seeds must be an integer >= 1 or None, got {num_seeds!r}.")
+    if max_to_keep is not None and (not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 1):
+        raise ConfigError(f"train.max_to_keep must be an integer >= 1 or None (keep all), got {max_to_keep!r}.")
+    return K
 
 
-class TrainStep:
-    """``step(data, state) -> (state, metrics)``: ``steps_per_dispatch`` MAC updates in one compiled call.
+# ------------------------------------------------------------------------------- 2. build
+@dataclasses.dataclass
+class Run:
+    """What every phase and hook of one run shares."""
 
-    One ``jax.jit`` with explicit shardings: the state (parameters, optimiser state, target value,
-    key) and the on-device dataset replicated over the mesh, every batch sharded along its
-    ``data`` axis, the state donated. Batches are sampled on the device from the state's key
-    (``host_batches=False``), or passed in, stacked ``(K, B, ...)``, by a host-side prefetcher.
-    With ``num_seeds`` the state carries a leading seed axis and the update is vmapped over it.
-    Metrics are averaged over the K updates on the device; ``guard/finite`` is 1 when every loss
-    and parameter is finite, and ``guard/first_bad`` is the index (0..K-1) of the first update of
-    the dispatch that was not. ``debug_nan_at_step=N`` (tests only) multiplies the observations of
-    the batch of gradient step N (the update after which ``state.step == N``) by NaN.
+    workdir: Path
+    agent: Agent
+    loaded: LoadedData
+    mesh: Any
+    state: Any
+    seed: int
+    num_seeds: int | None
+    lead: bool
+    pre: Preemption
+    ckpt: Checkpointer | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+    pbar: Any = None
+    tb: Any = None
+    t_start: float = dataclasses.field(default_factory=time.time)
+
+
+def open_workdir(workdir) -> Path:
+    """Create ``workdir`` and prove it is writable.
+
+    Raises:
+      WorkdirError: it cannot be created or written.
     """
-
-    def __init__(self, agent: MAC, template: TrainState, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
-                 normalize_reward: bool = True, mesh=None, host_batches: bool = False, num_seeds: int | None = None,
-                 debug_nan_at_step: int | None = None):
-        from macfw.parallel import batch_sharded, data_axis_size, make_mesh, replicated
-
-        self.mesh = mesh if mesh is not None else make_mesh()
-        n_data = data_axis_size(self.mesh)
-        if batch_size % n_data:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_data} devices on the "
-                             "mesh's data axis; change the batch size or make_mesh.mesh_shape.")
-        self.agent, self.K, self.host_batches, self.num_seeds = agent, int(steps_per_dispatch), host_batches, num_seeds
-        self.batch_size, self.chunk_len, self.normalize_reward = batch_size, chunk_len, normalize_reward
-        _, self.static = eqx.partition(template, eqx.is_array)
-        goal_conditioned = agent.spec.goal_conditioned
-        bshard = batch_sharded(self.mesh)
-
-        def constrain(batch):
-            return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, bshard), batch)
-
-        def one(data_or_batch, st: TrainState):
-            if host_batches:
-                batch = data_or_batch
-            else:
-                k_batch, k_next = jax.random.split(st.key)
-                batch = sample_batch(data_or_batch, k_batch, batch_size, chunk_len=chunk_len, gamma=agent.gamma,
-                                     goal_conditioned=goal_conditioned, normalize_reward=normalize_reward)
-                st = eqx.tree_at(lambda s: s.key, st, k_next)
-            if debug_nan_at_step is not None:
-                poison = jnp.where(st.step + 1 == debug_nan_at_step, jnp.nan, 1.0)
-                batch = dict(batch)
-                for k in ("obs", "next_obs"):
-                    if k in batch:
-                        batch[k] = batch[k] * poison.astype(batch[k].dtype)
-            if num_seeds is None:
-                batch = constrain(batch)
-            st, metrics = agent.update(st, batch)
-            # Scalars only (losses and the gradient norm): a parameter can only turn non-finite
-            # through a non-finite gradient, and the parameters are checked once per dispatch below.
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
-            metrics["guard/finite"] = finite.astype(jnp.float32)
-            return st, metrics
-
-        if num_seeds is not None:
-            one = jax.vmap(one, in_axes=(0 if host_batches else None, 0))
-
-        def run(data, arrays):
-            st = eqx.combine(arrays, self.static)
-            if host_batches:
-                st, metrics = jax.lax.scan(lambda c, b: one(b, c), st, data)
-            else:
-                st, metrics = jax.lax.scan(lambda c, _: one(data, c), st, None, length=self.K)
-            ok = metrics["guard/finite"].reshape(metrics["guard/finite"].shape[0], -1).min(axis=1) >= 1.0  # (K,)
-            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
-                eqx.filter(st.nets, eqx.is_inexact_array))]))
-            metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
-            metrics["guard/finite"] = (metrics["guard/finite"] >= 1.0) & params_ok
-            metrics["guard/first_bad"] = jnp.argmin(ok).astype(jnp.int32)
-            return eqx.partition(st, eqx.is_array)[0], metrics
-
-        repl = replicated(self.mesh)
-        data_sharding = repl
-        if host_batches:
-            from jax.sharding import NamedSharding, PartitionSpec as P
-
-            spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
-            data_sharding = NamedSharding(self.mesh, spec)
-        self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,))
-
-    def _placed(self, data, state: TrainState):
-        """The dataset (device mode) and the state's arrays, replicated on the mesh.
-
-        Inputs not yet placed there (a state fresh from ``agent.init``) have another type than the
-        step's outputs, so feeding the outputs back would trace and compile the step a second time.
-        Placing them first (a no-op for arrays already there) compiles it once.
-        """
-        from macfw.parallel import put_replicated
-
-        arrays = put_replicated(eqx.partition(state, eqx.is_array)[0], self.mesh)
-        return (data if self.host_batches else put_replicated(data, self.mesh)), arrays
-
-    def __call__(self, data, state: TrainState):
-        arrays, metrics = self._jit(*self._placed(data, state))
-        return eqx.combine(arrays, self.static), metrics
-
-    def lower(self, data, state):
-        return self._jit.lower(*self._placed(data, state))
+    workdir = Path(workdir).absolute()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
+                           "Pass a writable --workdir.") from e
+    return workdir
 
 
-def make_train_step(agent: MAC, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
-                    normalize_reward: bool = True, template: TrainState | None = None, mesh=None,
-                    host_batches: bool = False, num_seeds: int | None = None,
-                    debug_nan_at_step: int | None = None) -> TrainStep:
-    """Build the compiled step (see :class:`TrainStep`); ``template`` defaults to a fresh init."""
-    if template is None:
-        template = agent.init(agent.spec, jax.random.PRNGKey(0))
-    return TrainStep(agent, template, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=steps_per_dispatch,
-                     normalize_reward=normalize_reward, mesh=mesh, host_batches=host_batches, num_seeds=num_seeds,
-                     debug_nan_at_step=debug_nan_at_step)
+def build(workdir: Path, agent: Agent, dataset, *, seed: int, num_seeds: int | None, pre: Preemption) -> Run:
+    """Load the data the agent's batch spec needs, build the mesh and a fresh state."""
+    bspec = agent.batch_spec
+    with pre.interruptible():  # loading (or generating) the data may take long
+        loaded = dataset.load(bspec.chunk_len, bspec.window)
+    mesh = make_mesh()
+    state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
+    pre.check()
+    return Run(workdir=workdir, agent=agent, loaded=loaded, mesh=mesh, state=state, seed=seed, num_seeds=num_seeds,
+               lead=jax.process_index() == 0, pre=pre)
 
 
-class HostBatches:
-    """Samples ``(K, B, ...)`` batch stacks on the host CPU and prefetches them to the devices.
-
-    For datasets that do not fit in device memory. The sampling key of dispatch ``i`` is
-    ``fold_in(key, first step of i)``, so a resumed run draws the same batches without saved state.
-    """
-
-    def __init__(self, data, *, key, batch_size: int, chunk_len: int, gamma: float, goal_conditioned: bool,
-                 normalize_reward: bool, K: int, sharding, num_seeds: int | None = None):
-        import threading
-        import queue
-
-        cpu = jax.devices("cpu")[0]
-        self.data = jax.device_put(data, cpu)
-        self.key = jax.device_put(key, cpu)
-        S = num_seeds
-
-        def sample_k(data, key):
-            def one(k):
-                if S is None:
-                    return sample_batch(data, k, batch_size, chunk_len=chunk_len, gamma=gamma,
-                                        goal_conditioned=goal_conditioned, normalize_reward=normalize_reward)
-                return jax.vmap(lambda kk: sample_batch(data, kk, batch_size, chunk_len=chunk_len, gamma=gamma,
-                                                        goal_conditioned=goal_conditioned,
-                                                        normalize_reward=normalize_reward))(jax.random.split(k, S))
-            return jax.vmap(one)(jax.random.split(key, K))
-
-        self._sample = jax.jit(sample_k)
-        self.sharding = sharding
-        self._queue: "queue.Queue" = queue.Queue(maxsize=2)
-        self._threading = threading
-        self._thread = None
-
-    def _make(self, step: int):
-        with jax.default_device(jax.devices("cpu")[0]):
-            b = self._sample(self.data, jax.random.fold_in(self.key, step))
-        return jax.device_put(b, self.sharding)
-
-    def start(self, first_step: int, stride: int, last_step: int):
-        def work():
-            s = first_step
-            while s < last_step:
-                self._queue.put(self._make(s))
-                s += stride
-        self._thread = self._threading.Thread(target=work, daemon=True)
-        self._thread.start()
-
-    def next(self):
-        return self._queue.get()
-
-
-# ------------------------------------------------------------------------------- logging
-class CSVLog:
-    """Append-only CSV with a fixed header; on resume, rows after the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        self.fields: list[str] | None = None
-        if path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-                fields = list(rows[0].keys()) if rows else None
-            if resume_step is None:
-                rows = []
-            else:
-                rows = [r for r in rows if int(float(r["step"])) <= resume_step]
-            self.fields = fields if rows else None
-            tmp = path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="") as f:
-                if rows and fields:
-                    w = csv.DictWriter(f, fieldnames=fields)
-                    w.writeheader()
-                    w.writerows(rows)
-            os.replace(tmp, path)
-
-    def write(self, row: dict) -> None:
-        if self.fields is None:
-            self.fields = list(row.keys())
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields).writeheader()
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
-                {k: row.get(k, "") for k in self.fields})
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("macfw", "jax", "jaxlib", "equinox", "optax", "diffrax", "orbax-checkpoint", "ogbench", "gin-config"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------- evaluation
-def make_actor(agent: MAC, nets, obs_scaler: Scaler, goal_scaler: Scaler | None):
-    """An evaluation actor ``(obs, goal, seed) -> (n, act_dim)`` chunk that scales inputs like training."""
-    act = eqx.filter_jit(lambda nets, s, g, k: agent.act(nets, s, g, key=k, acting=True))
-    empty = np.zeros((0,), np.float32)
-
-    def actor(obs, goal, seed):
-        s = obs_scaler(np.asarray(obs, np.float32))
-        g = empty if goal is None or goal_scaler is None else goal_scaler(np.asarray(goal, np.float32))
-        return np.asarray(act(nets, jnp.asarray(s), jnp.asarray(g), jax.random.PRNGKey(seed)))
-
-    return actor
-
-
-def run_evaluation(agent: MAC, nets, loaded: LoadedData, *, episodes: int, task_ids, execute_steps: int,
-                   seed: int, video_path=None):
-    from macfw.evaluate import evaluate, resolve_task_ids
-
-    actor = make_actor(agent, nets, loaded.obs_scaler, loaded.goal_scaler)
-    task_ids = resolve_task_ids(loaded.env_name, loaded.task_mode, loaded.task_id, task_ids)
-    return evaluate(actor, loaded.env_name, task_mode=loaded.task_mode, task_ids=tuple(task_ids),
-                    episodes_per_task=episodes, execute_steps=execute_steps, seed=seed, video_path=video_path)
-
-
-# ------------------------------------------------------------------------------- the loop
-class _Preemption:
-    """SIGTERM/SIGINT handling for the whole of :func:`train`.
-
-    A signal sets a flag. During set-up the flag is checked between phases (workdir, data, init,
-    checkpoint restore, compiled-step construction) and the run stops there, exits 0, saving
-    nothing (there is nothing new). Inside :meth:`interruptible` blocks (data loading or
-    generation, which can take long, and evaluations) a signal raises :class:`Preempted` at once.
-    In the training loop the flag makes the loop finish the current dispatch (the first one
-    includes compilation), save, wait for the save and exit 0. A second SIGINT there stops at once
-    (KeyboardInterrupt), after the last started save is waited for.
-    """
-
-    def __init__(self, immediate: bool = False):
-        import signal
-
-        self.signal = signal
-        self.received: int | None = None
-        self.immediate = immediate
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (self.signal.SIGTERM, self.signal.SIGINT):
-                self._old[sig] = self.signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        first = self.received is None
-        self.received = signum
-        if self.immediate:
-            raise Preempted(signum)
-        if not first and signum == self.signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            self.signal.signal(sig, old)
-
-    def check(self) -> None:
-        """Raise :class:`Preempted` if a signal has arrived (a safe point)."""
-        if self.received is not None:
-            raise Preempted(self.received)
-
-    def interruptible(self):
-        """Context: a signal (or one that already arrived) raises :class:`Preempted` at once."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def block():
-            self.immediate = True
-            try:
-                self.check()
-                yield
-            finally:
-                self.immediate = False
-
-        return block()
-
-    def agreed(self) -> bool:
-        """True on every process once any process got a signal (multi-host: all save the same step)."""
-        flag = self.received is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-        return flag
-
-
-def _check_finite(metrics_host: dict, step: int, K: int) -> None:
-    if np.all(metrics_host.get("guard/finite", True)):
-        return
-    bad = sorted(k for k, v in metrics_host.items() if not k.startswith("guard/") and not np.all(np.isfinite(v)))
-    first = int(np.asarray(metrics_host.get("guard/first_bad", 0)).reshape(-1)[0])
-    at = step - K + 1 + first
-    where = f"step {at}" if K == 1 else f"step {at} (in the dispatch of steps {step - K + 1}..{step})"
-    fin = np.asarray(metrics_host["guard/finite"]).reshape(-1)
-    seeds = f" in seed index {[i for i, ok in enumerate(fin) if not ok]}" if fin.size > 1 else ""
-    terms = "loss term(s) " + ", ".join(bad) if bad else "a parameter (losses were finite)"
-    raise NonFiniteError(
-        f"Non-finite value at {where}{seeds}: {terms}. The run stopped; no checkpoint was written for this state "
-        "(earlier checkpoints are intact). Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
-
-
+# ------------------------------------------------------------------------------- 3. restore
 def _agree_int(x: int | None) -> int | None:
     """Process 0's value on every process (multi-host); ``x`` itself on a single process."""
     if jax.process_count() == 1:
@@ -386,300 +141,332 @@ def _agree_int(x: int | None) -> int | None:
     return None if v < 0 else v
 
 
-def _check_schedule(K, **values) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % K:
-            raise ConfigError(f"train.{name} must be a positive integer multiple of train.steps_per_dispatch={K}, "
-                              f"got {v!r}. Fix the Gin binding train.{name}.")
+def _check_meta(run: Run, m: dict, s: int) -> None:
+    """Refuse a checkpoint written for another agent, other data sizes or another number of seeds."""
+    where = f"Checkpoint step {s} in {str(run.ckpt.directory)!r}"
+    agent_name = type(run.agent).__name__
+    if m.get("agent", agent_name) != agent_name:
+        raise CheckpointMismatchError(f"{where} was trained by agent {m['agent']!r} but the config has "
+                                      f"train.agent = @{agent_name}(). Use the original agent or a new --workdir.")
+    saved, now = m.get("spec") or {}, run.loaded.spec.to_dict()
+    words = {"ob_dim": "observation size", "act_dim": "action size", "goal_dim": "goal size",
+             "chunk_len": "chunk length"}
+    diffs = [f"{words.get(k, k)} ({k}) {saved.get(k)} in the checkpoint but {v} in the configured data"
+             for k, v in now.items() if k in saved and saved[k] != v]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{where} does not fit the configured data: " + "; ".join(diffs) + ". Resume with the original dataset "
+            "(OGBenchDataset.env_name, task_mode, dataset_path) and chunk length, or start a new --workdir.")
+    if "num_seeds" in m and m["num_seeds"] != run.num_seeds:
+        raise CheckpointMismatchError(f"{where} was trained with train.num_seeds={m['num_seeds']!r} but the config "
+                                      f"has {run.num_seeds!r}. Use the original value or a new --workdir.")
 
 
-def init_state(agent: MAC, spec, seed: int, num_seeds: int | None = None) -> TrainState:
-    """A fresh train state for ``seed``; with ``num_seeds`` K, seeds ``seed .. seed + K - 1`` stacked
-    along a leading axis (each identical to a single-seed init with that seed)."""
-    if num_seeds is None:
-        return agent.init(spec, jax.random.PRNGKey(seed))
-    keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
-    return eqx.filter_vmap(lambda k: agent.init(spec, k))(keys)
+def restore_or_initialize(run: Run, *, max_to_keep: int | None, async_checkpoints: bool) -> int | None:
+    """Open the checkpoints and restore the newest complete step into ``run.state``; returns its step
+    (None: a fresh start)."""
+    run.ckpt = Checkpointer(run.workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
+    resume_step = _agree_int(run.ckpt.latest_step())
+    if resume_step is not None:
+        state, saved_meta = run.ckpt.restore(run.state, None if jax.process_count() == 1 else resume_step,
+                                             check_meta=lambda m, s: _check_meta(run, m, s))
+        run.state = put_replicated(state, run.mesh)
+        resume_step = current_step(run.state)
+        _warn_scaler_change(saved_meta, run.loaded)
+        print(f"[macfw] resuming from step {resume_step} in {run.workdir}", flush=True)
+    run.pre.check()
+    return resume_step
 
 
+def current_step(state) -> int:
+    return int(np.asarray(to_host(state.step)).reshape(-1)[0])
+
+
+def _warn_scaler_change(saved_meta: dict, loaded: LoadedData) -> None:
+    import warnings
+
+    for name, scaler in (("obs_scaler", loaded.obs_scaler), ("goal_scaler", loaded.goal_scaler)):
+        saved = saved_meta.get(name)
+        if saved is None or scaler is None:
+            continue
+        d = max(float(np.max(np.abs(np.asarray(saved[k], np.float32) - np.asarray(getattr(scaler, k), np.float32))))
+                for k in ("lo", "hi"))
+        if d > 1e-6:
+            warnings.warn(f"The dataset's {name} differs from the checkpoint's (max |difference| {d:.3g}): the "
+                          "dataset changed since the checkpoint was written, so the network sees differently "
+                          "scaled inputs. Use the original dataset, or start a new --workdir.")
+
+
+# ------------------------------------------------------------------------------- 4. hooks
+class LogHook:
+    """``train.csv``, TensorBoard and the progress bar, every ``every`` gradient steps."""
+
+    def __init__(self, run: Run, every: int, resume_step: int | None):
+        self.run, self.every = run, every
+        self.csv = CSVLog(run.workdir / "train.csv", resume_step) if run.lead else None
+
+    def __call__(self, step: int, m_host: dict, updates_per_s: float, final: bool) -> None:
+        run = self.run
+        if not run.lead or not (step % self.every == 0 or final):
+            return
+        m = {k: float(np.mean(v)) for k, v in m_host.items() if not k.startswith("guard/")}
+        if run.num_seeds is not None:
+            for k, v in m_host.items():
+                if not k.startswith("guard/"):
+                    m.update({f"{k}/seed{i}": float(x) for i, x in enumerate(np.asarray(v))})
+        self.csv.write({"step": step, "wall_time_s": time.time() - run.t_start, "updates_per_s": updates_per_s, **m})
+        for k, v in m.items():
+            run.tb.add_scalar(k, v, step)
+        if run.pbar is not None:
+            run.pbar.set_postfix({k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}" for k, v in m.items()
+                                  if k.endswith("/loss") and k.count("/") == 1 and not k.startswith("total")})
+
+
+class EvalHook:
+    """Evaluates every seed in the OGBench simulator every ``every`` gradient steps (``eval.csv``)."""
+
+    def __init__(self, run: Run, every: int, resume_step: int | None, *, episodes: int, task_ids, execute_steps: int,
+                 eval_seed: int):
+        self.run, self.every = run, every
+        self.episodes, self.task_ids, self.execute_steps, self.eval_seed = episodes, task_ids, execute_steps, eval_seed
+        self.csv = CSVLog(run.workdir / "eval.csv", resume_step) if run.lead else None
+        self.last: list | None = None
+
+    def evaluate(self, step: int) -> list:
+        run = self.run
+        out = []
+        for i, params in enumerate(seed_params(run.agent, run.state, run.num_seeds)):
+            actor = make_actor(run.agent, params, run.loaded.obs_scaler, run.loaded.goal_scaler)
+            out.append(evaluate(actor, run.loaded.env_name, task_mode=run.loaded.task_mode, task_ids=self.task_ids,
+                                episodes_per_task=self.episodes, execute_steps=self.execute_steps,
+                                seed=self.eval_seed + step + 1000 * i))
+        return out
+
+    def __call__(self, step: int, final: bool) -> bool:
+        """Evaluate when due; returns True when a signal abandoned the evaluation (single process: stop)."""
+        run = self.run
+        if not run.lead or not (step % self.every == 0 or final):
+            return False
+        try:
+            with run.pre.interruptible():  # an evaluation is abandoned at once on a signal
+                results = self.evaluate(step)
+        except Preempted:
+            return jax.process_count() == 1  # else the next pre.agreed() stops every process together
+        self.last = results
+        row = eval_row(results)
+        self.csv.write({"step": step, **row})
+        run.tb.add_scalar("eval/success", row["success"], step)
+        tqdm_write(run.pbar, f"[macfw] step {step}: success {row['success']:.3f} over {row['episodes']} episodes")
+        return False
+
+
+class SaveHook:
+    """A checkpoint every ``every`` gradient steps, at the end, and when the run stops on a signal."""
+
+    def __init__(self, run: Run, every: int, resume_step: int | None):
+        self.run, self.every, self.last_saved = run, every, resume_step
+
+    def __call__(self, step: int, final: bool, stop: bool) -> None:
+        if step % self.every == 0 or final or stop:
+            self.run.ckpt.save(step, self.run.state, dict(self.run.meta, step=step))
+            self.last_saved = step
+
+
+def run_meta(run: Run, *, eval_settings: dict, on_device: bool) -> dict:
+    """The JSON meta saved with every checkpoint (see :mod:`macfw.checkpoint`)."""
+    loaded = run.loaded
+    return {
+        "agent": type(run.agent).__name__,
+        "batch_spec": dataclasses.asdict(run.agent.batch_spec),
+        "spec": loaded.spec.to_dict(), "obs_scaler": json_scaler(loaded.obs_scaler),
+        "goal_scaler": json_scaler(loaded.goal_scaler) if loaded.goal_scaler else None,
+        "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
+        "task_id": loaded.task_id, "chunk_len": loaded.spec.chunk_len, "num_seeds": run.num_seeds, "seed": run.seed,
+        "eval": eval_settings,
+        "sampler": ({"mode": "device", "state": "state.key"} if on_device else
+                    {"mode": "host", "state": f"derived: fold_in(PRNGKey(seed + {HOST_KEY_OFFSET}), step)"}),
+        "gin_config": gin.config_str(), "versions": versions(),
+    }
+
+
+# ------------------------------------------------------------------------------- 5. summary
+def summarize(run: Run, *, step: int, last_saved, eval_results: list, updates_per_s) -> dict:
+    """``summary.json`` (DESIGN §6) after a finished run."""
+    res = merge_results(eval_results)
+    summary = {
+        "step": step, "interrupted": False, "last_saved_step": last_saved,
+        "agent": type(run.agent).__name__,
+        "success": res["success"], "per_task_success": res["per_task_success"], "episodes": res["episodes"],
+        "updates_per_s": updates_per_s,
+        "wall_time_s": time.time() - run.t_start,
+        "param_checksum": param_checksum(jax.tree_util.tree_map(to_host, eqx.filter(run.state, eqx.is_array))),
+        "dataset": run.loaded.dataset_name,
+        "num_transitions": run.loaded.num_transitions,
+        "spec": run.loaded.spec.to_dict(),
+        "devices": [str(d) for d in jax.devices()],
+        "num_processes": jax.process_count(),
+        "versions": versions(),
+    }
+    if run.num_seeds is not None:
+        summary["seeds"] = list(range(run.seed, run.seed + run.num_seeds))
+        summary["per_seed_success"] = [r.success for r in eval_results]
+        summary["success_std"] = float(np.std(summary["per_seed_success"]))
+    return summary
+
+
+# ------------------------------------------------------------------------------- the loop
 @gin.configurable
-def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBenchDataset | None = None, *,
+def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, *,
           seed: int = 0, num_seeds: int | None = None, num_steps: int = 1_000_000, batch_size: int = 1024,
-          chunk_len: int = 10, normalize_reward: bool = True, steps_per_dispatch: int = 1,
-          log_interval: int = 1000, eval_interval: int = 100_000, save_interval: int = 100_000,
-          max_to_keep: int | None = 3, eval_episodes: int = 15, eval_task_ids: tuple[int, ...] | None = None,
-          execute_steps: int = 1, eval_seed: int = 10_000, async_checkpoints: bool = True, progress: bool = True,
+          steps_per_dispatch: int = 1, log_interval: int = 1000, eval_interval: int = 100_000,
+          save_interval: int = 100_000, max_to_keep: int | None = 3, eval_episodes: int = DEFAULT_EPISODES,
+          eval_task_ids: tuple[int, ...] | None = None, execute_steps: int = DEFAULT_EXECUTE_STEPS,
+          eval_seed: int = DEFAULT_EVAL_SEED, async_checkpoints: bool = True, progress: bool = True,
           data_on_device: bool | None = None, device_data_limit_gb: float = 8.0,
           debug_nan_at_step: int | None = None) -> dict:
-    """Train MAC in ``workdir``, resuming from its newest checkpoint; returns the summary dict.
+    """Train ``agent`` on ``dataset`` in ``workdir``, resuming from its newest checkpoint; returns the summary.
 
     Args:
       workdir: run folder (``config.gin``, ``train.csv``, ``eval.csv``, TensorBoard events,
         ``checkpoints/``, ``summary.json``).
-      agent, dataset: the registered agent and dataset (Gin: ``train.agent = @MAC()``).
+      agent, dataset: a registered agent and dataset (Gin: ``train.agent = @MAC()``). The batch
+        (chunk length, n-step targets, future observations) follows ``agent.batch_spec``.
       seed: seed of parameters and of batch sampling.
       num_seeds: train seeds ``seed .. seed + num_seeds - 1`` at once (vmapped, one checkpoint);
         None trains the single seed ``seed``.
       num_steps: total gradient steps.
-      batch_size: chunks per gradient step (global, over all devices).
-      chunk_len: action-chunk length n in environment steps.
+      batch_size: samples per gradient step (global, over all devices).
       steps_per_dispatch: gradient steps per compiled call; every interval must be a multiple.
       eval_episodes: evaluation episodes per task; ``eval_task_ids`` tasks (None: the run's task
         for single-task data, 1..5 for goal-conditioned data); ``execute_steps`` actions executed
-        per chunk.
+        per decision (at most the chunk length for chunk agents, 1 for single-action agents).
       data_on_device: keep the dataset on the devices and sample inside the step (None: when it
         is smaller than ``device_data_limit_gb``), else sample on the host and prefetch.
       debug_nan_at_step: tests only: poison the batch of this gradient step with NaN.
 
     Resuming: the newest complete checkpoint is restored (falling back to an older one if it is
     unreadable). Settings that change an array shape (network sizes, data sizes, chunk length,
-    num_seeds) raise :class:`CheckpointMismatchError`; schedule settings (num_steps, intervals)
-    may change freely. SIGTERM/SIGINT: see :class:`_Preemption`; the summary then has
-    ``interrupted: True``. Every exit path (return, exception, signal) waits for the last save.
+    num_seeds, the agent) raise :class:`CheckpointMismatchError`; schedule settings (num_steps,
+    intervals) may change freely. SIGTERM/SIGINT: see :class:`macfw.signals.Preemption`; the
+    summary then has ``interrupted: True``. Every exit path waits for the last save.
 
     Raises:
-      ConfigError: an interval that is not a positive multiple of ``steps_per_dispatch``.
+      ConfigError: a ``train.*`` value out of range (named with the value and the range).
       WorkdirError: ``workdir`` is not writable.
-      CheckpointMismatchError: the checkpoint does not fit the configured model or data.
+      CheckpointMismatchError: the checkpoint does not fit the configured agent or data.
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
-    from macfw.checkpoint import CheckpointMismatchError
-    from macfw.parallel import make_mesh, put_replicated, to_host
-
-    t_start = time.time()
-    K = steps_per_dispatch
-    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
-        raise ConfigError(f"train.steps_per_dispatch must be a positive integer, got {K!r}.")
-    K = int(K)
-    _check_schedule(K, num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
-                    save_interval=save_interval)
-    if num_seeds is not None and (isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer))
-                                  or num_seeds < 1):
-        raise ConfigError(f"train.num_seeds must be an integer >= 1 or None, got {num_seeds!r}.")
-    if max_to_keep is not None and (not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 1):
-        raise ConfigError(f"train.max_to_keep must be an integer >= 1 or None (keep all), got {max_to_keep!r}.")
-    workdir = Path(workdir).absolute()
-    lead = jax.process_index() == 0
-
-    # Everything that must be closed on the way out, whatever the way.
-    ckpt = tb = pbar = None
-    progress_state = {"step": None, "last_saved": None}
-    summary: dict = {}
-    pre = _Preemption()
+    K = check_settings(agent=agent, dataset=dataset, steps_per_dispatch=steps_per_dispatch, num_steps=num_steps,
+                       log_interval=log_interval, eval_interval=eval_interval, save_interval=save_interval,
+                       num_seeds=num_seeds, max_to_keep=max_to_keep)
+    pre = Preemption()
+    run: Run | None = None
+    progress_state = {"step": 0, "last_saved": None}
     with pre:
         try:
-            try:
-                workdir.mkdir(parents=True, exist_ok=True)
-                probe = workdir / f".write_test_{os.getpid()}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
-                                   "Pass a writable --workdir.") from e
-            agent = agent if agent is not None else MAC()
-            dataset = dataset if dataset is not None else OGBenchDataset()
-
-            with pre.interruptible():  # loading (or generating) the data may take long
-                loaded = dataset.load(chunk_len)
-            from macfw.evaluate import resolve_task_ids
-
-            eval_task_ids = resolve_task_ids(loaded.env_name, loaded.task_mode, loaded.task_id, eval_task_ids)
-            mesh = make_mesh()
-            state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
-            pre.check()
-            ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
-
-            def check_meta(m: dict, s: int) -> None:
-                saved, now = m.get("spec") or {}, loaded.spec.to_dict()
-                words = {"ob_dim": "observation size", "act_dim": "action size", "goal_dim": "goal size",
-                         "chunk_len": "chunk length"}
-                diffs = [f"{words.get(k, k)} ({k}) {saved.get(k)} in the checkpoint but {v} in the configured data"
-                         for k, v in now.items() if k in saved and saved[k] != v]
-                if diffs:
-                    raise CheckpointMismatchError(
-                        f"Checkpoint step {s} in {str(ckpt.directory)!r} does not fit the configured data: "
-                        + "; ".join(diffs) + ". Resume with the original dataset (OGBenchDataset.env_name, "
-                        "task_mode, dataset_path) and train.chunk_len, or start a new --workdir.")
-                if "num_seeds" in m and m["num_seeds"] != num_seeds:
-                    raise CheckpointMismatchError(
-                        f"Checkpoint step {s} in {str(ckpt.directory)!r} was trained with train.num_seeds="
-                        f"{m['num_seeds']!r} but the config has {num_seeds!r}. Use the original value or a new "
-                        "--workdir.")
-
-            resume_step = _agree_int(ckpt.latest_step())
-            if resume_step is not None:
-                state, saved_meta = ckpt.restore(state, None if jax.process_count() == 1 else resume_step,
-                                                 check_meta=check_meta)
-                state = put_replicated(state, mesh)
-                resume_step = int(np.asarray(to_host(state.step)).reshape(-1)[0])
-                _warn_scaler_change(saved_meta, loaded)
-                print(f"[macfw] resuming from step {resume_step} in {workdir}", flush=True)
+            workdir = open_workdir(workdir)
+            run = build(workdir, agent, dataset, seed=seed, num_seeds=num_seeds, pre=pre)
+            eval_task_ids = resolve_task_ids(run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id,
+                                             eval_task_ids)
+            resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)
             progress_state.update(step=resume_step or 0, last_saved=resume_step)
-            pre.check()
-            if lead:
+            if run.lead:
                 (workdir / "config.gin").write_text(gin.config_str())
 
-            nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded.data))
+            nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(run.loaded.data))
             on_device = data_on_device if data_on_device is not None else nbytes < device_data_limit_gb * 2**30
-            step_fn = TrainStep(agent, state, batch_size=batch_size, chunk_len=chunk_len, steps_per_dispatch=K,
-                                normalize_reward=normalize_reward, mesh=mesh, host_batches=not on_device,
-                                num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
+            step_fn = TrainStep(agent, run.state, batch_size=batch_size, steps_per_dispatch=K, mesh=run.mesh,
+                                host_batches=not on_device, num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
+            data = put_replicated(run.loaded.data, run.mesh) if on_device else None
             host = None
-            data = put_replicated(loaded.data, mesh) if on_device else None
             if not on_device:
                 from jax.sharding import NamedSharding, PartitionSpec as P
 
                 spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
-                host = HostBatches(loaded.data, key=jax.random.PRNGKey(seed + 7919), batch_size=batch_size,
-                                   chunk_len=chunk_len, gamma=agent.gamma,
-                                   goal_conditioned=loaded.spec.goal_conditioned, normalize_reward=normalize_reward,
-                                   K=K, sharding=NamedSharding(mesh, spec), num_seeds=num_seeds)
-
-            train_log = CSVLog(workdir / "train.csv", resume_step) if lead else None
-            eval_log = CSVLog(workdir / "eval.csv", resume_step) if lead else None
-            if lead:
+                host = HostBatches(run.loaded.data, key=jax.random.PRNGKey(seed + HOST_KEY_OFFSET),
+                                   batch_size=batch_size, batch_spec=agent.batch_spec,
+                                   goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
+                                   sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
+            eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
+                                 task_ids=list(eval_task_ids))
+            run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device)
+            logger = LogHook(run, log_interval, resume_step)
+            evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
+                                 execute_steps=execute_steps, eval_seed=eval_seed)
+            saver = SaveHook(run, save_interval, resume_step)
+            if run.lead:
                 from tensorboardX import SummaryWriter
 
-                tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
-            meta = {
-                "spec": loaded.spec.to_dict(), "obs_scaler": _json_scaler(loaded.obs_scaler),
-                "goal_scaler": _json_scaler(loaded.goal_scaler) if loaded.goal_scaler else None,
-                "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
-                "task_id": loaded.task_id, "chunk_len": chunk_len, "num_seeds": num_seeds, "seed": seed,
-                "sampler": ({"mode": "device", "state": "TrainState.key"} if on_device else
-                            {"mode": "host", "state": "derived: fold_in(PRNGKey(seed + 7919), step)"}),
-                "gin_config": gin.config_str(), "versions": versions(),
-            }
-
-            def seeds_nets():
-                nets = jax.tree_util.tree_map(to_host, eqx.filter(state.nets, eqx.is_array))
-                nets = eqx.combine(nets, eqx.filter(state.nets, eqx.is_array, inverse=True))
-                if num_seeds is None:
-                    return [nets]
-                return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, nets)
-                        for i in range(num_seeds)]
-
-            def do_eval(at_step):
-                return [run_evaluation(agent, n, loaded, episodes=eval_episodes, task_ids=eval_task_ids,
-                                       execute_steps=execute_steps, seed=eval_seed + at_step + 1000 * i)
-                        for i, n in enumerate(seeds_nets())]
-
-            step = int(np.asarray(to_host(state.step)).reshape(-1)[0])
-            last_eval = None
-            last_saved = resume_step
-            train_time, timed_steps = 0.0, 0
-            if progress and lead:
+                run.tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
+            step = current_step(run.state)
+            if progress and run.lead:
                 from tqdm import tqdm
 
-                pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-            interrupted = False
+                run.pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
             if host is not None:
                 host.start(step, K, num_steps)
 
             pre.check()  # from here on a signal means: finish the dispatch, save, exit 0
-            first = True
+            train_time, timed_steps, first, interrupted = 0.0, 0, True, False
             while step < num_steps:
                 t0 = time.perf_counter()
-                state, metrics = step_fn(data if host is None else host.next(), state)
+                run.state, metrics = step_fn(data if host is None else host.next(), run.state)
                 step += K
                 m_host = jax.device_get(metrics)  # one small transfer; also the NaN guard
                 if not first:
                     train_time += time.perf_counter() - t0
                     timed_steps += K
                 first = False
-                _check_finite(m_host, step, K)
+                check_finite(m_host, step, K)
                 progress_state["step"] = step
-                ckpt.poll()  # a finished asynchronous save becomes visible
-                if pbar is not None:
-                    pbar.update(K)
-                if lead and (step % log_interval == 0 or step == num_steps):
-                    m = {k: float(np.mean(v)) for k, v in m_host.items() if not k.startswith("guard/")}
-                    if num_seeds is not None:
-                        for k, v in m_host.items():
-                            if not k.startswith("guard/"):
-                                m.update({f"{k}/seed{i}": float(x) for i, x in enumerate(np.asarray(v))})
-                    ups = timed_steps / train_time if train_time > 0 else float("nan")
-                    train_log.write({"step": step, "wall_time_s": time.time() - t_start, "updates_per_s": ups, **m})
-                    for k, v in m.items():
-                        tb.add_scalar(k, v, step)
-                    if pbar is not None:
-                        pbar.set_postfix({k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}" for k, v in
-                                          m.items() if k in ("dynamics/loss", "flow/loss", "value/loss", "critic/loss")})
+                run.ckpt.poll()  # a finished asynchronous save becomes visible
+                if run.pbar is not None:
+                    run.pbar.update(K)
+                final = step == num_steps
+                ups = timed_steps / train_time if train_time > 0 else float("nan")
+                logger(step, m_host, ups, final)
                 stop = pre.agreed()
-                if lead and (step % eval_interval == 0 or step == num_steps) and not stop:
-                    try:
-                        with pre.interruptible():  # an evaluation is abandoned at once on a signal
-                            results = do_eval(step)
-                    except Preempted:
-                        results = None
-                        if jax.process_count() == 1:
-                            stop = True  # else the next pre.agreed() stops every process together
-                    if results is not None:
-                        last_eval = results
-                        res = _merge_results(results)
-                        eval_log.write({"step": step, **_eval_row(res, results)})
-                        tb.add_scalar("eval/success", res["success"], step)
-                        tqdm_write(pbar, f"[macfw] step {step}: success {res['success']:.3f} over "
-                                         f"{res['episodes']} episodes")
-                if step % save_interval == 0 or step == num_steps or stop:
-                    ckpt.save(step, state, dict(meta, step=step))
-                    last_saved = step
-                    progress_state["last_saved"] = step
+                if not stop:
+                    stop = evaluator(step, final)
+                saver(step, final, stop)
+                progress_state["last_saved"] = saver.last_saved
                 if stop:
                     interrupted = True
                     who = (f"signal {pre.received}" if pre.received is not None
                            else "another process of this run got a signal")
-                    tqdm_write(pbar, f"[macfw] {who}: saving step {step}; exiting. "
-                                     "Re-run the same command to resume.")
+                    tqdm_write(run.pbar, f"[macfw] {who}: saving step {step}; exiting. "
+                                         "Re-run the same command to resume.")
                     break
-            ckpt.wait()
-            progress_state["last_saved"] = last_saved
-
-            summary = {"step": step, "interrupted": interrupted, "last_saved_step": last_saved}
-            if not interrupted and lead:
+            run.ckpt.wait()
+            summary = {"step": step, "interrupted": interrupted, "last_saved_step": saver.last_saved}
+            if not interrupted and run.lead:
                 with pre.interruptible():
-                    if last_eval is None:  # resumed at (or past) the end, or the last evaluation was abandoned
-                        last_eval = do_eval(step)
+                    if evaluator.last is None:  # resumed at (or past) the end, or the last evaluation was abandoned
+                        evaluator.last = evaluator.evaluate(step)
         except Preempted as p:
             pre.immediate = False
-            summary = {"step": progress_state["step"] or 0, "interrupted": True,
+            summary = {"step": progress_state["step"], "interrupted": True,
                        "last_saved_step": progress_state["last_saved"], "signal": int(p.args[0]) if p.args else None}
             last = progress_state["last_saved"]
-            tqdm_write(pbar, f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
-                             + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
-                             + ". Re-run the same command to resume.")
+            tqdm_write(run.pbar if run else None,
+                       f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
+                       + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
+                       + ". Re-run the same command to resume.")
         except BaseException:
             pre.immediate = False
-            _close_quietly(pbar, tb, ckpt)
+            if run is not None:
+                _close_quietly(run.pbar, run.tb, run.ckpt)
             raise
         pre.immediate = False
-        _close_quietly(pbar, tb, None)
-        if ckpt is not None:
-            ckpt.close()  # waits for the last save; raises its error
-    if summary.get("interrupted") or not lead:
+        if run is not None:
+            _close_quietly(run.pbar, run.tb, None)
+            if run.ckpt is not None:
+                run.ckpt.close()  # waits for the last save; raises its error
+    if summary.get("interrupted") or not run.lead:
         return summary
-
-    res = _merge_results(last_eval)
     (workdir / "config.gin").write_text(gin.operative_config_str())
-    summary.update({
-        "success": res["success"],
-        "per_task_success": res["per_task_success"],
-        "episodes": res["episodes"],
-        "updates_per_s": timed_steps / train_time if train_time > 0 else None,
-        "wall_time_s": time.time() - t_start,
-        "param_checksum": param_checksum(jax.tree_util.tree_map(to_host, eqx.filter(
-            (state.nets, state.target_value), eqx.is_array))),
-        "dataset": loaded.dataset_name,
-        "num_transitions": loaded.num_transitions,
-        "spec": loaded.spec.to_dict(),
-        "devices": [str(d) for d in jax.devices()],
-        "num_processes": jax.process_count(),
-        "versions": versions(),
-    })
-    if num_seeds is not None:
-        summary["seeds"] = list(range(seed, seed + num_seeds))
-        summary["per_seed_success"] = [r.success for r in last_eval]
-        summary["success_std"] = float(np.std(summary["per_seed_success"]))
+    summary = summarize(run, step=step, last_saved=saver.last_saved, eval_results=evaluator.last,
+                        updates_per_s=timed_steps / train_time if train_time > 0 else None)
     write_json_atomic(workdir / "summary.json", summary)
     return summary
 
@@ -699,51 +486,3 @@ def _close_quietly(pbar, tb, ckpt) -> None:
             ckpt.close()
         except Exception as e:  # the original error matters more; say what happened to the save
             warnings.warn(f"While stopping, the last checkpoint save failed too ({type(e).__name__}: {e}).")
-
-
-def _warn_scaler_change(saved_meta: dict, loaded: LoadedData) -> None:
-    import warnings
-
-    for name, scaler in (("obs_scaler", loaded.obs_scaler), ("goal_scaler", loaded.goal_scaler)):
-        saved = saved_meta.get(name)
-        if saved is None or scaler is None:
-            continue
-        d = max(float(np.max(np.abs(np.asarray(saved[k], np.float32) - np.asarray(getattr(scaler, k), np.float32))))
-                for k in ("lo", "hi"))
-        if d > 1e-6:
-            warnings.warn(f"The dataset's {name} differs from the checkpoint's (max |difference| {d:.3g}): the "
-                          "dataset changed since the checkpoint was written, so the network sees differently "
-                          "scaled inputs. Use the original dataset, or start a new --workdir.")
-
-
-def _merge_results(results) -> dict:
-    """Mean over seeds of success and per-task success; total episodes."""
-    tasks = results[0].per_task_success.keys()
-    return {
-        "success": float(np.mean([r.success for r in results])),
-        "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},
-        "episodes": int(sum(r.episodes for r in results)),
-        "mean_return": float(np.mean([r.mean_return for r in results])),
-        "mean_length": float(np.mean([r.mean_length for r in results])),
-    }
-
-
-def _eval_row(res: dict, results) -> dict:
-    row = {"success": res["success"], "episodes": res["episodes"],
-           **{f"success/{k}": v for k, v in res["per_task_success"].items()},
-           "mean_return": res["mean_return"], "mean_length": res["mean_length"]}
-    if len(results) > 1:
-        row.update({f"success/seed{i}": r.success for i, r in enumerate(results)})
-    return row
-
-
-def tqdm_write(pbar, msg: str) -> None:
-    if pbar is not None:
-        pbar.write(msg)
-    else:
-        print(msg, flush=True)
-
-
-def _json_scaler(scaler: Scaler) -> dict:
-    """:meth:`Scaler.to_dict` as JSON lists (checkpoint meta)."""
-    return {k: v.tolist() for k, v in scaler.to_dict().items()}

@@ -63,25 +63,26 @@ def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
     from macfw import bench
     from macfw.spec import Spec
 
-    h1 = dict(bench.PRESETS["tiny"], horizon=1)
+    tiny = bench.PRESETS["tiny"]
+    h1 = dict(tiny, bindings={**tiny["bindings"], "MAC.horizon": 1})
     monkeypatch.setitem(bench.PRESETS, "tiny-h1", h1)
     monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 1.0)  # the peak is checked on the CLI run
     out1 = bench.run("tiny-h1", dispatches=1)
-    assert out1["config"]["horizon"] == 1
+    assert out1["config"]["bindings"]["MAC.horizon"] == 1
 
     # FLOPs of one rollout step alone (horizon 1): every extra horizon step must add at least this
-    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=h1["chunk"])
-    agent = bench.build_agent(h1, unroll=True)
+    agent = bench.build_agent(h1).for_flop_count()
+    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=agent.chunk_len)
     state = agent.init(spec, jax.random.PRNGKey(0))
     data = bench.synthetic_data(spec)
-    Br = h1["rollout_batch"]
+    Br = h1["bindings"]["MAC.rollout_batch_size"]
     roll = eqx.filter_jit(lambda nets, s, g, k: agent.rollout(nets, s, g, k)["states"])
     roll_step = bench._flops(roll.lower(state.nets, data.observations[:Br], data.goals[:Br],
                                         jax.random.PRNGKey(1)).compile())
     assert roll_step > 0
 
     _, out3 = cli.result()
-    H3 = out3["config"]["horizon"]
+    H3 = out3["config"]["bindings"]["MAC.horizon"]
     assert H3 == 3
     f1, f3 = out1["flops_per_update"], out3["flops_per_update"]
     assert f3 > f1 > 0, (f1, f3)
@@ -93,7 +94,7 @@ def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
 def test_cli_tiny(cli):
     out, r = cli.result()
     assert "utilisation" in out
-    assert r["preset"] == "tiny" and r["steps_per_dispatch"] == 2
+    assert r["preset"] == "tiny" and r["agent"] == "MAC" and r["steps_per_dispatch"] == 2
     for k in ("updates_per_s", "flops_per_update", "matmul_peak_flops", "rollout_s", "sampler_s", "compile_s"):
         assert r[k] > 0, (k, r[k])
     assert r["achieved_flops"] == pytest.approx(r["flops_per_update"] * r["updates_per_s"], rel=1e-6)

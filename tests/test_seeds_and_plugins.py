@@ -24,11 +24,11 @@ def _leaves(tree):
 
 def test_vmapped_seeds_match_separate_runs():
     p = PRESETS["tiny"]
-    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=p["chunk"])
     agent = build_agent(p)
+    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=agent.chunk_len)
     data = synthetic_data(spec)
     stacked = init_state(agent, spec, seed=3, num_seeds=2)
-    step = TrainStep(agent, stacked, batch_size=32, chunk_len=p["chunk"], steps_per_dispatch=2, num_seeds=2)
+    step = TrainStep(agent, stacked, batch_size=32, steps_per_dispatch=2, num_seeds=2)
     for _ in range(3):
         stacked, metrics = step(data, stacked)
     assert np.asarray(metrics["total/loss"]).shape == (2,)  # per-seed metrics
@@ -36,7 +36,7 @@ def test_vmapped_seeds_match_separate_runs():
     for i, seed in enumerate((3, 4)):
         state = init_state(agent, spec, seed=seed)
         if single_step is None:
-            single_step = TrainStep(agent, state, batch_size=32, chunk_len=p["chunk"], steps_per_dispatch=2)
+            single_step = TrainStep(agent, state, batch_size=32, steps_per_dispatch=2)
         for _ in range(3):
             state, _ = single_step(data, state)
         for a, b in zip(_leaves(state), _leaves(jax.tree_util.tree_map(lambda x: x[i], eqx.filter(stacked, eqx.is_array)))):

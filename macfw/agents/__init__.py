@@ -1,0 +1,6 @@
+"""Agents: MAC, its ablations and the baselines. Importing this package registers every one of them
+under the registry's ``agent`` kind (see :mod:`macfw.agents.base` for the interface)."""
+
+from macfw.agents import base  # noqa: F401
+from macfw.agents import mac  # noqa: F401
+from macfw.agents import fql  # noqa: F401  (MAC-FQL ablation)

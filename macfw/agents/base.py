@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-from typing import Any
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
@@ -109,10 +109,6 @@ class Agent(abc.ABC):
         """n in environment steps (the data's chunk length)."""
         return self.batch_spec.chunk_len
 
-    @property
-    def gamma(self) -> float:
-        return self.batch_spec.gamma
-
     @abc.abstractmethod
     def init(self, spec: Spec, key) -> eqx.Module:
         """Build every network for ``spec`` and return a fresh state (``key``: raw key data or an int seed)."""
@@ -135,6 +131,20 @@ class Agent(abc.ABC):
     def acting_params(self, state: eqx.Module) -> Any:
         """The part of a state :meth:`act` needs (default: ``state.nets``)."""
         return state.nets
+
+    # -- benchmark hooks (macfw.bench); the defaults suit an agent without loops in its update
+    def for_flop_count(self) -> "Agent":
+        """An equivalent agent whose compiled update XLA's cost analysis counts in full (XLA counts a
+        loop body once, so e.g. an imagined rollout is unrolled); default ``self``."""
+        return self
+
+    def uncounted_flops(self, state: eqx.Module, batch_size: int) -> float:
+        """FLOPs per update that XLA's count misses even for :meth:`for_flop_count` (default 0)."""
+        return 0.0
+
+    def benchmark_parts(self, state: eqx.Module, batch: dict[str, Array]) -> dict[str, tuple[Callable, tuple]]:
+        """Named parts of an update that ``macfw.bench`` times alone: ``name -> (jitted fn, args)``."""
+        return {}
 
 
 def param_checksum(tree) -> str:

@@ -17,16 +17,15 @@ Code name -> paper symbol: ``chunk_len`` n, ``horizon`` H (chunks), ``gamma`` ga
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array
 
+from macfw.agents.base import Agent, BatchSpec, param_checksum  # noqa: F401  (param_checksum re-exported)
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
 from macfw.registry import register
@@ -89,25 +88,17 @@ def lambda_returns(rewards, masks, values, *, discount: float, lam: float):
     return values[:-1] + advs
 
 
-def param_checksum(tree) -> str:
-    """SHA-256 (hex, first 16 chars) of every array leaf's bytes, in tree order."""
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array)):
-        a = np.asarray(leaf)
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
 @register("agent")
-class MAC:
+class MAC(Agent):
     """The MAC agent: component factories plus the update and acting rules.
 
     Component arguments are registered classes (Gin: ``MAC.dynamics = @ChunkDynamics``); each is
     called as ``Cls(spec, key=...)`` with hyperparameters bound by Gin. ``sampler`` is an instance.
 
     Args:
+      chunk_len: action-chunk length n in environment steps (the data, model, policy and critic
+        all follow it).
+      normalize_reward: single-task chunk reward divided by n (the authors' scale; DESIGN §2.1).
       gamma: per-step discount (``Gamma = gamma ** chunk_len`` per chunk).
       lam: lambda of the lambda-returns.
       horizon: imagined rollout length H in chunks (H * n environment steps).
@@ -121,13 +112,18 @@ class MAC:
 
     def __init__(self, dynamics: Callable = ChunkDynamics, policy: Callable = FlowPolicy, critic: Callable = QCritic,
                  value: Callable = StateValue, success: Callable = SuccessModel, reward: Callable = RewardModel,
-                 sampler: Sampler | None = None, *, gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
+                 sampler: Sampler | None = None, *, chunk_len: int = 10, normalize_reward: bool = True,
+                 gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
                  tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
                  grad_clip: float | None = None, unroll_rollout: bool = False):
         if horizon < 1:
             raise ValueError(f"MAC.horizon must be >= 1 chunk, got {horizon}.")
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"MAC.gamma must be in (0, 1], got {gamma}.")
+        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+            raise ValueError(f"MAC.chunk_len must be an integer >= 1 (environment steps), got {chunk_len!r}.")
+        self._chunk_len = int(chunk_len)
+        self.normalize_reward = bool(normalize_reward)
         self.factories = dict(dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward)
         self.sampler = sampler if sampler is not None else RejectionSampler()
         self.gamma = float(gamma)
@@ -139,6 +135,13 @@ class MAC:
         self.grad_clip = grad_clip
         self.unroll_rollout = bool(unroll_rollout)
         self.spec: Spec | None = None
+
+    acts_in_chunks = True
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        """Chunks of ``chunk_len`` steps with hindsight-relabelled goals (DESIGN §2.1)."""
+        return BatchSpec(chunk_len=self._chunk_len, gamma=self.gamma, normalize_reward=self.normalize_reward)
 
     # ------------------------------------------------------------------ building
     def optimizer(self) -> optax.GradientTransformation:
@@ -172,6 +175,38 @@ class MAC:
         """A chunk for one (scaled) state and goal: ``(chunk_len, act_dim)`` in [-1, 1]."""
         A = self.sampler(nets.policy, nets.critic, s, g, key=key, acting=acting)
         return A.reshape(self.spec.chunk_len, self.spec.act_dim)
+
+    # ------------------------------------------------------------------ benchmark hooks
+    def for_flop_count(self) -> "MAC":
+        """This agent with the H-step rollout unrolled, so XLA counts every step's FLOPs."""
+        import copy
+
+        agent = copy.copy(self)
+        agent.unroll_rollout = True
+        return agent
+
+    def uncounted_flops(self, state, batch_size: int) -> float:
+        """The distillation target's diffrax ODE loop is counted once: add ``flow_steps - 1`` batched
+        velocity evaluations (none for a policy without ``velocity``/``flow_steps``)."""
+        pol = state.nets.policy
+        if not (hasattr(pol, "velocity") and getattr(pol, "flow_steps", 1) > 1):
+            return 0.0
+        spec = self.spec
+        s, g, x = (jnp.zeros((batch_size, d)) for d in (spec.ob_dim, spec.goal_dim, spec.chunk_dim))
+        vel = jax.jit(jax.vmap(lambda pol, s, g, x: pol.velocity(s, g, x, 0.5), in_axes=(None, 0, 0, 0)))
+        ca = vel.lower(pol, s, g, x).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return (pol.flow_steps - 1) * float((ca or {}).get("flops", 0.0))
+
+    def benchmark_parts(self, state, batch):
+        """The imagined rollout and the rejection sampler, each over ``rollout_batch_size`` states."""
+        Br = self.rollout_batch_size or batch["obs"].shape[0]
+        s0, g0 = batch["obs"][:Br], batch["value_goals"][:Br]
+        roll = eqx.filter_jit(lambda nets, s, g, k: self.rollout(nets, s, g, k)["states"])
+        samp = eqx.filter_jit(jax.vmap(lambda nets, s, g, k: self.sampler(nets.policy, nets.critic, s, g, key=k),
+                                       in_axes=(None, 0, 0, 0)))
+        return {"rollout": (roll, (state.nets, s0, g0, jax.random.PRNGKey(1))),
+                "sampler": (samp, (state.nets, s0, g0, jax.random.split(jax.random.PRNGKey(2), Br)))}
 
     # ------------------------------------------------------------------ the update
     def rollout(self, nets: Networks, s0, g, key):

@@ -117,14 +117,23 @@ def valid_starts(traj_end: np.ndarray, chunk_len: int) -> np.ndarray:
     return starts
 
 
+def sample_for(spec, data: ChunkData, key, batch_size: int, *, goal_conditioned: bool) -> dict[str, Array]:
+    """:func:`sample_batch` for an agent's :class:`~macfw.agents.base.BatchSpec` ``spec``."""
+    return sample_batch(data, key, batch_size, chunk_len=spec.chunk_len, gamma=spec.gamma,
+                        goal_conditioned=goal_conditioned, normalize_reward=spec.normalize_reward,
+                        future_len=spec.future_len)
+
+
 def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma: float,
-                 goal_conditioned: bool, normalize_reward: bool = True) -> dict[str, Array]:
+                 goal_conditioned: bool, normalize_reward: bool = True, future_len: int = 0) -> dict[str, Array]:
     """Sample one training batch (pure and jittable).
 
     Returns a dict of arrays (B = batch_size):
       ``obs (B, ob_dim)`` = s_t; ``actions (B, n*act_dim)`` = A_t; ``next_obs (B, ob_dim)`` = s_{t+n};
       ``value_goals, actor_goals (B, goal_dim)``; ``success (B,)`` the chunk success label;
-      ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx (B,)`` int indices.
+      ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx (B,)`` int indices;
+      with ``future_len > 0`` also ``future_obs (B, future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}
+      (``data.starts`` must then have been built with ``valid_starts(traj_end, max(n, future_len))``).
 
     Goal-conditioned: value goal = current state (p 0.2), uniform later state of the same
     trajectory (p 0.5) or random state (p 0.3); actor goal = geometric offset ``~ Geom(1 - gamma)``
@@ -147,6 +156,8 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
         "actions": actions,
         "next_obs": data.observations[t + n],
     }
+    if future_len:
+        batch["future_obs"] = data.observations[t[:, None] + 1 + jnp.arange(future_len)[None, :]]
     if goal_conditioned:
         # value goals
         later = jax.random.randint(ks[1], (batch_size,), t + 1, end + 1)

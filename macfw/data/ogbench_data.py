@@ -215,11 +215,13 @@ class OGBenchDataset:
         return path
 
     # -- loading -----------------------------------------------------------------------------
-    def load(self, chunk_len: int) -> LoadedData:
+    def load(self, chunk_len: int, window: int | None = None) -> LoadedData:
         """Load, scale and move the data to the device.
 
         Args:
           chunk_len: action-chunk length ``n`` (environment steps).
+          window: environment steps after ``t`` a sample reads (default ``chunk_len``); only
+            starts ``t`` with ``t + window`` in the same trajectory are sampled.
 
         Raises:
           FileNotFoundError / ValueError: see :func:`check_dataset_file` and the class doc.
@@ -247,9 +249,9 @@ class OGBenchDataset:
                         "OGBenchDataset.env_name or OGBenchDataset.dataset_path.")
         finally:
             env.close()
-        return self.prepare(train, val, chunk_len)
+        return self.prepare(train, val, chunk_len, window)
 
-    def prepare(self, train: dict, val: dict, chunk_len: int) -> LoadedData:
+    def prepare(self, train: dict, val: dict, chunk_len: int, window: int | None = None) -> LoadedData:
         """Turn OGBench's compact dataset dicts into :class:`LoadedData` (see :meth:`load`)."""
         fit_src = val if self.scale_with == "val" else train
         obs_scaler = Scaler.fit(fit_src["observations"])
@@ -270,7 +272,7 @@ class OGBenchDataset:
         if self.task_mode == "singletask" and self.singletask_masks == "ones":
             masks = np.ones(n, np.float32)  # the authors' loader: no success, no termination
         traj_end = trajectory_ends(train["valids"])
-        starts = valid_starts(traj_end, chunk_len)
+        starts = valid_starts(traj_end, max(chunk_len, window or 0))
         data = ChunkData(
             observations=jnp.asarray(obs), actions=jnp.asarray(actions), goals=jnp.asarray(goals),
             rewards=jnp.asarray(rewards), masks=jnp.asarray(masks), traj_end=jnp.asarray(traj_end),

@@ -84,8 +84,8 @@ def main() -> int:
 
     p = PRESETS["tiny"]
     K = p["steps_per_dispatch"]
-    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=p["chunk"])
     agent = build_agent(p)
+    spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=agent.chunk_len)
     data_host = synthetic_data(spec)
     init = agent.init(spec, jax.random.PRNGKey(SEED))
     init_arrays, static = eqx.partition(init, eqx.is_array)
@@ -106,7 +106,7 @@ def main() -> int:
         except ValueError as e:
             errs["mesh"] = str(e)
         try:
-            TrainStep(agent, init, batch_size=BATCH - 2, chunk_len=p["chunk"], steps_per_dispatch=K, mesh=mesh)
+            TrainStep(agent, init, batch_size=BATCH - 2, steps_per_dispatch=K, mesh=mesh)
             errs["batch"] = None
         except ValueError as e:
             errs["batch"] = str(e)
@@ -116,7 +116,7 @@ def main() -> int:
     state = fresh_state(mesh)
     data = put_replicated(data_host, mesh)
     info["data_replicated"] = replicated_over(data, jax.device_count())
-    step = TrainStep(agent, state, batch_size=BATCH, chunk_len=p["chunk"], steps_per_dispatch=K, mesh=mesh)
+    step = TrainStep(agent, state, batch_size=BATCH, steps_per_dispatch=K, mesh=mesh)
     t0 = time.perf_counter()
     hlo = step.lower(data, state).compile().as_text()  # the call below reuses this compilation
     info["compile_s"] = time.perf_counter() - t0
@@ -149,11 +149,11 @@ def main() -> int:
     if a.host:
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        hstep = TrainStep(agent, fresh_state(mesh), batch_size=BATCH, chunk_len=p["chunk"], steps_per_dispatch=K,
+        hstep = TrainStep(agent, fresh_state(mesh), batch_size=BATCH, steps_per_dispatch=K,
                           mesh=mesh, host_batches=True)
         for name in ("host_a", "host_b"):
-            hb = HostBatches(data_host, key=jax.random.PRNGKey(SEED + 7919), batch_size=BATCH, chunk_len=p["chunk"],
-                             gamma=agent.gamma, goal_conditioned=spec.goal_conditioned, normalize_reward=True, K=K,
+            hb = HostBatches(data_host, key=jax.random.PRNGKey(SEED + 7919), batch_size=BATCH,
+                             batch_spec=agent.batch_spec, goal_conditioned=spec.goal_conditioned, K=K,
                              sharding=NamedSharding(mesh, P(None, "data")))
             hb.start(0, K, K * a.dispatches)
             st = fresh_state(mesh)

@@ -1,0 +1,74 @@
+"""Run-folder logging: append-only CSV logs, JSON written atomically, versions, progress messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.fields: list[str] | None = None
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+                fields = list(rows[0].keys()) if rows else None
+            if resume_step is None:
+                rows = []
+            else:
+                rows = [r for r in rows if int(float(r["step"])) <= resume_step]
+            self.fields = fields if rows else None
+            tmp = path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                if rows and fields:
+                    w = csv.DictWriter(f, fieldnames=fields)
+                    w.writeheader()
+                    w.writerows(rows)
+            os.replace(tmp, path)
+
+    def write(self, row: dict) -> None:
+        if self.fields is None:
+            self.fields = list(row.keys())
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
+                {k: row.get(k, "") for k in self.fields})
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("macfw", "jax", "jaxlib", "equinox", "optax", "diffrax", "orbax-checkpoint", "ogbench", "gin-config"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def tqdm_write(pbar, msg: str) -> None:
+    if pbar is not None:
+        pbar.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+def json_scaler(scaler) -> dict:
+    """:meth:`Scaler.to_dict` as JSON lists (checkpoint meta)."""
+    return {k: v.tolist() for k, v in scaler.to_dict().items()}

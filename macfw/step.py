@@ -1,0 +1,213 @@
+"""The compiled training step and where its batches come from, for any :class:`~macfw.agents.base.Agent`.
+
+Units: ``steps_per_dispatch`` (K) gradient steps run per compiled call (``lax.scan``); batch sizes
+count samples (chunks for chunk agents, transitions for one-step agents).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from macfw.agents.base import Agent
+from macfw.data.batches import sample_for
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or parameter became NaN/Inf; the message names the step and the loss terms."""
+
+
+def init_state(agent: Agent, spec, seed: int, num_seeds: int | None = None) -> eqx.Module:
+    """A fresh state for ``seed``; with ``num_seeds`` S, seeds ``seed .. seed + S - 1`` stacked
+    along a leading axis (each identical to a single-seed init with that seed)."""
+    if num_seeds is None:
+        return agent.init(spec, jax.random.PRNGKey(seed))
+    keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
+    state = eqx.filter_vmap(lambda k: agent.init(spec, k))(keys)
+    agent.spec = spec
+    return state
+
+
+class TrainStep:
+    """``step(data, state) -> (state, metrics)``: ``steps_per_dispatch`` agent updates in one compiled call.
+
+    One ``jax.jit`` with explicit shardings: the state (whatever the agent keeps: parameters,
+    optimiser state, targets, buffers, key) and the on-device dataset replicated over the mesh,
+    every batch sharded along its ``data`` axis, the state donated. Batches follow the agent's
+    :attr:`~macfw.agents.base.Agent.batch_spec`; they are sampled on the device from the state's
+    key (``host_batches=False``), or passed in, stacked ``(K, B, ...)``, by :class:`HostBatches`.
+    With ``num_seeds`` the state carries a leading seed axis and the update is vmapped over it.
+    Metrics are averaged over the K updates on the device; ``guard/finite`` is 1 when every loss
+    and every parameter of ``state.nets`` is finite, and ``guard/first_bad`` is the index
+    (0..K-1) of the first update of the dispatch that was not. ``debug_nan_at_step=N`` (tests
+    only) multiplies the observations of the batch of gradient step N by NaN.
+
+    Raises:
+      ValueError: ``batch_size`` not divisible by the number of devices on the data axis.
+    """
+
+    def __init__(self, agent: Agent, template: eqx.Module, *, batch_size: int, steps_per_dispatch: int, mesh=None,
+                 host_batches: bool = False, num_seeds: int | None = None, debug_nan_at_step: int | None = None):
+        from macfw.parallel import batch_sharded, data_axis_size, make_mesh, replicated
+
+        self.mesh = mesh if mesh is not None else make_mesh()
+        n_data = data_axis_size(self.mesh)
+        if batch_size % n_data:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_data} devices on the "
+                             "mesh's data axis; change the batch size or make_mesh.mesh_shape.")
+        self.agent, self.K, self.host_batches, self.num_seeds = agent, int(steps_per_dispatch), host_batches, num_seeds
+        self.batch_size = batch_size
+        _, self.static = eqx.partition(template, eqx.is_array)
+        goal_conditioned = agent.spec.goal_conditioned
+        bspec = agent.batch_spec
+        bshard = batch_sharded(self.mesh)
+
+        def constrain(batch):
+            return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, bshard), batch)
+
+        def one(data_or_batch, st):
+            if host_batches:
+                batch = data_or_batch
+            else:
+                k_batch, k_next = jax.random.split(st.key)
+                batch = sample_for(bspec, data_or_batch, k_batch, batch_size, goal_conditioned=goal_conditioned)
+                st = eqx.tree_at(lambda s: s.key, st, k_next)
+            if debug_nan_at_step is not None:
+                poison = jnp.where(st.step + 1 == debug_nan_at_step, jnp.nan, 1.0)
+                batch = dict(batch)
+                for k in ("obs", "next_obs"):
+                    if k in batch:
+                        batch[k] = batch[k] * poison.astype(batch[k].dtype)
+            if num_seeds is None:
+                batch = constrain(batch)
+            st, metrics = agent.update(st, batch)
+            # Scalars only (losses and the gradient norm): a parameter can only turn non-finite
+            # through a non-finite gradient, and the parameters are checked once per dispatch below.
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
+            metrics["guard/finite"] = finite.astype(jnp.float32)
+            return st, metrics
+
+        if num_seeds is not None:
+            one = jax.vmap(one, in_axes=(0 if host_batches else None, 0))
+
+        def run(data, arrays):
+            st = eqx.combine(arrays, self.static)
+            if host_batches:
+                st, metrics = jax.lax.scan(lambda c, b: one(b, c), st, data)
+            else:
+                st, metrics = jax.lax.scan(lambda c, _: one(data, c), st, None, length=self.K)
+            ok = metrics["guard/finite"].reshape(metrics["guard/finite"].shape[0], -1).min(axis=1) >= 1.0  # (K,)
+            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
+                eqx.filter(st.nets, eqx.is_inexact_array))]))
+            metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+            metrics["guard/finite"] = (metrics["guard/finite"] >= 1.0) & params_ok
+            metrics["guard/first_bad"] = jnp.argmin(ok).astype(jnp.int32)
+            return eqx.partition(st, eqx.is_array)[0], metrics
+
+        repl = replicated(self.mesh)
+        data_sharding = repl
+        if host_batches:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
+            data_sharding = NamedSharding(self.mesh, spec)
+        self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,))
+
+    def _placed(self, data, state):
+        """The dataset (device mode) and the state's arrays, replicated on the mesh.
+
+        Inputs not yet placed there (a state fresh from ``agent.init``) have another type than the
+        step's outputs, so feeding the outputs back would trace and compile the step a second time.
+        Placing them first (a no-op for arrays already there) compiles it once.
+        """
+        from macfw.parallel import put_replicated
+
+        arrays = put_replicated(eqx.partition(state, eqx.is_array)[0], self.mesh)
+        return (data if self.host_batches else put_replicated(data, self.mesh)), arrays
+
+    def __call__(self, data, state):
+        arrays, metrics = self._jit(*self._placed(data, state))
+        return eqx.combine(arrays, self.static), metrics
+
+    def lower(self, data, state):
+        return self._jit.lower(*self._placed(data, state))
+
+
+def make_train_step(agent: Agent, *, batch_size: int, steps_per_dispatch: int, template=None, mesh=None,
+                    host_batches: bool = False, num_seeds: int | None = None,
+                    debug_nan_at_step: int | None = None) -> TrainStep:
+    """Build the compiled step (see :class:`TrainStep`); ``template`` defaults to a fresh init."""
+    if template is None:
+        template = agent.init(agent.spec, jax.random.PRNGKey(0))
+    return TrainStep(agent, template, batch_size=batch_size, steps_per_dispatch=steps_per_dispatch, mesh=mesh,
+                     host_batches=host_batches, num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
+
+
+class HostBatches:
+    """Samples ``(K, B, ...)`` batch stacks on the host CPU and prefetches them to the devices.
+
+    For datasets that do not fit in device memory. The sampling key of dispatch ``i`` is
+    ``fold_in(key, first step of i)``, so a resumed run draws the same batches without saved state.
+    ``batch_spec`` is the agent's :class:`~macfw.agents.base.BatchSpec`.
+    """
+
+    def __init__(self, data, *, key, batch_size: int, batch_spec, goal_conditioned: bool, K: int, sharding,
+                 num_seeds: int | None = None):
+        cpu = jax.devices("cpu")[0]
+        self.data = jax.device_put(data, cpu)
+        self.key = jax.device_put(key, cpu)
+        S = num_seeds
+
+        def sample(data, k):
+            return sample_for(batch_spec, data, k, batch_size, goal_conditioned=goal_conditioned)
+
+        def sample_k(data, key):
+            def one(k):
+                if S is None:
+                    return sample(data, k)
+                return jax.vmap(lambda kk: sample(data, kk))(jax.random.split(k, S))
+            return jax.vmap(one)(jax.random.split(key, K))
+
+        self._sample = jax.jit(sample_k)
+        self.sharding = sharding
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = None
+
+    def _make(self, step: int):
+        with jax.default_device(jax.devices("cpu")[0]):
+            b = self._sample(self.data, jax.random.fold_in(self.key, step))
+        return jax.device_put(b, self.sharding)
+
+    def start(self, first_step: int, stride: int, last_step: int):
+        def work():
+            s = first_step
+            while s < last_step:
+                self._queue.put(self._make(s))
+                s += stride
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def next(self):
+        return self._queue.get()
+
+
+def check_finite(metrics_host: dict, step: int, K: int) -> None:
+    """Raise :class:`NonFiniteError` when a dispatch's guard says a loss or parameter was not finite."""
+    if np.all(metrics_host.get("guard/finite", True)):
+        return
+    bad = sorted(k for k, v in metrics_host.items() if not k.startswith("guard/") and not np.all(np.isfinite(v)))
+    first = int(np.asarray(metrics_host.get("guard/first_bad", 0)).reshape(-1)[0])
+    at = step - K + 1 + first
+    where = f"step {at}" if K == 1 else f"step {at} (in the dispatch of steps {step - K + 1}..{step})"
+    fin = np.asarray(metrics_host["guard/finite"]).reshape(-1)
+    seeds = f" in seed index {[i for i, ok in enumerate(fin) if not ok]}" if fin.size > 1 else ""
+    terms = "loss term(s) " + ", ".join(bad) if bad else "a parameter (losses were finite)"
+    raise NonFiniteError(
+        f"Non-finite value at {where}{seeds}: {terms}. The run stopped; no checkpoint was written for this state "
+        "(earlier checkpoints are intact). Lower the learning rate, set a gradient clip (e.g. MAC.grad_clip), or "
+        "check the data for NaN/Inf.")
