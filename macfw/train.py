@@ -25,15 +25,12 @@ from macfw.agents.mac import MAC, TrainState, param_checksum
 from macfw.checkpoint import Checkpointer
 from macfw.data.batches import Scaler, sample_batch
 from macfw.data.ogbench_data import LoadedData, OGBenchDataset, default_task_id
+from macfw.errors import ConfigError, check, check_float, check_int  # noqa: F401  (macfw.train.ConfigError)
 
 
 # ------------------------------------------------------------------------------- step function
 class NonFiniteError(FloatingPointError):
     """A loss or parameter became NaN/Inf; the message names the step and the loss terms."""
-
-
-class ConfigError(ValueError):
-    """A ``train.*`` setting has a wrong type or value (the message names it and the fix)."""
 
 
 class WorkdirError(PermissionError):
@@ -65,13 +62,10 @@ class TrainStep:
     def __init__(self, agent: MAC, template: TrainState, *, batch_size: int, chunk_len: int, steps_per_dispatch: int,
                  normalize_reward: bool = True, mesh=None, host_batches: bool = False, num_seeds: int | None = None,
                  debug_nan_at_step: int | None = None):
-        from macfw.parallel import batch_sharded, data_axis_size, make_mesh, replicated
+        from macfw.parallel import batch_sharded, make_mesh, replicated
 
         self.mesh = mesh if mesh is not None else make_mesh()
-        n_data = data_axis_size(self.mesh)
-        if batch_size % n_data:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_data} devices on the "
-                             "mesh's data axis; change the batch size or make_mesh.mesh_shape.")
+        check_batch_size(batch_size, self.mesh)
         self.agent, self.K, self.host_batches, self.num_seeds = agent, int(steps_per_dispatch), host_batches, num_seeds
         self.batch_size, self.chunk_len, self.normalize_reward = batch_size, chunk_len, normalize_reward
         _, self.static = eqx.partition(template, eqx.is_array)
@@ -390,11 +384,25 @@ def _agree_int(x: int | None) -> int | None:
     return None if v < 0 else v
 
 
-def _check_schedule(K, **values) -> None:
+def _check_schedule(K: int, **values) -> None:
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % K:
-            raise ConfigError(f"train.{name} must be a positive integer multiple of train.steps_per_dispatch={K}, "
-                              f"got {v!r}. Fix the Gin binding train.{name}.")
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 and v % K == 0
+        check(f"train.{name}", v, ok, f"a positive integer multiple of train.steps_per_dispatch = {K}")
+
+
+def check_batch_size(batch_size: int, mesh) -> int:
+    """``batch_size`` (>= 1) if it splits evenly over the devices on ``mesh``'s data axis.
+
+    Raises:
+      ConfigError: otherwise (names train.batch_size, the device count and make_mesh.mesh_shape).
+    """
+    from macfw.parallel import data_axis_size
+
+    n = data_axis_size(mesh)
+    batch_size = check_int("train.batch_size", batch_size)
+    check("train.batch_size", batch_size, batch_size % n == 0,
+          f"a multiple of the {n} devices on the mesh's data axis (or change make_mesh.mesh_shape)")
+    return batch_size
 
 
 def init_state(agent: MAC, spec, seed: int, num_seeds: int | None = None) -> TrainState:
@@ -442,7 +450,11 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
     ``interrupted: True``. Every exit path (return, exception, signal) waits for the last save.
 
     Raises:
-      ConfigError: an interval that is not a positive multiple of ``steps_per_dispatch``.
+      ConfigError: a value out of range (raised before anything is loaded or written): an
+        interval or ``num_steps`` that is not a positive multiple of ``steps_per_dispatch``, a
+        batch size below 1 or not divisible by the devices, ``execute_steps`` outside
+        1..``chunk_len``, an agent's ``rollout_batch_size`` above ``batch_size``, a network
+        binding its constructor rejects (see ``MAC.check_config``), ...
       WorkdirError: ``workdir`` is not writable.
       CheckpointMismatchError: the checkpoint does not fit the configured model or data.
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
@@ -451,17 +463,32 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
     from macfw.parallel import make_mesh, put_replicated, to_host
 
     t_start = time.time()
-    K = steps_per_dispatch
-    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
-        raise ConfigError(f"train.steps_per_dispatch must be a positive integer, got {K!r}.")
-    K = int(K)
+    # Every configured value is checked before anything is loaded or written (ConfigError).
+    K = check_int("train.steps_per_dispatch", steps_per_dispatch)
     _check_schedule(K, num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
                     save_interval=save_interval)
-    if num_seeds is not None and (isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer))
-                                  or num_seeds < 1):
-        raise ConfigError(f"train.num_seeds must be an integer >= 1 or None, got {num_seeds!r}.")
-    if max_to_keep is not None and (not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 1):
-        raise ConfigError(f"train.max_to_keep must be an integer >= 1 or None (keep all), got {max_to_keep!r}.")
+    mesh = make_mesh()
+    batch_size = check_batch_size(batch_size, mesh)
+    chunk_len = check_int("train.chunk_len", chunk_len)
+    seed = check_int("train.seed", seed, minimum=0)
+    num_seeds = check_int("train.num_seeds", num_seeds, allow_none=True)
+    max_to_keep = check_int("train.max_to_keep", max_to_keep, allow_none=True, note="None: keep all")
+    eval_episodes = check_int("train.eval_episodes", eval_episodes)
+    execute_steps = check_int("train.execute_steps", execute_steps, maximum=chunk_len,
+                              note=f"train.chunk_len = {chunk_len}")
+    eval_seed = check_int("train.eval_seed", eval_seed, minimum=0)
+    check("train.eval_task_ids", eval_task_ids, eval_task_ids is None or (
+        isinstance(eval_task_ids, (tuple, list)) and len(eval_task_ids) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 5 for t in eval_task_ids)),
+        "None or a non-empty tuple of task ids in 1..5")
+    device_data_limit_gb = check_float("train.device_data_limit_gb", device_data_limit_gb, low=0.0, low_open=True)
+    debug_nan_at_step = check_int("train.debug_nan_at_step", debug_nan_at_step, allow_none=True)
+    agent = agent if agent is not None else MAC()
+    dataset = dataset if dataset is not None else OGBenchDataset()
+    check_int("MAC.rollout_batch_size", getattr(agent, "rollout_batch_size", None), maximum=batch_size,
+              allow_none=True, note=f"train.batch_size = {batch_size}")
+    if hasattr(agent, "check_config"):
+        agent.check_config(chunk_len)
     workdir = Path(workdir).absolute()
     lead = jax.process_index() == 0
 
@@ -480,12 +507,8 @@ def train(workdir: str | os.PathLike, agent: MAC | None = None, dataset: OGBench
             except OSError as e:
                 raise WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
                                    "Pass a writable --workdir.") from e
-            agent = agent if agent is not None else MAC()
-            dataset = dataset if dataset is not None else OGBenchDataset()
-
             with pre.interruptible():  # loading (or generating) the data may take long
                 loaded = dataset.load(chunk_len)
-            mesh = make_mesh()
             state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
             pre.check()
             ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)

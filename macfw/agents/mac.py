@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from jaxtyping import Array
 
+from macfw.errors import ConfigError, check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
 from macfw.registry import register
@@ -124,19 +125,15 @@ class MAC:
                  sampler: Sampler | None = None, *, gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
                  tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
                  grad_clip: float | None = None, unroll_rollout: bool = False):
-        if horizon < 1:
-            raise ValueError(f"MAC.horizon must be >= 1 chunk, got {horizon}.")
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"MAC.gamma must be in (0, 1], got {gamma}.")
+        self.gamma = check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True)
+        self.lam = check_float("MAC.lam", lam, low=0.0, high=1.0)
+        self.horizon = check_int("MAC.horizon", horizon)
+        self.tau = check_float("MAC.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.rollout_batch_size = check_int("MAC.rollout_batch_size", rollout_batch_size, allow_none=True)
+        self.grad_clip = check_float("MAC.grad_clip", grad_clip, low=0.0, low_open=True, allow_none=True)
         self.factories = dict(dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward)
         self.sampler = sampler if sampler is not None else RejectionSampler()
-        self.gamma = float(gamma)
-        self.lam = float(lam)
-        self.horizon = int(horizon)
-        self.tau = float(tau)
-        self.learning_rate = float(learning_rate)
-        self.rollout_batch_size = rollout_batch_size
-        self.grad_clip = grad_clip
         self.unroll_rollout = bool(unroll_rollout)
         self.spec: Spec | None = None
 
@@ -166,6 +163,25 @@ class MAC:
         target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.value)
         return TrainState(step=jnp.zeros((), jnp.int32), nets=nets, target_value=target,
                           opt_state=opt_state, key=key)
+
+    def check_config(self, chunk_len: int) -> None:
+        """Build every network and the optimiser state abstractly (``jax.eval_shape``: no memory, no
+        FLOPs) for a one-unit :class:`Spec`, so that a bad network binding (``QCritic.hidden_dims``,
+        ``FlowPolicy.flow_steps``, ...) fails now, before any data is loaded or written.
+
+        Raises:
+          ConfigError: a component rejected a configured value. Any other error (a component that
+            cannot be built abstractly or for these sizes) is left to the real :meth:`init`.
+        """
+        spec, saved = Spec(ob_dim=1, act_dim=1, goal_dim=0, chunk_len=int(chunk_len)), self.spec
+        try:
+            eqx.filter_eval_shape(self.init, spec, jax.random.PRNGKey(0))
+        except ConfigError:
+            raise
+        except Exception:
+            pass
+        finally:
+            self.spec = saved
 
     # ------------------------------------------------------------------ acting
     def act(self, nets: Networks, s, g, *, key, acting: bool = True):
