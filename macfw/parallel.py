@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from macfw.errors import check
+
 DATA_AXIS = "data"
 
 
@@ -26,18 +28,18 @@ def make_mesh(mesh_shape: tuple[int, ...] | None = None, axis_names: tuple[str, 
       axis_names: names of the mesh axes; must include ``'data'``.
 
     Raises:
-      ValueError: a shape that does not use every device, or no ``'data'`` axis.
+      ConfigError (a ValueError): no ``'data'`` axis, or a shape that does not use every device
+        or has not one entry per axis name.
     """
     devices = np.array(jax.devices() if devices is None else devices)
-    if DATA_AXIS not in axis_names:
-        raise ValueError(f"make_mesh.axis_names must include {DATA_AXIS!r}, got {axis_names!r}.")
+    check("make_mesh.axis_names", axis_names, DATA_AXIS in axis_names, f"names that include {DATA_AXIS!r}")
     shape = (devices.size,) if mesh_shape is None else tuple(mesh_shape)
-    if len(shape) != len(axis_names):
-        raise ValueError(f"make_mesh.mesh_shape {shape} and axis_names {axis_names} differ in length.")
     try:
-        arr = devices.reshape(shape)
-    except ValueError:
-        raise ValueError(f"make_mesh.mesh_shape {shape} does not fit the {devices.size} devices.") from None
+        arr = devices.reshape(shape) if len(shape) == len(axis_names) else None
+    except (ValueError, TypeError):
+        arr = None
+    check("make_mesh.mesh_shape", mesh_shape, arr is not None, f"a shape covering the {devices.size} device(s) "
+          f"(-1 fills) with one entry per name in make_mesh.axis_names = {tuple(axis_names)}")
     return Mesh(arr, axis_names)
 
 

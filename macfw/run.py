@@ -3,10 +3,11 @@
 Re-running the same command on the same DIR resumes from the newest complete checkpoint.
 
 Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving (re-run to resume); 2 a known user
-error (unknown component or Gin binding, bad dataset file or environment, a checkpoint that does
-not fit the config, workdir not writable, bad train.* setting), printed as one line
-``macfw: error: ...`` on stderr; 3 the training diverged (NaN/Inf; the step and loss terms are
-named); 130 a second Ctrl-C. Set ``MACFW_DEBUG=1`` to get the full traceback of known errors too.
+error (unknown component or Gin binding, a configured value out of range such as ``MAC.horizon = 0``
+(before anything is written to DIR), bad dataset file or environment, a checkpoint that does not
+fit the config, workdir not writable), printed as one line ``macfw: error: ...`` on stderr; 3 the
+training diverged (NaN/Inf; the step and loss terms are named); 130 a second Ctrl-C. Set
+``MACFW_DEBUG=1`` to get the full traceback of known errors too.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from macfw.checkpoint import CheckpointMismatchError, CheckpointSaveError
     from macfw.data.ogbench_data import DatasetError
     from macfw.evaluate import TaskMismatchError
-    from macfw.train import ConfigError, WorkdirError
+    from macfw.errors import ConfigError
+    from macfw.train import WorkdirError
 
     return (registry.UnknownComponentError, GinConfigError, DatasetError, FileNotFoundError, CheckpointMismatchError,
             CheckpointSaveError, ConfigError, WorkdirError, TaskMismatchError)

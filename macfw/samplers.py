@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from macfw.errors import check_int
 from macfw.registry import register
 
 
@@ -40,18 +41,15 @@ class RejectionSampler(Sampler):
       num_act_candidates: N when acting in the environment (paper: 32).
 
     Raises:
-      ValueError: a candidate count below 1.
+      ConfigError: a candidate count below 1.
     """
 
     num_train_candidates: int = eqx.field(static=True)
     num_act_candidates: int = eqx.field(static=True)
 
     def __init__(self, num_train_candidates: int = 8, num_act_candidates: int = 32):
-        for name, v in (("num_train_candidates", num_train_candidates), ("num_act_candidates", num_act_candidates)):
-            if int(v) < 1:
-                raise ValueError(f"RejectionSampler.{name} must be >= 1, got {v}.")
-        self.num_train_candidates = int(num_train_candidates)
-        self.num_act_candidates = int(num_act_candidates)
+        self.num_train_candidates = check_int("RejectionSampler.num_train_candidates", num_train_candidates)
+        self.num_act_candidates = check_int("RejectionSampler.num_act_candidates", num_act_candidates)
 
     def __call__(self, policy, critic, s, g, *, key, acting=False):
         num = self.num_act_candidates if acting else self.num_train_candidates

@@ -16,6 +16,22 @@ import numpy as np
 
 from macfw.agents.base import Agent
 from macfw.data.batches import sample_for
+from macfw.errors import check, check_int
+
+
+def check_batch_size(batch_size: int, mesh) -> int:
+    """``batch_size`` (>= 1) if it splits evenly over the devices on ``mesh``'s data axis.
+
+    Raises:
+      ConfigError: otherwise (names train.batch_size, the device count and make_mesh.mesh_shape).
+    """
+    from macfw.parallel import data_axis_size
+
+    n = data_axis_size(mesh)
+    batch_size = check_int("train.batch_size", batch_size)
+    check("train.batch_size", batch_size, batch_size % n == 0,
+          f"a multiple of the {n} devices on the mesh's data axis (or change make_mesh.mesh_shape)")
+    return batch_size
 
 
 class NonFiniteError(FloatingPointError):
@@ -48,18 +64,15 @@ class TrainStep:
     only) multiplies the observations of the batch of gradient step N by NaN.
 
     Raises:
-      ValueError: ``batch_size`` not divisible by the number of devices on the data axis.
+      ConfigError: ``batch_size`` not divisible by the number of devices on the data axis.
     """
 
     def __init__(self, agent: Agent, template: eqx.Module, *, batch_size: int, steps_per_dispatch: int, mesh=None,
                  host_batches: bool = False, num_seeds: int | None = None, debug_nan_at_step: int | None = None):
-        from macfw.parallel import batch_sharded, data_axis_size, make_mesh, replicated
+        from macfw.parallel import batch_sharded, make_mesh, replicated
 
         self.mesh = mesh if mesh is not None else make_mesh()
-        n_data = data_axis_size(self.mesh)
-        if batch_size % n_data:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_data} devices on the "
-                             "mesh's data axis; change the batch size or make_mesh.mesh_shape.")
+        check_batch_size(batch_size, self.mesh)
         self.agent, self.K, self.host_batches, self.num_seeds = agent, int(steps_per_dispatch), host_batches, num_seeds
         self.batch_size = batch_size
         _, self.static = eqx.partition(template, eqx.is_array)

@@ -30,13 +30,15 @@ import numpy as np
 from macfw.agents.base import Agent, param_checksum
 from macfw.checkpoint import Checkpointer, CheckpointMismatchError
 from macfw.data.ogbench_data import LoadedData
-from macfw.errors import ConfigError
-from macfw.evaluate import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, eval_row, evaluate,
-                            make_actor, merge_results, resolve_task_ids, seed_params)
+from macfw import registry
+from macfw.errors import ConfigError, check, check_float, check_int
+from macfw.evaluate import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, TaskMismatchError, eval_row,
+                            evaluate, make_actor, merge_results, resolve_task_ids, seed_params)
 from macfw.logs import CSVLog, json_scaler, tqdm_write, versions, write_json_atomic
 from macfw.parallel import make_mesh, put_replicated, to_host
 from macfw.signals import Preempted, Preemption
-from macfw.step import HostBatches, NonFiniteError, TrainStep, check_finite, init_state, make_train_step
+from macfw.step import (HostBatches, NonFiniteError, TrainStep, check_batch_size, check_finite, init_state,
+                        make_train_step)
 
 __all__ = ["train", "TrainStep", "make_train_step", "HostBatches", "init_state", "NonFiniteError", "ConfigError",
            "WorkdirError", "Preempted"]
@@ -50,33 +52,52 @@ class WorkdirError(PermissionError):
 
 
 # ------------------------------------------------------------------------------- 1. settings
-def check_settings(*, agent, dataset, steps_per_dispatch, num_steps, log_interval, eval_interval, save_interval,
-                   num_seeds, max_to_keep) -> int:
-    """Check the ``train.*`` values that need no data; returns K = ``steps_per_dispatch``.
+def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_interval, eval_interval,
+                   save_interval, batch_size, seed, num_seeds, max_to_keep, eval_episodes, eval_task_ids,
+                   execute_steps, eval_seed, device_data_limit_gb, debug_nan_at_step) -> dict:
+    """Check every ``train.*`` value and the agent's own configuration, before anything is loaded or
+    written; returns the checked values by name (``K`` = ``steps_per_dispatch``).
 
     Raises:
       ConfigError: naming the binding, the value received and the allowed range.
     """
     if not isinstance(agent, Agent):
-        raise ConfigError(f"train.agent = {agent!r} is not an agent: bind a registered one, e.g. "
-                          "train.agent = @MAC() (see macfw.registry.registered('agent')).")
+        raise ConfigError(f"train.agent = {agent!r} is not an agent: bind a registered one, e.g. train.agent = "
+                          f"@MAC() (registered agents: {registry.registered('agent')}).")
     if dataset is None:
-        raise ConfigError("train.dataset is not set: bind one, e.g. train.dataset = @OGBenchDataset().")
-    K = steps_per_dispatch
-    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
-        raise ConfigError(f"train.steps_per_dispatch must be a positive integer, got {K!r}.")
-    K = int(K)
+        raise ConfigError("train.dataset = None is not a dataset: bind one, e.g. train.dataset = @OGBenchDataset().")
+    K = check_int("train.steps_per_dispatch", steps_per_dispatch)
     for name, v in dict(num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
                         save_interval=save_interval).items():
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % K:
-            raise ConfigError(f"train.{name} must be a positive integer multiple of train.steps_per_dispatch={K}, "
-                              f"got {v!r}. Fix the Gin binding train.{name}.")
-    if num_seeds is not None and (isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer))
-                                  or num_seeds < 1):
-        raise ConfigError(f"train.num_seeds must be an integer >= 1 or None, got {num_seeds!r}.")
-    if max_to_keep is not None and (not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 1):
-        raise ConfigError(f"train.max_to_keep must be an integer >= 1 or None (keep all), got {max_to_keep!r}.")
-    return K
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 and v % K == 0
+        check(f"train.{name}", v, ok, f"a positive integer multiple of train.steps_per_dispatch = {K}")
+    batch_size = check_batch_size(batch_size, mesh)
+    max_exec = agent.chunk_len if agent.acts_in_chunks else 1
+    out = dict(
+        K=K, batch_size=batch_size,
+        seed=check_int("train.seed", seed, minimum=0),
+        num_seeds=check_int("train.num_seeds", num_seeds, allow_none=True),
+        max_to_keep=check_int("train.max_to_keep", max_to_keep, allow_none=True, note="None: keep all"),
+        eval_episodes=check_int("train.eval_episodes", eval_episodes),
+        execute_steps=check_int("train.execute_steps", execute_steps, maximum=max_exec,
+                                note=f"actions per decision of {type(agent).__name__}"),
+        eval_seed=check_int("train.eval_seed", eval_seed, minimum=0),
+        device_data_limit_gb=check_float("train.device_data_limit_gb", device_data_limit_gb, low=0.0, low_open=True),
+        debug_nan_at_step=check_int("train.debug_nan_at_step", debug_nan_at_step, allow_none=True),
+    )
+    check("train.eval_task_ids", eval_task_ids, eval_task_ids is None or (
+        isinstance(eval_task_ids, (tuple, list)) and len(eval_task_ids) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 5 for t in eval_task_ids)),
+        "None or a non-empty tuple of task ids in 1..5")
+    agent.check_config(batch_size)
+    if eval_task_ids is not None and all(hasattr(dataset, a) for a in ("env_name", "task_mode", "task_id")):
+        try:
+            resolve_task_ids(dataset.env_name, dataset.task_mode, dataset.task_id, eval_task_ids)
+        except TaskMismatchError:
+            raise
+        except Exception:  # e.g. an unknown environment: the data loader names it
+            pass
+    return out
 
 
 # ------------------------------------------------------------------------------- 2. build
@@ -118,12 +139,11 @@ def open_workdir(workdir) -> Path:
     return workdir
 
 
-def build(workdir: Path, agent: Agent, dataset, *, seed: int, num_seeds: int | None, pre: Preemption) -> Run:
+def build(workdir: Path, agent: Agent, dataset, *, mesh, seed: int, num_seeds: int | None, pre: Preemption) -> Run:
     """Load the data the agent's batch spec needs, build the mesh and a fresh state."""
     bspec = agent.batch_spec
     with pre.interruptible():  # loading (or generating) the data may take long
         loaded = dataset.load(bspec.chunk_len, bspec.window)
-    mesh = make_mesh()
     state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
     pre.check()
     return Run(workdir=workdir, agent=agent, loaded=loaded, mesh=mesh, state=state, seed=seed, num_seeds=num_seeds,
@@ -351,21 +371,29 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
     summary then has ``interrupted: True``. Every exit path waits for the last save.
 
     Raises:
-      ConfigError: a ``train.*`` value out of range (named with the value and the range).
+      ConfigError: a value out of range, raised before anything is loaded or written: a ``train.*``
+        value (an interval not a positive multiple of ``steps_per_dispatch``, a batch size not
+        divisible by the devices, ``execute_steps`` above the agent's actions per decision, ...)
+        or a binding of the agent or its networks (:meth:`Agent.check_config`).
       WorkdirError: ``workdir`` is not writable.
       CheckpointMismatchError: the checkpoint does not fit the configured agent or data.
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
-    K = check_settings(agent=agent, dataset=dataset, steps_per_dispatch=steps_per_dispatch, num_steps=num_steps,
-                       log_interval=log_interval, eval_interval=eval_interval, save_interval=save_interval,
-                       num_seeds=num_seeds, max_to_keep=max_to_keep)
+    mesh = make_mesh()
+    c = check_settings(agent=agent, dataset=dataset, mesh=mesh, steps_per_dispatch=steps_per_dispatch,
+                       num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
+                       save_interval=save_interval, batch_size=batch_size, seed=seed, num_seeds=num_seeds,
+                       max_to_keep=max_to_keep, eval_episodes=eval_episodes, eval_task_ids=eval_task_ids,
+                       execute_steps=execute_steps, eval_seed=eval_seed, device_data_limit_gb=device_data_limit_gb,
+                       debug_nan_at_step=debug_nan_at_step)
+    K = c["K"]
     pre = Preemption()
     run: Run | None = None
     progress_state = {"step": 0, "last_saved": None}
     with pre:
         try:
             workdir = open_workdir(workdir)
-            run = build(workdir, agent, dataset, seed=seed, num_seeds=num_seeds, pre=pre)
+            run = build(workdir, agent, dataset, mesh=mesh, seed=seed, num_seeds=num_seeds, pre=pre)
             eval_task_ids = resolve_task_ids(run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id,
                                              eval_task_ids)
             resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)

@@ -588,7 +588,8 @@ def bad_world(world, reference, tmp_path_factory):
 BAD = [
     ("unknown_component", ["MAC.dynamics = @ChunkDynamix"], "Unknown component 'ChunkDynamix'.*Registered"),
     ("unknown_binding", ["MAC.learnin_rate = 1e-3"], r"MAC\.learnin_rate.*Did you mean 'MAC\.learning_rate'"),
-    ("mistyped_value", ["train.num_steps = 'forty'"], r"train\.num_steps must be a positive integer.*'forty'"),
+    ("mistyped_value", ["train.num_steps = 'forty'"],
+     r"train\.num_steps = 'forty' is out of range: must be a positive integer"),
     ("dataset_missing", ["OGBenchDataset.dataset_path = '{root}/nowhere.npz'"], r"nowhere\.npz' does not exist"),
     ("dataset_truncated", ["OGBenchDataset.dataset_path = '{truncated}'"], r"truncated\.npz' is not a readable \.npz"),
     ("dataset_not_npz", ["OGBenchDataset.dataset_path = '{notnpz}'"], r"notnpz\.npz' is not a readable \.npz"),

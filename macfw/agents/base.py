@@ -128,6 +128,29 @@ class Agent(abc.ABC):
         :attr:`acts_in_chunks`, else ``(1, act_dim)``; values in [-1, 1]. ``params`` is
         :meth:`acting_params` of a state."""
 
+    def check_config(self, batch_size: int) -> None:
+        """Fail on a bad configured value before any data is loaded or anything written.
+
+        Builds every network and the optimiser state abstractly (``jax.eval_shape``: no memory, no
+        FLOPs) for a one-unit :class:`Spec`, so a bad network binding (``QCritic.hidden_dims``,
+        ``FlowPolicy.flow_steps``, ...) fails now. Subclasses add checks that involve the batch size.
+
+        Raises:
+          ConfigError: a component rejected a configured value. Any other error (a component that
+            cannot be built abstractly or for these sizes) is left to the real :meth:`init`.
+        """
+        from macfw.errors import ConfigError
+
+        spec, saved = Spec(ob_dim=1, act_dim=1, goal_dim=0, chunk_len=self.batch_spec.chunk_len), self.spec
+        try:
+            eqx.filter_eval_shape(self.init, spec, jax.random.PRNGKey(0))
+        except ConfigError:
+            raise
+        except Exception:
+            pass
+        finally:
+            self.spec = saved
+
     def acting_params(self, state: eqx.Module) -> Any:
         """The part of a state :meth:`act` needs (default: ``state.nets``)."""
         return state.nets

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from macfw.agents.mac import MAC, Networks, TrainState
+from macfw.errors import check, check_choice, check_float
 from macfw.nn.mlp import MLP
 from macfw.nn.models import HIDDEN
 from macfw.registry import add_kind, register
@@ -58,8 +59,8 @@ class FQLActor(eqx.Module):
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
-        self.net = MLP(spec.ob_dim + spec.goal_dim + spec.chunk_dim, spec.chunk_dim, tuple(hidden_dims), key=key,
-                       layer_norm=layer_norm, compute_dtype=compute_dtype)
+        self.net = MLP(spec.ob_dim + spec.goal_dim + spec.chunk_dim, spec.chunk_dim, hidden_dims, key=key,
+                       layer_norm=layer_norm, compute_dtype=compute_dtype, name=type(self).__name__)
         self.chunk_dim = spec.chunk_dim
 
     def __call__(self, s, g, z) -> Float[Array, " chunk_dim"]:
@@ -106,28 +107,23 @@ class MACFQL(MAC):
       **kwargs: :class:`MAC`'s arguments (Gin's ``MAC.*`` bindings fill those not given).
 
     Raises:
-      ValueError: ``alpha < 0`` or an unknown ``actor_goals``.
+      ConfigError: ``alpha < 0``, an unknown ``actor_goals``, or (at :meth:`init`) a ``MAC.policy``
+        without a ``solve`` method.
     """
 
     def __init__(self, *args, actor: Callable = FQLActor, alpha: float = 0.3, normalize_q_loss: bool = True,
                  actor_goals: str = "actor_goals", **kwargs):
         super().__init__(*args, **kwargs)
-        if alpha < 0:
-            raise ValueError(f"MACFQL.alpha must be >= 0, got {alpha}.")
-        if actor_goals not in ("actor_goals", "value_goals"):
-            raise ValueError(f"MACFQL.actor_goals must be 'actor_goals' or 'value_goals', got {actor_goals!r}.")
+        self.alpha = check_float("MACFQL.alpha", alpha, low=0.0)
+        self.actor_goals = check_choice("MACFQL.actor_goals", actor_goals, ("actor_goals", "value_goals"))
         self.factories["actor"] = actor
-        self.alpha = float(alpha)
         self.normalize_q_loss = bool(normalize_q_loss)
-        self.actor_goals = actor_goals
 
     # ------------------------------------------------------------------ building
     def init(self, spec: Spec, key) -> TrainState:
         state = super().init(spec, key)
-        if not callable(getattr(state.nets.policy, "solve", None)):
-            raise ValueError(
-                f"MACFQL distils the flow policy's ODE solution, but MAC.policy built a "
-                f"{type(state.nets.policy).__name__} without a solve(s, g, z) method; use MAC.policy = @FlowPolicy.")
+        check("MAC.policy", type(state.nets.policy).__name__, callable(getattr(state.nets.policy, "solve", None)),
+              "a policy with a solve(s, g, z) method (MACFQL distils the flow ODE solution), e.g. @FlowPolicy")
         key, k_actor = jax.random.split(state.key)
         nets = dataclasses.replace(state.nets, actor=self.factories["actor"](spec, key=k_actor))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))

@@ -26,6 +26,7 @@ import optax
 from jaxtyping import Array
 
 from macfw.agents.base import Agent, BatchSpec, param_checksum  # noqa: F401  (param_checksum re-exported)
+from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
 from macfw.registry import register
@@ -116,23 +117,17 @@ class MAC(Agent):
                  gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
                  tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
                  grad_clip: float | None = None, unroll_rollout: bool = False):
-        if horizon < 1:
-            raise ValueError(f"MAC.horizon must be >= 1 chunk, got {horizon}.")
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"MAC.gamma must be in (0, 1], got {gamma}.")
-        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-            raise ValueError(f"MAC.chunk_len must be an integer >= 1 (environment steps), got {chunk_len!r}.")
-        self._chunk_len = int(chunk_len)
+        self._chunk_len = check_int("MAC.chunk_len", chunk_len)
         self.normalize_reward = bool(normalize_reward)
+        self.gamma = check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True)
+        self.lam = check_float("MAC.lam", lam, low=0.0, high=1.0)
+        self.horizon = check_int("MAC.horizon", horizon)
+        self.tau = check_float("MAC.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.rollout_batch_size = check_int("MAC.rollout_batch_size", rollout_batch_size, allow_none=True)
+        self.grad_clip = check_float("MAC.grad_clip", grad_clip, low=0.0, low_open=True, allow_none=True)
         self.factories = dict(dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward)
         self.sampler = sampler if sampler is not None else RejectionSampler()
-        self.gamma = float(gamma)
-        self.lam = float(lam)
-        self.horizon = int(horizon)
-        self.tau = float(tau)
-        self.learning_rate = float(learning_rate)
-        self.rollout_batch_size = rollout_batch_size
-        self.grad_clip = grad_clip
         self.unroll_rollout = bool(unroll_rollout)
         self.spec: Spec | None = None
 
@@ -169,6 +164,16 @@ class MAC(Agent):
         target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.value)
         return TrainState(step=jnp.zeros((), jnp.int32), nets=nets, target_value=target,
                           opt_state=opt_state, key=key)
+
+    def check_config(self, batch_size: int) -> None:
+        """Also: ``MAC.rollout_batch_size`` at most ``train.batch_size`` (rollouts start from batch states).
+
+        Raises:
+          ConfigError: see :meth:`Agent.check_config`.
+        """
+        check_int("MAC.rollout_batch_size", self.rollout_batch_size, maximum=batch_size, allow_none=True,
+                  note=f"train.batch_size = {batch_size}")
+        super().check_config(batch_size)
 
     # ------------------------------------------------------------------ acting
     def act(self, nets: Networks, s, g, *, key, acting: bool = True):

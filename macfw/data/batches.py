@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from macfw.errors import check
+
 #: Hindsight relabelling probabilities (DESIGN §2.1).
 VALUE_GOAL_P_CUR, VALUE_GOAL_P_TRAJ, VALUE_GOAL_P_RAND = 0.2, 0.5, 0.3
 ACTOR_GOAL_P_TRAJ = 0.5
@@ -105,15 +107,14 @@ def valid_starts(traj_end: np.ndarray, chunk_len: int) -> np.ndarray:
     """Indices ``t`` whose chunk ``t .. t+n`` lies in one trajectory: ``t + n <= traj_end[t]``.
 
     Raises:
-      ValueError: no trajectory is longer than ``chunk_len`` steps.
+      ConfigError (a ValueError): no trajectory is longer than ``chunk_len`` steps (names
+        ``train.chunk_len`` and the longest chunk the data holds).
     """
     t = np.arange(len(traj_end))
     starts = np.where(t + chunk_len <= traj_end)[0].astype(np.int32)
-    if len(starts) == 0:
-        raise ValueError(
-            f"No valid chunk start: every trajectory is shorter than chunk_len={chunk_len} + 1 steps. "
-            "Use a smaller chunk length or longer episodes."
-        )
+    longest = int(np.max(traj_end - t)) if len(t) else 0
+    check("train.chunk_len", chunk_len, len(starts) > 0,
+          f"at most {longest}, the longest chunk inside one trajectory of the data (or use longer episodes)")
     return starts
 
 

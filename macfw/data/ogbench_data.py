@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, Scaler, trajectory_ends, valid_starts
+from macfw.errors import check_choice, check_int
 from macfw.registry import register
 from macfw.spec import Spec
 
@@ -137,35 +138,30 @@ class OGBenchDataset:
         (DESIGN §2.6). Goal-conditioned data ignores it.
 
     Raises:
-      ValueError: unknown ``task_mode`` / ``scale_with`` / ``singletask_masks``, or an environment
-        OGBench does not know.
+      ConfigError (a ValueError): a value out of range: unknown ``task_mode`` / ``scale_with``,
+        ``task_id`` outside 1..5, ``num_episodes`` < 1, ``episode_length`` < 2, ``data_seed`` < 0,
+        ``workers`` < 1, unknown
+        ``singletask_masks``.
+      UnknownEnvironmentError (at :meth:`load`): an environment OGBench does not know.
     """
 
     def __init__(self, env_name: str = "cube-single", dataset_type: str = "play", task_mode: str = "singletask",
                  task_id: int | None = None, dataset_path: str | None = None, num_episodes: int = 1000,
                  episode_length: int = 1001, data_seed: int = 0, cache_dir: str | None = None,
                  scale_with: str = "val", workers: int | None = None, singletask_masks: str = "ogbench"):
-        if task_mode not in TASK_MODES:
-            raise DatasetError(f"Unknown OGBenchDataset.task_mode {task_mode!r}; choose one of {list(TASK_MODES)}.")
-        if scale_with not in ("val", "train"):
-            raise DatasetError(f"Unknown OGBenchDataset.scale_with {scale_with!r}; choose 'val' or 'train'.")
-        if singletask_masks not in SINGLETASK_MASKS:
-            raise DatasetError(f"Unknown OGBenchDataset.singletask_masks {singletask_masks!r}; choose one of "
-                               f"{list(SINGLETASK_MASKS)}.")
-        if task_mode == "singletask" and task_id is not None and not 1 <= int(task_id) <= 5:
-            raise DatasetError(f"OGBenchDataset.task_id must be in 1..5 or None (the default task), got {task_id!r}.")
+        self.task_mode = check_choice("OGBenchDataset.task_mode", task_mode, TASK_MODES)
+        self.scale_with = check_choice("OGBenchDataset.scale_with", scale_with, ("val", "train"))
+        self.task_id = check_int("OGBenchDataset.task_id", task_id, maximum=5, allow_none=True,
+                                 note="None: the default task")
+        self.num_episodes = check_int("OGBenchDataset.num_episodes", num_episodes)
+        self.episode_length = check_int("OGBenchDataset.episode_length", episode_length, minimum=2)
+        self.data_seed = check_int("OGBenchDataset.data_seed", data_seed, minimum=0)
+        self.singletask_masks = check_choice("OGBenchDataset.singletask_masks", singletask_masks, SINGLETASK_MASKS)
+        self.workers = check_int("OGBenchDataset.workers", workers, allow_none=True)
         self.env_name = env_name
         self.dataset_type = dataset_type
-        self.task_mode = task_mode
-        self.task_id = task_id
         self.dataset_path = dataset_path
-        self.num_episodes = num_episodes
-        self.episode_length = episode_length
-        self.data_seed = data_seed
         self.cache_dir = cache_dir
-        self.scale_with = scale_with
-        self.workers = workers
-        self.singletask_masks = singletask_masks
 
     # -- names -------------------------------------------------------------------------------
     @property

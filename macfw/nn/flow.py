@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from macfw.errors import check, check_float, check_int
 from macfw.nn.mlp import MLP
 from macfw.nn.models import HIDDEN
 from macfw.registry import register
@@ -58,6 +59,17 @@ class BehaviorPolicy(eqx.Module):
         return jax.vmap(lambda k: self.sample(s, g, key=k))(jax.random.split(key, num))
 
 
+def resolve_solver(solver: str | diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+    """A diffrax solver from a name in :data:`SOLVERS` or an instance (returned as is).
+
+    Raises:
+      ConfigError: any other value (names ``FlowPolicy.solver`` and lists the known names).
+    """
+    check("FlowPolicy.solver", solver, solver in SOLVERS if isinstance(solver, str)
+          else isinstance(solver, diffrax.AbstractSolver), f"one of {sorted(SOLVERS)} or a diffrax solver instance")
+    return SOLVERS[solver]() if isinstance(solver, str) else solver
+
+
 def solve_flow(field, s, g, z, *, num_steps: int = 10, solver: str | diffrax.AbstractSolver = "euler",
                adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3, max_steps: int = 256):
     """Solve ``dx/du = field(s, g, x, u)`` from ``x(0) = z`` to ``x(1)`` with diffrax.
@@ -73,14 +85,11 @@ def solve_flow(field, s, g, z, *, num_steps: int = 10, solver: str | diffrax.Abs
       ``x(1)``: ``(chunk_dim,)``.
 
     Raises:
-      ValueError: unknown solver name (lists the known ones) or ``num_steps < 1``.
+      ConfigError: unknown solver (see :func:`resolve_solver`) or ``num_steps < 1`` (named as
+        :class:`FlowPolicy`'s bindings ``solver`` and ``flow_steps``).
     """
-    if isinstance(solver, str):
-        if solver not in SOLVERS:
-            raise ValueError(f"Unknown flow ODE solver {solver!r}; choose one of {sorted(SOLVERS)} or pass a diffrax solver.")
-        solver = SOLVERS[solver]()
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    solver = resolve_solver(solver)
+    num_steps = check_int("FlowPolicy.flow_steps", num_steps)
     term = diffrax.ODETerm(lambda u, x, args: field(s, g, x, u))
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -115,6 +124,10 @@ class FlowPolicy(BehaviorPolicy):
       distill: train and sample from the one-step policy ``mu``.
       distill_weight: weight of the distillation loss.
       key: PRNG key.
+
+    Raises:
+      ConfigError: ``flow_steps < 1``, an unknown ``solver``, a negative ``distill_weight`` or bad
+        ``hidden_dims``.
     """
 
     field: MLP
@@ -128,22 +141,17 @@ class FlowPolicy(BehaviorPolicy):
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  flow_steps: int = 10, solver: str = "euler", adaptive: bool = False, distill: bool = True,
                  distill_weight: float = 1.0, compute_dtype: str | None = None):
-        if flow_steps < 1:
-            raise ValueError(f"FlowPolicy.flow_steps must be >= 1, got {flow_steps}.")
-        if isinstance(solver, str) and solver not in SOLVERS:
-            raise ValueError(f"Unknown FlowPolicy.solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+        self.flow_steps = check_int("FlowPolicy.flow_steps", flow_steps)
+        resolve_solver(solver)
+        self.solver = solver
+        self.distill_weight = check_float("FlowPolicy.distill_weight", distill_weight, low=0.0)
         k1, k2 = jax.random.split(key)
         d_in = spec.ob_dim + spec.goal_dim + spec.chunk_dim
-        self.field = MLP(d_in + 1, spec.chunk_dim, tuple(hidden_dims), key=k1, layer_norm=layer_norm, compute_dtype=compute_dtype)
-        self.one_step = (
-            MLP(d_in, spec.chunk_dim, tuple(hidden_dims), key=k2, layer_norm=layer_norm, compute_dtype=compute_dtype)
-            if distill else None
-        )
+        kw = dict(layer_norm=layer_norm, compute_dtype=compute_dtype, name=type(self).__name__)
+        self.field = MLP(d_in + 1, spec.chunk_dim, hidden_dims, key=k1, **kw)
+        self.one_step = MLP(d_in, spec.chunk_dim, hidden_dims, key=k2, **kw) if distill else None
         self.chunk_dim = spec.chunk_dim
-        self.flow_steps = int(flow_steps)
-        self.solver = solver
         self.adaptive = bool(adaptive)
-        self.distill_weight = float(distill_weight)
 
     def velocity(self, s, g, x, u) -> Float[Array, " chunk_dim"]:
         """``v(s, g, x, u)``: ``x: (chunk_dim,)``, ``u`` scalar flow time."""

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from macfw.errors import check_float
 from macfw.nn.flow import BehaviorPolicy
 from macfw.nn.mlp import MLP
 from macfw.nn.models import HIDDEN
@@ -49,7 +50,7 @@ class GaussianPolicy(BehaviorPolicy):
       key: PRNG key.
 
     Raises:
-      ValueError: ``log_std_min >= log_std_max``.
+      ConfigError: ``log_std_min >= log_std_max`` or bad ``hidden_dims``.
     """
 
     net: MLP
@@ -61,15 +62,14 @@ class GaussianPolicy(BehaviorPolicy):
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  log_std_min: float = -5.0, log_std_max: float = 2.0, state_dependent_std: bool = True,
                  compute_dtype: str | None = None):
-        if not log_std_min < log_std_max:
-            raise ValueError(f"GaussianPolicy needs log_std_min < log_std_max, got {log_std_min} >= {log_std_max}.")
+        self.log_std_max = check_float("GaussianPolicy.log_std_max", log_std_max)
+        self.log_std_min = check_float("GaussianPolicy.log_std_min", log_std_min, high=self.log_std_max, high_open=True,
+                                       note=f"GaussianPolicy.log_std_max = {self.log_std_max}")
         out = 2 * spec.chunk_dim if state_dependent_std else spec.chunk_dim
-        self.net = MLP(spec.ob_dim + spec.goal_dim, out, tuple(hidden_dims), key=key, layer_norm=layer_norm,
-                       compute_dtype=compute_dtype)
+        self.net = MLP(spec.ob_dim + spec.goal_dim, out, hidden_dims, key=key, layer_norm=layer_norm,
+                       compute_dtype=compute_dtype, name=type(self).__name__)
         self.log_std_param = None if state_dependent_std else jnp.zeros((spec.chunk_dim,), jnp.float32)
         self.chunk_dim = spec.chunk_dim
-        self.log_std_min = float(log_std_min)
-        self.log_std_max = float(log_std_max)
 
     def mean_log_std(self, s, g) -> tuple[Float[Array, " chunk_dim"], Float[Array, " chunk_dim"]]:
         """Mean and clipped log-std of the pre-squash Gaussian, each ``(chunk_dim,)``."""

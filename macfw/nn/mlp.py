@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from macfw.errors import check, check_dims
+
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
@@ -43,10 +45,14 @@ class MLP(eqx.Module):
       final_init_scale: multiplies the final layer's initial weights (small values start
         residual outputs near zero).
       key: PRNG key (keyword-only).
+      name: the configurable that owns this MLP (e.g. ``"QCritic"``): errors name its binding
+        (``QCritic.hidden_dims``).
 
     Raises:
-      ValueError: unknown ``activation`` (the message lists the known ones) or a
-        non-positive size.
+      ConfigError: ``hidden_dims`` not a non-empty tuple of positive ints, or a ``compute_dtype``
+        that is not a floating dtype.
+      ValueError: unknown ``activation`` (the message lists the known ones), a negative ``in_dim``
+        or a non-positive ``out_dim``.
     """
 
     layers: tuple[eqx.nn.Linear, ...]
@@ -65,12 +71,18 @@ class MLP(eqx.Module):
         layer_norm: bool = True,
         final_init_scale: float = 1.0,
         compute_dtype: str | None = None,
+        name: str = "MLP",
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
-        dims = [int(in_dim), *[int(h) for h in hidden_dims], int(out_dim)]
-        if any(d < 0 for d in dims) or any(d == 0 for d in dims[1:]):
-            raise ValueError(f"MLP sizes must be positive, got in_dim={in_dim}, hidden_dims={tuple(hidden_dims)}, out_dim={out_dim}.")
+        try:
+            floating = compute_dtype is None or jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        check(f"{name}.compute_dtype", compute_dtype, floating, "None or a floating dtype name, e.g. 'bfloat16'")
+        dims = [int(in_dim), *check_dims(f"{name}.hidden_dims", hidden_dims), int(out_dim)]
+        if dims[0] < 0 or dims[-1] < 1:
+            raise ValueError(f"MLP sizes from the data must be in_dim >= 0, out_dim >= 1; got {in_dim}, {out_dim}.")
         keys = jax.random.split(key, len(dims) - 1)
         layers = [eqx.nn.Linear(max(a, 1) if a == 0 else a, b, key=k) for a, b, k in zip(dims[:-1], dims[1:], keys)]
         if final_init_scale != 1.0:

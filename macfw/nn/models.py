@@ -26,8 +26,9 @@ from macfw.spec import Spec
 HIDDEN = (1024, 1024, 1024, 1024)
 
 
-def _mlp(in_dim, out_dim, hidden_dims, key, layer_norm=True, **kw) -> MLP:
-    return MLP(in_dim, out_dim, tuple(hidden_dims), key=key, layer_norm=layer_norm, **kw)
+def _mlp(owner: eqx.Module, in_dim, out_dim, hidden_dims, key, layer_norm=True, **kw) -> MLP:
+    """The MLP of network ``owner``; a bad size raises ConfigError naming ``<owner class>.hidden_dims``."""
+    return MLP(in_dim, out_dim, hidden_dims, key=key, layer_norm=layer_norm, name=type(owner).__name__, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ class ChunkDynamics(Dynamics):
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
-        self.net = _mlp(spec.ob_dim + spec.chunk_dim, spec.ob_dim, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
+        self.net = _mlp(self, spec.ob_dim + spec.chunk_dim, spec.ob_dim, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
 
     def __call__(self, s, A):
         return s + self.net(jnp.concatenate([s, A]))
@@ -84,7 +85,7 @@ class _ChunkHead(_Head):
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
-        self.net = _mlp(spec.ob_dim + spec.goal_dim + spec.chunk_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
+        self.net = _mlp(self, spec.ob_dim + spec.goal_dim + spec.chunk_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
 
     def __call__(self, s, g, A) -> Float[Array, ""]:
         return self._out(s, g, A)
@@ -101,7 +102,7 @@ class StateValue(_Head):
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
-        self.net = _mlp(spec.ob_dim + spec.goal_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
+        self.net = _mlp(self, spec.ob_dim + spec.goal_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
 
     def __call__(self, s, g) -> Float[Array, ""]:
         return self._out(s, g)
