@@ -224,17 +224,18 @@ class Checkpointer:
             _sync("macfw_checkpointer_sanitized")
         elif not self.directory.is_dir():
             raise FileNotFoundError(f"No checkpoint folder {str(self.directory)!r}.")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None,  # deletion is ours: only after the newer step's manifest exists
-            create=not read_only,
-            # Leftover temporary folders are removed by _sanitize above, synchronously. Orbax's own
-            # clean-up runs in a background thread that close() does not join: a process stopping
-            # right after start-up (SIGTERM) then dies with that thread's traceback.
-            cleanup_tmp_directories=False,
-            enable_async_checkpointing=async_save,
-            read_only=read_only,
-        )
-        with _quiet_absl(read_only):  # Orbax logs two warnings about read-only managers
+        with _quiet_absl(read_only):  # Orbax logs warnings about read-only options and managers
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=None,  # deletion is ours: only after the newer step's manifest exists
+                create=not read_only,
+                # Leftover temporary folders are removed by _sanitize above, synchronously. Orbax's own
+                # clean-up runs in a background thread that close() does not join: a process stopping
+                # right after start-up (SIGTERM) then dies with that thread's traceback.
+                cleanup_tmp_directories=False,
+                enable_async_checkpointing=async_save,
+                read_only=read_only,
+                **({"save_interval_steps": 0} if read_only else {}),
+            )
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     # ------------------------------------------------------------------ housekeeping

@@ -101,7 +101,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """User errors reported as one line (exit code 2) instead of a traceback."""
     from macfw.checkpoint import CheckpointMismatchError, CheckpointSaveError
     from macfw.data.ogbench_data import DatasetError
-    from macfw.evaluate import TaskMismatchError
+    from macfw.evaluation import TaskMismatchError
     from macfw.errors import ConfigError
     from macfw.train import WorkdirError
 

@@ -32,7 +32,7 @@ from macfw.checkpoint import Checkpointer, CheckpointMismatchError
 from macfw.data.ogbench_data import LoadedData
 from macfw import registry
 from macfw.errors import ConfigError, check, check_float, check_int
-from macfw.evaluate import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, TaskMismatchError, eval_row,
+from macfw.evaluation import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, TaskMismatchError, eval_row,
                             evaluate, make_actor, merge_results, resolve_task_ids, seed_params)
 from macfw.logs import CSVLog, json_scaler, tqdm_write, versions, write_json_atomic
 from macfw.parallel import make_mesh, put_replicated, to_host
@@ -92,7 +92,8 @@ def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_i
     agent.check_config(batch_size)
     if eval_task_ids is not None and all(hasattr(dataset, a) for a in ("env_name", "task_mode", "task_id")):
         try:
-            resolve_task_ids(dataset.env_name, dataset.task_mode, dataset.task_id, eval_task_ids)
+            resolve_task_ids(dataset.env_name, dataset.task_mode, dataset.task_id, eval_task_ids,
+                             source="train.eval_task_ids")
         except TaskMismatchError:
             raise
         except Exception:  # e.g. an unknown environment: the data loader names it

@@ -13,4 +13,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax-com
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Tiny networks: compilation dominates test time; cheaper XLA CPU compilation cuts it by ~30%.
 # (Subprocesses inherit it; tests that set their own XLA_FLAGS replace it.)
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# A user's own XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2, as CI's second pass) are kept and these added.
+_FAST = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _FAST if f.split("=")[0] not in {x.split("=")[0] for x in _flags}])

@@ -197,8 +197,12 @@ if __name__ != "__main__":
 
         losses = np.asarray(fit(params))
         assert np.all(np.isfinite(losses))
-        assert losses[-1] < losses[0] - 20.0, (losses[0], losses[-1])  # sharpens around the chunk
-        assert losses[-10:].mean() < losses[:10].mean()
+        # windowed means (the last tenth against the first tenth), not one noisy value: the NLL of
+        # one chunk drops by tens of nats as the policy sharpens around it (per-dim std -> e^-5)
+        first, last = losses[:15].mean(), losses[-15:].mean()
+        assert last < first - 20.0, (first, last)
+        # and it stays down: no spike in the last tenth reaches the start (log-std rescaled smoothly)
+        assert losses[-15:].max() < first, (first, losses[-15:])
 
     # -------------------------------------------------------------------------- DirectSampler / FQLActor
     def test_direct_sampler_is_clipped_actor_without_candidates():

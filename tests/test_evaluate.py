@@ -13,7 +13,7 @@ import gymnasium
 import numpy as np
 import pytest
 
-from macfw.evaluate import EvalResult, evaluate
+from macfw.evaluation import EvalResult, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def test_video_fake_env(tmp_path):
 
 _VIDEO_SCRIPT = textwrap.dedent("""
     import json, sys, numpy as np
-    from macfw.evaluate import evaluate
+    from macfw.evaluation import evaluate
     actor = lambda o, g, s: np.random.default_rng(s).uniform(-1, 1, (5, 5))
     try:
         # Software EGL renders ~0.4 s/frame here, so keep the episode to 5 steps.

@@ -249,7 +249,7 @@ GIN_LOCK = threading.Lock()  # gin's config is global: in-process runs and resto
 
 def _restores(workdir: Path) -> int:
     """Restore the newest listed step in-process (rebuilt from its stored config); returns its step."""
-    from macfw.evaluate import load_checkpoint
+    from macfw.evaluation import load_checkpoint
 
     with GIN_LOCK:
         _, state, meta, step = load_checkpoint(workdir)

@@ -7,6 +7,7 @@ the dataset with OGBench's oracles into its cache (see :mod:`macfw.data.generate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import zipfile
 from pathlib import Path
@@ -281,15 +282,24 @@ class OGBenchDataset:
                           task_id=self.task_id, num_transitions=n)
 
 
+@functools.lru_cache(maxsize=None)
 def default_task_id(env_name: str) -> int:
-    """OGBench's default single-task task id for ``env_name`` (e.g. 2 for cube-single)."""
+    """OGBench's default single-task task id for ``env_name`` (e.g. 2 for cube-single).
+
+    OGBench resolves it when the environment resets, so one is made (quietly: gymnasium's
+    space-precision warnings are not the caller's concern) and the answer cached.
+    """
+    import warnings
+
     import gymnasium
 
     import ogbench  # noqa: F401
 
-    env = gymnasium.make(f"{env_name}-singletask-v0")
-    try:
-        env.reset(seed=0)
-        return int(env.unwrapped._reward_task_id)  # noqa: SLF001
-    finally:
-        env.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        env = gymnasium.make(f"{env_name}-singletask-v0")
+        try:
+            env.reset(seed=0)
+            return int(env.unwrapped._reward_task_id)  # noqa: SLF001
+        finally:
+            env.close()

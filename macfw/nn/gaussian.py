@@ -34,8 +34,14 @@ class GaussianPolicy(BehaviorPolicy):
     """Tanh-squashed Gaussian over action chunks, ``A = tanh(mean(s, g) + std(s, g) * eps)``.
 
     One MLP maps ``[s, g]`` to the mean and the log standard deviation of the pre-squash Gaussian
-    (``2 * chunk_dim`` outputs; a diagonal, state-dependent standard deviation). The log-std is
-    clipped to ``[log_std_min, log_std_max]``. The loss is the negative log-likelihood of the
+    (``2 * chunk_dim`` outputs; a diagonal, state-dependent standard deviation). The network's raw
+    log-std output ``l`` is rescaled smoothly into ``[log_std_min, log_std_max]``::
+
+        log_std = log_std_min + (log_std_max - log_std_min) * (tanh(l) + 1) / 2
+
+    (the usual SAC-family bound). A hard clip would give zero gradient at the bound, so once the
+    log-std sat on ``log_std_min`` a small error of the mean gave a huge NLL that the std could no
+    longer absorb; the tanh rescaling keeps a gradient everywhere. The loss is the negative log-likelihood of the
     dataset chunk under the squashed distribution, with the tanh Jacobian correction::
 
         u = atanh(clip(A, -1 + 1e-5, 1 - 1e-5))
@@ -45,7 +51,7 @@ class GaussianPolicy(BehaviorPolicy):
       spec: sizes; input ``ob_dim + goal_dim``, output ``2 * chunk_dim``.
       hidden_dims: MLP hidden sizes (default 4 x 1024).
       layer_norm: LayerNorm after each hidden activation.
-      log_std_min, log_std_max: clipping range of the log standard deviation (natural log).
+      log_std_min, log_std_max: range of the log standard deviation (natural log), reached smoothly.
       state_dependent_std: learn ``log std(s, g)`` (True) or one state-independent vector.
       key: PRNG key.
 
@@ -72,13 +78,15 @@ class GaussianPolicy(BehaviorPolicy):
         self.chunk_dim = spec.chunk_dim
 
     def mean_log_std(self, s, g) -> tuple[Float[Array, " chunk_dim"], Float[Array, " chunk_dim"]]:
-        """Mean and clipped log-std of the pre-squash Gaussian, each ``(chunk_dim,)``."""
+        """Mean and log-std (tanh-rescaled into ``[log_std_min, log_std_max]``) of the pre-squash Gaussian,
+        each ``(chunk_dim,)``."""
         out = self.net(jnp.concatenate([s, g]))
         if self.log_std_param is None:
             mean, log_std = out[: self.chunk_dim], out[self.chunk_dim:]
         else:
             mean, log_std = out, self.log_std_param
-        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+        half = 0.5 * (self.log_std_max - self.log_std_min)
+        return mean, self.log_std_min + half * (jnp.tanh(log_std) + 1.0)
 
     def log_prob(self, s, g, A) -> Float[Array, ""]:
         """Log-density of the chunk ``A: (chunk_dim,)`` under the squashed Gaussian (summed over dims)."""
