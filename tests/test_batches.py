@@ -217,6 +217,26 @@ def test_singletask_chunk_reward_and_success():
     np.testing.assert_allclose(b2["rewards"], expected_r * n, rtol=1e-5, atol=1e-5)
 
 
+def test_singletask_masks_ones_is_the_authors_loader():
+    """``singletask_masks='ones'``: every mask 1, so no chunk is a success (the authors' loader); the
+    rewards and the sampled indices are those of OGBench's semantics (``'ogbench'``)."""
+    n, gamma = 4, 0.9
+    d = _dataset(with_rewards=True, seed=3)
+    fn = jax.jit(functools.partial(sample_batch, batch_size=BATCH, chunk_len=n, gamma=gamma, goal_conditioned=False))
+    out = {}
+    for masks in ("ogbench", "ones"):
+        loaded = OGBenchDataset(task_mode="singletask", scale_with="train", singletask_masks=masks).prepare(d, d, n)
+        out[masks] = jax.device_get(fn(loaded.data, jax.random.PRNGKey(1)))
+    ones, ogb = out["ones"], out["ogbench"]
+    np.testing.assert_array_equal(ones["idx"], ogb["idx"])
+    np.testing.assert_array_equal(ones["rewards"], ogb["rewards"])
+    assert ogb["success"].mean() > 0.1  # OGBench's masks mark solved steps
+    np.testing.assert_array_equal(ones["success"], np.zeros(BATCH))
+    np.testing.assert_array_equal(ones["masks"], np.ones(BATCH))
+    with pytest.raises(ValueError, match=r"OGBenchDataset\.singletask_masks = 'none' is out of range"):
+        OGBenchDataset(singletask_masks="none")
+
+
 def test_actions_clipped_and_observations_scaled():
     d = _dataset()
     d["actions"] = d["actions"].copy()

@@ -166,3 +166,29 @@ def test_model_error_tiny(tmp_path, cache_dir):
     assert np.all(np.isfinite(errs)) and np.all(errs >= 0)
     assert (out / "model_error.png").stat().st_size > 1000
     assert "open-loop MSE in scaled [-1, 1] observation space" in r.stdout
+
+
+# --------------------------------------------------------------------------------------- discount_masks
+def test_discount_masks_commands_and_table(tmp_path):
+    """Each cell is one run with its own GAMMA and mask semantics; the table reads their summaries."""
+    dm = _load("discount_masks")
+    args = dm.argparse.Namespace(out=tmp_path, gin_file=["gin/quickstart.gin"], gin_bindings=["train.num_steps = 20"],
+                                 seeds=3, parallel=1)
+    cmd = dm.command(args, 0.999, "ones")
+    assert cmd[cmd.index("--workdir") + 1] == str(tmp_path / "gamma0.999-masks-ones")
+    binds = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--gin_bindings"]
+    assert {"GAMMA = 0.999", "OGBenchDataset.singletask_masks = 'ones'", "train.num_seeds = 3",
+            "train.num_steps = 20"} <= set(binds)
+    for j, (g, m) in enumerate([(g, m) for g in dm.GAMMAS for m in dm.MASKS]):
+        d = dm.cell_dir(tmp_path, g, m)
+        d.mkdir()
+        per_seed = [0.1 * j, 0.1 * j + 0.2, 0.1 * j + 0.4]
+        (d / "summary.json").write_text(json.dumps({
+            "success": float(np.mean(per_seed)), "per_seed_success": per_seed, "episodes": 90, "step": 15000,
+            "wall_time_s": 100.0, "updates_per_s": 10.0}))
+    md, data = dm.table(tmp_path)
+    assert len(md.strip().splitlines()) == 2 + 4
+    cell = data["0.999/ones"]
+    assert cell["episodes_per_seed"] == 30 and cell["per_seed"] == pytest.approx([0.3, 0.5, 0.7])
+    assert cell["mean"] == pytest.approx(50.0) and cell["std"] == pytest.approx(100 * np.std([0.3, 0.5, 0.7]))
+    assert "| 0.999 | ones | 50.0 +- 16.3 | 3 | 30 | 15000 |" in md
