@@ -16,6 +16,8 @@ from macfw.nn import models as _models  # noqa: F401,E402
 from macfw import samplers as _samplers  # noqa: F401,E402
 import macfw.agents  # noqa: F401,E402  (registers every agent: macfw/agents/__init__.py)
 from macfw.nn import gaussian as _gaussian  # noqa: F401,E402  (MAC-Gau ablation)
+from macfw.nn import actors as _actors  # noqa: F401,E402
+from macfw.nn import ensemble as _ensemble  # noqa: F401,E402
 from macfw.data import ogbench_data as _ogbench_data  # noqa: F401,E402
 
 __all__ = ["register", "registry", "__version__"]

@@ -76,6 +76,10 @@ def state_to_items(state) -> tuple[dict[str, Any], list[str]]:
     return {f"a{i:05d}": leaf for i, leaf in enumerate(leaves)}, names
 
 
+def _size(x) -> int:
+    return int(np.prod(np.shape(x), dtype=np.int64))
+
+
 def items_to_state(items: dict, template):
     """Inverse of :func:`state_to_items` onto ``template``'s structure."""
     _, leaves, (treedef, static) = _leaves_with_names(template)
@@ -382,6 +386,9 @@ class Checkpointer:
         self.manager.reload()
         meta = dict(meta, leaf_names=names, leaf_shapes=[list(np.shape(x)) for x in items.values()],
                     leaf_dtypes=[str(x.dtype) for x in items.values()])
+        # Zero-size arrays (e.g. the goals of single-task data, (N, 0)) hold no data and Orbax refuses
+        # them: they are left out and rebuilt from the template's shapes on restore.
+        items = {k: v for k, v in items.items() if _size(v) > 0}
         try:
             saved = self.manager.save(
                 step,
@@ -469,9 +476,12 @@ class Checkpointer:
             default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=s if s is not None else default)
                     for (k, v), s in zip(items.items(), shardings)}
+        empty = {k: a for k, a in abstract.items() if _size(a) == 0}  # not saved (see save)
+        abstract = {k: a for k, a in abstract.items() if k not in empty}
         out = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         restored = dict(out["state"])
+        restored.update({k: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding) for k, a in empty.items()})
         inexact = [x for x in restored.values() if jnp.issubdtype(x.dtype, jnp.inexact)]
         if inexact and not _host_bool(jnp.all(_finite_flags(inexact))):
             raise FloatingPointError(f"checkpoint step {step} holds NaN/Inf values")

@@ -31,6 +31,8 @@ KINDS: tuple[str, ...] = (
     "value",
     "success",
     "reward",
+    "actor",
+    "temperature",
     "agent",
     "dataset",
     "evaluator",

@@ -161,6 +161,63 @@ def make_train_step(agent: Agent, *, batch_size: int, steps_per_dispatch: int, t
                      host_batches=host_batches, num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
 
 
+#: Refresh start samples (:class:`~macfw.agents.base.RefreshSpec`) come from
+#: ``fold_in(PRNGKey(seed + REFRESH_KEY_OFFSET), step)`` (seed ``i`` of vmapped seeds: folded in again).
+REFRESH_KEY_OFFSET = 104729
+
+
+class Refresher:
+    """``refresher(data, state, step) -> (state, metrics)``: one :meth:`Agent.refresh` with fresh starts.
+
+    The starts (``refresh_spec().batch_size`` samples of the agent's batch spec) are drawn where
+    the data lives (on the devices, or on the host CPU for host-sampled data) from
+    ``fold_in(PRNGKey(seed + REFRESH_KEY_OFFSET), step)``, so they depend on nothing but the seed
+    and the step (a resumed run draws the same ones). The refresh itself is one compiled call with
+    the state replicated on the mesh and donated; with ``num_seeds`` it is vmapped over seeds, each
+    seed with its own starts.
+    """
+
+    def __init__(self, agent: Agent, template: eqx.Module, *, seed: int, mesh=None, num_seeds: int | None = None):
+        from macfw.parallel import make_mesh, replicated
+
+        rs = agent.refresh_spec()
+        if rs is None:
+            raise ValueError(f"{type(agent).__name__} has no refresh_spec(); there is nothing to refresh.")
+        self.mesh = mesh if mesh is not None else make_mesh()
+        self.agent, self.spec, self.num_seeds = agent, rs, num_seeds
+        self.key = jax.random.PRNGKey(seed + REFRESH_KEY_OFFSET)
+        _, self.static = eqx.partition(template, eqx.is_array)
+        bspec, gc = agent.batch_spec, agent.spec.goal_conditioned
+
+        def sample(data, key):
+            one = lambda k: sample_for(bspec, data, k, rs.batch_size, goal_conditioned=gc)  # noqa: E731
+            if num_seeds is None:
+                return one(key)
+            return jax.vmap(one)(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_seeds)))
+
+        def refresh(arrays, starts):
+            st = eqx.combine(arrays, self.static)
+            fn = agent.refresh if num_seeds is None else jax.vmap(agent.refresh)
+            st, metrics = fn(st, starts)
+            return eqx.partition(st, eqx.is_array)[0], metrics
+
+        self._sample = jax.jit(sample)
+        repl = replicated(self.mesh)
+        self._refresh = jax.jit(refresh, in_shardings=(repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
+
+    def due(self, step: int) -> bool:
+        """Whether the loop refreshes after the dispatch that ends at gradient step ``step``."""
+        return step >= self.spec.first and step % self.spec.every == 0
+
+    def __call__(self, data, state, step: int):
+        from macfw.parallel import put_replicated
+
+        starts = put_replicated(self._sample(data, jax.random.fold_in(self.key, step)), self.mesh)
+        arrays = put_replicated(eqx.partition(state, eqx.is_array)[0], self.mesh)
+        arrays, metrics = self._refresh(arrays, starts)
+        return eqx.combine(arrays, self.static), metrics
+
+
 class HostBatches:
     """Samples ``(K, B, ...)`` batch stacks on the host CPU and prefetches them to the devices.
 

@@ -37,7 +37,7 @@ from macfw.evaluation import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECU
 from macfw.logs import CSVLog, json_scaler, tqdm_write, versions, write_json_atomic
 from macfw.parallel import make_mesh, put_replicated, to_host
 from macfw.signals import Preempted, Preemption
-from macfw.step import (HostBatches, NonFiniteError, TrainStep, check_batch_size, check_finite, init_state,
+from macfw.step import (HostBatches, NonFiniteError, Refresher, TrainStep, check_batch_size, check_finite, init_state,
                         make_train_step)
 
 __all__ = ["train", "TrainStep", "make_train_step", "HostBatches", "init_state", "NonFiniteError", "ConfigError",
@@ -90,6 +90,11 @@ def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_i
         and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 5 for t in eval_task_ids)),
         "None or a non-empty tuple of task ids in 1..5")
     agent.check_config(batch_size)
+    rs = agent.refresh_spec()
+    if rs is not None:
+        check(rs.binding, rs.every, rs.every % K == 0, f"a positive multiple of train.steps_per_dispatch = {K} "
+              "(the loop refreshes between compiled calls)")
+        check(rs.binding, rs.every, rs.first % rs.every == 0, f"a divisor of the first refresh step {rs.first}")
     if eval_task_ids is not None and all(hasattr(dataset, a) for a in ("env_name", "task_mode", "task_id")):
         try:
             resolve_task_ids(dataset.env_name, dataset.task_mode, dataset.task_id, eval_task_ids,
@@ -416,6 +421,8 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                                    batch_size=batch_size, batch_spec=agent.batch_spec,
                                    goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
                                    sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
+            refresher = (Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
+                         if agent.refresh_spec() is not None else None)
             eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
                                  task_ids=list(eval_task_ids))
             run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device)
@@ -447,6 +454,9 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                     timed_steps += K
                 first = False
                 check_finite(m_host, step, K)
+                if refresher is not None and refresher.due(step):  # e.g. MOPO's model-rollout buffer
+                    run.state, m_ref = refresher(data if host is None else host.data, run.state, step)
+                    m_host.update(jax.device_get(m_ref))
                 progress_state["step"] = step
                 run.ckpt.poll()  # a finished asynchronous save becomes visible
                 if run.pbar is not None:

@@ -4,3 +4,5 @@ under the registry's ``agent`` kind (see :mod:`macfw.agents.base` for the interf
 from macfw.agents import base  # noqa: F401
 from macfw.agents import mac  # noqa: F401
 from macfw.agents import fql  # noqa: F401  (MAC-FQL ablation)
+from macfw.agents import mopo  # noqa: F401
+from macfw.agents import mobile  # noqa: F401

@@ -66,6 +66,32 @@ class BatchSpec:
         return max(self.chunk_len, self.future_len)
 
 
+@dataclasses.dataclass(frozen=True)
+class RefreshSpec:
+    """When the loop calls :meth:`Agent.refresh` and with how many start samples.
+
+    For agents with training-time state that is rebuilt now and then, e.g. MOPO/MOBILE's buffer of
+    model rollouts (MBPO). The loop calls ``agent.refresh(state, starts)`` after the dispatch that
+    ends at every gradient step ``t`` with ``t >= first`` and ``t % every == 0`` (before that
+    step's logging, evaluation and checkpoint, so a checkpoint holds the refreshed state and a
+    resumed run continues exactly). ``starts`` is a batch of ``batch_size`` samples of the agent's
+    own :attr:`Agent.batch_spec`, drawn from ``fold_in(PRNGKey(seed + REFRESH_KEY_OFFSET), t)``.
+
+    Attributes:
+      every: gradient steps between refreshes; a multiple of ``train.steps_per_dispatch``.
+      batch_size: start samples per refresh.
+      first: the first refresh's gradient step (a multiple of ``every``; the models have trained
+        ``first`` steps by then).
+      binding: the Gin binding that sets ``every``, named in errors (e.g.
+        ``'ModelRollouts.rollout_freq'``).
+    """
+
+    every: int
+    batch_size: int
+    first: int
+    binding: str
+
+
 class AgentState(eqx.Module):
     """A generic agent state (an agent may define its own with at least ``step``, ``key``, ``nets``).
 
@@ -150,6 +176,15 @@ class Agent(abc.ABC):
             pass
         finally:
             self.spec = saved
+
+    def refresh_spec(self) -> RefreshSpec | None:
+        """When the loop calls :meth:`refresh` (None: never; the default)."""
+        return None
+
+    def refresh(self, state: eqx.Module, starts: dict[str, Array]) -> tuple[eqx.Module, dict[str, Array]]:
+        """Rebuild training-time state from a batch of start samples; ``(state, metrics)``, pure and
+        jittable (see :class:`RefreshSpec`). Agents with a :meth:`refresh_spec` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} declares a refresh_spec but no refresh().")
 
     def acting_params(self, state: eqx.Module) -> Any:
         """The part of a state :meth:`act` needs (default: ``state.nets``)."""

@@ -36,11 +36,10 @@ from macfw.agents.mac import MAC, Networks, TrainState
 from macfw.errors import check, check_choice, check_float
 from macfw.nn.mlp import MLP
 from macfw.nn.models import HIDDEN
-from macfw.registry import add_kind, register
+from macfw.registry import register
 from macfw.samplers import Sampler
 from macfw.spec import Spec
 
-add_kind("actor")
 
 
 @register("actor")

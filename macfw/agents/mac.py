@@ -30,6 +30,7 @@ from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
 from macfw.registry import register
+from macfw.rollout import imagine
 from macfw.samplers import RejectionSampler, Sampler
 from macfw.spec import Spec
 
@@ -233,11 +234,9 @@ class MAC(Agent):
 
         def step(s, k):
             A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
-            return s_next, (s, A, r, m)
+            return s_next, (A, r, m)
 
-        s_last, (states, actions, rewards, masks) = jax.lax.scan(
-            step, s0, jax.random.split(key, self.horizon), unroll=self.horizon if self.unroll_rollout else 1)
-        states = jnp.concatenate([states, s_last[None]], axis=0)
+        states, (actions, rewards, masks) = imagine(step, s0, key, self.horizon, unroll=self.unroll_rollout)
         return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
 
     def loss(self, nets: Networks, target_value, batch: dict, roll: dict, key) -> tuple[Array, dict]:

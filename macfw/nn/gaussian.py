@@ -53,6 +53,8 @@ class GaussianPolicy(BehaviorPolicy):
       layer_norm: LayerNorm after each hidden activation.
       log_std_min, log_std_max: range of the log standard deviation (natural log), reached smoothly.
       state_dependent_std: learn ``log std(s, g)`` (True) or one state-independent vector.
+      final_init_scale: scale of the last layer's initial weights (SAC actors: 0.01, so the initial
+        mean is near 0 and the initial log-std near the middle of its range).
       key: PRNG key.
 
     Raises:
@@ -67,13 +69,13 @@ class GaussianPolicy(BehaviorPolicy):
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  log_std_min: float = -5.0, log_std_max: float = 2.0, state_dependent_std: bool = True,
-                 compute_dtype: str | None = None):
+                 final_init_scale: float = 1.0, compute_dtype: str | None = None):
         self.log_std_max = check_float("GaussianPolicy.log_std_max", log_std_max)
         self.log_std_min = check_float("GaussianPolicy.log_std_min", log_std_min, high=self.log_std_max, high_open=True,
                                        note=f"GaussianPolicy.log_std_max = {self.log_std_max}")
         out = 2 * spec.chunk_dim if state_dependent_std else spec.chunk_dim
         self.net = MLP(spec.ob_dim + spec.goal_dim, out, hidden_dims, key=key, layer_norm=layer_norm,
-                       compute_dtype=compute_dtype, name=type(self).__name__)
+                       final_init_scale=final_init_scale, compute_dtype=compute_dtype, name=type(self).__name__)
         self.log_std_param = None if state_dependent_std else jnp.zeros((spec.chunk_dim,), jnp.float32)
         self.chunk_dim = spec.chunk_dim
 
@@ -106,6 +108,19 @@ class GaussianPolicy(BehaviorPolicy):
         mean, log_std = self.mean_log_std(s, g)
         eps = jax.random.normal(key, (num, *mean.shape), mean.dtype)
         return jnp.tanh(mean + jnp.exp(log_std) * eps)
+
+    def sample_and_log_prob(self, s, g, *, key) -> tuple[Float[Array, " chunk_dim"], Float[Array, ""]]:
+        """A reparameterised sample ``A = tanh(mean + std * eps)`` and its log-density (SAC's actor).
+
+        The tanh correction uses ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))``, stable
+        where ``|A|`` is near 1. Returns ``A: (chunk_dim,)`` and ``log p(A)`` (scalar).
+        """
+        mean, log_std = self.mean_log_std(s, g)
+        eps = jax.random.normal(key, mean.shape, mean.dtype)
+        u = mean + jnp.exp(log_std) * eps
+        gauss = -0.5 * eps ** 2 - log_std - 0.5 * _LOG_2PI
+        log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
+        return jnp.tanh(u), jnp.sum(gauss - log_det)
 
     def mode(self, s, g) -> Float[Array, " chunk_dim"]:
         """``tanh(mean)``: the deterministic chunk."""

@@ -11,6 +11,7 @@ Symbols: ``s`` state ``(ob_dim,)``; ``g`` goal ``(goal_dim,)`` (``(0,)`` for sin
 from __future__ import annotations
 
 import abc
+import math
 from typing import Sequence
 
 import equinox as eqx
@@ -19,11 +20,13 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from macfw.errors import check_float
 from macfw.nn.mlp import MLP
 from macfw.registry import register
 from macfw.spec import Spec
 
 HIDDEN = (1024, 1024, 1024, 1024)
+_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _mlp(owner: eqx.Module, in_dim, out_dim, hidden_dims, key, layer_norm=True, **kw) -> MLP:
@@ -68,6 +71,73 @@ class ChunkDynamics(Dynamics):
 
     def __call__(self, s, A):
         return s + self.net(jnp.concatenate([s, A]))
+
+
+@register("dynamics")
+class GaussianDynamics(Dynamics):
+    """Gaussian state-change model ``s' ~ N(s + mu(s, A), diag(sigma(s, A)^2))`` (MOPO/MBPO; DESIGN §9).
+
+    One MLP maps ``[s, A]`` to the mean change and a raw log-std ``l``; the log-std is squashed
+    smoothly into ``[log_std_min, log_std_max]`` with a sigmoid,
+    ``log sigma = log_std_min + (log_std_max - log_std_min) * sigmoid(l)`` (the authors' [-5, 1]).
+    Trained by the negative log-likelihood of the real ``s'`` (summed over dimensions). With
+    ``chunk_len = 1`` it is the classic one-step model; with ``n > 1`` an action-chunk model.
+    Use several in an :class:`~macfw.nn.ensemble.Ensemble`.
+
+    Args:
+      spec: sizes; input ``ob_dim + chunk_dim``, output ``2 * ob_dim``.
+      hidden_dims: MLP hidden sizes (default 4 x 1024).
+      layer_norm: LayerNorm after each hidden activation.
+      log_std_min, log_std_max: range of ``log sigma`` (natural log).
+      key: PRNG key.
+
+    Raises:
+      ConfigError: ``log_std_min >= log_std_max`` or bad ``hidden_dims``.
+    """
+
+    net: MLP
+    ob_dim: int = eqx.field(static=True)
+    log_std_min: float = eqx.field(static=True)
+    log_std_max: float = eqx.field(static=True)
+
+    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
+                 log_std_min: float = -5.0, log_std_max: float = 1.0, compute_dtype: str | None = None):
+        self.log_std_max = check_float("GaussianDynamics.log_std_max", log_std_max)
+        self.log_std_min = check_float("GaussianDynamics.log_std_min", log_std_min, high=self.log_std_max,
+                                       high_open=True, note=f"GaussianDynamics.log_std_max = {self.log_std_max}")
+        self.net = _mlp(self, spec.ob_dim + spec.chunk_dim, 2 * spec.ob_dim, hidden_dims, key, layer_norm,
+                        compute_dtype=compute_dtype)
+        self.ob_dim = spec.ob_dim
+
+    def mean_log_std(self, s, A) -> tuple[Float[Array, " ob_dim"], Float[Array, " ob_dim"]]:
+        """Mean ``s + mu(s, A)`` and ``log sigma(s, A)`` of the next state, each ``(ob_dim,)``."""
+        out = self.net(jnp.concatenate([s, A]))
+        raw = out[self.ob_dim:]
+        log_std = self.log_std_min + (self.log_std_max - self.log_std_min) * jax.nn.sigmoid(raw)
+        return s + out[: self.ob_dim], log_std
+
+    def __call__(self, s, A):
+        """The mean next state ``(ob_dim,)``."""
+        return self.mean_log_std(s, A)[0]
+
+    def sample(self, s, A, *, key: PRNGKeyArray) -> Float[Array, " ob_dim"]:
+        """A next state drawn from the Gaussian: ``(ob_dim,)``."""
+        mean, log_std = self.mean_log_std(s, A)
+        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
+
+    def log_prob(self, s, A, s_next) -> Float[Array, ""]:
+        """``log N(s_next; mean, sigma^2)`` summed over the ``ob_dim`` dimensions."""
+        mean, log_std = self.mean_log_std(s, A)
+        z = (s_next - mean) * jnp.exp(-log_std)
+        return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI)
+
+    def loss(self, s, A, s_next, *, key=None) -> tuple[Array, dict]:
+        """Negative log-likelihood of the real next state for one example; ``(loss, metrics)``."""
+        mean, log_std = self.mean_log_std(s, A)
+        z = (s_next - mean) * jnp.exp(-log_std)
+        nll = -jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI)
+        return nll, {"dynamics/loss": nll, "dynamics/mse": jnp.mean((mean - s_next) ** 2),
+                     "dynamics/std_mean": jnp.mean(jnp.exp(log_std))}
 
 
 # --------------------------------------------------------------------------------------------
