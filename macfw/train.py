@@ -289,13 +289,18 @@ class EvalHook:
 class SaveHook:
     """A checkpoint every ``every`` gradient steps, at the end, and when the run stops on a signal."""
 
-    def __init__(self, run: Run, every: int, resume_step: int | None):
-        self.run, self.every, self.last_saved = run, every, resume_step
+    def __init__(self, run: Run, every: int, resume_step: int | None, sigkill_after: int | None = None):
+        self.run, self.every, self.last_saved, self.sigkill_after = run, every, resume_step, sigkill_after
 
     def __call__(self, step: int, final: bool, stop: bool) -> None:
         if step % self.every == 0 or final or stop:
             self.run.ckpt.save(step, self.run.state, dict(self.run.meta, step=step))
             self.last_saved = step
+            if step == self.sigkill_after:  # tests only (train.debug_sigkill_after_save)
+                import signal
+
+                self.run.ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_meta(run: Run, *, eval_settings: dict, on_device: bool) -> dict:
@@ -349,7 +354,7 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
           eval_task_ids: tuple[int, ...] | None = None, execute_steps: int = DEFAULT_EXECUTE_STEPS,
           eval_seed: int = DEFAULT_EVAL_SEED, async_checkpoints: bool = True, progress: bool = True,
           data_on_device: bool | None = None, device_data_limit_gb: float = 8.0,
-          debug_nan_at_step: int | None = None) -> dict:
+          debug_nan_at_step: int | None = None, debug_sigkill_after_save: int | None = None) -> dict:
     """Train ``agent`` on ``dataset`` in ``workdir``, resuming from its newest checkpoint; returns the summary.
 
     Args:
@@ -369,6 +374,8 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
       data_on_device: keep the dataset on the devices and sample inside the step (None: when it
         is smaller than ``device_data_limit_gb``), else sample on the host and prefetch.
       debug_nan_at_step: tests only: poison the batch of this gradient step with NaN.
+      debug_sigkill_after_save: tests only: SIGKILL this process once the checkpoint of this
+        gradient step is complete (a crash between a save and the next dispatch).
 
     Resuming: the newest complete checkpoint is restored (falling back to an older one if it is
     unreadable). Settings that change an array shape (network sizes, data sizes, chunk length,
@@ -429,7 +436,8 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
             logger = LogHook(run, log_interval, resume_step)
             evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
                                  execute_steps=execute_steps, eval_seed=eval_seed)
-            saver = SaveHook(run, save_interval, resume_step)
+            saver = SaveHook(run, save_interval, resume_step, sigkill_after=check_int(
+                "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True))
             if run.lead:
                 from tensorboardX import SummaryWriter
 

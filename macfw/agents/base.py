@@ -43,7 +43,9 @@ class BatchSpec:
     ``rewards ()`` the n-step discounted reward ``sum_i gamma^i r_{t+i}`` (single-task; divided by
     n when ``normalize_reward``), or ``success - 1`` (goal-conditioned); ``masks ()``;
     ``success ()`` the chunk success label; ``value_goals, actor_goals (goal_dim,)`` hindsight
-    relabelled goals (``(0,)`` single-task); and, when ``future_len > 0``,
+    relabelled goals (``(0,)`` single-task); ``next_goals (goal_dim,)`` the goal representation of
+    s_{t+n}; ``idx``, ``value_goal_idx ()`` the dataset indices of s_t and of the value goal; and,
+    when ``future_len > 0``,
     ``future_obs (future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}.
 
     Attributes:

@@ -133,6 +133,7 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
       ``obs (B, ob_dim)`` = s_t; ``actions (B, n*act_dim)`` = A_t; ``next_obs (B, ob_dim)`` = s_{t+n};
       ``value_goals, actor_goals (B, goal_dim)``; ``success (B,)`` the chunk success label;
       ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx (B,)`` int indices;
+      ``next_goals (B, goal_dim)`` the goal representation of s_{t+n} (a subgoal ``n`` steps ahead);
       with ``future_len > 0`` also ``future_obs (B, future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}
       (``data.starts`` must then have been built with ``valid_starts(traj_end, max(n, future_len))``).
 
@@ -172,7 +173,7 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
         ag = jnp.where(jax.random.uniform(ks[6], (batch_size,)) < ACTOR_GOAL_P_TRAJ, geo, rand2)
         success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
         batch.update(
-            value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg,
+            value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg, next_goals=data.goals[t + n],
             success=success, rewards=success - 1.0, masks=1.0 - success,
         )
     else:
@@ -182,6 +183,6 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
             r = r / n
         success = jnp.any(data.masks[steps] < 0.5, axis=1).astype(jnp.float32)
         empty = jnp.zeros((batch_size, 0), jnp.float32)
-        batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, success=success, rewards=r,
-                     masks=jnp.ones_like(r))
+        batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, next_goals=empty, success=success,
+                     rewards=r, masks=jnp.ones_like(r))
     return batch

@@ -1,0 +1,120 @@
+"""Every agent in gin/baselines/ on the smoke budget, through ``python -m macfw.run``: it trains to a
+``summary.json``, a run killed with SIGKILL after its first checkpoint resumes to the same
+``param_checksum`` as an uninterrupted run, and the same run on 4 forced CPU devices (the batch
+sharded) logs the same losses.
+
+The agents are found by listing gin/baselines/*.gin, so a new baseline is covered by adding its
+Gin file. Goal-conditioned agents (whose Gin file sets ``OGBenchDataset.task_mode``) run as
+configured; the others single-task. Subprocesses run two at a time and share the session's dataset
+and compilation caches (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINES = sorted(p.stem for p in (REPO / "gin" / "baselines").glob("*.gin"))
+pytestmark = pytest.mark.slow
+
+
+def _cmd(name: str, workdir: Path, *bindings: str) -> list[str]:
+    cmd = [sys.executable, "-m", "macfw.run", "--gin_file", f"gin/baselines/{name}.gin", "--gin_file",
+           "gin/smoke_budget.gin", "--gin_bindings", "train.progress = False", "--workdir", str(workdir)]
+    for b in bindings:
+        cmd += ["--gin_bindings", b]
+    return cmd
+
+
+def _env(devices: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MACFW_DEBUG"}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+    return env
+
+
+def _run(cmd, env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _campaign(name: str, root: Path) -> dict:
+    """Reference run, a run SIGKILLed after step 20's checkpoint then re-run, and a 4-device run."""
+    out = {}
+    ref, killed, four = root / f"{name}-ref", root / f"{name}-killed", root / f"{name}-4dev"
+    out["ref"] = _run(_cmd(name, ref), _env())
+    out["killed1"] = _run(_cmd(name, killed, "train.debug_sigkill_after_save = 20"), _env())
+    out["summary_after_kill"] = (killed / "summary.json").exists()
+    out["killed2"] = _run(_cmd(name, killed), _env())
+    out["four"] = _run(_cmd(name, four), _env(4))
+    out["dirs"] = {"ref": ref, "killed": killed, "four": four}
+    return out
+
+
+@pytest.fixture(scope="module")
+def campaigns(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {n: pool.submit(_campaign, n, root) for n in BASELINES}
+        return {n: f.result() for n, f in futures.items()}
+
+
+def _ok(r: subprocess.CompletedProcess, what: str) -> None:
+    assert r.returncode == 0, f"{what}: exit code {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+
+
+def _rows(workdir: Path) -> list[dict]:
+    with open(workdir / "train.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_baseline_has_a_gin_file():
+    assert {"mopo", "mobile"} <= set(BASELINES), BASELINES
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_smoke_run_writes_its_summary(campaigns, name):
+    c = campaigns[name]
+    _ok(c["ref"], f"{name} smoke run")
+    s = json.loads((c["dirs"]["ref"] / "summary.json").read_text())
+    assert s["step"] == 40 and 0.0 <= s["success"] <= 1.0 and s["episodes"] >= 1
+    rows = _rows(c["dirs"]["ref"])
+    assert [int(float(r["step"])) for r in rows] == [10, 20, 30, 40]
+    losses = [k for k in rows[0] if k.endswith("/loss")]
+    assert losses and all(np.isfinite(float(r[k])) for r in rows for k in losses), losses
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_sigkill_after_a_checkpoint_resumes_to_the_same_checksum(campaigns, name):
+    c = campaigns[name]
+    assert c["killed1"].returncode == -9, (c["killed1"].returncode, c["killed1"].stderr[-3000:])
+    assert not c["summary_after_kill"]
+    _ok(c["killed2"], f"{name} resumed run")
+    assert "resuming from step 20" in c["killed2"].stdout, c["killed2"].stdout[-2000:]
+    ref = json.loads((c["dirs"]["ref"] / "summary.json").read_text())
+    resumed = json.loads((c["dirs"]["killed"] / "summary.json").read_text())
+    assert resumed["param_checksum"] == ref["param_checksum"]
+    assert resumed["success"] == ref["success"]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_four_devices_log_the_losses_of_one(campaigns, name):
+    c = campaigns[name]
+    _ok(c["four"], f"{name} on 4 devices")
+    s = json.loads((c["dirs"]["four"] / "summary.json").read_text())
+    assert len(s["devices"]) == 4
+    one, four = _rows(c["dirs"]["ref"]), _rows(c["dirs"]["four"])
+    keys = [k for k in one[0] if k.endswith("/loss")]
+    for r1, r4 in zip(one, four):
+        for k in keys:
+            np.testing.assert_allclose(float(r4[k]), float(r1[k]), rtol=2e-3, atol=1e-4, err_msg=f"{name} {k}")
