@@ -192,3 +192,40 @@ def test_discount_masks_commands_and_table(tmp_path):
     assert cell["episodes_per_seed"] == 30 and cell["per_seed"] == pytest.approx([0.3, 0.5, 0.7])
     assert cell["mean"] == pytest.approx(50.0) and cell["std"] == pytest.approx(100 * np.std([0.3, 0.5, 0.7]))
     assert "| 0.999 | ones | 50.0 +- 16.3 | 3 | 30 | 15000 |" in md
+
+
+# --------------------------------------------------------------------------------------- compare
+@pytest.mark.slow
+def test_compare_writes_table_csv_curves_and_reruns_without_training(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, str(EXP / "compare.py"), "--agents", "mac,mopo", "--envs", "cube-single", "--tasks", "2",
+           "--seeds", "0,1", "--budget", "smoke", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count(": started in ") == 2 and r.stdout.count(": finished in ") == 2, r.stdout
+    for f in ("table.md", "table.csv", "curves.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    with open(out / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(x["agent"], x["mode"], x["env"], x["task"], x["seeds"]) for x in rows] == [
+        ("mac", "singletask", "cube-single", "2", "0 1"), ("mopo", "singletask", "cube-single", "2", "0 1")]
+    for x in rows:
+        per = [float(v) for v in x["per_seed"].split()]
+        assert len(per) == 2 and float(x["success_mean"]) == pytest.approx(100 * np.mean(per), abs=1e-3)
+        assert int(x["steps"]) == 40
+    md = (out / "table.md").read_text()
+    assert "smoke" in md and "(99 +- 2)" in md and "| mopo | singletask |" in md  # the paper's MAC figure beside ours
+    summaries = sorted(out.rglob("summary.json"))
+    assert len(summaries) == 2
+    mtimes = [p.stat().st_mtime_ns for p in summaries]
+    # both seeds of a run in one process, evaluated along the way (steps 20 and 40)
+    for p in summaries:
+        s = json.loads(p.read_text())
+        assert s["seeds"] == [0, 1]
+        with open(p.parent / "eval.csv", newline="") as f:
+            assert [int(float(x["step"])) for x in csv.DictReader(f)] == [20, 40]
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert ": started in " not in r2.stdout and r2.stdout.count("done already") == 2, r2.stdout
+    assert [p.stat().st_mtime_ns for p in summaries] == mtimes
+    assert (out / "table.md").read_text() == md
