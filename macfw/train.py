@@ -149,7 +149,11 @@ def build(workdir: Path, agent: Agent, dataset, *, mesh, seed: int, num_seeds: i
     """Load the data the agent's batch spec needs, build the mesh and a fresh state."""
     bspec = agent.batch_spec
     with pre.interruptible():  # loading (or generating) the data may take long
-        loaded = dataset.load(bspec.chunk_len, bspec.window)
+        try:
+            loaded = dataset.load(bspec.chunk_len, bspec.window)
+        except ConfigError as e:  # trajectories shorter than the agent's window: name the agent's binding
+            binding = bspec.binding or f"{type(agent).__name__}.chunk_len"
+            raise ConfigError(str(e).replace("train.chunk_len", binding)) from e
     state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
     pre.check()
     return Run(workdir=workdir, agent=agent, loaded=loaded, mesh=mesh, state=state, seed=seed, num_seeds=num_seeds,

@@ -4,8 +4,8 @@
 sharded) logs the same losses.
 
 The agents are found by listing gin/baselines/*.gin, so a new baseline is covered by adding its
-Gin file. Goal-conditioned agents (whose Gin file sets ``OGBenchDataset.task_mode``) run as
-configured; the others single-task. Subprocesses run two at a time and share the session's dataset
+Gin file. Goal-conditioned agents (whose Gin file sets ``OGBenchDataset.task_mode = 'oraclerep'``;
+the smoke budget leaves the mode alone) run goal-conditioned; the others single-task. Subprocesses run two at a time and share the session's dataset
 and compilation caches (tests/conftest.py).
 """
 
@@ -62,10 +62,13 @@ def _campaign(name: str, root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def campaigns(tmp_path_factory):
+def campaigns(request, tmp_path_factory):
+    """The campaigns of the baselines whose tests were selected (``-k mopo`` runs MOPO's only)."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params}
     root = tmp_path_factory.mktemp("baselines")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {n: pool.submit(_campaign, n, root) for n in BASELINES}
+        futures = {n: pool.submit(_campaign, n, root) for n in BASELINES if n in selected}
         return {n: f.result() for n, f in futures.items()}
 
 

@@ -44,7 +44,8 @@ class BatchSpec:
     n when ``normalize_reward``), or ``success - 1`` (goal-conditioned); ``masks ()``;
     ``success ()`` the chunk success label; ``value_goals, actor_goals (goal_dim,)`` hindsight
     relabelled goals (``(0,)`` single-task); ``next_goals (goal_dim,)`` the goal representation of
-    s_{t+n}; ``idx``, ``value_goal_idx ()`` the dataset indices of s_t and of the value goal; and,
+    s_{t+n}; ``idx``, ``value_goal_idx ()`` the dataset indices of s_t and of the value goal;
+    ``traj_end ()`` the index of the last observation of s_t's trajectory; and,
     when ``future_len > 0``,
     ``future_obs (future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}.
 
@@ -55,12 +56,16 @@ class BatchSpec:
       gamma: per-step discount of the n-step reward and of the geometric actor-goal offset.
       normalize_reward: divide the single-task n-step reward by n (the MAC authors' scale).
       future_len: also return the next ``future_len`` observations (0: none).
+      binding: the agent's Gin binding that sets the window (``chunk_len`` or ``future_len``), named
+        when the data's trajectories are too short for it (e.g. ``'NStepSACBC.n'``); empty: the
+        agent's ``chunk_len``.
     """
 
     chunk_len: int = 1
     gamma: float = 0.99
     normalize_reward: bool = False
     future_len: int = 0
+    binding: str = ""
 
     @property
     def window(self) -> int:

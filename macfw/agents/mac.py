@@ -137,7 +137,8 @@ class MAC(Agent):
     @property
     def batch_spec(self) -> BatchSpec:
         """Chunks of ``chunk_len`` steps with hindsight-relabelled goals (DESIGN §2.1)."""
-        return BatchSpec(chunk_len=self._chunk_len, gamma=self.gamma, normalize_reward=self.normalize_reward)
+        return BatchSpec(chunk_len=self._chunk_len, gamma=self.gamma, normalize_reward=self.normalize_reward,
+                         binding="MAC.chunk_len")
 
     # ------------------------------------------------------------------ building
     def optimizer(self) -> optax.GradientTransformation:

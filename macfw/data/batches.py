@@ -134,6 +134,7 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
       ``value_goals, actor_goals (B, goal_dim)``; ``success (B,)`` the chunk success label;
       ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx (B,)`` int indices;
       ``next_goals (B, goal_dim)`` the goal representation of s_{t+n} (a subgoal ``n`` steps ahead);
+      ``traj_end (B,)`` the index of the final observation of each sample's trajectory;
       with ``future_len > 0`` also ``future_obs (B, future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}
       (``data.starts`` must then have been built with ``valid_starts(traj_end, max(n, future_len))``).
 
@@ -157,32 +158,58 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
         "obs": data.observations[t],
         "actions": actions,
         "next_obs": data.observations[t + n],
+        "traj_end": end,
     }
     if future_len:
         batch["future_obs"] = data.observations[t[:, None] + 1 + jnp.arange(future_len)[None, :]]
     if goal_conditioned:
-        # value goals
-        later = jax.random.randint(ks[1], (batch_size,), t + 1, end + 1)
-        rand = jax.random.randint(ks[2], (batch_size,), 0, N)
-        u = jax.random.uniform(ks[3], (batch_size,))
-        vg = jnp.where(u < VALUE_GOAL_P_CUR, t, jnp.where(u < VALUE_GOAL_P_CUR + VALUE_GOAL_P_TRAJ, later, rand))
-        # actor goals
-        offset = jax.random.geometric(ks[4], 1.0 - gamma, (batch_size,)) if gamma < 1.0 else end - t
-        geo = jnp.minimum(t + offset.astype(t.dtype), end)
-        rand2 = jax.random.randint(ks[5], (batch_size,), 0, N)
-        ag = jnp.where(jax.random.uniform(ks[6], (batch_size,)) < ACTOR_GOAL_P_TRAJ, geo, rand2)
+        vg, ag = goal_indices(ks, t, end, N, gamma)
         success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
         batch.update(
             value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg, next_goals=data.goals[t + n],
             success=success, rewards=success - 1.0, masks=1.0 - success,
         )
     else:
-        disc = gamma ** jnp.arange(n, dtype=jnp.float32)
-        r = jnp.sum(data.rewards[steps] * disc[None, :], axis=1)
-        if normalize_reward:
-            r = r / n
+        r = chunk_reward(data.rewards[steps], gamma, normalize_reward)
         success = jnp.any(data.masks[steps] < 0.5, axis=1).astype(jnp.float32)
         empty = jnp.zeros((batch_size, 0), jnp.float32)
         batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, next_goals=empty, success=success,
                      rewards=r, masks=jnp.ones_like(r))
     return batch
+
+
+def goal_indices(ks, t, end, num_rows, gamma: float):
+    """Hindsight-relabelled value- and actor-goal indices ``(vg, ag)``, each ``(B,)`` int (DESIGN §2.1).
+
+    ``ks``: the 8 keys of :func:`sample_batch` (``ks[1]`` .. ``ks[6]`` are used); ``t, end (B,)``
+    int: chunk starts and their trajectory's final index; ``num_rows``: rows random goals are
+    drawn from (``[0, num_rows)``), an int or a traced scalar. Value goal: ``t`` (p 0.2), a
+    uniform later index of the trajectory (p 0.5) or a random row (p 0.3); actor goal:
+    ``min(t + Geom(1 - gamma), end)`` (``end`` when ``gamma >= 1``) with p 0.5, else a random row.
+    Shared by :func:`sample_batch` and the host sampler (:mod:`macfw.data.host_sampler`), so both
+    draw the same goals from the same key.
+    """
+    batch_size = t.shape[0]
+    # value goals
+    later = jax.random.randint(ks[1], (batch_size,), t + 1, end + 1)
+    rand = jax.random.randint(ks[2], (batch_size,), 0, num_rows)
+    u = jax.random.uniform(ks[3], (batch_size,))
+    vg = jnp.where(u < VALUE_GOAL_P_CUR, t, jnp.where(u < VALUE_GOAL_P_CUR + VALUE_GOAL_P_TRAJ, later, rand))
+    # actor goals
+    offset = jax.random.geometric(ks[4], 1.0 - gamma, (batch_size,)) if gamma < 1.0 else end - t
+    geo = jnp.minimum(t + offset.astype(t.dtype), end)
+    rand2 = jax.random.randint(ks[5], (batch_size,), 0, num_rows)
+    ag = jnp.where(jax.random.uniform(ks[6], (batch_size,)) < ACTOR_GOAL_P_TRAJ, geo, rand2)
+    return vg, ag
+
+
+def chunk_reward(step_rewards, gamma: float, normalize_reward: bool):
+    """Single-task chunk reward ``sum_i gamma^i r_{t+i}`` over ``step_rewards (B, n)`` (divided by
+    ``n`` when ``normalize_reward``): ``(B,)`` float32. Shared by :func:`sample_batch` and the host
+    sampler (the same XLA reduction, so both give the same bits on one backend)."""
+    n = step_rewards.shape[1]
+    disc = gamma ** jnp.arange(n, dtype=jnp.float32)
+    r = jnp.sum(step_rewards * disc[None, :], axis=1)
+    if normalize_reward:
+        r = r / n
+    return r
