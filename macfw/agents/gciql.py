@@ -1,0 +1,294 @@
+"""GCIQL: goal-conditioned implicit Q-learning with a DDPG+BC actor, the MAC paper's model-free
+baseline (Kostrikov et al., 2022; OGBench, Park et al., 2025; DESIGN §9; the authors'
+``agents/gciql.py`` with ``actor_loss='ddpgbc'``).
+
+Three networks, trained jointly by one Adam optimiser on the sum of three losses, on one-step
+transitions ``(s, a, r, s')`` with hindsight-relabelled goals (``BatchSpec(chunk_len=1)``):
+
+1. value (IQL's expectile regression, expectile ``kappa = 0.9``) against the *target* critics::
+
+       L_V = E[ |kappa - 1[q < V(s, g_v)]| (q - V(s, g_v))^2 ],   q = min_j Q'_j(s, g_v, a)
+
+2. critic (two Q's, MSE, summed over the two members), toward the current value under stop-gradient::
+
+       L_Q = E[ sum_j (Q_j(s, g_v, a) - y)^2 ],   y = r + gamma m sg(V(s', g_v))
+
+3. actor (DDPG+BC), the critic constant (the actor's loss never moves ``Q``)::
+
+       L_pi = -E[q_pi] / sg(E|q_pi| + 1e-6) + alpha E[ 0.5 ||mu(s, g_a) - a||^2 ],
+       q_pi = min_j Q_j(s, g_a, clip(mu(s, g_a), -1, 1))
+
+   The authors' actor is a Gaussian with constant unit standard deviation and an unbounded mean
+   ``mu`` (no tanh), so their BC term ``-alpha log N(a; mu, I)`` is ``alpha * 0.5 ||mu - a||^2``
+   plus a constant, and the action given to ``Q`` (and executed) is ``clip(mu, -1, 1)``
+   (:class:`ClippedMeanActor`). Normalising by ``E|q_pi|`` makes the Q term scale-free.
+
+then an EMA (``tau``) of the critics. Rewards are the batch's (``success - 1`` for
+goal-conditioned data, the dataset's reward single-task) and masks ``m = 1 - success``
+(goal reached / task solved ends the bootstrap). Single-task data runs too: the goals are then
+empty (``goal_dim = 0``).
+
+Code name -> symbol: ``expectile`` kappa, ``alpha`` the BC weight, ``gamma`` the per-step
+discount, ``tau`` the EMA rate, ``value`` V, ``critic`` ``{Q_j}``, ``target_critic`` ``{Q'_j}``,
+``actor`` mu. Shapes per example: ``s: (ob_dim,)``, ``a: (act_dim,)``, ``g: (goal_dim,)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from macfw.agents.base import Agent, BatchSpec
+from macfw.errors import check, check_float
+from macfw.nn.losses import expectile as expectile_loss
+from macfw.nn.mlp import MLP
+from macfw.nn.models import HIDDEN, StateValue
+from macfw.registry import register
+from macfw.spec import Spec
+
+#: Added to ``E|Q|`` before dividing by it (the authors' value).
+Q_NORM_EPS = 1e-6
+
+
+def _sg(tree):
+    return jax.lax.stop_gradient(tree)
+
+
+# --------------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------------
+@register("actor")
+class ClippedMeanActor(eqx.Module):
+    """The authors' GCIQL actor: an unbounded mean ``mu(s, g) = MLP([s, g])``, acted as
+    ``clip(mu, -1, 1)``.
+
+    It is their ``GCActor`` with ``const_std=True`` (a unit-std Gaussian whose mode is used both
+    in the DDPG term and for evaluation at temperature 0), so only the mean is a network; the
+    BC term is then a squared error on :meth:`mean` (see :mod:`macfw.agents.gciql`).
+
+    Args:
+      spec: sizes; input ``ob_dim + goal_dim``, output ``chunk_dim`` (``act_dim`` for a
+        ``chunk_len = 1`` spec).
+      hidden_dims: MLP hidden sizes (default 4 x 1024).
+      layer_norm: LayerNorm after each hidden activation (the authors': on).
+      final_init_scale: scale of the last layer's initial weights (the authors': 0.01, so the
+        initial mean is near 0).
+      key: PRNG key.
+
+    Raises:
+      ConfigError: ``final_init_scale <= 0`` or bad ``hidden_dims``.
+    """
+
+    net: MLP
+
+    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
+                 final_init_scale: float = 0.01, compute_dtype: str | None = None):
+        scale = check_float("ClippedMeanActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
+        self.net = MLP(spec.ob_dim + spec.goal_dim, spec.chunk_dim, hidden_dims, key=key, layer_norm=layer_norm,
+                       final_init_scale=scale, compute_dtype=compute_dtype, name=type(self).__name__)
+
+    def mean(self, s, g) -> Float[Array, " chunk_dim"]:
+        """The unbounded mean ``mu(s, g)``: ``(chunk_dim,)`` (what the BC term regresses)."""
+        return self.net(jnp.concatenate([s, g]))
+
+    def __call__(self, s, g) -> Float[Array, " chunk_dim"]:
+        """The action ``clip(mu(s, g), -1, 1)``: ``(chunk_dim,)``."""
+        return jnp.clip(self.mean(s, g), -1.0, 1.0)
+
+
+def actor_outputs(actor: eqx.Module, s, g) -> tuple[Array, Array]:
+    """``(action given to Q, output the BC term regresses)`` for one example, each ``(act_dim,)``.
+
+    An actor with a ``mean`` method (:class:`ClippedMeanActor`) regresses its unclipped mean and
+    acts with its ``__call__``; any other deterministic actor (e.g.
+    :class:`~macfw.nn.actors.DeterministicActor`, ``tanh(MLP)``) uses its output for both.
+    """
+    a = actor(s, g)
+    return a, (actor.mean(s, g) if hasattr(actor, "mean") else a)
+
+
+# --------------------------------------------------------------------------------------------
+# The three losses as pure functions of arrays (B = batch size, k = critics)
+# --------------------------------------------------------------------------------------------
+def value_loss(v: Float[Array, " B"], target_qs: Float[Array, "B k"], expectile: float) -> tuple[Array, dict]:
+    """IQL's value loss: mean over the batch of ``expectile(V, min_j Q'_j)``.
+
+    Args:
+      v: ``V(s, g_v)`` per example.
+      target_qs: the target critics ``Q'_j(s, g_v, a)`` on the data action, ``(B, k)``.
+      expectile: kappa in (0, 1); above 0.5 ``V`` approaches an upper expectile of ``min_j Q'_j``.
+    """
+    q = jnp.min(target_qs, axis=1)
+    loss = jnp.mean(expectile_loss(v, q, expectile))
+    return loss, {"value/loss": loss, "value/v_mean": v.mean(), "value/v_max": v.max(), "value/v_min": v.min()}
+
+
+def critic_target(rewards: Float[Array, " B"], masks: Float[Array, " B"], next_v: Float[Array, " B"],
+                  gamma: float) -> Float[Array, " B"]:
+    """The one-step target ``y = r + gamma m V(s', g_v)`` (``gamma`` per environment step)."""
+    return rewards + gamma * masks * next_v
+
+
+def critic_loss(qs: Float[Array, "B k"], target: Float[Array, " B"]) -> tuple[Array, dict]:
+    """``E_batch[ sum_j (Q_j - y)^2 ]`` (the authors' ``((q1 - y)^2 + (q2 - y)^2).mean()``)."""
+    loss = jnp.mean(jnp.sum((qs - target[:, None]) ** 2, axis=1))
+    return loss, {"critic/loss": loss, "critic/q_mean": qs.mean(), "critic/target_mean": target.mean(),
+                  "critic/target_max": target.max(), "critic/target_min": target.min()}
+
+
+def ddpg_bc_loss(q_pi: Float[Array, "B k"], bc_out: Float[Array, "B d"], data_actions: Float[Array, "B d"],
+                 alpha: float) -> tuple[Array, dict]:
+    """DDPG+BC with ``|Q|`` normalisation (OGBench's GCIQL actor):
+    ``-E[min_j Q_j] / sg(E|min_j Q_j| + 1e-6) + alpha E[0.5 ||bc_out - a||^2]``.
+
+    Args:
+      q_pi: the critics on the actor's action, ``(B, k)`` (callers hold the critic constant).
+      bc_out: the actor output regressed to the data action (the unclipped mean), ``(B, d)``.
+      data_actions: the dataset actions, ``(B, d)``.
+      alpha: BC weight (>= 0).
+    """
+    q = jnp.min(q_pi, axis=1)
+    q_abs = jnp.mean(jnp.abs(q))
+    q_loss = -jnp.mean(q) / _sg(q_abs + Q_NORM_EPS)
+    sq = jnp.sum((bc_out - data_actions) ** 2, axis=1)
+    bc = alpha * jnp.mean(0.5 * sq)
+    loss = q_loss + bc
+    return loss, {"actor/loss": loss, "actor/q_loss": q_loss, "actor/bc_loss": bc, "actor/q_mean": jnp.mean(q),
+                  "actor/q_abs_mean": q_abs, "actor/mse": jnp.mean(sq) / bc_out.shape[1]}
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------
+class GCIQLNetworks(eqx.Module):
+    """Every trained network of GCIQL (what the optimiser updates)."""
+
+    value: eqx.Module  # StateValue V(s, g)
+    critic: eqx.Module  # Ensemble of QCritic (2)
+    actor: eqx.Module  # ClippedMeanActor
+
+
+class GCIQLState(eqx.Module):
+    """Step, key, networks, the critics' EMA copy and the optimiser state."""
+
+    step: Array
+    key: Array
+    nets: GCIQLNetworks
+    target_critic: eqx.Module
+    opt_state: Any
+
+
+@register("agent")
+class GCIQL(Agent):
+    """GCIQL with a DDPG+BC actor (see the module docstring). Component arguments are registered
+    classes built as ``Cls(spec, key=...)`` with a ``chunk_len = 1`` spec; ``critic`` is a
+    Gin-scoped ensemble (``gin/baselines/gciql.gin``).
+
+    Args:
+      value: the state-value network V(s, g) (:class:`~macfw.nn.models.StateValue`).
+      critic: the critics, e.g. ``@critic/Ensemble`` of two :class:`~macfw.nn.models.QCritic`.
+      actor: a deterministic actor (:class:`ClippedMeanActor`, the authors'; or
+        :class:`~macfw.nn.actors.DeterministicActor`).
+      gamma: per-step discount in (0, 1) (the authors': 0.999).
+      expectile: IQL's expectile kappa in (0, 1) (0.9).
+      alpha: weight of the BC term, >= 0 (1; the authors' per-environment values are in the Gin file).
+      tau: EMA rate of the target critics in (0, 1] (0.005).
+      learning_rate: Adam step size, one optimiser over every loss (3e-4).
+
+    Raises:
+      ConfigError: a value out of range (the message names the binding, e.g. ``GCIQL.expectile``).
+    """
+
+    acts_in_chunks = False
+
+    def __init__(self, value: Callable = StateValue, critic: Callable | None = None,
+                 actor: Callable = ClippedMeanActor, *, gamma: float = 0.999, expectile: float = 0.9,
+                 alpha: float = 1.0, tau: float = 0.005, learning_rate: float = 3e-4):
+        name = type(self).__name__
+        for slot, f in (("value", value), ("critic", critic), ("actor", actor)):
+            check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @critic/Ensemble (see gin/baselines/gciql.gin)")
+        self.factories = dict(value=value, critic=critic, actor=actor)
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.expectile = check_float(f"{name}.expectile", expectile, low=0.0, high=1.0, low_open=True,
+                                     high_open=True)
+        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.spec: Spec | None = None
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        """One-step transitions (``chunk_len = 1``); ``gamma`` also sets the actor goals' geometric offset."""
+        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.learning_rate)
+
+    # ------------------------------------------------------------------ building
+    def init(self, spec: Spec, key) -> GCIQLState:
+        """Networks for ``spec`` (built with ``chunk_len = 1``), the target critics (a copy) and Adam's state."""
+        spec = dataclasses.replace(spec, chunk_len=1)
+        self.spec = spec
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        key, k_v, k_q, k_pi = jax.random.split(key, 4)
+        f = self.factories
+        nets = GCIQLNetworks(value=f["value"](spec, key=k_v), critic=f["critic"](spec, key=k_q),
+                             actor=f["actor"](spec, key=k_pi))
+        opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
+        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        return GCIQLState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
+                          opt_state=opt_state)
+
+    # ------------------------------------------------------------------ acting
+    def act(self, nets: GCIQLNetworks, s, g, *, key):
+        """The actor's action for one scaled state and goal: ``(1, act_dim)`` in [-1, 1]
+        (deterministic: the authors evaluate at temperature 0, i.e. the clipped mean)."""
+        return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self.spec.act_dim)
+
+    # ------------------------------------------------------------------ the losses
+    def value_part(self, nets: GCIQLNetworks, target_critic, batch: dict) -> tuple[Array, dict]:
+        """``L_V``: ``V(s, g_v)`` by expectile regression to ``min_j Q'_j(s, g_v, a)`` (target critics, constant)."""
+        v = jax.vmap(nets.value)(batch["obs"], batch["value_goals"])
+        tq = _sg(jax.vmap(target_critic)(batch["obs"], batch["value_goals"], batch["actions"]))  # (B, k)
+        return value_loss(v, tq, self.expectile)
+
+    def critic_part(self, nets: GCIQLNetworks, batch: dict) -> tuple[Array, dict]:
+        """``L_Q``: both ``Q_j(s, g_v, a)`` to ``r + gamma (1 - success) sg(V(s', g_v))``."""
+        next_v = _sg(jax.vmap(nets.value)(batch["next_obs"], batch["value_goals"]))
+        y = critic_target(batch["rewards"], 1.0 - batch["success"], next_v, self.gamma)
+        qs = jax.vmap(nets.critic)(batch["obs"], batch["value_goals"], batch["actions"])  # (B, k)
+        return critic_loss(qs, y)
+
+    def actor_part(self, nets: GCIQLNetworks, batch: dict) -> tuple[Array, dict]:
+        """``L_pi``: DDPG+BC on the actor goals, the critics constant (no gradient reaches ``Q``)."""
+        a_pi, bc_out = jax.vmap(lambda s, g: actor_outputs(nets.actor, s, g))(batch["obs"], batch["actor_goals"])
+        q_pi = jax.vmap(_sg(nets.critic))(batch["obs"], batch["actor_goals"], a_pi)  # (B, k)
+        return ddpg_bc_loss(q_pi, bc_out, batch["actions"], self.alpha)
+
+    def loss(self, nets: GCIQLNetworks, target_critic, batch: dict) -> tuple[Array, dict]:
+        """``L_V + L_Q + L_pi`` and every metric."""
+        lv, mv = self.value_part(nets, target_critic, batch)
+        lq, mq = self.critic_part(nets, batch)
+        lp, mp = self.actor_part(nets, batch)
+        total = lv + lq + lp
+        return total, {**mv, **mq, **mp, "total/loss": total}
+
+    def update(self, state: GCIQLState, batch: dict) -> tuple[GCIQLState, dict]:
+        """One gradient step on the loop's one-step ``batch`` (pure; jit it), then the critics' EMA."""
+        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: self.loss(eqx.combine(p, static), state.target_critic, batch), has_aux=True)(params)
+        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
+        nets = eqx.combine(optax.apply_updates(params, updates), static)
+        target = jax.tree_util.tree_map(
+            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
+            state.target_critic, nets.critic)
+        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        return dataclasses.replace(state, step=state.step + 1, nets=nets, target_critic=target,
+                                   opt_state=opt_state), metrics
