@@ -8,6 +8,8 @@ and the rejection sampler), as ``<part>_s``.
 
 The agent comes from Gin (default ``gin/mac.gin``; ``--gin_file gin/baselines/mopo.gin`` for
 another agent); a preset binds the sizes (``HIDDEN``, batch size) and MAC's rollout settings.
+``--all-agents`` benches every agent's Gin file at the preset's sizes and prints one table
+(goal-conditioned agents get ``--goal-dim`` goal dimensions, default 3).
 
 FLOP counting: XLA's cost analysis counts a loop body once, so the update is compiled for
 counting from :meth:`Agent.for_flop_count` (MAC: the H-step rollout unrolled) with one gradient
@@ -190,6 +192,34 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     }
 
 
+def agent_gin_files() -> dict[str, str]:
+    """Every agent's Gin file: ``{'mac': 'gin/mac.gin', 'mopo': 'gin/baselines/mopo.gin', ...}``."""
+    out = {"mac": "gin/mac.gin"}
+    out.update({p.stem: f"gin/baselines/{p.name}" for p in sorted((REPO / "gin" / "baselines").glob("*.gin"))})
+    return out
+
+
+def goal_conditioned_by_default(gin_file: str) -> bool:
+    """Whether the agent's Gin file sets ``OGBenchDataset.task_mode = 'oraclerep'`` (its data has goals)."""
+    import re
+
+    text = (REPO / gin_file).read_text()
+    return re.search(r"^\s*OGBenchDataset\.task_mode\s*=\s*'oraclerep'", text, re.M) is not None
+
+
+def run_all_agents(preset: str = "cpu-small", *, goal_dim: int = 3, dispatches: int = 5, **kw) -> list[dict]:
+    """:func:`run` for every registered agent's Gin file at ``preset``'s sizes (goal-conditioned agents
+    with ``goal_dim`` goals); one result dict per agent."""
+    out = []
+    for name, f in agent_gin_files().items():
+        gd = goal_dim if goal_conditioned_by_default(f) else 0
+        r = run(preset, gin_files=(f,), goal_dim=gd, dispatches=dispatches, **kw)
+        out.append(dict(r, name=name, gin_file=f))
+        print(f"[bench] {name:>12}: {r['updates_per_s']:8.2f} updates/s, utilisation {r['utilisation']:.3f}, "
+              f"{r['flops_per_update']:.3g} FLOP/update", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m macfw.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,7 +235,20 @@ def main(argv=None) -> int:
     ap.add_argument("--ob-dim", type=int, default=28)
     ap.add_argument("--act-dim", type=int, default=5)
     ap.add_argument("--goal-dim", type=int, default=0)
+    ap.add_argument("--all-agents", action="store_true",
+                    help="bench every agent's Gin file (gin/mac.gin, gin/baselines/*.gin) at the preset's sizes")
     a = ap.parse_args(argv)
+    if a.all_agents:
+        rows = run_all_agents(a.preset, goal_dim=a.goal_dim or 3, dispatches=a.dispatches, ob_dim=a.ob_dim,
+                              act_dim=a.act_dim, compute_dtype=a.compute_dtype, steps_per_dispatch=a.steps_per_dispatch)
+        print(f"\n| agent | updates/s | utilisation | FLOP per update |  (preset {a.preset}, {rows[0]['device']})")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['name']} | {r['updates_per_s']:.2f} | {r['utilisation']:.3f} | {r['flops_per_update']:.3g} |")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=2, default=str)
+        return 0
     out = run(a.preset, gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim, act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
               steps_per_dispatch=a.steps_per_dispatch, dispatches=a.dispatches)
     keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",

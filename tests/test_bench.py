@@ -100,3 +100,12 @@ def test_cli_tiny(cli):
     assert r["achieved_flops"] == pytest.approx(r["flops_per_update"] * r["updates_per_s"], rel=1e-6)
     assert r["utilisation"] == pytest.approx(r["achieved_flops"] / r["matmul_peak_flops"], rel=1e-6)
     assert r["rollout_per_s"] == pytest.approx(1.0 / r["rollout_s"], rel=1e-6)
+
+
+def test_all_agents_lists_every_agent_and_its_data_mode():
+    from macfw.bench import agent_gin_files, goal_conditioned_by_default
+
+    files = agent_gin_files()
+    baselines = {p.stem for p in (Path(__file__).resolve().parents[1] / "gin" / "baselines").glob("*.gin")}
+    assert set(files) == {"mac"} | baselines and files["mac"] == "gin/mac.gin"
+    assert goal_conditioned_by_default("gin/baselines/gciql.gin") and not goal_conditioned_by_default("gin/mac.gin")
