@@ -6,3 +6,8 @@ from macfw.agents import mac  # noqa: F401
 from macfw.agents import fql  # noqa: F401  (MAC-FQL ablation)
 from macfw.agents import mopo  # noqa: F401
 from macfw.agents import mobile  # noqa: F401
+from macfw.agents import fql_baseline  # noqa: F401  (FQL baseline)
+from macfw.agents import nstep_sacbc  # noqa: F401
+from macfw.agents import gciql  # noqa: F401
+from macfw.agents import sharsa  # noqa: F401
+from macfw.agents import fmpc  # noqa: F401

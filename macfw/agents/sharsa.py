@@ -1,0 +1,288 @@
+"""SHARSA: hierarchical flow BC with a SARSA value over subgoals (Park et al., "Horizon Reduction
+Makes RL Scalable", 2025; DESIGN §9). Model-free and goal-conditioned (oracle goal representations).
+
+Three parts, trained jointly with one Adam optimiser on the sum of the four losses, all on dataset
+samples only (no imagined data, no sampling inside the update: rejection sampling is test-time only):
+
+1. high-level flow BC policy ``pi_h(w | s, g_a)`` over subgoals ``w`` = the goal representation of
+   ``s_{t+n}`` (``batch['next_goals']``, ``(goal_dim,)``), trained by flow matching on the actor goals;
+2. low-level flow BC policy ``pi_l(a | s, w)`` over single actions toward the subgoal ``w`` =
+   ``next_goals`` (``a_t = batch['actions'][:, :act_dim]``), trained by flow matching;
+3. SARSA values over subgoals (the authors' "high_critic" / "high_value"; BCE, values in [0, 1]):
+   with the value goal ``g`` at dataset index ``j`` and the sample at ``t``, ``d = j - t``, the goal
+   is reached inside the ``n`` steps when ``0 <= d < n`` (success ``c``), and then
+
+   * subgoal steps ``k = d`` if ``c`` else ``n``; the dataset subgoal ``w_data`` is the goal
+     representation at ``t + k`` (``g`` itself if ``c``, else ``next_goals``);
+   * reward ``r = c * gamma^k``, mask ``m = 1 - c`` (the authors' HGCDataset, ``gc_negative=False``);
+   * critic ``Q_i(s, g, w_data)`` (2 heads) by BCE to ``sg(r + gamma^k m sigmoid(V(s_{t+n}, g)))``
+     (:func:`sarsa_targets`);
+   * value ``V(s, g)`` by BCE to ``agg_i sigmoid(Q'_i(s, g, w_data))`` with ``Q'`` an EMA (tau) of ``Q``
+     and ``agg`` = min (``q_agg``): SARSA-style, on the dataset subgoal, no max over subgoals.
+
+Acting (:meth:`SHARSA.act`): draw ``num_samples`` (32) subgoals from ``pi_h(. | s, g)`` (the flow ODE,
+10 Euler steps, not clipped), keep ``argmax_i min_j Q_j(s, g, w_i)`` (the authors take the min of the
+two online heads at test time whatever ``q_agg`` is), then one action from ``pi_l(. | s, w*)``,
+clipped to [-1, 1]. One action per decision (``acts_in_chunks = False``).
+
+Code name -> symbol: ``n`` n (subgoal steps, environment steps), ``gamma`` gamma, ``tau`` EMA rate,
+``high_actor`` pi_h, ``low_actor`` pi_l, ``critic`` {Q_j}, ``target_critic`` {Q'_j}, ``value`` V.
+Shapes per example: ``s: (ob_dim,)``, ``g, w: (goal_dim,)``, ``a: (act_dim,)``.
+
+Networks: the flows are :class:`~macfw.nn.flow.FlowPolicy` built for specs whose "chunk" is the
+subgoal (``Spec(act_dim=goal_dim, chunk_len=1)``) or one action (``chunk_len=1``); the low-level
+flow gets the subgoal in its goal slot. The critic is an :class:`~macfw.nn.ensemble.Ensemble` of
+:class:`~macfw.nn.models.QCritic` over ``(s, g, w)``; the value a :class:`~macfw.nn.models.StateValue`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int
+
+from macfw.agents.base import Agent, BatchSpec
+from macfw.errors import ConfigError, check, check_choice, check_float, check_int
+from macfw.nn.flow import FlowPolicy
+from macfw.nn.losses import value_loss as make_value_loss
+from macfw.nn.models import StateValue
+from macfw.registry import register
+from macfw.spec import Spec
+
+
+class SHARSANetworks(eqx.Module):
+    """Every trained network of SHARSA (what the optimiser updates)."""
+
+    high_actor: eqx.Module  # flow over subgoals (goal_dim,) given (s, g)
+    low_actor: eqx.Module  # flow over one action (act_dim,) given (s, subgoal)
+    critic: eqx.Module  # Ensemble of QCritic on (s, g, subgoal): (num,) logits
+    value: eqx.Module  # StateValue on (s, g): a logit
+
+
+class SHARSAState(eqx.Module):
+    """Step, key, networks, the critic's EMA copy and the optimiser state."""
+
+    step: Array
+    key: Array
+    nets: SHARSANetworks
+    target_critic: eqx.Module
+    opt_state: Any
+
+
+def _sg(tree):
+    return jax.lax.stop_gradient(tree)
+
+
+def subgoal_steps(idx: Int[Array, " B"], value_goal_idx: Int[Array, " B"], n: int) -> tuple[Array, Array]:
+    """Steps to the dataset subgoal and the success flag of the authors' HGCDataset.
+
+    ``d = value_goal_idx - idx``; success ``c = 1[0 <= d < n]`` (the value goal is reached within the
+    ``n`` steps); ``k = d`` if ``c`` else ``n`` (environment steps). The batch only holds samples
+    whose ``t + n`` lies in the trajectory, so the authors' clip of ``k`` to the trajectory end never
+    applies (see :class:`SHARSA`).
+
+    Returns:
+      ``(k, c)``: ``(B,)`` int32 steps and ``(B,)`` float32 success in {0, 1}.
+    """
+    d = value_goal_idx - idx
+    c = (d >= 0) & (d < n)
+    return jnp.where(c, d, n).astype(jnp.int32), c.astype(jnp.float32)
+
+
+def sarsa_targets(idx, value_goal_idx, next_v: Float[Array, " B"], *, n: int, gamma: float) -> dict[str, Array]:
+    """The n-step SARSA critic target (HGCDataset's high-level value sample, ``gc_negative=False``).
+
+    Args:
+      idx, value_goal_idx: ``(B,)`` dataset indices of ``s_t`` and of the value goal.
+      next_v: ``(B,)`` ``V(s_{t+n}, g)`` as a value in [0, 1] (the sigmoid of the BCE logit). It is
+        only used where the goal is not reached (``m = 1``), where ``k = n`` and the next state is
+        ``s_{t+n}``.
+      n: subgoal steps; gamma: per-step discount.
+
+    Returns:
+      dict of ``(B,)`` arrays: ``steps`` k, ``success`` c, ``rewards`` ``c gamma^k``, ``masks``
+      ``1 - c`` and ``targets`` ``r + gamma^k m next_v``.
+    """
+    k, c = subgoal_steps(idx, value_goal_idx, n)
+    disc = jnp.asarray(gamma, jnp.float32) ** k.astype(jnp.float32)
+    r, m = c * disc, 1.0 - c
+    return {"steps": k, "success": c, "rewards": r, "masks": m, "targets": r + disc * m * next_v}
+
+
+def dataset_subgoals(success: Float[Array, " B"], value_goals, next_goals) -> Float[Array, "B goal_dim"]:
+    """The subgoal the critic is trained on: the goal representation at ``t + k``, i.e. the value goal
+    itself where it is reached inside the ``n`` steps, else ``next_goals`` (``s_{t+n}``'s)."""
+    return jnp.where(success[:, None] > 0.5, value_goals, next_goals)
+
+
+@register("agent")
+class SHARSA(Agent):
+    """SHARSA (see the module docstring). Component arguments are registered classes built as
+    ``Cls(spec, key=...)``; Gin-scoped in ``gin/baselines/sharsa.gin``.
+
+    Args:
+      high_actor: flow policy class for subgoals (built for ``Spec(act_dim=goal_dim, chunk_len=1)``).
+      low_actor: flow policy class for one action (built for ``chunk_len=1``; goal slot = subgoal).
+      critic: critic class on ``(s, g, subgoal)`` returning one logit per head, e.g. an Ensemble of
+        2 QCritic (built for the subgoal spec).
+      value: value class on ``(s, g)`` (built for the data's spec).
+      n: subgoal steps in environment steps (25; 50 for cube-octuple and humanoidmaze).
+      gamma: per-step discount (0.999).
+      tau: EMA rate of the target critic.
+      learning_rate: Adam step size (one optimiser over every loss).
+      q_agg: ``'min'`` or ``'mean'`` over the target critic heads in the value target.
+      value_loss: ``'bce'`` (the authors': logits, values are sigmoids in [0, 1]) or ``'mse'``.
+      num_samples: subgoal candidates per decision when acting (32).
+
+    Raises:
+      ConfigError: a value out of range; at :meth:`init`, data without goals (SHARSA needs
+        ``OGBenchDataset.task_mode = 'oraclerep'`` or ``'goal'``).
+    """
+
+    acts_in_chunks = False
+
+    def __init__(self, high_actor: Callable = FlowPolicy, low_actor: Callable = FlowPolicy,
+                 critic: Callable | None = None, value: Callable = StateValue, *, n: int = 25,
+                 gamma: float = 0.999, tau: float = 0.005, learning_rate: float = 3e-4, q_agg: str = "min",
+                 value_loss: str = "bce", num_samples: int = 32):
+        name = type(self).__name__
+        for slot, f in (("high_actor", high_actor), ("low_actor", low_actor), ("critic", critic), ("value", value)):
+            check(f"{name}.{slot}", f, callable(f), "a network class (see gin/baselines/sharsa.gin)")
+        self.factories = dict(high_actor=high_actor, low_actor=low_actor, critic=critic, value=value)
+        self.n = check_int(f"{name}.n", n)
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
+        self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
+        self.num_samples = check_int(f"{name}.num_samples", num_samples)
+        self._loss_fn = make_value_loss(self.value_loss, binding=f"{name}.value_loss")
+        self.spec: Spec | None = None
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        """Samples spanning ``n`` environment steps (``next_obs`` = s_{t+n}, ``next_goals`` its goal
+        representation) with hindsight-relabelled goals."""
+        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="SHARSA.n")
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.learning_rate)
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def subgoal_spec(spec: Spec) -> Spec:
+        """The spec of networks whose "action" is a subgoal: ``chunk_dim = goal_dim``."""
+        return dataclasses.replace(spec, act_dim=spec.goal_dim, chunk_len=1)
+
+    def init(self, spec: Spec, key) -> SHARSAState:
+        check("OGBenchDataset.task_mode", "singletask", spec.goal_dim > 0,
+              "'oraclerep' (or 'goal'): SHARSA is goal-conditioned (subgoals are goal representations)")
+        self.spec = spec
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        key, *ks = jax.random.split(key, 5)
+        f, sub = self.factories, self.subgoal_spec(spec)
+        nets = SHARSANetworks(
+            high_actor=f["high_actor"](sub, key=ks[0]),
+            low_actor=f["low_actor"](dataclasses.replace(spec, chunk_len=1), key=ks[1]),
+            critic=f["critic"](sub, key=ks[2]), value=f["value"](spec, key=ks[3]))
+        opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
+        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        return SHARSAState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
+                           opt_state=opt_state)
+
+    def check_config(self, batch_size: int) -> None:
+        """Builds every network abstractly for a one-unit goal-conditioned spec (the base class's spec
+        has no goal, which SHARSA refuses).
+
+        Raises:
+          ConfigError: a component rejected a configured value.
+        """
+        spec, saved = Spec(ob_dim=1, act_dim=1, goal_dim=1, chunk_len=self.n), self.spec
+        try:
+            eqx.filter_eval_shape(self.init, spec, jax.random.PRNGKey(0))
+        except ConfigError:
+            raise
+        except Exception:
+            pass
+        finally:
+            self.spec = saved
+
+    # ------------------------------------------------------------------ acting
+    def select_subgoal(self, nets: SHARSANetworks, s, g, *, key) -> tuple[Array, Array, Array]:
+        """Rejection sampling over subgoals: ``(w*, candidates (N, goal_dim), min-Q (N,))`` with
+        ``w* = argmax_i min_j Q_j(s, g, w_i)``, ``w_i ~ pi_h(. | s, g)`` (not clipped)."""
+        cands = nets.high_actor.sample_many(s, g, self.num_samples, key=key)
+        q = jax.vmap(lambda w: nets.critic(s, g, w))(cands).min(axis=-1)
+        return cands[jnp.argmax(q)], cands, q
+
+    def act(self, nets: SHARSANetworks, s, g, *, key):
+        """One action toward the best of ``num_samples`` subgoals: ``(1, act_dim)`` in [-1, 1]."""
+        k_high, k_low = jax.random.split(key)
+        w, _, _ = self.select_subgoal(nets, s, g, key=k_high)
+        a = nets.low_actor.sample(s, w, key=k_low)
+        return jnp.clip(a, -1.0, 1.0).reshape(1, self.spec.act_dim)
+
+    # ------------------------------------------------------------------ the update
+    def _prob(self, x: Array) -> Array:
+        """A head's output as a value: the sigmoid of a BCE logit, or the MSE output itself."""
+        return jax.nn.sigmoid(x) if self.value_loss == "bce" else x
+
+    def targets(self, nets: SHARSANetworks, target_critic, batch: dict) -> dict[str, Array]:
+        """Both regression targets (no gradient): ``targets`` of the critic (:func:`sarsa_targets` with
+        ``V(s_{t+n}, g)``), ``value_targets`` ``agg_j Q'_j(s, g, w_data)``, and ``subgoals`` w_data."""
+        nets, target_critic = _sg(nets), _sg(target_critic)
+        s, g = batch["obs"], batch["value_goals"]
+        next_v = self._prob(jax.vmap(nets.value)(batch["next_obs"], g))
+        out = sarsa_targets(batch["idx"], batch["value_goal_idx"], next_v, n=self.n, gamma=self.gamma)
+        w = dataset_subgoals(out["success"], g, batch["next_goals"])
+        q_t = self._prob(jax.vmap(target_critic)(s, g, w))  # (B, heads)
+        out["value_targets"] = q_t.min(axis=1) if self.q_agg == "min" else q_t.mean(axis=1)
+        out["subgoals"] = w
+        return jax.tree_util.tree_map(_sg, out)
+
+    def loss(self, nets: SHARSANetworks, batch: dict, tg: dict, key) -> tuple[Array, dict]:
+        """Value, critic, high- and low-level flow losses on ``batch``; ``(total, metrics)``."""
+        B = batch["obs"].shape[0]
+        s, g, w = batch["obs"], batch["value_goals"], tg["subgoals"]
+        v = jax.vmap(nets.value)(s, g)
+        value = jnp.mean(self._loss_fn(v, tg["value_targets"]))
+        q = jax.vmap(nets.critic)(s, g, w)  # (B, heads)
+        critic = jnp.mean(jnp.sum(self._loss_fn(q, tg["targets"][:, None]), axis=1))
+
+        k_high, k_low = jax.random.split(key)
+        a0 = batch["actions"][:, : self.spec.act_dim]
+        high, m_high = jax.vmap(lambda s, g, x, k: nets.high_actor.loss(s, g, x, key=k))(
+            s, batch["actor_goals"], batch["next_goals"], jax.random.split(k_high, B))
+        low, m_low = jax.vmap(lambda s, g, x, k: nets.low_actor.loss(s, g, x, key=k))(
+            s, batch["next_goals"], a0, jax.random.split(k_low, B))
+        high, low = high.mean(), low.mean()
+        total = value + critic + high + low
+        metrics = {f"high_actor/{k.replace('/', '_')}": jnp.mean(x) for k, x in m_high.items()}  # flow_loss, ...
+        metrics.update({f"low_actor/{k.replace('/', '_')}": jnp.mean(x) for k, x in m_low.items()})
+        metrics.update({
+            "value/loss": value, "value/v_mean": self._prob(v).mean(), "value/target_mean": tg["value_targets"].mean(),
+            "critic/loss": critic, "critic/q_mean": self._prob(q).mean(), "critic/target_mean": tg["targets"].mean(),
+            "critic/success_rate": tg["success"].mean(), "high_actor/loss": high, "low_actor/loss": low,
+            "total/loss": total})
+        return total, metrics
+
+    def update(self, state: SHARSAState, batch: dict) -> tuple[SHARSAState, dict]:
+        """One gradient step on the loop's ``n``-step goal-conditioned ``batch`` (pure; jit it)."""
+        key, k_loss = jax.random.split(state.key)
+        tg = self.targets(state.nets, state.target_critic, batch)
+        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: self.loss(eqx.combine(p, static), batch, tg, k_loss), has_aux=True)(params)
+        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
+        nets = eqx.combine(optax.apply_updates(params, updates), static)
+        target = jax.tree_util.tree_map(
+            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
+            state.target_critic, nets.critic)
+        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
+                                   opt_state=opt_state), metrics
