@@ -151,8 +151,9 @@ def test_goal_window_reward_mask_and_value_label():
     with_end = jax.device_get(agent.training_inputs(dict(batch, traj_end=_last_index()[t])))
     np.testing.assert_array_equal(with_end["value_label"], exact)
     assert 0.0 < exact.mean() < 1.0
-    # without it (the loop's batches today): any goal at or after t
-    np.testing.assert_array_equal(inp["value_label"], (vg >= t).astype(np.float32))
+    # the loop's batches carry traj_end: their labels are the exact ones
+    np.testing.assert_array_equal(np.asarray(batch["traj_end"]), _last_index()[t])
+    np.testing.assert_array_equal(inp["value_label"], exact)
 
 
 def test_goal_later_label_tiny():

@@ -11,3 +11,4 @@ from macfw.agents import nstep_sacbc  # noqa: F401
 from macfw.agents import gciql  # noqa: F401
 from macfw.agents import sharsa  # noqa: F401
 from macfw.agents import fmpc  # noqa: F401
+from macfw.agents import leq  # noqa: F401

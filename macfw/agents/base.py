@@ -28,7 +28,9 @@ from typing import Any, Callable
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Float
 
 from macfw.spec import Spec
@@ -210,6 +212,32 @@ class Agent(abc.ABC):
     def benchmark_parts(self, state: eqx.Module, batch: dict[str, Array]) -> dict[str, tuple[Callable, tuple]]:
         """Named parts of an update that ``macfw.bench`` times alone: ``name -> (jitted fn, args)``."""
         return {}
+
+
+def copy_of(tree):
+    """A copy of every array leaf of ``tree`` (a target network's initial value)."""
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
+
+
+def ema(target, online, tau: float):
+    """Polyak averaging of a target network: ``(1 - tau) * target + tau * online`` for every floating
+    array leaf (other leaves from ``target``); ``tau`` per gradient step."""
+    return jax.tree_util.tree_map(lambda t, v: (1.0 - tau) * t + tau * v if eqx.is_inexact_array(t) else t,
+                                  target, online)
+
+
+def gradient_step(nets, opt_state, optimizer: optax.GradientTransformation,
+                  loss_fn: Callable[[Any], tuple[Array, dict]]) -> tuple[Any, Any, dict]:
+    """One optimiser step on ``loss_fn(nets) -> (loss, metrics)`` w.r.t. every floating array of ``nets``.
+
+    Returns the updated ``nets``, the optimiser state and ``metrics`` with ``optim/grad_norm`` (the
+    global gradient norm) added. Every agent's update ends with it (one Adam over the sum of losses).
+    """
+    params, static = eqx.partition(nets, eqx.is_inexact_array)
+    (_, metrics), grads = jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static)), has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    nets = eqx.combine(optax.apply_updates(params, updates), static)
+    return nets, opt_state, dict(metrics, **{"optim/grad_norm": optax.tree.norm(grads)})
 
 
 def param_checksum(tree) -> str:

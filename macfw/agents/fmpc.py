@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from macfw.agents.base import Agent, BatchSpec
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.errors import check, check_choice, check_float, check_int
 from macfw.nn import losses
 from macfw.nn.flow import FlowPolicy, resolve_solver, solve_flow
@@ -147,9 +147,9 @@ def goal_later_label(idx: Array, value_goal_idx: Array, traj_end: Array | None =
     """The goal-conditioned value label ``1[t <= value_goal_idx <= traj_end(t)]``: the goal is s_t or a
     later state of s_t's trajectory (float32, elementwise).
 
-    Without ``traj_end`` (the loop's batches do not carry it yet) a goal at or after ``t`` counts as
-    later in the trajectory: exact for the current-state and same-trajectory goals (70% of value goals),
-    wrong only for random goals drawn after ``t`` in another trajectory.
+    The loop's batches carry ``traj_end``. Without it a goal at or after ``t`` counts as later in the
+    trajectory: exact for the current-state and same-trajectory goals (70% of value goals), wrong for
+    random goals drawn after ``t`` in another trajectory.
     """
     later = value_goal_idx >= idx
     if traj_end is not None:
@@ -253,7 +253,7 @@ class FMPC(Agent):
                             policy=f["policy"](one, key=ks[1]), critic=f["critic"](future, key=ks[2]),
                             value=f["value"](one, key=ks[3]))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.value)
+        target = copy_of(nets.value)
         return FMPCState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_value=target, opt_state=opt_state)
 
     # ------------------------------------------------------------------ what a sample holds for FMPC
@@ -326,15 +326,9 @@ class FMPC(Agent):
         key, k_loss = jax.random.split(state.key)
         inputs = self.training_inputs(batch)
         targets = self.targets(state.nets, state.target_value, inputs)
-        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: self.loss(eqx.combine(p, static), inputs, targets, k_loss), has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        nets = eqx.combine(optax.apply_updates(params, updates), static)
-        target = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_value, nets.value)
-        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        nets, opt_state, metrics = gradient_step(
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, inputs, targets, k_loss))
+        target = ema(state.target_value, nets.value, self.tau)
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_value=target,
                                    opt_state=opt_state), metrics
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
-from macfw.agents.base import Agent, BatchSpec
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.agents.fql import FQLActor
 from macfw.agents.mbpo import one_step_view
 from macfw.errors import check, check_choice, check_float
@@ -196,7 +196,7 @@ class FQL(Agent):
         check("FQL.policy", type(nets.policy).__name__, callable(getattr(nets.policy, "solve", None)),
               "a policy with a solve(s, g, z) method (FQL distils the flow ODE solution), e.g. @FlowPolicy")
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        target = copy_of(nets.critic)
         return FQLState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state)
 
     def uncounted_flops(self, state: FQLState, batch_size: int) -> float:
@@ -260,14 +260,8 @@ class FQL(Agent):
         key, k_next, k_loss = jax.random.split(state.key, 3)
         b = one_step_view(batch)  # masks = 1 - success
         target_q = _sg(self.critic_target(_sg(state.nets), _sg(state.target_critic), b, k_next))
-        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: self.loss(eqx.combine(p, static), b, target_q, k_loss), has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        nets = eqx.combine(optax.apply_updates(params, updates), static)
-        target = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_critic, nets.critic)
-        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        nets, opt_state, metrics = gradient_step(
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, b, target_q, k_loss))
+        target = ema(state.target_critic, nets.critic, self.tau)
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
                                    opt_state=opt_state), metrics

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from macfw.agents.base import Agent, BatchSpec
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.errors import check, check_float
 from macfw.nn.losses import expectile as expectile_loss
 from macfw.nn.mlp import MLP
@@ -241,7 +241,7 @@ class GCIQL(Agent):
         nets = GCIQLNetworks(value=f["value"](spec, key=k_v), critic=f["critic"](spec, key=k_q),
                              actor=f["actor"](spec, key=k_pi))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        target = copy_of(nets.critic)
         return GCIQLState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
                           opt_state=opt_state)
 
@@ -281,14 +281,8 @@ class GCIQL(Agent):
 
     def update(self, state: GCIQLState, batch: dict) -> tuple[GCIQLState, dict]:
         """One gradient step on the loop's one-step ``batch`` (pure; jit it), then the critics' EMA."""
-        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: self.loss(eqx.combine(p, static), state.target_critic, batch), has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        nets = eqx.combine(optax.apply_updates(params, updates), static)
-        target = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_critic, nets.critic)
-        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        nets, opt_state, metrics = gradient_step(
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, state.target_critic, batch))
+        target = ema(state.target_critic, nets.critic, self.tau)
         return dataclasses.replace(state, step=state.step + 1, nets=nets, target_critic=target,
                                    opt_state=opt_state), metrics

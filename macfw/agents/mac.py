@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
-from macfw.agents.base import Agent, BatchSpec, param_checksum  # noqa: F401  (param_checksum re-exported)
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step, param_checksum  # noqa: F401  (param_checksum re-exported)
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
@@ -163,7 +163,7 @@ class MAC(Agent):
             reward=None if spec.goal_conditioned or f["reward"] is None else f["reward"](spec, key=ks[5]),
         )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.value)
+        target = copy_of(nets.value)
         return TrainState(step=jnp.zeros((), jnp.int32), nets=nets, target_value=target,
                           opt_state=opt_state, key=key)
 
@@ -289,17 +289,8 @@ class MAC(Agent):
         roll = self.rollout(state.nets, s0, g0, k_roll)
         roll["goals"] = g0
 
-        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
-
-        def loss_fn(p):
-            return self.loss(eqx.combine(p, static), state.target_value, batch, roll, k_loss)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        params = optax.apply_updates(params, updates)
-        nets = eqx.combine(params, static)
-        target = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_value, nets.value)
-        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        nets, opt_state, metrics = gradient_step(
+            state.nets, state.opt_state, self.optimizer(),
+            lambda nets: self.loss(nets, state.target_value, batch, roll, k_loss))
+        target = ema(state.target_value, nets.value, self.tau)
         return TrainState(step=state.step + 1, nets=nets, target_value=target, opt_state=opt_state, key=key), metrics

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
-from macfw.agents.base import Agent, BatchSpec, RefreshSpec
+from macfw.agents.base import Agent, BatchSpec, RefreshSpec, copy_of, ema, gradient_step
 from macfw.agents.mbpo import ModelBuffer, ModelRollouts, mix, one_step_view
 from macfw.errors import check, check_choice, check_float
 from macfw.nn.actors import TanhGaussianActor, Temperature
@@ -135,7 +135,7 @@ class MOPO(Agent):
             actor=f["actor"](spec, key=ks[3]), critic=f["critic"](spec, key=ks[4]),
             temperature=f["temperature"](spec, key=ks[5]))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        target = copy_of(nets.critic)
         return MOPOState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
                          opt_state=opt_state, buffer=ModelBuffer.empty(self.rollouts.capacity, spec))
 
@@ -207,18 +207,13 @@ class MOPO(Agent):
         mixed = dict(mixed, rewards=mixed["rewards"] - self.beta * is_model * _sg(u))
         target_q = _sg(self._target_q(_sg(nets), _sg(state.target_critic), mixed, k_next))
 
-        params, static = eqx.partition(nets, eqx.is_inexact_array)
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: self.loss(eqx.combine(p, static), real, mixed, target_q, k_loss), has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        nets = eqx.combine(optax.apply_updates(params, updates), static)
-        target = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_critic, nets.critic)
+        nets, opt_state, metrics = gradient_step(
+            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, real, mixed, target_q, k_loss))
+        target = ema(state.target_critic, nets.critic, self.tau)
         n_model = jnp.maximum(jnp.sum(is_model), 1.0)
         metrics.update({**m_pen, "penalty/mean": jnp.sum(u * is_model) / n_model,
                         "buffer/size": state.buffer.size.astype(jnp.float32),
-                        "buffer/model_fraction": jnp.mean(is_model), "optim/grad_norm": optax.tree.norm(grads)})
+                        "buffer/model_fraction": jnp.mean(is_model)})
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
                                    opt_state=opt_state), metrics
 

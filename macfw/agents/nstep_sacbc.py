@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from macfw.agents.base import Agent, BatchSpec
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.errors import check, check_choice, check_float, check_int
 from macfw.nn.actors import TanhGaussianActor, Temperature
 from macfw.nn.losses import bce, mse
@@ -203,7 +203,7 @@ class NStepSACBC(Agent):
         nets = NStepSACBCNetworks(actor=f["actor"](one, key=k_a), critic=f["critic"](one, key=k_c),
                                   temperature=f["temperature"](one, key=k_t))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        target = copy_of(nets.critic)
         return NStepSACBCState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
                                opt_state=opt_state)
 
@@ -263,15 +263,10 @@ class NStepSACBC(Agent):
         nets = state.nets
         target = _sg(self.target_q(_sg(nets), _sg(state.target_critic), batch, k_next))
 
-        params, static = eqx.partition(nets, eqx.is_inexact_array)
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: self.loss(eqx.combine(p, static), batch, target, k_loss), has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        nets = eqx.combine(optax.apply_updates(params, updates), static)
-        target_critic = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_critic, nets.critic)
+        nets, opt_state, metrics = gradient_step(
+            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, target, k_loss))
+        target_critic = ema(state.target_critic, nets.critic, self.tau)
         _, mask = self.rewards_and_masks(batch)
-        metrics.update({"critic/mask_mean": jnp.mean(mask), "optim/grad_norm": optax.tree.norm(grads)})
+        metrics.update({"critic/mask_mean": jnp.mean(mask)})
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target_critic,
                                    opt_state=opt_state), metrics

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from macfw.agents.base import Agent, BatchSpec
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.errors import ConfigError, check, check_choice, check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.losses import value_loss as make_value_loss
@@ -191,7 +191,7 @@ class SHARSA(Agent):
             low_actor=f["low_actor"](dataclasses.replace(spec, chunk_len=1), key=ks[1]),
             critic=f["critic"](sub, key=ks[2]), value=f["value"](spec, key=ks[3]))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
-        target = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, nets.critic)
+        target = copy_of(nets.critic)
         return SHARSAState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
                            opt_state=opt_state)
 
@@ -275,14 +275,8 @@ class SHARSA(Agent):
         """One gradient step on the loop's ``n``-step goal-conditioned ``batch`` (pure; jit it)."""
         key, k_loss = jax.random.split(state.key)
         tg = self.targets(state.nets, state.target_critic, batch)
-        params, static = eqx.partition(state.nets, eqx.is_inexact_array)
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: self.loss(eqx.combine(p, static), batch, tg, k_loss), has_aux=True)(params)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, params)
-        nets = eqx.combine(optax.apply_updates(params, updates), static)
-        target = jax.tree_util.tree_map(
-            lambda t, v: (1.0 - self.tau) * t + self.tau * v if eqx.is_inexact_array(t) else t,
-            state.target_critic, nets.critic)
-        metrics["optim/grad_norm"] = optax.tree.norm(grads)
+        nets, opt_state, metrics = gradient_step(
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, tg, k_loss))
+        target = ema(state.target_critic, nets.critic, self.tau)
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
                                    opt_state=opt_state), metrics

@@ -1,0 +1,454 @@
+"""LEQ: Lower Expectile Q-learning with lambda-returns (Park & Lee, 2024, "Tackling Long-Horizon Tasks
+with Model-based Offline RL"), as the MAC paper runs it (DESIGN §9; the MAC authors' ``agents/leq.py``,
+whose math follows the LEQ authors' ``algos/leq``: ``lambda_update_q`` and ``DPG_lambda_update_actor``).
+
+Everything trains jointly, one Adam optimiser over the sum of every loss, on one-step transitions
+(``BatchSpec(chunk_len=1)``), with no uncertainty penalty:
+
+1. models on the real batch: ensemble NLL of ``s'`` (7 :class:`~macfw.nn.models.GaussianDynamics`),
+   success BCE (the label ``1 - m``, ``m = 1 - batch['success']``), reward MSE (single-task);
+2. imagined rollouts of ``H`` model steps from *every* batch state, inside the loss: the
+   deterministic actor ``a_t = pi(s_t, g)``, ``s_{t+1}`` from a uniformly drawn member per example
+   and step (:meth:`~macfw.nn.ensemble.Ensemble.sample`), success ``c_t = 1[sigmoid(c(s_t, g, a_t))
+   > 0.5]``, reward ``c_t - 1`` (goal-conditioned) or ``r(s_t, a_t)`` (single-task), mask
+   ``1 - c_t``; the goal stays the start sample's (value goal for the critic, actor goal for the
+   actor);
+3. LEQ's lambda-return (:func:`leq_lambda_returns`): with ``q_t = Q(s_t, g, a_t)``, the alive weights
+   ``M_0 = 1``, ``M_{t+1} = M_t (1 - c_t)`` and ``w_{H-1} = 1``, ``w_t = 1 + lam w_{t+1}``::
+
+       Q^lam_H = q_H
+       Q^lam_t = (q_t + lam w_t (M_t r_t + gamma M_{t+1} Q^lam_{t+1})) / (1 + lam w_t)
+
+   i.e. the lam-weighted average of the k-step returns ``G^(k)_t``, k = 0 .. H - t (``G^(0)_t = q_t``;
+   lam = 1: their plain mean);
+4. critic (one Q, :func:`critic_objective`)::
+
+       (1 - beta) [ E expectile_0.5(Q(s, g, a) ; y) + E (Q(s, g, a) - Q'(s, g, a))^2 ]
+       + beta E_{t<H} gamma^t M_t [ expectile_kappa(Q(s_t, g, a_t) ; sg Q^lam_t) + (Q - Q')^2 ]
+
+   with ``y = r + gamma m sg Q(s', g, pi(s', g))`` on the data (the *current* critic; ``Q'`` is an
+   EMA of ``Q`` that only enters the regulariser), beta = ``model_weight`` (0.95);
+5. actor, the deterministic policy gradient of the lambda-returns through the model
+   (:meth:`LEQ.actor_rollout`, :func:`actor_surrogate`)::
+
+       grad_theta = E sum_{t=0}^{H} e_t (d Q^lam_t / d a_t) . (d pi_theta(s_t, g) / d theta)
+
+   where ``d Q^lam_t / d a_t`` is the total derivative through the reparameterised model sample,
+   reward head, later actions ``pi(s_{t+k})`` and critic (all held fixed), states held fixed, and
+   ``e_t = kappa if Q^lam_t > q_t else 1 - kappa`` (``e_H = 0.5``), the expectile weights;
+
+then an EMA (``tau``) of the critic.
+
+Differences from the MAC authors' code (DESIGN §9): their port calls the critic on the
+rollout states without its trained parameters, so the ``beta``-weighted model terms of step 4 send
+no gradient at all (only the data terms train the critic); here they train the critic as in the
+LEQ authors' ``lambda_update_q``. The diagonal Jacobian ``d Q^lam_t / d a_t``, which their
+``jacrev`` gets with one reverse pass per ``t``, comes here from one reverse pass (the same numbers;
+:meth:`LEQ.actor_rollout`), so the actor costs about a forward and a backward rollout, not ``H + 1``
+backward ones.
+
+Code name -> symbol: ``gamma`` gamma, ``lam`` lam, ``horizon`` H, ``expectile`` kappa,
+``data_expectile`` the data term's expectile, ``model_weight`` beta, ``tau`` EMA rate,
+``dynamics`` the ensemble, ``critic`` Q, ``target_critic`` Q', ``actor`` pi. Shapes per example:
+``s: (ob_dim,)``, ``a: (act_dim,)``, ``g: (goal_dim,)``. Units: ``horizon`` in model steps, which
+are environment steps (one-step models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.agents.mbpo import one_step_view
+from macfw.errors import check, check_float, check_int
+from macfw.nn.actors import DeterministicActor
+from macfw.nn.losses import expectile as expectile_loss
+from macfw.nn.mlp import MLP
+from macfw.nn.models import HIDDEN, QCritic, RewardModel, SuccessModel
+from macfw.registry import register
+from macfw.rollout import imagine
+from macfw.spec import Spec
+
+#: Expectile weight of the last imagined step, where ``Q^lam_H = q_H`` (the authors' value).
+LAST_STEP_WEIGHT = 0.5
+#: Below this ``d Q^lam_0 / d Q^lam_t`` the one-pass action gradients could underflow in float32.
+CHAIN_MIN = 1e-30
+
+
+def _sg(tree):
+    return jax.lax.stop_gradient(tree)
+
+
+# --------------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------------
+@register("actor")
+class LEQActor(DeterministicActor):
+    """:class:`~macfw.nn.actors.DeterministicActor` ``a = tanh(MLP([s, g]))`` with the last layer's
+    initial weights scaled by ``final_init_scale`` (the authors' ``GCDeterActor``: 0.01, so the
+    first actions are near 0).
+
+    Args:
+      spec: sizes; input ``ob_dim + goal_dim``, output ``chunk_dim`` (``act_dim`` for LEQ's
+        ``chunk_len = 1`` spec).
+      hidden_dims: MLP hidden sizes (default 4 x 1024).
+      layer_norm: LayerNorm after each hidden activation.
+      final_init_scale: multiplies the last layer's initial weights and bias (> 0).
+      key: PRNG key.
+
+    Raises:
+      ConfigError: ``final_init_scale <= 0`` or bad ``hidden_dims``.
+    """
+
+    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
+                 final_init_scale: float = 0.01, compute_dtype: str | None = None):
+        scale = check_float("LEQActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
+        self.net = MLP(spec.ob_dim + spec.goal_dim, spec.chunk_dim, hidden_dims, key=key, layer_norm=layer_norm,
+                       final_init_scale=scale, compute_dtype=compute_dtype, name=type(self).__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# The losses as pure functions of arrays (H = horizon, B = batch; leading axes as stated)
+# --------------------------------------------------------------------------------------------
+def leq_lambda_returns(rewards: Float[Array, "H ..."], masks: Float[Array, "H ..."], q: Float[Array, "H1 ..."], *,
+                       discount: float, lam: float) -> tuple[Array, Array]:
+    """LEQ's lambda-returns of one imagined rollout (module docstring, step 3).
+
+    Args:
+      rewards: ``r_t``, ``(H, ...)``.
+      masks: per-step continuation ``1 - c_t`` in {0, 1}, ``(H, ...)``.
+      q: ``q_t = Q(s_t, g, a_t)`` for t = 0 .. H, ``(H + 1, ...)``.
+      discount: gamma per model step.
+      lam: lambda in [0, 1] (0: ``Q^lam_t = q_t``, no model information; 1: equal weights).
+
+    Returns:
+      ``returns (H + 1, ...)``: ``Q^lam_t`` (``Q^lam_H = q_H``), and ``alive (H + 1, ...)``: ``M_t``,
+      1 while no step before ``t`` terminated. ``Q^lam_t = sum_k lam^k G^(k)_t / sum_k lam^k`` over
+      k = 0 .. H - t with ``G^(0)_t = q_t`` and ``G^(k)_t = sum_{j<k} gamma^j M_{t+j} r_{t+j} +
+      gamma^k M_{t+k} q_{t+k}`` (the masks absolute from the rollout's start, as the authors'; a
+      dead step, ``M_t = 0``, keeps only ``q_t / sum_k lam^k`` and has no critic-loss weight).
+    """
+    H = rewards.shape[0]
+    alive = jnp.concatenate([jnp.ones_like(q[:1]), jnp.cumprod(masks, axis=0)], axis=0)
+
+    def back(carry, x):
+        ret_next, w = carry
+        q_t, r_t, m_t, m_next = x
+        ret = (q_t + lam * w * (m_t * r_t + discount * m_next * ret_next)) / (1.0 + lam * w)
+        return (ret, 1.0 + lam * w), ret
+
+    init = (q[H], jnp.ones((), q.dtype))
+    _, rets = jax.lax.scan(back, init, (q[:H], rewards, alive[:H], alive[1:]), reverse=True)
+    return jnp.concatenate([rets, q[H:]], axis=0), alive
+
+
+def return_chain(horizon: int, *, discount: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Static coefficients of :func:`leq_lambda_returns` (numpy, ``(H + 1,)`` each):
+    ``alpha_t = 1 / (1 + lam w_t)``, the weight of ``q_t`` in ``Q^lam_t`` (``alpha_H = 1``), and
+    ``chain_t = prod_{l<t} gamma lam w_l / (1 + lam w_l)``, so that ``d Q^lam_0 / d Q^lam_t = M_t chain_t``."""
+    H = horizon
+    w = np.array([sum(lam ** k for k in range(H - t)) for t in range(H)], np.float64)  # w_t, t < H
+    alpha = np.append(1.0 / (1.0 + lam * w), 1.0)
+    chain = np.concatenate([[1.0], np.cumprod(discount * lam * w / (1.0 + lam * w))])
+    return alpha, chain
+
+
+def expectile_weights(returns: Array, q: Array, expectile: float) -> Array:
+    """``kappa`` where the return exceeds the critic (``returns > q``), else ``1 - kappa`` (elementwise):
+    the weights of LEQ's lower-expectile policy objective (kappa < 0.5 trusts low returns more)."""
+    return jnp.where(returns > q, expectile, 1.0 - expectile)
+
+
+def critic_objective(q_data: Float[Array, " B"], q_data_ema: Float[Array, " B"], y_data: Float[Array, " B"],
+                     q_model: Float[Array, "H B"], q_model_ema: Float[Array, "H B"], returns: Float[Array, "H B"],
+                     alive: Float[Array, "H B"], *, discount: float, expectile: float, data_expectile: float,
+                     model_weight: float) -> tuple[Array, dict]:
+    """LEQ's critic loss (module docstring, step 4) and its parts as metrics.
+
+    Args:
+      q_data, q_data_ema: ``Q`` and the EMA ``Q'`` on the data ``(s, g_v, a)``.
+      y_data: the data target ``r + gamma m Q(s', g_v, pi(s', g_v))`` (constant).
+      q_model, q_model_ema: ``Q`` and ``Q'`` on the imagined ``(s_t, g_v, a_t)``, t = 0 .. H - 1.
+      returns: ``Q^lam_t`` for t < H (constant); alive: ``M_t`` for t < H.
+      discount: gamma (the model terms are weighted by ``gamma^t M_t``); expectile: kappa of the
+        model term; data_expectile: the data term's; model_weight: beta.
+
+    Returns:
+      ``(loss, metrics)``; means are over the batch (data) and over ``H x B`` (model).
+    """
+    H = q_model.shape[0]
+    weight = (discount ** jnp.arange(H, dtype=q_model.dtype))[:, None] * alive
+    data = jnp.mean(expectile_loss(q_data, y_data, data_expectile))
+    data_reg = jnp.mean((q_data_ema - q_data) ** 2)
+    model = jnp.mean(weight * expectile_loss(q_model, returns, expectile))
+    model_reg = jnp.mean(weight * (q_model_ema - q_model) ** 2)
+    loss = (1.0 - model_weight) * (data + data_reg) + model_weight * (model + model_reg)
+    return loss, {"critic/loss": loss, "critic/data_loss": data, "critic/model_loss": model,
+                  "critic/reg_loss": (1.0 - model_weight) * data_reg + model_weight * model_reg,
+                  "critic/q_data_mean": q_data.mean(), "critic/q_model_mean": jnp.sum(weight * q_model) /
+                  jnp.maximum(jnp.sum(weight), 1e-8), "critic/target_data_mean": y_data.mean()}
+
+
+def actor_surrogate(actions: Float[Array, "H1 B act_dim"], weighted_grads: Float[Array, "H1 B act_dim"]) -> Array:
+    """The deterministic-policy-gradient surrogate ``-sum_t mean_b sg(e_t dQ^lam_t/da_t) . pi_theta(s_t)``:
+    its gradient w.r.t. the actor's parameters is module docstring step 5 (``actions`` are
+    ``pi_theta(sg(s_t), g)``, ``weighted_grads`` the constant ``e_t dQ^lam_t/da_t``)."""
+    return -jnp.sum(jnp.mean(jnp.sum(_sg(weighted_grads) * actions, axis=-1), axis=1))
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------
+class LEQNetworks(eqx.Module):
+    """Every trained network of LEQ (what the optimiser updates)."""
+
+    dynamics: eqx.Module  # Ensemble of GaussianDynamics
+    success: eqx.Module
+    reward: eqx.Module | None  # None for goal-conditioned data
+    actor: eqx.Module
+    critic: eqx.Module
+
+
+class LEQState(eqx.Module):
+    """Step, key, networks, the critic's EMA copy and the optimiser state."""
+
+    step: Array
+    key: Array
+    nets: LEQNetworks
+    target_critic: eqx.Module
+    opt_state: Any
+
+
+@register("agent")
+class LEQ(Agent):
+    """LEQ (see the module docstring). Component arguments are registered classes built as
+    ``Cls(spec, key=...)``; ``dynamics`` is a Gin-scoped ensemble (``gin/baselines/leq.gin``).
+
+    Args:
+      dynamics, success, reward, actor, critic: component factories (``critic`` one Q).
+      gamma: per-step discount, in (0, 1).
+      lam: lambda of the lambda-returns, in [0, 1].
+      horizon: imagined rollout length H in model (= environment) steps.
+      expectile: kappa of the model critic term and the actor weights, in (0, 1).
+      data_expectile: expectile of the data critic term, in (0, 1).
+      model_weight: beta, the weight of the model terms (data terms ``1 - beta``), in [0, 1].
+      tau: EMA rate of the target critic.
+      learning_rate: Adam step size (one optimiser over every loss).
+      unroll_rollout: unroll the H-step rollouts in the compiled program.
+
+    Raises:
+      ConfigError: a value out of range.
+    """
+
+    acts_in_chunks = False
+
+    def __init__(self, dynamics: Callable | None = None, success: Callable = SuccessModel,
+                 reward: Callable = RewardModel, actor: Callable = LEQActor, critic: Callable = QCritic, *,
+                 gamma: float = 0.999, lam: float = 1.0, horizon: int = 10, expectile: float = 0.5,
+                 data_expectile: float = 0.5, model_weight: float = 0.95, tau: float = 0.005,
+                 learning_rate: float = 3e-4, unroll_rollout: bool = False):
+        for slot, f in (("dynamics", dynamics), ("actor", actor), ("critic", critic), ("success", success)):
+            check(f"LEQ.{slot}", f, callable(f), "a network class, e.g. @dynamics/Ensemble for LEQ.dynamics "
+                  "(see gin/baselines/leq.gin)")
+        self.factories = dict(dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic)
+        self.gamma = check_float("LEQ.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.lam = check_float("LEQ.lam", lam, low=0.0, high=1.0)
+        self.horizon = check_int("LEQ.horizon", horizon)
+        self.expectile = check_float("LEQ.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.data_expectile = check_float("LEQ.data_expectile", data_expectile, low=0.0, high=1.0, low_open=True,
+                                          high_open=True)
+        self.model_weight = check_float("LEQ.model_weight", model_weight, low=0.0, high=1.0)
+        self.tau = check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.unroll_rollout = bool(unroll_rollout)
+        self.spec: Spec | None = None
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        """One-step transitions with hindsight-relabelled goals (goal-conditioned data)."""
+        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.learning_rate)
+
+    # ------------------------------------------------------------------ building
+    def init(self, spec: Spec, key) -> LEQState:
+        self.spec = spec
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        key, *ks = jax.random.split(key, 6)
+        f = self.factories
+        nets = LEQNetworks(
+            dynamics=f["dynamics"](spec, key=ks[0]), success=f["success"](spec, key=ks[1]),
+            reward=None if spec.goal_conditioned or f["reward"] is None else f["reward"](spec, key=ks[2]),
+            actor=f["actor"](spec, key=ks[3]), critic=f["critic"](spec, key=ks[4]))
+        opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
+        target = copy_of(nets.critic)
+        return LEQState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state)
+
+    def for_flop_count(self) -> "LEQ":
+        """This agent with the rollouts unrolled, so XLA counts every step's FLOPs."""
+        import copy
+
+        agent = copy.copy(self)
+        agent.unroll_rollout = True
+        return agent
+
+    # ------------------------------------------------------------------ acting
+    def act(self, nets: LEQNetworks, s, g, *, key):
+        """The deterministic action ``pi(s, g)``: ``(1, act_dim)`` in (-1, 1)."""
+        return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self.spec.act_dim)
+
+    # ------------------------------------------------------------------ imagined rollouts
+    def rollout(self, nets: LEQNetworks, s0: Float[Array, "B ob_dim"], g: Float[Array, "B goal_dim"], key,
+                delta: Float[Array, "H1 B act_dim"] | None = None) -> dict[str, Array]:
+        """``H`` model steps of the actor from ``s0`` with goals ``g`` (module docstring, step 2).
+
+        Differentiable in its inputs (callers pass stop-gradient networks). ``delta`` is added to
+        the action of every step (``a_t = pi(s_t, g) + delta_t``), so that ``d Q^lam_t / d a_t`` is
+        ``d returns_t / d delta_t``.
+
+        Returns a dict of ``states (H+1, B, ob_dim)``, ``actions (H+1, B, act_dim)``, ``rewards,
+        masks (H, B)``, ``q, returns, alive (H+1, B)`` (see :func:`leq_lambda_returns`).
+        """
+        H, B = self.horizon, s0.shape[0]
+        goal_conditioned = g.shape[-1] > 0
+        dt = s0.dtype
+
+        def act(s, t):
+            a = jax.vmap(nets.actor)(s, g)
+            return a if delta is None else a + delta[t]
+
+        # imagine's carry is one array: the step index rides along as a last column of the state
+        # (it picks delta_t).
+        def step(x, k):
+            s, t = x[:, :-1], x[0, -1].astype(jnp.int32)
+            a = act(s, t)
+            s_next = jax.vmap(lambda s, a, k: nets.dynamics.sample(s, a, key=k))(s, a, jax.random.split(k, B))
+            c = (jax.nn.sigmoid(jax.vmap(nets.success)(s, g, a)) > 0.5).astype(dt)
+            r = c - 1.0 if goal_conditioned else jax.vmap(nets.reward)(s, g, a)
+            q = jax.vmap(nets.critic)(s, g, a)
+            x_next = jnp.concatenate([s_next, jnp.full((B, 1), t + 1, dt)], axis=1)
+            return x_next, {"actions": a, "rewards": r, "masks": 1.0 - c, "q": q}
+
+        xs, outs = imagine(step, jnp.concatenate([s0, jnp.zeros((B, 1), dt)], axis=1), key, H,
+                           unroll=self.unroll_rollout)
+        states = xs[..., :-1]
+        a_last = act(states[H], H)
+        q = jnp.concatenate([outs["q"], jax.vmap(nets.critic)(states[H], g, a_last)[None]], axis=0)
+        returns, alive = leq_lambda_returns(outs["rewards"], outs["masks"], q, discount=self.gamma, lam=self.lam)
+        return {"states": states, "actions": jnp.concatenate([outs["actions"], a_last[None]], axis=0),
+                "rewards": outs["rewards"], "masks": outs["masks"], "q": q, "returns": returns, "alive": alive}
+
+    def actor_rollout(self, nets: LEQNetworks, s0, g, key, *, jacobian: str = "chain") -> dict[str, Array]:
+        """The rollout for the actor (constant: every network held fixed) and the per-step action
+        gradients ``d Q^lam_t / d a_t`` with their expectile weights ``e_t`` (module docstring, step 5).
+
+        ``jacobian='per_step'`` takes one reverse pass per step ``t`` (a vmapped VJP seeded with
+        ``Q^lam_t``) and keeps the ``t``-th block, as the authors' ``jacrev`` does. ``'chain'`` (the
+        default) gets the same numbers from one reverse pass: ``Q^lam_0`` depends on ``a_t`` only
+        through ``Q^lam_t``, so ``d Q^lam_0 / d a_t = P_t d Q^lam_t / d a_t`` with ``P_t`` from
+        :func:`return_chain`; where ``P_t = 0`` (a dead step, ``M_t = 0``) ``Q^lam_t = alpha_t q_t`` and
+        the gradient is ``alpha_t d q_t / d a_t``. It falls back to ``'per_step'`` when some
+        ``P_t`` would underflow (lam near 0).
+
+        Returns :meth:`rollout`'s dict plus ``grads (H+1, B, act_dim)`` and ``weights (H+1, B)``.
+
+        Raises:
+          ValueError: an unknown ``jacobian``.
+        """
+        if jacobian not in ("chain", "per_step"):
+            raise ValueError(f"jacobian must be 'chain' or 'per_step', got {jacobian!r}.")
+        frozen = _sg(nets)
+        H, B = self.horizon, s0.shape[0]
+        delta = jnp.zeros((H + 1, B, self.spec.act_dim), s0.dtype)
+        returns, vjp, roll = jax.vjp(lambda d: (lambda r: (r["returns"], r))(self.rollout(frozen, s0, g, key, d)),
+                                     delta, has_aux=True)
+        alpha, chain = return_chain(H, discount=self.gamma, lam=self.lam)
+        if jacobian == "chain" and chain.min() > CHAIN_MIN:
+            (adj,) = vjp(jnp.zeros_like(returns).at[0].set(1.0))  # d Q^lam_0 / d a_t, (H+1, B, act_dim)
+            dq_da = jax.vmap(jax.vmap(jax.grad(lambda a, s, gg: frozen.critic(s, gg, a)), in_axes=(0, 0, 0)),
+                             in_axes=(0, 0, None))(roll["actions"], roll["states"], g)
+            alive = roll["alive"][..., None]
+            P = alive * jnp.asarray(chain, returns.dtype)[:, None, None]
+            local = jnp.asarray(alpha, returns.dtype)[:, None, None] * dq_da
+            grads = jnp.where(alive > 0, adj / jnp.where(alive > 0, P, 1.0), local)
+        else:
+            seeds = jnp.eye(H + 1, dtype=returns.dtype)[:, :, None] * jnp.ones_like(returns)[None]
+            (jac,) = jax.vmap(vjp)(seeds)  # (H+1 seeds, H+1, B, act_dim)
+            grads = jac[jnp.arange(H + 1), jnp.arange(H + 1)]
+        weights = expectile_weights(returns, roll["q"], self.expectile).at[H].set(LAST_STEP_WEIGHT)
+        return _sg(dict(roll, grads=grads, weights=weights))
+
+    def actor_loss(self, nets: LEQNetworks, aroll: dict, g: Float[Array, "B goal_dim"]) -> tuple[Array, dict]:
+        """The actor's loss (:func:`actor_surrogate`) on :meth:`actor_rollout`'s states and action gradients,
+        with ``pi`` evaluated by ``nets.actor`` (the only network it moves); ``(loss, metrics)``."""
+        actions = jax.vmap(jax.vmap(nets.actor), in_axes=(0, None))(aroll["states"], g)  # (H+1, B, act_dim)
+        loss = actor_surrogate(actions, aroll["weights"][..., None] * aroll["grads"])
+        alive = aroll["alive"]
+        return loss, {"actor/loss": loss, "actor/return_mean": aroll["returns"][0].mean(),
+                      "actor/weight_mean": jnp.sum(aroll["weights"] * alive) / jnp.sum(alive),
+                      "actor/grad_norm_mean": jnp.mean(jnp.linalg.norm(aroll["grads"], axis=-1)),
+                      "actor/abs_action_mean": jnp.abs(aroll["actions"]).mean()}
+
+    # ------------------------------------------------------------------ the update
+    def loss(self, nets: LEQNetworks, target_critic, real: dict, y_data: Array, croll: dict,
+             aroll: dict) -> tuple[Array, dict]:
+        """Sum of every LEQ loss and namespaced metrics. ``real``: the one-step batch; ``y_data``: the data
+        target; ``croll``: the critic's rollout (value goals); ``aroll``: :meth:`actor_rollout` (actor goals)."""
+        s, a, vg, ag = real["obs"], real["actions"], real["value_goals"], real["actor_goals"]
+        H = self.horizon
+        dyn, m = jax.vmap(nets.dynamics.loss)(s, a, real["next_obs"])
+        succ, m_s = jax.vmap(nets.success.loss)(s, vg, a, 1.0 - real["masks"])
+        total = dyn.mean() + succ.mean()
+        metrics = {**m, **m_s}
+        if nets.reward is not None:
+            rew, m_r = jax.vmap(nets.reward.loss)(s, vg, a, real["rewards"])
+            total = total + rew.mean()
+            metrics.update(m_r)
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+
+        def on_steps(q, st, at):  # Q on the imagined (s_t, g_v, a_t), t < H: (H, B)
+            return jax.vmap(lambda s_t, a_t: jax.vmap(q)(s_t, vg, a_t))(st, at)
+
+        st, at = croll["states"][:H], croll["actions"][:H]
+        critic_loss, m_c = critic_objective(
+            jax.vmap(nets.critic)(s, vg, a), jax.vmap(target_critic)(s, vg, a), y_data,
+            on_steps(nets.critic, st, at), on_steps(target_critic, st, at), croll["returns"][:H],
+            croll["alive"][:H], discount=self.gamma, expectile=self.expectile, data_expectile=self.data_expectile,
+            model_weight=self.model_weight)
+
+        actor_loss, m_a = self.actor_loss(nets, aroll, ag)
+
+        total = total + critic_loss + actor_loss
+        metrics.update({**m_c, **m_a})
+        metrics.update({
+            "rollout/reward_mean": jnp.sum(croll["rewards"] * croll["alive"][:H]) / jnp.sum(croll["alive"][:H]),
+            "rollout/done_rate": 1.0 - croll["alive"][H].mean(),
+            "total/loss": total})
+        return total, metrics
+
+    def update(self, state: LEQState, batch: dict) -> tuple[LEQState, dict]:
+        """One gradient step on the loop's one-step ``batch`` (pure; jit it)."""
+        key, k_c, k_a = jax.random.split(state.key, 3)
+        nets, frozen = state.nets, _sg(state.nets)
+        real = one_step_view(batch)
+        vg = real["value_goals"]
+        a_next = jax.vmap(frozen.actor)(real["next_obs"], vg)
+        y_data = real["rewards"] + self.gamma * real["masks"] * jax.vmap(frozen.critic)(real["next_obs"], vg, a_next)
+        croll = _sg(self.rollout(frozen, real["obs"], vg, k_c))
+        aroll = self.actor_rollout(nets, real["obs"], real["actor_goals"], k_a)
+
+        nets, opt_state, metrics = gradient_step(
+            nets, state.opt_state, self.optimizer(),
+            lambda nets: self.loss(nets, state.target_critic, real, _sg(y_data), croll, aroll))
+        target = ema(state.target_critic, nets.critic, self.tau)
+        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
+                                   opt_state=opt_state), metrics
