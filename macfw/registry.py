@@ -25,6 +25,7 @@ T = TypeVar("T")
 KINDS: tuple[str, ...] = (
     "network",
     "dynamics",
+    "future_model",
     "policy",
     "sampler",
     "critic",

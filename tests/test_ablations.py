@@ -352,7 +352,9 @@ if __name__ != "__main__":
         q = gin.query_parameter
         assert q("%CHUNK") == 5 and q("%HIDDEN") == (32, 32)
         assert (q("train.num_steps"), q("train.save_interval"), q("train.steps_per_dispatch")) == (40, 20, 10)
-        assert (q("OGBenchDataset.env_name"), q("OGBenchDataset.task_mode")) == ("cube-single", "singletask")
+        assert q("OGBenchDataset.env_name") == "cube-single"
+        with pytest.raises(ValueError, match="task_mode"):  # the budget leaves the task mode to the agent
+            q("OGBenchDataset.task_mode")
         assert (q("OGBenchDataset.num_episodes"), q("OGBenchDataset.episode_length")) == (4, 101)
         assert (q("RejectionSampler.num_train_candidates"), q("RejectionSampler.num_act_candidates")) == (2, 4)
         assert q("FlowPolicy.flow_steps") == 3 and q("train.eval_episodes") == 1

@@ -60,7 +60,7 @@ VALUE_LOSSES = ("bce", "mse")
 # --------------------------------------------------------------------------------------------
 # The future model
 # --------------------------------------------------------------------------------------------
-@register("dynamics")
+@register("future_model")
 class FutureFlow(eqx.Module):
     """Flow-matching model of the flattened future ``X = (s_{t+1}, ..., s_{t+L})`` given ``(s_t, a_t)``.
 
