@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 
 
 def _cmd(name: str, workdir: Path, *bindings: str) -> list[str]:
+    # one evaluation task (task2, cube-single's single task), so goal-conditioned agents evaluate 1 episode, not 5
     cmd = [sys.executable, "-m", "macfw.run", "--gin_file", f"gin/baselines/{name}.gin", "--gin_file",
-           "gin/smoke_budget.gin", "--gin_bindings", "train.progress = False", "--workdir", str(workdir)]
+           "gin/smoke_budget.gin", "--gin_bindings", "train.progress = False", "--gin_bindings",
+           "train.eval_task_ids = (2,)", "--workdir", str(workdir)]
     for b in bindings:
         cmd += ["--gin_bindings", b]
     return cmd
