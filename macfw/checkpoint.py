@@ -8,7 +8,9 @@ resume needs:
   state, since batches are drawn from it), and ``step``;
 * ``meta``: the data sizes (``spec``), the observation/goal scaling statistics, the dataset and
   evaluation environment, the sampler mode (device: the key above; host: batches are drawn from
-  ``fold_in(PRNGKey(seed + 7919), step)``, so the step *is* the sampler's state), the operative
+  ``fold_in(PRNGKey(seed + 7919), step)``, so the step *is* the sampler's state; host-sampled
+  shards: the key data, sampling mode, the shards and the scaling statistics' source, plus the
+  sampler ``state``, the step and grain's iterator state, see :mod:`macfw.data.host_sampler`), the operative
   Gin config (``gin_config``), the versions of macfw, jax, equinox, orbax and ogbench, and the
   names, shapes and dtypes of every saved array (to name a mismatching component on restore).
 

@@ -1,7 +1,7 @@
 """Command line: evaluate a saved checkpoint in the OGBench simulator, without training.
 
 ``python -m macfw.evaluate --workdir DIR [--step N] [--episodes K] [--tasks 1,2] [--execute_steps E]
-[--video PATH] [--seed S] [--import MODULE]``
+[--video PATH] [--seed S] [--workers W] [--batch_size B] [--import MODULE]``
 
 The library behind it is :mod:`macfw.evaluation` (kept apart so that importing ``macfw`` never
 imports this entry point, which ``python -m`` must run fresh). The names of :mod:`macfw.evaluation`
@@ -27,9 +27,21 @@ def _parse_tasks(text: str) -> tuple[int, ...]:
     return tasks
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return n
+
+
 def main(argv=None) -> int:
     """``python -m macfw.evaluate --workdir DIR [--step N] [--episodes K] [--tasks 1,2] [--execute_steps E]
-    [--video PATH] [--seed S] [--import MODULE]``: evaluate a saved checkpoint without training.
+    [--video PATH] [--seed S] [--workers W] [--batch_size B] [--import MODULE]``: evaluate a saved checkpoint without training.
 
     Prints per-task success and the mean, writes ``DIR/eval_step{N}.json``. Exit code 0, or 2 with
     one line ``macfw.evaluate: error: ...`` on a known error (no checkpoint, bad argument).
@@ -48,13 +60,19 @@ def main(argv=None) -> int:
     p.add_argument("--video", default=None, help="write a video (.mp4/.gif) of the first episode of each task")
     p.add_argument("--seed", type=int, default=None,
                    help="evaluation seed (default: the run's own, train.eval_seed + step)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="worker processes that step the environments (default: the run's evaluate.workers, else "
+                        "the number of CPU cores; 1: in this process); the result does not depend on it")
+    p.add_argument("--batch_size", type=_positive, default=None,
+                   help="episodes in flight, the rows of each policy call (default: the run's own, so the result "
+                        "matches its eval.csv; 1 for runs from before batched evaluation)")
     p.add_argument("--import", dest="imports", action="append", default=[],
                    help="Python module to import first (registers your own components)")
     args = p.parse_args(argv)
     try:
         report = evaluate_checkpoint(args.workdir, args.step, episodes=args.episodes, task_ids=args.tasks,
                                      execute_steps=args.execute_steps, video_path=args.video, seed=args.seed,
-                                     imports=args.imports)
+                                     imports=args.imports, workers=args.workers, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, ImportError) as e:
         if os.environ.get("MACFW_DEBUG"):
             raise
@@ -62,7 +80,8 @@ def main(argv=None) -> int:
         print(f"macfw.evaluate: error: {msg}", file=sys.stderr, flush=True)
         return 2
     print(f"[macfw.evaluate] {report['env_name']} ({report['task_mode']}), step {report['step']}, "
-          f"{report['episodes_per_task']} episode(s) per task, execute_steps {report['execute_steps']}:")
+          f"{report['episodes_per_task']} episode(s) per task, execute_steps {report['execute_steps']}, "
+          f"{report['batch_size']} in flight, {report['workers']} worker(s):")
     for t, v in report["per_task_success"].items():
         print(f"  {t}: success {v:.3f}")
     if report["num_seeds"]:

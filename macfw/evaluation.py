@@ -12,6 +12,29 @@ The agent is seen only through an *actor* callable (see :data:`Actor`)::
         chunk: (n, act_dim) action chunk in [-1, 1], n >= 1, e.g. (5, 5) for ``cube-single``.
                A single action of shape (act_dim,) is accepted as a chunk with n = 1.
 
+An actor may also have a *batched* form, an attribute ``actor.batched`` (see :data:`BatchedActor`)::
+
+    actor.batched(obs, goals, seeds) -> chunks
+        obs:    (B, ob_dim), one row per episode in flight (rows of finished episodes are zeros);
+        goals:  (B, goal_dim), or None in ``'singletask'`` mode;
+        seeds:  (B,) int64, row i the seed ``actor`` would get for that episode's decision;
+        chunks: (B, n, act_dim) (or (B, act_dim) for n = 1). :func:`make_actor` builds both forms
+                from one vmapped :meth:`Agent.act`.
+
+Episodes in flight and worker processes: ``batch_size`` episodes (B) run at once, in rounds: at
+every round each of them gets one decision -- the actor is called once for all of them (its
+``batched`` form on B rows, else once per episode) -- then each executes its chunk; a finished
+episode's slot takes the next episode at the next round. The slots' environments are stepped
+in ``workers`` worker processes (1: in this process). Every episode is seeded by its (task,
+episode) alone; which episodes share a round, and in which rows, depends only on B, the seeds and
+the outcomes, so the result (per-episode success, return, length) is the same for any number of
+workers, in this process included. B is part of the evaluation's definition, like the seed: a
+vmapped policy can round differently at another batch size. ``batch_size=1, workers=1`` is the
+one-episode-after-the-other path. Gin: ``evaluate.workers`` and ``evaluate.batch_size`` (both
+default to the number of CPU cores this process may use). A worker imports numpy, gymnasium and
+the environment's module only (never macfw or JAX); an environment registered in the calling
+process is rebuilt in the workers from its registered spec.
+
 Protocol (OGBench, Park et al. 2024, "OGBench: Benchmarking Offline Goal-Conditioned RL"):
 every environment has 5 evaluation tasks; an episode runs until the environment terminates
 (the goal is reached, for environments that terminate at the goal) or is truncated by its own
@@ -37,7 +60,7 @@ Actions are clipped to [-1, 1] before they are executed (as OGBench's own evalua
 Command line (a saved checkpoint, without training; :mod:`macfw.evaluate`)::
 
     python -m macfw.evaluate --workdir DIR [--step N] [--episodes K] [--tasks 1,2,...]
-        [--execute_steps E] [--video PATH] [--seed S] [--import MODULE]
+        [--execute_steps E] [--video PATH] [--seed S] [--workers W] [--batch_size B] [--import MODULE]
 
 Video: rendering uses MuJoCo's offscreen renderer, whose OpenGL backend is chosen from the
 ``MUJOCO_GL`` environment variable when ``mujoco`` is first imported. On a headless Linux machine
@@ -49,11 +72,17 @@ video of 5 tasks x 1 episode x 200 steps takes minutes; use small ``width``/``he
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
+
+import gin
+
+from macfw.errors import check_int
 
 
 from macfw._mujoco_gl import default_mujoco_gl as _default_mujoco_gl  # noqa: E402
@@ -62,11 +91,16 @@ _default_mujoco_gl()
 
 import numpy as np
 
-__all__ = ["Actor", "EvalResult", "TASK_MODES", "TaskMismatchError", "evaluate", "load_checkpoint", "evaluate_checkpoint",
-           "resolve_task_ids"]
+__all__ = ["Actor", "BatchedActor", "EvalResult", "PolicyActor", "TASK_MODES", "TaskMismatchError", "default_workers",
+           "evaluate", "load_checkpoint", "evaluate_checkpoint", "make_actor", "resolve_batch_size", "resolve_task_ids",
+           "resolve_workers"]
 
 #: ``actor(obs, goal, seed) -> chunk``; see the module docstring for shapes.
 Actor = Callable[[np.ndarray, Optional[np.ndarray], int], np.ndarray]
+
+#: ``batched(obs (B, ob_dim), goals (B, goal_dim) or None, seeds (B,)) -> (B, n, act_dim)``: the
+#: batched form of an :data:`Actor` (its attribute ``batched``), row i for episode i in flight.
+BatchedActor = Callable[[np.ndarray, Optional[np.ndarray], np.ndarray], np.ndarray]
 
 #: The valid values of ``evaluate(task_mode=...)``.
 TASK_MODES: tuple[str, ...] = ("singletask", "oraclerep", "goal")
@@ -85,6 +119,9 @@ class EvalResult:
         mean_return: mean undiscounted episode return (sum of environment rewards).
         mean_length: mean episode length in environment steps (not chunks).
         video_paths: the video files written (empty when no video was asked for or writing failed).
+        per_episode: one dict per episode, in (task, episode) order: ``task`` (id), ``episode``
+            (index within the task), ``success`` (0 or 1), ``return`` (undiscounted) and
+            ``length`` (environment steps).
     """
 
     success: float
@@ -93,6 +130,7 @@ class EvalResult:
     mean_return: float
     mean_length: float
     video_paths: list[str] = dataclasses.field(default_factory=list)
+    per_episode: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain-Python dict of all fields (JSON-serialisable)."""
@@ -260,14 +298,15 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
 
 
 class _Recorder:
-    """Collects rendered frames; a rendering failure before any episode finished raises, later ones warn."""
+    """Collects rendered frames per episode; a rendering failure before any episode finished raises,
+    later ones warn (and the video stops)."""
 
     def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
+        self.frames: dict[Any, list[np.ndarray]] = {}
         self.fps: float | None = None
         self.failed = False
 
-    def capture(self, env, episodes_done: int) -> None:
+    def capture(self, env, episodes_done: int, key: Any = None) -> None:
         if self.failed:
             return
         try:
@@ -280,7 +319,11 @@ class _Recorder:
             return
         if self.fps is None:
             self.fps = _env_fps(env)
-        self.frames.append(frame)
+        self.frames.setdefault(key, []).append(frame)
+
+    def ordered(self, keys) -> list[np.ndarray]:
+        """The frames of the episodes ``keys``, one episode after the other."""
+        return [f for k in keys for f in self.frames.get(k, [])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,52 +351,420 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def _run_episode(env, actor: Actor, *, task_id: int, episode: int, seed: int, reset_options,
-                 oracle_goal: bool, execute_steps: int, act_dim: int,
-                 recorder: Optional[_Recorder], episodes_done: int) -> tuple[float, float, int]:
-    """Run one episode; returns (success at the last step, undiscounted return, length in env steps)."""
-    env_seed, actor_base = _episode_seeds(seed, task_id, episode)
-    ob, info = env.reset(seed=env_seed, options=reset_options)
-    goal = None
-    if oracle_goal:
-        if "goal" not in info:
-            raise ValueError(
-                f"The environment's reset info has no 'goal' (keys: {sorted(info)}); goal-conditioned "
-                "evaluation needs an OGBench goal-conditioned environment."
-            )
-        goal = np.asarray(info["goal"])
-    if recorder is not None:
-        recorder.capture(env, episodes_done)
-
-    total_return, length, decision = 0.0, 0, 0
-    last_info: dict = info
-    done = False
-    while not done:
-        actor_seed = (actor_base + decision) % _SEED_MOD
-        decision += 1
-        chunk = _as_chunk(actor(np.asarray(ob), goal, int(actor_seed)), act_dim)
-        if execute_steps > chunk.shape[0]:
-            raise ValueError(
-                f"execute_steps={execute_steps} is larger than the chunk length n={chunk.shape[0]} "
-                f"returned by the actor (chunk shape {chunk.shape}); use execute_steps <= {chunk.shape[0]}."
-            )
-        for action in np.clip(chunk[:execute_steps], -1.0, 1.0):
-            ob, reward, terminated, truncated, last_info = env.step(action)
-            total_return += float(reward)
-            length += 1
-            if recorder is not None:
-                recorder.capture(env, episodes_done)
-            if terminated or truncated:
-                done = True
-                break
-    if "success" not in last_info:
+def _check_chunk_len(chunk: np.ndarray, execute_steps: int) -> None:
+    if execute_steps > chunk.shape[0]:
         raise ValueError(
-            f"The environment does not report info['success'] (step info keys: {sorted(last_info)}); "
-            "OGBench environments do."
+            f"execute_steps={execute_steps} is larger than the chunk length n={chunk.shape[0]} "
+            f"returned by the actor (chunk shape {chunk.shape}); use execute_steps <= {chunk.shape[0]}."
         )
-    return float(last_info["success"]), total_return, length
 
 
+def _missing_success_error(keys) -> ValueError:
+    return ValueError(
+        f"The environment does not report info['success'] (step info keys: {sorted(keys)}); "
+        "OGBench environments do."
+    )
+
+
+def _missing_goal_error(keys) -> ValueError:
+    return ValueError(
+        f"The environment's reset info has no 'goal' (keys: {sorted(keys)}); goal-conditioned "
+        "evaluation needs an OGBench goal-conditioned environment."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Episodes in flight: slots, run in this process or in worker processes
+# ----------------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """The default number of evaluation worker processes: the CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _bound(name: str):
+    try:
+        return gin.query_parameter(f"evaluate.{name}")
+    except ValueError:  # not bound
+        return None
+
+
+def resolve_workers(workers: int | None = None) -> int:
+    """``workers`` checked; None: the Gin binding ``evaluate.workers``, else :func:`default_workers`.
+
+    Raises:
+      ConfigError: not an integer >= 1 (the message names ``evaluate.workers``).
+    """
+    workers = _bound("workers") if workers is None else workers
+    return default_workers() if workers is None else check_int("evaluate.workers", workers)
+
+
+def resolve_batch_size(batch_size: int | None = None) -> int:
+    """``batch_size`` checked; None: the Gin binding ``evaluate.batch_size``, else :func:`default_workers`
+    (the number of CPU cores, so that by default every worker hosts one episode).
+
+    Raises:
+      ConfigError: not an integer >= 1 (the message names ``evaluate.batch_size``).
+    """
+    batch_size = _bound("batch_size") if batch_size is None else batch_size
+    return default_workers() if batch_size is None else check_int("evaluate.batch_size", batch_size)
+
+
+# What a slot does with its env: the same code in this process and in a worker (which runs this source
+# as ``python -c``; here it is exec'd once). A slot keeps its episode's return and length and sums
+# the rewards step by step.
+#
+# Workers are plain ``python -c`` children talking over two pipes (multiprocessing.connection), not
+# gymnasium.vector.AsyncVectorEnv. Measured on the 2-core machine (under load), 2 workers of
+# cube-double-v0 took 23-36 s to start with AsyncVectorEnv and 16-17 s here: multiprocessing's
+# non-fork start methods re-import the caller's main module in every worker (12 s for ``macfw.run``,
+# and a script without an ``if __name__ == '__main__'`` guard crashes), and AsyncVectorEnv builds a
+# throw-away env in the parent (5 s); 'fork' is unsafe in a JAX process. It also steps every env on
+# every call (finished ones step throw-away episodes, as OGBench envs cannot be stepped past their
+# end), one round trip per environment step, and holds one env per process. A worker here imports
+# numpy, gymnasium and the env's own module only, hosts any number of slots, gets one message per
+# decision round (it executes the chunks itself) and idles when its slots have no episode.
+_SLOT_SOURCE = r'''
+import pickle, signal, sys, traceback
+from multiprocessing.connection import Connection
+
+
+def slot_reset(env, st, seed, options, on_frame=None):
+    ob, info = env.reset(seed=seed, options=options)
+    st["ret"], st["length"] = 0.0, 0
+    if on_frame is not None:
+        on_frame(env)
+    return ob, (info["goal"] if "goal" in info else None), (None if "goal" in info else sorted(info))
+
+
+def slot_chunk(env, st, actions, on_frame=None):
+    """Execute ``actions`` until the episode ends: (ob, done, return, length, success or None, info keys)."""
+    done, info = False, {}
+    for action in actions:
+        ob, reward, terminated, truncated, info = env.step(action)
+        st["ret"] += float(reward)
+        st["length"] += 1
+        if on_frame is not None:
+            on_frame(env)
+        if terminated or truncated:
+            done = True
+            break
+    success = float(info["success"]) if done and "success" in info else None
+    return ob, done, st["ret"], st["length"], success, (sorted(info) if done and success is None else None)
+
+
+def serve(rx, tx):
+    init = rx.recv()
+    sys.path[:0] = [p for p in init["sys_path"] if p not in sys.path]
+    env_fn = pickle.loads(init["env_fn"])
+    envs = [env_fn() for _ in range(init["n"])]
+    states = [{} for _ in envs]
+    tx.send(("ok", dict(act_shape=tuple(envs[0].action_space.shape),
+                        num_tasks=getattr(envs[0].unwrapped, "num_tasks", None))))
+    while True:
+        cmd, data = rx.recv()
+        if cmd == "close":
+            for env in envs:
+                env.close()
+            tx.send(("ok", None))
+            return
+        try:
+            out = [slot_reset(envs[i], states[i], d["seed"], d["options"]) if c == "reset"
+                   else slot_chunk(envs[i], states[i], d) for i, c, d in data]
+        except Exception as e:
+            tb = traceback.format_exc()
+            try:
+                blob = pickle.dumps(e)
+            except Exception:
+                blob = None
+            tx.send(("error", (blob, tb)))
+            continue
+        tx.send(("ok", out))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the workers
+    _rx, _tx = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    try:
+        serve(_rx, _tx)
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):  # the parent went away
+        pass
+'''
+
+_SLOT_CODE: dict = {}
+
+
+def _slot_code() -> dict:
+    """The functions of :data:`_SLOT_SOURCE`, for the in-process slots."""
+    if not _SLOT_CODE:
+        _SLOT_CODE["__name__"] = "macfw_evaluation_slots"  # not "__main__": the worker loop is not run
+        exec(compile(_SLOT_SOURCE, "<macfw.evaluation slots>", "exec"), _SLOT_CODE)  # noqa: S102
+    return _SLOT_CODE
+
+
+class _LocalSlots:
+    """``n`` slots, each with its own env ``env_fn()``, in this process (``on_frame(slot)``: a callback
+    ``f(env)`` run after the reset and every step of that slot, or None)."""
+
+    def __init__(self, env_fn: Callable, n: int, on_frame: Callable | None = None):
+        self.code, self.on_frame = _slot_code(), on_frame
+        self.envs: list = []
+        try:
+            for _ in range(n):
+                self.envs.append(env_fn())
+        except BaseException:
+            self.close()
+            raise
+        self.states = [{} for _ in self.envs]
+        self.info = dict(act_shape=tuple(self.envs[0].action_space.shape),
+                         num_tasks=getattr(self.envs[0].unwrapped, "num_tasks", None))
+
+    def run(self, cmds: dict) -> dict:
+        """``{slot: ('reset', dict(seed, options)) or ('chunk', actions)}`` -> ``{slot: reply}``, in slot order."""
+        out = {}
+        for i, (c, d) in cmds.items():
+            cb = self.on_frame(i) if self.on_frame is not None else None
+            out[i] = (self.code["slot_reset"](self.envs[i], self.states[i], d["seed"], d["options"], cb) if c == "reset"
+                      else self.code["slot_chunk"](self.envs[i], self.states[i], d, cb))
+        return out
+
+    def close(self, kill: bool = False) -> None:
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+        self.envs = []
+
+
+class _WorkerSlots:
+    """``n`` slots spread over ``workers`` worker processes (slot i in worker ``i % workers``), each
+    worker with its own envs ``env_fn()``.
+
+    :meth:`run` sends every worker its slots' commands at once (they run in parallel) and returns the
+    replies; an exception in a worker is re-raised here (with the worker's traceback as a note), a
+    worker that died raises RuntimeError with the end of its stderr. :meth:`close` ends the workers.
+    """
+
+    def __init__(self, env_fn: Callable, n: int, workers: int):
+        import subprocess
+        import sys
+        import tempfile
+        from multiprocessing.connection import Connection
+
+        import cloudpickle
+
+        self.workers = workers
+        self.procs, self.rx, self.tx, self.logs = [], [], [], []
+        blob = cloudpickle.dumps(env_fn)
+        try:
+            for _ in range(workers):
+                p_r, c_w = os.pipe()  # child -> parent
+                c_r, p_w = os.pipe()  # parent -> child
+                self.rx.append(Connection(p_r, writable=False))
+                self.tx.append(Connection(p_w, readable=False))
+                self.logs.append(tempfile.TemporaryFile())
+                try:
+                    self.procs.append(subprocess.Popen(
+                        [sys.executable, "-c", _SLOT_SOURCE, str(c_r), str(c_w)], pass_fds=(c_r, c_w),
+                        stdin=subprocess.DEVNULL, stdout=self.logs[-1], stderr=self.logs[-1]))
+                finally:
+                    os.close(c_r)
+                    os.close(c_w)
+            for w, tx in enumerate(self.tx):  # every worker builds its envs at once
+                tx.send(dict(sys_path=list(sys.path), env_fn=blob, n=len(range(w, n, workers))))
+            self.info = self._replies(range(workers))[0]
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    def _stderr_tail(self, w: int) -> str:
+        try:
+            self.logs[w].seek(0)
+            return self.logs[w].read().decode(errors="replace")[-3000:]
+        except Exception:
+            return ""
+
+    def _replies(self, ws) -> list:
+        import pickle
+
+        out, error = [], None
+        for w in ws:
+            try:
+                status, data = self.rx[w].recv()
+            except (EOFError, OSError):
+                try:
+                    self.procs[w].wait(timeout=10)
+                except Exception:
+                    pass
+                raise RuntimeError(f"Evaluation worker {w} died (exit code {self.procs[w].returncode}); its "
+                                   f"stderr ends with:\n{self._stderr_tail(w)}") from None
+            if status == "error" and error is None:
+                blob, tb = data
+                try:
+                    error = pickle.loads(blob) if blob is not None else None
+                except Exception:
+                    error = None
+                if isinstance(error, BaseException):
+                    error.add_note(f"(raised in evaluation worker {w}:\n{tb})")
+                else:
+                    error = RuntimeError(f"Evaluation worker {w} failed:\n{tb}")
+            out.append(data)
+        if error is not None:
+            raise error
+        return out
+
+    def run(self, cmds: dict) -> dict:
+        """``{slot: ('reset', dict(seed, options)) or ('chunk', actions)}`` -> ``{slot: reply}``."""
+        per: dict[int, list] = {}
+        for i, (c, d) in cmds.items():
+            per.setdefault(i % self.workers, []).append((i, c, d))
+        for w, items in per.items():
+            self.tx[w].send(("run", [(i // self.workers, c, d) for i, c, d in items]))
+        out = {}
+        for w, replies in zip(per, self._replies(list(per))):
+            for (i, _, _), r in zip(per[w], replies):
+                out[i] = r
+        return out
+
+    def close(self, kill: bool = False) -> None:
+        """Ask every worker to exit (``kill``: kill them, e.g. after an error mid-command); waits at most
+        about a second in all -- a worker still closing its envs then exits on its own."""
+        import time
+
+        for tx in self.tx:
+            try:
+                tx.send(("close", None))
+            except Exception:
+                pass
+        deadline = time.monotonic() + 1.0
+        for proc in self.procs:
+            if kill:
+                proc.kill()
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # still closing: Popen reaps it later
+                pass
+        for c in self.rx + self.tx:
+            try:
+                c.close()
+            except Exception:
+                pass
+        for log in self.logs:
+            log.close()
+        self.procs, self.rx, self.tx, self.logs = [], [], [], []
+
+
+class _Live:
+    """Book-keeping of the episode in a slot."""
+
+    __slots__ = ("job", "actor_base", "decision", "ob", "goal")
+
+    def __init__(self, job, actor_base: int):
+        self.job, self.actor_base, self.decision, self.ob, self.goal = job, actor_base, 0, None, None
+
+
+def _run_slots(slots_env, num_slots: int, jobs: list, actor: Actor, *, seed: int, oracle_goal: bool,
+               execute_steps: int, on_start: Callable, on_done: Callable) -> None:
+    """Run the episodes ``jobs`` (``(task_id, episode)`` pairs of one env id, in order) with
+    ``num_slots`` episodes in flight on ``slots_env`` (:class:`_LocalSlots` or :class:`_WorkerSlots`);
+    ``on_start(slot, job)`` before each episode's reset, ``on_done(job, (success, return, length))``
+    as each one ends.
+
+    Rounds: free slots take the next episodes (in slot order) and are reset with the episode's own
+    seed (and ``task_id`` option); every live episode gets one decision -- the actor is called once,
+    ``actor.batched`` on all ``num_slots`` rows (free rows zero, so one compiled shape; row i is slot
+    i), or a plain actor once per live episode in slot order -- with its episode's per-decision
+    seed; then each slot executes its clipped chunk open-loop for ``execute_steps`` steps, stopping
+    at its episode's end. The rounds, rows and inputs depend on ``num_slots``, the seeds and the
+    episodes' outcomes only, not on where the slots run, so the result is the same in this process
+    and in any number of workers. With one slot this is the one-episode-at-a-time path.
+    """
+    batched = getattr(actor, "batched", None)
+    queue = collections.deque(jobs)
+    slots: list[Optional[_Live]] = [None] * num_slots
+    act_dim = int(np.prod(slots_env.info["act_shape"]))
+    ob_proto = goal_proto = None
+    while True:
+        # 1. free slots take the next episodes
+        resets = {}
+        for i in range(num_slots):
+            if slots[i] is None and queue:
+                task_id, episode = job = queue.popleft()
+                env_seed, actor_base = _episode_seeds(seed, task_id, episode)
+                slots[i] = _Live(job, actor_base)
+                on_start(i, job)
+                options = dict(task_id=task_id, render_goal=False) if oracle_goal else None
+                resets[i] = ("reset", dict(seed=env_seed, options=options))
+        for i, (ob, goal, keys) in slots_env.run(resets).items():
+            slots[i].ob = ob
+            if ob_proto is None:
+                ob_proto = np.asarray(ob)
+            if oracle_goal:
+                if goal is None:
+                    raise _missing_goal_error(keys)
+                slots[i].goal = np.asarray(goal)
+                if goal_proto is None:
+                    goal_proto = slots[i].goal
+        live = [i for i in range(num_slots) if slots[i] is not None]
+        if not live:
+            return
+
+        # 2. one decision for every live episode
+        seeds_now = np.zeros(num_slots, np.int64)
+        for i in live:
+            seeds_now[i] = (slots[i].actor_base + slots[i].decision) % _SEED_MOD
+            slots[i].decision += 1
+        chunks: dict[int, np.ndarray] = {}
+        if batched is not None:
+            ob_batch = np.zeros((num_slots, *ob_proto.shape), ob_proto.dtype)
+            goal_batch = np.zeros((num_slots, *goal_proto.shape), goal_proto.dtype) if oracle_goal else None
+            for i in live:
+                ob_batch[i] = slots[i].ob
+                if oracle_goal:
+                    goal_batch[i] = slots[i].goal
+            out = np.asarray(batched(ob_batch, goal_batch, seeds_now))
+            if out.ndim < 2 or out.shape[0] != num_slots:
+                raise ValueError(
+                    f"The batched actor returned an array of shape {out.shape} for {num_slots} episodes; expected "
+                    f"({num_slots}, n, {act_dim}) (act_dim={act_dim} for this environment).")
+            for i in live:
+                chunks[i] = _as_chunk(out[i], act_dim)
+        else:
+            for i in live:
+                chunks[i] = _as_chunk(actor(np.asarray(slots[i].ob), slots[i].goal, int(seeds_now[i])), act_dim)
+        for i in live:
+            _check_chunk_len(chunks[i], execute_steps)
+
+        # 3. every slot executes its chunk open-loop, stopping at its episode's end
+        replies = slots_env.run({i: ("chunk", np.clip(chunks[i][:execute_steps], -1.0, 1.0)) for i in live})
+        for i, (ob, done, ret, length, success, keys) in replies.items():
+            slots[i].ob = ob
+            if done:
+                if success is None:
+                    raise _missing_success_error(keys)
+                job, slots[i] = slots[i].job, None
+                on_done(job, (success, ret, length))
+
+
+def _registered_spec(env_id: str, env_name: str, task_mode: str):
+    """The gymnasium spec of ``env_id`` (OGBench's envs registered first); the unknown-id error otherwise."""
+    import gymnasium
+
+    _import_ogbench_envs(env_name)
+    if env_id not in gymnasium.registry:
+        import ogbench.locomaze  # noqa: F401
+        import ogbench.manipspace  # noqa: F401
+    if env_id not in gymnasium.registry:
+        raise _unknown_env_error(env_id, env_name, task_mode)
+    return gymnasium.spec(env_id)
+
+
+@gin.configurable("evaluate", module="macfw.evaluation", allowlist=["workers", "batch_size"])
 def evaluate(
     actor: Actor,
     env_name: str,
@@ -367,6 +778,8 @@ def evaluate(
     video_episodes: int = 1,
     progress: bool = False,
     env_kwargs: dict | None = None,
+    workers: int | None = None,
+    batch_size: int | None = None,
 ) -> EvalResult:
     """Evaluate ``actor`` on the OGBench tasks of ``env_name``.
 
@@ -374,7 +787,9 @@ def evaluate(
         actor: ``actor(obs, goal, seed) -> chunk``: obs (ob_dim,), goal None (singletask) or
             (goal_dim,) (``info['goal']``, e.g. (3,) for cube-single with oraclerep), seed an int
             in [0, 2**31) that differs every decision; chunk (n, act_dim) in [-1, 1], n >= 1
-            (clipped to [-1, 1] before execution).
+            (clipped to [-1, 1] before execution). Optionally with a batched form
+            ``actor.batched`` (:data:`BatchedActor`; :func:`make_actor` builds one), then called
+            once per decision round for all episodes in flight.
         env_name: OGBench base name, e.g. ``'cube-single'``, ``'puzzle-3x3'``, ``'pointmaze-medium'``.
         task_mode: ``'singletask'`` (``{env_name}-singletask-task{i}-v0``, goal None),
             ``'oraclerep'`` (``{env_name}-v0`` with ``use_oracle_rep=True``, goal = oracle
@@ -391,9 +806,20 @@ def evaluate(
             height=..)``, OGBench's default is 200x200) and written to this file: ``.mp4`` when
             imageio-ffmpeg or PyAV is installed, else a ``.gif`` next to it (same stem). No
             suffix picks the best available. The written files are in ``EvalResult.video_paths``.
+            The evaluation then runs in this process (``workers`` is ignored; the result is the same).
         video_episodes: episodes recorded per task (from the first).
         progress: show a tqdm progress bar over episodes.
         env_kwargs: extra keyword arguments for ``gymnasium.make``.
+        workers: worker processes that step the environments (Gin ``evaluate.workers``; None: the
+            CPU cores this process may use); 1 steps them in this process. Speed only: the result
+            does not depend on it. At most ``batch_size`` are used; not POSIX (Windows): always 1.
+        batch_size: episodes in flight (Gin ``evaluate.batch_size``; None: the number of CPU cores),
+            i.e. the rows of each ``actor.batched`` call (fewer when a task group has fewer
+            episodes). Part of the evaluation's definition, like ``seed``: a vmapped policy rounds
+            differently for different batch sizes, so the same ``seed`` and ``batch_size`` give the
+            same result, other batch sizes may differ at float rounding (which a chaotic simulation
+            can turn into another outcome). ``batch_size=1`` (with ``workers=1``) runs one episode
+            after the other, as before. Larger batches are faster for large policies on few cores.
 
     Returns:
         An :class:`EvalResult`: success = mean over tasks of the per-task success rate, where an
@@ -404,11 +830,13 @@ def evaluate(
             OGBench/gymnasium (similar registered ids are listed); episodes_per_task < 1,
             execute_steps < 1, video_episodes < 0, empty or invalid task_ids; a video_path
             suffix other than .mp4/.gif; an actor output that is not an (n, act_dim) chunk or
-            is shorter than execute_steps; an environment without ``info['success']``.
+            is shorter than execute_steps; an environment without ``info['success']``. An
+            exception raised by an environment in a worker is re-raised here.
+        ConfigError: ``workers`` or ``batch_size`` (``evaluate.*``) not an integer >= 1.
         RuntimeError: ``video_path`` was given but MuJoCo cannot render (the message says which
             ``MUJOCO_GL`` to set). This is raised at the first frame, before any episode has
             finished; a later rendering or writing failure only warns, and the evaluation result
-            is still returned.
+            is still returned. A worker process that died.
     """
     if task_mode not in TASK_MODES:
         raise ValueError(f"Unknown task_mode {task_mode!r}; valid task modes are {list(TASK_MODES)}.")
@@ -417,6 +845,10 @@ def evaluate(
     episodes_per_task = _check_int("episodes_per_task", episodes_per_task)
     execute_steps = _check_int("execute_steps", execute_steps)
     video_episodes = _check_int("video_episodes", video_episodes, minimum=0)
+    workers = default_workers() if workers is None else check_int("evaluate.workers", workers)
+    batch_size = default_workers() if batch_size is None else check_int("evaluate.batch_size", batch_size)
+    if os.name != "posix":  # the workers' pipes are passed as POSIX file descriptors
+        workers = 1
     if isinstance(task_ids, (int, np.integer)):
         task_ids = (task_ids,)
     task_ids = list(task_ids)
@@ -437,6 +869,13 @@ def evaluate(
         make_kwargs.setdefault("render_mode", "rgb_array")
     if task_mode == "oraclerep":
         make_kwargs.setdefault("use_oracle_rep", True)
+    oracle_goal = task_mode != "singletask"
+
+    # Episodes by environment id: one env id for every task in the goal-conditioned modes, one per task otherwise.
+    if oracle_goal:
+        groups = [(f"{env_name}-v0", [(t, e) for t in task_ids for e in range(episodes_per_task)])]
+    else:
+        groups = [(f"{env_name}-singletask-task{t}-v0", [(t, e) for e in range(episodes_per_task)]) for t in task_ids]
 
     bar = None
     if progress:
@@ -444,71 +883,74 @@ def evaluate(
 
         bar = tqdm(total=len(task_ids) * episodes_per_task, desc=f"eval {env_name}", unit="ep")
 
-    per_task: dict[str, float] = {}
-    returns: list[float] = []
-    lengths: list[int] = []
-    envs: list = []
-    shared_env = None
+    results: dict[tuple[int, int], tuple[float, float, int]] = {}
+    current: dict[int, tuple[int, int]] = {}  # slot -> its episode
+
+    def on_done(job, res):
+        results[job] = res
+        if bar is not None:
+            bar.update(1)
+            done = [results[(job[0], e)][0] for e in range(episodes_per_task) if (job[0], e) in results]
+            bar.set_postfix(task=job[0], success=f"{np.mean(done):.2f}")
+
+    def on_frame(slot):
+        job = current[slot]
+        if recorder is None or job[1] >= video_episodes:
+            return None
+        return lambda env: recorder.capture(env, len(results), key=job)
+
     try:
-        if task_mode != "singletask":
-            shared_env = _make_env(f"{env_name}-v0", env_name, task_mode, make_kwargs)
-            envs.append(shared_env)
-            num_tasks = getattr(shared_env.unwrapped, "num_tasks", None)
-            bad = [t for t in task_ids if num_tasks is not None and t > num_tasks]
-            if bad:
-                raise ValueError(f"task_ids {bad!r} out of range: {env_name!r} has tasks 1..{num_tasks}.")
-        for task_id in task_ids:
-            if shared_env is None:
-                env = _make_env(f"{env_name}-singletask-task{task_id}-v0", env_name, task_mode, make_kwargs)
-                envs.append(env)
-                reset_options = None
+        for env_id, jobs in groups:
+            num_slots = min(batch_size, len(jobs))
+            num_workers = 1 if recorder is not None else min(workers, num_slots)
+            if num_workers <= 1:
+                slots_env = _LocalSlots(lambda: _make_env(env_id, env_name, task_mode, make_kwargs), num_slots,
+                                        on_frame=on_frame)
             else:
-                env = shared_env
-                reset_options = dict(task_id=task_id, render_goal=False)
-            act_dim = int(np.prod(env.action_space.shape))
-            successes = []
-            for episode in range(episodes_per_task):
-                rec = recorder if recorder is not None and episode < video_episodes else None
-                success, ret, length = _run_episode(
-                    env, actor, task_id=task_id, episode=episode, seed=seed,
-                    reset_options=reset_options, oracle_goal=shared_env is not None,
-                    execute_steps=execute_steps, act_dim=act_dim, recorder=rec,
-                    episodes_done=len(returns),
-                )
-                successes.append(success)
-                returns.append(ret)
-                lengths.append(length)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(task=task_id, success=f"{np.mean(successes):.2f}")
-            per_task[f"task{task_id}"] = float(np.mean(successes))
-            if shared_env is None:  # done with this task's env
-                envs.remove(env)
-                env.close()
+                import gymnasium
+
+                # The parent's registered spec (an OGBench one names its entry point by module path, so a
+                # worker imports OGBench, not macfw); cloudpickle carries a class defined in a script by value.
+                spec = _registered_spec(env_id, env_name, task_mode)
+                slots_env = _WorkerSlots(functools.partial(gymnasium.make, spec, **make_kwargs), num_slots,
+                                         num_workers)
+            ok = False
+            try:
+                num_tasks = slots_env.info["num_tasks"] if oracle_goal else None
+                bad = [t for t in task_ids if num_tasks is not None and t > num_tasks]
+                if bad:
+                    raise ValueError(f"task_ids {bad!r} out of range: {env_name!r} has tasks 1..{num_tasks}.")
+                _run_slots(slots_env, num_slots, jobs, actor, seed=seed, oracle_goal=oracle_goal,
+                           execute_steps=execute_steps, on_start=current.__setitem__, on_done=on_done)
+                ok = True
+            finally:
+                slots_env.close(kill=not ok)
     finally:
         if bar is not None:
             bar.close()
-        for env in envs:
-            try:
-                env.close()
-            except Exception:
-                pass
 
     video_paths: list[str] = []
-    if recorder is not None and recorder.frames:
-        try:
-            written = _write_video(out_path, recorder.frames, recorder.fps or 20.0)
-            video_paths.append(str(written))
-        except Exception as e:
-            warnings.warn(f"Writing the video to {str(out_path)!r} failed ({e!r}); the evaluation result is kept.")
+    if recorder is not None:
+        frames = recorder.ordered([(t, e) for t in task_ids for e in range(min(video_episodes, episodes_per_task))])
+        if frames:
+            try:
+                written = _write_video(out_path, frames, recorder.fps or 20.0)
+                video_paths.append(str(written))
+            except Exception as e:
+                warnings.warn(f"Writing the video to {str(out_path)!r} failed ({e!r}); the evaluation result is "
+                              "kept.")
 
+    per_episode = [dict(task=t, episode=e, success=results[(t, e)][0], **{"return": results[(t, e)][1]},
+                        length=results[(t, e)][2]) for t in task_ids for e in range(episodes_per_task)]
+    per_task = {f"task{t}": float(np.mean([results[(t, e)][0] for e in range(episodes_per_task)])) for t in task_ids}
     return EvalResult(
         success=float(np.mean(list(per_task.values()))),
         per_task_success=per_task,
-        episodes=len(returns),
-        mean_return=float(np.mean(returns)),
-        mean_length=float(np.mean(lengths)),
+        episodes=len(per_episode),
+        mean_return=float(np.mean([r["return"] for r in per_episode])),
+        mean_length=float(np.mean([r["length"] for r in per_episode])),
         video_paths=video_paths,
+        per_episode=per_episode,
     )
 
 
@@ -584,22 +1026,67 @@ def seed_params(agent, state, num_seeds: int | None) -> list:
     return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, params) for i in range(num_seeds)]
 
 
-def make_actor(agent, params, obs_scaler, goal_scaler) -> Actor:
-    """An :data:`Actor` ``(obs, goal, seed) -> (k, act_dim)`` that scales inputs like training and calls
-    :meth:`Agent.act` (compiled once) on ``params`` (:meth:`Agent.acting_params` of one seed)."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
+_ACT_BATCH = None
 
-    act = eqx.filter_jit(lambda p, s, g, k: agent.act(p, s, g, key=k))
-    empty = np.zeros((0,), np.float32)
 
-    def actor(obs, goal, seed):
-        s = obs_scaler(np.asarray(obs, np.float32))
-        g = empty if goal is None or goal_scaler is None else goal_scaler(np.asarray(goal, np.float32))
-        return np.asarray(act(params, jnp.asarray(s), jnp.asarray(g), jax.random.PRNGKey(seed)))
+def _act_batch_fn():
+    """``f(agent, params, s (E, ob_dim), g (E, goal_dim), seeds (E,) int32) -> (E, k, act_dim)``:
+    :meth:`Agent.act` vmapped over the rows, row i with key ``PRNGKey(seeds[i])``; compiled once per
+    agent and batch shape (the agent is a static argument, hashed by identity)."""
+    global _ACT_BATCH
+    if _ACT_BATCH is None:
+        import equinox as eqx
+        import jax
 
-    return actor
+        def act_batch(agent, params, s, g, seeds):
+            return jax.vmap(lambda s, g, seed: agent.act(params, s, g, key=jax.random.PRNGKey(seed)))(s, g, seeds)
+
+        _ACT_BATCH = eqx.filter_jit(act_batch)
+    return _ACT_BATCH
+
+
+class PolicyActor:
+    """An agent's policy as an :data:`Actor` with a :data:`BatchedActor` form (:func:`make_actor`).
+
+    ``batched(obs (E, ob_dim), goals (E, goal_dim) or None, seeds (E,)) -> (E, k, act_dim)`` scales
+    the inputs like training (float32) and calls :meth:`Agent.act` vmapped over the E rows, row i
+    with the key ``PRNGKey(seeds[i])`` (compiled once per agent and E). The single form
+    ``actor(obs, goal, seed) -> (k, act_dim)`` is the batched one on a batch of one. A row's result
+    does not depend on the other rows, but can differ from another E at float rounding (XLA picks
+    other kernels for other shapes), hence :func:`evaluate`'s fixed ``batch_size``. Seeds must be
+    in [0, 2**31).
+    """
+
+    def __init__(self, agent, params, obs_scaler, goal_scaler):
+        self.agent, self.params, self.obs_scaler, self.goal_scaler = agent, params, obs_scaler, goal_scaler
+
+    def batched(self, obs, goals, seeds) -> np.ndarray:
+        import jax.numpy as jnp
+
+        s = self.obs_scaler(np.asarray(obs, np.float32))
+        if goals is None or self.goal_scaler is None:
+            g = np.zeros((s.shape[0], 0), np.float32)
+        else:
+            g = self.goal_scaler(np.asarray(goals, np.float32))
+        seeds = np.asarray(seeds, np.int64)
+        if seeds.shape != (s.shape[0],) or np.any(seeds < 0) or np.any(seeds >= _SEED_MOD):
+            raise ValueError(f"seeds must be {s.shape[0]} integers in [0, 2**31) (one per row of obs); got {seeds!r}.")
+        out = _act_batch_fn()(self.agent, self.params, jnp.asarray(s), jnp.asarray(g),
+                              jnp.asarray(seeds.astype(np.int32)))
+        return np.asarray(out)
+
+    def __call__(self, obs, goal, seed) -> np.ndarray:
+        goals = None if goal is None else np.asarray(goal)[None]
+        return self.batched(np.asarray(obs)[None], goals, np.asarray([seed]))[0]
+
+
+def make_actor(agent, params, obs_scaler, goal_scaler) -> PolicyActor:
+    """An :data:`Actor` ``(obs, goal, seed) -> (k, act_dim)`` with a batched form
+    ``actor.batched(obs (E, ob_dim), goals (E, goal_dim) or None, seeds (E,)) -> (E, k, act_dim)``
+    (:class:`PolicyActor`): scales inputs like training and calls :meth:`Agent.act` (vmapped,
+    compiled once per batch size) on ``params`` (:meth:`Agent.acting_params` of one seed). The
+    single call is the batched one on a batch of one."""
+    return PolicyActor(agent, params, obs_scaler, goal_scaler)
 
 
 def merge_results(results: list[EvalResult]) -> dict:
@@ -688,7 +1175,8 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
 def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | None = None,
                         task_ids: Iterable[int] | None = None, execute_steps: int | None = None,
                         video_path=None, seed: int | None = None, imports: Iterable[str] = (),
-                        write_json: bool = True) -> dict:
+                        write_json: bool = True, workers: int | None = None,
+                        batch_size: int | None = None) -> dict:
     """Evaluate a saved checkpoint of ``workdir`` (see :func:`load_checkpoint`); returns the report dict.
 
     Defaults come from the run's stored config: ``train.eval_episodes``, ``train.execute_steps``,
@@ -696,11 +1184,28 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
     evaluation seed ``train.eval_seed + step + 1000 * seed_index`` (the seed the run used for its
     own evaluation at that step, so the result matches ``eval.csv`` there). With ``num_seeds`` every
     seed is evaluated; ``success`` is the mean over seeds. Writes ``workdir/eval_step{N}.json``.
+    ``batch_size`` (episodes in flight, part of the result's definition): None takes the run's own
+    (``meta['eval']['batch_size']``, recorded by the training loop; for a run from before batched
+    evaluation its config's ``evaluate.batch_size``, else 1, the one-at-a-time path it used). ``workers`` (speed only): None takes the config's ``evaluate.workers``, else the
+    number of CPU cores.
+
+    Raises:
+      ConfigError: ``workers`` or ``batch_size`` (or the stored ``evaluate.*``) not an integer >= 1.
     """
     from macfw.data.batches import Scaler
     from macfw.logs import write_json_atomic
 
+    if workers is not None:
+        workers = check_int("evaluate.workers", workers)
+    if batch_size is not None:
+        batch_size = check_int("evaluate.batch_size", batch_size)
     agent, state, meta, step = load_checkpoint(workdir, step, imports)
+    workers = resolve_workers(workers)  # after the stored config is parsed
+    if batch_size is None:
+        batch_size = (meta.get("eval") or {}).get("batch_size")
+    if batch_size is None:  # a run from before batched evaluation: one episode at a time, unless configured
+        batch_size = _bound("batch_size") or 1
+    batch_size = resolve_batch_size(batch_size)
     episodes = int(_run_setting(meta, "episodes", "train.eval_episodes", DEFAULT_EPISODES)
                    if episodes is None else episodes)
     execute_steps = int(_run_setting(meta, "execute_steps", "train.execute_steps", DEFAULT_EXECUTE_STEPS)
@@ -720,11 +1225,13 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
         actor = make_actor(agent, n, obs_scaler, goal_scaler)
         vp = video_path if (video_path is not None and i == 0) else None
         results.append(evaluate(actor, env_name, task_mode=task_mode, task_ids=task_ids, episodes_per_task=episodes,
-                                execute_steps=execute_steps, seed=s, video_path=vp))
+                                execute_steps=execute_steps, seed=s, video_path=vp, workers=workers,
+                                batch_size=batch_size))
     tasks = list(results[0].per_task_success)
     report = {
         "workdir": str(Path(workdir).absolute()), "step": step, "env_name": env_name, "task_mode": task_mode,
-        "task_ids": list(task_ids), "episodes_per_task": episodes, "execute_steps": execute_steps,
+        "task_ids": list(task_ids), "episodes_per_task": episodes, "execute_steps": execute_steps, "workers": workers,
+        "batch_size": batch_size,
         "success": float(np.mean([r.success for r in results])),
         "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},
         "episodes": int(sum(r.episodes for r in results)),

@@ -210,9 +210,17 @@ class Refresher:
         return step >= self.spec.first and step % self.spec.every == 0
 
     def __call__(self, data, state, step: int):
+        """One refresh after the dispatch ending at gradient step ``step``. ``data``: the on-device
+        :class:`~macfw.data.batches.ChunkData`, or a host sampler with ``sample(key, batch_size,
+        num_seeds, step)`` (:class:`macfw.data.host_sampler.ShardSampler`: the same starts, drawn
+        from memory-mapped shards in the index space of the last trained step)."""
         from macfw.parallel import put_replicated
 
-        starts = put_replicated(self._sample(data, jax.random.fold_in(self.key, step)), self.mesh)
+        key = jax.random.fold_in(self.key, step)
+        if hasattr(data, "sample") and callable(data.sample):
+            starts = put_replicated(data.sample(key, self.spec.batch_size, self.num_seeds, step=step - 1), self.mesh)
+        else:
+            starts = put_replicated(self._sample(data, key), self.mesh)
         arrays = put_replicated(eqx.partition(state, eqx.is_array)[0], self.mesh)
         arrays, metrics = self._refresh(arrays, starts)
         return eqx.combine(arrays, self.static), metrics
@@ -228,7 +236,7 @@ class HostBatches:
 
     def __init__(self, data, *, key, batch_size: int, batch_spec, goal_conditioned: bool, K: int, sharding,
                  num_seeds: int | None = None):
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.local_devices(backend="cpu")[0]
         self.data = jax.device_put(data, cpu)
         self.key = jax.device_put(key, cpu)
         S = num_seeds
@@ -249,7 +257,7 @@ class HostBatches:
         self._thread = None
 
     def _make(self, step: int):
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
             b = self._sample(self.data, jax.random.fold_in(self.key, step))
         return jax.device_put(b, self.sharding)
 

@@ -33,7 +33,8 @@ from macfw.data.ogbench_data import LoadedData
 from macfw import registry
 from macfw.errors import ConfigError, check, check_float, check_int
 from macfw.evaluation import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, TaskMismatchError, eval_row,
-                            evaluate, make_actor, merge_results, resolve_task_ids, seed_params)
+                            evaluate, make_actor, merge_results, resolve_batch_size, resolve_task_ids, resolve_workers,
+                            seed_params)
 from macfw.logs import CSVLog, json_scaler, tqdm_write, versions, write_json_atomic
 from macfw.parallel import make_mesh, put_replicated, to_host
 from macfw.signals import Preempted, Preemption
@@ -54,7 +55,7 @@ class WorkdirError(PermissionError):
 # ------------------------------------------------------------------------------- 1. settings
 def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_interval, eval_interval,
                    save_interval, batch_size, seed, num_seeds, max_to_keep, eval_episodes, eval_task_ids,
-                   execute_steps, eval_seed, device_data_limit_gb, debug_nan_at_step) -> dict:
+                   execute_steps, eval_seed, device_data_limit_gb, debug_nan_at_step, data_on_device=None) -> dict:
     """Check every ``train.*`` value and the agent's own configuration, before anything is loaded or
     written; returns the checked values by name (``K`` = ``steps_per_dispatch``).
 
@@ -89,6 +90,9 @@ def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_i
         isinstance(eval_task_ids, (tuple, list)) and len(eval_task_ids) > 0
         and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 5 for t in eval_task_ids)),
         "None or a non-empty tuple of task ids in 1..5")
+    check("train.data_on_device", data_on_device,
+          not (data_on_device and getattr(dataset, "sampling", "uniform") == "shard_rotation"),
+          "False or None with OGBenchDataset.sampling = 'shard_rotation' (shard rotation samples on the host)")
     agent.check_config(batch_size)
     rs = agent.refresh_spec()
     if rs is not None:
@@ -122,6 +126,8 @@ class Run:
     pre: Preemption
     ckpt: Checkpointer | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    on_device: bool = True  # where batches are sampled (decide_placement)
+    data_info: dict = dataclasses.field(default_factory=dict)  # what summary.json says about the data
     pbar: Any = None
     tb: Any = None
     t_start: float = dataclasses.field(default_factory=time.time)
@@ -160,6 +166,63 @@ def build(workdir: Path, agent: Agent, dataset, *, mesh, seed: int, num_seeds: i
                lead=jax.process_index() == 0, pre=pre)
 
 
+def is_sharded(data) -> bool:
+    """Whether ``data`` is a directory of memory-mapped shards (:class:`macfw.data.shards.ShardedData`)."""
+    from macfw.data.shards import ShardedData
+
+    return isinstance(data, ShardedData)
+
+
+def decide_placement(run: Run, *, data_on_device: bool | None, device_data_limit_gb: float) -> bool:
+    """Keep the data on the devices (sample inside the step) or sample on the host: ``data_on_device``
+    when set, else on the devices when the dataset (a sharded one materialised) is smaller than
+    ``device_data_limit_gb``; sharded data in ``shard_rotation`` mode is always sampled on the host.
+    Sets ``run.on_device`` and ``run.data_info``."""
+    data = run.loaded.data
+    sharded = is_sharded(data)
+    nbytes = data.nbytes if sharded else sum(x.nbytes for x in jax.tree_util.tree_leaves(data))
+    rotation = sharded and data.sampling == "shard_rotation"
+    if data_on_device is not None:
+        on_device = bool(data_on_device)
+    else:
+        on_device = (not rotation) and nbytes < device_data_limit_gb * 2**30
+    run.on_device = on_device
+    info = {"sampler": "device" if on_device else ("host-shards" if sharded else "host"), "bytes": int(nbytes),
+            "sharded": sharded}
+    if sharded:
+        info.update(num_shards=data.num_shards, sampling=data.sampling, disk_bytes=data.disk_bytes,
+                    convert_s=round(data.convert_s, 3), scaler_source=data.scaler_source)
+        if rotation:
+            info["rotation_interval"] = data.rotation_interval
+    run.data_info = info
+    return on_device
+
+
+def _check_sampler_meta(run: Run, m: dict, where: str) -> None:
+    """Refuse to resume a sharded run on other shards (or, sampled on the host, another sampling): the
+    data stream would silently change."""
+    saved = m.get("sampler") or {}
+    data = run.loaded.data
+    if not is_sharded(data) or "shards" not in saved:
+        return
+    key = lambda lst: [(d.get("name"), d.get("rows"), d.get("size")) for d in lst]  # noqa: E731
+    if key(saved["shards"]) != key(data.describe()):
+        old, new = key(saved["shards"]), key(data.describe())
+        diff = sorted(set(old) ^ set(new))[:4]
+        raise CheckpointMismatchError(
+            f"{where} was trained on {len(old)} shard(s) but OGBenchDataset.dataset_path now holds {len(new)} "
+            f"different ones (e.g. {diff}: name, rows, bytes): the data stream would change. Restore the original "
+            "shards (or set OGBenchDataset.max_shards), or start a new --workdir.")
+    if saved.get("mode") == "host-shards" and not run.on_device:
+        for k in ("sampling", "rotation_interval"):
+            now = data.sampling if k == "sampling" else (data.rotation_interval if data.sampling == "shard_rotation"
+                                                         else None)
+            if saved.get(k) != now:
+                raise CheckpointMismatchError(f"{where} sampled its shards with {k} = {saved.get(k)!r} but the config "
+                                              f"has {now!r} (OGBenchDataset.{k}). Use the original value or a new "
+                                              "--workdir.")
+
+
 # ------------------------------------------------------------------------------- 3. restore
 def _agree_int(x: int | None) -> int | None:
     """Process 0's value on every process (multi-host); ``x`` itself on a single process."""
@@ -190,6 +253,7 @@ def _check_meta(run: Run, m: dict, s: int) -> None:
     if "num_seeds" in m and m["num_seeds"] != run.num_seeds:
         raise CheckpointMismatchError(f"{where} was trained with train.num_seeds={m['num_seeds']!r} but the config "
                                       f"has {run.num_seeds!r}. Use the original value or a new --workdir.")
+    _check_sampler_meta(run, m, where)
 
 
 def restore_or_initialize(run: Run, *, max_to_keep: int | None, async_checkpoints: bool) -> int | None:
@@ -259,6 +323,10 @@ class EvalHook:
                  eval_seed: int):
         self.run, self.every = run, every
         self.episodes, self.task_ids, self.execute_steps, self.eval_seed = episodes, task_ids, execute_steps, eval_seed
+        self.workers = resolve_workers()  # Gin evaluate.workers (default: the CPU cores), checked before training
+        self.batch_size = resolve_batch_size()  # Gin evaluate.batch_size: part of the result, saved for re-evaluation
+        if isinstance(run.meta.get("eval"), dict):
+            run.meta["eval"]["batch_size"] = self.batch_size
         self.csv = CSVLog(run.workdir / "eval.csv", resume_step) if run.lead else None
         self.last: list | None = None
 
@@ -269,7 +337,8 @@ class EvalHook:
             actor = make_actor(run.agent, params, run.loaded.obs_scaler, run.loaded.goal_scaler)
             out.append(evaluate(actor, run.loaded.env_name, task_mode=run.loaded.task_mode, task_ids=self.task_ids,
                                 episodes_per_task=self.episodes, execute_steps=self.execute_steps,
-                                seed=self.eval_seed + step + 1000 * i))
+                                seed=self.eval_seed + step + 1000 * i, workers=self.workers,
+                                batch_size=self.batch_size))
         return out
 
     def __call__(self, step: int, final: bool) -> bool:
@@ -293,12 +362,17 @@ class EvalHook:
 class SaveHook:
     """A checkpoint every ``every`` gradient steps, at the end, and when the run stops on a signal."""
 
-    def __init__(self, run: Run, every: int, resume_step: int | None, sigkill_after: int | None = None):
+    def __init__(self, run: Run, every: int, resume_step: int | None, sigkill_after: int | None = None,
+                 sampler_state=None):
         self.run, self.every, self.last_saved, self.sigkill_after = run, every, resume_step, sigkill_after
+        self.sampler_state = sampler_state  # step -> dict (host-sampled shards), saved in the meta's 'sampler'
 
     def __call__(self, step: int, final: bool, stop: bool) -> None:
         if step % self.every == 0 or final or stop:
-            self.run.ckpt.save(step, self.run.state, dict(self.run.meta, step=step))
+            meta = dict(self.run.meta, step=step)
+            if self.sampler_state is not None:
+                meta["sampler"] = dict(meta["sampler"], state=self.sampler_state(step))
+            self.run.ckpt.save(step, self.run.state, meta)
             self.last_saved = step
             if step == self.sigkill_after:  # tests only (train.debug_sigkill_after_save)
                 import signal
@@ -307,7 +381,28 @@ class SaveHook:
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_meta(run: Run, *, eval_settings: dict, on_device: bool) -> dict:
+def sampler_meta(run: Run, on_device: bool, host=None) -> dict:
+    """The checkpoint meta's ``'sampler'`` entry: where batches come from and what fixes their stream.
+
+    Device: the state's key. Host, one file: ``fold_in(PRNGKey(seed + HOST_KEY_OFFSET), dispatch's
+    first step)``. Host, shards (:class:`macfw.data.host_sampler.ShardedBatches`): the key data,
+    ``fold_in(key, gradient step)`` per step, the sampling mode and interval, the shards (name, rows,
+    bytes) and the scaling statistics' source; every checkpoint adds the sampler ``state`` (the step
+    and grain's iterator state), so a resumed run continues the same stream bit for bit. Sharded
+    data on the device also records its shards.
+    """
+    data = run.loaded.data
+    if on_device:
+        out = {"mode": "device", "state": "state.key"}
+        if is_sharded(data):
+            out.update(shards=data.describe(), scaler_source=data.scaler_source)
+        return out
+    if host is not None and hasattr(host, "sampler"):
+        return {"mode": "host-shards", "key": f"PRNGKey(seed + {HOST_KEY_OFFSET})", **host.sampler.describe()}
+    return {"mode": "host", "state": f"derived: fold_in(PRNGKey(seed + {HOST_KEY_OFFSET}), step)"}
+
+
+def run_meta(run: Run, *, eval_settings: dict, on_device: bool, host=None) -> dict:
     """The JSON meta saved with every checkpoint (see :mod:`macfw.checkpoint`)."""
     loaded = run.loaded
     return {
@@ -318,8 +413,7 @@ def run_meta(run: Run, *, eval_settings: dict, on_device: bool) -> dict:
         "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
         "task_id": loaded.task_id, "chunk_len": loaded.spec.chunk_len, "num_seeds": run.num_seeds, "seed": run.seed,
         "eval": eval_settings,
-        "sampler": ({"mode": "device", "state": "state.key"} if on_device else
-                    {"mode": "host", "state": f"derived: fold_in(PRNGKey(seed + {HOST_KEY_OFFSET}), step)"}),
+        "sampler": sampler_meta(run, on_device, host),
         "gin_config": gin.config_str(), "versions": versions(),
     }
 
@@ -337,6 +431,7 @@ def summarize(run: Run, *, step: int, last_saved, eval_results: list, updates_pe
         "param_checksum": param_checksum(jax.tree_util.tree_map(to_host, eqx.filter(run.state, eqx.is_array))),
         "dataset": run.loaded.dataset_name,
         "num_transitions": run.loaded.num_transitions,
+        "data": run.data_info,
         "spec": run.loaded.spec.to_dict(),
         "devices": [str(d) for d in jax.devices()],
         "num_processes": jax.process_count(),
@@ -376,7 +471,11 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
         for single-task data, 1..5 for goal-conditioned data); ``execute_steps`` actions executed
         per decision (at most the chunk length for chunk agents, 1 for single-action agents).
       data_on_device: keep the dataset on the devices and sample inside the step (None: when it
-        is smaller than ``device_data_limit_gb``), else sample on the host and prefetch.
+        is smaller than ``device_data_limit_gb``), else sample on the host and prefetch. A
+        directory of shards (``OGBenchDataset.dataset_path``) on the devices is materialised from
+        its memory maps; on the host it is sampled from them without loading
+        (:mod:`macfw.data.host_sampler`), always so with ``OGBenchDataset.sampling =
+        'shard_rotation'`` (True is then a ConfigError).
       debug_nan_at_step: tests only: poison the batch of this gradient step with NaN.
       debug_sigkill_after_save: tests only: SIGKILL this process once the checkpoint of this
         gradient step is complete (a crash between a save and the next dispatch).
@@ -402,7 +501,7 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                        save_interval=save_interval, batch_size=batch_size, seed=seed, num_seeds=num_seeds,
                        max_to_keep=max_to_keep, eval_episodes=eval_episodes, eval_task_ids=eval_task_ids,
                        execute_steps=execute_steps, eval_seed=eval_seed, device_data_limit_gb=device_data_limit_gb,
-                       debug_nan_at_step=debug_nan_at_step)
+                       debug_nan_at_step=debug_nan_at_step, data_on_device=data_on_device)
     K = c["K"]
     pre = Preemption()
     run: Run | None = None
@@ -413,35 +512,49 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
             run = build(workdir, agent, dataset, mesh=mesh, seed=seed, num_seeds=num_seeds, pre=pre)
             eval_task_ids = resolve_task_ids(run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id,
                                              eval_task_ids)
+            on_device = decide_placement(run, data_on_device=data_on_device, device_data_limit_gb=device_data_limit_gb)
             resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)
             progress_state.update(step=resume_step or 0, last_saved=resume_step)
             if run.lead:
                 (workdir / "config.gin").write_text(gin.config_str())
 
-            nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(run.loaded.data))
-            on_device = data_on_device if data_on_device is not None else nbytes < device_data_limit_gb * 2**30
+            sharded = is_sharded(run.loaded.data)
             step_fn = TrainStep(agent, run.state, batch_size=batch_size, steps_per_dispatch=K, mesh=run.mesh,
                                 host_batches=not on_device, num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
-            data = put_replicated(run.loaded.data, run.mesh) if on_device else None
+            data = None
+            if on_device:  # sharded data that fits: all shards in memory, sampled inside the step
+                data = put_replicated(run.loaded.data.to_chunk_data(agent.batch_spec.window) if sharded
+                                      else run.loaded.data, run.mesh)
             host = None
             if not on_device:
                 from jax.sharding import NamedSharding, PartitionSpec as P
 
                 spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
-                host = HostBatches(run.loaded.data, key=jax.random.PRNGKey(seed + HOST_KEY_OFFSET),
-                                   batch_size=batch_size, batch_spec=agent.batch_spec,
-                                   goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
-                                   sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
+                host_key = jax.random.PRNGKey(seed + HOST_KEY_OFFSET)
+                if sharded:
+                    from macfw.data.host_sampler import ShardedBatches, ShardSampler
+
+                    sampler = ShardSampler(run.loaded.data, batch_spec=agent.batch_spec,
+                                           goal_conditioned=run.loaded.spec.goal_conditioned, key=host_key)
+                    host = ShardedBatches(sampler, batch_size=batch_size, K=K, sharding=NamedSharding(run.mesh, spec),
+                                          num_seeds=num_seeds, prefetch=getattr(dataset, "prefetch", 2),
+                                          threads=getattr(dataset, "prefetch_threads", 1))
+                else:
+                    host = HostBatches(run.loaded.data, key=host_key,
+                                       batch_size=batch_size, batch_spec=agent.batch_spec,
+                                       goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
+                                       sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
             refresher = (Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
                          if agent.refresh_spec() is not None else None)
             eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
                                  task_ids=list(eval_task_ids))
-            run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device)
+            run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
             logger = LogHook(run, log_interval, resume_step)
             evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
                                  execute_steps=execute_steps, eval_seed=eval_seed)
             saver = SaveHook(run, save_interval, resume_step, sigkill_after=check_int(
-                "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True))
+                "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True),
+                sampler_state=getattr(host, "state", None))
             if run.lead:
                 from tensorboardX import SummaryWriter
 
@@ -489,6 +602,8 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                                          "Re-run the same command to resume.")
                     break
             run.ckpt.wait()
+            if hasattr(host, "close"):
+                host.close()  # the prefetch threads of host-sampled shards
             summary = {"step": step, "interrupted": interrupted, "last_saved_step": saver.last_saved}
             if not interrupted and run.lead:
                 with pre.interruptible():

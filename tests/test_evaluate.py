@@ -23,35 +23,43 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------
 
 
-class _FakeEnv(gymnasium.Env):
-    """2-D env with a fixed horizon; info['success'] == 1 exactly at step ``success_step``."""
+def _fake_env_class():
+    """Defined in a function so that cloudpickle sends the class to evaluation workers by value (a worker
+    then does not import this module, hence neither macfw nor JAX)."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    class _FakeEnv(gymnasium.Env):
+        """2-D env with a fixed horizon; info['success'] == 1 exactly at step ``success_step``."""
 
-    def __init__(self, horizon=10, success_step=10, render_mode=None):
-        self.horizon, self.success_step = horizon, success_step
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float64)
-        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.render_mode = render_mode
-        self.reset_seeds: list = []
-        self.actions: list = []
-        self.t = 0
+        metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.reset_seeds.append(seed)
-        self.t = 0
-        return np.zeros(2), {}
+        def __init__(self, horizon=10, success_step=10, render_mode=None):
+            self.horizon, self.success_step = horizon, success_step
+            self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+            self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+            self.render_mode = render_mode
+            self.reset_seeds: list = []
+            self.actions: list = []
+            self.t = 0
 
-    def step(self, action):
-        self.t += 1
-        self.actions.append(np.asarray(action))
-        info = {"success": float(self.t == self.success_step)}
-        return np.full(2, float(self.t)), 1.0, False, False, info
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.reset_seeds.append(seed)
+            self.t = 0
+            return np.zeros(2), {}
 
-    def render(self):
-        return np.full((8, 8, 3), self.t, np.uint8)
+        def step(self, action):
+            self.t += 1
+            self.actions.append(np.asarray(action))
+            info = {"success": float(self.t == self.success_step)}
+            return np.full(2, float(self.t)), 1.0, False, False, info
 
+        def render(self):
+            return np.full((8, 8, 3), self.t, np.uint8)
+
+    return _FakeEnv
+
+
+_FakeEnv = _fake_env_class()
 
 _FAKE_ENVS = {
     "macfw-test-fake": dict(horizon=10, success_step=10),

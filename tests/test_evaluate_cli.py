@@ -107,3 +107,22 @@ def test_evaluate_cli_skips_an_incomplete_step_and_leaves_the_folder_alone(run, 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (w / "eval_step10.json").is_file() and not (w / "eval_step20.json").exists()
     assert half.is_dir()  # read-only: evaluation never deletes anything
+
+
+def test_evaluate_cli_workers_do_not_change_the_result(run):
+    """The trained MAC checkpoint, 3 episodes: its recorded batch size, in this process or in workers."""
+    from macfw.evaluation import default_workers
+
+    w = run["workdir"]
+    outs = []
+    for workers in ("1", "2"):
+        r = _evaluate(run, "--episodes", "3", "--workers", workers)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        out = json.loads((w / "eval_step10.json").read_text())
+        assert out["workers"] == int(workers) and out["batch_size"] == default_workers()  # the run's own
+        assert f"{workers} worker(s)" in r.stdout
+        outs.append(out)
+    assert len(outs[0]["per_seed"][0]["per_episode"]) == 3
+    assert outs[0]["per_seed"][0]["per_episode"] == outs[1]["per_seed"][0]["per_episode"]
+    r = _evaluate(run, "--workers", "0")
+    assert r.returncode == 2 and "--workers: must be an integer >= 1" in r.stderr

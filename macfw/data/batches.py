@@ -178,7 +178,7 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
     return batch
 
 
-def goal_indices(ks, t, end, num_rows, gamma: float):
+def goal_indices(ks, t, end, num_rows, gamma: float, row_offset=0):
     """Hindsight-relabelled value- and actor-goal indices ``(vg, ag)``, each ``(B,)`` int (DESIGN §2.1).
 
     ``ks``: the 8 keys of :func:`sample_batch` (``ks[1]`` .. ``ks[6]`` are used); ``t, end (B,)``
@@ -192,13 +192,13 @@ def goal_indices(ks, t, end, num_rows, gamma: float):
     batch_size = t.shape[0]
     # value goals
     later = jax.random.randint(ks[1], (batch_size,), t + 1, end + 1)
-    rand = jax.random.randint(ks[2], (batch_size,), 0, num_rows)
+    rand = jax.random.randint(ks[2], (batch_size,), row_offset, row_offset + num_rows)
     u = jax.random.uniform(ks[3], (batch_size,))
     vg = jnp.where(u < VALUE_GOAL_P_CUR, t, jnp.where(u < VALUE_GOAL_P_CUR + VALUE_GOAL_P_TRAJ, later, rand))
     # actor goals
     offset = jax.random.geometric(ks[4], 1.0 - gamma, (batch_size,)) if gamma < 1.0 else end - t
     geo = jnp.minimum(t + offset.astype(t.dtype), end)
-    rand2 = jax.random.randint(ks[5], (batch_size,), 0, num_rows)
+    rand2 = jax.random.randint(ks[5], (batch_size,), row_offset, row_offset + num_rows)
     ag = jnp.where(jax.random.uniform(ks[6], (batch_size,)) < ACTOR_GOAL_P_TRAJ, geo, rand2)
     return vg, ag
 

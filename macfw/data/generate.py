@@ -40,6 +40,9 @@ Command line::
 
     python -m macfw.data.generate --dataset cube-single-play-v0 --episodes 1000 \
         [--episode-length 1001] [--seed 0] [--workers N] [--out PATH_OR_DIR]
+
+    # a sharded dataset (OGBench's large-dataset layout; resumable, see generate_shards)
+    python -m macfw.data.generate --dataset cube-double-play-v0 --shards 100 --out DIR [--episodes 1000]
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ __all__ = [
     "default_cache_dir",
     "ensure_dataset",
     "generate_dataset",
+    "generate_shards",
     "main",
+    "shard_filename",
     "val_dataset_path",
 ]
 
@@ -272,12 +277,19 @@ def _scene_is_healthy(qpos: np.ndarray) -> bool:
     return True
 
 
-def _collect_episode(task: tuple[str, int, int, int, int]) -> tuple[int, int, dict[str, np.ndarray]]:
-    """Collect one episode. ``task`` = (env_stem, episode_length, seed, split, index)."""
-    env_stem, episode_length, seed, split, index = task
+def _episode_entropy(seed: int, split: int, index: int, shard: int | None = None) -> list[int]:
+    """Seed material of one episode: ``[seed, split, index]``, plus ``shard + 1`` for a shard (a
+    trailing 0 would not change a SeedSequence), so shard ``k`` depends only on ``k`` and ``seed``."""
+    return [seed, split, index] if shard is None else [seed, split, index, shard + 1]
+
+
+def _collect_episode(task: tuple) -> tuple[int, int, dict[str, np.ndarray]]:
+    """Collect one episode. ``task`` = (env_stem, episode_length, seed, split, index[, shard])."""
+    env_stem, episode_length, seed, split, index = task[:5]
+    shard = task[5] if len(task) > 5 else None
     env, agents, has_button_states = _make_env_and_agents(env_stem, episode_length)
 
-    np_seed, env_seed = np.random.SeedSequence([seed, split, index]).generate_state(2)
+    np_seed, env_seed = np.random.SeedSequence(_episode_entropy(seed, split, index, shard)).generate_state(2)
     np.random.seed(int(np_seed))
     reset_seed: int | None = int(env_seed)
 
@@ -499,6 +511,117 @@ def ensure_dataset(
     )
 
 
+def shard_filename(dataset_name: str, index: int, num_shards: int = 1000) -> str:
+    """OGBench's name of shard ``index``: ``'<env>-<type>-v0-003.npz'`` (3 digits, more when needed)."""
+    env_stem, dataset_type, version = _parse_dataset_name(dataset_name)
+    width = max(3, len(str(max(int(num_shards) - 1, 0))))
+    return f"{env_stem}-{dataset_type}-{version}-{int(index):0{width}d}.npz"
+
+
+def _pool(workers: int):
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def generate_shards(
+    dataset_name: str,
+    out_dir: str | os.PathLike,
+    num_shards: int,
+    episodes_per_shard: int = 1000,
+    *,
+    episode_length: int = 1001,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[pathlib.Path]:
+    """Generate a sharded OGBench-format 'play' dataset (DESIGN §10): ``num_shards`` training shards
+    ``out_dir/<env>-<type>-v0-000.npz``, ``-001.npz``, ... each with its ``-val`` sibling.
+
+    Shard ``k`` holds ``episodes_per_shard`` training episodes and ``max(1, episodes_per_shard //
+    10)`` validation episodes (the arrays of :func:`generate_dataset`), each episode seeded from
+    ``(seed, split, episode index, k)`` only, so a shard is reproducible from its index and the seed
+    (whatever ``num_shards`` and ``workers``). Episodes run in ``workers`` spawned worker processes
+    (default ``os.cpu_count()``; 1: in this process), one shard after the other.
+
+    Resumable: a shard whose training file exists is complete (its validation file is written
+    first, each file atomically) and is kept; any other shard (missing, or killed while being
+    collected or written) is redone from scratch, and leftover temporary files are deleted.
+
+    Returns:
+        The training shard paths, by index.
+
+    Raises:
+        ValueError: as :func:`generate_dataset`, or ``num_shards < 1``.
+    """
+    env_stem, _dataset_type, _version = _parse_dataset_name(dataset_name)
+    num_shards = _check_int("num_shards", num_shards, 1)
+    episodes_per_shard = _check_int("episodes_per_shard", episodes_per_shard, 1)
+    episode_length = _check_int("episode_length", episode_length, 2)
+    seed = _check_int("seed", seed, 0)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    workers = _check_int("workers", workers, 1)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / shard_filename(dataset_name, k, num_shards) for k in range(num_shards)]
+    for p in out_dir.iterdir():  # leftovers of a killed write (see _save_atomic)
+        if ".npz.tmp-" in p.name:
+            p.unlink(missing_ok=True)
+    todo = [k for k, p in enumerate(paths) if not p.exists()]
+    num_val = max(1, episodes_per_shard // 10)
+    if len(todo) < num_shards:
+        print(f"macfw: {num_shards - len(todo)} of {num_shards} shard(s) already in {str(out_dir)!r}; "
+              f"generating the other {len(todo)}", flush=True)
+    if not todo:
+        return paths
+    from tqdm import tqdm
+
+    executor = _pool(min(workers, episodes_per_shard + num_val)) if workers > 1 else None
+    try:
+        for k in todo:
+            tasks = [(env_stem, episode_length, seed, _TRAIN, i, k) for i in range(episodes_per_shard)]
+            tasks += [(env_stem, episode_length, seed, _VAL, i, k) for i in range(num_val)]
+            results = {_TRAIN: [None] * episodes_per_shard, _VAL: [None] * num_val}
+            bar = tqdm(total=len(tasks), unit="episode", desc=paths[k].name, disable=not progress)
+            try:
+                if executor is None:
+                    rng_state = np.random.get_state()
+                    try:
+                        for task in tasks:
+                            split, index, episode = _collect_episode(task)
+                            results[split][index] = episode
+                            bar.update(1)
+                    finally:
+                        np.random.set_state(rng_state)
+                else:
+                    from macfw.data.generate import _collect_episode as collect
+
+                    futures = [executor.submit(collect, task) for task in tasks]
+                    try:
+                        for future in as_completed(futures):
+                            split, index, episode = future.result()
+                            results[split][index] = episode
+                            bar.update(1)
+                    except BrokenProcessPool as e:
+                        raise RuntimeError(
+                            "a dataset-generation worker process died; if this was called from a script, guard "
+                            "its entry point with `if __name__ == '__main__':`, or pass workers=1") from e
+            finally:
+                bar.close()
+
+            def concat(episodes):
+                return {key: np.concatenate([ep[key] for ep in episodes], axis=0) for key in episodes[0]}
+
+            _save_atomic(val_dataset_path(paths[k]), concat(results[_VAL]))
+            results[_VAL] = []
+            _save_atomic(paths[k], concat(results[_TRAIN]))
+            del results
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point; see the module docstring. Prints the paths written."""
     parser = argparse.ArgumentParser(
@@ -507,7 +630,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "with OGBench's scripted oracles.",
     )
     parser.add_argument("--dataset", required=True, help="OGBench dataset name, e.g. cube-single-play-v0")
-    parser.add_argument("--episodes", type=int, default=1000, help="training episodes (default 1000)")
+    parser.add_argument("--episodes", type=int, default=1000,
+                        help="training episodes (per shard with --shards; default 1000)")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="write this many OGBench-named shards <env>-<type>-v0-000.npz, ... (with -val siblings) "
+                             "into the directory --out; resumable")
     parser.add_argument("--episode-length", type=int, default=1001, help="steps per episode (default 1001)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
@@ -519,6 +646,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+
+    if args.shards is not None:
+        try:
+            _parse_dataset_name(args.dataset)
+            out = (pathlib.Path(args.out).expanduser() if args.out is not None else default_cache_dir() / "datasets" /
+                   f"{base_dataset_name(args.dataset)[:-3]}-shards{args.shards}-e{args.episodes}-l{args.episode_length}"
+                   f"-s{args.seed}-v0")
+            if str(out).endswith(".npz"):
+                parser.error("--out must be a directory with --shards")
+            paths = generate_shards(args.dataset, out, args.shards, args.episodes, episode_length=args.episode_length,
+                                    seed=args.seed, workers=args.workers, progress=not args.no_progress)
+        except ValueError as e:
+            parser.error(str(e))
+        print(out)
+        print(f"{len(paths)} shard(s): {paths[0].name} .. {paths[-1].name}")
+        return
 
     try:
         filename = dataset_filename(args.dataset, args.episodes, args.episode_length, args.seed)

@@ -11,6 +11,7 @@ import functools
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,14 +31,16 @@ class LoadedData:
     """What the training loop needs from a dataset.
 
     Attributes:
-      data: :class:`ChunkData` on the device.
+      data: :class:`ChunkData` on the device, or, for a directory of shards, the memory-mapped
+        :class:`~macfw.data.shards.ShardedData` (the loop samples it on the host, or materialises
+        it with ``to_chunk_data`` when it fits on the devices).
       spec: sizes for building the networks.
       obs_scaler, goal_scaler: [-1, 1] scalers (``goal_scaler`` None for single-task).
       dataset_name: the OGBench name loaded (e.g. ``cube-single-play-singletask-v0``).
       eval_env: the OGBench environment base name (e.g. ``cube-single``) and ``task_mode``.
     """
 
-    data: ChunkData
+    data: Any  # ChunkData | macfw.data.shards.ShardedData
     spec: Spec
     obs_scaler: Scaler
     goal_scaler: Scaler | None
@@ -129,9 +132,24 @@ class OGBenchDataset:
       task_mode: ``"singletask"`` (reward-based; OGBench relabels rewards), ``"oraclerep"``
         (goal-conditioned with oracle goal representations) or ``"goal"`` (full-state goals).
       task_id: single-task task (1..5); None is OGBench's default task.
-      dataset_path: an existing ``NAME.npz`` (with ``NAME-val.npz`` beside it). None: generate
-        into the cache (``num_episodes`` episodes of ``episode_length`` steps, seed ``data_seed``).
-      scale_with: fit the [-1, 1] scaling on the ``"val"`` split (the reference's choice) or ``"train"``.
+      dataset_path: an existing ``NAME.npz`` (with ``NAME-val.npz`` beside it), or a directory of
+        OGBench shards ``<env>-<type>-v0-000.npz``, ``-001.npz``, ... (each with its ``-val``
+        sibling; DESIGN §10), converted once into memory-mapped stores under the cache
+        (:mod:`macfw.data.shards`) and sampled without loading them. None: generate into the cache
+        (``num_episodes`` episodes of ``episode_length`` steps, seed ``data_seed``).
+      scale_with: fit the [-1, 1] scaling on the ``"val"`` split (the reference's choice; for
+        shards, the first shard's validation file, as the authors) or ``"train"`` (all shards).
+      sampling: shards only: ``"uniform"`` over every valid start of every shard, or
+        ``"shard_rotation"``: one shard at a time, the next (in index order) every
+        ``rotation_interval`` gradient steps (the authors' scheme, 1000 steps; always sampled on
+        the host). A single file is one shard, so it takes ``"uniform"`` only.
+      max_shards: shards only: use the first ``max_shards`` shards (None: all).
+      prefetch, prefetch_threads: shards sampled on the host: batch stacks made ahead, and the
+        threads making them (:class:`macfw.data.host_sampler.ShardedBatches`; more threads
+        overlap the reads of rows not in the page cache, at the price of more resident memory,
+        since each maps pages; the order of the stacks is fixed).
+      release_mib: shards only: MiB read from the memory maps after which their pages are
+        released from this process's resident set (:meth:`ShardedData.maybe_release`).
       singletask_masks: single-task success/termination labels. ``"ogbench"``: OGBench's masks
         (0 where the task is solved), so the success model learns when a chunk solves the task and
         imagined single-task rollouts terminate there. ``"ones"``: the authors' loader, which sets
@@ -141,15 +159,18 @@ class OGBenchDataset:
     Raises:
       ConfigError (a ValueError): a value out of range: unknown ``task_mode`` / ``scale_with``,
         ``task_id`` outside 1..5, ``num_episodes`` < 1, ``episode_length`` < 2, ``data_seed`` < 0,
-        ``workers`` < 1, unknown
-        ``singletask_masks``.
+        ``workers`` < 1, unknown ``singletask_masks`` or ``sampling``, ``rotation_interval``,
+        ``max_shards``, ``prefetch``, ``prefetch_threads`` or ``release_mib`` < 1; at :meth:`load`,
+        ``sampling = "shard_rotation"`` with a single file.
       UnknownEnvironmentError (at :meth:`load`): an environment OGBench does not know.
     """
 
     def __init__(self, env_name: str = "cube-single", dataset_type: str = "play", task_mode: str = "singletask",
                  task_id: int | None = None, dataset_path: str | None = None, num_episodes: int = 1000,
                  episode_length: int = 1001, data_seed: int = 0, cache_dir: str | None = None,
-                 scale_with: str = "val", workers: int | None = None, singletask_masks: str = "ogbench"):
+                 scale_with: str = "val", workers: int | None = None, singletask_masks: str = "ogbench",
+                 sampling: str = "uniform", rotation_interval: int = 1000, max_shards: int | None = None,
+                 prefetch: int = 2, prefetch_threads: int = 1, release_mib: int = 256):
         self.task_mode = check_choice("OGBenchDataset.task_mode", task_mode, TASK_MODES)
         self.scale_with = check_choice("OGBenchDataset.scale_with", scale_with, ("val", "train"))
         self.task_id = check_int("OGBenchDataset.task_id", task_id, maximum=5, allow_none=True,
@@ -159,6 +180,15 @@ class OGBenchDataset:
         self.data_seed = check_int("OGBenchDataset.data_seed", data_seed, minimum=0)
         self.singletask_masks = check_choice("OGBenchDataset.singletask_masks", singletask_masks, SINGLETASK_MASKS)
         self.workers = check_int("OGBenchDataset.workers", workers, allow_none=True)
+        from macfw.data.host_sampler import SAMPLINGS
+
+        self.sampling = check_choice("OGBenchDataset.sampling", sampling, SAMPLINGS)
+        self.rotation_interval = check_int("OGBenchDataset.rotation_interval", rotation_interval,
+                                           note="gradient steps per shard")
+        self.max_shards = check_int("OGBenchDataset.max_shards", max_shards, allow_none=True, note="None: all")
+        self.prefetch = check_int("OGBenchDataset.prefetch", prefetch)
+        self.prefetch_threads = check_int("OGBenchDataset.prefetch_threads", prefetch_threads)
+        self.release_mib = check_int("OGBenchDataset.release_mib", release_mib)
         self.env_name = env_name
         self.dataset_type = dataset_type
         self.dataset_path = dataset_path
@@ -199,9 +229,12 @@ class OGBenchDataset:
                 f"known environments: {known}.")
 
     def resolve_path(self) -> Path:
-        """The train file to load, generating it into the cache when no path is configured."""
+        """The train file to load (generating it into the cache when no path is configured), or the
+        configured directory of shards."""
         if self.dataset_path is not None:
             path = Path(os.path.expanduser(self.dataset_path))
+            if path.is_dir():
+                return path
             check_dataset_file(path, self.task_mode)
             return path
         from macfw.data.generate import ensure_dataset
@@ -228,6 +261,13 @@ class OGBenchDataset:
 
         self.check_env()
         path = self.resolve_path()
+        if path.is_dir():
+            return self.load_sharded(path, chunk_len, window)
+        from macfw.errors import check
+
+        check("OGBenchDataset.sampling", self.sampling, self.sampling == "uniform",
+              "'uniform' for a single dataset file ('shard_rotation' needs a directory of shards as "
+              "OGBenchDataset.dataset_path)")
         try:
             env, train, val = ogbench.make_env_and_datasets(self.dataset_name, dataset_path=str(path),
                                                             compact_dataset=True)
@@ -247,6 +287,36 @@ class OGBenchDataset:
         finally:
             env.close()
         return self.prepare(train, val, chunk_len, window)
+
+    def load_sharded(self, directory: Path, chunk_len: int, window: int | None = None) -> LoadedData:
+        """Convert (once) and memory-map the shards in ``directory`` (see :meth:`load` and
+        :func:`macfw.data.shards.open_sharded`); nothing is loaded into memory."""
+        import ogbench
+
+        from macfw.data.shards import open_sharded
+
+        env = ogbench.make_env_and_datasets(self.dataset_name, env_only=True)
+        try:
+            sharded = open_sharded(directory, base_name=self.base_name, dataset_name=self.dataset_name,
+                                   task_mode=self.task_mode, singletask_masks=self.singletask_masks,
+                                   scale_with=self.scale_with, env=env, cache_dir=self.cache_dir,
+                                   max_shards=self.max_shards, sampling=self.sampling,
+                                   rotation_interval=self.rotation_interval, release_mib=self.release_mib)
+            for what, space, got in (("observation", env.observation_space, (sharded.ob_dim,)),
+                                     ("action", env.action_space, (sharded.act_dim,))):
+                want = tuple(getattr(space, "shape", None) or ())
+                if want and got != want:
+                    raise DatasetError(
+                        f"The shards in {str(directory)!r} have {what}s of size {got} but the OGBench environment "
+                        f"{self.env_name!r} has {want}: they belong to another environment. Fix "
+                        "OGBenchDataset.env_name or OGBenchDataset.dataset_path.")
+        finally:
+            env.close()
+        sharded.index_tables(max(chunk_len, window or 0))  # ConfigError now if no trajectory is long enough
+        spec = Spec(ob_dim=sharded.ob_dim, act_dim=sharded.act_dim, goal_dim=sharded.goal_dim, chunk_len=int(chunk_len))
+        return LoadedData(data=sharded, spec=spec, obs_scaler=sharded.obs_scaler, goal_scaler=sharded.goal_scaler,
+                          dataset_name=self.dataset_name, env_name=self.env_name, task_mode=self.task_mode,
+                          task_id=self.task_id, num_transitions=sharded.size)
 
     def prepare(self, train: dict, val: dict, chunk_len: int, window: int | None = None) -> LoadedData:
         """Turn OGBench's compact dataset dicts into :class:`LoadedData` (see :meth:`load`)."""
