@@ -30,8 +30,10 @@ episode) alone; which episodes share a round, and in which rows, depends only on
 the outcomes, so the result (per-episode success, return, length) is the same for any number of
 workers, in this process included. B is part of the evaluation's definition, like the seed: a
 vmapped policy can round differently at another batch size. ``batch_size=1, workers=1`` is the
-one-episode-after-the-other path. Gin: ``evaluate.workers`` and ``evaluate.batch_size`` (both
-default to the number of CPU cores this process may use). A worker imports numpy, gymnasium and
+one-episode-after-the-other path. Gin: ``evaluate.workers`` (default: the number of CPU cores this
+process may use) and ``evaluate.batch_size`` (default: that or 8, the larger; more rows per policy
+call make a large policy faster on few cores, e.g. 1.7x over one at a time for MAC's paper-size
+networks on 2 cores, against 1.15x with 2 rows). A worker imports numpy, gymnasium and
 the environment's module only (never macfw or JAX); an environment registered in the calling
 process is rebuilt in the workers from its registered spec.
 
@@ -91,9 +93,9 @@ _default_mujoco_gl()
 
 import numpy as np
 
-__all__ = ["Actor", "BatchedActor", "EvalResult", "PolicyActor", "TASK_MODES", "TaskMismatchError", "default_workers",
-           "evaluate", "load_checkpoint", "evaluate_checkpoint", "make_actor", "resolve_batch_size", "resolve_task_ids",
-           "resolve_workers"]
+__all__ = ["Actor", "BatchedActor", "EvalResult", "PolicyActor", "TASK_MODES", "TaskMismatchError",
+           "default_batch_size", "default_workers", "evaluate", "evaluate_checkpoint", "load_checkpoint", "make_actor",
+           "resolve_batch_size", "resolve_task_ids", "resolve_workers"]
 
 #: ``actor(obs, goal, seed) -> chunk``; see the module docstring for shapes.
 Actor = Callable[[np.ndarray, Optional[np.ndarray], int], np.ndarray]
@@ -403,15 +405,20 @@ def resolve_workers(workers: int | None = None) -> int:
     return default_workers() if workers is None else check_int("evaluate.workers", workers)
 
 
+def default_batch_size() -> int:
+    """The default number of episodes in flight: :func:`default_workers` or 8, the larger."""
+    return max(8, default_workers())
+
+
 def resolve_batch_size(batch_size: int | None = None) -> int:
-    """``batch_size`` checked; None: the Gin binding ``evaluate.batch_size``, else :func:`default_workers`
-    (the number of CPU cores, so that by default every worker hosts one episode).
+    """``batch_size`` checked; None: the Gin binding ``evaluate.batch_size``, else
+    :func:`default_batch_size`.
 
     Raises:
       ConfigError: not an integer >= 1 (the message names ``evaluate.batch_size``).
     """
     batch_size = _bound("batch_size") if batch_size is None else batch_size
-    return default_workers() if batch_size is None else check_int("evaluate.batch_size", batch_size)
+    return default_batch_size() if batch_size is None else check_int("evaluate.batch_size", batch_size)
 
 
 # What a slot does with its env: the same code in this process and in a worker (which runs this source
@@ -813,9 +820,9 @@ def evaluate(
         workers: worker processes that step the environments (Gin ``evaluate.workers``; None: the
             CPU cores this process may use); 1 steps them in this process. Speed only: the result
             does not depend on it. At most ``batch_size`` are used; not POSIX (Windows): always 1.
-        batch_size: episodes in flight (Gin ``evaluate.batch_size``; None: the number of CPU cores),
-            i.e. the rows of each ``actor.batched`` call (fewer when a task group has fewer
-            episodes). Part of the evaluation's definition, like ``seed``: a vmapped policy rounds
+        batch_size: episodes in flight (Gin ``evaluate.batch_size``; None: the number of CPU cores
+            or 8, the larger), i.e. the rows of each ``actor.batched`` call (fewer when a task group
+            has fewer episodes); the workers share them (slot i in worker ``i % workers``). Part of the evaluation's definition, like ``seed``: a vmapped policy rounds
             differently for different batch sizes, so the same ``seed`` and ``batch_size`` give the
             same result, other batch sizes may differ at float rounding (which a chaotic simulation
             can turn into another outcome). ``batch_size=1`` (with ``workers=1``) runs one episode
@@ -846,7 +853,7 @@ def evaluate(
     execute_steps = _check_int("execute_steps", execute_steps)
     video_episodes = _check_int("video_episodes", video_episodes, minimum=0)
     workers = default_workers() if workers is None else check_int("evaluate.workers", workers)
-    batch_size = default_workers() if batch_size is None else check_int("evaluate.batch_size", batch_size)
+    batch_size = default_batch_size() if batch_size is None else check_int("evaluate.batch_size", batch_size)
     if os.name != "posix":  # the workers' pipes are passed as POSIX file descriptors
         workers = 1
     if isinstance(task_ids, (int, np.integer)):

@@ -111,7 +111,7 @@ def test_evaluate_cli_skips_an_incomplete_step_and_leaves_the_folder_alone(run, 
 
 def test_evaluate_cli_workers_do_not_change_the_result(run):
     """The trained MAC checkpoint, 3 episodes: its recorded batch size, in this process or in workers."""
-    from macfw.evaluation import default_workers
+    from macfw.evaluation import default_batch_size
 
     w = run["workdir"]
     outs = []
@@ -119,7 +119,7 @@ def test_evaluate_cli_workers_do_not_change_the_result(run):
         r = _evaluate(run, "--episodes", "3", "--workers", workers)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         out = json.loads((w / "eval_step10.json").read_text())
-        assert out["workers"] == int(workers) and out["batch_size"] == default_workers()  # the run's own
+        assert out["workers"] == int(workers) and out["batch_size"] == default_batch_size()  # the run's own
         assert f"{workers} worker(s)" in r.stdout
         outs.append(out)
     assert len(outs[0]["per_seed"][0]["per_episode"]) == 3
