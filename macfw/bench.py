@@ -16,6 +16,12 @@ counting from :meth:`Agent.for_flop_count` (MAC: the H-step rollout unrolled) wi
 step per call, plus :meth:`Agent.uncounted_flops` (MAC: ``flow_steps - 1`` more velocity
 evaluations of the distillation target's diffrax ODE loop).
 
+Compile time: ``--compile-time`` starts three fresh processes that each build the agent and time its
+first dispatch (compilation plus one dispatch of K updates; seconds of wall time): without JAX's
+persistent compilation cache, with an empty cache (compile and write it), and with that cache
+filled (what a resumed or repeated ``python -m macfw.run`` gets, which turns the cache on in the
+macfw cache folder). It prints the three figures and the ratio cold / warm.
+
 On a GPU: ``python -m macfw.bench --preset paper --json bench.json`` (bf16 matrix products
 with ``--compute-dtype bfloat16``).
 """
@@ -134,6 +140,74 @@ def matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
     return 2.0 * size**3 / mean
 
 
+def first_dispatch(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28,
+                   act_dim: int = 5, goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None) -> dict:
+    """Wall seconds from a built agent to the end of its first training dispatch (tracing, XLA
+    compilation or a persistent-cache hit, one dispatch of K updates), and of the second dispatch
+    alone (``dispatch_s``), so ``first_dispatch_s - dispatch_s`` is the compile share."""
+    from macfw.step import make_train_step
+
+    p = PRESETS[preset]
+    K = steps_per_dispatch or p["steps_per_dispatch"]
+    agent = build_agent(p, gin_files=gin_files, gin_bindings=gin_bindings, compute_dtype=compute_dtype)
+    spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=agent.batch_spec.chunk_len)
+    data = synthetic_data(spec, window=agent.batch_spec.window)
+    t0 = time.perf_counter()
+    state = agent.init(spec, jax.random.PRNGKey(0))
+    step = make_train_step(agent, batch_size=p["batch"], steps_per_dispatch=K, template=state)
+    state, m = step(data, state)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, m = step(data, state)
+    jax.block_until_ready(m)
+    return {"first_dispatch_s": first, "dispatch_s": time.perf_counter() - t0, "steps_per_dispatch": K}
+
+
+def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = None, extra_args=()) -> dict:
+    """:func:`first_dispatch` in three fresh processes: no persistent compilation cache (``off``),
+    an empty one (``cold``: compiles and writes it) and the same one again (``warm``).
+
+    ``cache_dir``: the cache folder to use (it must be empty or absent; default a temporary folder,
+    removed afterwards). ``extra_args``: more ``python -m macfw.bench`` arguments (``--gin_file``...).
+
+    Raises:
+      ValueError: ``cache_dir`` exists and is not empty (its entries would make ``cold`` a warm start).
+      RuntimeError: a child process failed (its stderr is in the message).
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp = None
+    if cache_dir is None:
+        tmp = cache_dir = tempfile.mkdtemp(prefix="macfw-compile-cache-")
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and any(cache_dir.iterdir()):
+        raise ValueError(f"compile-time cache folder {str(cache_dir)!r} is not empty; pass an empty or new folder")
+    out = {}
+    try:
+        for label in ("off", "cold", "warm"):
+            env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+            cmd = [sys.executable, "-m", "macfw.bench", "--preset", preset, "--_first-dispatch", *extra_args]
+            if label != "off":
+                cmd += ["--_compilation-cache", str(cache_dir)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+            if r.returncode != 0:
+                raise RuntimeError(f"compile-time child ({label}) exited {r.returncode}:\n{r.stderr[-4000:]}")
+            out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "preset": preset, "off_s": out["off"]["first_dispatch_s"], "cold_s": out["cold"]["first_dispatch_s"],
+        "warm_s": out["warm"]["first_dispatch_s"], "dispatch_s": out["off"]["dispatch_s"],
+        "cold_over_warm": out["cold"]["first_dispatch_s"] / out["warm"]["first_dispatch_s"], "runs": out,
+    }
+
+
 def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28,
         act_dim: int = 5, goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None,
         dispatches: int = 5) -> dict:
@@ -237,7 +311,36 @@ def main(argv=None) -> int:
     ap.add_argument("--goal-dim", type=int, default=0)
     ap.add_argument("--all-agents", action="store_true",
                     help="bench every agent's Gin file (gin/mac.gin, gin/baselines/*.gin) at the preset's sizes")
+    ap.add_argument("--compile-time", action="store_true",
+                    help="time the first dispatch in fresh processes without, with an empty and with a filled "
+                         "persistent compilation cache")
+    ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    model = dict(gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim,
+                 act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
+                 steps_per_dispatch=a.steps_per_dispatch)
+    if a.first_dispatch:  # a child of --compile-time: one JSON line
+        if a.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
+        print(json.dumps(first_dispatch(a.preset, **model)))
+        return 0
+    if a.compile_time:
+        extra = [x for f in (a.gin_file or []) for x in ("--gin_file", f)]
+        extra += [x for b in a.gin_bindings for x in ("--gin_bindings", b)]
+        extra += ["--ob-dim", str(a.ob_dim), "--act-dim", str(a.act_dim), "--goal-dim", str(a.goal_dim)]
+        extra += ["--steps-per-dispatch", str(a.steps_per_dispatch)] if a.steps_per_dispatch else []
+        extra += ["--compute-dtype", a.compute_dtype] if a.compute_dtype else []
+        r = compile_times(a.preset, extra_args=extra)
+        print(f"first dispatch ({r['runs']['off']['steps_per_dispatch']} updates), preset {a.preset}, seconds:")
+        print(f"  no compilation cache: {r['off_s']:.2f}")
+        print(f"  empty cache (cold):   {r['cold_s']:.2f}")
+        print(f"  filled cache (warm):  {r['warm_s']:.2f}   cold / warm = {r['cold_over_warm']:.2f}")
+        print(f"  one later dispatch:   {r['dispatch_s']:.3f}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(r, f, indent=2)
+        return 0
     if a.all_agents:
         rows = run_all_agents(a.preset, goal_dim=a.goal_dim or 3, dispatches=a.dispatches, ob_dim=a.ob_dim,
                               act_dim=a.act_dim, compute_dtype=a.compute_dtype, steps_per_dispatch=a.steps_per_dispatch)
@@ -249,8 +352,7 @@ def main(argv=None) -> int:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=2, default=str)
         return 0
-    out = run(a.preset, gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim, act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
-              steps_per_dispatch=a.steps_per_dispatch, dispatches=a.dispatches)
+    out = run(a.preset, dispatches=a.dispatches, **model)
     keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",
             "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation")
     for k in keys + tuple(k for k in out if k.endswith("_s") and k not in keys and k != "count_compile_s"):

@@ -109,3 +109,35 @@ def test_all_agents_lists_every_agent_and_its_data_mode():
     baselines = {p.stem for p in (Path(__file__).resolve().parents[1] / "gin" / "baselines").glob("*.gin")}
     assert set(files) == {"mac"} | baselines and files["mac"] == "gin/mac.gin"
     assert goal_conditioned_by_default("gin/baselines/gciql.gin") and not goal_conditioned_by_default("gin/mac.gin")
+
+
+def test_compile_times_runs_off_cold_warm_in_fresh_processes(tmp_path, monkeypatch):
+    """--compile-time: three children (no cache, then the same folder twice), a refused non-empty folder."""
+    import subprocess as sp
+
+    from macfw import bench
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        label = len(calls)
+        line = json.dumps({"first_dispatch_s": {1: 9.0, 2: 10.0, 3: 2.5}[label], "dispatch_s": 0.1, "steps_per_dispatch": 2})
+        return sp.CompletedProcess(cmd, 0, stdout="noise\n" + line + "\n", stderr="")
+
+    monkeypatch.setattr(sp, "run", fake_run)
+    r = bench.compile_times("tiny", cache_dir=tmp_path / "cache", extra_args=["--gin_file", "gin/mac.gin"])
+    assert [("--_compilation-cache" in c) for c in calls] == [False, True, True]
+    assert calls[1][calls[1].index("--_compilation-cache") + 1] == calls[2][calls[2].index("--_compilation-cache") + 1]
+    assert all("--_first-dispatch" in c and "gin/mac.gin" in c for c in calls)
+    assert (r["off_s"], r["cold_s"], r["warm_s"]) == (9.0, 10.0, 2.5) and r["cold_over_warm"] == pytest.approx(4.0)
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "entry").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        bench.compile_times("tiny", cache_dir=full)
+
+    monkeypatch.setattr(sp, "run", lambda cmd, **kw: sp.CompletedProcess(cmd, 1, stdout="", stderr="boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.compile_times("tiny", cache_dir=tmp_path / "c2")
