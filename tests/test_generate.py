@@ -173,3 +173,15 @@ def test_bad_sizes(tmp_path, kwargs, needle):
 def test_bad_out_path(tmp_path):
     with pytest.raises(ValueError, match="x.h5"):
         gen.generate_dataset("cube-single-play-v0", tmp_path / "x.h5", 1, workers=1)
+
+
+def test_gen_bench_reports_throughput_and_checks_equal_data():
+    """macfw.data.gen_bench on a tiny dataset in this process: transitions counted with the
+    validation tenth, throughput = transitions / median seconds, scaling 1 against itself."""
+    from macfw.data import gen_bench
+
+    r = gen_bench.measure("cube-single-play-v0", episodes=2, workers=(1,), rounds=2, episode_length=20)
+    assert r["transitions"] == 3 * 20 and len(r["seconds"][1]) == 2
+    assert r["transitions_per_s"][1] == pytest.approx(60 / r["median_s"][1]) and r["scaling"][1] == 1.0
+    with pytest.raises(ValueError, match="rounds=0"):
+        gen_bench.measure(rounds=0)
