@@ -209,7 +209,12 @@ def table_md(rows: list[dict], budget: str) -> str:
         vals = []
         for e, t in cells:
             r = by.get((a, e, t))
-            vals.append("" if r is None else f"{r['success_mean']:.1f} +- {r['success_std']:.1f} ({_paper(r)})")
+            if r is None:
+                vals.append("")
+            else:  # one seed has no spread: its value alone, marked n = 1
+                ours = (f"{r['success_mean']:.1f} (n = 1)" if len(r["seeds"]) == 1
+                        else f"{r['success_mean']:.1f} +- {r['success_std']:.1f}")
+                vals.append(f"{ours} ({_paper(r)})")
         lines.append(f"| {a} | {mode} | " + " | ".join(vals) + " |")
     wall = sum(r["wall_time_s"] for r in rows)
     lines += ["", f"Wall time of all runs (sum): {wall / 60:.1f} min."]
