@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from macfw.fsync import fsync_path
+
 MANIFEST = "macfw_manifest.json"
 TRASH = ".macfw-trash"
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -138,19 +140,6 @@ def manifest_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: str | os.PathLike) -> None:
     """List every file of a finished step folder with its size, atomically (tmp + fsync + replace)."""
     folder = Path(folder)
@@ -162,7 +151,7 @@ def write_manifest(folder: str | os.PathLike) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST)
-    _fsync_dir(folder)
+    fsync_path(folder)
 
 
 def _is_primary() -> bool:

@@ -349,6 +349,19 @@ def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
             tmp.unlink()
 
 
+def _collect_here(tasks, results, bar) -> None:
+    """Collect ``tasks`` one after the other in this process into ``results[split][index]``,
+    ticking ``bar``; the global NumPy RNG state (used by the oracles) is restored afterwards."""
+    rng_state = np.random.get_state()
+    try:
+        for task in tasks:
+            split, index, episode = _collect_episode(task)
+            results[split][index] = episode
+            bar.update(1)
+    finally:
+        np.random.set_state(rng_state)
+
+
 def generate_dataset(
     dataset_name: str,
     out_path: str | os.PathLike,
@@ -424,14 +437,7 @@ def generate_dataset(
     bar = tqdm(total=len(tasks), unit="episode", desc=base_dataset_name(dataset_name), disable=not progress)
     try:
         if workers == 1:
-            rng_state = np.random.get_state()
-            try:
-                for task in tasks:
-                    split, index, episode = _collect_episode(task)
-                    results[split][index] = episode
-                    bar.update(1)
-            finally:
-                np.random.set_state(rng_state)
+            _collect_here(tasks, results, bar)
         else:
             # 'spawn', not fork: the parent may have imported JAX (not fork-safe).
             # Refer to the worker function through its importable module name (not '__main__'
@@ -585,14 +591,7 @@ def generate_shards(
             bar = tqdm(total=len(tasks), unit="episode", desc=paths[k].name, disable=not progress)
             try:
                 if executor is None:
-                    rng_state = np.random.get_state()
-                    try:
-                        for task in tasks:
-                            split, index, episode = _collect_episode(task)
-                            results[split][index] = episode
-                            bar.update(1)
-                    finally:
-                        np.random.set_state(rng_state)
+                    _collect_here(tasks, results, bar)
                 else:
                     from macfw.data.generate import _collect_episode as collect
 

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from macfw.data.batches import ChunkData, Scaler, trajectory_ends, valid_starts
+from macfw.fsync import fsync_path
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -150,19 +151,6 @@ def store_dir(shard: Path, cache_dir=None) -> Path:
 
 
 # ------------------------------------------------------------------------------------- atomic folders
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove_tree(folder: Path) -> None:
     """Make ``folder`` disappear at once (manifest first, then a rename into the trash), then delete it."""
     try:
@@ -233,7 +221,7 @@ def _write_columns(final: Path, columns: dict[str, np.ndarray], manifest: dict) 
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -242,7 +230,7 @@ def _write_columns(final: Path, columns: dict[str, np.ndarray], manifest: dict) 
                 return
             _remove_tree(final)
             os.rename(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
