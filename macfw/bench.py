@@ -33,7 +33,6 @@ import json
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,28 +139,40 @@ def matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
     return 2.0 * size**3 / mean
 
 
-def first_dispatch(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28,
-                   act_dim: int = 5, goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None) -> dict:
-    """Wall seconds from a built agent to the end of its first training dispatch (tracing, XLA
-    compilation or a persistent-cache hit, one dispatch of K updates), and of the second dispatch
-    alone (``dispatch_s``), so ``first_dispatch_s - dispatch_s`` is the compile share."""
+def _setup(preset: str, *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28, act_dim: int = 5,
+           goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None):
+    """The agent at ``preset``'s sizes, synthetic data, its initial state and its compiled-on-first-call
+    training step: ``(agent, spec, data, state, step, K, B)`` (K updates per dispatch, batch B)."""
     from macfw.step import make_train_step
 
     p = PRESETS[preset]
     K = steps_per_dispatch or p["steps_per_dispatch"]
+    B = p["batch"]
     agent = build_agent(p, gin_files=gin_files, gin_bindings=gin_bindings, compute_dtype=compute_dtype)
     spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=agent.batch_spec.chunk_len)
     data = synthetic_data(spec, window=agent.batch_spec.window)
-    t0 = time.perf_counter()
     state = agent.init(spec, jax.random.PRNGKey(0))
-    step = make_train_step(agent, batch_size=p["batch"], steps_per_dispatch=K, template=state)
-    state, m = step(data, state)
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
+    step = make_train_step(agent, batch_size=B, steps_per_dispatch=K, template=state)
+    return agent, spec, data, state, step, K, B
+
+
+def _first_call(step, data, state):
+    """Seconds of ``step``'s first call (tracing, compilation or a cache hit, one dispatch), and its state."""
     t0 = time.perf_counter()
     state, m = step(data, state)
     jax.block_until_ready(m)
-    return {"first_dispatch_s": first, "dispatch_s": time.perf_counter() - t0, "steps_per_dispatch": K}
+    return time.perf_counter() - t0, state
+
+
+def first_dispatch(preset: str = "cpu-small", **model) -> dict:
+    """Wall seconds of the first training dispatch (tracing, XLA compilation or a persistent-cache
+    hit, one dispatch of K updates; the same span as :func:`run`'s ``compile_s``), and of the second
+    dispatch alone (``dispatch_s``), so ``first_dispatch_s - dispatch_s`` is the compile share.
+    ``model``: :func:`run`'s keyword arguments other than ``dispatches``."""
+    _, _, data, state, step, K, _ = _setup(preset, **model)
+    first, state = _first_call(step, data, state)
+    second, _ = _first_call(step, data, state)
+    return {"first_dispatch_s": first, "dispatch_s": second, "steps_per_dispatch": K}
 
 
 def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = None, extra_args=()) -> dict:
@@ -214,21 +225,14 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     """Time one agent's training step at ``preset``'s sizes on synthetic data; returns the figures."""
     from macfw.step import make_train_step
 
-    p = PRESETS[preset]
-    K = steps_per_dispatch or p["steps_per_dispatch"]
-    B = p["batch"]
-    agent = build_agent(p, gin_files=gin_files, gin_bindings=gin_bindings, compute_dtype=compute_dtype)
+    agent, spec, data, state, step, K, B = _setup(
+        preset, gin_files=gin_files, gin_bindings=gin_bindings, ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim,
+        compute_dtype=compute_dtype, steps_per_dispatch=steps_per_dispatch)
     bspec = agent.batch_spec
-    spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=bspec.chunk_len)
-    data = synthetic_data(spec, window=bspec.window)
+    p = PRESETS[preset]
 
     # --- timing: the real training step (K updates per dispatch)
-    state = agent.init(spec, jax.random.PRNGKey(0))
-    step = make_train_step(agent, batch_size=B, steps_per_dispatch=K, template=state)
-    t0 = time.perf_counter()
-    state, m = step(data, state)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    compile_s, state = _first_call(step, data, state)
     t0 = time.perf_counter()
     for _ in range(dispatches):
         state, m = step(data, state)
