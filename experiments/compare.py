@@ -7,7 +7,9 @@ Each (agent, environment, task, group of consecutive seeds) is one resumable run
 ``OUT/runs/<budget>/<agent>/<env>-task<T>/seeds<a>-<b>`` trained by ``python -m macfw.run`` with
 the seeds vmapped in one process (``train.seed = a``, ``train.num_seeds = b - a + 1``; one seed:
 ``seed<a>``). Re-running the command skips runs that have their ``summary.json`` and resumes
-interrupted ones from their newest checkpoint. One progress line is printed per run.
+interrupted ones from their newest checkpoint; asking for more seeds later reuses the folders that
+hold some of them (``--seeds 0``, then ``--seeds 0,1,2`` trains only ``seeds1-2``). One progress
+line is printed per run.
 
 Config of a run, in order: the agent's Gin file (``gin/mac.gin`` or ``gin/baselines/<agent>.gin``),
 the environment (``gin/envs/<env>.gin``), the budget (``--budget``: ``smoke`` =
@@ -105,6 +107,35 @@ def seed_groups(seeds: list[int]) -> list[list[int]]:
         else:
             groups.append([s])
     return groups
+
+
+_RUN_DIR = re.compile(r"^seed(\d+)$|^seeds(\d+)-(\d+)$")
+
+
+def plan_cell(agent: str, env: str, task: int, seeds: list[int], budget: str, out: Path) -> list[Job]:
+    """The runs of one (agent, env, task) cell for ``seeds``: existing run folders whose seeds are all
+    requested are reused (finished ones first, then interrupted ones with checkpoints, larger groups
+    first; so ``--seeds 0`` then ``--seeds 0,1,2`` trains only seeds 1-2), and the seeds no folder
+    covers are grouped into consecutive runs (:func:`seed_groups`)."""
+    cell = out / "runs" / budget / agent / f"{env}-task{task}"
+    wanted = set(seeds)
+    found = []
+    for d in sorted(cell.iterdir()) if cell.is_dir() else []:
+        m = _RUN_DIR.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        group = [int(m.group(1))] if m.group(1) is not None else list(range(int(m.group(2)), int(m.group(3)) + 1))
+        finished = (d / "summary.json").exists()
+        if set(group) <= wanted and (finished or (d / "checkpoints").is_dir()):
+            found.append((not finished, -len(group), group))
+    jobs, covered = [], set()
+    for _, _, group in sorted(found):
+        if covered.isdisjoint(group):
+            jobs.append(Job(agent, env, task, group, budget, out))
+            covered |= set(group)
+    rest = [s for s in seeds if s not in covered]
+    jobs += [Job(agent, env, task, g, budget, out) for g in seed_groups(rest)]
+    return sorted(jobs, key=lambda j: j.seeds[0])
 
 
 def command(job: Job) -> list[str]:
@@ -294,8 +325,10 @@ def main(argv=None) -> int:
     if a.parallel < 1:
         p.error(f"--parallel must be >= 1, got {a.parallel}")
     out = a.out.absolute()
-    jobs = [Job(ag, e, t, g, a.budget, out) for ag in agents for e in envs for t in tasks
-            for g in seed_groups(_ints(a.seeds))]
+    seeds = sorted(set(_ints(a.seeds)))
+    if not seeds or min(seeds) < 0:
+        p.error(f"--seeds must be non-negative integers, got {a.seeds!r}")
+    jobs = [j for ag in agents for e in envs for t in tasks for j in plan_cell(ag, e, t, seeds, a.budget, out)]
     t0 = time.time()
     run_all(jobs, a.parallel)
     rows = collect(jobs)

@@ -14,7 +14,12 @@ another agent); a preset binds the sizes (``HIDDEN``, batch size) and MAC's roll
 FLOP counting: XLA's cost analysis counts a loop body once, so the update is compiled for
 counting from :meth:`Agent.for_flop_count` (MAC: the H-step rollout unrolled) with one gradient
 step per call, plus :meth:`Agent.uncounted_flops` (MAC: ``flow_steps - 1`` more velocity
-evaluations of the distillation target's diffrax ODE loop).
+evaluations of the distillation target's diffrax ODE loop). ``flops_per_update`` is the count of
+the reference computation (traced inside :func:`macfw.nn.mlp.reference_products`: every network
+input multiplied in full), what the method computes; the program that runs shares the state's
+product across the N candidates and the ODE steps and executes fewer, ``executed_flops_per_update``.
+``utilisation`` counts the reference FLOPs (work saved counts as work done), ``hardware_utilisation``
+the executed ones.
 
 Compile time: ``--compile-time`` starts three fresh processes that each build the agent and time its
 first dispatch (compilation plus one dispatch of K updates; seconds of wall time): without JAX's
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, sample_for, trajectory_ends, valid_starts
+from macfw.nn.mlp import reference_products
 from macfw.spec import Spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,11 +247,17 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     ups = dispatches * K / dt
 
     # --- FLOPs per update: XLA cost analysis of the counting variant, plus what it misses
+    # (twice: the reference computation, which is what the method computes and what utilisation
+    # counts, and the program that runs, with products of inputs shared across candidates and ODE
+    # steps (macfw.nn.mlp.MLP.prefix); a fresh step function each, as JAX caches traces per function)
     agent_c = agent.for_flop_count()
     state_c = agent_c.init(spec, jax.random.PRNGKey(0))
-    step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
     t0 = time.perf_counter()
-    flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
+    with reference_products():
+        step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
+        flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
+    step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
+    executed = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
     count_compile_s = time.perf_counter() - t0
     peak = matmul_peak(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
 
@@ -262,7 +274,8 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
         "device": str(jax.devices()[0]), "num_devices": jax.device_count(), "compute_dtype": compute_dtype or "float32",
         "steps_per_dispatch": K, "compile_s": compile_s, "count_compile_s": count_compile_s,
         "updates_per_s": ups, "flops_per_update": flops, "achieved_flops": achieved,
-        "matmul_peak_flops": peak, "utilisation": achieved / peak, **parts,
+        "matmul_peak_flops": peak, "utilisation": achieved / peak,
+        "executed_flops_per_update": executed, "hardware_utilisation": executed * ups / peak, **parts,
         "config": {"batch": B, "steps_per_dispatch": K, "bindings": {k: v for k, v in p["bindings"].items()},
                    "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": bspec.__dict__,
                    "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},
@@ -358,7 +371,8 @@ def main(argv=None) -> int:
         return 0
     out = run(a.preset, dispatches=a.dispatches, **model)
     keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",
-            "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation")
+            "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation",
+            "executed_flops_per_update", "hardware_utilisation")
     for k in keys + tuple(k for k in out if k.endswith("_s") and k not in keys and k != "count_compile_s"):
         v = out[k]
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")

@@ -54,5 +54,14 @@ class RejectionSampler(Sampler):
     def __call__(self, policy, critic, s, g, *, key, acting=False):
         num = self.num_act_candidates if acting else self.num_train_candidates
         cands = candidates(policy, s, g, num, key)
-        q = jax.vmap(lambda a: critic(s, g, a))(cands)
-        return cands[jnp.argmax(q)]
+        return cands[jnp.argmax(candidate_values(critic, s, g, cands))]
+
+
+def candidate_values(critic, s, g, cands: Float[Array, "num chunk_dim"]) -> Float[Array, " num"]:
+    """``Q(s, g, A_i)`` for every candidate: ``(num,)``. A critic with a ``many(s, g, As)`` method
+    (:class:`~macfw.nn.models.QCritic`) computes the state's share of its first layer once for all
+    candidates; any other critic is vmapped over them."""
+    many = getattr(critic, "many", None)
+    if many is not None:
+        return many(s, g, cands)
+    return jax.vmap(lambda a: critic(s, g, a))(cands)

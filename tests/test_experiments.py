@@ -240,3 +240,30 @@ def test_compare_table_marks_one_seed_instead_of_a_zero_spread():
                             paper_std=2)], "quickstart")
     assert "| fql | singletask | 3.3 (n = 1) (96) |" in md and "+- 0.0" not in md
     assert "| mac | singletask | 40.0 +- 5.0 (99 +- 2) |" in md
+
+
+def test_compare_reuses_run_folders_that_hold_some_of_the_requested_seeds(tmp_path):
+    """``--seeds 0`` then ``--seeds 0,1,2``: the finished ``seed0`` is reused and only seeds 1-2 train
+    (one group); an interrupted folder with checkpoints is resumed; folders with an unrequested
+    seed, or with neither a summary nor checkpoints, are not used."""
+    cmp = _load("compare")
+    cell = tmp_path / "runs" / "quickstart" / "fql" / "cube-single-task2"
+
+    def plan(seeds):
+        return [j.seeds for j in cmp.plan_cell("fql", "cube-single", 2, seeds, "quickstart", tmp_path)]
+
+    assert plan([0, 1, 2]) == [[0, 1, 2]]  # nothing there yet: one vmapped group
+    (cell / "seed0").mkdir(parents=True)
+    assert plan([0, 1, 2]) == [[0, 1, 2]]  # an empty folder (never trained) is not a run
+    (cell / "seed0" / "summary.json").write_text("{}")
+    assert plan([0, 1, 2]) == [[0], [1, 2]]
+    assert plan([0, 2, 3]) == [[0], [2, 3]]
+    (cell / "seeds1-2" / "checkpoints").mkdir(parents=True)  # interrupted: resumed, not restarted
+    assert plan([0, 1, 2]) == [[0], [1, 2]]
+    (cell / "seeds0-3" / "checkpoints").mkdir(parents=True)  # holds seed 3, which is not asked for
+    assert plan([0, 1, 2]) == [[0], [1, 2]]
+    assert plan([0, 1, 2, 3]) == [[0], [1, 2], [3]]  # finished first, then the larger interrupted group...
+    (cell / "seeds0-3" / "summary.json").write_text("{}")
+    assert plan([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # ...but a finished folder with all four wins
+    assert [j.workdir.name for j in cmp.plan_cell("fql", "cube-single", 2, [0, 1, 2], "quickstart", tmp_path)] == [
+        "seed0", "seeds1-2"]

@@ -54,7 +54,8 @@ def test_candidates_are_clipped_policy_samples(setup):
     _, _, c_train, c_act, raw = map(np.asarray, run(TargetCritic(jnp.zeros(SPEC.chunk_dim)), key))
     assert c_train.shape == (N_TRAIN, SPEC.chunk_dim) and c_act.shape == (N_ACT, SPEC.chunk_dim)
     assert np.mean(np.abs(raw) > 1.0) > 0.2  # the clipping matters
-    np.testing.assert_allclose(c_act, np.clip(raw, -1.0, 1.0), rtol=1e-6)
+    # (the sampler computes mu's first-layer product of [s, g] once for all draws: float rounding only)
+    np.testing.assert_allclose(c_act, np.clip(raw, -1.0, 1.0), rtol=1e-5, atol=1e-5)
     # distinct candidates (so "which one" is a meaningful question)
     assert len({tuple(np.round(c, 5)) for c in c_act}) == N_ACT
 

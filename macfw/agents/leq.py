@@ -66,7 +66,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step, vmap_steps
 from macfw.agents.mbpo import one_step_view
 from macfw.errors import check, check_float, check_int
 from macfw.nn.actors import DeterministicActor
@@ -374,8 +374,8 @@ class LEQ(Agent):
         alpha, chain = return_chain(H, discount=self.gamma, lam=self.lam)
         if jacobian == "chain" and chain.min() > CHAIN_MIN:
             (adj,) = vjp(jnp.zeros_like(returns).at[0].set(1.0))  # d Q^lam_0 / d a_t, (H+1, B, act_dim)
-            dq_da = jax.vmap(jax.vmap(jax.grad(lambda a, s, gg: frozen.critic(s, gg, a)), in_axes=(0, 0, 0)),
-                             in_axes=(0, 0, None))(roll["actions"], roll["states"], g)
+            g_steps = jnp.broadcast_to(g, roll["states"].shape[:2] + g.shape[1:])
+            dq_da = vmap_steps(jax.grad(lambda a, s, gg: frozen.critic(s, gg, a)), roll["actions"], roll["states"], g_steps)
             alive = roll["alive"][..., None]
             P = alive * jnp.asarray(chain, returns.dtype)[:, None, None]
             local = jnp.asarray(alpha, returns.dtype)[:, None, None] * dq_da
@@ -390,7 +390,8 @@ class LEQ(Agent):
     def actor_loss(self, nets: LEQNetworks, aroll: dict, g: Float[Array, "B goal_dim"]) -> tuple[Array, dict]:
         """The actor's loss (:func:`actor_surrogate`) on :meth:`actor_rollout`'s states and action gradients,
         with ``pi`` evaluated by ``nets.actor`` (the only network it moves); ``(loss, metrics)``."""
-        actions = jax.vmap(jax.vmap(nets.actor), in_axes=(0, None))(aroll["states"], g)  # (H+1, B, act_dim)
+        g_steps = jnp.broadcast_to(g, aroll["states"].shape[:2] + g.shape[1:])
+        actions = vmap_steps(nets.actor, aroll["states"], g_steps)  # (H+1, B, act_dim)
         loss = actor_surrogate(actions, aroll["weights"][..., None] * aroll["grads"])
         alive = aroll["alive"]
         return loss, {"actor/loss": loss, "actor/return_mean": aroll["returns"][0].mean(),
@@ -416,7 +417,7 @@ class LEQ(Agent):
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
 
         def on_steps(q, st, at):  # Q on the imagined (s_t, g_v, a_t), t < H: (H, B)
-            return jax.vmap(lambda s_t, a_t: jax.vmap(q)(s_t, vg, a_t))(st, at)
+            return vmap_steps(q, st, jnp.broadcast_to(vg, st.shape[:2] + vg.shape[1:]), at)
 
         st, at = croll["states"][:H], croll["actions"][:H]
         critic_loss, m_c = critic_objective(

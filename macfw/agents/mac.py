@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
-from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step, param_checksum  # noqa: F401  (param_checksum re-exported)
+from macfw.agents.base import (Agent, BatchSpec, copy_of, ema, gradient_step, param_checksum,  # noqa: F401  (re-exported)
+                               vmap_steps)
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
@@ -259,14 +260,16 @@ class MAC(Agent):
         # value: lambda-returns against V' on the H+1 imagined states (computed once).
         states, g = roll["states"], roll["goals"]
         discount = self.gamma ** self.spec.chunk_len
-        v_targ = jax.vmap(jax.vmap(target_value), in_axes=(0, None))(states, g)  # (H+1, Br)
+        g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
+        v_targ = vmap_steps(target_value, states, g_steps)  # (H+1, Br)
         returns = jax.lax.stop_gradient(
             lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam))
-        v_pred = jax.vmap(jax.vmap(nets.value), in_axes=(0, None))(states[:-1], g)  # (H, Br)
+        v_pred = vmap_steps(nets.value, states[:-1], g_steps[:-1])  # (H, Br)
         value_loss = jnp.mean((v_pred - returns) ** 2)
 
         # critic: TD target on the first imagined step with the online value.
-        v1 = jax.lax.stop_gradient(jax.vmap(nets.value)(states[1], g))
+        # (V(s_1) is row 1 of v_pred when H > 1: the same network on the same states, not evaluated twice)
+        v1 = jax.lax.stop_gradient(v_pred[1] if self.horizon > 1 else jax.vmap(nets.value)(states[1], g))
         q_target = roll["rewards"][0] + discount * roll["masks"][0] * v1
         q = jax.vmap(nets.critic)(states[0], g, roll["actions"][0])
         critic_loss = jnp.mean((q - q_target) ** 2)

@@ -158,9 +158,22 @@ class FlowPolicy(BehaviorPolicy):
         u = jnp.reshape(jnp.asarray(u, x.dtype), (1,))
         return self.field(jnp.concatenate([s, g, x, u]))
 
-    def solve(self, s, g, z) -> Float[Array, " chunk_dim"]:
-        """The ODE solution ``x(1)`` from noise ``z: (chunk_dim,)`` (diffrax)."""
-        return solve_flow(self.velocity, s, g, z, num_steps=self.flow_steps, solver=self.solver, adaptive=self.adaptive)
+    def solve(self, s, g, z, *, pre=None) -> Float[Array, " chunk_dim"]:
+        """The ODE solution ``x(1)`` from noise ``z: (chunk_dim,)`` (diffrax). The velocity field's
+        first-layer product of ``[s, g]`` is computed once for every step (``pre``, from
+        :meth:`state_prefix`, may be passed in when the caller has it)."""
+        pre = self.state_prefix(s, g) if pre is None else pre
+        field = lambda s, g, x, u: self._velocity_from(pre, x, u)  # noqa: E731
+        return solve_flow(field, s, g, z, num_steps=self.flow_steps, solver=self.solver, adaptive=self.adaptive)
+
+    def state_prefix(self, s, g) -> Float[Array, " hidden0"]:
+        """``v``'s first-layer share of ``[s, g]`` (:meth:`~macfw.nn.mlp.MLP.prefix`), shared by every
+        velocity evaluation at this state."""
+        return self.field.prefix(jnp.concatenate([s, g]))
+
+    def _velocity_from(self, pre, x, u):
+        u = jnp.reshape(jnp.asarray(u, x.dtype), (1,))
+        return self.field.from_prefix(pre, jnp.concatenate([x, u]))
 
     def distilled(self, s, g, z) -> Float[Array, " chunk_dim"]:
         """``mu(s, g, z)``: one network call from noise to a chunk."""
@@ -174,20 +187,24 @@ class FlowPolicy(BehaviorPolicy):
     def sample_many(self, s, g, num, *, key):
         """``num`` chunks from noise ``z: (num, chunk_dim)`` drawn in one call (mu, or the ODE solve)."""
         z = jax.random.normal(key, (num, self.chunk_dim))
-        to_chunk = self.distilled if self.one_step is not None else self.solve
-        return jax.vmap(lambda zi: to_chunk(s, g, zi))(z)
+        if self.one_step is not None:  # mu's first-layer product of [s, g] once for the num draws
+            pre = self.one_step.prefix(jnp.concatenate([s, g]))
+            return jax.vmap(lambda zi: self.one_step.from_prefix(pre, zi))(z)
+        pre = self.state_prefix(s, g)
+        return jax.vmap(lambda zi: self.solve(s, g, zi, pre=pre))(z)
 
     def loss(self, s, g, A, *, key):
         kz, ku, kd = jax.random.split(key, 3)
         z = jax.random.normal(kz, A.shape)
         u = jax.random.uniform(ku)
         x = (1.0 - u) * z + u * A
-        flow = jnp.mean((self.velocity(s, g, x, u) - (A - z)) ** 2)
+        pre = self.state_prefix(s, g)  # shared by this velocity and the distillation target's ODE steps
+        flow = jnp.mean((self._velocity_from(pre, x, u) - (A - z)) ** 2)
         metrics = {"flow/loss": flow}
         total = flow
         if self.one_step is not None:
             z2 = jax.random.normal(kd, A.shape)
-            target = jax.lax.stop_gradient(self.solve(s, g, z2))
+            target = jax.lax.stop_gradient(self.solve(s, g, z2, pre=jax.lax.stop_gradient(pre)))
             distill = jnp.mean((self.distilled(s, g, z2) - target) ** 2)
             metrics["flow/distill_loss"] = distill
             total = total + self.distill_weight * distill

@@ -160,6 +160,13 @@ class _ChunkHead(_Head):
     def __call__(self, s, g, A) -> Float[Array, ""]:
         return self._out(s, g, A)
 
+    def many(self, s, g, As: Float[Array, "num chunk_dim"]) -> Float[Array, " num"]:
+        """The head on ``num`` chunks for one ``(s, g)``: ``(num,)``, equal to ``vmap(lambda A: self(s, g, A))(As)``
+        up to float rounding, with the first layer's product of ``[s, g]`` computed once
+        (:meth:`~macfw.nn.mlp.MLP.prefix`; the rejection sampler's N candidates, paper §4.2)."""
+        pre = self.net.prefix(jnp.concatenate([s, g]))
+        return jax.vmap(lambda A: self.net.from_prefix(pre, A)[0])(As)
+
 
 @register("critic")
 class QCritic(_ChunkHead):
