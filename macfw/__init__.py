@@ -7,6 +7,11 @@ from macfw._mujoco_gl import default_mujoco_gl  # noqa: E402
 
 default_mujoco_gl()
 
+# Random bits on the CPU: JAX's written-out threefry lowering (identical bits, no loop; macfw/_threefry.py).
+from macfw._threefry import apply_default as _threefry_default  # noqa: E402
+
+_threefry_default()
+
 from macfw import registry
 from macfw.registry import register
 

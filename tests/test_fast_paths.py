@@ -1,9 +1,10 @@
 """Issue 12: the faster update computes what the reference computation does.
 
-Three changes made MAC's update (and every MLP's backward pass) faster without changing what is
+Four changes made MAC's update (and every MLP's backward pass) faster without changing what is
 computed: LayerNorm's closed-form gradient (a custom VJP), the state's first-layer product shared
-across the rejection sampler's N candidates and the flow ODE's steps (``MLP.prefix``), and one
-flattened vmap instead of two nested ones over rollout steps (``vmap_steps``). Each is checked
+across the rejection sampler's N candidates and the flow ODE's steps (``MLP.prefix``), one
+flattened vmap instead of two nested ones over rollout steps (``vmap_steps``), and JAX's threefry
+lowered without its loop on the CPU (``macfw._threefry``: the same bits). Each is checked
 against its reference here: alone on tiny inputs, and all three together over 50 MAC updates from a
 fixed seed, where the reference is the pre-change computation traced in the same process (so the
 comparison holds on any CPU's instruction set).
@@ -133,3 +134,27 @@ def test_mac_losses_after_50_updates_equal_the_reference_computation(monkeypatch
     assert not bad, f"fast vs reference after 50 updates: {bad}"
     # the reference really is a different program (else this test compares a thing with itself)
     assert any(fast[k] != ref[k] for k in fast)
+
+
+def test_written_out_threefry_gives_the_same_bits_as_jax_rolled_loop():
+    """``import macfw`` lowers threefry on the CPU without JAX's rolled loop: the same random numbers
+    (bits and normals, split keys), and a program without the while loop the rolled rule makes."""
+    from macfw import _threefry
+
+    def draws(k):
+        ks = jax.random.split(k, 7)
+        return (jax.vmap(lambda kk: jax.random.bits(kk, (8, 5)))(ks),
+                jax.vmap(lambda kk: jax.random.normal(kk, (8, 5)))(ks), jax.random.split(k, 3))
+
+    key = jax.random.PRNGKey(123)
+    try:
+        assert _threefry.unroll_threefry_on_cpu(False)
+        rolled_hlo = jax.jit(lambda k: draws(k)).lower(key).compile().as_text()
+        rolled = jax.jit(lambda k: draws(k))(key)
+    finally:
+        assert _threefry.unroll_threefry_on_cpu(True)
+    unrolled_hlo = jax.jit(lambda k: draws(k)).lower(key).compile().as_text()
+    unrolled = jax.jit(lambda k: draws(k))(key)
+    for a, b in zip(rolled, unrolled):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert " while(" in rolled_hlo and " while(" not in unrolled_hlo
