@@ -2,7 +2,9 @@
 
 Prints updates per second after compilation, the FLOPs of one update from XLA's cost analysis,
 the achieved FLOP/s, and a practical peak measured in the same run: the FLOP/s of a large plain
-matrix product on the same device. ``utilisation = achieved / peak`` (DESIGN §7). It also times
+matrix product on the same device, timed right after each dispatch. ``utilisation`` is the median
+over dispatches of ``achieved / peak`` for the pair (DESIGN §7), ``utilisation_range`` their spread;
+``matmul_peak_flops`` the median peak. It also times
 the parts of an update the agent names (:meth:`Agent.benchmark_parts`; MAC: the imagined rollout
 and the rejection sampler), as ``<part>_s``.
 
@@ -37,6 +39,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,14 +138,24 @@ def _time(fn, *args, repeat=5, min_time=1.0):
 
 def matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
     """FLOP/s of a large plain matrix product on the default device (the practical peak)."""
+    return peak_meter(dtype, size)(min_time=1.0)
+
+
+def peak_meter(dtype=jnp.float32, size: int | None = None) -> Callable[..., float]:
+    """A compiled, warm ``size x size`` matrix product (2048 on CPU, 8192 on GPU); calling the result
+    times it again (``repeat`` runs, at least ``min_time`` seconds) and returns its FLOP/s."""
     if size is None:
         size = 8192 if jax.default_backend() == "gpu" else 2048
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(k1, (size, size), dtype)
     b = jax.random.normal(k2, (size, size), dtype)
     f = jax.jit(lambda a, b: a @ b)
-    mean, best = _time(f, a, b)
-    return 2.0 * size**3 / mean
+    jax.block_until_ready(f(a, b))
+
+    def measure(repeat: int = 3, min_time: float = 0.0) -> float:
+        return 2.0 * size**3 / _time(f, a, b, repeat=repeat, min_time=min_time)[0]
+
+    return measure
 
 
 def _setup(preset: str, *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28, act_dim: int = 5,
@@ -237,14 +250,19 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     bspec = agent.batch_spec
     p = PRESETS[preset]
 
-    # --- timing: the real training step (K updates per dispatch)
+    # --- timing: the real training step (K updates per dispatch), each dispatch followed by the peak
+    # matrix product, so that every dispatch has a peak figure measured beside it (a shared machine's
+    # speed drifts by 15% within minutes): utilisation is the median over these pairs
     compile_s, state = _first_call(step, data, state)
-    t0 = time.perf_counter()
+    meter = peak_meter(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
+    dispatch_s, peaks = [], []
     for _ in range(dispatches):
+        t0 = time.perf_counter()
         state, m = step(data, state)
-    jax.block_until_ready(m)
-    dt = time.perf_counter() - t0
-    ups = dispatches * K / dt
+        jax.block_until_ready(m)
+        dispatch_s.append(time.perf_counter() - t0)
+        peaks.append(meter())
+    ups = dispatches * K / sum(dispatch_s)
 
     # --- FLOPs per update: XLA cost analysis of the counting variant, plus what it misses
     # (twice: the reference computation, which is what the method computes and what utilisation
@@ -259,7 +277,8 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
     executed = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
     count_compile_s = time.perf_counter() - t0
-    peak = matmul_peak(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
+    peak = float(np.median(peaks))
+    pair_util = [flops * K / d / pk for d, pk in zip(dispatch_s, peaks)]
 
     # --- the parts the agent names, alone
     batch = sample_for(bspec, data, jax.random.PRNGKey(3), B, goal_conditioned=spec.goal_conditioned)
@@ -274,8 +293,10 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
         "device": str(jax.devices()[0]), "num_devices": jax.device_count(), "compute_dtype": compute_dtype or "float32",
         "steps_per_dispatch": K, "compile_s": compile_s, "count_compile_s": count_compile_s,
         "updates_per_s": ups, "flops_per_update": flops, "achieved_flops": achieved,
-        "matmul_peak_flops": peak, "utilisation": achieved / peak,
-        "executed_flops_per_update": executed, "hardware_utilisation": executed * ups / peak, **parts,
+        "matmul_peak_flops": peak, "utilisation": float(np.median(pair_util)),
+        "utilisation_range": [float(min(pair_util)), float(max(pair_util))],
+        "executed_flops_per_update": executed,
+        "hardware_utilisation": float(np.median(pair_util)) * executed / flops, **parts,
         "config": {"batch": B, "steps_per_dispatch": K, "bindings": {k: v for k, v in p["bindings"].items()},
                    "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": bspec.__dict__,
                    "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},

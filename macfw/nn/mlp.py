@@ -30,7 +30,9 @@ _SHARE = [True]
 def reference_products():
     """Trace inside this to compute every :meth:`MLP.prefix` / :meth:`MLP.from_prefix` pair as the plain
     ``MLP(concat([head, tail]))``: the reference computation, without shared products. The benchmark
-    counts the reference's FLOPs (what the method computes); the tests compare the two."""
+    counts the reference's FLOPs (what the method computes); the tests compare the two. The switch is
+    read while tracing, and JAX caches a function's trace: jit a function made inside the context
+    (``macfw.bench`` builds a fresh training step there)."""
     old = _SHARE[0]
     _SHARE[0] = False
     try:
