@@ -27,19 +27,28 @@ def _module():
     return t
 
 
+_UNROLLED = [False]
+
+
+def is_unrolled() -> bool:
+    """Whether the written-out rule is the CPU's lowering now."""
+    return _UNROLLED[0]
+
+
 def unroll_threefry_on_cpu(unrolled: bool = True) -> bool:
     """Lower ``threefry2x32`` on the CPU with JAX's written-out rule (``unrolled=False``: JAX's default,
-    the rolled loop). Affects programs traced and compiled afterwards. Returns whether the rule was
-    registered (False where JAX's private modules are not as expected)."""
+    the rolled loop). Affects programs lowered afterwards. Returns whether the rule was registered
+    (False where JAX's private modules are not as expected)."""
     try:
         from jax._src.interpreters import mlir
 
         t = _module()
         rule = t._threefry2x32_lowering_rule if unrolled else t._threefry2x32_cpu_lowering_rule
         mlir.register_lowering(t.threefry2x32_p, rule, platform="cpu")
-        return True
     except (ImportError, AttributeError, TypeError):
         return False
+    _UNROLLED[0] = bool(unrolled)
+    return True
 
 
 def apply_default() -> bool:

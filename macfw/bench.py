@@ -17,11 +17,17 @@ FLOP counting: XLA's cost analysis counts a loop body once, so the update is com
 counting from :meth:`Agent.for_flop_count` (MAC: the H-step rollout unrolled) with one gradient
 step per call, plus :meth:`Agent.uncounted_flops` (MAC: ``flow_steps - 1`` more velocity
 evaluations of the distillation target's diffrax ODE loop). ``flops_per_update`` is the count of
-the reference computation (traced inside :func:`macfw.nn.mlp.reference_products`: every network
-input multiplied in full), what the method computes; the program that runs shares the state's
-product across the N candidates and the ODE steps and executes fewer, ``executed_flops_per_update``.
+the reference computation (traced inside :func:`macfw.reference.reference_computation`: every
+network input multiplied in full), what the method computes; the program that runs shares the
+state's product across the N candidates and the ODE steps and executes fewer,
+``executed_flops_per_update``.
 ``utilisation`` counts the reference FLOPs (work saved counts as work done), ``hardware_utilisation``
 the executed ones.
+
+Against the reference: ``--against-reference`` builds the update twice in one process, once as
+the reference computation (:mod:`macfw.reference`: every same-result speed-up off) and once as it
+runs, alternates ``--dispatches`` dispatches of each and prints both per-update times, the speed-up
+and the largest relative difference of their metrics after the same updates.
 
 Compile time: ``--compile-time`` starts three fresh processes that each build the agent and time its
 first dispatch (compilation plus one dispatch of K updates; seconds of wall time): without JAX's
@@ -46,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, sample_for, trajectory_ends, valid_starts
-from macfw.nn.mlp import reference_products
+from macfw.reference import reference_computation
 from macfw.spec import Spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +200,43 @@ def first_dispatch(preset: str = "cpu-small", **model) -> dict:
     return {"first_dispatch_s": first, "dispatch_s": second, "steps_per_dispatch": K}
 
 
+def against_reference(preset: str = "cpu-small", *, pairs: int = 8, **model) -> dict:
+    """The update against its reference computation (:mod:`macfw.reference`), in one process: both built
+    from the same seed on the same synthetic data, compiled, then ``pairs`` dispatches of each
+    alternated (so both see the same machine). Returns per-update seconds of every dispatch, the
+    medians, ``speedup`` (reference / current median), and ``max_rel_diff``: the largest relative
+    difference between the two's metrics after the same number of updates (the same computation:
+    float rounding only). ``model``: :func:`run`'s keyword arguments other than ``dispatches``.
+
+    Raises:
+      ValueError: ``pairs < 1``.
+    """
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    with reference_computation():  # traced and compiled inside: its first call is here
+        _, _, data_r, st_r, step_r, K, _ = _setup(preset, **model)
+        _, st_r = _first_call(step_r, data_r, st_r)
+    _, _, data_n, st_n, step_n, K, _ = _setup(preset, **model)
+    _, st_n = _first_call(step_n, data_n, st_n)
+    times = {"reference": [], "current": []}
+    for _ in range(pairs):
+        for name in times:
+            t0 = time.perf_counter()
+            if name == "reference":
+                st_r, m_r = step_r(data_r, st_r)
+                jax.block_until_ready(m_r)
+            else:
+                st_n, m_n = step_n(data_n, st_n)
+                jax.block_until_ready(m_n)
+            times[name].append((time.perf_counter() - t0) / K)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    diffs = [float(np.max(np.abs(np.asarray(m_n[k]) - np.asarray(m_r[k])) / np.maximum(np.abs(np.asarray(m_r[k])), 1e-6)))
+             for k in m_r if np.issubdtype(np.asarray(m_r[k]).dtype, np.floating)]
+    return {"preset": preset, "steps_per_dispatch": K, "pairs": pairs, "update_s": times,
+            "reference_update_s": med["reference"], "current_update_s": med["current"],
+            "speedup": med["reference"] / med["current"], "max_rel_diff": max(diffs) if diffs else 0.0}
+
+
 def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = None, extra_args=()) -> dict:
     """:func:`first_dispatch` in three fresh processes: no persistent compilation cache (``off``),
     an empty one (``cold``: compiles and writes it) and the same one again (``warm``).
@@ -271,7 +314,7 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     agent_c = agent.for_flop_count()
     state_c = agent_c.init(spec, jax.random.PRNGKey(0))
     t0 = time.perf_counter()
-    with reference_products():
+    with reference_computation(rolled_threefry=False):  # (XLA counts a loop body once)
         step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
         flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
     step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
@@ -352,6 +395,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-time", action="store_true",
                     help="time the first dispatch in fresh processes without, with an empty and with a filled "
                          "persistent compilation cache")
+    ap.add_argument("--against-reference", action="store_true",
+                    help="time the update against its reference computation (macfw.reference), alternated in "
+                         "one process (--dispatches pairs), and compare their losses")
     ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -362,6 +408,16 @@ def main(argv=None) -> int:
         if a.compilation_cache:
             jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
         print(json.dumps(first_dispatch(a.preset, **model)))
+        return 0
+    if a.against_reference:
+        r = against_reference(a.preset, pairs=a.dispatches, **model)
+        print(f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):")
+        print(f"  reference computation: {1e3 * r['reference_update_s']:.2f} ms per update (median)")
+        print(f"  current:               {1e3 * r['current_update_s']:.2f} ms per update (median)")
+        print(f"  speed-up {r['speedup']:.3f}x; largest relative difference of the metrics {r['max_rel_diff']:.2e}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(r, f, indent=2)
         return 0
     if a.compile_time:
         extra = [x for f in (a.gin_file or []) for x in ("--gin_file", f)]

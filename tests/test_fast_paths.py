@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from macfw.nn import mlp as mlp_mod
-from macfw.nn.mlp import MLP, reference_products
+from macfw.nn.mlp import MLP
+from macfw.reference import reference_computation
 
 
 def _nested_vmap_steps(fn, *args):
@@ -67,7 +68,7 @@ def test_prefix_pair_equals_the_plain_call_and_reference_mode_is_the_plain_call(
     assert pre.shape == (16,)
     shared = jax.vmap(lambda t: m.from_prefix(pre, t))(tails)
     np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
-    with reference_products():
+    with reference_computation():
         ref = jax.vmap(lambda t: m.from_prefix(m.prefix(head), t))(tails)
     np.testing.assert_array_equal(ref, plain)  # the very same operations
     with pytest.raises(ValueError, match=r"tail \(9,\)"):
@@ -87,43 +88,31 @@ def test_vmap_steps_equals_nested_vmaps_and_names_bad_shapes():
         vmap_steps(f, s, jnp.zeros((3, 5, 2)))
 
 
-def _losses_after_50_updates(reference: bool, monkeypatch) -> dict:
+def _losses_after_50_updates(reference: bool) -> dict:
     """MAC at the bench's tiny sizes (synthetic data), 25 dispatches of 2 updates from seed 0; the
-    metrics of the last dispatch. ``reference``: the pre-change computation (autodiff LayerNorm, no
-    shared products, nested vmaps)."""
-    from macfw import bench
-    from macfw.agents import mac
+    metrics of the last dispatch. ``reference``: traced, compiled and run inside
+    :func:`~macfw.reference.reference_computation` (the pre-change computation)."""
+    import contextlib
 
     import gin
 
-    with monkeypatch.context() as mp:
-        if reference:
-            mp.setattr(mlp_mod, "_layer_norm_fn", _layer_norm_by_autodiff)
-            mp.setattr(mac, "vmap_steps", _nested_vmap_steps)
-        ctx = reference_products() if reference else _nothing()
-        try:
-            with ctx:
-                agent, spec, data, state, step, K, B = bench._setup("tiny")
-                for _ in range(25):
-                    state, m = step(data, state)
-                jax.block_until_ready(m)
-        finally:
-            gin.clear_config()  # bench._setup binds the tiny preset's sizes: leave no bindings to later tests
+    from macfw import bench
+
+    try:
+        with reference_computation() if reference else contextlib.nullcontext():
+            agent, spec, data, state, step, K, B = bench._setup("tiny")
+            for _ in range(25):
+                state, m = step(data, state)
+            jax.block_until_ready(m)
+    finally:
+        gin.clear_config()  # bench._setup binds the tiny preset's sizes: leave no bindings to later tests
     assert int(state.step) == 50
     return {k: float(np.mean(np.asarray(v))) for k, v in m.items()}
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def test_mac_losses_after_50_updates_equal_the_reference_computation(monkeypatch):
-    fast = _losses_after_50_updates(False, monkeypatch)
-    ref = _losses_after_50_updates(True, monkeypatch)
+def test_mac_losses_after_50_updates_equal_the_reference_computation():
+    fast = _losses_after_50_updates(False)
+    ref = _losses_after_50_updates(True)
     assert fast.keys() == ref.keys()
     for k in ("total/loss", "dynamics/loss", "flow/loss", "flow/distill_loss", "success/loss", "reward/loss",
               "value/loss", "critic/loss", "critic/q_mean", "value/mean"):
@@ -158,3 +147,40 @@ def test_written_out_threefry_gives_the_same_bits_as_jax_rolled_loop():
     for a, b in zip(rolled, unrolled):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert " while(" in rolled_hlo and " while(" not in unrolled_hlo
+
+
+def test_reference_computation_switches_every_speed_up_and_restores_them():
+    from macfw import _threefry, reference
+    from macfw.agents.base import vmap_steps
+
+    assert not reference.active() and _threefry.is_unrolled()
+    ln = eqx.nn.LayerNorm(8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8,))
+    fast_jaxpr = str(jax.make_jaxpr(lambda x: mlp_mod._layer_norm(ln, x))(x))
+    s = jnp.ones((2, 3, 4))
+    with reference_computation():
+        assert reference.active() and not _threefry.is_unrolled()
+        ref_jaxpr = str(jax.make_jaxpr(lambda x: mlp_mod._layer_norm(ln, x))(x))
+        nested = str(jax.make_jaxpr(lambda s: vmap_steps(jnp.sum, s))(s))
+        hlo = jax.jit(lambda k: jax.random.normal(k, (4,))).lower(jax.random.PRNGKey(0)).compile().as_text()
+    assert not reference.active() and _threefry.is_unrolled()
+    assert "custom_vjp" in fast_jaxpr and "custom_vjp" not in ref_jaxpr
+    assert "reshape" in str(jax.make_jaxpr(lambda s: vmap_steps(jnp.sum, s))(s)) and "reshape" not in nested
+    assert " while(" in hlo
+
+
+def test_bench_against_reference_times_both_and_finds_the_same_losses():
+    import gin
+
+    from macfw import bench
+
+    try:
+        r = bench.against_reference("tiny", pairs=2)
+    finally:
+        gin.clear_config()
+    assert len(r["update_s"]["reference"]) == len(r["update_s"]["current"]) == 2
+    assert r["reference_update_s"] > 0 and r["current_update_s"] > 0
+    assert r["speedup"] == pytest.approx(r["reference_update_s"] / r["current_update_s"])
+    assert r["max_rel_diff"] < 1e-3, r["max_rel_diff"]
+    with pytest.raises(ValueError, match="got 0"):
+        bench.against_reference("tiny", pairs=0)

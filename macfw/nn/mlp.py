@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import equinox as eqx
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from macfw import reference
 from macfw.errors import check, check_dims
 
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -20,25 +20,6 @@ def gelu(x: Array) -> Array:
     code), written out: the same function, about 15% faster on CPU than ``jax.nn.gelu`` (measured on
     a (2048, 256) array)."""
     return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
-
-
-#: Whether :meth:`MLP.prefix` / :meth:`MLP.from_prefix` share the head's product (read at trace time).
-_SHARE = [True]
-
-
-@contextlib.contextmanager
-def reference_products():
-    """Trace inside this to compute every :meth:`MLP.prefix` / :meth:`MLP.from_prefix` pair as the plain
-    ``MLP(concat([head, tail]))``: the reference computation, without shared products. The benchmark
-    counts the reference's FLOPs (what the method computes); the tests compare the two. The switch is
-    read while tracing, and JAX caches a function's trace: jit a function made inside the context
-    (``macfw.bench`` builds a fresh training step there)."""
-    old = _SHARE[0]
-    _SHARE[0] = False
-    try:
-        yield
-    finally:
-        _SHARE[0] = old
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -127,10 +108,10 @@ class MLP(eqx.Module):
         With :meth:`from_prefix`, ``self(concat([head, tail])) == self.from_prefix(self.prefix(head),
         tail)`` up to float rounding (the sum over inputs split in two): a ``head`` shared by many
         ``tail`` s (a state and goal with N candidate chunks, or with every step of an ODE solve) is
-        multiplied once instead of N times. Inside :func:`reference_products` the pair computes the
-        plain concatenation instead (``prefix`` then returns ``head`` itself).
+        multiplied once instead of N times. Inside :func:`macfw.reference.reference_computation` the
+        pair computes the plain concatenation instead (``prefix`` then returns ``head`` itself).
         """
-        if not _SHARE[0]:
+        if reference.active():
             return head
         layer = self.layers[0]
         return self._dot(head, layer.weight[:, : head.shape[-1]]) + layer.bias
@@ -142,7 +123,7 @@ class MLP(eqx.Module):
           ValueError: ``tail`` of the wrong size for this MLP's input (names both sizes).
         """
         layer = self.layers[0]
-        if not _SHARE[0]:
+        if reference.active():
             return self(jnp.concatenate([pre, tail]))
         if pre.shape[-1] != layer.weight.shape[0] or tail.shape[-1] > layer.weight.shape[1]:
             raise ValueError(f"from_prefix: pre {pre.shape} and tail {tail.shape} do not fit the first layer "
@@ -187,6 +168,8 @@ def _layer_norm(norm: eqx.nn.LayerNorm, x: Float[Array, " dim"]) -> Float[Array,
     """
     w = norm.weight if norm.use_weight else None
     b = norm.bias if norm.use_bias else None
+    if reference.active():  # the reference computation: autodiff's gradient
+        return _layer_norm_autodiff(x, w, b, float(norm.eps))
     return _layer_norm_fn(x, w, b, float(norm.eps))
 
 
