@@ -375,6 +375,13 @@ def run_all_agents(preset: str = "cpu-small", *, goal_dim: int = 3, dispatches: 
     return out
 
 
+def _dump(path: str | None, obj) -> None:
+    """Write the figures as JSON to ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m macfw.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,9 +422,7 @@ def main(argv=None) -> int:
         print(f"  reference computation: {1e3 * r['reference_update_s']:.2f} ms per update (median)")
         print(f"  current:               {1e3 * r['current_update_s']:.2f} ms per update (median)")
         print(f"  speed-up {r['speedup']:.3f}x; largest relative difference of the metrics {r['max_rel_diff']:.2e}")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(r, f, indent=2)
+        _dump(a.json, r)
         return 0
     if a.compile_time:
         extra = [x for f in (a.gin_file or []) for x in ("--gin_file", f)]
@@ -431,9 +436,7 @@ def main(argv=None) -> int:
         print(f"  empty cache (cold):   {r['cold_s']:.2f}")
         print(f"  filled cache (warm):  {r['warm_s']:.2f}   cold / warm = {r['cold_over_warm']:.2f}")
         print(f"  one later dispatch:   {r['dispatch_s']:.3f}")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(r, f, indent=2)
+        _dump(a.json, r)
         return 0
     if a.all_agents:
         rows = run_all_agents(a.preset, goal_dim=a.goal_dim or 3, dispatches=a.dispatches, ob_dim=a.ob_dim,
@@ -442,9 +445,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|")
         for r in rows:
             print(f"| {r['name']} | {r['updates_per_s']:.2f} | {r['utilisation']:.3f} | {r['flops_per_update']:.3g} |")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=2, default=str)
+        _dump(a.json, rows)
         return 0
     out = run(a.preset, dispatches=a.dispatches, **model)
     keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",
@@ -453,9 +454,7 @@ def main(argv=None) -> int:
     for k in keys + tuple(k for k in out if k.endswith("_s") and k not in keys and k != "count_compile_s"):
         v = out[k]
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+    _dump(a.json, out)
     return 0
 
 
