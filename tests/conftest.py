@@ -17,3 +17,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 _FAST = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 _flags = os.environ.get("XLA_FLAGS", "").split()
 os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _FAST if f.split("=")[0] not in {x.split("=")[0] for x in _flags}])
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings_left_behind():
+    """Clear Gin's config after every test: code that parses bindings in-process (``macfw.bench``'s
+    set-up, ``macfw.run.parse_gin``) must not change what later tests build."""
+    yield
+    import gin
+
+    gin.clear_config()
