@@ -9,7 +9,7 @@ the seeds vmapped in one process (``train.seed = a``, ``train.num_seeds = b - a 
 ``seed<a>``). Re-running the command skips runs that have their ``summary.json`` and resumes
 interrupted ones from their newest checkpoint; asking for more seeds later reuses the folders that
 hold some of them (``--seeds 0``, then ``--seeds 0,1,2`` trains only ``seeds1-2``). One progress
-line is printed per run.
+line is printed per run. ``--table-only`` trains nothing and writes the table from the finished runs.
 
 Config of a run, in order: the agent's Gin file (``gin/mac.gin`` or ``gin/baselines/<agent>.gin``),
 the environment (``gin/envs/<env>.gin``), the budget (``--budget``: ``smoke`` =
@@ -309,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="smoke", choices=sorted(BUDGETS))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once (one process each)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: write the table from the runs under --out that have finished")
     a = p.parse_args(argv)
     agents = [x.strip() for x in a.agents.split(",") if x.strip()]
     envs = [x.strip() for x in a.envs.split(",") if x.strip()]
@@ -330,7 +332,15 @@ def main(argv=None) -> int:
         p.error(f"--seeds must be non-negative integers, got {a.seeds!r}")
     jobs = [j for ag in agents for e in envs for t in tasks for j in plan_cell(ag, e, t, seeds, a.budget, out)]
     t0 = time.time()
-    run_all(jobs, a.parallel)
+    if a.table_only:
+        missing = [j for j in jobs if not (j.workdir / "summary.json").exists()]
+        for j in missing:
+            print(f"[compare] {j.name}: not finished, left out of the table ({j.workdir})", flush=True)
+        jobs = [j for j in jobs if j not in missing]
+        if not jobs:
+            raise SystemExit(f"--table-only: no finished run under {out / 'runs' / a.budget}")
+    else:
+        run_all(jobs, a.parallel)
     rows = collect(jobs)
     out.mkdir(parents=True, exist_ok=True)
     md = table_md(rows, a.budget)

@@ -267,3 +267,24 @@ def test_compare_reuses_run_folders_that_hold_some_of_the_requested_seeds(tmp_pa
     assert plan([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # ...but a finished folder with all four wins
     assert [j.workdir.name for j in cmp.plan_cell("fql", "cube-single", 2, [0, 1, 2], "quickstart", tmp_path)] == [
         "seed0", "seeds1-2"]
+
+
+def test_compare_table_only_trains_nothing_and_tabulates_the_finished_runs(tmp_path, capsys):
+    cmp = _load("compare")
+    run = tmp_path / "runs" / "quickstart" / "fql" / "cube-single-task2" / "seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(
+        {"success": 0.1, "per_seed_success": [0.1], "step": 15000, "wall_time_s": 60.0, "episodes": 30}))
+    (run / "eval.csv").write_text("step,success,success/seed0\n15000,0.1,0.1\n")
+    argv = ["--agents", "fql,mac", "--envs", "cube-single", "--tasks", "2", "--seeds", "0,1", "--budget",
+            "quickstart", "--out", str(tmp_path), "--table-only"]
+    assert cmp.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fql cube-single task2 seeds 1: not finished" in out and "mac cube-single task2 seeds 0,1: not finished" in out
+    md = (tmp_path / "table.md").read_text()
+    assert "| fql | singletask | 10.0 (n = 1) (96) |" in md and "| mac |" not in md
+    assert not (tmp_path / "runs" / "quickstart" / "mac").exists()  # nothing was started
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    (run / "summary.json").unlink()
+    with pytest.raises(SystemExit, match="no finished run"):
+        cmp.main(argv)
