@@ -206,7 +206,8 @@ def against_reference(preset: str = "cpu-small", *, pairs: int = 8, **model) -> 
     alternated (so both see the same machine). Returns per-update seconds of every dispatch, the
     medians, ``speedup`` (reference / current median), and ``max_rel_diff``: the largest relative
     difference between the two's metrics after the same number of updates (the same computation:
-    float rounding only). ``model``: :func:`run`'s keyword arguments other than ``dispatches``.
+    float rounding only), ``metrics`` (each one's last-dispatch means) and ``updates`` (per program,
+    ``(1 + pairs) * K``). ``model``: :func:`run`'s keyword arguments other than ``dispatches``.
 
     Raises:
       ValueError: ``pairs < 1``.
@@ -232,9 +233,11 @@ def against_reference(preset: str = "cpu-small", *, pairs: int = 8, **model) -> 
     med = {k: float(np.median(v)) for k, v in times.items()}
     diffs = [float(np.max(np.abs(np.asarray(m_n[k]) - np.asarray(m_r[k])) / np.maximum(np.abs(np.asarray(m_r[k])), 1e-6)))
              for k in m_r if np.issubdtype(np.asarray(m_r[k]).dtype, np.floating)]
-    return {"preset": preset, "steps_per_dispatch": K, "pairs": pairs, "update_s": times,
+    means = lambda m: {k: float(np.mean(np.asarray(v))) for k, v in m.items()}  # noqa: E731
+    return {"preset": preset, "steps_per_dispatch": K, "pairs": pairs, "updates": int(st_n.step), "update_s": times,
             "reference_update_s": med["reference"], "current_update_s": med["current"],
-            "speedup": med["reference"] / med["current"], "max_rel_diff": max(diffs) if diffs else 0.0}
+            "speedup": med["reference"] / med["current"], "max_rel_diff": max(diffs) if diffs else 0.0,
+            "metrics": {"reference": means(m_r), "current": means(m_n)}}
 
 
 def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = None, extra_args=()) -> dict:
@@ -283,8 +286,10 @@ def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = N
 
 def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28,
         act_dim: int = 5, goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None,
-        dispatches: int = 5) -> dict:
-    """Time one agent's training step at ``preset``'s sizes on synthetic data; returns the figures."""
+        dispatches: int = 5, count_executed: bool = True) -> dict:
+    """Time one agent's training step at ``preset``'s sizes on synthetic data; returns the figures.
+    ``count_executed=False`` skips the second FLOP count (the executed program's; its figures are then
+    None)."""
     from macfw.step import make_train_step
 
     agent, spec, data, state, step, K, B = _setup(
@@ -317,8 +322,10 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     with reference_computation(rolled_threefry=False):  # (XLA counts a loop body once)
         step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
         flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
-    step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
-    executed = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
+    executed = None
+    if count_executed:
+        step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
+        executed = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
     count_compile_s = time.perf_counter() - t0
     peak = float(np.median(peaks))
     pair_util = [flops * K / d / pk for d, pk in zip(dispatch_s, peaks)]
@@ -339,7 +346,8 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
         "matmul_peak_flops": peak, "utilisation": float(np.median(pair_util)),
         "utilisation_range": [float(min(pair_util)), float(max(pair_util))],
         "executed_flops_per_update": executed,
-        "hardware_utilisation": float(np.median(pair_util)) * executed / flops, **parts,
+        "hardware_utilisation": None if executed is None else float(np.median(pair_util)) * executed / flops,
+        **parts,
         "config": {"batch": B, "steps_per_dispatch": K, "bindings": {k: v for k, v in p["bindings"].items()},
                    "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": bspec.__dict__,
                    "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},
