@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
+from macfw import reference
 from macfw.spec import Spec
 
 
@@ -257,8 +258,6 @@ def vmap_steps(fn: Callable, *args):
     if len(lead) < 2 or any(x.shape[:2] != lead for x in args):
         raise ValueError(f"vmap_steps needs arguments with the same two leading axes, got shapes "
                          f"{[tuple(x.shape) for x in args]}")
-    from macfw import reference
-
     if reference.active():  # the reference computation: the nested vmaps
         return jax.vmap(jax.vmap(fn))(*args)
     n = lead[0] * lead[1]

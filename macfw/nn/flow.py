@@ -160,8 +160,9 @@ class FlowPolicy(BehaviorPolicy):
 
     def solve(self, s, g, z, *, pre=None) -> Float[Array, " chunk_dim"]:
         """The ODE solution ``x(1)`` from noise ``z: (chunk_dim,)`` (diffrax). The velocity field's
-        first-layer product of ``[s, g]`` is computed once for every step (``pre``, from
-        :meth:`state_prefix`, may be passed in when the caller has it)."""
+        first-layer product of ``[s, g]`` is computed once for every step (``pre: (hidden0,)``, from
+        :meth:`state_prefix`, may be passed in when the caller has it). ``s: (ob_dim,)``,
+        ``g: (goal_dim,)``."""
         pre = self.state_prefix(s, g) if pre is None else pre
         field = lambda s, g, x, u: self._velocity_from(pre, x, u)  # noqa: E731
         return solve_flow(field, s, g, z, num_steps=self.flow_steps, solver=self.solver, adaptive=self.adaptive)
