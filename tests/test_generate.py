@@ -130,6 +130,26 @@ def test_ensure_dataset_generates_once(tmp_path, capsys):
     assert path.stat().st_mtime_ns == mtime
 
 
+def test_shard_generation_removes_only_dead_writers_leftovers(tmp_path):
+    """Two processes generating into one folder (parallel tests, two users): the clean-up of killed
+    writes must not delete a live writer's temporary file (its ``os.replace`` would then fail)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, stem = socket.gethostname(), "cube-single-play-v0-shard-0-of-1.npz"
+    names = {"live": f"{stem}.tmp-{host}-{os.getpid()}.npz", "dead": f"{stem}.tmp-{host}-{dead.pid}.npz",
+             "other_host": f"{stem}.tmp-not-{host}-{dead.pid}.npz", "old_form_dead": f"{stem}.tmp-{dead.pid}.npz"}
+    for n in names.values():
+        (tmp_path / n).write_bytes(b"partial")
+    gen.generate_shards("cube-single-play-v0", tmp_path, 1, 1, episode_length=5, workers=1, progress=False)
+    left = {k for k, n in names.items() if (tmp_path / n).exists()}
+    assert left == {"live", "other_host"}, left
+
+
 def test_cli(tmp_path, capsys):
     gen.main(["--dataset", "cube-single-play-v0", "--episodes", "1", "--episode-length", "5", "--workers", "1", "--out", str(tmp_path), "--no-progress"])
     expected = tmp_path / gen.dataset_filename("cube-single-play-v0", 1, 5, 0)

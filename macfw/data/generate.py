@@ -52,6 +52,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import socket
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -339,8 +340,33 @@ def _collect_episode(task: tuple) -> tuple[int, int, dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------------------------
 
 
+def _tmp_name(path: pathlib.Path) -> pathlib.Path:
+    """``<name>.tmp-<host>-<pid>.npz``: the writer's host and process, so a clean-up can tell a killed
+    writer's leftover from a live writer's file (must end in .npz: numpy appends it otherwise)."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}.npz")
+
+
+def _is_stale_tmp(p: pathlib.Path) -> bool:
+    """A temporary file of :func:`_save_atomic` whose writer is gone: written on this host by a process
+    that no longer exists, or in the older ``<name>.tmp-<pid>.npz`` form by no living process here.
+    Another host's files are left alone (that host's writer may be alive)."""
+    tail = p.name.split(".npz.tmp-", 1)[1][: -len(".npz")] if p.name.endswith(".npz") else ""
+    host, _, pid = tail.rpartition("-")
+    if host and host != socket.gethostname():
+        return False
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")  # must end in .npz (numpy appends)
+    tmp = _tmp_name(path)
     try:
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)
@@ -570,8 +596,8 @@ def generate_shards(
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / shard_filename(dataset_name, k, num_shards) for k in range(num_shards)]
-    for p in out_dir.iterdir():  # leftovers of a killed write (see _save_atomic)
-        if ".npz.tmp-" in p.name:
+    for p in out_dir.iterdir():  # leftovers of a killed write (see _save_atomic), not a live writer's
+        if ".npz.tmp-" in p.name and _is_stale_tmp(p):
             p.unlink(missing_ok=True)
     todo = [k for k, p in enumerate(paths) if not p.exists()]
     num_val = max(1, episodes_per_shard // 10)
