@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -133,11 +138,6 @@ def test_ensure_dataset_generates_once(tmp_path, capsys):
 def test_shard_generation_removes_only_dead_writers_leftovers(tmp_path):
     """Two processes generating into one folder (parallel tests, two users): the clean-up of killed
     writes must not delete a live writer's temporary file (its ``os.replace`` would then fail)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host, stem = socket.gethostname(), "cube-single-play-v0-shard-0-of-1.npz"
