@@ -35,6 +35,11 @@ persistent compilation cache, with an empty cache (compile and write it), and wi
 filled (what a resumed or repeated ``python -m macfw.run`` gets, which turns the cache on in the
 macfw cache folder). It prints the three figures and the ratio cold / warm.
 
+Where the time goes: ``--profile`` runs ``--dispatches`` dispatches under JAX's profiler and prints
+op time per gradient step by phase (the update's named scopes: sampling, rollout, model losses,
+value/critic, optimizer) and by kind (matrix products, elementwise, reductions, random numbers,
+data movement), with the matrix products' fraction of the peak (:mod:`macfw.profiling`).
+
 On a GPU: ``python -m macfw.bench --preset paper --json bench.json`` (bf16 matrix products
 with ``--compute-dtype bfloat16``).
 """
@@ -390,6 +395,26 @@ def _dump(path: str | None, obj) -> None:
             json.dump(obj, f, indent=2, default=str)
 
 
+def _profile_main(a, model: dict, argv) -> int:
+    """``--profile``: :func:`macfw.profiling.profile` in this process when XLA_FLAGS already has the CPU
+    trace flag (or the backend is not the CPU), else in a child process started with it."""
+    import os
+    import subprocess
+    import sys
+
+    from macfw import profiling
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if profiling.TRACEME_FLAG not in flags and jax.default_backend() == "cpu":
+        env = dict(os.environ, XLA_FLAGS=f"{flags} {profiling.TRACEME_FLAG}".strip())
+        args = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "macfw.bench", *args], env=env).returncode
+    r = profiling.profile(a.preset, dispatches=a.dispatches, **model)
+    print(profiling.format_table(r))
+    _dump(a.json, r)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m macfw.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -413,6 +438,10 @@ def main(argv=None) -> int:
     ap.add_argument("--against-reference", action="store_true",
                     help="time the update against its reference computation (macfw.reference), alternated in "
                          "one process (--dispatches pairs), and compare their losses")
+    ap.add_argument("--profile", action="store_true",
+                    help="op time per gradient step by phase (sampling, rollout, losses, optimizer) and kind "
+                         "(matrix products, elementwise, reductions, random numbers, data movement), from a "
+                         "profiler trace of --dispatches dispatches (macfw.profiling)")
     ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -424,6 +453,8 @@ def main(argv=None) -> int:
             jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
         print(json.dumps(first_dispatch(a.preset, **model)))
         return 0
+    if a.profile:
+        return _profile_main(a, model, argv)
     if a.against_reference:
         r = against_reference(a.preset, pairs=a.dispatches, **model)
         print(f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):")

@@ -88,7 +88,8 @@ class TrainStep:
                 batch = data_or_batch
             else:
                 k_batch, k_next = jax.random.split(st.key)
-                batch = sample_for(bspec, data_or_batch, k_batch, batch_size, goal_conditioned=goal_conditioned)
+                with jax.named_scope("sampling"):  # a phase of macfw.profiling's table
+                    batch = sample_for(bspec, data_or_batch, k_batch, batch_size, goal_conditioned=goal_conditioned)
                 st = eqx.tree_at(lambda s: s.key, st, k_next)
             if debug_nan_at_step is not None:
                 poison = jnp.where(st.step + 1 == debug_nan_at_step, jnp.nan, 1.0)

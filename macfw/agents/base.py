@@ -235,10 +235,13 @@ def gradient_step(nets, opt_state, optimizer: optax.GradientTransformation,
     global gradient norm) added. Every agent's update ends with it (one Adam over the sum of losses).
     """
     params, static = eqx.partition(nets, eqx.is_inexact_array)
-    (_, metrics), grads = jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static)), has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    nets = eqx.combine(optax.apply_updates(params, updates), static)
-    return nets, opt_state, dict(metrics, **{"optim/grad_norm": optax.tree.norm(grads)})
+    with jax.named_scope("loss"):  # the phases of macfw.profiling's table: forward and backward pass
+        (_, metrics), grads = jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static)), has_aux=True)(params)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        nets = eqx.combine(optax.apply_updates(params, updates), static)
+        grad_norm = optax.tree.norm(grads)
+    return nets, opt_state, dict(metrics, **{"optim/grad_norm": grad_norm})
 
 
 def vmap_steps(fn: Callable, *args):

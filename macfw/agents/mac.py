@@ -247,32 +247,34 @@ class MAC(Agent):
         k_flow, _ = jax.random.split(key)
         s, A, vg, ag = batch["obs"], batch["actions"], batch["value_goals"], batch["actor_goals"]
 
-        dyn, m_dyn = jax.vmap(nets.dynamics.loss)(s, A, batch["next_obs"])
-        flow, m_flow = jax.vmap(lambda *x: nets.policy.loss(*x[:3], key=x[3]))(s, ag, A, jax.random.split(k_flow, B))
-        succ, m_succ = jax.vmap(nets.success.loss)(s, vg, A, batch["success"])
-        total = dyn.mean() + flow.mean() + succ.mean()
-        metrics = {**m_dyn, **m_flow, **m_succ}
-        if nets.reward is not None:
-            rew, m_rew = jax.vmap(nets.reward.loss)(s, vg, A, batch["rewards"])
-            total = total + rew.mean()
-            metrics.update(m_rew)
+        with jax.named_scope("model_losses"):  # (named scopes: the phases of macfw.profiling's table)
+            dyn, m_dyn = jax.vmap(nets.dynamics.loss)(s, A, batch["next_obs"])
+            flow, m_flow = jax.vmap(lambda *x: nets.policy.loss(*x[:3], key=x[3]))(s, ag, A, jax.random.split(k_flow, B))
+            succ, m_succ = jax.vmap(nets.success.loss)(s, vg, A, batch["success"])
+            total = dyn.mean() + flow.mean() + succ.mean()
+            metrics = {**m_dyn, **m_flow, **m_succ}
+            if nets.reward is not None:
+                rew, m_rew = jax.vmap(nets.reward.loss)(s, vg, A, batch["rewards"])
+                total = total + rew.mean()
+                metrics.update(m_rew)
 
-        # value: lambda-returns against V' on the H+1 imagined states (computed once).
-        states, g = roll["states"], roll["goals"]
-        discount = self.gamma ** self.spec.chunk_len
-        g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
-        v_targ = vmap_steps(target_value, states, g_steps)  # (H+1, Br)
-        returns = jax.lax.stop_gradient(
-            lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam))
-        v_pred = vmap_steps(nets.value, states[:-1], g_steps[:-1])  # (H, Br)
-        value_loss = jnp.mean((v_pred - returns) ** 2)
+        with jax.named_scope("value_critic"):
+            # value: lambda-returns against V' on the H+1 imagined states (computed once).
+            states, g = roll["states"], roll["goals"]
+            discount = self.gamma ** self.spec.chunk_len
+            g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
+            v_targ = vmap_steps(target_value, states, g_steps)  # (H+1, Br)
+            returns = jax.lax.stop_gradient(
+                lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam))
+            v_pred = vmap_steps(nets.value, states[:-1], g_steps[:-1])  # (H, Br)
+            value_loss = jnp.mean((v_pred - returns) ** 2)
 
-        # critic: TD target on the first imagined step with the online value.
-        # (V(s_1) is row 1 of v_pred when H > 1: the same network on the same states, not evaluated twice)
-        v1 = jax.lax.stop_gradient(v_pred[1] if self.horizon > 1 else jax.vmap(nets.value)(states[1], g))
-        q_target = roll["rewards"][0] + discount * roll["masks"][0] * v1
-        q = jax.vmap(nets.critic)(states[0], g, roll["actions"][0])
-        critic_loss = jnp.mean((q - q_target) ** 2)
+            # critic: TD target on the first imagined step with the online value.
+            # (V(s_1) is row 1 of v_pred when H > 1: the same network on the same states, not evaluated twice)
+            v1 = jax.lax.stop_gradient(v_pred[1] if self.horizon > 1 else jax.vmap(nets.value)(states[1], g))
+            q_target = roll["rewards"][0] + discount * roll["masks"][0] * v1
+            q = jax.vmap(nets.critic)(states[0], g, roll["actions"][0])
+            critic_loss = jnp.mean((q - q_target) ** 2)
 
         total = total + value_loss + critic_loss
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
@@ -295,5 +297,6 @@ class MAC(Agent):
         nets, opt_state, metrics = gradient_step(
             state.nets, state.opt_state, self.optimizer(),
             lambda nets: self.loss(nets, state.target_value, batch, roll, k_loss))
-        target = ema(state.target_value, nets.value, self.tau)
+        with jax.named_scope("optimizer"):
+            target = ema(state.target_value, nets.value, self.tau)
         return TrainState(step=state.step + 1, nets=nets, target_value=target, opt_state=opt_state, key=key), metrics
