@@ -68,6 +68,8 @@ class Op:
     phase: str
     kind: str
     flops: float
+    shape: str = ""
+    op_name: str = ""
 
 
 def phase_of(op_name: str) -> str:
@@ -154,7 +156,7 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
         kind = "loop" if opcode in _LOOP_OPS else kind_of(op_name, opcode, name)
         if kind != "matrix products":
             flops = 0.0
-        ops[name] = Op(phase=phase_of(op_name), kind=kind, flops=flops)
+        ops[name] = Op(phase=phase_of(op_name), kind=kind, flops=flops, shape=shape.split("{")[0], op_name=op_name)
     return (module.group(1) if module else ""), ops
 
 
@@ -188,11 +190,14 @@ def trace_op_times(trace_dir: str, module: str) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: int, peak_flops: float) -> dict:
+def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: int, peak_flops: float,
+              top: int = 15) -> dict:
     """The phase x kind table from :func:`parse_hlo`'s ops and :func:`trace_op_times`' spans.
 
     Returns ``{"phases": {phase: {kind: ms per update, ..., "total": ms, "matmul_flops": FLOPs per
-    update, "matmul_fraction_of_peak": ...}}, "op_time_ms": ..., "matched_ops": n, "unmatched_ops": n}``.
+    update, "matmul_fraction_of_peak": ...}}, "op_time_ms": ..., "matched_ops": n, "unmatched_ops": n,
+    "top_ops": [...]}``; ``top_ops`` lists the ``top`` ops with the most time (name, phase, kind,
+    ms per update, executions per update, output shape, the end of the op's name stack).
     """
     table: dict[str, dict] = {}
     matched = unmatched = 0
@@ -213,8 +218,12 @@ def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: 
         t = row["matrix products"] / 1e3
         row["matmul_fraction_of_peak"] = (row["matmul_flops"] / t / peak_flops) if t > 0 and peak_flops else None
     order = [p for p in PHASES + ("other",) if p in table]
+    ranked = sorted(((us, n) for n, (us, _) in times.items() if n in ops and ops[n].kind != "loop"), reverse=True)
+    top_ops = [{"name": n, "phase": ops[n].phase, "kind": ops[n].kind, "ms": us / 1e3 / updates,
+                "executions": times[n][1] / updates, "shape": ops[n].shape, "op_name": ops[n].op_name[-80:]}
+               for us, n in ranked[:top]]
     return {"phases": {p: table[p] for p in order}, "op_time_ms": sum(r["total"] for r in table.values()),
-            "matched_ops": matched, "unmatched_ops": unmatched}
+            "matched_ops": matched, "unmatched_ops": unmatched, "top_ops": top_ops}
 
 
 def profile(preset: str = "cpu-small", *, dispatches: int = 3, **model) -> dict:
@@ -272,6 +281,11 @@ def format_table(r: dict) -> str:
     frac = tot["matmul_flops"] / mm / r["matmul_peak_flops"] if mm > 0 else None
     lines.append("| " + " | ".join(["**all**", f"{tot['total']:.2f}", *(f"{tot[k]:.2f}" for k in KINDS),
                                     f"{tot['matmul_flops']:.3g}", "-" if frac is None else f"{frac:.2f}"]) + " |")
+    if r.get("top_ops"):
+        lines += ["", "The operations with the most time (ms per gradient step, executions per step):"]
+        for o in r["top_ops"]:
+            lines.append(f"  {o['ms']:7.3f} ms  x{o['executions']:<5g} {o['phase']:>12} {o['kind']:<15} "
+                         f"{o['shape']:<22} {o['name']}  ({o['op_name']})")
     return "\n".join(lines)
 
 

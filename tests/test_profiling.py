@@ -85,6 +85,7 @@ def test_breakdown_sums_op_time_per_update_and_skips_loops_and_unknown_ops():
     assert rows["rollout"]["matmul_fraction_of_peak"] == pytest.approx(2e6 / 0.4e-3 / 1e10)
     assert rows["optimizer"]["matmul_fraction_of_peak"] is None
     assert r["op_time_ms"] == pytest.approx(0.55) and r["matched_ops"] == 3 and r["unmatched_ops"] == 1
+    assert [o["name"] for o in r["top_ops"]] == ["a", "b", "c"] and r["top_ops"][0]["executions"] == 2
     assert "| rollout | 0.50 |" in profiling.format_table(dict(r, agent="X", preset="p", wall_ms=1.0,
                                                                    matmul_peak_flops=1e10))
 
