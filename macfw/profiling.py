@@ -51,8 +51,7 @@ TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 _RANDOM = ("threefry", "random_bits", "jit(_normal", "_normal_real", "jit(_uniform", "erf_inv", "random_split",
            "random_wrap")
 _MOVE_PRIMS = {"dynamic_update_slice", "dynamic_slice", "concatenate", "transpose", "copy", "gather", "scatter",
-               "scatter-add", "scatter_add", "slice", "pad", "broadcast_in_dim", "reshape", "squeeze",
-               "expand_dims", "rev", "copy_p", "device_put"}
+               "scatter_add", "slice", "pad", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "rev"}
 _MOVE_OPS = {"copy", "dynamic-update-slice", "dynamic-slice", "transpose", "concatenate", "gather", "scatter",
              "slice", "pad", "broadcast", "bitcast", "reshape", "copy-start", "copy-done"}
 _REDUCE_PRIMS = {"argmax", "argmin", "cumsum", "cumlogsumexp", "cummax", "cummin", "cumprod"}
@@ -114,7 +113,6 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
     dims)`` of each ``dot``, summed over a fusion's computation (and the computations it calls)."""
     module = re.search(r"^HloModule (\S+?),?\s", text, re.M)
     shapes: dict[str, list[int] | None] = {}
-    comp_of: dict[str, str] = {}
     rows = []  # (computation, name, shape, opcode, rest)
     comp = None
     for line in text.splitlines():
@@ -127,7 +125,6 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
             continue
         name, shape, opcode, rest = m.groups()
         shapes[name] = _dims(shape)
-        comp_of[name] = comp
         rows.append((comp, name, shape, opcode, rest))
     comp_flops: dict[str, float] = collections.defaultdict(float)
     comp_calls: dict[str, list[str]] = collections.defaultdict(list)
@@ -289,12 +286,5 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def op_shares(r: dict) -> dict[str, float]:
-    """Each kind's share of all op time (sums to 1)."""
-    tot = {k: sum(row[k] for row in r["phases"].values()) for k in KINDS}
-    s = sum(tot.values())
-    return {k: (v / s if s else float("nan")) for k, v in tot.items()}
-
-
 __all__ = ["PHASES", "KINDS", "Op", "phase_of", "kind_of", "parse_hlo", "trace_op_times", "breakdown", "profile",
-           "format_table", "op_shares"]
+           "format_table"]
