@@ -145,6 +145,9 @@ def _enable_compilation_cache() -> None:
         from macfw.data.generate import default_cache_dir
 
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax-compile"))
+        # every program, not only those that took over 1 s to compile (JAX's default): a run's start
+        # compiles a dozen small ones (the init, evaluation's policy call, a rollout) that add up to seconds
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except Exception as e:  # never fail a run for a cache
         print(f"[macfw] compilation cache disabled: {e}", file=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -205,3 +206,33 @@ def test_gen_bench_reports_throughput_and_checks_equal_data():
     assert r["transitions_per_s"][1] == pytest.approx(60 / r["median_s"][1]) and r["scaling"][1] == 1.0
     with pytest.raises(ValueError, match="rounds=0"):
         gen_bench.measure(rounds=0)
+
+
+def test_default_task_id_is_cached_on_disk_and_a_bad_cache_is_ignored(monkeypatch, tmp_path):
+    """OGBench's default task id is resolved once (an environment made) and then read from the macfw
+    cache folder by a later process (here: the in-memory cache cleared and environments forbidden);
+    an unreadable cache file is recomputed and rewritten."""
+    import gymnasium
+
+    from macfw.data import ogbench_data as od
+
+    monkeypatch.setenv("MACFW_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "ogbench-task-ids.json"
+    od.default_task_id.cache_clear()
+    assert od.default_task_id("cube-single") == 2
+    assert path.exists() and 2 in json.loads(path.read_text()).values()
+
+    def no_env(*a, **k):
+        raise AssertionError("made an environment although the task id was cached")
+
+    od.default_task_id.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(gymnasium, "make", no_env)
+        assert od.default_task_id("cube-single") == 2
+
+    path.write_text("{not json")
+    od.default_task_id.cache_clear()
+    assert od.default_task_id("cube-single") == 2
+    assert json.loads(path.read_text())  # rewritten, valid again
+    assert not list(tmp_path.glob("*.tmp"))
+    od.default_task_id.cache_clear()

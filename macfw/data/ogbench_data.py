@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -357,7 +358,10 @@ def default_task_id(env_name: str) -> int:
     """OGBench's default single-task task id for ``env_name`` (e.g. 2 for cube-single).
 
     OGBench resolves it when the environment resets, so one is made (quietly: gymnasium's
-    space-precision warnings are not the caller's concern) and the answer cached.
+    space-precision warnings are not the caller's concern), about 2 s of a run's start. The answer is
+    kept in memory and in ``<macfw cache>/ogbench-task-ids.json`` (keyed by environment and ogbench
+    version), so later processes skip the environment; a cache that cannot be read or written is
+    ignored.
     """
     import warnings
 
@@ -365,11 +369,58 @@ def default_task_id(env_name: str) -> int:
 
     import ogbench  # noqa: F401
 
+    key = f"{env_name}|ogbench {_ogbench_version()}"
+    path = _task_id_cache_path()
+    known = _read_json(path)
+    if isinstance(known.get(key), int):
+        return known[key]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         env = gymnasium.make(f"{env_name}-singletask-v0")
         try:
             env.reset(seed=0)
-            return int(env.unwrapped._reward_task_id)  # noqa: SLF001
+            task_id = int(env.unwrapped._reward_task_id)  # noqa: SLF001
         finally:
             env.close()
+    _write_json(path, {**_read_json(path), key: task_id})
+    return task_id
+
+
+def _ogbench_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("ogbench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _task_id_cache_path():
+    from macfw.data.generate import default_cache_dir
+
+    return default_cache_dir() / "ogbench-task-ids.json"
+
+
+def _read_json(path) -> dict:
+    try:
+        with open(path) as f:
+            out = json.load(f)
+        return out if isinstance(out, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path, obj: dict) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
