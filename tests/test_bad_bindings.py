@@ -1,18 +1,26 @@
 """Every out-of-range configured value: one ``macfw: error:`` line naming the binding, the value and the
 allowed range, exit code 2, and nothing written to the (existing) workdir.
 
-Each case is a real ``python -m macfw.run`` on gin/smoke.gin with one bad binding, run against its own
+Each case is ``macfw.run``'s entry point on gin/smoke.gin with one bad binding, run against its own
 existing workdir (a sentinel file and a fake ``checkpoints/`` folder). The checks fire before any data
-is loaded, so no case generates data; the subprocesses run three at a time (about 2 s each).
+is loaded, so no case generates data. The cases run one after another in one worker process (this
+file run as a script: ``python tests/test_bad_bindings.py --worker CASES.json OUT.json``), calling
+``macfw.run.main`` with a fresh Gin config each and capturing its stderr and return value, the exit
+code of ``python -m macfw.run``; one case also runs as a real ``python -m macfw.run`` process, so
+the command's own exit code and output are checked too. (27 processes took about 55 s of CI.)
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from pathlib import Path
 
 import pytest
@@ -69,28 +77,73 @@ def _snapshot(root: Path) -> dict:
     return out
 
 
-def _run(i: int, bindings: list[str], root: Path, env: dict) -> dict:
+def _prepare(i: int, root: Path) -> Path:
     workdir = root / f"run{i}"
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "sentinel.txt").write_text("an earlier run's file\n")
     (workdir / "checkpoints" / "note").write_text("not a checkpoint\n")
-    before = _snapshot(workdir)
-    cmd = [sys.executable, "-m", "macfw.run", *SMOKE, *[a for b in bindings for a in ("--gin_bindings", b)],
-           "--workdir", str(workdir)]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    return {"rc": r.returncode, "err": r.stderr, "before": before, "after": _snapshot(workdir)}
+    return workdir
+
+
+def _argv(bindings: list[str], workdir: Path) -> list[str]:
+    return [*SMOKE, *[a for b in bindings for a in ("--gin_bindings", b)], "--workdir", str(workdir)]
+
+
+def worker(cases: list[dict], out: Path) -> None:
+    """Run every case's ``macfw.run.main(argv)`` in this process (Gin cleared before each); write
+    ``[{"rc": return value or None, "err": captured stderr plus any traceback}, ...]`` to ``out``."""
+    import gin
+
+    import macfw.run
+
+    results = []
+    for case in cases:
+        gin.clear_config()
+        err = io.StringIO()
+        rc = None
+        with contextlib.redirect_stderr(err):
+            try:
+                rc = macfw.run.main(case["argv"])
+            except BaseException:  # noqa: BLE001  (an escaped exception is a failure the test reports)
+                traceback.print_exc()
+        results.append({"rc": rc, "err": err.getvalue()})
+    out.write_text(json.dumps(results))
+
+
+def _env(root: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MACFW_DEBUG", "JAX_COMPILATION_CACHE_DIR")}
+    env.update(MACFW_CACHE_DIR=str(root / "cache"), MACFW_NO_COMPILE_CACHE="1", JAX_PLATFORMS="cpu")
+    return env
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_bindings")
-    env = {k: v for k, v in os.environ.items() if k not in ("MACFW_DEBUG", "JAX_COMPILATION_CACHE_DIR")}
-    env.update(MACFW_CACHE_DIR=str(root / "cache"), MACFW_NO_COMPILE_CACHE="1", JAX_PLATFORMS="cpu")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(_run, i, bindings, root, env) for i, (bindings, _) in enumerate(BAD)]
-        out = [f.result() for f in futures]
+    workdirs = [_prepare(i, root) for i in range(len(BAD))]
+    before = [_snapshot(w) for w in workdirs]
+    cases = root / "cases.json"
+    cases.write_text(json.dumps([{"argv": _argv(b, w)} for (b, _), w in zip(BAD, workdirs)]))
+    r = subprocess.run([sys.executable, __file__, "--worker", str(cases), str(root / "out.json")], cwd=REPO,
+                       env=_env(root), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"the worker failed:\n{r.stderr[-3000:]}"
+    out = json.loads((root / "out.json").read_text())
+    for res, b, w in zip(out, before, workdirs):
+        res.update(before=b, after=_snapshot(w))
     assert not (root / "cache").exists() or not any((root / "cache").rglob("*.npz")), "a case generated data"
     return out
+
+
+def test_the_command_itself_exits_2_with_one_error_line_and_writes_nothing(tmp_path):
+    """One case as a real ``python -m macfw.run`` process: exit code 2, one error line, no traceback."""
+    bindings, pattern = BAD[0]
+    workdir = _prepare(0, tmp_path)
+    before = _snapshot(workdir)
+    r = subprocess.run([sys.executable, "-m", "macfw.run", *_argv(bindings, workdir)], cwd=REPO, env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("macfw: error:")]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and len(lines) == 1 and re.search(pattern, lines[0]), r.stderr[-3000:]
+    assert _snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("i", range(len(BAD)), ids=IDS)
@@ -109,3 +162,10 @@ def test_bad_binding_gives_one_line_exit_2_and_writes_nothing(results, i):
 
 def test_table_is_large_enough():
     assert len(BAD) >= 14 and len({tuple(b) for b, _ in BAD}) == len(BAD)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", nargs=2, metavar=("CASES", "OUT"), required=True)
+    a = ap.parse_args()
+    worker(json.loads(Path(a.worker[0]).read_text()), Path(a.worker[1]))
