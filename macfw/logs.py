@@ -56,10 +56,24 @@ def versions() -> dict[str, str]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON to ``path`` through a temporary file of its own in the same folder and a
+    rename: a reader sees the old file or the new one, never half of one, also with several writers.
+
+    Raises:
+      OSError: the folder cannot be written (the temporary file is removed).
+    """
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def tqdm_write(pbar, msg: str) -> None:

@@ -369,7 +369,9 @@ def default_task_id(env_name: str) -> int:
 
     import ogbench  # noqa: F401
 
-    key = f"{env_name}|ogbench {_ogbench_version()}"
+    from macfw.logs import versions
+
+    key = f"{env_name}|ogbench {versions()['ogbench']}"
     path = _task_id_cache_path()
     known = _read_json(path)
     if isinstance(known.get(key), int):
@@ -384,15 +386,6 @@ def default_task_id(env_name: str) -> int:
             env.close()
     _write_json(path, {**_read_json(path), key: task_id})
     return task_id
-
-
-def _ogbench_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("ogbench")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _task_id_cache_path():
@@ -411,16 +404,10 @@ def _read_json(path) -> dict:
 
 
 def _write_json(path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
-    import tempfile
+    from macfw.logs import write_json_atomic
 
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+        write_json_atomic(path, obj)
+    except OSError:  # a cache: never fail for it
+        pass
