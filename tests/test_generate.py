@@ -211,7 +211,7 @@ def test_gen_bench_reports_throughput_and_checks_equal_data():
 def test_default_task_id_is_cached_on_disk_and_a_bad_cache_is_ignored(monkeypatch, tmp_path):
     """OGBench's default task id is resolved once (an environment made) and then read from the macfw
     cache folder by a later process (here: the in-memory cache cleared and environments forbidden);
-    an unreadable cache file is recomputed and rewritten."""
+    an unreadable cache file is recomputed and rewritten; a missing cache folder is not created."""
     import gymnasium
 
     from macfw.data import ogbench_data as od
@@ -235,4 +235,9 @@ def test_default_task_id_is_cached_on_disk_and_a_bad_cache_is_ignored(monkeypatc
     assert od.default_task_id("cube-single") == 2
     assert json.loads(path.read_text())  # rewritten, valid again
     assert not list(tmp_path.glob("*.tmp"))
+
+    missing = tmp_path / "no-cache-yet"  # a cache folder that does not exist is not created for this
+    monkeypatch.setenv("MACFW_CACHE_DIR", str(missing))
+    od.default_task_id.cache_clear()
+    assert od.default_task_id("cube-single") == 2 and not missing.exists()
     od.default_task_id.cache_clear()

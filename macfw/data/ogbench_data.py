@@ -360,8 +360,8 @@ def default_task_id(env_name: str) -> int:
     OGBench resolves it when the environment resets, so one is made (quietly: gymnasium's
     space-precision warnings are not the caller's concern), about 2 s of a run's start. The answer is
     kept in memory and in ``<macfw cache>/ogbench-task-ids.json`` (keyed by environment and ogbench
-    version), so later processes skip the environment; a cache that cannot be read or written is
-    ignored.
+    version) when the cache folder exists, so later processes skip the environment; a cache that
+    cannot be read or written is ignored.
     """
     import warnings
 
@@ -406,8 +406,9 @@ def _read_json(path) -> dict:
 def _write_json(path, obj: dict) -> None:
     from macfw.logs import write_json_atomic
 
+    if not path.parent.is_dir():  # only beside what the cache folder holds already (e.g. datasets): a
+        return                    # command that needs no data (macfw.evaluate) creates no folder for this
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, obj)
     except OSError:  # a cache: never fail for it
         pass
