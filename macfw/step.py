@@ -40,17 +40,11 @@ class NonFiniteError(FloatingPointError):
 
 def init_state(agent: Agent, spec, seed: int, num_seeds: int | None = None) -> eqx.Module:
     """A fresh state for ``seed``; with ``num_seeds`` S, seeds ``seed .. seed + S - 1`` stacked
-    along a leading axis (each identical to a single-seed init with that seed).
-
-    The init is one compiled program (``eqx.filter_jit``): run eagerly, every random draw and scaling
-    of every layer was its own small XLA program, about 100 compilations and 4 s of a run's start
-    that the persistent compilation cache did not keep (each under its 1 s threshold)."""
-    one = lambda k: agent.init(spec, k)  # noqa: E731
+    along a leading axis (each identical to a single-seed init with that seed)."""
     if num_seeds is None:
-        state = eqx.filter_jit(one)(jax.random.PRNGKey(seed))
-    else:
-        keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
-        state = eqx.filter_jit(eqx.filter_vmap(one))(keys)
+        return agent.init(spec, jax.random.PRNGKey(seed))
+    keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
+    state = eqx.filter_vmap(lambda k: agent.init(spec, k))(keys)
     agent.spec = spec
     return state
 

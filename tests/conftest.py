@@ -23,7 +23,7 @@ def _session_cache() -> str:
 
 _CACHE = os.environ.setdefault("MACFW_CACHE_DIR", _session_cache())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax-compile"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every program, as macfw.run
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Tiny networks: compilation dominates test time; cheaper XLA CPU compilation cuts it by ~30%.
 # (Subprocesses inherit it; tests that set their own XLA_FLAGS replace it.)
 # A user's own XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2, as CI's second pass) are kept and these added.
