@@ -27,7 +27,9 @@ the executed ones.
 Against the reference: ``--against-reference`` builds the update twice in one process, once as
 the reference computation (:mod:`macfw.reference`: every same-result speed-up off) and once as it
 runs, alternates ``--dispatches`` dispatches of each and prints both per-update times, the speed-up
-and the largest relative difference of their metrics after the same updates.
+and the largest relative difference of their metrics after the same updates. ``--only NAME[,NAME]``
+turns off just those speed-ups in the reference (:data:`macfw.reference.SPEEDUPS`): what each one
+saves, measured in one process.
 
 Compile time: ``--compile-time`` starts three fresh processes that each build the agent and time its
 first dispatch (compilation plus one dispatch of K updates; seconds of wall time): without JAX's
@@ -205,21 +207,26 @@ def first_dispatch(preset: str = "cpu-small", **model) -> dict:
     return {"first_dispatch_s": first, "dispatch_s": second, "steps_per_dispatch": K}
 
 
-def against_reference(preset: str = "cpu-small", *, pairs: int = 8, **model) -> dict:
+def against_reference(preset: str = "cpu-small", *, pairs: int = 8, only=None, **model) -> dict:
     """The update against its reference computation (:mod:`macfw.reference`), in one process: both built
     from the same seed on the same synthetic data, compiled, then ``pairs`` dispatches of each
     alternated (so both see the same machine). Returns per-update seconds of every dispatch, the
     medians, ``speedup`` (reference / current median), and ``max_rel_diff``: the largest relative
     difference between the two's metrics after the same number of updates (the same computation:
     float rounding only), ``metrics`` (each one's last-dispatch means) and ``updates`` (per program,
-    ``(1 + pairs) * K``). ``model``: :func:`run`'s keyword arguments other than ``dispatches``.
+    ``(1 + pairs) * K``). ``only``: the reference with just these speed-ups off (names from
+    :data:`macfw.reference.SPEEDUPS`, or a comma-separated string; None: all). ``model``: :func:`run`'s
+    keyword arguments other than ``dispatches``.
 
     Raises:
-      ValueError: ``pairs < 1``.
+      ValueError: ``pairs < 1``; an unknown speed-up name in ``only`` (lists the names).
     """
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
-    with reference_computation():  # traced and compiled inside: its first call is here
+    from macfw.reference import parse_only
+
+    only = parse_only(only)
+    with reference_computation(only=only):  # traced and compiled inside: its first call is here
         _, _, data_r, st_r, step_r, K, _ = _setup(preset, **model)
         _, st_r = _first_call(step_r, data_r, st_r)
     _, _, data_n, st_n, step_n, K, _ = _setup(preset, **model)
@@ -239,7 +246,7 @@ def against_reference(preset: str = "cpu-small", *, pairs: int = 8, **model) -> 
     diffs = [float(np.max(np.abs(np.asarray(m_n[k]) - np.asarray(m_r[k])) / np.maximum(np.abs(np.asarray(m_r[k])), 1e-6)))
              for k in m_r if np.issubdtype(np.asarray(m_r[k]).dtype, np.floating)]
     means = lambda m: {k: float(np.mean(np.asarray(v))) for k, v in m.items()}  # noqa: E731
-    return {"preset": preset, "steps_per_dispatch": K, "pairs": pairs, "updates": int(st_n.step), "update_s": times,
+    return {"preset": preset, "only": sorted(only) if only else None, "steps_per_dispatch": K, "pairs": pairs, "updates": int(st_n.step), "update_s": times,
             "reference_update_s": med["reference"], "current_update_s": med["current"],
             "speedup": med["reference"] / med["current"], "max_rel_diff": max(diffs) if diffs else 0.0,
             "metrics": {"reference": means(m_r), "current": means(m_n)}}
@@ -438,6 +445,9 @@ def main(argv=None) -> int:
     ap.add_argument("--against-reference", action="store_true",
                     help="time the update against its reference computation (macfw.reference), alternated in "
                          "one process (--dispatches pairs), and compare their losses")
+    ap.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                    help="with --against-reference: turn off just these speed-ups in the reference "
+                         "(macfw.reference.SPEEDUPS), to measure what each saves")
     ap.add_argument("--profile", action="store_true",
                     help="op time per gradient step by phase (sampling, rollout, losses, optimizer) and kind "
                          "(matrix products, elementwise, reductions, random numbers, data movement), from a "
@@ -445,6 +455,8 @@ def main(argv=None) -> int:
     ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.only is not None and not a.against_reference:
+        ap.error(f"--only {a.only} goes with --against-reference (it selects the speed-ups the reference turns off)")
     model = dict(gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim,
                  act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
                  steps_per_dispatch=a.steps_per_dispatch)
@@ -456,9 +468,10 @@ def main(argv=None) -> int:
     if a.profile:
         return _profile_main(a, model, argv)
     if a.against_reference:
-        r = against_reference(a.preset, pairs=a.dispatches, **model)
+        r = against_reference(a.preset, pairs=a.dispatches, only=a.only, **model)
         print(f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):")
-        print(f"  reference computation: {1e3 * r['reference_update_s']:.2f} ms per update (median)")
+        off = ", ".join(r["only"]) if r["only"] else "all"
+        print(f"  reference computation ({off} off): {1e3 * r['reference_update_s']:.2f} ms per update (median)")
         print(f"  current:               {1e3 * r['current_update_s']:.2f} ms per update (median)")
         print(f"  speed-up {r['speedup']:.3f}x; largest relative difference of the metrics {r['max_rel_diff']:.2e}")
         _dump(a.json, r)

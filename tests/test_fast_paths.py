@@ -1,11 +1,14 @@
 """Issue 12: the faster update computes what the reference computation does.
 
-Four changes made MAC's update (and every MLP's backward pass) faster without changing what is
-computed: LayerNorm's closed-form gradient (a custom VJP), the state's first-layer product shared
-across the rejection sampler's N candidates and the flow ODE's steps (``MLP.prefix``), one
-flattened vmap instead of two nested ones over rollout steps (``vmap_steps``), and JAX's threefry
-lowered without its loop on the CPU (``macfw._threefry``: the same bits). Each is checked
-against its reference here: alone on tiny inputs, and all four together over 50 MAC updates from a
+Six changes made MAC's update (and every MLP's backward pass) faster without changing what is
+computed (:data:`macfw.reference.SPEEDUPS`): LayerNorm's closed-form gradient (a custom VJP), the
+state's first-layer product shared across the rejection sampler's N candidates and the flow ODE's
+steps (``MLP.prefix``), one flattened vmap instead of two nested ones over rollout steps
+(``vmap_steps``), JAX's threefry lowered without its loop on the CPU (``macfw._threefry``: the
+same bits), the lambda-returns at ``lambda = 1`` from ``V'(s_H)`` alone (``lambda_one``; its
+equation is checked in ``test_lambda_returns.py``) and last layers padded to a multiple of 16
+outputs (``padded_outputs``). Each is checked against its reference here: alone on tiny inputs,
+and all together over 50 MAC updates from a
 fixed seed, where the reference is the pre-change computation traced in the same process (so the
 comparison holds on any CPU's instruction set).
 """
@@ -73,6 +76,49 @@ def test_prefix_pair_equals_the_plain_call_and_reference_mode_is_the_plain_call(
     np.testing.assert_array_equal(ref, plain)  # the very same operations
     with pytest.raises(ValueError, match=r"tail \(9,\)"):
         m.from_prefix(pre, jnp.zeros(9))
+
+
+@pytest.mark.parametrize("out_dim", [50, 28, 16, 1])
+def test_padded_output_layer_equals_the_plain_product(out_dim):
+    """``padded_outputs``: a last layer of more than 16 outputs, not a multiple of 16, is computed with
+    zero rows up to the next multiple and sliced: the same outputs and gradients as the plain product,
+    which the reference computation (and every output size of 16 or fewer, or a multiple) uses."""
+    m = MLP(12, out_dim, (32, 32), key=jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 12))
+    f = lambda m, x: jax.vmap(m)(x)  # noqa: E731
+    fast = f(m, x)
+    padded = "pad" in str(jax.make_jaxpr(f)(m, x))
+    assert padded == (out_dim in (50, 28)), out_dim
+    with reference_computation(only="padded_outputs"):  # (new functions: JAX caches traces)
+        f_ref = lambda m, x: jax.vmap(m)(x)  # noqa: E731
+        ref = f_ref(m, x)
+        assert "pad" not in str(jax.make_jaxpr(f_ref)(m, x))
+        g_ref = jax.grad(lambda m: jnp.sum(f_ref(m, x) ** 2))(m)
+    assert fast.shape == ref.shape == (6, out_dim)
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    g_fast = jax.grad(lambda m: jnp.sum(f(m, x) ** 2))(m)
+    assert g_fast.layers[-1].weight.shape == (out_dim, 32)
+    for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_only_turns_off_the_named_speed_ups_and_names_unknown_ones():
+    from macfw import reference
+
+    with reference_computation(only="lambda_one, padded_outputs"):
+        assert reference.active() and reference.active("lambda_one") and reference.active("padded_outputs")
+        assert not reference.active("prefix") and not reference.active("threefry")
+    with reference_computation():
+        assert all(reference.active(n) for n in reference.SPEEDUPS)
+    assert not reference.active() and not reference.active("prefix")
+    with pytest.raises(ValueError, match=r"'fast_gelu'.*lambda_one"):
+        reference.active("fast_gelu")
+    with pytest.raises(ValueError, match=r"unknown: \['nope'\]"):
+        with reference_computation(only="prefix,nope"):
+            pass
+    with pytest.raises(ValueError, match="got ''"):
+        reference.parse_only("")
+    assert not reference.active()
 
 
 def test_vmap_steps_equals_nested_vmaps_and_names_bad_shapes():

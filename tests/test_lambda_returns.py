@@ -57,3 +57,26 @@ def test_matches_python_loop(lam):
     out = np.asarray(lambda_returns(r, m, v, discount=discount, lam=lam))
     assert out.shape == (H, B)
     np.testing.assert_allclose(out, _reference(r, m, v, discount, lam), rtol=1e-5, atol=1e-5)
+
+
+def test_monte_carlo_returns_equal_lambda_returns_at_lambda_one_from_the_last_value_alone():
+    """Issue 12's ``lambda_one`` speed-up: at ``lambda = 1`` the returns need only ``V'(s_H)``; they
+    equal :func:`lambda_returns` whatever the intermediate values, terminals included."""
+    from macfw.agents.mac import monte_carlo_returns
+
+    rng = np.random.default_rng(3)
+    H, B = 6, 4
+    r = rng.normal(size=(H, B)).astype(np.float32)
+    m = (rng.random((H, B)) > 0.4).astype(np.float32)
+    v = rng.normal(size=(H + 1, B)).astype(np.float32) * 10
+    discount = 0.99 ** 10
+    out = np.asarray(monte_carlo_returns(r, m, v[-1], discount=discount))
+    assert out.shape == (H, B)
+    np.testing.assert_allclose(out, np.asarray(lambda_returns(r, m, v, discount=discount, lam=1.0)), rtol=1e-5, atol=1e-5)
+    # other intermediate values: the same returns (they cancel); another last value: different ones
+    v2 = v.copy()
+    v2[:-1] = rng.normal(size=(H, B)) * 100
+    np.testing.assert_allclose(out, np.asarray(lambda_returns(r, m, v2, discount=discount, lam=1.0)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(out, np.asarray(monte_carlo_returns(r, m, v[-1] + 1.0, discount=discount)))
+    # hand computed (the case above): G_2 = 3 + .5 * 40 = 23, G_1 = 2, G_0 = 1 + .5 * 2 = 2
+    np.testing.assert_allclose(np.asarray(monte_carlo_returns(R, M, V[-1], discount=GAMMA)), [2.0, 2.0, 23.0], rtol=1e-6)

@@ -261,7 +261,7 @@ def vmap_steps(fn: Callable, *args):
     if len(lead) < 2 or any(x.shape[:2] != lead for x in args):
         raise ValueError(f"vmap_steps needs arguments with the same two leading axes, got shapes "
                          f"{[tuple(x.shape) for x in args]}")
-    if reference.active():  # the reference computation: the nested vmaps
+    if reference.active("vmap_steps"):  # the reference computation: the nested vmaps
         return jax.vmap(jax.vmap(fn))(*args)
     n = lead[0] * lead[1]
     out = jax.vmap(fn)(*(x.reshape((n,) + x.shape[2:]) for x in args))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
+from macfw import reference
 from macfw.agents.base import (Agent, BatchSpec, copy_of, ema, gradient_step, param_checksum,  # noqa: F401  (re-exported)
                                vmap_steps)
 from macfw.errors import check_float, check_int
@@ -89,6 +90,33 @@ def lambda_returns(rewards, masks, values, *, discount: float, lam: float):
 
     _, advs = jax.lax.scan(step, jnp.zeros_like(values[0]), (deltas, masks), reverse=True)
     return values[:-1] + advs
+
+
+def monte_carlo_returns(rewards, masks, last_value, *, discount: float):
+    """The lambda-returns at ``lambda = 1`` (:func:`lambda_returns`), from the last state's value alone.
+
+    With ``lambda = 1`` the intermediate values cancel: ``G_k = r_k + Gamma m_k G_{k+1}``,
+    ``G_H = V'(s_H)``, so ``V'(s_0..s_{H-1})`` need not be computed (MAC's default ``lam = 1.0``
+    evaluates ``V'`` on ``B`` states instead of ``(H + 1) B``; issue 12). Equal to
+    ``lambda_returns(rewards, masks, values, discount=discount, lam=1.0)`` up to float rounding for
+    any ``values`` whose last row is ``last_value`` (``tests/test_lambda_returns.py``).
+
+    Args:
+      rewards, masks: ``(H, ...)`` per chunk step ``r_k``, ``m_k``.
+      last_value: ``(...)`` ``V'(s_H)``.
+      discount: ``Gamma = gamma^n`` (per chunk).
+
+    Returns:
+      ``(H, ...)`` returns ``G_k``.
+    """
+
+    def step(g_next, x):
+        r, m = x
+        g = r + discount * m * g_next
+        return g, g
+
+    _, returns = jax.lax.scan(step, last_value, (rewards, masks), reverse=True)
+    return returns
 
 
 @register("agent")
@@ -263,9 +291,13 @@ class MAC(Agent):
             states, g = roll["states"], roll["goals"]
             discount = self.gamma ** self.spec.chunk_len
             g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
-            v_targ = vmap_steps(target_value, states, g_steps)  # (H+1, Br)
-            returns = jax.lax.stop_gradient(
-                lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam))
+            if self.lam == 1.0 and not reference.active("lambda_one"):  # V' on s_H alone: the rest cancels
+                returns = monte_carlo_returns(roll["rewards"], roll["masks"], jax.vmap(target_value)(states[-1], g),
+                                              discount=discount)
+            else:
+                v_targ = vmap_steps(target_value, states, g_steps)  # (H+1, Br)
+                returns = lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam)
+            returns = jax.lax.stop_gradient(returns)
             v_pred = vmap_steps(nets.value, states[:-1], g_steps[:-1])  # (H, Br)
             value_loss = jnp.mean((v_pred - returns) ** 2)
 
