@@ -287,7 +287,7 @@ class MAC(Agent):
                 metrics.update(m_rew)
 
         with jax.named_scope("value_critic"):
-            # value: lambda-returns against V' on the H+1 imagined states (computed once).
+            # value: lambda-returns against V' on the H+1 imagined states (at lam = 1 only V'(s_H) is needed).
             states, g = roll["states"], roll["goals"]
             discount = self.gamma ** self.spec.chunk_len
             g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
