@@ -14,7 +14,10 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
   (:func:`macfw.agents.mac.monte_carlo_returns`) -> ``V'`` on all ``H + 1`` states and
   :func:`~macfw.agents.mac.lambda_returns`;
 * ``"padded_outputs"``: an MLP's last layer with its outputs padded by zero rows to a multiple of 16
-  (:meth:`macfw.nn.mlp.MLP._output`; the padding is sliced off) -> the plain product.
+  (:meth:`macfw.nn.mlp.MLP._output`; the padding is sliced off) -> the plain product;
+* ``"joint_first_layer"``: MLPs on the same input with their first layers as one product
+  (:func:`macfw.nn.mlp.joint_first_layer`; MAC's rollout heads, :func:`macfw.nn.models.evaluate_jointly`)
+  -> one call per MLP.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one
@@ -29,7 +32,7 @@ import contextlib
 from typing import Iterable
 
 #: The named same-result speed-ups (module docstring).
-SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs")
+SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer")
 
 _OFF: list[frozenset] = [frozenset()]
 

@@ -1,13 +1,14 @@
 """Issue 12: the faster update computes what the reference computation does.
 
-Six changes made MAC's update (and every MLP's backward pass) faster without changing what is
+Seven changes made MAC's update (and every MLP's backward pass) faster without changing what is
 computed (:data:`macfw.reference.SPEEDUPS`): LayerNorm's closed-form gradient (a custom VJP), the
 state's first-layer product shared across the rejection sampler's N candidates and the flow ODE's
 steps (``MLP.prefix``), one flattened vmap instead of two nested ones over rollout steps
 (``vmap_steps``), JAX's threefry lowered without its loop on the CPU (``macfw._threefry``: the
 same bits), the lambda-returns at ``lambda = 1`` from ``V'(s_H)`` alone (``lambda_one``; its
 equation is checked in ``test_lambda_returns.py``) and last layers padded to a multiple of 16
-outputs (``padded_outputs``). Each is checked against its reference here: alone on tiny inputs,
+outputs (``padded_outputs``), and the rollout's success, reward and dynamics models with one
+first-layer product (``joint_first_layer``). Each is checked against its reference here: alone on tiny inputs,
 and all together over 50 MAC updates from a
 fixed seed, where the reference is the pre-change computation traced in the same process (so the
 comparison holds on any CPU's instruction set).
@@ -100,6 +101,66 @@ def test_padded_output_layer_equals_the_plain_product(out_dim):
     assert g_fast.layers[-1].weight.shape == (out_dim, 32)
     for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("goal_dim", [0, 3])
+def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
+    """``joint_first_layer``: MAC's rollout evaluates success, reward and dynamics on the chosen chunk
+    with one first-layer product when their MLPs read the same input (single-task: ``g`` empty);
+    the results are each model's own call's. With a goal the inputs differ and each model is
+    called; a subclass (its ``__call__`` may differ) is always called as it is."""
+    from macfw.nn.models import ChunkDynamics, RewardModel, SuccessModel, evaluate_jointly
+    from macfw.spec import Spec
+
+    spec = Spec(ob_dim=6, act_dim=2, goal_dim=goal_dim, chunk_len=3)
+    ks = jax.random.split(jax.random.PRNGKey(0), 6)
+    models = (SuccessModel(spec, key=ks[0], hidden_dims=(16, 16)), ChunkDynamics(spec, key=ks[1], hidden_dims=(16, 16)),
+              RewardModel(spec, key=ks[2], hidden_dims=(16, 16)))
+    s = jax.random.normal(ks[3], (5, 6))
+    g = jax.random.normal(ks[4], (5, goal_dim))
+    A = jax.random.normal(ks[5], (5, 6))
+    f = lambda ms, s, g, A: jax.vmap(lambda s, g, A: evaluate_jointly(ms, s, g, A))(s, g, A)  # noqa: E731
+    joint = f(models, s, g, A)
+    own = [jax.vmap(models[0])(s, g, A), jax.vmap(models[1])(s, A), jax.vmap(models[2])(s, g, A)]
+    for a, b in zip(joint, own):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    n_dots = str(jax.make_jaxpr(f)(models, s, g, A)).count("dot_general")
+    with reference_computation(only="joint_first_layer"):
+        f_ref = lambda ms, s, g, A: jax.vmap(lambda s, g, A: evaluate_jointly(ms, s, g, A))(s, g, A)  # noqa: E731
+        ref_dots = str(jax.make_jaxpr(f_ref)(models, s, g, A)).count("dot_general")
+    assert (n_dots < ref_dots) == (goal_dim == 0), (n_dots, ref_dots)
+
+    class MyDynamics(ChunkDynamics):
+        def __call__(self, s, A):
+            return super().__call__(s, A) + 1.0
+
+    mine = (models[0], MyDynamics(spec, key=ks[1], hidden_dims=(16, 16)))
+    out = f(mine, s, g, A)
+    np.testing.assert_allclose(out[1], own[1] + 1.0, rtol=1e-5, atol=1e-5)
+    assert str(jax.make_jaxpr(f)(mine, s, g, A)).count("dot_general") == ref_dots - 3  # two models called
+
+
+def test_joint_first_layer_equals_separate_calls_with_gradients():
+    from macfw.nn.mlp import joint_first_layer
+
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    mlps = [MLP(9, o, (16, 16), key=k) for o, k in zip((1, 4, 20), ks)]
+    x = jax.random.normal(ks[3], (7, 9))
+    loss = lambda ms, fn: sum(jnp.sum(o ** 2) for o in jax.vmap(lambda x: fn(ms, x))(x))  # noqa: E731
+    joint = lambda ms, x: joint_first_layer(ms, x)  # noqa: E731
+    sep = lambda ms, x: [m(x) for m in ms]  # noqa: E731
+    np.testing.assert_allclose(loss(mlps, joint), loss(mlps, sep), rtol=1e-5)
+    g_joint, g_sep = jax.grad(loss)(mlps, joint), jax.grad(loss)(mlps, sep)
+    for a, b in zip(jax.tree_util.tree_leaves(g_joint), jax.tree_util.tree_leaves(g_sep)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # one product for the three first layers; MLPs of different compute dtypes are each called
+    count = lambda ms, fn: str(jax.make_jaxpr(lambda x: fn(ms, x))(x[0])).count("dot_general")  # noqa: E731
+    assert count(mlps, joint) == count(mlps, sep) - 2
+    mixed = [mlps[0], MLP(9, 4, (16, 16), key=ks[1], compute_dtype="bfloat16")]
+    assert count(mixed, joint) == count(mixed, sep)
+    for a, b in zip(joint(mixed, x[0]), sep(mixed, x[0])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_reference_only_turns_off_the_named_speed_ups_and_names_unknown_ones():

@@ -30,7 +30,7 @@ from macfw.agents.base import (Agent, BatchSpec, copy_of, ema, gradient_step, pa
                                vmap_steps)
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
-from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
+from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel, evaluate_jointly
 from macfw.registry import register
 from macfw.rollout import imagine
 from macfw.samplers import RejectionSampler, Sampler
@@ -257,10 +257,11 @@ class MAC(Agent):
 
         def one(s, gg, k):
             A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
-            logit = nets.success(s, gg, A)
+            models = (nets.success, nets.dynamics) + (() if goal_conditioned else (nets.reward,))
+            logit, s_next, *rest = evaluate_jointly(models, s, gg, A)  # one first-layer product where it can
             c = (jax.nn.sigmoid(logit) > 0.5).astype(jnp.float32)
-            r = c - 1.0 if goal_conditioned else nets.reward(s, gg, A)
-            return A, nets.dynamics(s, A), r, 1.0 - c
+            r = c - 1.0 if goal_conditioned else rest[0]
+            return A, s_next, r, 1.0 - c
 
         def step(s, k):
             A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))

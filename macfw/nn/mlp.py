@@ -220,3 +220,23 @@ def _layer_norm_bwd(eps, res, dy):
 
 _layer_norm_fn = jax.custom_vjp(_layer_norm_autodiff, nondiff_argnums=(3,))
 _layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def joint_first_layer(mlps: Sequence[MLP], x: Float[Array, " in_dim"]) -> list[Array]:
+    """``[m(x) for m in mlps]`` for MLPs on the same input ``x: (in_dim,)``, their first layers' products
+    as one (the weights concatenated along outputs; each output is its own call's sums, so the same
+    numbers). Falls back to the separate calls for a single MLP, an empty input, MLPs of different
+    input sizes or compute dtypes, and inside :func:`macfw.reference.reference_computation`
+    (``"joint_first_layer"``). Used by :func:`macfw.nn.models.evaluate_jointly`."""
+    if (len(mlps) < 2 or x.shape[-1] == 0 or reference.active("joint_first_layer")
+            or len({(m.layers[0].weight.shape[1], m.compute_dtype) for m in mlps}) != 1):
+        return [m(x) for m in mlps]
+    weight = jnp.concatenate([m.layers[0].weight for m in mlps], axis=0)
+    bias = jnp.concatenate([m.layers[0].bias for m in mlps], axis=0)
+    h = mlps[0]._dot(x, weight) + bias
+    outs, start = [], 0
+    for m in mlps:
+        n = m.layers[0].weight.shape[0]
+        outs.append(m._rest(h[..., start:start + n]).astype(x.dtype))
+        start += n
+    return outs
