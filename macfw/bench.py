@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, sample_for, trajectory_ends, valid_starts
-from macfw.reference import reference_computation
+from macfw.reference import parse_only, reference_computation
 from macfw.spec import Spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,8 +223,6 @@ def against_reference(preset: str = "cpu-small", *, pairs: int = 8, only=None, *
     """
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
-    from macfw.reference import parse_only
-
     only = parse_only(only)
     with reference_computation(only=only):  # traced and compiled inside: its first call is here
         _, _, data_r, st_r, step_r, K, _ = _setup(preset, **model)
@@ -246,7 +244,8 @@ def against_reference(preset: str = "cpu-small", *, pairs: int = 8, only=None, *
     diffs = [float(np.max(np.abs(np.asarray(m_n[k]) - np.asarray(m_r[k])) / np.maximum(np.abs(np.asarray(m_r[k])), 1e-6)))
              for k in m_r if np.issubdtype(np.asarray(m_r[k]).dtype, np.floating)]
     means = lambda m: {k: float(np.mean(np.asarray(v))) for k, v in m.items()}  # noqa: E731
-    return {"preset": preset, "only": sorted(only) if only else None, "steps_per_dispatch": K, "pairs": pairs, "updates": int(st_n.step), "update_s": times,
+    return {"preset": preset, "only": sorted(only) if only else None, "steps_per_dispatch": K, "pairs": pairs,
+            "updates": int(st_n.step), "update_s": times,
             "reference_update_s": med["reference"], "current_update_s": med["current"],
             "speedup": med["reference"] / med["current"], "max_rel_diff": max(diffs) if diffs else 0.0,
             "metrics": {"reference": means(m_r), "current": means(m_n)}}

@@ -64,22 +64,18 @@ class ChunkDynamics(Dynamics):
     """
 
     net: MLP
-    mlp_input_blocks = ("s", "A")  # what mlp_input concatenates (see evaluate_jointly)
+    mlp_input_blocks = ("s", "A")  # the MLP's input, concatenated (see evaluate_jointly)
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
         self.net = _mlp(self, spec.ob_dim + spec.chunk_dim, spec.ob_dim, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
-
-    def mlp_input(self, s, g, A) -> Float[Array, " in_dim"]:
-        """The MLP's input ``[s, A]`` (``g`` unused)."""
-        return _blocks(self.mlp_input_blocks, s, g, A)
 
     def from_mlp_output(self, s, out) -> Float[Array, " ob_dim"]:
         """``s + out``: the next state from the MLP's output ``(ob_dim,)``."""
         return s + out
 
     def __call__(self, s, A):
-        return self.from_mlp_output(s, self.net(self.mlp_input(s, None, A)))
+        return self.from_mlp_output(s, self.net(_blocks(self.mlp_input_blocks, s, None, A)))
 
 
 @register("dynamics")
@@ -152,7 +148,8 @@ class GaussianDynamics(Dynamics):
 # --------------------------------------------------------------------------------------------
 # Scalar heads: critic Q(s, g, A), value V(s, g), success logit c(s, g, A), reward r(s, g, A)
 # --------------------------------------------------------------------------------------------
-def _blocks(names, s, g, A):
+def _blocks(names, s, g, A) -> Float[Array, " in_dim"]:
+    """``concatenate`` of the named blocks of ``s: (ob_dim,)``, ``g: (goal_dim,)``, ``A: (chunk_dim,)``."""
     parts = {"s": s, "g": g, "A": A}
     return jnp.concatenate([parts[n] for n in names])
 
@@ -167,22 +164,18 @@ class _Head(eqx.Module):
 class _ChunkHead(_Head):
     """A scalar head on ``(s, g, A)``: inputs ``ob_dim + goal_dim + chunk_dim``, scalar out."""
 
-    mlp_input_blocks = ("s", "g", "A")  # what mlp_input concatenates (see evaluate_jointly)
+    mlp_input_blocks = ("s", "g", "A")  # the MLP's input, concatenated (see evaluate_jointly)
 
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
                  compute_dtype: str | None = None):
         self.net = _mlp(self, spec.ob_dim + spec.goal_dim + spec.chunk_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
-
-    def mlp_input(self, s, g, A) -> Float[Array, " in_dim"]:
-        """The MLP's input ``[s, g, A]``."""
-        return _blocks(self.mlp_input_blocks, s, g, A)
 
     def from_mlp_output(self, s, out) -> Float[Array, ""]:
         """The scalar from the MLP's output ``(1,)``."""
         return out[0]
 
     def __call__(self, s, g, A) -> Float[Array, ""]:
-        return self.from_mlp_output(s, self.net(self.mlp_input(s, g, A)))
+        return self.from_mlp_output(s, self.net(_blocks(self.mlp_input_blocks, s, g, A)))
 
     def many(self, s, g, As: Float[Array, "num chunk_dim"]) -> Float[Array, " num"]:
         """The head on ``num`` chunks for one ``(s, g)``: ``(num,)``, equal to ``vmap(lambda A: self(s, g, A))(As)``
@@ -246,15 +239,13 @@ def evaluate_jointly(models: Sequence[eqx.Module], s, g, A) -> list[Array]:
     same blocks of ``s, g, A`` once empty ones are dropped: single-task data, ``goal_dim = 0``, makes
     a head's ``[s, g, A]`` the dynamics' ``[s, A]``), the first layers are one matrix product
     (:func:`macfw.nn.mlp.joint_first_layer`; MAC's imagined rollout: success, reward and dynamics on
-    the chosen chunk, about 2.5% of a ``cpu-small`` update, issue 12). Otherwise, or inside
+    the chosen chunk: a ``cpu-small`` update 1.04x faster, issue 12). Otherwise, or inside
     :func:`macfw.reference.reference_computation` (``"joint_first_layer"``), each model is called.
     """
-    parts = {"s": s, "g": g, "A": A}
-    same = len(models) > 1 and all(type(m) in JOINT_MODELS for m in models)
-    if same:
-        keys = {tuple(b for b in m.mlp_input_blocks if parts[b].shape[-1] > 0) for m in models}
-        same = len(keys) == 1
-    if not same:
+    sizes = {"s": s.shape[-1], "g": g.shape[-1], "A": A.shape[-1]}
+    inputs = {tuple(b for b in m.mlp_input_blocks if sizes[b] > 0) for m in models
+              if type(m) in JOINT_MODELS}  # each model's non-empty input blocks
+    if len(models) < 2 or any(type(m) not in JOINT_MODELS for m in models) or len(inputs) != 1:
         return [m(s, A) if isinstance(m, Dynamics) else m(s, g, A) for m in models]
-    outs = joint_first_layer([m.net for m in models], models[0].mlp_input(s, g, A))
+    outs = joint_first_layer([m.net for m in models], _blocks(inputs.pop(), s, g, A))
     return [m.from_mlp_output(s, out) for m, out in zip(models, outs)]
