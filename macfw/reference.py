@@ -17,10 +17,7 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
   (:meth:`macfw.nn.mlp.MLP._output`; the padding is sliced off) -> the plain product;
 * ``"joint_first_layer"``: MLPs on the same input with their first layers as one product
   (:func:`macfw.nn.mlp.joint_first_layer`; MAC's rollout heads, :func:`macfw.nn.models.evaluate_jointly`)
-  -> one call per MLP;
-* ``"heads_after_rollout"``: MAC's success and reward models on all ``H * B`` imagined (state,
-  chunk) pairs at once after the rollout's loop (:meth:`macfw.agents.mac.MAC.rollout`; inside the
-  loop only the sampler and the dynamics, which the next state needs) -> every model inside the loop.
+  -> one call per MLP.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one
@@ -35,8 +32,7 @@ import contextlib
 from typing import Iterable
 
 #: The named same-result speed-ups (module docstring).
-SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer",
-            "heads_after_rollout")
+SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer")
 
 _OFF: list[frozenset] = [frozenset()]
 

@@ -248,52 +248,26 @@ class MAC(Agent):
     def rollout(self, nets: Networks, s0, g, key):
         """Imagined rollout of H chunks (no gradient). ``s0: (B, ob_dim)``, ``g: (B, goal_dim)``.
 
-        The H-step loop runs the sampler and the dynamics (``A_k``, ``s_{k+1}``); the success model
-        (and, single-task, the reward model) then runs once on all ``H * B`` pairs ``(s_k, A_k)``
-        (reference name ``heads_after_rollout``: inside the loop; the same numbers).
-
         Returns dict with ``states (H+1, B, ob_dim)``, ``actions (H, B, chunk_dim)``,
         ``rewards, masks (H, B)``.
         """
         nets = jax.lax.stop_gradient(nets)
         B = s0.shape[0]
         goal_conditioned = g.shape[-1] > 0
-        heads = (nets.success,) + (() if goal_conditioned else (nets.reward,))
 
-        def rewards_masks(logit, rest):
-            c = (jax.nn.sigmoid(logit) > 0.5).astype(jnp.float32)
-            return (c - 1.0 if goal_conditioned else rest[0]), 1.0 - c
-
-        if reference.active("heads_after_rollout"):  # the reference: every model inside the loop
-            def one(s, gg, k):
-                A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
-                logit, s_next, *rest = evaluate_jointly((heads[0], nets.dynamics) + heads[1:], s, gg, A)
-                return A, s_next, *rewards_masks(logit, rest)
-
-            def step(s, k):
-                A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
-                return s_next, (A, r, m)
-
-            states, (actions, rewards, masks) = imagine(step, s0, key, self.horizon, unroll=self.unroll_rollout)
-            return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
-
-        def one(s, gg, k):  # only what the next state needs: the chunk and the dynamics
+        def one(s, gg, k):
             A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
-            return A, nets.dynamics(s, A)
+            models = (nets.success, nets.dynamics) + (() if goal_conditioned else (nets.reward,))
+            logit, s_next, *rest = evaluate_jointly(models, s, gg, A)  # one first-layer product where it can
+            c = (jax.nn.sigmoid(logit) > 0.5).astype(jnp.float32)
+            r = c - 1.0 if goal_conditioned else rest[0]
+            return A, s_next, r, 1.0 - c
 
         def step(s, k):
-            A, s_next = jax.vmap(one)(s, g, jax.random.split(k, B))
-            return s_next, A
+            A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
+            return s_next, (A, r, m)
 
-        states, actions = imagine(step, s0, key, self.horizon, unroll=self.unroll_rollout)
-        # success (and reward) on all H * B (state, chunk) pairs at once, after the loop: they do not
-        # feed the next state, and one product over H * B rows runs nearer the machine's peak than H
-        # products over B rows (issue 12; reference name heads_after_rollout)
-        with jax.named_scope("rollout"):  # (still the rollout phase of macfw.profiling's table)
-            g_steps = jnp.broadcast_to(g, actions.shape[:2] + g.shape[1:])
-            logit, *rest = vmap_steps(lambda s, gg, A: tuple(evaluate_jointly(heads, s, gg, A)), states[:-1],
-                                      g_steps, actions)
-        rewards, masks = rewards_masks(logit, rest)
+        states, (actions, rewards, masks) = imagine(step, s0, key, self.horizon, unroll=self.unroll_rollout)
         return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
 
     def loss(self, nets: Networks, target_value, batch: dict, roll: dict, key) -> tuple[Array, dict]:

@@ -238,9 +238,8 @@ def evaluate_jointly(models: Sequence[eqx.Module], s, g, A) -> list[Array]:
     When every model is exactly one of :data:`JOINT_MODELS` and their MLPs read the same input (the
     same blocks of ``s, g, A`` once empty ones are dropped: single-task data, ``goal_dim = 0``, makes
     a head's ``[s, g, A]`` the dynamics' ``[s, A]``), the first layers are one matrix product
-    (:func:`macfw.nn.mlp.joint_first_layer`; MAC's imagined rollout: success and reward on every
-    imagined (state, chunk) pair, and with ``heads_after_rollout`` off the dynamics too: a
-    ``cpu-small`` update 1.04x faster, issue 12). Otherwise, or inside
+    (:func:`macfw.nn.mlp.joint_first_layer`; MAC's imagined rollout: success, reward and dynamics on
+    the chosen chunk: a ``cpu-small`` update 1.04x faster, issue 12). Otherwise, or inside
     :func:`macfw.reference.reference_computation` (``"joint_first_layer"``), each model is called.
     """
     sizes = {"s": s.shape[-1], "g": g.shape[-1], "A": A.shape[-1]}
