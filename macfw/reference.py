@@ -17,7 +17,9 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
   (:meth:`macfw.nn.mlp.MLP._output`; the padding is sliced off) -> the plain product;
 * ``"joint_first_layer"``: MLPs on the same input with their first layers as one product
   (:func:`macfw.nn.mlp.joint_first_layer`; MAC's rollout heads, :func:`macfw.nn.models.evaluate_jointly`)
-  -> one call per MLP.
+  -> one call per MLP;
+* ``"folded_layer_norm"``: an MLP's LayerNorms folded into the next layer's product
+  (:meth:`macfw.nn.mlp.MLP._rest_folded`) -> normalise, then multiply.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one
@@ -32,7 +34,8 @@ import contextlib
 from typing import Iterable
 
 #: The named same-result speed-ups (module docstring).
-SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer")
+SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer",
+            "folded_layer_norm")
 
 _OFF: list[frozenset] = [frozenset()]
 
