@@ -287,17 +287,3 @@ def test_gin_file_holds_the_authors_defaults():
         assert agent.batch_spec.chunk_len == 1 and agent.gamma == 0.999 and agent.batch_spec.gamma == 0.999
     finally:
         gin.clear_config()
-
-
-def test_min_over_critics_has_jnp_min_value_and_a_one_hot_gradient():
-    """The actor's ``min_j Q_j``: ``jnp.min``'s value, its gradient all on the minimising critic (no
-    division by the count of entries equal to the minimum, which was 0/0 = NaN in one XLA build)."""
-    from macfw.agents.gciql import min_with_argmin_gradient
-
-    q = jax.random.normal(jax.random.PRNGKey(0), (6, 2))
-    np.testing.assert_array_equal(min_with_argmin_gradient(q, axis=1), jnp.min(q, axis=1))
-    w = jnp.arange(1.0, 7.0)
-    g = jax.grad(lambda q: jnp.sum(w * min_with_argmin_gradient(q, axis=1)))(q)
-    expect = jax.nn.one_hot(jnp.argmin(q, axis=1), 2) * w[:, None]
-    np.testing.assert_array_equal(g, expect)
-    np.testing.assert_array_equal(g, jax.grad(lambda q: jnp.sum(w * jnp.min(q, axis=1)))(q))  # no ties here

@@ -142,19 +142,6 @@ def critic_loss(qs: Float[Array, "B k"], target: Float[Array, " B"]) -> tuple[Ar
                   "critic/target_max": target.max(), "critic/target_min": target.min()}
 
 
-def min_with_argmin_gradient(q: Array, axis: int) -> Array:
-    """``jnp.min(q, axis)``, its gradient sent to the first minimising entry (a gather at ``argmin``).
-
-    ``jnp.min``'s own gradient divides by the number of entries equal to the minimum; when XLA
-    computes the entries twice in fusions that round differently (seen with the folded LayerNorm of
-    :meth:`macfw.nn.mlp.MLP._rest_folded` at ``--xla_backend_optimization_level=0``) that number can
-    be 0 and the gradient 0/0 = NaN. The value is the same; at exact ties the gradient goes to one
-    entry instead of being split.
-    """
-    idx = jnp.argmin(q, axis=axis, keepdims=True)
-    return jnp.squeeze(jnp.take_along_axis(q, idx, axis=axis), axis)
-
-
 def ddpg_bc_loss(q_pi: Float[Array, "B k"], bc_out: Float[Array, "B d"], data_actions: Float[Array, "B d"],
                  alpha: float) -> tuple[Array, dict]:
     """DDPG+BC with ``|Q|`` normalisation (OGBench's GCIQL actor):
@@ -166,7 +153,7 @@ def ddpg_bc_loss(q_pi: Float[Array, "B k"], bc_out: Float[Array, "B d"], data_ac
       data_actions: the dataset actions, ``(B, d)``.
       alpha: BC weight (>= 0).
     """
-    q = min_with_argmin_gradient(q_pi, axis=1)
+    q = jnp.min(q_pi, axis=1)
     q_abs = jnp.mean(jnp.abs(q))
     q_loss = -jnp.mean(q) / _sg(q_abs + Q_NORM_EPS)
     sq = jnp.sum((bc_out - data_actions) ** 2, axis=1)
