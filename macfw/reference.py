@@ -18,8 +18,8 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
 * ``"joint_first_layer"``: MLPs on the same input with their first layers as one product
   (:func:`macfw.nn.mlp.joint_first_layer`; MAC's rollout heads, :func:`macfw.nn.models.evaluate_jointly`)
   -> one call per MLP;
-* ``"folded_layer_norm"``: an MLP's LayerNorms folded into the next layer's product
-  (:meth:`macfw.nn.mlp.MLP._rest_folded`) -> normalise, then multiply.
+* ``"folded_layer_norm"``: in MAC's imagined rollout, each MLP's LayerNorms folded into the next
+  layer's product (:meth:`macfw.nn.mlp.MLP.with_folded_layer_norms`) -> normalise, then multiply.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one

@@ -8,8 +8,8 @@ steps (``MLP.prefix``), one flattened vmap instead of two nested ones over rollo
 same bits), the lambda-returns at ``lambda = 1`` from ``V'(s_H)`` alone (``lambda_one``; its
 equation is checked in ``test_lambda_returns.py``) and last layers padded to a multiple of 16
 outputs (``padded_outputs``), and the rollout's success, reward and dynamics models with one
-first-layer product (``joint_first_layer``), and each MLP's LayerNorms folded into the next layer's
-product (``folded_layer_norm``). Each is checked against its reference here: alone on tiny inputs,
+first-layer product (``joint_first_layer``), and in the rollout each MLP's LayerNorms folded into the
+next layer's product (``folded_layer_norm``). Each is checked against its reference here: alone on tiny inputs,
 and all together over 50 MAC updates from a
 fixed seed, where the reference is the pre-change computation traced in the same process (so the
 comparison holds on any CPU's instruction set).
@@ -75,8 +75,7 @@ def test_prefix_pair_equals_the_plain_call_and_reference_mode_is_the_plain_call(
     np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
     with reference_computation():
         ref = jax.vmap(lambda t: m.from_prefix(m.prefix(head), t))(tails)
-        plain_ref = jax.vmap(lambda t: m(jnp.concatenate([head, t])))(tails)
-    np.testing.assert_array_equal(ref, plain_ref)  # the very same operations
+    np.testing.assert_array_equal(ref, plain)  # the very same operations
     with pytest.raises(ValueError, match=r"tail \(9,\)"):
         m.from_prefix(pre, jnp.zeros(9))
 
@@ -108,9 +107,10 @@ def test_padded_output_layer_equals_the_plain_product(out_dim):
 @pytest.mark.parametrize("hidden", [(32,), (32, 32), (32, 32, 32)])
 def test_layer_norms_folded_into_the_next_product_equal_normalise_then_multiply(hidden):
     """``folded_layer_norm``: ``LN(a) W^T + b`` computed as ``rstd (a (W diag w)^T) - rstd m (W diag w) 1 +
-    (W beta + b)``: the same outputs and gradients (parameters and input) as normalising first, which
-    the reference computation does (no custom-VJP LayerNorm in its program); with a norm's own scale
-    and offset away from 1 and 0, and a last layer that is padded (50 outputs)."""
+    (W beta + b)`` (:meth:`MLP.with_folded_layer_norms`): the same outputs as normalising first,
+    through the plain call and through the shared-prefix pair, with a norm's own scale and offset
+    away from 1 and 0 and a last layer that is padded (50 outputs); no LayerNorm is left in its
+    program, and in the reference computation the MLP is returned as it is."""
     m = MLP(12, 50, hidden, key=jax.random.PRNGKey(0))
     ks = jax.random.split(jax.random.PRNGKey(3), 2 * len(hidden))
     m = eqx.tree_at(lambda m: [n.weight for n in m.norms] + [n.bias for n in m.norms], m,
@@ -118,35 +118,51 @@ def test_layer_norms_folded_into_the_next_product_equal_normalise_then_multiply(
                     + [0.5 * jax.random.normal(k, (h,)) for k, h in zip(ks[1::2], hidden)])
     x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (9, 12)) + 0.5
     f = lambda m, x: jax.vmap(m)(x)  # noqa: E731
-    loss = lambda m, x: jnp.sum(jnp.sin(f(m, x)) * jnp.arange(50))  # noqa: E731
-    fast, (g_fast, gx_fast) = f(m, x), jax.grad(loss, argnums=(0, 1))(m, x)
-    assert "custom_vjp_call" not in str(jax.make_jaxpr(f)(m, x))  # folded: LayerNorm never called
+    fm = m.with_folded_layer_norms()
+    assert m.folded is None and len(fm.folded) == len(hidden) and fm.with_folded_layer_norms() is fm
+    assert "custom_vjp_call" in str(jax.make_jaxpr(f)(m, x))  # the plain MLP normalises ...
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(f)(fm, x))  # ... the folded one never does
+    plain, folded = f(m, x), f(fm, x)
+    assert np.abs(np.asarray(plain)).max() > 0.1
+    np.testing.assert_allclose(folded, plain, rtol=1e-5, atol=1e-5)
+    head, tails = x[0, :5], x[:, 5:]
+    shared = jax.vmap(lambda t: fm.from_prefix(fm.prefix(head), t))(tails)
+    np.testing.assert_allclose(shared, jax.vmap(lambda t: m(jnp.concatenate([head, t])))(tails), rtol=1e-5, atol=1e-5)
     with reference_computation(only="folded_layer_norm"):
-        f_ref = lambda m, x: jax.vmap(m)(x)  # noqa: E731
-        loss_ref = lambda m, x: jnp.sum(jnp.sin(f_ref(m, x)) * jnp.arange(50))  # noqa: E731
-        ref, (g_ref, gx_ref) = f_ref(m, x), jax.grad(loss_ref, argnums=(0, 1))(m, x)
-        assert "custom_vjp_call" in str(jax.make_jaxpr(f_ref)(m, x))
-    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(ref)).max() > 0.1
-    np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    norm_grads = [n.weight for n in g_ref.norms] + [n.bias for n in g_ref.norms]
-    assert min(float(jnp.abs(g).max()) for g in norm_grads) > 1e-2  # the norms' parameters do matter
+        assert m.with_folded_layer_norms() is m
 
 
 @pytest.mark.parametrize("kw", [dict(layer_norm=False), dict(compute_dtype="bfloat16")])
 def test_layer_norms_are_not_folded_without_norms_or_in_low_precision(kw):
     """Without LayerNorms there is nothing to fold; with a low-precision ``compute_dtype`` the product's
-    inputs would be the unnormalised activations and the fold's cancellation would cost bits, so the
-    MLP normalises first (its program equals the reference computation's)."""
+    inputs would be the unnormalised activations and the fold's cancellation would cost bits: the MLP
+    comes back as it is."""
     m = MLP(6, 3, (16, 16), key=jax.random.PRNGKey(0), **kw)
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
-    f = lambda m, x: jax.vmap(m)(x)  # noqa: E731
+    assert m.with_folded_layer_norms() is m
+
+
+def test_fold_layer_norms_replaces_every_mlp_of_a_tree_and_mac_folds_its_rollout_only():
+    """:func:`fold_layer_norms` folds every MLP of MAC's networks (their other leaves untouched); MAC's
+    rollout folds them once before its loop, and its losses and gradients use the MLPs as trained."""
+    from macfw import bench
+    from macfw.nn.mlp import fold_layer_norms
+
+    agent, spec, data, state, step, K, B = bench._setup("tiny")
+    nets = fold_layer_norms(state.nets)
+    mlps = [x for x in jax.tree_util.tree_leaves(nets, is_leaf=lambda x: isinstance(x, MLP)) if isinstance(x, MLP)]
+    assert len(mlps) >= 6 and all(m.folded is not None for m in mlps)
+    assert all(m.folded is None for m in jax.tree_util.tree_leaves(state.nets, is_leaf=lambda x: isinstance(x, MLP))
+               if isinstance(m, MLP))
+    s0, g0 = data.observations[:8], jnp.zeros((8, 0))
+    roll = lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4))  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(roll)())
+    assert "custom_vjp_call" not in jaxpr.split("scan")[1]  # no LayerNorm inside the rollout's loop
+    fast = roll()
     with reference_computation(only="folded_layer_norm"):
-        f_ref = lambda m, x: jax.vmap(m)(x)  # noqa: E731
-        jaxpr_ref = str(jax.make_jaxpr(f_ref)(m, x))
-    assert str(jax.make_jaxpr(f)(m, x)) == jaxpr_ref
+        ref = agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4))
+        assert "custom_vjp_call" in str(jax.make_jaxpr(lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4)))())
+    for k in ("states", "actions", "rewards", "masks"):
+        np.testing.assert_allclose(fast[k], ref[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
 @pytest.mark.parametrize("goal_dim", [0, 3])
@@ -184,7 +200,7 @@ def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
     mine = (models[0], MyDynamics(spec, key=ks[1], hidden_dims=(16, 16)))
     out = f(mine, s, g, A)
     np.testing.assert_allclose(out[1], own[1] + 1.0, rtol=1e-5, atol=1e-5)
-    assert str(jax.make_jaxpr(f)(mine, s, g, A)).count("dot_general") == ref_dots // 3 * 2  # two models called
+    assert str(jax.make_jaxpr(f)(mine, s, g, A)).count("dot_general") == ref_dots - 3  # two models called
 
 
 def test_joint_first_layer_equals_separate_calls_with_gradients():

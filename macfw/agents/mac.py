@@ -30,6 +30,7 @@ from macfw.agents.base import (Agent, BatchSpec, copy_of, ema, gradient_step, pa
                                vmap_steps)
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
+from macfw.nn.mlp import fold_layer_norms
 from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel, evaluate_jointly
 from macfw.registry import register
 from macfw.rollout import imagine
@@ -251,7 +252,8 @@ class MAC(Agent):
         Returns dict with ``states (H+1, B, ob_dim)``, ``actions (H, B, chunk_dim)``,
         ``rewards, masks (H, B)``.
         """
-        nets = jax.lax.stop_gradient(nets)
+        # no gradient; LayerNorms folded into the products once, for all H steps (issue 12)
+        nets = fold_layer_norms(jax.lax.stop_gradient(nets))
         B = s0.shape[0]
         goal_conditioned = g.shape[-1] > 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import equinox as eqx
@@ -60,6 +61,9 @@ class MLP(eqx.Module):
     norms: tuple[eqx.nn.LayerNorm | None, ...]
     activation: str = eqx.field(static=True)
     compute_dtype: str | None = eqx.field(static=True, default=None)
+    #: per layer after the first, ``(W', W' 1, W beta + b)`` from :meth:`with_folded_layer_norms`; None
+    #: in every trained, saved MLP
+    folded: tuple[tuple[Array, Array, Array], ...] | None = None
 
     def __init__(
         self,
@@ -132,21 +136,10 @@ class MLP(eqx.Module):
         return self._rest(pre + self._dot(tail, layer.weight[:, h:])).astype(tail.dtype)
 
     def _rest(self, h: Array) -> Array:
-        """Everything after the first layer's product: activation, norm, the other layers.
-
-        With a LayerNorm after every hidden layer and float32 products, each norm is folded into the
-        product after it (:meth:`_rest_folded`); otherwise, and inside
-        :func:`macfw.reference.reference_computation` (``"folded_layer_norm"``), :meth:`_rest_plain`.
-        """
-        if self._foldable() and not reference.active("folded_layer_norm"):
+        """Everything after the first layer's product: activation, norm, the other layers
+        (:meth:`_rest_folded` for an MLP from :meth:`with_folded_layer_norms`)."""
+        if self.folded is not None:
             return self._rest_folded(h)
-        return self._rest_plain(h)
-
-    def _foldable(self) -> bool:
-        return bool(self.norms) and self.compute_dtype is None and all(n is not None for n in self.norms)
-
-    def _rest_plain(self, h: Array) -> Array:
-        """``act -> LayerNorm`` after each hidden product, then the other layers, as written."""
         act = ACTIVATIONS[self.activation]
         for i, norm in enumerate(self.norms):
             if i > 0:
@@ -156,45 +149,72 @@ class MLP(eqx.Module):
                 h = _layer_norm(norm, h.astype(jnp.float32)).astype(h.dtype)
         return self._output(h)
 
-    def _rest_folded(self, h: Array) -> Array:
-        """:meth:`_rest_plain` with each LayerNorm folded into the next layer's product: for ``a = act(h)``
-        with mean ``m`` and ``rstd = 1 / sqrt(var + eps)``,
-        ``LN(a) W^T + b = rstd (a W'^T) - rstd m W' 1 + (W beta + b)`` with ``W' = W diag(w)`` (the norm's
-        scale ``w`` and offset ``beta``). The same function with its sums in another order (outputs
-        agree to about 1e-6 relative); the normalised activations are never written out, which saves
-        a pass over every hidden layer (MAC's rollout, ``cpu-small``: about 6% of an update; issue 12).
-        Needs float32 (``compute_dtype=None``) and a LayerNorm after every hidden layer."""
-        act = ACTIVATIONS[self.activation]
-        last = len(self.norms) - 1
+    # ---------------------------------------------------------------- LayerNorms folded into products
+    def with_folded_layer_norms(self) -> "MLP":
+        """This MLP with each LayerNorm folded into the product after it, for forward passes without a
+        gradient that reuse the weights many times (MAC's imagined rollout, :func:`fold_layer_norms`).
+
+        For ``a = act(h)`` with mean ``m`` and ``rstd = 1 / sqrt(var + eps)`` (the norm's scale ``w``,
+        offset ``beta``), ``LN(a) W^T + b = rstd (a W'^T) - rstd m (W' 1) + (W beta + b)`` with
+        ``W' = W diag(w)``: the same function with its sums in another order (outputs agree to about
+        1e-6 relative), and the normalised activations are never written out, which saves a pass over
+        each hidden layer's outputs (issue 12). ``W'``, ``W' 1`` and ``W beta + b`` are computed here,
+        once (a weight-sized cost per call would exceed the saving on a few hundred rows).
+
+        Returns ``self`` unchanged for an MLP without a LayerNorm after every hidden layer, with a
+        low-precision ``compute_dtype`` (the cancellation in ``rstd (a W'^T) - rstd m W' 1`` would cost
+        bits), or inside :func:`macfw.reference.reference_computation` (``"folded_layer_norm"``).
+        Gradients flow to the folded arrays, not to the weights they came from: use it where no
+        gradient is taken.
+        """
+        if (self.folded is not None or not self.norms or self.compute_dtype is not None
+                or any(n is None for n in self.norms) or reference.active("folded_layer_norm")):
+            return self
+        folded = []
         for i, norm in enumerate(self.norms):
-            a = act(h)
             layer = self.layers[i + 1]
             weight = layer.weight if norm.weight is None else layer.weight * norm.weight
             shift = layer.bias if norm.bias is None else layer.bias + layer.weight @ norm.bias
+            colsum = jnp.sum(weight, axis=1)
+            if i == len(self.norms) - 1:
+                weight = self._padded(weight)
+            folded.append((weight, colsum, shift))
+        out = object.__new__(MLP)  # a copy with ``folded`` set (eqx.tree_at cannot replace a None field)
+        for f in dataclasses.fields(self):
+            object.__setattr__(out, f.name, tuple(folded) if f.name == "folded" else getattr(self, f.name))
+        return out
+
+    def _rest_folded(self, h: Array) -> Array:
+        """:meth:`_rest` with the folded products of :meth:`with_folded_layer_norms`."""
+        act = ACTIVATIONS[self.activation]
+        for norm, (weight, colsum, shift) in zip(self.norms, self.folded):
+            a = act(h)
             mean = jnp.mean(a)
             var = jnp.maximum(jnp.mean(a * a) - mean * mean, 0.0)  # the one-pass variance of _layer_norm
             rstd = jax.lax.rsqrt(var + norm.eps)
-            y = self._padded_dot(a, weight) if i == last else self._dot(a, weight)
-            h = rstd * y - (rstd * mean) * jnp.sum(weight, axis=1) + shift
+            y = self._dot(a, weight)[..., : shift.shape[-1]]
+            h = rstd * y - (rstd * mean) * colsum + shift
         return h
 
     def _output(self, h: Array) -> Array:
-        """The last layer ``h W^T + b`` (:meth:`_padded_dot`)."""
+        """The last layer ``h W^T + b``. With more than 16 outputs, not a multiple of 16, ``W`` gets zero
+        rows up to the next multiple of 16 and the extra outputs are sliced off before the bias: the
+        same numbers (an output's sum does not depend on the other rows of ``W``), and XLA's CPU
+        product of ``(2048, 256) x (256, 50)`` took 0.31 ms against 0.21 for 64 outputs (AVX-512,
+        issue 12; the rejection sampler's one-step policy on N candidates). Inside
+        :func:`macfw.reference.reference_computation` (``"padded_outputs"``) the plain product."""
         layer = self.layers[-1]
-        return self._padded_dot(h, layer.weight) + layer.bias
+        out = layer.weight.shape[0]
+        return self._dot(h, self._padded(layer.weight))[..., :out] + layer.bias
 
-    def _padded_dot(self, h: Array, weight: Array) -> Array:
-        """``h W^T``. With more than 16 outputs, not a multiple of 16, ``W`` gets zero rows up to the next
-        multiple of 16 and the extra outputs are sliced off: the same numbers (an output's sum does not
-        depend on the other rows of ``W``), and XLA's CPU product of ``(2048, 256) x (256, 50)`` took
-        0.31 ms against 0.21 for 64 outputs (AVX-512, issue 12; the rejection sampler's one-step policy
-        on N candidates). Inside :func:`macfw.reference.reference_computation` (``"padded_outputs"``)
-        the plain product."""
+    def _padded(self, weight: Array) -> Array:
+        """``weight (out, in)`` with zero rows up to a multiple of 16 when ``out > 16`` is not one
+        (:meth:`_output`); otherwise, and for the reference computation, ``weight`` itself."""
         out = weight.shape[0]
         pad = -out % 16
         if out <= 16 or pad == 0 or reference.active("padded_outputs"):
-            return self._dot(h, weight)
-        return self._dot(h, jnp.pad(weight, ((0, pad), (0, 0))))[..., :out]
+            return weight
+        return jnp.pad(weight, ((0, pad), (0, 0)))
 
     def _dot(self, x: Array, weight: Array) -> Array:
         if self.compute_dtype is None:
@@ -280,3 +300,11 @@ def joint_first_layer(mlps: Sequence[MLP], x: Float[Array, " in_dim"]) -> list[A
         outs.append(m._rest(h[..., start:start + n]).astype(x.dtype))
         start += n
     return outs
+
+
+def fold_layer_norms(tree):
+    """``tree`` (any pytree of modules, e.g. MAC's networks) with every :class:`MLP` replaced by
+    :meth:`MLP.with_folded_layer_norms`: for a stretch of forward passes without gradients, such as
+    MAC's imagined rollout (the weights are folded once, before its loop)."""
+    return jax.tree_util.tree_map(lambda x: x.with_folded_layer_norms() if isinstance(x, MLP) else x, tree,
+                                  is_leaf=lambda x: isinstance(x, MLP))
