@@ -18,8 +18,8 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 
 def gelu(x: Array) -> Array:
     """GELU, tanh approximation (``jax.nn.gelu(x)``'s default and flax's ``nn.gelu``, as in the paper's
-    code), written out: the same function, about 15% faster on CPU than ``jax.nn.gelu`` (measured on
-    a (2048, 256) array)."""
+    code), written out: the same function; on a (2048, 256) array about 15% faster than ``jax.nn.gelu``
+    on one 2-core CPU and as fast on another (2026-12-02)."""
     return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
 
 
