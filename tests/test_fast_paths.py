@@ -142,8 +142,9 @@ def test_layer_norms_are_not_folded_without_norms_or_in_low_precision(kw):
 
 
 def test_fold_layer_norms_replaces_every_mlp_of_a_tree_and_mac_folds_its_rollout_only():
-    """:func:`fold_layer_norms` folds every MLP of MAC's networks (their other leaves untouched); MAC's
-    rollout folds them once before its loop, and its losses and gradients use the MLPs as trained."""
+    """:func:`fold_layer_norms` folds every MLP of MAC's networks and leaves the networks it was given as
+    they were; MAC's rollout folds them once, before its loop (no LayerNorm inside it), and its
+    states, chunks, rewards and masks equal the unfolded rollout's."""
     from macfw import bench
     from macfw.nn.mlp import fold_layer_norms
 
