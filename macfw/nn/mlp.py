@@ -61,8 +61,9 @@ class MLP(eqx.Module):
     norms: tuple[eqx.nn.LayerNorm | None, ...]
     activation: str = eqx.field(static=True)
     compute_dtype: str | None = eqx.field(static=True, default=None)
-    #: per layer after the first, ``(W', W' 1, W beta + b)`` from :meth:`with_folded_layer_norms`; None
-    #: in every trained, saved MLP
+    #: per layer after the first, ``(W' (out, in), W' 1 (out,), W beta + b (out,))`` from
+    #: :meth:`with_folded_layer_norms` (the last ``W'`` with the zero rows of :meth:`_padded`); None in
+    #: every trained, saved MLP
     folded: tuple[tuple[Array, Array, Array], ...] | None = None
 
     def __init__(
