@@ -42,6 +42,11 @@ op time per gradient step by phase (the update's named scopes: sampling, rollout
 value/critic, optimizer) and by kind (matrix products, elementwise, reductions, random numbers,
 data movement), with the matrix products' fraction of the peak (:mod:`macfw.profiling`).
 
+Host memory: like ``python -m macfw.run``, the command keeps freed host memory mapped
+(:func:`macfw.memory.retain_freed_memory`; the JSON's ``retained_freed_memory``), so each dispatch
+reuses its buffer's pages instead of page-faulting 43 MB in again at ``cpu-small``;
+``MACFW_RETAIN_MEMORY=0`` times it with ``malloc``'s defaults.
+
 On a GPU: ``python -m macfw.bench --preset paper --json bench.json`` (bf16 matrix products
 with ``--compute-dtype bfloat16``).
 """
@@ -59,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, sample_for, trajectory_ends, valid_starts
+from macfw.memory import retain_freed_memory
 from macfw.reference import parse_only, reference_computation
 from macfw.spec import Spec
 
@@ -454,6 +460,7 @@ def main(argv=None) -> int:
     ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    retained = retain_freed_memory()  # as python -m macfw.run does (macfw.memory): the dispatches timed are training's
     if a.only is not None and not a.against_reference:
         ap.error(f"--only {a.only} goes with --against-reference (it selects the speed-ups the reference turns off)")
     model = dict(gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim,
@@ -499,6 +506,7 @@ def main(argv=None) -> int:
         _dump(a.json, rows)
         return 0
     out = run(a.preset, dispatches=a.dispatches, **model)
+    out["retained_freed_memory"] = retained
     keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",
             "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation",
             "executed_flops_per_update", "hardware_utilisation")

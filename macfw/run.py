@@ -26,6 +26,7 @@ import gin
 import macfw  # noqa: F401  (registers every built-in component)
 import macfw.train  # noqa: F401  (registers train() with Gin)
 from macfw import registry
+from macfw.memory import retain_freed_memory
 
 
 class GinConfigError(ValueError):
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
     if in_main:
         _early_signals()
     _enable_compilation_cache()
+    retain_freed_memory()  # XLA's per-dispatch buffers stay mapped (macfw.memory)
     try:
         from macfw.parallel import initialize_distributed
 
