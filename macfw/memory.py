@@ -4,15 +4,18 @@ On the CPU, every execution of a compiled program allocates its temporary buffer
 for MAC's ``cpu-small`` update of 10 gradient steps, from ``Compiled.memory_analysis()``) and frees
 it when the dispatch ends. glibc's ``malloc`` serves blocks above its mmap threshold (at most 32 MB)
 with a fresh ``mmap`` and returns them with ``munmap``, so each dispatch touches new pages: about
-11,000 minor page faults per ``cpu-small`` dispatch (``resource.getrusage``), measured at 5-10% of
-its wall time on a 2-core VM (issue 12). :func:`retain_freed_memory` tells glibc to serve every
-block from its heap and to keep up to 2 GiB of freed heap memory instead of giving it back: after the first dispatch the same pages
-are reused (0-70 faults per dispatch), and the numbers computed are the same.
+10,900 minor page faults and 43-48 ms of system time per ``cpu-small`` dispatch of about 850 ms
+(``resource.getrusage``, a 2-core VM, issue 12). :func:`retain_freed_memory` tells glibc to serve
+every block from its heap and to keep up to 2 GiB of freed heap memory instead of giving it back:
+after the first dispatch the same pages are reused (0 faults, 16-20 ms of system time per
+dispatch; about 3% less wall time over six alternated process pairs), and the numbers computed
+are the same.
 
 The cost: the process keeps the most host memory it has held (its resident size does not shrink
-when arrays are freed), as JAX's GPU allocator keeps device memory. ``python -m macfw.run`` and
-``python -m macfw.bench`` call it at start; set ``MACFW_RETAIN_MEMORY=0`` to leave ``malloc`` as
-it is. It does nothing where the C library is not glibc (macOS, musl).
+when arrays are freed, up to 2 GiB of free heap), as JAX's GPU allocator keeps device memory.
+``python -m macfw.run`` and ``python -m macfw.bench`` call it at start; set
+``MACFW_RETAIN_MEMORY=0`` to leave ``malloc`` as it is. It does nothing where the C library is not
+glibc (:func:`is_glibc`; macOS, musl).
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ import platform
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_TRIM_THRESHOLD = 2**31 - 1  # bytes of free heap kept at the heap's top before the rest is returned (mallopt takes an int)
+# bytes of free heap kept at the heap's top before the rest is returned (mallopt takes an int)
+_TRIM_THRESHOLD = 2**31 - 1
 
 _applied: bool | None = None
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (the ``malloc`` that :func:`retain_freed_memory` tunes)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def retain_freed_memory() -> bool:
@@ -39,24 +48,21 @@ def retain_freed_memory() -> bool:
     refused a setting. It raises nothing: a process without it only runs slower.
     """
     global _applied
-    if _applied is not None:
-        return _applied
-    if os.environ.get("MACFW_RETAIN_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
-        _applied = False
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        _applied = False
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        _applied = False
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    if _applied is None:
+        _applied = _apply()
     return _applied
 
 
-__all__ = ["retain_freed_memory"]
+def _apply() -> bool:
+    if os.environ.get("MACFW_RETAIN_MEMORY", "1").strip().lower() in ("0", "false", "no", "off") or not is_glibc():
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+__all__ = ["is_glibc", "retain_freed_memory"]

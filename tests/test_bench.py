@@ -107,9 +107,9 @@ def test_cli_tiny(cli):
         r["utilisation"] * r["executed_flops_per_update"] / r["flops_per_update"], rel=1e-6)
     assert r["rollout_per_s"] == pytest.approx(1.0 / r["rollout_s"], rel=1e-6)
     # timed as python -m macfw.run trains: freed host memory kept mapped where the C library is glibc
-    import platform
+    from macfw.memory import is_glibc
 
-    assert r["retained_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert r["retained_freed_memory"] is is_glibc()
 
 
 def test_all_agents_lists_every_agent_and_its_data_mode():

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-glibc = pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
-                           reason="macfw.memory acts on glibc's malloc only")
+from macfw.memory import is_glibc
 
-# allocate a 64 MiB block, touch every page, free it; three times; print the applied flag and the
-# minor page faults of the second and third rounds (the first maps the memory in either way)
+glibc = pytest.mark.skipif(not is_glibc(), reason="macfw.memory acts on glibc's malloc only")
+
+# allocate a 64 MiB block, touch every page, free it; three times; print the applied flag and each
+# round's minor page faults (the first round maps the memory in either way)
 _PROBE = r"""
 import ctypes, json, resource, sys
 from macfw.memory import retain_freed_memory
@@ -50,12 +50,11 @@ def _probe(mode: str, **env) -> dict:
 def test_retained_memory_is_not_faulted_in_again():
     plain, kept = _probe("plain"), _probe("retain")
     assert kept["applied"] is True and kept["again"] is True  # idempotent
-    pages = (64 << 20) // 4096
-    # malloc's defaults: the block is an mmap, returned on free, so every round maps it in again
-    # (4 KiB pages; transparent huge pages would make it fewer, hence only a quarter required)
-    assert min(plain["faults"][1:]) > pages // 4, plain
+    # malloc's defaults: the block is an mmap, returned on free, so every round maps it in again, as
+    # many pages as the first (ratios of rounds: independent of the page size, 4 KiB or huge pages)
+    assert plain["faults"][0] > 0 and min(plain["faults"][1:]) >= plain["faults"][0] // 2, plain
     # retained: the second and third rounds reuse the first one's pages
-    assert max(kept["faults"][1:]) < pages // 50, kept
+    assert kept["faults"][0] > 0 and max(kept["faults"][1:]) <= kept["faults"][0] // 50, kept
 
 
 @glibc
@@ -63,4 +62,4 @@ def test_retained_memory_is_not_faulted_in_again():
 def test_environment_variable_turns_it_off(value):
     r = _probe("retain", MACFW_RETAIN_MEMORY=value)
     assert r["applied"] is False
-    assert min(r["faults"][1:]) > (64 << 20) // 4096 // 4, r
+    assert r["faults"][0] > 0 and min(r["faults"][1:]) >= r["faults"][0] // 2, r
