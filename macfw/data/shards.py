@@ -343,9 +343,9 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
     t0 = time.perf_counter()
     if need_base or need_var:
         for d, need in ((base_dir, need_base), (var_dir, need_var)):
-            if need and d is not None and d.exists():
+            if need and d is not None and d.exists():  # replaced by _write_columns, not removed here: another
+                # process may finish it while this one converts (removing it then broke that process's read)
                 warnings.warn(f"Re-converting the shard store {str(d)!r} ({manifest_problem(d, sources)}).")
-                _remove_tree(d)
         import ogbench
 
         name = dataset_name if need_var else base_name
