@@ -40,7 +40,9 @@ macfw cache folder). It prints the three figures and the ratio cold / warm.
 Where the time goes: ``--profile`` runs ``--dispatches`` dispatches under JAX's profiler and prints
 op time per gradient step by phase (the update's named scopes: sampling, rollout, model losses,
 value/critic, optimizer) and by kind (matrix products, elementwise, reductions, random numbers,
-data movement), with the matrix products' fraction of the peak (:mod:`macfw.profiling`).
+data movement), with the matrix products' fraction of the peak and each phase's wall time (the
+time during which one of its operations ran; op time counts operations that run side by side
+twice) (:mod:`macfw.profiling`).
 
 Host memory: like ``python -m macfw.run``, the command keeps freed host memory mapped
 (:func:`macfw.memory.retain_freed_memory`; the JSON's ``retained_freed_memory``), so each dispatch

@@ -18,8 +18,12 @@ updates profiled) and, for matrix products, their FLOPs (from the shapes in the 
 and the fraction of the matrix-product peak measured in the same process
 (:func:`macfw.bench.matmul_peak`) that they reach. Op time is not wall time: XLA's CPU runtime runs
 independent operations at once, so the sum of op time can exceed the update's wall time
-(``op_time_ms`` vs ``wall_ms``). Loop operations (``while``, ``conditional``, ``call``) are left out:
-their spans contain their bodies' operations.
+(``op_time_ms`` vs ``wall_ms``), and an operation that shares the cores with another one takes longer
+and shows a lower fraction of the peak than it would alone. Each phase's **wall** figure is therefore
+also given: the time during which at least one of its operations ran (the union of their spans), so
+that the phases' wall figures add up to about the update's wall time, less what they overlap, and
+``busy_ms`` the time during which any operation of the step ran. Loop operations (``while``,
+``conditional``, ``call``) are left out: their spans contain their bodies' operations.
 
 On the CPU the trace names XLA's operations only with ``--xla_cpu_enable_xprof_traceme=true`` in
 ``XLA_FLAGS``, read when the backend starts: ``python -m macfw.bench --profile`` re-runs itself with
@@ -167,34 +171,73 @@ def _dot_flops(out: list[int] | None, rest: str, shapes: dict) -> float:
     return 2.0 * math.prod(out) * k
 
 
-def trace_op_times(trace_dir: str, module: str) -> dict[str, tuple[float, int]]:
-    """``{op name: (total microseconds, executions)}`` of module ``module``'s operations in the
-    profiler trace under ``trace_dir`` (the ``perfetto_trace.json.gz`` that
-    ``jax.profiler.trace(..., create_perfetto_trace=True)`` writes)."""
+def trace_op_spans(trace_dir: str, module: str) -> list[tuple[str, float, float]]:
+    """Every execution of module ``module``'s operations in the profiler trace under ``trace_dir`` (the
+    ``perfetto_trace.json.gz`` that ``jax.profiler.trace(..., create_perfetto_trace=True)`` writes),
+    as ``(op name, start, end)`` in microseconds.
+
+    Raises:
+      RuntimeError: no trace file under ``trace_dir``.
+    """
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
         raise RuntimeError(f"No perfetto_trace.json.gz under {trace_dir}; jax.profiler wrote no trace.")
     with gzip.open(max(files, key=os.path.getmtime)) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
-    out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    spans = []
     for e in events:
         args = e.get("args") or {}
         if e.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
-            acc = out[args["hlo_op"]]
-            acc[0] += float(e.get("dur", 0.0))
-            acc[1] += 1
+            start = float(e.get("ts", 0.0))
+            spans.append((args["hlo_op"], start, start + float(e.get("dur", 0.0))))
+    return spans
+
+
+def op_times(spans) -> dict[str, tuple[float, int]]:
+    """``{op name: (total microseconds, executions)}`` from :func:`trace_op_spans`' spans."""
+    out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for name, start, end in spans:
+        acc = out[name]
+        acc[0] += end - start
+        acc[1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def trace_op_times(trace_dir: str, module: str) -> dict[str, tuple[float, int]]:
+    """``{op name: (total microseconds, executions)}`` of module ``module``'s operations in the
+    profiler trace under ``trace_dir`` (:func:`trace_op_spans`, summed per operation).
+
+    Raises:
+      RuntimeError: no trace file under ``trace_dir``.
+    """
+    return op_times(trace_op_spans(trace_dir, module))
+
+
+def covered(intervals) -> float:
+    """The length of the union of ``(start, end)`` intervals: time during which at least one ran."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + (cur_end - cur_start if cur_end is not None else 0.0)
+
+
 def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: int, peak_flops: float,
-              top: int = 15) -> dict:
-    """The phase x kind table from :func:`parse_hlo`'s ops and :func:`trace_op_times`' spans.
+              top: int = 15, spans=None) -> dict:
+    """The phase x kind table from :func:`parse_hlo`'s ops and :func:`trace_op_times`' times.
 
     Returns ``{"phases": {phase: {kind: ms per update, ..., "total": ms, "matmul_flops": FLOPs per
     update, "matmul_fraction_of_peak": ...}}, "op_time_ms": ..., "matched_ops": n, "unmatched_ops": n,
     "top_ops": [...]}``; ``top_ops`` lists the ``top`` ops with the most time (name, phase, kind,
-    ms per update, executions per update, output shape, the end of the op's name stack).
+    ms per update, executions per update, output shape, the end of the op's name stack). With the
+    trace's ``spans`` (:func:`trace_op_spans`), each phase also gets ``"wall"``: ms per update during
+    which at least one of its operations ran (:func:`covered`), and the result ``"busy_ms"``: the same
+    for every operation of the table.
     """
     table: dict[str, dict] = {}
     matched = unmatched = 0
@@ -214,20 +257,32 @@ def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: 
     for row in table.values():
         t = row["matrix products"] / 1e3
         row["matmul_fraction_of_peak"] = (row["matmul_flops"] / t / peak_flops) if t > 0 and peak_flops else None
+    if spans is not None:
+        by_phase = collections.defaultdict(list)
+        for name, start, end in spans:
+            op = ops.get(name)
+            if op is not None and op.kind != "loop":
+                by_phase[op.phase].append((start, end))
+        for phase, row in table.items():
+            row["wall"] = covered(by_phase[phase]) / 1e3 / updates
     order = [p for p in PHASES + ("other",) if p in table]
     ranked = sorted(((us, n) for n, (us, _) in times.items() if n in ops and ops[n].kind != "loop"), reverse=True)
     top_ops = [{"name": n, "phase": ops[n].phase, "kind": ops[n].kind, "ms": us / 1e3 / updates,
                 "executions": times[n][1] / updates, "shape": ops[n].shape, "op_name": ops[n].op_name[-80:]}
                for us, n in ranked[:top]]
-    return {"phases": {p: table[p] for p in order}, "op_time_ms": sum(r["total"] for r in table.values()),
-            "matched_ops": matched, "unmatched_ops": unmatched, "top_ops": top_ops}
+    out = {"phases": {p: table[p] for p in order}, "op_time_ms": sum(r["total"] for r in table.values()),
+           "matched_ops": matched, "unmatched_ops": unmatched, "top_ops": top_ops}
+    if spans is not None:
+        out["busy_ms"] = covered([(s, e) for n, s, e in spans if n in ops and ops[n].kind != "loop"]) / 1e3 / updates
+    return out
 
 
 def profile(preset: str = "cpu-small", *, dispatches: int = 3, **model) -> dict:
     """Profile ``dispatches`` dispatches of an agent's training step at ``preset``'s sizes.
 
     ``model``: :func:`macfw.bench.run`'s model arguments (``gin_files``, ``goal_dim``, ...). Returns
-    :func:`breakdown`'s dict plus ``wall_ms`` (per update, the profiled dispatches' wall time),
+    :func:`breakdown`'s dict (with each phase's ``wall`` and ``busy_ms``) plus ``wall_ms`` (per update,
+    the profiled dispatches' wall time),
     ``matmul_peak_flops`` and the agent's name.
 
     Raises:
@@ -249,35 +304,41 @@ def profile(preset: str = "cpu-small", *, dispatches: int = 3, **model) -> dict:
                 arrays, m = compiled(data_p, arrays)
             jax.block_until_ready(m)
             wall = time.perf_counter() - t0
-        times = trace_op_times(d, module)
+        spans = trace_op_spans(d, module)
+        times = op_times(spans)
     if not times:
         raise RuntimeError(
             f"The profiler trace names no operation of module {module!r}. On the CPU, XLA names its operations "
             f"in traces only with XLA_FLAGS={TRACEME_FLAG} set before JAX starts (python -m macfw.bench "
             f"--profile sets it itself); XLA_FLAGS is {os.environ.get('XLA_FLAGS', '')!r}.")
     peak = bench.matmul_peak()
-    out = breakdown(ops, times, dispatches * K, peak)
+    out = breakdown(ops, times, dispatches * K, peak, spans=spans)
     out.update(preset=preset, agent=type(agent).__name__, steps_per_dispatch=K, dispatches=dispatches,
                wall_ms=1e3 * wall / (dispatches * K), matmul_peak_flops=peak)
     return out
 
 
 def format_table(r: dict) -> str:
-    """:func:`profile`'s result as a Markdown table (ms of op time per gradient step)."""
-    head = ["phase", "total", *KINDS, "matmul FLOP", "matmul / peak"]
+    """:func:`profile`'s result as a Markdown table (ms of op time per gradient step; ``wall``: ms during
+    which the phase had an operation running, when the result has it)."""
+    walls = all("wall" in row for row in r["phases"].values()) and "busy_ms" in r
+    head = ["phase", *(["wall"] if walls else []), "total", *KINDS, "matmul FLOP", "matmul / peak"]
+    busy = f", some operation running for {r['busy_ms']:.2f} ms of it" if walls else ""
     lines = [f"{r['agent']} at preset {r['preset']}: op time per gradient step (ms); wall time "
-             f"{r['wall_ms']:.2f} ms per step, op time {r['op_time_ms']:.2f} ms (ops run concurrently); "
+             f"{r['wall_ms']:.2f} ms per step{busy}, op time {r['op_time_ms']:.2f} ms (ops run concurrently); "
              f"matrix-product peak {r['matmul_peak_flops']:.3g} FLOP/s",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p, row in r["phases"].items():
         frac = row["matmul_fraction_of_peak"]
-        lines.append("| " + " | ".join([p, f"{row['total']:.2f}", *(f"{row[k]:.2f}" for k in KINDS),
-                                        f"{row['matmul_flops']:.3g}", "-" if frac is None else f"{frac:.2f}"]) + " |")
+        lines.append("| " + " | ".join([p, *([f"{row['wall']:.2f}"] if walls else []), f"{row['total']:.2f}",
+                                        *(f"{row[k]:.2f}" for k in KINDS), f"{row['matmul_flops']:.3g}",
+                                        "-" if frac is None else f"{frac:.2f}"]) + " |")
     tot = {k: sum(row[k] for row in r["phases"].values()) for k in (*KINDS, "total", "matmul_flops")}
     mm = tot["matrix products"] / 1e3
     frac = tot["matmul_flops"] / mm / r["matmul_peak_flops"] if mm > 0 else None
-    lines.append("| " + " | ".join(["**all**", f"{tot['total']:.2f}", *(f"{tot[k]:.2f}" for k in KINDS),
-                                    f"{tot['matmul_flops']:.3g}", "-" if frac is None else f"{frac:.2f}"]) + " |")
+    lines.append("| " + " | ".join(["**all**", *([f"{r['busy_ms']:.2f}"] if walls else []), f"{tot['total']:.2f}",
+                                    *(f"{tot[k]:.2f}" for k in KINDS), f"{tot['matmul_flops']:.3g}",
+                                    "-" if frac is None else f"{frac:.2f}"]) + " |")
     if r.get("top_ops"):
         lines += ["", "The operations with the most time (ms per gradient step, executions per step):"]
         for o in r["top_ops"]:
@@ -286,5 +347,5 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PHASES", "KINDS", "Op", "phase_of", "kind_of", "parse_hlo", "trace_op_times", "breakdown", "profile",
-           "format_table"]
+__all__ = ["PHASES", "KINDS", "Op", "phase_of", "kind_of", "parse_hlo", "trace_op_spans", "op_times", "trace_op_times",
+           "covered", "breakdown", "profile", "format_table"]

@@ -90,6 +90,30 @@ def test_breakdown_sums_op_time_per_update_and_skips_loops_and_unknown_ops():
                                                                    matmul_peak_flops=1e10))
 
 
+def test_wall_time_per_phase_counts_concurrent_operations_once():
+    """A phase's ``wall`` is the time during which at least one of its operations ran: two of its ops
+    running side by side count once, ops of other phases do not shorten it, and ``busy_ms`` is the
+    union over every op; loops and unknown ops are left out."""
+    assert profiling.covered([]) == 0.0
+    assert profiling.covered([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0), (21.0, 22.0)]) == pytest.approx(17.0)
+    assert profiling.covered([(3.0, 4.0), (0.0, 1.0)]) == pytest.approx(2.0)  # any order
+    ops = {"a": profiling.Op("rollout", "matrix products", 0.0), "b": profiling.Op("rollout", "elementwise", 0.0),
+           "c": profiling.Op("value_critic", "elementwise", 0.0), "w": profiling.Op("rollout", "loop", 0.0)}
+    # microseconds, over 2 updates: a and b overlap by 400 us; c runs partly beside b; the loop spans all
+    spans = [("a", 0.0, 1000.0), ("b", 600.0, 1600.0), ("c", 1500.0, 2500.0), ("w", 0.0, 5000.0),
+             ("zzz", 0.0, 9000.0)]
+    r = profiling.breakdown(ops, profiling.op_times(spans), updates=2, peak_flops=1e10, spans=spans)
+    assert r["phases"]["rollout"]["total"] == pytest.approx(1.0)  # 2000 us of op time / 2 updates
+    assert r["phases"]["rollout"]["wall"] == pytest.approx(0.8)  # 0..1600 us
+    assert r["phases"]["value_critic"]["wall"] == pytest.approx(0.5)
+    assert r["busy_ms"] == pytest.approx(1.25)  # 0..2500 us
+    table = profiling.format_table(dict(r, agent="X", preset="p", wall_ms=1.5, matmul_peak_flops=1e10))
+    assert "| phase | wall | total |" in table and "| rollout | 0.80 | 1.00 |" in table
+    assert "some operation running for 1.25 ms" in table
+    plain = profiling.breakdown(ops, profiling.op_times(spans), updates=2, peak_flops=1e10)
+    assert "wall" not in plain["phases"]["rollout"] and "busy_ms" not in plain
+
+
 def _mlp_macs(i: int, o: int, h: int = 32) -> int:
     return i * h + h * h + h * o
 
@@ -121,6 +145,10 @@ def test_profile_command_at_the_tiny_preset(tmp_path):
     assert r["op_time_ms"] == pytest.approx(sum(row["total"] for row in r["phases"].values()), rel=1e-6)
     for row in r["phases"].values():
         assert row["total"] == pytest.approx(sum(row[k] for k in profiling.KINDS), rel=1e-6, abs=1e-9)
+        assert 0.0 < row["wall"] <= row["total"] * (1 + 1e-6)  # concurrent ops of a phase count once
+    assert r["busy_ms"] <= sum(row["wall"] for row in r["phases"].values()) * (1 + 1e-6)
+    assert r["busy_ms"] <= r["wall_ms"]  # the ops ran within the profiled dispatches
+    assert "| phase | wall | total |" in p.stdout
     B, N, H = 16, 2, 3
     heads = 2 * _mlp_macs(53, 1) + _mlp_macs(53, 28)
     shared = B * 28 * 32 * 2 + B * N * (25 * 32 + 32 * 32 + 32 * 25) + B * N * (25 * 32 + 32 * 32 + 32) + B * heads
