@@ -360,7 +360,8 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     return {
         "preset": preset, "agent": type(agent).__name__, "backend": jax.default_backend(),
         "device": str(jax.devices()[0]), "num_devices": jax.device_count(), "compute_dtype": compute_dtype or "float32",
-        "steps_per_dispatch": K, "compile_s": compile_s, "count_compile_s": count_compile_s,
+        "steps_per_dispatch": K, "compiler_options": step.compiler_options, "compile_s": compile_s,
+        "count_compile_s": count_compile_s,
         "updates_per_s": ups, "flops_per_update": flops, "achieved_flops": achieved,
         "matmul_peak_flops": peak, "utilisation": float(np.median(pair_util)),
         "utilisation_range": [float(min(pair_util)), float(max(pair_util))],
@@ -509,8 +510,8 @@ def main(argv=None) -> int:
         return 0
     out = run(a.preset, dispatches=a.dispatches, **model)
     out["retained_freed_memory"] = retained
-    keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "steps_per_dispatch", "compile_s",
-            "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation",
+    keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "compiler_options", "steps_per_dispatch",
+            "compile_s", "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation",
             "executed_flops_per_update", "hardware_utilisation")
     for k in keys + tuple(k for k in out if k.endswith("_s") and k not in keys and k != "count_compile_s"):
         v = out[k]

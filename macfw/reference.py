@@ -19,7 +19,10 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
   (:func:`macfw.nn.mlp.joint_first_layer`; MAC's rollout heads, :func:`macfw.nn.models.evaluate_jointly`)
   -> one call per MLP;
 * ``"folded_layer_norm"``: in MAC's imagined rollout, each MLP's LayerNorms folded into the next
-  layer's product (:meth:`macfw.nn.mlp.MLP.with_folded_layer_norms`) -> normalise, then multiply.
+  layer's product (:meth:`macfw.nn.mlp.MLP.with_folded_layer_norms`) -> normalise, then multiply;
+* ``"wide_vectors"``: the CPU training step compiled with 512-bit vectors
+  (:func:`macfw.compiler.compiler_options`, read when :class:`macfw.step.TrainStep` is built) -> XLA's
+  default of 256.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one
@@ -35,7 +38,7 @@ from typing import Iterable
 
 #: The named same-result speed-ups (module docstring).
 SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer",
-            "folded_layer_norm")
+            "folded_layer_norm", "wide_vectors")
 
 _OFF: list[frozenset] = [frozenset()]
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.agents.base import Agent
+from macfw.compiler import compiler_options
 from macfw.data.batches import sample_for
 from macfw.errors import check, check_int
 
@@ -54,7 +55,8 @@ class TrainStep:
 
     One ``jax.jit`` with explicit shardings: the state (whatever the agent keeps: parameters,
     optimiser state, targets, buffers, key) and the on-device dataset replicated over the mesh,
-    every batch sharded along its ``data`` axis, the state donated. Batches follow the agent's
+    every batch sharded along its ``data`` axis, the state donated, compiled with
+    :func:`macfw.compiler.compiler_options` (on the CPU: 512-bit vectors). Batches follow the agent's
     :attr:`~macfw.agents.base.Agent.batch_spec`; they are sampled on the device from the state's
     key (``host_batches=False``), or passed in, stacked ``(K, B, ...)``, by :class:`HostBatches`.
     With ``num_seeds`` the state carries a leading seed axis and the update is vmapped over it.
@@ -130,7 +132,10 @@ class TrainStep:
 
             spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
             data_sharding = NamedSharding(self.mesh, spec)
-        self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,))
+        #: XLA options of the compiled step (:func:`macfw.compiler.compiler_options`: 512-bit vectors on the CPU)
+        self.compiler_options = compiler_options(self.mesh.devices.flat[0].platform)
+        self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,),
+                            compiler_options=self.compiler_options)
 
     def _placed(self, data, state):
         """The dataset (device mode) and the state's arrays, replicated on the mesh.

@@ -1,6 +1,6 @@
 """Issue 12: the faster update computes what the reference computation does.
 
-Eight changes made MAC's update (and every MLP's backward pass) faster without changing what is
+Nine changes made MAC's update (and every MLP's backward pass) faster without changing what is
 computed (:data:`macfw.reference.SPEEDUPS`): LayerNorm's closed-form gradient (a custom VJP), the
 state's first-layer product shared across the rejection sampler's N candidates and the flow ODE's
 steps (``MLP.prefix``), one flattened vmap instead of two nested ones over rollout steps
@@ -9,7 +9,8 @@ same bits), the lambda-returns at ``lambda = 1`` from ``V'(s_H)`` alone (``lambd
 equation is checked in ``test_lambda_returns.py``) and last layers padded to a multiple of 16
 outputs (``padded_outputs``), and the rollout's success, reward and dynamics models with one
 first-layer product (``joint_first_layer``), and in the rollout each MLP's LayerNorms folded into the
-next layer's product (``folded_layer_norm``). Each is checked against its reference here: alone on tiny inputs,
+next layer's product (``folded_layer_norm``), and the CPU training step compiled with 512-bit vectors
+(``wide_vectors``). Each is checked against its reference here: alone on tiny inputs,
 and all together over 50 MAC updates from a
 fixed seed, where the reference is the pre-change computation traced in the same process (so the
 comparison holds on any CPU's instruction set).
@@ -326,3 +327,28 @@ def test_reference_computation_switches_every_speed_up_and_restores_them():
     assert "custom_vjp" in fast_jaxpr and "custom_vjp" not in ref_jaxpr
     assert "reshape" in str(jax.make_jaxpr(lambda s: vmap_steps(jnp.sum, s))(s)) and "reshape" not in nested
     assert " while(" in hlo
+
+
+def test_cpu_training_step_is_compiled_with_wide_vectors_and_the_reference_is_not(monkeypatch):
+    """``wide_vectors``: a CPU :class:`~macfw.step.TrainStep` gets ``xla_cpu_prefer_vector_width = 512``
+    (this jaxlib accepts it); none on another platform, for a step built inside the reference
+    computation, when ``XLA_FLAGS`` sets the width itself, or for an option XLA does not know. (That
+    it computes the same update is the 50-update comparison above: its reference step has XLA's
+    default width.)"""
+    from macfw import bench, compiler
+
+    assert compiler.compiler_options("cpu") == {"xla_cpu_prefer_vector_width": 512}
+    assert compiler.compiler_options("gpu") is None
+    with reference_computation(only="wide_vectors"):
+        assert compiler.compiler_options("cpu") is None
+    with reference_computation(only="prefix"):
+        assert compiler.compiler_options("cpu") == compiler.CPU_OPTIONS
+    assert not compiler._accepted((("xla_cpu_no_such_option_for_this_test", 1),))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    assert compiler.compiler_options("cpu") is None
+    monkeypatch.delenv("XLA_FLAGS")
+
+    step = bench._setup("tiny")[4]
+    assert step.compiler_options == compiler.CPU_OPTIONS
+    with reference_computation(only="wide_vectors"):
+        assert bench._setup("tiny")[4].compiler_options is None
