@@ -344,9 +344,9 @@ def test_cpu_training_step_is_compiled_with_wide_vectors_and_the_reference_is_no
     with reference_computation(only="prefix"):
         assert compiler.compiler_options("cpu") == compiler.CPU_OPTIONS
     assert not compiler._accepted((("xla_cpu_no_such_option_for_this_test", 1),))
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
-    assert compiler.compiler_options("cpu") is None
-    monkeypatch.delenv("XLA_FLAGS")
+    with monkeypatch.context() as m:
+        m.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+        assert compiler.compiler_options("cpu") is None
 
     step = bench._setup("tiny")[4]
     assert step.compiler_options == compiler.CPU_OPTIONS
