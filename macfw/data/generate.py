@@ -14,10 +14,21 @@ the ``ogbench`` package (``ogbench.manipspace.oracles.plan``):
   the current oracle finishes, the environment draws a new target (``set_new_target``) and the
   matching oracle takes over, so one episode chains many sub-tasks;
 * the per-episode stacking probability ``p_stack`` is 0 for cube-single, U(0, 0.25) for
-  cube-double, U(0.05, 0.35) for cube-triple, U(0.1, 0.5) for cube-quadruple and 0.5 otherwise
-  (unused by puzzle), as in OGBench's script;
+  cube-double, U(0.05, 0.35) for cube-triple, U(0.1, 0.5) for cube-quadruple, U(0, 0.35) for
+  cube-octuple and 0.5 otherwise (unused by puzzle), as in OGBench's script; nothing else differs
+  between the environments of one family (the number of cubes or buttons is the environment's);
 * ``scene`` episodes in which the cube leaves the visible area (OGBench's "health check") are
   discarded and re-collected, as in OGBench's script.
+
+Every manipulation environment OGBench registers (non-visual) is supported: cube-single, -double,
+-triple, -quadruple, -octuple, scene, puzzle-3x3, -4x4, -4x5, -4x6 (:data:`SUPPORTED_ENVS`; a test
+checks the list against OGBench's registry). Not generated: the ``visual-*`` variants (64 x 64
+images, rendered per step), ``'noisy'`` datasets (OGBench's Markov oracles), and every locomotion
+dataset (``pointmaze``/``antmaze``/``humanoidmaze``/``antsoccer``: 'navigate', 'stitch', 'explore'),
+which OGBench collected with trained expert policies (a download, ``experts.tar.gz``; pointmaze
+with a controller of ``generate_locomaze.py`` that macfw does not implement): asking for one raises
+a :class:`~macfw.data.errors.DatasetError` that says where the official files come from
+(:func:`locomotion_data_message`).
 
 Units: an *episode* is ``episode_length`` environment steps (default 1001, OGBench's value); a
 *transition* is one environment step. The training file holds ``num_episodes`` episodes and the
@@ -60,6 +71,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from macfw.data.errors import DatasetError
+
 __all__ = [
     "SUPPORTED_ENVS",
     "SUPPORTED_DATASET_TYPES",
@@ -69,6 +82,7 @@ __all__ = [
     "ensure_dataset",
     "generate_dataset",
     "generate_shards",
+    "locomotion_data_message",
     "main",
     "shard_filename",
     "val_dataset_path",
@@ -80,6 +94,7 @@ SUPPORTED_ENVS: tuple[str, ...] = (
     "cube-double",
     "cube-triple",
     "cube-quadruple",
+    "cube-octuple",
     "scene",
     "puzzle-3x3",
     "puzzle-4x4",
@@ -97,6 +112,7 @@ _P_STACK: dict[str, tuple[float, float] | float] = {
     "cube-double": (0.0, 0.25),
     "cube-triple": (0.05, 0.35),
     "cube-quadruple": (0.1, 0.5),
+    "cube-octuple": (0.0, 0.35),
 }
 _DEFAULT_P_STACK = 0.5
 
@@ -104,6 +120,14 @@ _NOISE = 0.1
 _NOISE_SMOOTHING = 0.5
 
 _TRAIN, _VAL = 0, 1  # split ids, part of each episode's seed
+
+#: OGBench's dataset server (``ogbench.utils.DATASET_URL``): ``<URL>/<name>.npz`` and ``<name>-val.npz``.
+OGBENCH_DATASET_URL = "https://rail.eecs.berkeley.edu/datasets/ogbench"
+#: Locomotion datasets OGBench publishes as 100M-transition shard directories ``<URL>/<name>-100m-v0/``
+#: (OGBench's README, "Additional Features"; seohongpark/horizon-reduction's README).
+_LOCOMOTION_100M = ("humanoidmaze-giant-navigate",)
+#: OGBench's locomotion dataset types (data_gen_scripts/generate_locomaze.py; 'path' is unpublished).
+_LOCOMOTION_TYPES = ("navigate", "stitch", "explore", "path")
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,24 +168,78 @@ def base_dataset_name(name: str) -> str:
     return str(name)
 
 
+def _is_locomotion(env_stem: str, dataset_type: str) -> bool:
+    """OGBench's rule for a locomotion environment ('maze' or 'soccer' in the name), or a locomotion
+    dataset type of an environment that is not a manipulation one."""
+    return ("maze" in env_stem or "soccer" in env_stem
+            or (dataset_type in _LOCOMOTION_TYPES and env_stem not in SUPPORTED_ENVS))
+
+
+def locomotion_data_message(dataset_name: str) -> str:
+    """One line: why the locomotion dataset ``dataset_name`` cannot be generated here, where OGBench's
+    official files come from, and how to point ``OGBenchDataset.dataset_path`` at them.
+
+    ``dataset_name`` is any OGBench name of it (``humanoidmaze-medium-navigate-v0``, its
+    ``-oraclerep``/``-singletask`` variants); a name without a locomotion dataset type (e.g.
+    ``humanoidmaze-medium-play-v0``) is answered for the ``navigate`` data of that environment.
+    """
+    base = base_dataset_name(str(dataset_name))
+    splits = base.split("-")
+    version = splits[-1] if len(splits) > 1 else "v0"
+    dtype = splits[-2] if len(splits) >= 3 else ""
+    wrong_type = ""
+    if dtype in _LOCOMOTION_TYPES:
+        env = "-".join(splits[:-2])
+    else:
+        env = "-".join(splits[:-1]) if len(splits) == 3 else "-".join(splits[:-2])
+        if len(splits) > 3:
+            wrong_type = (f"OGBench has no {dtype!r} data for {env!r} (its locomotion datasets are 'navigate', "
+                          "'stitch' and, for antmaze, 'explore'; set OGBenchDataset.dataset_type = 'navigate'). ")
+        dtype = "navigate"
+    name = f"{env}-{dtype}-{version}"
+    why = ("OGBench's locomotion data comes from trained expert policies (SAC agents in OGBench's experts.tar.gz, "
+           "a download; data_gen_scripts/generate_locomaze.py), not from scripted oracles"
+           if not env.startswith("pointmaze") else
+           "OGBench's pointmaze data comes from the subgoal controller of data_gen_scripts/generate_locomaze.py, "
+           "which macfw does not implement")
+    big = ""
+    stem = f"{env}-{dtype}"
+    if stem in _LOCOMOTION_100M:
+        big = (f", or the 100M-transition shards {OGBENCH_DATASET_URL}/{stem}-100m-{version}/ (wget -r -np -nH "
+               f"--cut-dirs=2 -A '*.npz' URL; see seohongpark/horizon-reduction's README)")
+    return (f"{wrong_type}Cannot generate {name!r} here: {why}; macfw generates only the manipulation 'play' "
+            f"data of OGBench's scripted oracles ({', '.join(SUPPORTED_ENVS)}). Download the official files from "
+            f"OGBench's dataset server, {OGBENCH_DATASET_URL}/{name}.npz and {OGBENCH_DATASET_URL}/{name}-val.npz"
+            f"{big}, and set OGBenchDataset.dataset_path to the .npz file (its -val.npz beside it) or to the "
+            f"directory of shards {name}-000.npz, {name}-001.npz, ... (each with its -val sibling).")
+
+
 def _parse_dataset_name(dataset_name: str) -> tuple[str, str, str]:
     """Return (env stem e.g. 'cube-single', dataset type e.g. 'play', version e.g. 'v0').
 
     Raises:
-        ValueError: malformed name, unknown environment, or unsupported dataset type.
+        DatasetError (a ValueError, :mod:`macfw.data.errors`): a locomotion dataset (see
+            :func:`locomotion_data_message`), a ``visual-*`` dataset, a malformed name, an unknown
+            environment or an unsupported dataset type.
     """
     if not isinstance(dataset_name, str):
-        raise ValueError(f"dataset name must be a string, got {dataset_name!r}")
+        raise DatasetError(f"dataset name must be a string, got {dataset_name!r}")
     base = base_dataset_name(dataset_name)
     splits = base.split("-")
     supported_envs = ", ".join(f"{e}-v0" for e in SUPPORTED_ENVS)
+    if len(splits) >= 3 and _is_locomotion("-".join(splits[:-2]), splits[-2]):
+        raise DatasetError(locomotion_data_message(base))
+    if base.startswith("visual-") and base[len("visual-"):].split("-")[0] in {e.split("-")[0] for e in SUPPORTED_ENVS}:
+        raise DatasetError(f"cannot generate {dataset_name!r}: macfw generates state-based datasets only (the "
+                           f"visual-* variants store 64 x 64 rendered images); use {base[len('visual-'):]!r}, or set "
+                           "OGBenchDataset.dataset_path to OGBench's official file")
     if base.endswith("-v0") and base[: -len("-v0")] in SUPPORTED_ENVS:
-        raise ValueError(
+        raise DatasetError(
             f"{dataset_name!r} is an environment name, not a dataset name; pass a dataset name such "
             f"as {base[:-3] + '-play-v0'!r}"
         )
     if len(splits) < 3 or not re.fullmatch(r"v\d+", splits[-1]):
-        raise ValueError(
+        raise DatasetError(
             f"malformed dataset name {dataset_name!r}: expected '<env>-<type>-v0' such as "
             f"'cube-single-play-v0'; supported environments: {supported_envs}"
         )
@@ -169,14 +247,15 @@ def _parse_dataset_name(dataset_name: str) -> tuple[str, str, str]:
     env_stem = "-".join(splits[:-2])
     dataset_type = splits[-2]
     if env_stem not in SUPPORTED_ENVS or version != "v0":
-        raise ValueError(
+        raise DatasetError(
             f"unknown environment {env_stem + '-' + version!r} in dataset name {dataset_name!r}; "
             f"supported environments: {supported_envs}"
         )
     if dataset_type not in SUPPORTED_DATASET_TYPES:
-        raise ValueError(
+        raise DatasetError(
             f"unsupported dataset type {dataset_type!r} in dataset name {dataset_name!r}; "
-            f"supported types: {list(SUPPORTED_DATASET_TYPES)}"
+            f"supported types: {list(SUPPORTED_DATASET_TYPES)} (OGBench's 'noisy' data uses its Markov oracles, not "
+            f"generated here); set OGBenchDataset.dataset_type, or OGBenchDataset.dataset_path to an official file"
         )
     return env_stem, dataset_type, version
 
@@ -648,7 +727,12 @@ def generate_shards(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point; see the module docstring. Prints the paths written."""
+    """Command-line entry point; see the module docstring. Prints the paths written.
+
+    A value that cannot work (a dataset that cannot be generated, such as locomotion data; a bad size)
+    ends the process with one ``<prog>: error: ...`` line on stderr and exit code 2 (no traceback);
+    argparse's own usage errors print the usage first, as usual.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m macfw.data.generate",
         description="Generate an OGBench-format 'play' dataset (training + validation .npz files) "
@@ -672,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
+    def fail(e: Exception):
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
     if args.shards is not None:
         try:
             _parse_dataset_name(args.dataset)
@@ -683,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             paths = generate_shards(args.dataset, out, args.shards, args.episodes, episode_length=args.episode_length,
                                     seed=args.seed, workers=args.workers, progress=not args.no_progress)
         except ValueError as e:
-            parser.error(str(e))
+            fail(e)
         print(out)
         print(f"{len(paths)} shard(s): {paths[0].name} .. {paths[-1].name}")
         return
@@ -691,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         filename = dataset_filename(args.dataset, args.episodes, args.episode_length, args.seed)
     except ValueError as e:
-        parser.error(str(e))
+        fail(e)
     if args.out is None:
         path = default_cache_dir() / "datasets" / filename
     elif str(args.out).endswith(".npz"):
@@ -709,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             progress=not args.no_progress,
         )
     except ValueError as e:
-        parser.error(str(e))
+        fail(e)
     print(path)
     print(val_dataset_path(path))
 

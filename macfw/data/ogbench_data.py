@@ -2,6 +2,10 @@
 
 A user with the official files sets ``OGBenchDataset.dataset_path``; otherwise macfw generates
 the dataset with OGBench's oracles into its cache (see :mod:`macfw.data.generate`) and reuses it.
+Locomotion data (``humanoidmaze``/``antmaze``/``pointmaze``/``antsoccer``, dataset type
+``'navigate'``) cannot be generated (OGBench collected it with trained expert policies, a
+download): it is loaded from the official files only, and without a ``dataset_path`` :meth:`load`
+raises a :class:`DatasetError` that says where they come from.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, Scaler, trajectory_ends, valid_starts
+from macfw.data.errors import DatasetError, DatasetNotFoundError, UnknownEnvironmentError  # noqa: F401  (re-exported)
 from macfw.errors import check_choice, check_int
 from macfw.registry import register
 from macfw.spec import Spec
@@ -50,18 +55,6 @@ class LoadedData:
     task_mode: str
     task_id: int | None
     num_transitions: int
-
-
-class DatasetError(ValueError):
-    """A dataset file or dataset setting that cannot work (the message names the value and the fix)."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """The dataset file (or its ``-val`` companion) does not exist."""
-
-
-class UnknownEnvironmentError(DatasetError):
-    """``OGBenchDataset.env_name`` is not an OGBench environment."""
 
 
 #: Extra keys OGBench's loader reads in these task modes (reward relabelling / oracle goals).
@@ -125,11 +118,15 @@ SINGLETASK_MASKS = ("ogbench", "ones")
 
 @register("dataset")
 class OGBenchDataset:
-    """An OGBench 'play' dataset, loaded with OGBench's loader and prepared for chunk sampling.
+    """An OGBench dataset, loaded with OGBench's loader and prepared for chunk sampling.
 
     Args:
-      env_name: OGBench environment, e.g. ``"cube-single"``, ``"scene"``, ``"puzzle-3x3"``.
-      dataset_type: ``"play"``.
+      env_name: OGBench environment, e.g. ``"cube-single"``, ``"scene"``, ``"puzzle-3x3"``,
+        ``"humanoidmaze-medium"`` (gin/envs/*.gin).
+      dataset_type: ``"play"`` (manipulation; generated when ``dataset_path`` is None) or
+        ``"navigate"`` (locomotion, e.g. humanoidmaze: OGBench's official files only, episodes of
+        2001 steps for humanoidmaze-medium and 4001 for humanoidmaze-giant; the goal of
+        ``"oraclerep"`` is the x-y position, ``qpos[:, :2]``).
       task_mode: ``"singletask"`` (reward-based; OGBench relabels rewards), ``"oraclerep"``
         (goal-conditioned with oracle goal representations) or ``"goal"`` (full-state goals).
       task_id: single-task task (1..5); None is OGBench's default task.
@@ -137,7 +134,9 @@ class OGBenchDataset:
         OGBench shards ``<env>-<type>-v0-000.npz``, ``-001.npz``, ... (each with its ``-val``
         sibling; DESIGN §10), converted once into memory-mapped stores under the cache
         (:mod:`macfw.data.shards`) and sampled without loading them. None: generate into the cache
-        (``num_episodes`` episodes of ``episode_length`` steps, seed ``data_seed``).
+        (``num_episodes`` episodes of ``episode_length`` steps, seed ``data_seed``); for data that
+        cannot be generated (``"navigate"``) :meth:`load` raises :class:`DatasetError` naming the
+        official files (:func:`macfw.data.generate.locomotion_data_message`).
       scale_with: fit the [-1, 1] scaling on the ``"val"`` split (the reference's choice; for
         shards, the first shard's validation file, as the authors) or ``"train"`` (all shards).
       sampling: shards only: ``"uniform"`` over every valid start of every shard, or
@@ -164,6 +163,7 @@ class OGBenchDataset:
         ``max_shards``, ``prefetch``, ``prefetch_threads`` or ``release_mib`` < 1; at :meth:`load`,
         ``sampling = "shard_rotation"`` with a single file.
       UnknownEnvironmentError (at :meth:`load`): an environment OGBench does not know.
+      DatasetError (at :meth:`load`): no ``dataset_path`` for data that cannot be generated.
     """
 
     def __init__(self, env_name: str = "cube-single", dataset_type: str = "play", task_mode: str = "singletask",
@@ -231,7 +231,14 @@ class OGBenchDataset:
 
     def resolve_path(self) -> Path:
         """The train file to load (generating it into the cache when no path is configured), or the
-        configured directory of shards."""
+        configured directory of shards.
+
+        Raises:
+          DatasetNotFoundError / DatasetError: see :func:`check_dataset_file`; or no path is configured
+            for data that cannot be generated (locomotion, e.g. ``"navigate"``: the message says where
+            OGBench's official files come from and how to bind ``OGBenchDataset.dataset_path``; another
+            dataset type such as ``"noisy"``; a ``visual-*`` environment).
+        """
         if self.dataset_path is not None:
             path = Path(os.path.expanduser(self.dataset_path))
             if path.is_dir():
