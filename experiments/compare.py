@@ -1,27 +1,60 @@
-"""Every agent on the same data and seeds, and the paper's comparison table from one command (issue 10).
+"""Every agent on the same data and seeds, and the paper's tables from one command (issues 10, 28).
+
+The paper's tables, cell by cell, with the authors' per-environment settings (macfw/protocol.py)::
+
+    python experiments/compare.py --protocol singletask --dry-run            # every run, its settings, the cost
+    python experiments/compare.py --protocol goalconditioned --dry-run --json runs.json
+    python experiments/compare.py --protocol goalconditioned --agents mac,sharsa --envs puzzle-3x3 \\
+        --tasks 1 --seeds 0 --budget smoke --out out/gc --launcher slurm
+
+Any agents on any environments (each agent's own task mode and Gin file)::
 
     python experiments/compare.py --agents mac,fql,mopo --envs cube-single,cube-double --tasks 2 \\
         --seeds 0,1,2 --budget quickstart --out out/compare
 
-Each (agent, environment, task, group of consecutive seeds) is one resumable run folder
-``OUT/runs/<budget>/<agent>/<env>-task<T>/seeds<a>-<b>`` trained by ``python -m macfw.run`` with
-the seeds vmapped in one process (``train.seed = a``, ``train.num_seeds = b - a + 1``; one seed:
-``seed<a>``). Re-running the command skips runs that have their ``summary.json`` and resumes
-interrupted ones from their newest checkpoint; asking for more seeds later reuses the folders that
-hold some of them (``--seeds 0``, then ``--seeds 0,1,2`` trains only ``seeds1-2``). One progress
-line is printed per run. ``--table-only`` trains nothing and writes the table from the finished runs.
+A run trains one (agent, environment, task) cell for a group of consecutive seeds, vmapped in one
+process (``train.seed = a``, ``train.num_seeds = b - a + 1``), in the resumable folder
+``OUT/runs/<budget>/<agent>/<env>-task<T>/seeds<a>-<b>`` (one seed: ``seed<a>``). An agent run in a
+task mode other than its Gin file's (MAC in the goal-conditioned table) gets ``<agent>-<mode>``.
+Goal-conditioned cells of one (agent, environment) share their run, evaluated on every requested
+task (``<env>-tasks1-5``): training does not depend on the evaluation task. Re-running the command
+skips runs that have their ``summary.json`` and resumes interrupted ones from their newest
+checkpoint; asking for more seeds later reuses the folders that hold some of them (``--seeds 0``,
+then ``--seeds 0,1,2`` trains only ``seeds1-2``). ``--table-only`` trains nothing and writes the
+table from the finished runs.
 
-Config of a run, in order: the agent's Gin file (``gin/mac.gin`` or ``gin/baselines/<agent>.gin``),
-the environment (``gin/envs/<env>.gin``), the budget (``--budget``: ``smoke`` =
-``gin/smoke_budget.gin``, ``quickstart`` = ``gin/quickstart_budget.gin``, ``paper`` = none: the
-agent's own defaults), then per-run bindings: the task (single-task: ``OGBenchDataset.task_id``;
-goal-conditioned agents, whose Gin file sets ``OGBenchDataset.task_mode = 'oraclerep'``: that mode
-and ``train.eval_task_ids = (T,)``), the seeds, and MAC's own settings at the small budgets (the
-method settings of ``gin/smoke.gin``; ``gin/quickstart.gin``'s ``train.execute_steps = 5``).
+Config of a run, in order: the agent's Gin file, the budget (``--budget``: ``smoke`` =
+``gin/smoke_budget.gin``, ``quickstart`` = ``gin/quickstart_budget.gin``, ``paper`` = none), the
+environment (``gin/envs/<env>.gin``), then bindings: the loop's (seed, seeds, evaluation interval),
+with ``--protocol`` the cell's settings from macfw/protocol.py (at the paper budget also its
+gradient steps, evaluation episodes, data and shard rotation), the task (single-task:
+``OGBenchDataset.task_id``; goal-conditioned: ``OGBenchDataset.task_mode`` and
+``train.eval_task_ids``), and MAC's own settings at the small budgets (those of ``gin/smoke.gin``;
+``gin/quickstart.gin``'s ``train.execute_steps = 5``).
 
-Writes ``OUT/table.md`` (success % mean +- std over seeds per cell, the paper's figure beside it,
-the budget in the caption), ``OUT/table.csv`` (one row per agent and cell) and ``OUT/curves.png``
-(success vs gradient steps, mean over seeds, one line per agent, one panel per cell).
+Data at the paper budget with ``--protocol``: single-task cells read ``DATA_DIR/<env>-play-v0.npz``
+when it exists and otherwise generate OGBench's 1000-episode file into the cache; goal-conditioned
+cells read the 100M directories ``DATA_DIR/<env>-play-100m-v0`` (``-navigate-100m-v0`` for
+humanoidmaze), which must exist (``--data-dir``, default OGBench's ``~/.ogbench/data``).
+
+Launchers (``--launcher``): ``local`` runs ``--parallel`` processes on this machine; ``slurm``
+submits one job per run with submitit (``pip install -e '.[slurm]'``; partition, time limit,
+accelerators, CPUs and memory from ``--slurm-*`` flags or a Gin file, ``--slurm-gin``), requeues
+preempted jobs, which resume from their checkpoints, and waits for them; re-running submits only
+runs that have no ``summary.json`` and no job in the queue.
+
+``--dry-run`` prints every run (workdir, command, the bindings that differ from the agent's Gin
+file, where the cell's settings come from), the number of runs and an estimate of accelerator-hours
+at the paper budget: gradient steps x seeds x FLOPs per update (XLA's count, ``macfw.bench``;
+``experiments/paper_flops.json``) / an assumed achieved rate (``--accel-tflops``), or, with
+``--bench FILE`` (``python -m macfw.bench --all-agents --preset paper --json FILE`` on the cluster's
+accelerator), from the measured updates per second. ``--json FILE`` writes the runs as a JSON list,
+one entry per cell.
+
+Writes ``OUT/table.md`` (success % mean +- std over seeds per agent and environment, averaged over
+the tasks run, as the paper reports it, with the paper's figure beside it), ``OUT/table.csv`` (one
+row per agent, environment and task) and ``OUT/curves.png`` (success vs gradient steps, mean over
+seeds and tasks, one line per agent, one panel per environment).
 """
 
 from __future__ import annotations
@@ -30,15 +63,20 @@ import argparse
 import csv
 import json
 import re
-import subprocess
+import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout without installing
+
+from macfw import protocol  # noqa: E402
+from macfw.protocol import PAPER, Table  # noqa: E402,F401  (PAPER: the paper's figures, kept importable here)
+
 BUDGETS = {"smoke": "gin/smoke_budget.gin", "quickstart": "gin/quickstart_budget.gin", "paper": None}
 #: Evaluations during a run, so that curves.png has points along the way (gradient steps).
 EVAL_INTERVAL = {"smoke": 20, "quickstart": 5000, "paper": 100_000}
@@ -48,54 +86,71 @@ METHOD_EXTRAS = {
                        "RejectionSampler.num_act_candidates = 4", "FlowPolicy.flow_steps = 3"],
     ("mac", "quickstart"): ["train.execute_steps = 5"],
 }
-#: The paper's success (%), (mean, std or None) (DESIGN §8). Single-task: mean over the 5 tasks of the
-#: 1M-transition datasets, 1M gradient steps; goal-conditioned: the 100M-transition datasets.
-PAPER = {
-    ("mac", "singletask"): {"cube-single": (99, 2), "cube-double": (53, 4), "scene": (97, 4), "puzzle-3x3": (20, 0),
-                            "puzzle-4x4": (78, 13)},
-    ("fql", "singletask"): {"cube-single": (96, None), "cube-double": (29, None), "scene": (56, None),
-                            "puzzle-3x3": (30, None), "puzzle-4x4": (17, None)},
-    ("mobile", "singletask"): {"cube-single": (81, None), "cube-double": (1, None), "scene": (8, None),
-                               "puzzle-3x3": (12, None), "puzzle-4x4": (0, None)},
-    ("mac", "oraclerep"): {"cube-double": (100, 1), "cube-octuple": (30, 6), "puzzle-3x3": (100, 0),
-                           "puzzle-4x5": (99, 3), "humanoidmaze-medium": (36, 2), "humanoidmaze-giant": (0, 0)},
-    ("sharsa", "oraclerep"): {"cube-double": (95, None), "cube-octuple": (19, None), "puzzle-3x3": (100, None),
-                              "puzzle-4x5": (91, None), "humanoidmaze-medium": (95, None),
-                              "humanoidmaze-giant": (43, None)},
-}
+DEFAULT_DATA_DIR = "~/.ogbench/data"  # OGBench's own download folder
+FLOPS_FILE = REPO / "experiments" / "paper_flops.json"
 
 
 @dataclass
 class Job:
+    """One run: an agent on an environment for one task (several for a shared goal-conditioned run)
+    and a group of consecutive seeds."""
+
     agent: str
     env: str
-    task: int
+    task: int | tuple[int, ...]
     seeds: list[int]
     budget: str
     out: Path
+    mode: str = ""                      # '' : the agent's own mode (its Gin file's)
+    table: Table | None = None          # --protocol
+    data_dir: Path | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.mode:
+            self.mode = agent_mode(self.agent)
 
     @property
-    def mode(self) -> str:
-        return agent_mode(self.agent)
+    def tasks(self) -> tuple[int, ...]:
+        return self.task if isinstance(self.task, tuple) else (self.task,)
 
     @property
     def workdir(self) -> Path:
-        s = f"seed{self.seeds[0]}" if len(self.seeds) == 1 else f"seeds{self.seeds[0]}-{self.seeds[-1]}"
-        return self.out / "runs" / self.budget / self.agent / f"{self.env}-task{self.task}" / s
+        return cell_dir(self.out, self.budget, self.agent, self.mode, self.env, self.tasks) / seeds_name(self.seeds)
 
     @property
     def name(self) -> str:
-        return f"{self.agent} {self.env} task{self.task} seeds {','.join(map(str, self.seeds))}"
+        t = ",".join(map(str, self.tasks))
+        mode = "" if self.mode == agent_mode(self.agent) else f" ({self.mode})"
+        return f"{self.agent}{mode} {self.env} task{'s' if len(self.tasks) > 1 else ''}{t} seeds {','.join(map(str, self.seeds))}"
 
 
 def agent_file(agent: str) -> Path:
-    return REPO / ("gin/mac.gin" if agent == "mac" else f"gin/baselines/{agent}.gin")
+    return REPO / protocol.agent_gin_file(agent)
 
 
 def agent_mode(agent: str) -> str:
     """``'oraclerep'`` when the agent's Gin file makes it goal-conditioned, else ``'singletask'``."""
     text = agent_file(agent).read_text()
     return "oraclerep" if re.search(r"^\s*OGBenchDataset\.task_mode\s*=\s*'oraclerep'", text, re.M) else "singletask"
+
+
+def seeds_name(seeds: list[int]) -> str:
+    return f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
+
+
+def tasks_name(tasks: tuple[int, ...]) -> str:
+    """``task2``; ``tasks1-5`` (consecutive); ``tasks1_3``."""
+    if len(tasks) == 1:
+        return f"task{tasks[0]}"
+    if list(tasks) == list(range(tasks[0], tasks[-1] + 1)):
+        return f"tasks{tasks[0]}-{tasks[-1]}"
+    return "tasks" + "_".join(map(str, tasks))
+
+
+def cell_dir(out: Path, budget: str, agent: str, mode: str, env: str, tasks: tuple[int, ...]) -> Path:
+    folder = agent if mode == agent_mode(agent) else f"{agent}-{mode}"
+    return out / "runs" / budget / folder / f"{env}-{tasks_name(tasks)}"
 
 
 def seed_groups(seeds: list[int]) -> list[list[int]]:
@@ -112,12 +167,14 @@ def seed_groups(seeds: list[int]) -> list[list[int]]:
 _RUN_DIR = re.compile(r"^seed(\d+)$|^seeds(\d+)-(\d+)$")
 
 
-def plan_cell(agent: str, env: str, task: int, seeds: list[int], budget: str, out: Path) -> list[Job]:
-    """The runs of one (agent, env, task) cell for ``seeds``: existing run folders whose seeds are all
-    requested are reused (finished ones first, then interrupted ones with checkpoints, larger groups
-    first; so ``--seeds 0`` then ``--seeds 0,1,2`` trains only seeds 1-2), and the seeds no folder
-    covers are grouped into consecutive runs (:func:`seed_groups`)."""
-    cell = out / "runs" / budget / agent / f"{env}-task{task}"
+def plan_cell(agent: str, env: str, task, seeds: list[int], budget: str, out: Path, **job_kw) -> list[Job]:
+    """The runs of one (agent, env, task) cell for ``seeds`` (``task``: an int, or a tuple of tasks
+    that one goal-conditioned run evaluates): existing run folders whose seeds are all requested are
+    reused (finished ones first, then interrupted ones with checkpoints, larger groups first; so
+    ``--seeds 0`` then ``--seeds 0,1,2`` trains only seeds 1-2), and the seeds no folder covers are
+    grouped into consecutive runs (:func:`seed_groups`). ``job_kw``: the other :class:`Job` fields."""
+    probe = Job(agent, env, task, [0], budget, out, **job_kw)
+    cell = probe.workdir.parent
     wanted = set(seeds)
     found = []
     for d in sorted(cell.iterdir()) if cell.is_dir() else []:
@@ -131,25 +188,60 @@ def plan_cell(agent: str, env: str, task: int, seeds: list[int], budget: str, ou
     jobs, covered = [], set()
     for _, _, group in sorted(found):
         if covered.isdisjoint(group):
-            jobs.append(Job(agent, env, task, group, budget, out))
+            jobs.append(Job(agent, env, task, group, budget, out, **job_kw))
             covered |= set(group)
     rest = [s for s in seeds if s not in covered]
-    jobs += [Job(agent, env, task, g, budget, out) for g in seed_groups(rest)]
+    jobs += [Job(agent, env, task, g, budget, out, **job_kw) for g in seed_groups(rest)]
     return sorted(jobs, key=lambda j: j.seeds[0])
 
 
-def command(job: Job) -> list[str]:
-    files = [str(agent_file(job.agent)), str(REPO / f"gin/envs/{job.env}.gin")]
+# ------------------------------------------------------------------------------------- config
+def data_binding(job: Job) -> list[str]:
+    """The dataset path of a protocol run at the paper budget (see the module doc); [] otherwise."""
+    if job.table is None or job.budget != "paper" or job.data_dir is None:
+        return []
+    path = job.data_dir / protocol.dataset_dirname(job.env, job.table)
+    if job.table.dataset == "1M" and not path.is_file():
+        return []  # generated into the cache (OGBenchDataset.num_episodes = 1000)
+    return [f"OGBenchDataset.dataset_path = {str(path)!r}"]
+
+
+def run_config(job: Job) -> tuple[list[str], list[str]]:
+    """The Gin files and bindings of ``job``'s run (module doc: the order)."""
+    files = [str(agent_file(job.agent))]
     if BUDGETS[job.budget]:
         files.append(str(REPO / BUDGETS[job.budget]))
-    binds = ["train.progress = False", f"train.seed = {job.seeds[0]}", f"train.eval_interval = {EVAL_INTERVAL[job.budget]}"]
+    files.append(str(REPO / f"gin/envs/{job.env}.gin"))
+    binds = ["train.progress = False", f"train.seed = {job.seeds[0]}",
+             f"train.eval_interval = {EVAL_INTERVAL[job.budget]}"]
     if len(job.seeds) > 1:
         binds.append(f"train.num_seeds = {len(job.seeds)}")
+    if job.table is not None:
+        binds += [s.gin() for s in protocol.cell_settings(job.table, job.agent, job.env,
+                                                          paper_budget=job.budget == "paper")]
+        binds += data_binding(job)
     if job.mode == "singletask":
-        binds.append(f"OGBenchDataset.task_id = {job.task}")
+        binds += ["OGBenchDataset.task_mode = 'singletask'", f"OGBenchDataset.task_id = {job.tasks[0]}"]
     else:
-        binds += [f"OGBenchDataset.task_mode = '{job.mode}'", f"train.eval_task_ids = ({job.task},)"]
-    binds += METHOD_EXTRAS.get((job.agent, job.budget), [])
+        binds += [f"OGBenchDataset.task_mode = '{job.mode}'",
+                  f"train.eval_task_ids = {protocol.gin_literal(tuple(job.tasks))}"]
+    binds += METHOD_EXTRAS.get((job.agent, job.budget), []) + job.extra
+    return files, last_binding_wins(binds)
+
+
+def last_binding_wins(binds: list[str]) -> list[str]:
+    """``binds`` with each ``name = value`` kept once, at its last place with its last value (what Gin
+    would bind anyway; the command stays readable)."""
+    out: dict[str, str] = {}
+    for b in binds:
+        name = b.split("=", 1)[0].strip()
+        out.pop(name, None)
+        out[name] = b
+    return list(out.values())
+
+
+def command(job: Job) -> list[str]:
+    files, binds = run_config(job)
     cmd = [sys.executable, "-m", "macfw.run"]
     for f in files:
         cmd += ["--gin_file", f]
@@ -158,11 +250,128 @@ def command(job: Job) -> list[str]:
     return cmd + ["--workdir", str(job.workdir)]
 
 
+# ------------------------------------------------------------------------------------ dry run
+def load_flops(path: Path = FLOPS_FILE) -> dict:
+    """``experiments/paper_flops.json``: FLOPs per update of each agent at the paper's sizes."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_bench(path: Path) -> dict[str, float]:
+    """Updates per second per agent from ``python -m macfw.bench --all-agents --json FILE`` (a list of
+    rows with ``name`` and ``updates_per_s``) or from one ``python -m macfw.bench --json FILE`` run.
+
+    Raises:
+      SystemExit: the file cannot be read or has no such figures (names the file and the command).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--bench {str(path)!r}: cannot read it ({e}); write it with python -m macfw.bench "
+                         "--all-agents --preset paper --json FILE on the accelerator") from None
+    rows = data if isinstance(data, list) else [dict(data, name=data.get("name") or "mac")]
+    out = {str(r["name"]): float(r["updates_per_s"]) for r in rows if "name" in r and "updates_per_s" in r}
+    if not out:
+        raise SystemExit(f"--bench {str(path)!r} has no 'name'/'updates_per_s' figures; write it with "
+                         "python -m macfw.bench --all-agents --preset paper --json FILE")
+    return out
+
+
+def estimate_hours(job: Job, steps: int, flops: dict, bench: dict | None, accel_flops: float) -> float | None:
+    """Accelerator-hours of ``job`` at ``steps`` gradient steps: measured updates/s (``bench``, per
+    agent) or FLOPs per update (``flops['agents'][agent]``) / ``accel_flops``; the seeds of a run are
+    vmapped, so they multiply the work. Evaluation and MOPO/MOBILE's rollout rounds are not counted.
+    None when neither figure exists for the agent."""
+    seeds = len(job.seeds)
+    if bench is not None:
+        ups = bench.get(job.agent)
+        return None if not ups else steps * seeds / ups / 3600.0
+    f = flops.get("agents", {}).get(job.agent)
+    return None if not f else steps * seeds * float(f) / accel_flops / 3600.0
+
+
+def dry_run(jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | None, accel_flops: float,
+            json_path: Path | None) -> None:
+    """Print every run and the totals; write the cells as JSON (``json_path``)."""
+    base = {}
+    total_h, missing = 0.0, set()
+    for i, j in enumerate(jobs, 1):
+        files, binds = run_config(j)
+        ops = protocol.operative_bindings(files, binds)
+        if j.agent not in base:
+            base[j.agent] = protocol.operative_bindings([str(agent_file(j.agent))])
+        diff = {k: v for k, v in ops.items() if base[j.agent].get(k, object()) != v}
+        for c in cells:
+            if c["_job"] is j:
+                c["bindings"] = ops
+        steps = int(ops.get("train.num_steps", 0))
+        h = estimate_hours(j, steps, flops, bench, accel_flops) if j.budget == "paper" else None
+        if h is None:
+            missing.add(j.agent)
+        else:
+            total_h += h
+        print(f"[{i}/{len(jobs)}] {j.name} ({j.budget} budget, {steps} gradient steps"
+              + (f", ~{h:.1f} accelerator-hours)" if h is not None else ")"))
+        print(f"  workdir  {j.workdir}")
+        print(f"  command  {shlex.join(command(j))}")
+        print("  differs from " + protocol.agent_gin_file(j.agent) + ": "
+              + ", ".join(f"{k} = {protocol.gin_literal(tuple(v) if isinstance(v, list) else v)}"
+                          for k, v in sorted(diff.items())))
+        if j.table is not None:
+            print(f"  settings {protocol.cell_note(j.table, j.agent, j.env)}")
+    n_cells = len(cells)
+    seeds = sum(len(j.seeds) for j in jobs)
+    print(f"\n{len(jobs)} runs ({n_cells} cells; {seeds} seed-runs, seeds vmapped within a run)")
+    if jobs and jobs[0].budget == "paper":
+        how = ("measured updates/s from --bench" if bench is not None else
+               f"XLA's FLOPs per update ({FLOPS_FILE.name}: {flops.get('command', 'n/a')}) at an assumed "
+               f"{accel_flops / 1e12:g} TFLOP/s achieved per accelerator (--accel-tflops)")
+        print(f"estimated accelerator-hours: {total_h:,.0f} ({total_h / 24:,.1f} accelerator-days; {how}; "
+              "evaluation and MOPO/MOBILE's model-rollout rounds not counted)"
+              + (f"; no figure for {sorted(missing)}" if missing else ""))
+    else:
+        print("estimated accelerator-hours: the estimate covers the paper budget (--budget paper)")
+    if json_path is not None:
+        rows = [{k: v for k, v in c.items() if not k.startswith("_")} for c in cells]
+        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"[compare] wrote {len(rows)} cells to {json_path}")
+
+
+def count_flops(path: Path = FLOPS_FILE) -> dict:
+    """Write ``experiments/paper_flops.json``: every table agent's FLOPs per update at its paper
+    configuration (its Gin file: 4 x 1024 networks, batch 1024; FQL 4 x 512, batch 256), by XLA's count
+    (:func:`macfw.bench.count_flops`), at the bench's default shapes (ob_dim 28, act_dim 5; goal_dim 3 for
+    the goal-conditioned agents). Slow (minutes: every agent is compiled)."""
+    import datetime
+    import platform
+
+    from macfw.bench import count_flops as count, goal_conditioned_by_default
+
+    agents = list(dict.fromkeys(a for t in protocol.TABLES.values() for a in t.agents))
+    out = {"command": "python experiments/compare.py --count-flops", "date": datetime.date.today().isoformat(),
+           "machine": platform.processor() or platform.machine(), "shapes": "ob_dim 28, act_dim 5, goal_dim 3 "
+           "(goal-conditioned agents) or 0", "agents": {}, "batch_size": {}}
+    for ag in agents:
+        f = protocol.agent_gin_file(ag)
+        r = count(gin_files=(f,), goal_dim=3 if goal_conditioned_by_default(f) else 0)
+        out["agents"][ag] = r["flops_per_update"]
+        out["batch_size"][ag] = r["batch_size"]
+        print(f"[compare] {ag}: {r['flops_per_update']:.4g} FLOP per update (batch {r['batch_size']})", flush=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"[compare] wrote {path}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ launching
 def run_all(jobs: list[Job], parallel: int) -> None:
     todo = [j for j in jobs if not (j.workdir / "summary.json").exists()]
     for j in jobs:
         if j not in todo:
             print(f"[compare] {j.name}: done already ({j.workdir})", flush=True)
+    import subprocess
+
     running: list[tuple[Job, subprocess.Popen, float]] = []
     failed = []
     while todo or running:
@@ -192,26 +401,62 @@ def run_all(jobs: list[Job], parallel: int) -> None:
         raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(j.name for j in failed))
 
 
+def check_data(jobs: list[Job]) -> None:
+    """Before launching: every dataset path a run binds exists.
+
+    Raises:
+      SystemExit: names each missing path and how to make or get it.
+    """
+    missing = sorted({b.split("=", 1)[1].strip().strip("'") for j in jobs for b in data_binding(j)
+                      if not Path(b.split("=", 1)[1].strip().strip("'")).exists()})
+    if missing:
+        raise SystemExit(
+            "missing dataset(s): " + ", ".join(missing) + ". Put OGBench's official directories there (--data-dir), "
+            "or make a manipulation one with python -m macfw.data.generate --dataset <env>-play-v0 --shards 100 "
+            "--out DIR/<env>-play-100m-v0 (humanoidmaze needs the official files), or use --budget smoke|quickstart.")
+
+
 # ----------------------------------------------------------------------------------------- results
+def _per_seed_task(s: dict, task: int, tasks: tuple[int, ...]) -> list[float] | None:
+    """Per-seed success of ``task`` from one run's summary (None when only its mean over seeds is known)."""
+    pst = s.get("per_seed_per_task_success")
+    if pst:
+        return [float(x[f"task{task}"]) for x in pst]
+    if len(tasks) == 1:
+        return [float(x) for x in (s.get("per_seed_success") or [s["success"]])]
+    return None
+
+
 def collect(jobs: list[Job]) -> list[dict]:
-    """One row per (agent, env, task): success over all seeds of its runs."""
+    """One row per (agent, mode, env, task): success over all seeds of its runs."""
     rows: dict[tuple, dict] = {}
     for j in jobs:
         s = json.loads((j.workdir / "summary.json").read_text())
-        per = [float(x) for x in (s.get("per_seed_success") or [s["success"]])]
-        r = rows.setdefault((j.agent, j.env, j.task), {
-            "agent": j.agent, "mode": j.mode, "env": j.env, "task": j.task, "per_seed": [], "seeds": [],
-            "steps": s["step"], "wall_time_s": 0.0, "episodes_per_seed": s["episodes"] // len(per)})
-        r["per_seed"] += per
-        r["seeds"] += j.seeds
-        r["wall_time_s"] += float(s["wall_time_s"])
+        n_seeds = len(s.get("per_seed_success") or [s["success"]])
+        for t in j.tasks:
+            per = _per_seed_task(s, t, j.tasks)
+            r = rows.setdefault((j.agent, j.mode, j.env, t), {
+                "agent": j.agent, "mode": j.mode, "env": j.env, "task": t, "per_seed": [], "seeds": [],
+                "task_means": [], "steps": s["step"], "wall_time_s": 0.0,
+                "episodes_per_seed": s["episodes"] // (n_seeds * len(j.tasks))})
+            if per is None:
+                per_task = s.get("per_task_success", {}).get(f"task{t}", s["success"])
+                r["task_means"].append((float(per_task), len(j.seeds)))
+                r["per_seed"] = None
+            elif r["per_seed"] is not None:
+                r["per_seed"] += per
+            r["seeds"] += j.seeds
+            r["wall_time_s"] += float(s["wall_time_s"]) / len(j.tasks)
     out = []
     for r in rows.values():
+        if r["per_seed"] is not None:
+            mean, std = float(np.mean(r["per_seed"])), float(np.std(r["per_seed"]))
+        else:
+            w = np.array([n for _, n in r["task_means"]], float)
+            mean, std = float(np.average([m for m, _ in r["task_means"]], weights=w)), float("nan")
         paper = PAPER.get((r["agent"], r["mode"]), {}).get(r["env"])
-        out.append(dict(r, success_mean=100 * float(np.mean(r["per_seed"])),
-                        success_std=100 * float(np.std(r["per_seed"])),
-                        paper_mean=None if paper is None else paper[0],
-                        paper_std=None if paper is None else paper[1]))
+        out.append(dict(r, success_mean=100 * mean, success_std=100 * std,
+                        paper_mean=None if paper is None else paper[0], paper_std=None if paper is None else paper[1]))
     return out
 
 
@@ -221,31 +466,60 @@ def _paper(r) -> str:
     return f"{r['paper_mean']}" + ("" if r["paper_std"] is None else f" +- {r['paper_std']}")
 
 
+def env_cells(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """Per (agent, mode, env): the success averaged over its tasks, as the paper reports it. With
+    per-seed figures for every task and the same seeds: mean and std over seeds of the per-seed mean
+    over tasks; otherwise the mean over tasks of the task means (std unknown: NaN)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["agent"], r["mode"], r["env"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["task"])
+        tasks = [r["task"] for r in rs]
+        seeds = [sorted(r["seeds"]) for r in rs]
+        if all(r["per_seed"] is not None for r in rs) and all(s == seeds[0] for s in seeds):
+            order = [np.argsort(r["seeds"]) for r in rs]
+            per_seed = np.mean([np.asarray(r["per_seed"])[o] for r, o in zip(rs, order)], axis=0)
+            mean, std = 100 * float(np.mean(per_seed)), 100 * float(np.std(per_seed))
+        else:
+            mean, std = float(np.mean([r["success_mean"] for r in rs])), float("nan")
+        out[key] = dict(rs[0], tasks=tasks, success_mean=mean, success_std=std, n_seeds=len(seeds[0]))
+    return out
+
+
 def table_md(rows: list[dict], budget: str) -> str:
-    cells = sorted({(r["env"], r["task"]) for r in rows})
-    agents = list(dict.fromkeys(r["agent"] for r in rows))
-    by = {(r["agent"], r["env"], r["task"]): r for r in rows}
+    cells = env_cells(rows)
+    envs = list(dict.fromkeys(r["env"] for r in sorted(rows, key=lambda r: (r["env"], r["task"]))))
+    tasks_of = {e: sorted({r["task"] for r in rows if r["env"] == e}) for e in envs}
+    lines_ = list(dict.fromkeys((r["agent"], r["mode"]) for r in rows))
     steps = sorted({r["steps"] for r in rows})
-    seeds = sorted({len(r["seeds"]) for r in rows})
+    seeds = sorted({c["n_seeds"] for c in cells.values()})
     eps = sorted({r["episodes_per_seed"] for r in rows})
-    lines = [f"Success rate (%), mean +- std over seeds; our budget: **{budget}** "
+
+    def head(e):
+        t = tasks_of[e]
+        return f"{e} task{t[0]}" if len(t) == 1 else f"{e} tasks {','.join(map(str, t))}"
+
+    lines = [f"Success rate (%), mean +- std over seeds of the mean over the tasks run; our budget: **{budget}** "
              f"({', '.join(map(str, steps))} gradient steps, {'/'.join(map(str, seeds))} seed(s), "
-             f"{'/'.join(map(str, eps))} evaluation episodes per seed). In brackets: the paper's figure "
+             f"{'/'.join(map(str, eps))} evaluation episodes per task and seed). In brackets: the paper's figure "
              "(DESIGN §8; single-task: mean over the 5 tasks, 1M-transition datasets, 1M gradient steps, "
-             "4 x 1024 networks; goal-conditioned: 100M-transition datasets), not a same-budget number.", "",
-             "| agent | mode | " + " | ".join(f"{e} task{t}" for e, t in cells) + " |",
-             "|---|---|" + "---|" * len(cells)]
-    for a in agents:
-        mode = next(r["mode"] for r in rows if r["agent"] == a)
+             "4 x 1024 networks; goal-conditioned: 100M-transition datasets), a same-budget number only at the "
+             "paper budget with all 5 tasks.", "",
+             "| agent | mode | " + " | ".join(head(e) for e in envs) + " |",
+             "|---|---|" + "---|" * len(envs)]
+    for a, mode in lines_:
         vals = []
-        for e, t in cells:
-            r = by.get((a, e, t))
-            if r is None:
+        for e in envs:
+            c = cells.get((a, mode, e))
+            if c is None:
                 vals.append("")
-            else:  # one seed has no spread: its value alone, marked n = 1
-                ours = (f"{r['success_mean']:.1f} (n = 1)" if len(r["seeds"]) == 1
-                        else f"{r['success_mean']:.1f} +- {r['success_std']:.1f}")
-                vals.append(f"{ours} ({_paper(r)})")
+            elif c["n_seeds"] == 1 or np.isnan(c["success_std"]):  # no spread known: its value alone
+                note = "n = 1" if c["n_seeds"] == 1 else "std n/a"
+                vals.append(f"{c['success_mean']:.1f} ({note}) ({_paper(c)})")
+            else:
+                vals.append(f"{c['success_mean']:.1f} +- {c['success_std']:.1f} ({_paper(c)})")
         lines.append(f"| {a} | {mode} | " + " | ".join(vals) + " |")
     wall = sum(r["wall_time_s"] for r in rows)
     lines += ["", f"Wall time of all runs (sum): {wall / 60:.1f} min."]
@@ -260,23 +534,23 @@ def write_csv(rows: list[dict], path: Path, budget: str) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({**{k: r.get(k) for k in fields}, "budget": budget, "seeds": " ".join(map(str, r["seeds"])),
-                        "per_seed": " ".join(f"{x:.4f}" for x in r["per_seed"])})
+                        "per_seed": "" if r["per_seed"] is None else " ".join(f"{x:.4f}" for x in r["per_seed"])})
 
 
 def curves(jobs: list[Job], path: Path, budget: str) -> None:
-    """Success vs gradient steps (mean over seeds) per agent, one panel per (env, task)."""
+    """Success vs gradient steps (mean over seeds and the tasks run) per agent, one panel per environment."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = sorted({(j.env, j.task) for j in jobs})
-    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 3.6), squeeze=False)
-    for ax, (env, task) in zip(axes[0], cells):
-        for agent in dict.fromkeys(j.agent for j in jobs):
+    envs = list(dict.fromkeys(j.env for j in jobs))
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for agent, mode in dict.fromkeys((j.agent, j.mode) for j in jobs):
             series: dict[int, list[float]] = {}
             for j in jobs:
-                if (j.agent, j.env, j.task) != (agent, env, task) or not (j.workdir / "eval.csv").exists():
+                if (j.agent, j.mode, j.env) != (agent, mode, env) or not (j.workdir / "eval.csv").exists():
                     continue
                 with open(j.workdir / "eval.csv", newline="") as f:
                     for row in csv.DictReader(f):
@@ -284,8 +558,9 @@ def curves(jobs: list[Job], path: Path, budget: str) -> None:
                         series.setdefault(int(float(row["step"])), []).extend(per or [float(row["success"])])
             if series:
                 xs = sorted(series)
-                ax.plot(xs, [100 * np.mean(series[x]) for x in xs], marker="o", label=agent)
-        ax.set_title(f"{env} task{task} ({budget} budget)")
+                label = agent if mode == agent_mode(agent) else f"{agent} ({mode})"
+                ax.plot(xs, [100 * np.mean(series[x]) for x in xs], marker="o", label=label)
+        ax.set_title(f"{env} ({budget} budget)")
         ax.set_xlabel("gradient steps")
         ax.set_ylabel("success rate (%)")
         ax.set_ylim(-2, 102)
@@ -296,41 +571,111 @@ def curves(jobs: list[Job], path: Path, budget: str) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------- planning
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--agents", required=True, help="comma-separated: mac and names of gin/baselines/*.gin")
-    p.add_argument("--envs", required=True, help="comma-separated names of gin/envs/*.gin, e.g. cube-single")
-    p.add_argument("--tasks", default="2", help="comma-separated task ids (1..5)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; consecutive ones train in one process")
-    p.add_argument("--budget", default="smoke", choices=sorted(BUDGETS))
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at once (one process each)")
-    p.add_argument("--table-only", action="store_true",
-                   help="train nothing: write the table from the runs under --out that have finished")
-    a = p.parse_args(argv)
-    agents = [x.strip() for x in a.agents.split(",") if x.strip()]
-    envs = [x.strip() for x in a.envs.split(",") if x.strip()]
-    known = ["mac"] + sorted(f.stem for f in (REPO / "gin" / "baselines").glob("*.gin"))
+def _names(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def plan(a, p: argparse.ArgumentParser) -> tuple[list[Job], list[dict]]:
+    """The runs and the cells (one dict per cell, for ``--json``) the arguments ask for."""
+    table = protocol.get_table(a.protocol) if a.protocol else None
+    known_agents = ["mac"] + sorted(f.stem for f in (REPO / "gin" / "baselines").glob("*.gin"))
+    known_envs = sorted(f.stem for f in (REPO / "gin" / "envs").glob("*.gin"))
+    agents, envs = _names(a.agents), _names(a.envs)
+    if table is None:
+        if not agents or not envs:
+            p.error("give --agents and --envs, or --protocol singletask|goalconditioned")
+    else:
+        agents = agents or list(table.agents)
+        envs = envs or list(table.envs)
+        for what, got, allowed in (("agent", agents, table.agents), ("environment", envs, table.envs)):
+            bad = [x for x in got if x not in allowed]
+            if bad:
+                p.error(f"{what}(s) {bad} are not in the {table.name} table; its {what}s: {list(allowed)}")
     for ag in agents:
-        if not agent_file(ag).is_file():
-            p.error(f"unknown agent {ag!r}; known agents: {known}")
+        if ag not in known_agents:
+            p.error(f"unknown agent {ag!r}; known agents: {known_agents}")
     for e in envs:
-        if not (REPO / f"gin/envs/{e}.gin").is_file():
-            p.error(f"unknown environment {e!r}; known: {sorted(f.stem for f in (REPO / 'gin/envs').glob('*.gin'))}")
-    tasks = _ints(a.tasks)
+        if e not in known_envs:
+            p.error(f"unknown environment {e!r}; known: {known_envs}")
+    tasks = _ints(a.tasks) if a.tasks else list(table.tasks if table else (2,))
     if not tasks or any(not 1 <= t <= 5 for t in tasks):
         p.error(f"--tasks must be task ids in 1..5, got {a.tasks!r}")
-    if a.parallel < 1:
-        p.error(f"--parallel must be >= 1, got {a.parallel}")
-    out = a.out.absolute()
-    seeds = sorted(set(_ints(a.seeds)))
+    tasks = sorted(set(tasks))
+    seeds = sorted(set(_ints(a.seeds))) if a.seeds else list(table.seeds if table else (0,))
     if not seeds or min(seeds) < 0:
         p.error(f"--seeds must be non-negative integers, got {a.seeds!r}")
-    jobs = [j for ag in agents for e in envs for t in tasks for j in plan_cell(ag, e, t, seeds, a.budget, out)]
+    out = a.out.absolute()
+    data_dir = Path(a.data_dir).expanduser().absolute()
+    jobs, cells = [], []
+    for ag in agents:
+        mode = table.mode if table else agent_mode(ag)
+        kw = dict(mode=mode, table=table, data_dir=data_dir if table else None)
+        for e in envs:
+            if table is not None and mode != "singletask":  # one run per seed group, evaluated on every task
+                groups = [(tuple(tasks), plan_cell(ag, e, tuple(tasks) if len(tasks) > 1 else tasks[0], seeds,
+                                                   a.budget, out, **kw))]
+            else:
+                groups = [((t,), plan_cell(ag, e, t, seeds, a.budget, out, **kw)) for t in tasks]
+            for ts, js in groups:
+                jobs += js
+                for j in js:
+                    for t in ts:
+                        cells.append({"agent": ag, "mode": "oraclerep" if mode != "singletask" else "singletask",
+                                      "env": e, "task": t, "seeds": list(j.seeds), "workdir": str(j.workdir),
+                                      "command": command(j), "bindings": None, "_job": j})
+    return jobs, cells
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=sorted(protocol.TABLES), default=None,
+                   help="the paper's table: its cells with the authors' settings (macfw/protocol.py)")
+    p.add_argument("--agents", default=None, help="comma-separated: mac and names of gin/baselines/*.gin "
+                                                  "(with --protocol: default the table's, narrows it)")
+    p.add_argument("--envs", default=None, help="comma-separated names of gin/envs/*.gin, e.g. cube-single "
+                                                "(with --protocol: default the table's)")
+    p.add_argument("--tasks", default=None, help="comma-separated task ids (1..5; default 2, with --protocol 1-5)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds; consecutive ones train in one process "
+                                                 "(default 0, with --protocol 0-3)")
+    p.add_argument("--budget", default=None, choices=sorted(BUDGETS),
+                   help="smoke, quickstart, or paper (default smoke; with --protocol paper)")
+    p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder (default out/compare)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help=f"with --protocol at the paper budget: where the official datasets are (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--parallel", type=int, default=1, help="local launcher: runs trained at once (one process each)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: write the table from the runs under --out that have finished")
+    p.add_argument("--dry-run", action="store_true", help="print every run, the totals and the cost; run nothing")
+    p.add_argument("--json", type=Path, default=None, help="with --dry-run: write the cells as a JSON list here")
+    p.add_argument("--bench", type=Path, default=None,
+                   help="--dry-run's estimate from measured updates/s (python -m macfw.bench --all-agents --json)")
+    p.add_argument("--accel-tflops", type=float, default=100.0,
+                   help="--dry-run's estimate without --bench: achieved TFLOP/s per accelerator (default 100)")
+    p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)  # regenerates paper_flops.json
+    a = p.parse_args(argv)
+    if a.count_flops:
+        count_flops()
+        return 0
+    if a.budget is None:
+        a.budget = "paper" if a.protocol else "smoke"
+    if a.parallel < 1:
+        p.error(f"--parallel must be >= 1, got {a.parallel}")
+    if a.json is not None and not a.dry_run:
+        p.error("--json goes with --dry-run (it writes the planned runs)")
+    if a.accel_tflops <= 0:
+        p.error(f"--accel-tflops must be > 0, got {a.accel_tflops}")
+    jobs, cells = plan(a, p)
+    if a.dry_run:
+        bench = load_bench(a.bench) if a.bench else None
+        dry_run(jobs, cells, flops=load_flops(), bench=bench, accel_flops=a.accel_tflops * 1e12, json_path=a.json)
+        return 0
+    out = a.out.absolute()
     t0 = time.time()
     if a.table_only:
         missing = [j for j in jobs if not (j.workdir / "summary.json").exists()]
@@ -340,6 +685,7 @@ def main(argv=None) -> int:
         if not jobs:
             raise SystemExit(f"--table-only: no finished run under {out / 'runs' / a.budget}")
     else:
+        check_data(jobs)
         run_all(jobs, a.parallel)
     rows = collect(jobs)
     out.mkdir(parents=True, exist_ok=True)

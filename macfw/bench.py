@@ -375,6 +375,37 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
     }
 
 
+def count_flops(*, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28, act_dim: int = 5,
+                goal_dim: int = 0, batch_size: int | None = None) -> dict:
+    """FLOPs of one update of the agent exactly as its Gin files configure it (no preset's sizes: its
+    own ``HIDDEN`` and ``train.batch_size``, unless ``batch_size`` is given), by XLA's count of the
+    reference computation as :func:`run` counts it; compiled only, nothing timed (a paper-size agent
+    compiles on a CPU in a minute or two). Returns ``{"flops_per_update", "batch_size", "agent",
+    "ob_dim", "act_dim", "goal_dim"}``.
+
+    Raises:
+      FileNotFoundError, GinConfigError: as :func:`build_agent`.
+    """
+    import gin
+
+    from macfw.step import make_train_step
+
+    agent = build_agent({"bindings": {}}, gin_files=gin_files, gin_bindings=gin_bindings)
+    try:  # (the networks are built from the Gin config at init)
+        B = int(batch_size or gin.query_parameter("train.batch_size"))
+        spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=agent.batch_spec.chunk_len)
+        data = synthetic_data(spec, window=agent.batch_spec.window)
+        agent_c = agent.for_flop_count()
+        state_c = agent_c.init(spec, jax.random.PRNGKey(0))
+        with reference_computation(rolled_threefry=False):  # (XLA counts a loop body once)
+            step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
+            flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
+    finally:
+        gin.clear_config()
+    return {"flops_per_update": flops, "batch_size": B, "agent": type(agent).__name__, "ob_dim": ob_dim,
+            "act_dim": act_dim, "goal_dim": goal_dim}
+
+
 def agent_gin_files() -> dict[str, str]:
     """Every agent's Gin file: ``{'mac': 'gin/mac.gin', 'mopo': 'gin/baselines/mopo.gin', ...}``."""
     out = {"mac": "gin/mac.gin"}

@@ -235,9 +235,9 @@ def test_compare_table_marks_one_seed_instead_of_a_zero_spread():
     cmp = _load("compare")
     row = dict(agent="fql", env="cube-single", task=2, mode="singletask", steps=15000, episodes_per_seed=30,
                wall_time_s=60.0, paper_mean=96, paper_std=None)
-    md = cmp.table_md([dict(row, seeds=[0], success_mean=3.3, success_std=0.0),
-                       dict(row, agent="mac", seeds=[0, 1], success_mean=40.0, success_std=5.0, paper_mean=99,
-                            paper_std=2)], "quickstart")
+    md = cmp.table_md([dict(row, seeds=[0], per_seed=[0.033], success_mean=3.3, success_std=0.0),
+                       dict(row, agent="mac", seeds=[0, 1], per_seed=[0.35, 0.45], success_mean=40.0, success_std=5.0,
+                            paper_mean=99, paper_std=2)], "quickstart")
     assert "| fql | singletask | 3.3 (n = 1) (96) |" in md and "+- 0.0" not in md
     assert "| mac | singletask | 40.0 +- 5.0 (99 +- 2) |" in md
 
