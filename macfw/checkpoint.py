@@ -24,11 +24,13 @@ the files on disk, so a step being written, half deleted or damaged is never lis
 Old steps (beyond ``max_to_keep``) are deleted by this class, never by Orbax, and only after the
 newer step's manifest is written: the manifest first (the step disappears at once), then the folder
 is renamed into ``.macfw-trash`` and removed. On start (unless read-only), leftover temporary
-folders, the trash and step folders without a valid manifest are removed; a valid step is never
-touched. Errors of asynchronous saves are raised by the next :meth:`Checkpointer.save`,
-:meth:`Checkpointer.wait` or :meth:`Checkpointer.close`, and a step whose save failed never
-becomes visible. :meth:`Checkpointer.restore` of the newest step falls back to the next older
-valid one (with a warning naming the broken step) if the newest cannot be read.
+folders, the trash and step folders without a valid manifest are removed, under the run folder's
+lock (:mod:`macfw.workdir_lock`; another run's save in progress looks exactly like a leftover); a
+valid step is never touched. Errors of asynchronous saves are raised by the next
+:meth:`Checkpointer.save`, :meth:`Checkpointer.wait` or :meth:`Checkpointer.close`, and a step
+whose save failed never becomes visible. :meth:`Checkpointer.restore` of the newest step falls
+back to the next older valid one (with a warning naming the broken step) if the newest cannot be
+read.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from macfw.fsync import fsync_path
+from macfw.workdir_lock import cleanup_lock
 
 MANIFEST = "macfw_manifest.json"
 TRASH = ".macfw-trash"
@@ -202,7 +205,17 @@ class Checkpointer:
       max_to_keep: newest steps kept (None keeps all).
       async_save: write in a background thread; :meth:`wait` blocks until done (and raises the
         error of a failed save).
-      read_only: list and restore only; nothing in ``directory`` is changed (for evaluation).
+      read_only: list and restore only; nothing in ``directory`` is changed and no lock is taken
+        (for evaluation, also beside a training run).
+
+    Unless ``read_only``, the primary process removes leftovers of interrupted saves at start (see
+    the module doc) under the lock of the run folder, ``directory``'s parent: the lock this process
+    holds (:func:`macfw.train.train` takes it first), else the lock taken for the clean-up only.
+
+    Raises:
+      WorkdirBusyError: (unless ``read_only``) another process holds the run folder's lock, e.g. a
+        training run: nothing is removed.
+      FileNotFoundError: (``read_only``) ``directory`` does not exist.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
@@ -215,7 +228,8 @@ class Checkpointer:
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
             if _is_primary():
-                self._sanitize()
+                with cleanup_lock(self.directory.parent):  # never beside another writer
+                    self._sanitize()
             _sync("macfw_checkpointer_sanitized")
         elif not self.directory.is_dir():
             raise FileNotFoundError(f"No checkpoint folder {str(self.directory)!r}.")
@@ -254,7 +268,8 @@ class Checkpointer:
             pass
 
     def _sanitize(self) -> None:
-        """Remove leftovers of interrupted saves and deletions; never touches a valid step."""
+        """Remove leftovers of interrupted saves and deletions; never touches a valid step. Only under
+        the run folder's lock (:func:`macfw.workdir_lock.cleanup_lock`)."""
         for entry in sorted(self.directory.iterdir()):
             name = entry.name
             if name == TRASH:

@@ -5,7 +5,8 @@ Re-running the same command on the same DIR resumes from the newest complete che
 Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving (re-run to resume); 2 a known user
 error (unknown component or Gin binding, a configured value out of range such as ``MAC.horizon = 0``
 (before anything is written to DIR), bad dataset file or environment, a checkpoint that does not
-fit the config, workdir not writable), printed as one line ``macfw: error: ...`` on stderr; 3 the
+fit the config, workdir not writable, workdir in use by another run: one writer per workdir, see
+:mod:`macfw.workdir_lock`), printed as one line ``macfw: error: ...`` on stderr; 3 the
 training diverged (NaN/Inf; the step and loss terms are named); 130 a second Ctrl-C. Set
 ``MACFW_DEBUG=1`` to get the full traceback of known errors too.
 """
@@ -105,9 +106,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from macfw.evaluation import TaskMismatchError
     from macfw.errors import ConfigError
     from macfw.train import WorkdirError
+    from macfw.workdir_lock import WorkdirBusyError
 
     return (registry.UnknownComponentError, GinConfigError, DatasetError, FileNotFoundError, CheckpointMismatchError,
-            CheckpointSaveError, ConfigError, WorkdirError, TaskMismatchError)
+            CheckpointSaveError, ConfigError, WorkdirError, WorkdirBusyError, TaskMismatchError)
 
 
 def one_line(e: BaseException) -> str:

@@ -3,7 +3,9 @@
 :func:`train` runs in named phases, each in one place:
 
 1. :func:`check_settings`: every ``train.*`` value, before anything is written;
-2. :func:`build`: the run folder, the data (to the agent's batch spec), the mesh and a fresh state;
+2. :func:`claim_workdir`: the run folder, locked for the whole run (one writer per folder,
+   :mod:`macfw.workdir_lock`), then :func:`build`: the data (to the agent's batch spec), the mesh
+   and a fresh state;
 3. :func:`restore_or_initialize`: the newest complete checkpoint, or the fresh state;
 4. the loop: one compiled, donated call of K updates (:class:`macfw.step.TrainStep`) per
    iteration, then the hooks (:class:`LogHook`, :class:`EvalHook`, :class:`SaveHook`), each
@@ -40,9 +42,10 @@ from macfw.parallel import make_mesh, put_replicated, to_host
 from macfw.signals import Preempted, Preemption
 from macfw.step import (HostBatches, NonFiniteError, Refresher, TrainStep, check_batch_size, check_finite, init_state,
                         make_train_step)
+from macfw.workdir_lock import WorkdirBusyError, WorkdirLock
 
 __all__ = ["train", "TrainStep", "make_train_step", "HostBatches", "init_state", "NonFiniteError", "ConfigError",
-           "WorkdirError", "Preempted"]
+           "WorkdirError", "WorkdirBusyError", "Preempted"]
 
 #: Host-mode batches are drawn from ``fold_in(PRNGKey(seed + HOST_KEY_OFFSET), step)``.
 HOST_KEY_OFFSET = 7919
@@ -133,6 +136,11 @@ class Run:
     t_start: float = dataclasses.field(default_factory=time.time)
 
 
+def _not_writable(workdir: Path, e: OSError) -> WorkdirError:
+    return WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
+                        "Pass a writable --workdir.")
+
+
 def open_workdir(workdir) -> Path:
     """Create ``workdir`` and prove it is writable.
 
@@ -146,9 +154,55 @@ def open_workdir(workdir) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
-                           "Pass a writable --workdir.") from e
+        raise _not_writable(workdir, e) from e
     return workdir
+
+
+def claim_workdir(workdir) -> tuple[Path, WorkdirLock | None]:
+    """Create ``workdir``, take its lock (:mod:`macfw.workdir_lock`; the lead process only) and prove it
+    is writable (:func:`open_workdir`), before anything in it is read or changed. The other processes
+    of a multi-host run learn the lead's outcome, so that all of them stop when it cannot go on.
+
+    Returns:
+      the absolute path, and the lock held (None on the other processes): release it when done.
+
+    Raises:
+      WorkdirBusyError: another run holds the lock (names its PID and host, and the fix); nothing
+        in ``workdir`` was changed.
+      WorkdirError: ``workdir`` cannot be created or written.
+    """
+    workdir = Path(workdir).absolute()
+    lead = jax.process_index() == 0
+    lock, error = None, None
+    if lead:
+        try:
+            try:
+                workdir.mkdir(parents=True, exist_ok=True)
+                lock = WorkdirLock(workdir).acquire()
+            except OSError as e:
+                raise _not_writable(workdir, e) from e
+            open_workdir(workdir)
+        except (WorkdirBusyError, WorkdirError) as e:
+            error = e
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    outcome = _agree_int(0 if error is None else 1 if isinstance(error, WorkdirBusyError) else 2)
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise error
+    if outcome == 1:
+        raise WorkdirBusyError(f"Workdir {str(workdir)!r} is in use by another run (process 0 of this run found its "
+                               "lock held; its error names the holder). Wait for that run to finish or stop it, or "
+                               "pass a different --workdir.")
+    if outcome == 2:
+        raise WorkdirError(f"Workdir {str(workdir)!r} could not be opened by process 0 of this run (its error says "
+                           "why). Pass a writable --workdir.")
+    if not lead:
+        workdir = open_workdir(workdir)
+    return workdir, lock
 
 
 def build(workdir: Path, agent: Agent, dataset, *, mesh, seed: int, num_seeds: int | None, pre: Preemption) -> Run:
@@ -492,6 +546,8 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
         divisible by the devices, ``execute_steps`` above the agent's actions per decision, ...)
         or a binding of the agent or its networks (:meth:`Agent.check_config`).
       WorkdirError: ``workdir`` is not writable.
+      WorkdirBusyError: another run holds ``workdir``'s lock (one writer per run folder,
+        :mod:`macfw.workdir_lock`): it is named (PID, host); nothing in ``workdir`` was changed.
       CheckpointMismatchError: the checkpoint does not fit the configured agent or data.
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
@@ -503,138 +559,147 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                        execute_steps=execute_steps, eval_seed=eval_seed, device_data_limit_gb=device_data_limit_gb,
                        debug_nan_at_step=debug_nan_at_step, data_on_device=data_on_device)
     K = c["K"]
-    pre = Preemption()
-    run: Run | None = None
-    progress_state = {"step": 0, "last_saved": None}
-    with pre:
-        try:
-            workdir = open_workdir(workdir)
-            run = build(workdir, agent, dataset, mesh=mesh, seed=seed, num_seeds=num_seeds, pre=pre)
-            eval_task_ids = resolve_task_ids(run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id,
-                                             eval_task_ids)
-            on_device = decide_placement(run, data_on_device=data_on_device, device_data_limit_gb=device_data_limit_gb)
-            resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)
-            progress_state.update(step=resume_step or 0, last_saved=resume_step)
-            if run.lead:
-                (workdir / "config.gin").write_text(gin.config_str())
+    workdir, lock = claim_workdir(workdir)  # before anything in workdir is read or changed
+    try:
+        pre = Preemption()
+        run: Run | None = None
+        progress_state = {"step": 0, "last_saved": None}
+        with pre:
+            try:
+                run = build(workdir, agent, dataset, mesh=mesh, seed=seed, num_seeds=num_seeds, pre=pre)
+                eval_task_ids = resolve_task_ids(run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id,
+                                                 eval_task_ids)
+                on_device = decide_placement(run, data_on_device=data_on_device,
+                                             device_data_limit_gb=device_data_limit_gb)
+                resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)
+                progress_state.update(step=resume_step or 0, last_saved=resume_step)
+                if run.lead:
+                    (workdir / "config.gin").write_text(gin.config_str())
 
-            sharded = is_sharded(run.loaded.data)
-            step_fn = TrainStep(agent, run.state, batch_size=batch_size, steps_per_dispatch=K, mesh=run.mesh,
-                                host_batches=not on_device, num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
-            data = None
-            if on_device:  # sharded data that fits: all shards in memory, sampled inside the step
-                data = put_replicated(run.loaded.data.to_chunk_data(agent.batch_spec.window) if sharded
-                                      else run.loaded.data, run.mesh)
-            host = None
-            if not on_device:
-                from jax.sharding import NamedSharding, PartitionSpec as P
+                sharded = is_sharded(run.loaded.data)
+                step_fn = TrainStep(agent, run.state, batch_size=batch_size, steps_per_dispatch=K, mesh=run.mesh,
+                                    host_batches=not on_device, num_seeds=num_seeds,
+                                    debug_nan_at_step=debug_nan_at_step)
+                data = None
+                if on_device:  # sharded data that fits: all shards in memory, sampled inside the step
+                    data = put_replicated(run.loaded.data.to_chunk_data(agent.batch_spec.window) if sharded
+                                          else run.loaded.data, run.mesh)
+                host = None
+                if not on_device:
+                    from jax.sharding import NamedSharding, PartitionSpec as P
 
-                spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
-                host_key = jax.random.PRNGKey(seed + HOST_KEY_OFFSET)
-                if sharded:
-                    from macfw.data.host_sampler import ShardedBatches, ShardSampler
+                    spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
+                    host_key = jax.random.PRNGKey(seed + HOST_KEY_OFFSET)
+                    if sharded:
+                        from macfw.data.host_sampler import ShardedBatches, ShardSampler
 
-                    sampler = ShardSampler(run.loaded.data, batch_spec=agent.batch_spec,
-                                           goal_conditioned=run.loaded.spec.goal_conditioned, key=host_key)
-                    host = ShardedBatches(sampler, batch_size=batch_size, K=K, sharding=NamedSharding(run.mesh, spec),
-                                          num_seeds=num_seeds, prefetch=getattr(dataset, "prefetch", 2),
-                                          threads=getattr(dataset, "prefetch_threads", 1))
-                else:
-                    host = HostBatches(run.loaded.data, key=host_key,
-                                       batch_size=batch_size, batch_spec=agent.batch_spec,
-                                       goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
-                                       sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
-            refresher = (Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
-                         if agent.refresh_spec() is not None else None)
-            eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
-                                 task_ids=list(eval_task_ids))
-            run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
-            logger = LogHook(run, log_interval, resume_step)
-            evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
-                                 execute_steps=execute_steps, eval_seed=eval_seed)
-            saver = SaveHook(run, save_interval, resume_step, sigkill_after=check_int(
-                "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True),
-                sampler_state=getattr(host, "state", None))
-            if run.lead:
-                from tensorboardX import SummaryWriter
+                        sampler = ShardSampler(run.loaded.data, batch_spec=agent.batch_spec,
+                                               goal_conditioned=run.loaded.spec.goal_conditioned, key=host_key)
+                        host = ShardedBatches(sampler, batch_size=batch_size, K=K,
+                                              sharding=NamedSharding(run.mesh, spec),
+                                              num_seeds=num_seeds, prefetch=getattr(dataset, "prefetch", 2),
+                                              threads=getattr(dataset, "prefetch_threads", 1))
+                    else:
+                        host = HostBatches(run.loaded.data, key=host_key,
+                                           batch_size=batch_size, batch_spec=agent.batch_spec,
+                                           goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
+                                           sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
+                refresher = (Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
+                             if agent.refresh_spec() is not None else None)
+                eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
+                                     task_ids=list(eval_task_ids))
+                run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
+                logger = LogHook(run, log_interval, resume_step)
+                evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
+                                     execute_steps=execute_steps, eval_seed=eval_seed)
+                saver = SaveHook(run, save_interval, resume_step, sigkill_after=check_int(
+                    "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True),
+                    sampler_state=getattr(host, "state", None))
+                if run.lead:
+                    from tensorboardX import SummaryWriter
 
-                run.tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
-            step = current_step(run.state)
-            if progress and run.lead:
-                from tqdm import tqdm
+                    run.tb = SummaryWriter(str(workdir),
+                                           purge_step=resume_step + 1 if resume_step is not None else None)
+                step = current_step(run.state)
+                if progress and run.lead:
+                    from tqdm import tqdm
 
-                run.pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-            if host is not None:
-                host.start(step, K, num_steps)
+                    run.pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+                if host is not None:
+                    host.start(step, K, num_steps)
 
-            pre.check()  # from here on a signal means: finish the dispatch, save, exit 0
-            train_time, timed_steps, first, interrupted = 0.0, 0, True, False
-            while step < num_steps:
-                t0 = time.perf_counter()
-                run.state, metrics = step_fn(data if host is None else host.next(), run.state)
-                step += K
-                m_host = jax.device_get(metrics)  # one small transfer; also the NaN guard
-                if not first:
-                    train_time += time.perf_counter() - t0
-                    timed_steps += K
-                first = False
-                check_finite(m_host, step, K)
-                if refresher is not None and refresher.due(step):  # e.g. MOPO's model-rollout buffer
-                    run.state, m_ref = refresher(data if host is None else host.data, run.state, step)
-                    m_host.update(jax.device_get(m_ref))
-                progress_state["step"] = step
-                run.ckpt.poll()  # a finished asynchronous save becomes visible
-                if run.pbar is not None:
-                    run.pbar.update(K)
-                final = step == num_steps
-                ups = timed_steps / train_time if train_time > 0 else float("nan")
-                logger(step, m_host, ups, final)
-                stop = pre.agreed()
-                if not stop:
-                    stop = evaluator(step, final)
-                saver(step, final, stop)
-                progress_state["last_saved"] = saver.last_saved
-                if stop:
-                    interrupted = True
-                    who = (f"signal {pre.received}" if pre.received is not None
-                           else "another process of this run got a signal")
-                    tqdm_write(run.pbar, f"[macfw] {who}: saving step {step}; exiting. "
-                                         "Re-run the same command to resume.")
-                    break
-            run.ckpt.wait()
-            if hasattr(host, "close"):
-                host.close()  # the prefetch threads of host-sampled shards
-            summary = {"step": step, "interrupted": interrupted, "last_saved_step": saver.last_saved}
-            if not interrupted and run.lead:
-                with pre.interruptible():
-                    if evaluator.last is None:  # resumed at (or past) the end, or the last evaluation was abandoned
-                        evaluator.last = evaluator.evaluate(step)
-        except Preempted as p:
-            pre.immediate = False
-            summary = {"step": progress_state["step"], "interrupted": True,
-                       "last_saved_step": progress_state["last_saved"], "signal": int(p.args[0]) if p.args else None}
-            last = progress_state["last_saved"]
-            tqdm_write(run.pbar if run else None,
-                       f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
-                       + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
-                       + ". Re-run the same command to resume.")
-        except BaseException:
+                pre.check()  # from here on a signal means: finish the dispatch, save, exit 0
+                train_time, timed_steps, first, interrupted = 0.0, 0, True, False
+                while step < num_steps:
+                    t0 = time.perf_counter()
+                    run.state, metrics = step_fn(data if host is None else host.next(), run.state)
+                    step += K
+                    m_host = jax.device_get(metrics)  # one small transfer; also the NaN guard
+                    if not first:
+                        train_time += time.perf_counter() - t0
+                        timed_steps += K
+                    first = False
+                    check_finite(m_host, step, K)
+                    if refresher is not None and refresher.due(step):  # e.g. MOPO's model-rollout buffer
+                        run.state, m_ref = refresher(data if host is None else host.data, run.state, step)
+                        m_host.update(jax.device_get(m_ref))
+                    progress_state["step"] = step
+                    run.ckpt.poll()  # a finished asynchronous save becomes visible
+                    if run.pbar is not None:
+                        run.pbar.update(K)
+                    final = step == num_steps
+                    ups = timed_steps / train_time if train_time > 0 else float("nan")
+                    logger(step, m_host, ups, final)
+                    stop = pre.agreed()
+                    if not stop:
+                        stop = evaluator(step, final)
+                    saver(step, final, stop)
+                    progress_state["last_saved"] = saver.last_saved
+                    if stop:
+                        interrupted = True
+                        who = (f"signal {pre.received}" if pre.received is not None
+                               else "another process of this run got a signal")
+                        tqdm_write(run.pbar, f"[macfw] {who}: saving step {step}; exiting. "
+                                             "Re-run the same command to resume.")
+                        break
+                run.ckpt.wait()
+                if hasattr(host, "close"):
+                    host.close()  # the prefetch threads of host-sampled shards
+                summary = {"step": step, "interrupted": interrupted, "last_saved_step": saver.last_saved}
+                if not interrupted and run.lead:
+                    with pre.interruptible():
+                        if evaluator.last is None:  # resumed at (or past) the end, or the last evaluation was abandoned
+                            evaluator.last = evaluator.evaluate(step)
+            except Preempted as p:
+                pre.immediate = False
+                summary = {"step": progress_state["step"], "interrupted": True,
+                           "last_saved_step": progress_state["last_saved"],
+                           "signal": int(p.args[0]) if p.args else None}
+                last = progress_state["last_saved"]
+                tqdm_write(run.pbar if run else None,
+                           f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
+                           + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
+                           + ". Re-run the same command to resume.")
+            except BaseException:
+                pre.immediate = False
+                if run is not None:
+                    _close_quietly(run.pbar, run.tb, run.ckpt)
+                raise
             pre.immediate = False
             if run is not None:
-                _close_quietly(run.pbar, run.tb, run.ckpt)
-            raise
-        pre.immediate = False
-        if run is not None:
-            _close_quietly(run.pbar, run.tb, None)
-            if run.ckpt is not None:
-                run.ckpt.close()  # waits for the last save; raises its error
-    if summary.get("interrupted") or not run.lead:
+                _close_quietly(run.pbar, run.tb, None)
+                if run.ckpt is not None:
+                    run.ckpt.close()  # waits for the last save; raises its error
+        if summary.get("interrupted") or not run.lead:
+            return summary
+        (workdir / "config.gin").write_text(gin.operative_config_str())
+        summary = summarize(run, step=step, last_saved=saver.last_saved, eval_results=evaluator.last,
+                            updates_per_s=timed_steps / train_time if train_time > 0 else None)
+        write_json_atomic(workdir / "summary.json", summary)
         return summary
-    (workdir / "config.gin").write_text(gin.operative_config_str())
-    summary = summarize(run, step=step, last_saved=saver.last_saved, eval_results=evaluator.last,
-                        updates_per_s=timed_steps / train_time if train_time > 0 else None)
-    write_json_atomic(workdir / "summary.json", summary)
-    return summary
+    finally:
+        if lock is not None:
+            lock.release()  # after the last save and summary.json
 
 
 def _close_quietly(pbar, tb, ckpt) -> None:
