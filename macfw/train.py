@@ -494,6 +494,7 @@ def summarize(run: Run, *, step: int, last_saved, eval_results: list, updates_pe
     if run.num_seeds is not None:
         summary["seeds"] = list(range(run.seed, run.seed + run.num_seeds))
         summary["per_seed_success"] = [r.success for r in eval_results]
+        summary["per_seed_per_task_success"] = [dict(r.per_task_success) for r in eval_results]
         summary["success_std"] = float(np.std(summary["per_seed_success"]))
     return summary
 

@@ -288,3 +288,44 @@ def test_compare_table_only_trains_nothing_and_tabulates_the_finished_runs(tmp_p
     (run / "summary.json").unlink()
     with pytest.raises(SystemExit, match="no finished run"):
         cmp.main(argv)
+
+
+def test_compare_table_averages_tasks_per_seed_and_reads_shared_goal_conditioned_runs(tmp_path):
+    """The table reports the paper's statistic: per seed the mean over the tasks run, then mean +- std
+    over seeds. Single-task: one run per task; goal-conditioned (--protocol): one run evaluated on
+    every task, read from summary.json's per_seed_per_task_success."""
+    cmp = _load("compare")
+    from macfw import protocol
+
+    st = protocol.TABLES["singletask"]
+    jobs = []
+    for task, per_seed in ((1, [0.2, 0.4]), (2, [0.6, 1.0])):
+        j = cmp.Job("mac", "cube-single", task, [0, 1], "smoke", tmp_path, mode="singletask", table=st)
+        j.workdir.mkdir(parents=True)
+        (j.workdir / "summary.json").write_text(json.dumps({
+            "success": float(np.mean(per_seed)), "per_seed_success": per_seed, "step": 40, "wall_time_s": 6.0,
+            "episodes": 2}))
+        jobs.append(j)
+    gc = protocol.TABLES["goalconditioned"]
+    g = cmp.Job("mac", "puzzle-3x3", (1, 2), [0, 1], "smoke", tmp_path, mode="oraclerep", table=gc)
+    assert g.workdir.parts[-3:] == ("mac-oraclerep", "puzzle-3x3-tasks1-2", "seeds0-1")
+    g.workdir.mkdir(parents=True)
+    pst = [{"task1": 1.0, "task2": 0.0}, {"task1": 0.5, "task2": 0.5}]
+    (g.workdir / "summary.json").write_text(json.dumps({
+        "success": 0.5, "per_seed_success": [0.5, 0.5], "per_seed_per_task_success": pst,
+        "per_task_success": {"task1": 0.75, "task2": 0.25}, "step": 40, "wall_time_s": 10.0, "episodes": 4}))
+    rows = cmp.collect(jobs + [g])
+    by = {(r["mode"], r["env"], r["task"]): r for r in rows}
+    assert by[("oraclerep", "puzzle-3x3", 1)]["per_seed"] == [1.0, 0.5]
+    assert by[("oraclerep", "puzzle-3x3", 2)]["success_mean"] == pytest.approx(25.0)
+    assert by[("oraclerep", "puzzle-3x3", 1)]["episodes_per_seed"] == 1
+    cells = cmp.env_cells(rows)
+    # single-task: per seed (0.2 + 0.6) / 2 = 0.4 and (0.4 + 1.0) / 2 = 0.7 -> 55 +- 15
+    c = cells[("mac", "singletask", "cube-single")]
+    assert c["success_mean"] == pytest.approx(55.0) and c["success_std"] == pytest.approx(15.0)
+    c = cells[("mac", "oraclerep", "puzzle-3x3")]
+    assert c["success_mean"] == pytest.approx(50.0) and c["success_std"] == pytest.approx(0.0)
+    md = cmp.table_md(rows, "smoke")
+    assert "| mac | singletask | 55.0 +- 15.0 (99 +- 2) |  |" in md
+    assert "| mac | oraclerep |  | 50.0 +- 0.0 (100 +- 0) |" in md
+    assert "cube-single tasks 1,2" in md and "puzzle-3x3 tasks 1,2" in md

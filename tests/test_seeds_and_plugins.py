@@ -61,6 +61,9 @@ def test_user_component_from_outside_module(tmp_path):
     assert "TopKMeanSampler" in cfg
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and len(summary["per_seed_success"]) == 2
+    per_task = summary["per_seed_per_task_success"]  # (compare.py's goal-conditioned tables read it)
+    assert [sorted(d) for d in per_task] == [sorted(summary["per_task_success"])] * 2
+    assert [float(np.mean(list(d.values()))) for d in per_task] == pytest.approx(summary["per_seed_success"])
     # without the import the name is unknown and the error lists the registered samplers
     r = subprocess.run(cmd[:3] + cmd[5:], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
