@@ -159,7 +159,7 @@ def test_slurm_run_reports_success_and_failure(fake):
     assert SlurmRun(ok)()["param_checksum"] == "abc"  # summary.json there: nothing runs again
     assert ok.log_path.read_text().count("[macfw] done") == 1
     bad = fake("bad", "fail")
-    with pytest.raises(launch.RunFailed, match=r"exited with 3; see .*stdout.log .*something is wrong"):
+    with pytest.raises(launch.RunFailed, match=r"exited with 3: macfw: error: something is wrong \(its output: .*stdout.log\)"):
         SlurmRun(bad)()
 
 
