@@ -16,6 +16,7 @@ import optax
 
 import macfw
 from macfw.agents.base import Agent, AgentState, BatchSpec
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.nn.flow import FlowPolicy
 
 
@@ -27,19 +28,22 @@ class ChunkBC(Agent):
       policy: registered behaviour-policy class, built as ``policy(spec, key=...)``.
       chunk_len: n, environment steps per chunk.
       learning_rate: Adam step size.
+      goal_sampling: hindsight goals of goal-conditioned data (None: the ``GoalSampling.*`` bindings).
     """
 
     acts_in_chunks = True
 
-    def __init__(self, policy: Callable = FlowPolicy, *, chunk_len: int = 10, learning_rate: float = 3e-4):
+    def __init__(self, policy: Callable = FlowPolicy, *, chunk_len: int = 10, learning_rate: float = 3e-4,
+                 goal_sampling: GoalSampling | None = None):
         if chunk_len < 1:
             raise ValueError(f"ChunkBC.chunk_len = {chunk_len!r} is out of range: must be >= 1. "
                              "Fix the Gin binding ChunkBC.chunk_len.")
         self.policy, self.n, self.tx = policy, int(chunk_len), optax.adam(learning_rate)
+        self.goal_sampling = goal_sampling_for("ChunkBC", goal_sampling)
 
     @property
     def batch_spec(self) -> BatchSpec:
-        return BatchSpec(chunk_len=self.n)
+        return BatchSpec(chunk_len=self.n, goals=self.goal_sampling)
 
     def init(self, spec, key) -> AgentState:
         self.spec = spec

@@ -37,6 +37,7 @@ KINDS: tuple[str, ...] = (
     "agent",
     "dataset",
     "evaluator",
+    "goals",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

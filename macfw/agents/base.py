@@ -34,6 +34,7 @@ import optax
 from jaxtyping import Array, Float
 
 from macfw import reference
+from macfw.data.goals import DEFAULT_GOALS, GoalSampling
 from macfw.spec import Spec
 
 
@@ -46,22 +47,28 @@ class BatchSpec:
     ``rewards ()`` the n-step discounted reward ``sum_i gamma^i r_{t+i}`` (single-task; divided by
     n when ``normalize_reward``), or ``success - 1`` (goal-conditioned); ``masks ()``;
     ``success ()`` the chunk success label; ``value_goals, actor_goals (goal_dim,)`` hindsight
-    relabelled goals (``(0,)`` single-task); ``next_goals (goal_dim,)`` the goal representation of
-    s_{t+n}; ``idx``, ``value_goal_idx ()`` the dataset indices of s_t and of the value goal;
-    ``traj_end ()`` the index of the last observation of s_t's trajectory; and,
-    when ``future_len > 0``,
+    relabelled goals drawn as ``goals`` says (``(0,)`` single-task); ``next_goals (goal_dim,)``
+    the goal representation of s_{t+n}; ``idx``, ``value_goal_idx ()`` the dataset indices of s_t
+    and of the value goal; ``traj_end ()`` the index of the last observation of s_t's trajectory;
+    and, when ``future_len > 0``,
     ``future_obs (future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}.
 
     Attributes:
       chunk_len: n, environment steps per sample (1: one-step transitions; n-step targets and
         action chunks both use n). Only indices ``t`` with ``t + max(n, future_len)`` in the
         same trajectory are sampled.
-      gamma: per-step discount of the n-step reward and of the geometric actor-goal offset.
+      gamma: per-step discount of the n-step reward and of the geometric goal offsets.
       normalize_reward: divide the single-task n-step reward by n (the MAC authors' scale).
       future_len: also return the next ``future_len`` observations (0: none).
       binding: the agent's Gin binding that sets the window (``chunk_len`` or ``future_len``), named
         when the data's trajectories are too short for it (e.g. ``'NStepSACBC.n'``); empty: the
         agent's ``chunk_len``.
+      goals: the hindsight relabelling of goal-conditioned samples (a
+        :class:`~macfw.data.goals.GoalSampling`: which share of value and actor goals is the
+        current state, a later state of the trajectory, or a random state, and the later state's
+        offset distribution); default the authors' defaults (DESIGN §2.1). Every macfw agent passes
+        its own (Gin: ``GoalSampling.actor_p_trajgoal = 1.0`` etc.), see
+        :func:`~macfw.data.goals.goal_sampling_for`. Single-task batches ignore it.
     """
 
     chunk_len: int = 1
@@ -69,6 +76,7 @@ class BatchSpec:
     normalize_reward: bool = False
     future_len: int = 0
     binding: str = ""
+    goals: GoalSampling = DEFAULT_GOALS
 
     @property
     def window(self) -> int:
@@ -125,6 +133,10 @@ class Agent(abc.ABC):
 
     Subclasses set ``self.spec`` in :meth:`init` (sizes come from the data, never from Gin) and
     implement the four abstract members. Hyperparameters are constructor arguments bound by Gin.
+    A goal-conditioned agent takes ``goal_sampling: GoalSampling | None = None``, keeps
+    ``goal_sampling_for(name, goal_sampling)`` (:mod:`macfw.data.goals`; None builds
+    ``GoalSampling()``, so the ``GoalSampling.*`` bindings apply) and puts it in its
+    :attr:`batch_spec` (``BatchSpec(..., goals=self.goal_sampling)``).
 
     Attributes:
       spec: the sizes the agent was built for (None until :meth:`init`).
@@ -171,12 +183,17 @@ class Agent(abc.ABC):
         FLOPs) for a one-unit :class:`Spec`, so a bad network binding (``QCritic.hidden_dims``,
         ``FlowPolicy.flow_steps``, ...) fails now. Subclasses add checks that involve the batch size.
 
+        Also checks that the agent's batches carry the goal sampling configured for it
+        (:meth:`check_goal_sampling`).
+
         Raises:
-          ConfigError: a component rejected a configured value. Any other error (a component that
-            cannot be built abstractly or for these sizes) is left to the real :meth:`init`.
+          ConfigError: a component rejected a configured value, or ``GoalSampling.*`` bindings the
+            agent's batches would ignore. Any other error (a component that cannot be built
+            abstractly or for these sizes) is left to the real :meth:`init`.
         """
         from macfw.errors import ConfigError
 
+        self.check_goal_sampling()
         spec, saved = Spec(ob_dim=1, act_dim=1, goal_dim=0, chunk_len=self.batch_spec.chunk_len), self.spec
         try:
             eqx.filter_eval_shape(self.init, spec, jax.random.PRNGKey(0))
@@ -186,6 +203,30 @@ class Agent(abc.ABC):
             pass
         finally:
             self.spec = saved
+
+    def check_goal_sampling(self) -> None:
+        """Fail when configured goal sampling would be silently ignored: the :attr:`batch_spec`'s
+        ``goals`` must be the agent's ``goal_sampling`` (an agent that takes one), else the
+        ``GoalSampling()`` of the Gin bindings in force (an agent that does not, e.g. a user's agent
+        written before :class:`~macfw.data.goals.GoalSampling` existed, passes only with no
+        ``GoalSampling.*`` binding that changes a default).
+
+        Raises:
+          ConfigError: names the agent, the goal sampling it would use and the one configured.
+        """
+        from macfw.errors import ConfigError
+
+        name = type(self).__name__
+        got = self.batch_spec.goals
+        want = getattr(self, "goal_sampling", None)
+        if want is None:
+            want = GoalSampling()  # the GoalSampling.* bindings in force (a bad one raises here)
+        if got != want:
+            raise ConfigError(
+                f"{name}.batch_spec.goals = {got!r} is not the goal sampling configured for {name}, {want!r}: "
+                f"its batches would ignore the GoalSampling bindings. Give {name} a goal_sampling argument and "
+                f"pass it as BatchSpec(..., goals=...) (see macfw.data.goals.goal_sampling_for), or remove the "
+                f"GoalSampling bindings.")
 
     def refresh_spec(self) -> RefreshSpec | None:
         """When the loop calls :meth:`refresh` (None: never; the default)."""

@@ -46,6 +46,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_choice, check_float, check_int
 from macfw.nn import losses
 from macfw.nn.flow import FlowPolicy, resolve_solver, solve_flow
@@ -202,6 +203,8 @@ class FMPC(Agent):
       value_loss: ``'bce'`` (the authors': V and Q are logits of probabilities) or ``'mse'``, for
         goal-conditioned data; single-task data always uses MSE.
       normalize_reward: divide the single-task window reward by L (the authors' mean over the window).
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range.
@@ -212,7 +215,7 @@ class FMPC(Agent):
     def __init__(self, model: Callable = FutureFlow, policy: Callable = FlowPolicy, critic: Callable = QCritic,
                  value: Callable = StateValue, *, future_len: int = 32, num_samples: int = 64, gamma: float = 0.999,
                  tau: float = 0.005, learning_rate: float = 3e-4, value_loss: str = "bce",
-                 normalize_reward: bool = True):
+                 normalize_reward: bool = True, goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
         for slot, f in (("model", model), ("policy", policy), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class, e.g. @FutureFlow (see gin/baselines/fmpc.gin)")
@@ -225,6 +228,7 @@ class FMPC(Agent):
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, VALUE_LOSSES)
         check(f"{name}.normalize_reward", normalize_reward, isinstance(normalize_reward, bool), "True or False")
         self.normalize_reward = normalize_reward
+        self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
     @property
@@ -232,7 +236,8 @@ class FMPC(Agent):
         """Windows of L steps: ``rewards``/``masks``/``success``/``next_obs`` span ``[t, t+L)`` and
         ``future_obs`` holds ``s_{t+1..t+L}``; the actions' first ``act_dim`` floats are ``a_t``."""
         return BatchSpec(chunk_len=self.future_len, gamma=self.gamma, normalize_reward=self.normalize_reward,
-                         future_len=self.future_len, binding="FMPC.future_len")
+                         future_len=self.future_len, binding="FMPC.future_len",
+                         goals=self.goal_sampling)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)

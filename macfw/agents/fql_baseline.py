@@ -49,6 +49,7 @@ from jaxtyping import Array
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.agents.fql import FQLActor
 from macfw.agents.mbpo import one_step_view
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_choice, check_float
 from macfw.nn.flow import FlowPolicy
 from macfw.registry import register
@@ -152,6 +153,8 @@ class FQL(Agent):
       learning_rate: Adam step size, one optimiser over every loss (authors: 3e-4).
       q_agg: ``'mean'`` (authors' default) or ``'min'`` over the target critics.
       normalize_q_loss: divide the actor's Q term by ``sg(mean |Q|)`` (authors: off).
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range; at :meth:`init`, a ``policy`` without ``solve``.
@@ -161,7 +164,7 @@ class FQL(Agent):
 
     def __init__(self, policy: Callable = FlowPolicy, actor: Callable = FQLActor, critic: Callable | None = None, *,
                  alpha: float = 300.0, gamma: float = 0.99, tau: float = 0.005, learning_rate: float = 3e-4,
-                 q_agg: str = "mean", normalize_q_loss: bool = False):
+                 q_agg: str = "mean", normalize_q_loss: bool = False, goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
         for slot, f in (("policy", policy), ("actor", actor), ("critic", critic)):
             check(f"{name}.{slot}", f, callable(f),
@@ -174,12 +177,13 @@ class FQL(Agent):
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("mean", "min"))
         check(f"{name}.normalize_q_loss", normalize_q_loss, isinstance(normalize_q_loss, bool), "True or False")
         self.normalize_q_loss = normalize_q_loss
+        self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
     @property
     def batch_spec(self) -> BatchSpec:
         """One-step transitions (rewards ``r_t``, not divided) with hindsight goals when goal-conditioned."""
-        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False)
+        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False, goals=self.goal_sampling)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)

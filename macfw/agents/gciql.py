@@ -45,6 +45,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_float
 from macfw.nn.losses import expectile as expectile_loss
 from macfw.nn.mlp import MLP
@@ -200,6 +201,8 @@ class GCIQL(Agent):
       alpha: weight of the BC term, >= 0 (1; the authors' per-environment values are in the Gin file).
       tau: EMA rate of the target critics in (0, 1] (0.005).
       learning_rate: Adam step size, one optimiser over every loss (3e-4).
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range (the message names the binding, e.g. ``GCIQL.expectile``).
@@ -209,7 +212,8 @@ class GCIQL(Agent):
 
     def __init__(self, value: Callable = StateValue, critic: Callable | None = None,
                  actor: Callable = ClippedMeanActor, *, gamma: float = 0.999, expectile: float = 0.9,
-                 alpha: float = 1.0, tau: float = 0.005, learning_rate: float = 3e-4):
+                 alpha: float = 1.0, tau: float = 0.005, learning_rate: float = 3e-4,
+                 goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
         for slot, f in (("value", value), ("critic", critic), ("actor", actor)):
             check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @critic/Ensemble (see gin/baselines/gciql.gin)")
@@ -220,12 +224,13 @@ class GCIQL(Agent):
         self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
         self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
         self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
     @property
     def batch_spec(self) -> BatchSpec:
         """One-step transitions (``chunk_len = 1``); ``gamma`` also sets the actor goals' geometric offset."""
-        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False)
+        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False, goals=self.goal_sampling)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)

@@ -68,6 +68,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step, vmap_steps
 from macfw.agents.mbpo import one_step_view
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_float, check_int
 from macfw.nn.actors import DeterministicActor
 from macfw.nn.losses import expectile as expectile_loss
@@ -243,6 +244,8 @@ class LEQ(Agent):
       tau: EMA rate of the target critic.
       learning_rate: Adam step size (one optimiser over every loss).
       unroll_rollout: unroll the H-step rollouts in the compiled program.
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range.
@@ -254,7 +257,8 @@ class LEQ(Agent):
                  reward: Callable = RewardModel, actor: Callable = LEQActor, critic: Callable = QCritic, *,
                  gamma: float = 0.999, lam: float = 1.0, horizon: int = 10, expectile: float = 0.5,
                  data_expectile: float = 0.5, model_weight: float = 0.95, tau: float = 0.005,
-                 learning_rate: float = 3e-4, unroll_rollout: bool = False):
+                 learning_rate: float = 3e-4, unroll_rollout: bool = False,
+                 goal_sampling: GoalSampling | None = None):
         for slot, f in (("dynamics", dynamics), ("actor", actor), ("critic", critic), ("success", success)):
             check(f"LEQ.{slot}", f, callable(f), "a network class, e.g. @dynamics/Ensemble for LEQ.dynamics "
                   "(see gin/baselines/leq.gin)")
@@ -269,12 +273,13 @@ class LEQ(Agent):
         self.tau = check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True)
         self.learning_rate = check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True)
         self.unroll_rollout = bool(unroll_rollout)
+        self.goal_sampling = goal_sampling_for("LEQ", goal_sampling)
         self.spec: Spec | None = None
 
     @property
     def batch_spec(self) -> BatchSpec:
         """One-step transitions with hindsight-relabelled goals (goal-conditioned data)."""
-        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False)
+        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False, goals=self.goal_sampling)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)

@@ -28,6 +28,7 @@ from jaxtyping import Array
 from macfw import reference
 from macfw.agents.base import (Agent, BatchSpec, copy_of, ema, gradient_step, param_checksum,  # noqa: F401  (re-exported)
                                vmap_steps)
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.mlp import fold_layer_norms
@@ -140,6 +141,8 @@ class MAC(Agent):
       grad_clip: global-norm gradient clipping (None: off).
       unroll_rollout: unroll the H-step rollout loop in the compiled program (larger program;
         lets XLA fuse across steps and count every step's FLOPs).
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
     """
 
     def __init__(self, dynamics: Callable = ChunkDynamics, policy: Callable = FlowPolicy, critic: Callable = QCritic,
@@ -147,7 +150,8 @@ class MAC(Agent):
                  sampler: Sampler | None = None, *, chunk_len: int = 10, normalize_reward: bool = True,
                  gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
                  tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
-                 grad_clip: float | None = None, unroll_rollout: bool = False):
+                 grad_clip: float | None = None, unroll_rollout: bool = False,
+                 goal_sampling: GoalSampling | None = None):
         self._chunk_len = check_int("MAC.chunk_len", chunk_len)
         self.normalize_reward = bool(normalize_reward)
         self.gamma = check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True)
@@ -160,6 +164,7 @@ class MAC(Agent):
         self.factories = dict(dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward)
         self.sampler = sampler if sampler is not None else RejectionSampler()
         self.unroll_rollout = bool(unroll_rollout)
+        self.goal_sampling = goal_sampling_for(type(self).__name__, goal_sampling)
         self.spec: Spec | None = None
 
     acts_in_chunks = True
@@ -168,7 +173,7 @@ class MAC(Agent):
     def batch_spec(self) -> BatchSpec:
         """Chunks of ``chunk_len`` steps with hindsight-relabelled goals (DESIGN §2.1)."""
         return BatchSpec(chunk_len=self._chunk_len, gamma=self.gamma, normalize_reward=self.normalize_reward,
-                         binding="MAC.chunk_len")
+                         binding="MAC.chunk_len", goals=self.goal_sampling)
 
     # ------------------------------------------------------------------ building
     def optimizer(self) -> optax.GradientTransformation:

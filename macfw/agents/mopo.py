@@ -38,6 +38,7 @@ from jaxtyping import Array
 
 from macfw.agents.base import Agent, BatchSpec, RefreshSpec, copy_of, ema, gradient_step
 from macfw.agents.mbpo import ModelBuffer, ModelRollouts, mix, one_step_view
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_choice, check_float
 from macfw.nn.actors import TanhGaussianActor, Temperature
 from macfw.nn.models import RewardModel, SuccessModel
@@ -86,6 +87,8 @@ class MOPO(Agent):
       learning_rate: Adam step size (one optimiser over every loss).
       target_entropy_scale: target entropy ``-target_entropy_scale * act_dim``.
       q_agg: ``'min'`` or ``'mean'`` over the target critics.
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range.
@@ -97,7 +100,8 @@ class MOPO(Agent):
                  reward: Callable = RewardModel, actor: Callable = TanhGaussianActor, critic: Callable | None = None,
                  temperature: Callable = Temperature, rollouts: ModelRollouts | None = None, *, gamma: float = 0.999,
                  beta: float = 0.003, tau: float = 0.005, learning_rate: float = 3e-4,
-                 target_entropy_scale: float = 0.5, q_agg: str = "min"):
+                 target_entropy_scale: float = 0.5, q_agg: str = "min",
+                 goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
         for slot, f in (("dynamics", dynamics), ("critic", critic)):
             check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @{slot}/Ensemble (see gin/baselines/)")
@@ -110,12 +114,13 @@ class MOPO(Agent):
         self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
         self.target_entropy_scale = check_float(f"{name}.target_entropy_scale", target_entropy_scale)
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
+        self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
     @property
     def batch_spec(self) -> BatchSpec:
         """One-step transitions with hindsight-relabelled goals (goal-conditioned data)."""
-        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False)
+        return BatchSpec(chunk_len=1, gamma=self.gamma, normalize_reward=False, goals=self.goal_sampling)
 
     def refresh_spec(self) -> RefreshSpec:
         return self.rollouts.refresh_spec()

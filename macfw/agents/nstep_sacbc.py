@@ -51,6 +51,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_choice, check_float, check_int
 from macfw.nn.actors import TanhGaussianActor, Temperature
 from macfw.nn.losses import bce, mse
@@ -153,6 +154,8 @@ class NStepSACBC(Agent):
       value_loss: goal-conditioned critic loss, ``'bce'`` (the authors') or ``'mse'`` (their
         ``'squared'``; targets still clipped to [0, 1]). Single-task data always uses MSE without
         clipping.
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range (names the binding, e.g. ``NStepSACBC.n``).
@@ -163,7 +166,7 @@ class NStepSACBC(Agent):
     def __init__(self, actor: Callable = TanhGaussianActor, critic: Callable | None = None,
                  temperature: Callable = Temperature, *, n: int = 25, gamma: float = 0.999, alpha: float = 0.1,
                  tau: float = 0.005, learning_rate: float = 3e-4, target_entropy_scale: float = 0.5,
-                 q_agg: str = "min", value_loss: str = "bce"):
+                 q_agg: str = "min", value_loss: str = "bce", goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
         for slot, f in (("actor", actor), ("critic", critic), ("temperature", temperature)):
             check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @{slot}/Ensemble (see gin/baselines/)"
@@ -177,12 +180,14 @@ class NStepSACBC(Agent):
         self.target_entropy_scale = check_float(f"{name}.target_entropy_scale", target_entropy_scale)
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
+        self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
     @property
     def batch_spec(self) -> BatchSpec:
         """Windows of ``n`` environment steps: ``next_obs = s_{t+n}``; single-task rewards unnormalised."""
-        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="NStepSACBC.n")
+        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="NStepSACBC.n",
+                         goals=self.goal_sampling)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)

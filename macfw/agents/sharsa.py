@@ -47,6 +47,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import ConfigError, check, check_choice, check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.losses import value_loss as make_value_loss
@@ -138,6 +139,8 @@ class SHARSA(Agent):
       q_agg: ``'min'`` or ``'mean'`` over the target critic heads in the value target.
       value_loss: ``'bce'`` (the authors': logits, values are sigmoids in [0, 1]) or ``'mse'``.
       num_samples: subgoal candidates per decision when acting (32).
+      goal_sampling: the hindsight relabelling of goal-conditioned samples (None:
+        ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
 
     Raises:
       ConfigError: a value out of range; at :meth:`init`, data without goals (SHARSA needs
@@ -149,7 +152,7 @@ class SHARSA(Agent):
     def __init__(self, high_actor: Callable = FlowPolicy, low_actor: Callable = FlowPolicy,
                  critic: Callable | None = None, value: Callable = StateValue, *, n: int = 25,
                  gamma: float = 0.999, tau: float = 0.005, learning_rate: float = 3e-4, q_agg: str = "min",
-                 value_loss: str = "bce", num_samples: int = 32):
+                 value_loss: str = "bce", num_samples: int = 32, goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
         for slot, f in (("high_actor", high_actor), ("low_actor", low_actor), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class (see gin/baselines/sharsa.gin)")
@@ -162,13 +165,15 @@ class SHARSA(Agent):
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
         self.num_samples = check_int(f"{name}.num_samples", num_samples)
         self._loss_fn = make_value_loss(self.value_loss, binding=f"{name}.value_loss")
+        self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
     @property
     def batch_spec(self) -> BatchSpec:
         """Samples spanning ``n`` environment steps (``next_obs`` = s_{t+n}, ``next_goals`` its goal
         representation) with hindsight-relabelled goals."""
-        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="SHARSA.n")
+        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="SHARSA.n",
+                         goals=self.goal_sampling)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)

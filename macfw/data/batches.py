@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from macfw.data.goals import DEFAULT_GOALS, GoalSampling
 from macfw.errors import check
 
-#: Hindsight relabelling probabilities (DESIGN §2.1).
-VALUE_GOAL_P_CUR, VALUE_GOAL_P_TRAJ, VALUE_GOAL_P_RAND = 0.2, 0.5, 0.3
-ACTOR_GOAL_P_TRAJ = 0.5
+#: The default hindsight relabelling probabilities (DESIGN §2.1); the configured ones are an agent's
+#: :class:`~macfw.data.goals.GoalSampling` (Gin: ``GoalSampling.value_p_curgoal`` etc.).
+VALUE_GOAL_P_CUR, VALUE_GOAL_P_TRAJ, VALUE_GOAL_P_RAND = DEFAULT_GOALS.probabilities("value")
+ACTOR_GOAL_P_TRAJ = DEFAULT_GOALS.actor_p_trajgoal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +121,16 @@ def valid_starts(traj_end: np.ndarray, chunk_len: int) -> np.ndarray:
 
 
 def sample_for(spec, data: ChunkData, key, batch_size: int, *, goal_conditioned: bool) -> dict[str, Array]:
-    """:func:`sample_batch` for an agent's :class:`~macfw.agents.base.BatchSpec` ``spec``."""
+    """:func:`sample_batch` for an agent's :class:`~macfw.agents.base.BatchSpec` ``spec`` (its chunk
+    length, discount, reward scale, future window and goal sampling)."""
     return sample_batch(data, key, batch_size, chunk_len=spec.chunk_len, gamma=spec.gamma,
                         goal_conditioned=goal_conditioned, normalize_reward=spec.normalize_reward,
-                        future_len=spec.future_len)
+                        future_len=spec.future_len, goals=getattr(spec, "goals", None))
 
 
 def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma: float,
-                 goal_conditioned: bool, normalize_reward: bool = True, future_len: int = 0) -> dict[str, Array]:
+                 goal_conditioned: bool, normalize_reward: bool = True, future_len: int = 0,
+                 goals: GoalSampling | None = None) -> dict[str, Array]:
     """Sample one training batch (pure and jittable).
 
     Returns a dict of arrays (B = batch_size):
@@ -138,13 +142,16 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
       with ``future_len > 0`` also ``future_obs (B, future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}
       (``data.starts`` must then have been built with ``valid_starts(traj_end, max(n, future_len))``).
 
-    Goal-conditioned: value goal = current state (p 0.2), uniform later state of the same
-    trajectory (p 0.5) or random state (p 0.3); actor goal = geometric offset ``~ Geom(1 - gamma)``
-    clipped to the trajectory end (p 0.5) or random state (p 0.5). ``success = 1`` iff the
-    value-goal index lies in ``[t, t+n)``; reward ``success - 1``, mask ``1 - success``.
+    Goal-conditioned: the value and actor goals are drawn as ``goals`` says (a
+    :class:`~macfw.data.goals.GoalSampling`; None: the defaults, DESIGN §2.1), see
+    :func:`goal_indices`. With the defaults: value goal = current state (p 0.2), uniform later
+    state of the same trajectory (p 0.5) or random state (p 0.3); actor goal = geometric offset
+    ``~ Geom(1 - gamma)`` clipped to the trajectory end (p 0.5) or random state (p 0.5).
+    ``success = 1`` iff the value-goal index lies in ``[t, t+n)``; reward ``success - 1``, mask
+    ``1 - success``.
     Single-task: reward = ``sum_i gamma^i r_{t+i}`` over the chunk (divided by ``n`` when
     ``normalize_reward``, as the paper's code does), ``success = 1`` iff some step of the chunk
-    has OGBench mask 0 (task solved), mask 1.
+    has OGBench mask 0 (task solved), mask 1; ``goals`` is not used.
     """
     n = chunk_len
     ks = jax.random.split(key, 8)
@@ -163,7 +170,7 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
     if future_len:
         batch["future_obs"] = data.observations[t[:, None] + 1 + jnp.arange(future_len)[None, :]]
     if goal_conditioned:
-        vg, ag = goal_indices(ks, t, end, N, gamma)
+        vg, ag = goal_indices(ks, t, end, N, gamma, goals=goals)
         success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
         batch.update(
             value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg, next_goals=data.goals[t + n],
@@ -178,28 +185,74 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
     return batch
 
 
-def goal_indices(ks, t, end, num_rows, gamma: float, row_offset=0):
+def _geometric_later(key, t, end, gamma: float):
+    """``min(t + Geom(1 - gamma), end)`` (``end`` when ``gamma >= 1``): a later index of the trajectory."""
+    offset = jax.random.geometric(key, 1.0 - gamma, t.shape) if gamma < 1.0 else end - t
+    return jnp.minimum(t + offset.astype(t.dtype), end)
+
+
+def _uniform_later(key, t, end):
+    """A later index of the trajectory, uniform over ``t + 1 .. end``."""
+    return jax.random.randint(key, t.shape, t + 1, end + 1)
+
+
+def _mix(u, probs: tuple[float, float, float], cur, traj, rand):
+    """Per example: ``cur`` where ``u < p_cur``, ``traj`` where ``u < p_cur + p_traj``, else ``rand``
+    (``u`` uniform in [0, 1)). The probabilities are static: a choice of probability 0 is never
+    made (its comparison is left out), so e.g. ``p_rand = 0`` gives no random goal at all even when
+    the three sum to 1 only within rounding."""
+    p_cur, p_traj, p_rand = probs
+    if p_rand == 0.0:
+        out = traj
+    elif p_cur + p_traj == 0.0:
+        out = rand
+    else:
+        out = jnp.where(u < p_cur + p_traj, traj, rand)
+    if p_cur > 0.0:
+        out = jnp.where(u < p_cur, cur, out)
+    return out
+
+
+def goal_indices(ks, t, end, num_rows, gamma: float, row_offset=0, goals: GoalSampling | None = None):
     """Hindsight-relabelled value- and actor-goal indices ``(vg, ag)``, each ``(B,)`` int (DESIGN §2.1).
 
-    ``ks``: the 8 keys of :func:`sample_batch` (``ks[1]`` .. ``ks[6]`` are used); ``t, end (B,)``
-    int: chunk starts and their trajectory's final index; ``num_rows``: rows random goals are
-    drawn from (``[0, num_rows)``), an int or a traced scalar. Value goal: ``t`` (p 0.2), a
-    uniform later index of the trajectory (p 0.5) or a random row (p 0.3); actor goal:
-    ``min(t + Geom(1 - gamma), end)`` (``end`` when ``gamma >= 1``) with p 0.5, else a random row.
+    ``ks``: the 8 keys of :func:`sample_batch`; ``t, end (B,)`` int: chunk starts and their
+    trajectory's final index; ``num_rows``: rows random goals are drawn from (``[row_offset,
+    row_offset + num_rows)``), an int or a traced scalar; ``goals``: the
+    :class:`~macfw.data.goals.GoalSampling` (None: the defaults). Each goal is ``t`` (its
+    ``p_curgoal``), a later index of ``t``'s trajectory (``p_trajgoal``: ``min(t + Geom(1 - gamma),
+    end)``, ``end`` when ``gamma >= 1``, with ``*_geom_sample``, else uniform over ``t + 1 .. end``)
+    or a random row (``p_randomgoal``). The configuration is static Python: it picks which draws
+    are made and the thresholds; the per-example choice is ``jnp.where`` (no branches in the
+    compiled code).
+
+    Keys: ``ks[1]`` the value goal's uniform later index, ``ks[2]`` its random row, ``ks[3]`` its
+    choice; ``ks[4]`` the actor goal's geometric later index, ``ks[5]`` its random row, ``ks[6]`` its
+    choice; only the non-default offsets use new keys: ``fold_in(ks[7], 0)`` the value goal's
+    geometric offset (``value_geom_sample``), ``fold_in(ks[7], 1)`` the actor goal's uniform one
+    (``actor_geom_sample = False``). So the defaults draw exactly the goals macfw drew before
+    :class:`~macfw.data.goals.GoalSampling` existed (tests/test_goal_sampling.py).
+
     Shared by :func:`sample_batch` and the host sampler (:mod:`macfw.data.host_sampler`), so both
     draw the same goals from the same key.
     """
+    goals = DEFAULT_GOALS if goals is None else goals
     batch_size = t.shape[0]
     # value goals
-    later = jax.random.randint(ks[1], (batch_size,), t + 1, end + 1)
+    if goals.value_geom_sample:
+        later = _geometric_later(jax.random.fold_in(ks[7], 0), t, end, gamma)
+    else:
+        later = _uniform_later(ks[1], t, end)
     rand = jax.random.randint(ks[2], (batch_size,), row_offset, row_offset + num_rows)
     u = jax.random.uniform(ks[3], (batch_size,))
-    vg = jnp.where(u < VALUE_GOAL_P_CUR, t, jnp.where(u < VALUE_GOAL_P_CUR + VALUE_GOAL_P_TRAJ, later, rand))
+    vg = _mix(u, goals.probabilities("value"), t, later, rand)
     # actor goals
-    offset = jax.random.geometric(ks[4], 1.0 - gamma, (batch_size,)) if gamma < 1.0 else end - t
-    geo = jnp.minimum(t + offset.astype(t.dtype), end)
+    if goals.actor_geom_sample:
+        later2 = _geometric_later(ks[4], t, end, gamma)
+    else:
+        later2 = _uniform_later(jax.random.fold_in(ks[7], 1), t, end)
     rand2 = jax.random.randint(ks[5], (batch_size,), row_offset, row_offset + num_rows)
-    ag = jnp.where(jax.random.uniform(ks[6], (batch_size,)) < ACTOR_GOAL_P_TRAJ, geo, rand2)
+    ag = _mix(jax.random.uniform(ks[6], (batch_size,)), goals.probabilities("actor"), t, later2, rand2)
     return vg, ag
 
 

@@ -6,7 +6,8 @@ a :class:`~macfw.data.shards.ShardedData` by vectorised index arithmetic, in thr
 1. indices (one jitted JAX call on the host CPU): the chunk start ``t``, its trajectory's final row
    and the hindsight goal rows, drawn with the very key use of
    :func:`macfw.data.batches.sample_batch` (``split(key, 8)``, the same ``randint``/``geometric``
-   draws via the shared :func:`~macfw.data.batches.goal_indices`); the ``r``-th valid start is
+   draws via the shared :func:`~macfw.data.batches.goal_indices`, with the spec's
+   :class:`~macfw.data.goals.GoalSampling`); the ``r``-th valid start is
    found in the trajectory table (:meth:`ShardedData.index_tables`), not in a column of starts;
 2. rows (numpy): one gather per column and shard from the memory maps, only for the batch rows this
    process holds (multi-host: its shard of the global batch);
@@ -49,9 +50,10 @@ def _cpu():
     return jax.local_devices(backend="cpu")[0]
 
 
-def _draw_one(key, s, tables, *, batch_size: int, gamma: float, goal_conditioned: bool):
+def _draw_one(key, s, tables, *, batch_size: int, gamma: float, goal_conditioned: bool, goals=None):
     """Indices of one batch in index space ``s`` (see the module doc): ``{'t', 'end', 'vg', 'ag'}`` int32
-    ``(B,)`` (chunk start, its trajectory's final row, value and actor goal rows)."""
+    ``(B,)`` (chunk start, its trajectory's final row, value and actor goal rows, drawn as ``goals``,
+    a :class:`~macfw.data.goals.GoalSampling`, says; None: the defaults)."""
     ks = jax.random.split(key, 8)
     lo = tables["space_start"][s]
     r = jax.random.randint(ks[0], (batch_size,), lo, tables["space_start"][s + 1])
@@ -61,7 +63,8 @@ def _draw_one(key, s, tables, *, batch_size: int, gamma: float, goal_conditioned
     out = {"t": t, "end": end}
     if goal_conditioned:
         row_lo = tables["space_rows"][s]
-        vg, ag = goal_indices(ks, t, end, tables["space_rows"][s + 1] - row_lo, gamma, row_offset=row_lo)
+        vg, ag = goal_indices(ks, t, end, tables["space_rows"][s + 1] - row_lo, gamma, row_offset=row_lo,
+                              goals=goals)
         out.update(vg=vg, ag=ag)
     return out
 
@@ -71,7 +74,7 @@ class ShardSampler:
 
     Args:
       data: the memory-mapped shards (its ``sampling`` and ``rotation_interval`` apply).
-      batch_spec: the agent's :class:`~macfw.agents.base.BatchSpec`.
+      batch_spec: the agent's :class:`~macfw.agents.base.BatchSpec` (its goal sampling included).
       goal_conditioned: goal-conditioned batches (``data.goal_dim > 0``).
       key: raw key data ``(2,)`` of the batch stream.
 
@@ -96,7 +99,8 @@ class ShardSampler:
         self.num_starts = int(t["start_cum"][-1])
         self._fields = ("t", "end", "vg", "ag") if self.gc else ("t", "end")
         gamma = batch_spec.gamma
-        self._one = functools.partial(_draw_one, gamma=gamma, goal_conditioned=self.gc)
+        self._one = functools.partial(_draw_one, gamma=gamma, goal_conditioned=self.gc,
+                                      goals=getattr(batch_spec, "goals", None))
         self._np_tables = {k: np.asarray(v) for k, v in jax.device_get(self.tables).items()}
         self._key_np = np.asarray(jax.device_get(self.key))
         self._draw_steps = jax.jit(self._draw_steps_fn, static_argnames=("K", "batch_size", "num_seeds"))
