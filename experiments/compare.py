@@ -365,40 +365,29 @@ def count_flops(path: Path = FLOPS_FILE) -> dict:
 
 
 # ------------------------------------------------------------------------------------ launching
-def run_all(jobs: list[Job], parallel: int) -> None:
-    todo = [j for j in jobs if not (j.workdir / "summary.json").exists()]
-    for j in jobs:
-        if j not in todo:
-            print(f"[compare] {j.name}: done already ({j.workdir})", flush=True)
-    import subprocess
+def make_launcher(a):
+    """The launcher ``--launcher`` names, with its settings (``--parallel``; ``--slurm-*`` over ``--slurm-gin``)."""
+    from macfw.launch import LocalLauncher, SlurmLauncher
 
-    running: list[tuple[Job, subprocess.Popen, float]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            j = todo.pop(0)
-            j.workdir.mkdir(parents=True, exist_ok=True)
-            resume = (j.workdir / "checkpoints").is_dir()
-            with open(j.workdir / "stdout.log", "a") as log:
-                p = subprocess.Popen(command(j), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-            running.append((j, p, time.time()))
-            print(f"[compare] {j.name}: {'resumed' if resume else 'started'} in {j.workdir}", flush=True)
-        for item in list(running):
-            j, p, t0 = item
-            if p.poll() is None:
-                continue
-            running.remove(item)
-            if p.returncode == 0 and (j.workdir / "summary.json").exists():
-                s = json.loads((j.workdir / "summary.json").read_text())
-                per = s.get("per_seed_success") or [s["success"]]
-                print(f"[compare] {j.name}: finished in {time.time() - t0:.0f} s, success "
-                      f"{100 * np.mean(per):.1f} +- {100 * np.std(per):.1f} %", flush=True)
-            else:
-                failed.append(j)
-                print(f"[compare] {j.name}: FAILED (exit {p.returncode}); see {j.workdir / 'stdout.log'}", flush=True)
-        time.sleep(1.0)
+    if a.launcher == "local":
+        return LocalLauncher(parallel=a.parallel, prefix="[compare]")
+    gpus = a.slurm_gpus if a.slurm_gpus in (None, "auto") else int(a.slurm_gpus)
+    return SlurmLauncher.from_gin(a.slurm_gin or [], [], partition=a.slurm_partition, time_min=a.slurm_time,
+                                  gpus_per_job=gpus, cpus_per_job=a.slurm_cpus, mem_gb=a.slurm_mem_gb,
+                                  prefix="[compare]")
+
+
+def launch(jobs: list[Job], launcher) -> None:
+    """Train ``jobs`` with ``launcher`` (:mod:`macfw.launch`) and wait for them.
+
+    Raises:
+      SystemExit: some runs failed (names them).
+    """
+    from macfw.launch import RunSpec
+
+    failed = launcher.launch([RunSpec(j.name, j.workdir, command(j), REPO) for j in jobs])
     if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(j.name for j in failed))
+        raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(r.name for r in failed))
 
 
 def check_data(jobs: list[Job]) -> None:
@@ -647,8 +636,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder (default out/compare)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help=f"with --protocol at the paper budget: where the official datasets are (default {DEFAULT_DATA_DIR})")
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: processes on this machine; slurm: one SLURM job per run (submitit)")
     p.add_argument("--parallel", type=int, default=1, help="local launcher: runs trained at once (one process each)")
+    p.add_argument("--slurm-gin", action="append", default=None, metavar="FILE",
+                   help="Gin file of SlurmLauncher settings (e.g. a copy of gin/slurm.gin; repeatable)")
+    p.add_argument("--slurm-partition", default=None, help="slurm: --partition")
+    p.add_argument("--slurm-time", type=int, default=None, help="slurm: time limit per job (minutes); a longer run "
+                                                                  "saves and is requeued")
+    p.add_argument("--slurm-gpus", default=None, help="slurm: accelerators per job ('auto': 1 where the nodes have GPUs)")
+    p.add_argument("--slurm-cpus", type=int, default=None, help="slurm: CPU cores per job")
+    p.add_argument("--slurm-mem-gb", type=float, default=None, help="slurm: host memory per job (GB)")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing: write the table from the runs under --out that have finished")
     p.add_argument("--dry-run", action="store_true", help="print every run, the totals and the cost; run nothing")
@@ -670,7 +668,13 @@ def main(argv=None) -> int:
         p.error("--json goes with --dry-run (it writes the planned runs)")
     if a.accel_tflops <= 0:
         p.error(f"--accel-tflops must be > 0, got {a.accel_tflops}")
+    if a.slurm_gpus not in (None, "auto") and not a.slurm_gpus.isdigit():
+        p.error(f"--slurm-gpus must be 'auto' or an integer >= 0, got {a.slurm_gpus!r}")
     jobs, cells = plan(a, p)
+    try:
+        launcher = None if (a.dry_run or a.table_only) else make_launcher(a)
+    except (ValueError, ImportError) as e:  # a setting out of range (ConfigError), submitit missing
+        p.error(str(e))
     if a.dry_run:
         bench = load_bench(a.bench) if a.bench else None
         dry_run(jobs, cells, flops=load_flops(), bench=bench, accel_flops=a.accel_tflops * 1e12, json_path=a.json)
@@ -686,7 +690,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"--table-only: no finished run under {out / 'runs' / a.budget}")
     else:
         check_data(jobs)
-        run_all(jobs, a.parallel)
+        from macfw.launch import SlurmError
+
+        try:
+            launch(jobs, launcher)
+        except SlurmError as e:
+            raise SystemExit(f"compare.py: error: {e}") from None
     rows = collect(jobs)
     out.mkdir(parents=True, exist_ok=True)
     md = table_md(rows, a.budget)

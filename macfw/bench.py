@@ -56,6 +56,7 @@ with ``--compute-dtype bfloat16``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -369,7 +370,7 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
         "hardware_utilisation": None if executed is None else float(np.median(pair_util)) * executed / flops,
         **parts,
         "config": {"batch": B, "steps_per_dispatch": K, "bindings": {k: v for k, v in p["bindings"].items()},
-                   "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": bspec.__dict__,
+                   "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": dataclasses.asdict(bspec),
                    "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},
         "versions": {"jax": jax.__version__},
     }

@@ -451,7 +451,8 @@ class SlurmLauncher(Launcher):
         times), resuming each time.
       gpus_per_job: accelerators per job (``--gpus-per-node``). ``'auto'``: 1 when the partition's
         nodes have GPU GRES (``sinfo -h -o %G``), else none (said once); an integer >= 0: exactly that.
-      cpus_per_job: CPU cores per job (``--cpus-per-task``).
+      cpus_per_job: CPU cores per job (``--cpus-per-task``); None: the partition's default (often 1;
+        evaluation steps its environments in one worker per core, so give a GPU job 4-8).
       mem_gb: host memory per job (GB, ``--mem``); None: the partition's default.
       folder: where submitit's files (``<jobid>_submission.sh``, ``_submitted.pkl``, ``_0_log.out``,
         ``_0_log.err``, ``_0_result.pkl``) go; None: ``WORKDIR/slurm`` of each run.
@@ -466,7 +467,7 @@ class SlurmLauncher(Launcher):
     """
 
     def __init__(self, partition: str | None = None, time_min: int = 240, gpus_per_job: int | str = "auto",
-                 cpus_per_job: int = 4, mem_gb: float | None = 32, folder: str | os.PathLike | None = None,
+                 cpus_per_job: int | None = None, mem_gb: float | None = None, folder: str | os.PathLike | None = None,
                  account: str | None = None, qos: str | None = None, constraint: str | None = None,
                  setup: Sequence[str] = (), sbatch_args: dict | None = None, signal_delay_s: int = 120,
                  max_num_timeout: int = 20, poll_s: float = 10.0, prefix: str = "[launch]"):
@@ -475,8 +476,8 @@ class SlurmLauncher(Launcher):
         check("SlurmLauncher.gpus_per_job", gpus_per_job, gpus_per_job == "auto" or (
             isinstance(gpus_per_job, int) and not isinstance(gpus_per_job, bool) and gpus_per_job >= 0),
             "'auto' or an integer >= 0")
-        check("SlurmLauncher.cpus_per_job", cpus_per_job, isinstance(cpus_per_job, int)
-              and not isinstance(cpus_per_job, bool) and cpus_per_job >= 1, "an integer >= 1")
+        check("SlurmLauncher.cpus_per_job", cpus_per_job, cpus_per_job is None or (isinstance(cpus_per_job, int)
+              and not isinstance(cpus_per_job, bool) and cpus_per_job >= 1), "None or an integer >= 1")
         check("SlurmLauncher.mem_gb", mem_gb, mem_gb is None or (isinstance(mem_gb, (int, float))
               and not isinstance(mem_gb, bool) and mem_gb > 0), "None or a number > 0 (GB)")
         check("SlurmLauncher.signal_delay_s", signal_delay_s, isinstance(signal_delay_s, int)
@@ -551,8 +552,10 @@ class SlurmLauncher(Launcher):
         run.workdir.mkdir(parents=True, exist_ok=True)
         ex = submitit.SlurmExecutor(folder=self.log_folder(run), max_num_timeout=self.max_num_timeout)
         params: dict = dict(job_name=job_name(run.workdir), time=self.time_min, nodes=1, ntasks_per_node=1,
-                            cpus_per_task=self.cpus_per_job, signal_delay_s=self.signal_delay_s,
+                            signal_delay_s=self.signal_delay_s,
                             additional_parameters={"requeue": True, **self.sbatch_args})
+        if self.cpus_per_job is not None:
+            params["cpus_per_task"] = self.cpus_per_job
         if self.partition:
             params["partition"] = self.partition
         if self.resolved_gpus():

@@ -114,10 +114,11 @@ def test_slurm_launcher_settings_from_gin_and_overrides():
     gin.clear_config()
     lt = SlurmLauncher.from_gin([Path(__file__).parents[1] / "gin" / "slurm.gin"],
                                 ["SlurmLauncher.partition = 'gpu'", "SlurmLauncher.time_min = 30",
-                                 "SlurmLauncher.setup = ['module load cuda']"],
+                                 "SlurmLauncher.setup = ['module load cuda']", "SlurmLauncher.cpus_per_job = 8"],
                                 time_min=90, cpus_per_job=None)
-    assert (lt.partition, lt.time_min, lt.cpus_per_job, lt.setup, lt.gpus_per_job) == ("gpu", 90, 4, ["module load cuda"], "auto")
+    assert (lt.partition, lt.time_min, lt.cpus_per_job, lt.setup, lt.gpus_per_job) == ("gpu", 90, 8, ["module load cuda"], "auto")
     gin.clear_config()
+    assert lt.mem_gb is None and SlurmLauncher().cpus_per_job is None  # by default the partition's own
     for kwargs, binding in [(dict(time_min=0), "SlurmLauncher.time_min = 0"),
                             (dict(gpus_per_job="two"), "SlurmLauncher.gpus_per_job = 'two'"),
                             (dict(mem_gb=-1), "SlurmLauncher.mem_gb = -1"),

@@ -260,6 +260,16 @@ def test_every_shipped_gin_file_builds():
             ops = protocol.operative_bindings(files)
             assert ops["train.dataset"] == "@OGBenchDataset()"
             continue
+        if rel == "gin/slurm.gin":  # the cluster's settings: builds the launcher
+            import gin
+
+            from macfw.launch import SlurmLauncher
+
+            try:
+                assert SlurmLauncher.from_gin(files).gpus_per_job == "auto"
+            finally:
+                gin.clear_config()
+            continue
         agent, dataset = protocol.build_config(files)
         assert agent is not None and dataset is not None, rel
 

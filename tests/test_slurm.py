@@ -183,3 +183,24 @@ def test_smoke_sweep_with_requeue_preemption_and_no_duplicates(cluster, tmp_path
     again = capsys.readouterr().out
     assert again.count(": done already") == 4 and "submitted" not in again and time.time() - t1 < 5, again
     print(f"sweep: {wall:.0f} s")
+
+
+def test_compare_runs_a_goal_conditioned_protocol_cell_on_the_cluster(cluster, tmp_path):
+    """Issue 28's acceptance command, through compare.py: MAC (goal-conditioned, as the table runs it)
+    and SHARSA on puzzle-3x3 task 1, seed 0, smoke budget, one SLURM job each; table.md is written and
+    a second invocation submits nothing (both runs are done)."""
+    out = tmp_path / "gc"
+    cmd = [sys.executable, str(REPO / "experiments" / "compare.py"), "--protocol", "goalconditioned",
+           "--agents", "mac,sharsa", "--envs", "puzzle-3x3", "--tasks", "1", "--seeds", "0", "--budget", "smoke",
+           "--launcher", "slurm", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    print(r.stdout[-4000:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("submitted as job") == 2 and r.stdout.count(": finished (job") == 2, r.stdout
+    md = (out / "table.md").read_text()
+    assert "| mac | oraclerep |" in md and "| sharsa | oraclerep |" in md and "puzzle-3x3 task1" in md
+    for folder in ("mac-oraclerep", "sharsa"):
+        s = json.loads((out / "runs" / "smoke" / folder / "puzzle-3x3-task1" / "seed0" / "summary.json").read_text())
+        assert s["step"] == 40 and s["dataset"] == "puzzle-3x3-play-oraclerep-v0"
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and "submitted" not in r2.stdout and r2.stdout.count("done already") == 2, r2.stdout
