@@ -296,7 +296,7 @@ def dry_run(jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | No
             json_path: Path | None) -> None:
     """Print every run and the totals; write the cells as JSON (``json_path``)."""
     base = {}
-    total_h, missing = 0.0, set()
+    total_h, missing, by_agent = 0.0, set(), {}
     for i, j in enumerate(jobs, 1):
         files, binds = run_config(j)
         ops = protocol.operative_bindings(files, binds)
@@ -312,6 +312,7 @@ def dry_run(jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | No
             missing.add(j.agent)
         else:
             total_h += h
+            by_agent[j.agent] = by_agent.get(j.agent, 0.0) + h
         print(f"[{i}/{len(jobs)}] {j.name} ({j.budget} budget, {steps} gradient steps"
               + (f", ~{h:.1f} accelerator-hours)" if h is not None else ")"))
         print(f"  workdir  {j.workdir}")
@@ -331,6 +332,7 @@ def dry_run(jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | No
         print(f"estimated accelerator-hours: {total_h:,.0f} ({total_h / 24:,.1f} accelerator-days; {how}; "
               "evaluation and MOPO/MOBILE's model-rollout rounds not counted)"
               + (f"; no figure for {sorted(missing)}" if missing else ""))
+        print("  by agent: " + ", ".join(f"{ag} {h:,.0f} h" for ag, h in by_agent.items()))
     else:
         print("estimated accelerator-hours: the estimate covers the paper budget (--budget paper)")
     if json_path is not None:
