@@ -131,8 +131,9 @@ def agent_file(agent: str) -> Path:
 
 def agent_mode(agent: str) -> str:
     """``'oraclerep'`` when the agent's Gin file makes it goal-conditioned, else ``'singletask'``."""
-    text = agent_file(agent).read_text()
-    return "oraclerep" if re.search(r"^\s*OGBenchDataset\.task_mode\s*=\s*'oraclerep'", text, re.M) else "singletask"
+    from macfw.bench import goal_conditioned_by_default
+
+    return "oraclerep" if goal_conditioned_by_default(protocol.agent_gin_file(agent)) else "singletask"
 
 
 def seeds_name(seeds: list[int]) -> str:
