@@ -78,8 +78,8 @@ class ClippedMeanActor(eqx.Module):
         ``chunk_len = 1`` spec).
       hidden_dims: MLP hidden sizes (default 4 x 1024).
       layer_norm: LayerNorm after each hidden activation (the authors': on).
-      final_init_scale: scale of the last layer's initial weights (the authors': 0.01, so the
-        initial mean is near 0).
+      final_init_scale: variance scale of the last layer's initial weights (the authors'
+        ``default_init(0.01)``, so the initial mean is near 0; see :class:`~macfw.nn.mlp.MLP`).
       key: PRNG key.
 
     Raises:

@@ -94,15 +94,16 @@ def _sg(tree):
 @register("actor")
 class LEQActor(DeterministicActor):
     """:class:`~macfw.nn.actors.DeterministicActor` ``a = tanh(MLP([s, g]))`` with the last layer's
-    initial weights scaled by ``final_init_scale`` (the authors' ``GCDeterActor``: 0.01, so the
-    first actions are near 0).
+    initial weights at variance scale ``final_init_scale`` (the authors' ``GCDeterActor``:
+    ``default_init(0.01)``, so the first actions are near 0).
 
     Args:
       spec: sizes; input ``ob_dim + goal_dim``, output ``chunk_dim`` (``act_dim`` for LEQ's
         ``chunk_len = 1`` spec).
       hidden_dims: MLP hidden sizes (default 4 x 1024).
       layer_norm: LayerNorm after each hidden activation.
-      final_init_scale: multiplies the last layer's initial weights and bias (> 0).
+      final_init_scale: variance scale of the last layer's initial weights (> 0; see
+        :class:`~macfw.nn.mlp.MLP`).
       key: PRNG key.
 
     Raises:

@@ -53,7 +53,7 @@ class GaussianPolicy(BehaviorPolicy):
       layer_norm: LayerNorm after each hidden activation.
       log_std_min, log_std_max: range of the log standard deviation (natural log), reached smoothly.
       state_dependent_std: learn ``log std(s, g)`` (True) or one state-independent vector.
-      final_init_scale: scale of the last layer's initial weights (SAC actors: 0.01, so the initial
+      final_init_scale: variance scale of the last layer's initial weights (SAC actors: 0.01, so the initial
         mean is near 0 and the initial log-std near the middle of its range).
       key: PRNG key.
 

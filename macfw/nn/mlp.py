@@ -31,6 +31,20 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+#: flax's ``nn.LayerNorm`` epsilon (the authors' networks; equinox's default is 1e-5).
+LAYER_NORM_EPS = 1e-6
+
+
+def _linear_layer(in_dim: int, out_dim: int, scale: float, key: PRNGKeyArray) -> eqx.nn.Linear:
+    """A linear layer initialised as the authors' ``nn.Dense(kernel_init=default_init(scale))``: weights
+    ``(out_dim, in_dim)`` uniform in ``+-sqrt(3 scale / fan_avg)`` (variance ``scale / fan_avg``,
+    ``fan_avg = (in_dim + out_dim) / 2``), bias zero."""
+    layer = eqx.nn.Linear(in_dim, out_dim, key=key)
+    init = jax.nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+    weight = init(key, (in_dim, out_dim), layer.weight.dtype).T
+    return eqx.tree_at(lambda l: (l.weight, l.bias), layer, (weight, jnp.zeros_like(layer.bias)))
+
+
 class MLP(eqx.Module):
     """``Linear -> act -> LayerNorm`` blocks, then a final linear layer.
 
@@ -44,8 +58,14 @@ class MLP(eqx.Module):
       hidden_dims: sizes of the hidden layers, e.g. ``(1024, 1024, 1024, 1024)``.
       activation: one of :data:`ACTIVATIONS`.
       layer_norm: apply LayerNorm after each hidden activation.
-      final_init_scale: multiplies the final layer's initial weights (small values start
-        residual outputs near zero).
+      final_init_scale: the variance scale of the final layer's initial weights (small values start
+        outputs near zero; the authors' ``final_fc_init_scale``: weights ~ ``default_init(scale)``).
+
+    Initialisation (the authors' ``utils/networks.py``, ``default_init``): every weight matrix
+    ``W (out, in)`` uniform with variance ``scale / fan_avg``, ``fan_avg = (in + out) / 2``
+    (flax's ``variance_scaling(scale, 'fan_avg', 'uniform')``; scale 1 except the final layer's
+    ``final_init_scale``), biases zero; LayerNorm with epsilon 1e-6 (flax's ``nn.LayerNorm``), scale
+    one, bias zero.
       key: PRNG key (keyword-only).
       name: the configurable that owns this MLP (e.g. ``"QCritic"``): errors name its binding
         (``QCritic.hidden_dims``).
@@ -90,13 +110,10 @@ class MLP(eqx.Module):
         if dims[0] < 0 or dims[-1] < 1:
             raise ValueError(f"MLP sizes from the data must be in_dim >= 0, out_dim >= 1; got {in_dim}, {out_dim}.")
         keys = jax.random.split(key, len(dims) - 1)
-        layers = [eqx.nn.Linear(max(a, 1) if a == 0 else a, b, key=k) for a, b, k in zip(dims[:-1], dims[1:], keys)]
-        if final_init_scale != 1.0:
-            last = layers[-1]
-            last = eqx.tree_at(lambda l: (l.weight, l.bias), last, (last.weight * final_init_scale, last.bias * final_init_scale))
-            layers[-1] = last
-        self.layers = tuple(layers)
-        self.norms = tuple(eqx.nn.LayerNorm(h) if layer_norm else None for h in dims[1:-1])
+        scales = [1.0] * (len(dims) - 2) + [float(final_init_scale)]
+        self.layers = tuple(_linear_layer(max(a, 1), b, scale, k)
+                            for a, b, scale, k in zip(dims[:-1], dims[1:], scales, keys))
+        self.norms = tuple(eqx.nn.LayerNorm(h, eps=LAYER_NORM_EPS) if layer_norm else None for h in dims[1:-1])
         self.activation = activation
         self.compute_dtype = compute_dtype
 

@@ -1,0 +1,206 @@
+"""Shared parts of the parity harness (``experiments/parity.py``, issue 29).
+
+The harness compares each macfw agent with the authors' implementation (kwanyoungpark/MAC), imported
+from a checkout the user gives (``--reference-dir``) and never copied: both built with the same
+initial parameters, fed the same batches and the same random draws, and their loss terms, metrics
+and updated parameters compared. Each agent has a module ``experiments/parity_cases/<agent>.py``
+with ``run(ref, opts) -> dict`` (the agent's entry of the JSON, see :func:`agent_result`).
+
+Here: loading the reference code (:func:`load_reference`), mapping macfw's Equinox MLPs to and from
+the authors' Flax parameter trees (:func:`mlp_to_flax`, :func:`flax_to_mlp`), relative errors of
+numbers and trees (:func:`rel_err`, :func:`tree_rel_err`), timing two update functions alternated in
+one process (:func:`alternate`), XLA's FLOP count of a jitted function (:func:`xla_flops`), and the
+JSON entry (:func:`agent_result`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+#: Files every reference checkout must have (kwanyoungpark/MAC's layout).
+REFERENCE_FILES = ("agents/mac.py", "utils/networks.py", "utils/flax_utils.py")
+
+
+class ReferenceCodeError(RuntimeError):
+    """The reference checkout or its dependencies are missing (the message names the fix)."""
+
+
+@dataclasses.dataclass
+class Options:
+    """What every case is asked to do.
+
+    Attributes:
+      updates: updates after which the terms and the parameters are compared again (10).
+      speed: time both updates (cpu-small sizes, alternated in one process).
+      pairs: alternated timing pairs (each side ``calls`` calls per pair).
+      calls: jitted updates per timed call.
+      seed: of the parameters, the batches and the draws.
+    """
+
+    updates: int = 10
+    speed: bool = True
+    pairs: int = 5
+    calls: int = 3
+    seed: int = 0
+
+
+def load_reference(ref_dir: str | Path) -> types.SimpleNamespace:
+    """Import the authors' code from ``ref_dir`` (a checkout of kwanyoungpark/MAC): its ``agents`` and
+    ``utils`` packages become importable (``ref_dir`` goes first on ``sys.path``). Returns a namespace
+    with ``dir`` and ``agent(name)`` (the module ``agents.<name>``).
+
+    Raises:
+      ReferenceCodeError: ``ref_dir`` lacks the expected files, or flax/distrax/ml_collections are missing.
+    """
+    ref_dir = Path(ref_dir).expanduser().absolute()
+    missing = [f for f in REFERENCE_FILES if not (ref_dir / f).is_file()]
+    if missing:
+        raise ReferenceCodeError(
+            f"--reference-dir {str(ref_dir)!r} is not a checkout of kwanyoungpark/MAC (missing {missing}). "
+            "Clone or export the authors' repository there (its docs/ folder is not needed).")
+    for mod in ("flax", "distrax", "ml_collections"):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ReferenceCodeError(f"the reference code needs {mod} ({e}); install the extra: pip install -e '.[parity]'") from e
+    if str(ref_dir) not in sys.path:
+        sys.path.insert(0, str(ref_dir))
+    for name in list(sys.modules):  # another checkout's modules of the same names must not be reused
+        if name in ("agents", "utils") or name.startswith(("agents.", "utils.")):
+            mod = sys.modules[name]
+            if not str(getattr(mod, "__file__", "") or "").startswith(str(ref_dir)):
+                del sys.modules[name]
+
+    def agent(name: str):
+        return importlib.import_module(f"agents.{name}")
+
+    return types.SimpleNamespace(dir=ref_dir, agent=agent)
+
+
+# ------------------------------------------------------------------------------ parameters
+def mlp_to_flax(mlp) -> dict:
+    """A macfw :class:`~macfw.nn.mlp.MLP` as the authors' ``utils.networks.MLP`` parameters:
+    ``{'Dense_i': {'kernel': (in, out), 'bias': (out,)}, 'LayerNorm_i': {'scale', 'bias'}}``
+    (flax numbers its Dense and LayerNorm layers separately)."""
+    import jax.numpy as jnp
+
+    out = {}
+    for i, layer in enumerate(mlp.layers):
+        out[f"Dense_{i}"] = {"kernel": jnp.asarray(layer.weight).T, "bias": jnp.asarray(layer.bias)}
+    for i, norm in enumerate(mlp.norms):
+        if norm is not None:
+            out[f"LayerNorm_{i}"] = {"scale": jnp.asarray(norm.weight), "bias": jnp.asarray(norm.bias)}
+    return out
+
+
+def flax_to_mlp(params: dict, mlp):
+    """``mlp`` (a macfw MLP of the same sizes) with the weights of the authors' MLP ``params``."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    layers = tuple(eqx.tree_at(lambda l: (l.weight, l.bias), layer,
+                               (jnp.asarray(params[f"Dense_{i}"]["kernel"]).T, jnp.asarray(params[f"Dense_{i}"]["bias"])))
+                   for i, layer in enumerate(mlp.layers))
+    norms = tuple(None if n is None else eqx.tree_at(lambda m: (m.weight, m.bias), n,
+                                                     (jnp.asarray(params[f"LayerNorm_{i}"]["scale"]),
+                                                      jnp.asarray(params[f"LayerNorm_{i}"]["bias"])))
+                  for i, n in enumerate(mlp.norms))
+    return eqx.tree_at(lambda m: (m.layers, m.norms), mlp, (layers, norms), is_leaf=lambda x: x is None)
+
+
+# ------------------------------------------------------------------------------ comparisons
+def rel_err(a, b, floor: float = 1e-6) -> float:
+    """Largest ``|a - b| / max(|b|, floor)`` over the elements (``b``: the reference)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), floor)))
+
+
+def tree_rel_err(a, b, floor: float = 1e-6) -> float:
+    """:func:`rel_err` over the leaves of two pytrees of the same structure, relative to each leaf's
+    largest magnitude (so a parameter near zero in a large matrix does not dominate)."""
+    import jax
+
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    if ta != tb:
+        raise ValueError(f"tree structures differ:\n{ta}\n{tb}")
+    worst = 0.0
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(float(np.max(np.abs(y))) if y.size else 0.0, floor)
+        worst = max(worst, float(np.max(np.abs(x - y))) / scale if y.size else 0.0)
+    return worst
+
+
+def compare_terms(macfw: dict[str, float], reference: dict[str, float]) -> dict[str, dict]:
+    """``{name: {"macfw", "reference", "rel_err"}}`` for the names both sides report."""
+    return {k: {"macfw": float(macfw[k]), "reference": float(reference[k]), "rel_err": rel_err(macfw[k], reference[k])}
+            for k in reference if k in macfw}
+
+
+# ------------------------------------------------------------------------------ speed
+def xla_flops(jitted: Callable, *args) -> float:
+    """XLA's FLOP count of one call of ``jitted`` (a ``jax.jit`` or ``eqx.filter_jit`` function) on ``args``."""
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
+    compiled = getattr(compiled, "compiled", compiled)
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0]
+    return float(ca.get("flops", 0.0)) if ca else 0.0
+
+
+def alternate(fns: dict[str, Callable[[], Any]], pairs: int = 5) -> dict[str, float]:
+    """Median seconds of each zero-argument function (each returns something to block on), called in
+    turn ``pairs`` times after one warm-up call each, in one process: the machine's drift hits both."""
+    import jax
+
+    for f in fns.values():
+        jax.block_until_ready(f())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(pairs):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def matmul_peak() -> float:
+    """The practical FLOP/s peak of this device (a large plain matrix product, :func:`macfw.bench.matmul_peak`)."""
+    from macfw.bench import matmul_peak as peak
+
+    return peak()
+
+
+def agent_result(terms_1: dict, terms_n: dict, params_rel_err: float, *, skipped: dict[str, str] | None = None,
+                 defects: dict[str, dict] | None = None, speed: dict | None = None, updates: int = 10) -> dict:
+    """One agent's JSON entry (issue 29):
+
+    ``terms``: ``{name: {"macfw", "reference", "rel_err"}}``, each loss term and metric after 1 update
+    (``name``) and after ``updates`` (``name@10``), plus ``params@10`` (the updated parameters);
+    ``max_rel_err``; ``skipped``: ``{name: reason}`` (only the authors' known defects, DESIGN §9);
+    ``defects``: ``{name: {"macfw", "reference", "reason"}}``, the values of each side where a defect
+    makes them differ; ``updates_per_s``, ``flops_per_update``, ``utilisation``: ``{"macfw",
+    "reference"}`` each, and ``matmul_peak_flops`` (one peak for both) when timed.
+    """
+    terms = dict(terms_1)
+    terms.update({f"{k}@{updates}": v for k, v in terms_n.items()})
+    terms[f"params@{updates}"] = {"macfw": None, "reference": None, "rel_err": float(params_rel_err)}
+    out = {"terms": terms, "max_rel_err": max(v["rel_err"] for v in terms.values()),
+           "skipped": dict(skipped or {}), "defects": dict(defects or {})}
+    if speed:
+        out.update(speed)
+    return out
