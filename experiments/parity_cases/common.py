@@ -7,7 +7,8 @@ and updated parameters compared. Each agent has a module ``experiments/parity_ca
 with ``run(ref, opts) -> dict`` (the agent's entry of the JSON, see :func:`agent_result`).
 
 Here: loading the reference code (:func:`load_reference`), mapping macfw's Equinox MLPs to and from
-the authors' Flax parameter trees (:func:`mlp_to_flax`, :func:`flax_to_mlp`), relative errors of
+the authors' Flax parameter trees (:func:`mlp_to_flax`, :func:`flax_to_mlp`; ensembles
+:func:`ensemble_to_flax`; an MLP split as hidden layers + a final Dense :func:`mlp_to_flax_split`), relative errors of
 numbers and trees (:func:`rel_err`, :func:`tree_rel_err`), timing two update functions alternated in
 one process (:func:`alternate`), XLA's FLOP count of a jitted function (:func:`xla_flops`), and the
 JSON entry (:func:`agent_result`).
@@ -114,6 +115,25 @@ def flax_to_mlp(params: dict, mlp):
                                                       jnp.asarray(params[f"LayerNorm_{i}"]["bias"])))
                   for i, n in enumerate(mlp.norms))
     return eqx.tree_at(lambda m: (m.layers, m.norms), mlp, (layers, norms), is_leaf=lambda x: x is None)
+
+
+def ensemble_to_flax(mlp) -> dict:
+    """A macfw MLP whose array leaves have a leading ensemble axis ``(k, ...)`` (the ``net`` of an
+    :class:`~macfw.nn.ensemble.Ensemble`'s ``members``) as the authors' ``ensemblize``d (``nn.vmap``)
+    MLP parameters: :func:`mlp_to_flax` per member, stacked on a leading ``(k,)`` axis
+    (``{'Dense_i': {'kernel': (k, in, out), 'bias': (k, out)}, ...}``)."""
+    import equinox as eqx
+
+    return eqx.filter_vmap(mlp_to_flax)(mlp)
+
+
+def mlp_to_flax_split(mlp) -> tuple[dict, dict]:
+    """A macfw MLP as the authors' two-module layout ``MLP(hidden_dims, activate_final=True)`` + a
+    final ``nn.Dense`` (``GCActor``'s ``actor_net`` / ``mean_net``): ``(hidden params, final Dense
+    params)``; the hidden part holds ``Dense_0 .. Dense_{h-1}`` and every ``LayerNorm_i``."""
+    full = mlp_to_flax(mlp)
+    last = f"Dense_{len(mlp.layers) - 1}"
+    return {k: v for k, v in full.items() if k != last}, full[last]
 
 
 # ------------------------------------------------------------------------------ comparisons
