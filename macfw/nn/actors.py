@@ -30,7 +30,16 @@ class TanhGaussianActor(GaussianPolicy):
     tanh-rescaled into ``[log_std_min, log_std_max]``), registered as an actor so that its Gin
     bindings (``TanhGaussianActor.*``) are separate from a behaviour policy's. The actor loss
     uses :meth:`sample_and_log_prob` (reparameterised); acting uses :meth:`mode` or a sample.
+
+    The log-std is hard-clipped into ``[log_std_min, log_std_max]`` by default
+    (``log_std_bound = 'clip'``), as the authors' ``GCActor`` of their SAC agents (MOPO, MOBILE,
+    n-step SAC+BC); the behaviour policy's smooth tanh rescaling (``'tanh'``) gave a different
+    distribution for the same network: at the initial raw output 0 a std of ``exp(-1.5) = 0.22``
+    instead of their 1 (parity, issue 29).
     """
+
+    def __init__(self, spec: Spec, *, key: PRNGKeyArray, log_std_bound: str = "clip", **kwargs):
+        super().__init__(spec, key=key, log_std_bound=log_std_bound, **kwargs)
 
 
 @register("temperature")
