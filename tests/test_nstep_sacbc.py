@@ -170,6 +170,32 @@ def test_actor_bc_term_is_scaled_by_mean_abs_q():
     np.testing.assert_allclose(np.asarray(g), 2 * alpha * np.mean(np.abs(q)) * (a - a_data) / B, rtol=1e-5)
 
 
+# ------------------------------------------------------------------ the actor's distribution (parity, issue 29)
+def test_actor_log_std_is_hard_clipped_as_the_authors_gcactor():
+    """The authors' GCActor: ``log_std = clip(raw, -5, 2)`` (not a smooth tanh rescaling, which at raw 0
+    gave log-std -1.5 instead of 0: the parity harness's first finding). The sample is ``tanh(mean +
+    exp(log_std) eps)`` with distrax's tanh-Gaussian log-density."""
+    spec = Spec(ob_dim=OB, act_dim=ACT, goal_dim=GOAL, chunk_len=1)
+    actor = TanhGaussianActor(spec, key=jax.random.PRNGKey(0), hidden_dims=(8,), final_init_scale=0.01)
+    assert actor.log_std_bound == "clip"
+    raw = np.array([0.0, -7.0, 3.0], np.float32)  # inside, below, above [-5, 2]
+    mean0 = np.array([0.2, -0.1, 0.4], np.float32)
+    last = actor.net.layers[-1]
+    actor = eqx.tree_at(lambda a: (a.net.layers[-1].weight, a.net.layers[-1].bias), actor,
+                        (jnp.zeros_like(last.weight), jnp.asarray(np.concatenate([mean0, raw]))))
+    s, g = jnp.ones(OB), jnp.ones(GOAL)
+    mean, log_std = actor.mean_log_std(s, g)
+    np.testing.assert_allclose(np.asarray(mean), mean0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(log_std), [0.0, -5.0, 2.0], rtol=1e-6)
+    eps = np.array([0.3, -1.2, 0.7], np.float32)
+    u = mean0 + np.exp([0.0, -5.0, 2.0]) * eps
+    want_logp = np.sum(-0.5 * eps ** 2 - np.array([0.0, -5.0, 2.0]) - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2))
+    from macfw.nn.gaussian import squashed_sample
+    a, logp = squashed_sample(mean, log_std, jnp.asarray(eps))
+    np.testing.assert_allclose(np.asarray(a), np.tanh(u), rtol=1e-5)
+    np.testing.assert_allclose(float(logp), want_logp, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ the agent end to end
 @pytest.mark.parametrize("goal_dim", [GOAL, 0])
 def test_update_uses_only_the_first_action_and_acts_with_one_action(goal_dim):
