@@ -16,6 +16,7 @@ JSON entry (:func:`agent_result`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import sys
@@ -134,6 +135,72 @@ def mlp_to_flax_split(mlp) -> tuple[dict, dict]:
     full = mlp_to_flax(mlp)
     last = f"Dense_{len(mlp.layers) - 1}"
     return {k: v for k, v in full.items() if k != last}, full[last]
+
+
+# ------------------------------------------------------------------------------ random draws
+@contextlib.contextmanager
+def unjitted(cls, names=("update", "total_loss")):
+    """Within: the authors' ``@jax.jit`` methods ``names`` of ``cls`` (those it has) as plain functions,
+    so that one outer ``jax.jit`` traces them inline and draws replayed by :func:`replay` are that
+    trace's arguments (new arrays every call, no retracing)."""
+    saved = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+    for n, f in saved.items():
+        setattr(cls, n, getattr(f, "__wrapped__", f))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(cls, n, f)
+
+
+@contextlib.contextmanager
+def replay(tape: list, *, unroll_scan: bool = False):
+    """Within: ``jax.random.normal``, ``uniform`` and ``choice`` return the arrays of ``tape`` in
+    order, whatever key they are given (a tape: the issue's method (a)). Each entry is ``(function
+    name, array)``, checked by name and element count and reshaped to the requested shape (distrax
+    asks ``(1, B, d)`` for a batch-level ``(B, d)`` sample). With ``unroll_scan``, ``jax.lax.scan``
+    runs as a Python loop of the same semantics (per-step draws become separate calls). Yields the
+    list of entries not drawn yet (empty when the reference drew exactly the tape)."""
+    import jax
+    import jax.numpy as jnp
+
+    queue = list(tape)
+    orig = {"normal": jax.random.normal, "uniform": jax.random.uniform, "choice": jax.random.choice,
+            "scan": jax.lax.scan}
+
+    def take(name, shape, dtype):
+        shape = tuple(shape) if not isinstance(shape, int) else (shape,)
+        if not queue:
+            raise RuntimeError(f"the reference drew more than the tape holds: {name}{shape}")
+        f, a = queue.pop(0)
+        if f != name or int(np.prod(shape)) != int(np.prod(np.shape(a))):
+            raise RuntimeError(f"the reference drew {name}{shape} where the tape has {f}{tuple(np.shape(a))}")
+        return jnp.reshape(jnp.asarray(a), shape).astype(dtype)
+
+    def normal(key, shape=(), dtype=jnp.float32, *a, **k):
+        return take("normal", shape, dtype)
+
+    def uniform(key, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0, *a, **k):
+        return minval + (maxval - minval) * take("uniform", shape, dtype)
+
+    def choice(key, a, shape=(), replace=True, p=None, axis=0, *args, **kw):
+        return take("choice", shape, jnp.int32)
+
+    def scan(f, init, xs=None, length=None, reverse=False, **kw):
+        n = length if xs is None else jax.tree_util.tree_leaves(xs)[0].shape[0]
+        carry, ys = init, [None] * n
+        for i in (reversed(range(n)) if reverse else range(n)):
+            carry, ys[i] = f(carry, None if xs is None else jax.tree_util.tree_map(lambda x: x[i], xs))
+        return carry, (None if ys and ys[0] is None else jax.tree_util.tree_map(lambda *y: jnp.stack(y), *ys))
+
+    jax.random.normal, jax.random.uniform, jax.random.choice = normal, uniform, choice
+    if unroll_scan:
+        jax.lax.scan = scan
+    try:
+        yield queue
+    finally:
+        jax.random.normal, jax.random.uniform, jax.random.choice = orig["normal"], orig["uniform"], orig["choice"]
+        jax.lax.scan = orig["scan"]
 
 
 # ------------------------------------------------------------------------------ comparisons
