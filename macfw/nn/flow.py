@@ -194,13 +194,21 @@ class FlowPolicy(BehaviorPolicy):
         pre = self.state_prefix(s, g)
         return jax.vmap(lambda zi: self.solve(s, g, zi, pre=pre))(z)
 
+    def flow_loss(self, s, g, A, z, u, *, pre=None) -> Float[Array, ""]:
+        """The flow-matching loss of one example from given noise: ``mean((v(s, g, x, u) - (A - z))^2)``
+        with ``x = (1 - u) z + u A`` (``z: (chunk_dim,)``, ``u`` scalar flow time; ``pre``: the
+        velocity field's :meth:`state_prefix`, if the caller has it). :meth:`loss` draws ``z, u`` and
+        calls it; a caller that draws the noise of a whole batch at once calls it directly."""
+        pre = self.state_prefix(s, g) if pre is None else pre
+        x = (1.0 - u) * z + u * A
+        return jnp.mean((self._velocity_from(pre, x, u) - (A - z)) ** 2)
+
     def loss(self, s, g, A, *, key):
         kz, ku, kd = jax.random.split(key, 3)
         z = jax.random.normal(kz, A.shape)
         u = jax.random.uniform(ku)
-        x = (1.0 - u) * z + u * A
         pre = self.state_prefix(s, g)  # shared by this velocity and the distillation target's ODE steps
-        flow = jnp.mean((self._velocity_from(pre, x, u) - (A - z)) ** 2)
+        flow = self.flow_loss(s, g, A, z, u, pre=pre)
         metrics = {"flow/loss": flow}
         total = flow
         if self.one_step is not None:
