@@ -9,7 +9,8 @@ with ``run(ref, opts) -> dict`` (the agent's entry of the JSON, see :func:`agent
 Here: loading the reference code (:func:`load_reference`), mapping macfw's Equinox MLPs to and from
 the authors' Flax parameter trees (:func:`mlp_to_flax`, :func:`flax_to_mlp`; ensembles
 :func:`ensemble_to_flax`; an MLP split as hidden layers + a final Dense :func:`mlp_to_flax_split`), relative errors of
-numbers and trees (:func:`rel_err`, :func:`tree_rel_err`), timing two update functions alternated in
+numbers and trees (:func:`rel_err`, :func:`tree_rel_err`), macfw's update compiled as its training
+step compiles it (:func:`macfw_update`), timing two update functions alternated in
 one process (:func:`alternate`), XLA's FLOP count of a jitted function (:func:`xla_flops`), and the
 JSON entry (:func:`agent_result`).
 """
@@ -247,6 +248,31 @@ def xla_flops(jitted: Callable, *args) -> float:
     if isinstance(ca, (list, tuple)):
         ca = ca[0]
     return float(ca.get("flops", 0.0)) if ca else 0.0
+
+
+def macfw_update(agent, state):
+    """macfw's ``agent.update`` compiled as its training step compiles it (:class:`macfw.step.TrainStep`):
+    one ``jax.jit`` over the state's arrays (the static rest closed over), the state donated, with
+    :func:`macfw.compiler.compiler_options` for the device (on the CPU: 512-bit vectors).
+
+    Returns ``(step, arrays)``: ``step(arrays, batch) -> (arrays, metrics)`` and ``state``'s arrays
+    (``eqx.combine(arrays, static)`` is the state). Donation invalidates the ``arrays`` passed in:
+    chain the returned ones (``xla_flops(step, arrays, batch)`` only lowers, so it may use any).
+    """
+    import equinox as eqx
+    import jax
+
+    from macfw.compiler import compiler_options
+
+    arrays, static = eqx.partition(state, eqx.is_array)
+
+    def step(arrays, batch):
+        new, metrics = agent.update(eqx.combine(arrays, static), batch)
+        return eqx.partition(new, eqx.is_array)[0], metrics
+
+    platform = jax.tree_util.tree_leaves(arrays)[0].devices().pop().platform
+    jitted = jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options(platform))
+    return jitted, jax.tree_util.tree_map(lambda x: x.copy(), arrays)  # a copy: donation must not free ``state``'s
 
 
 def alternate(fns: dict[str, Callable[[], Any]], pairs: int = 5) -> dict[str, float]:
