@@ -47,8 +47,8 @@ def _init(agent, **spec):
 
 def _target(agent, state, stub, batch):
     """``agent.target_q`` with a stub target critic, jitted (one compilation instead of eager dispatch)."""
-    return np.asarray(jax.jit(lambda nets, b, k: agent.target_q(nets, stub, b, k))(state.nets, batch,
-                                                                                     jax.random.PRNGKey(1)))
+    eps = jax.random.normal(jax.random.PRNGKey(1), (batch["obs"].shape[0], ACT))
+    return np.asarray(jax.jit(lambda nets, b, e: agent.target_q(nets, stub, b, e))(state.nets, batch, eps))
 
 
 # ------------------------------------------------------------------ the n-step goal reward and mask
@@ -214,6 +214,24 @@ def test_update_uses_only_the_first_action_and_acts_with_one_action(goal_dim):
     a = agent.act(agent.acting_params(new), b["obs"][0], b["value_goals"][0], key=jax.random.PRNGKey(0))
     assert a.shape == (1, ACT)
     np.testing.assert_allclose(np.asarray(a[0]), np.asarray(new.nets.actor.mode(b["obs"][0], b["value_goals"][0])))
+
+
+def test_target_critic_is_the_ema_of_the_critic_before_the_step():
+    """The authors' ``target_update`` reads the pre-update critic: ``Q'_1 = (1 - tau) Q'_0 + tau Q_0``
+    (parity, issue 29; the updated critic ``Q_1`` gave target biases ``tau`` times the first step's
+    change where theirs stay 0)."""
+    n, tau = 5, 0.1
+    agent = _agent(n=n, tau=tau)
+    state = _init(agent, goal_dim=GOAL, chunk_len=n)
+    state = eqx.tree_at(lambda s: s.target_critic, state,
+                        jax.tree_util.tree_map(lambda x: x + 0.5 if eqx.is_inexact_array(x) else x, state.target_critic))
+    b = _batch(GOAL, [3, 3, 3, 3], [3, 5, 9, 1000])
+    new, _ = jax.jit(agent.update)(state, b)
+    leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))
+    for q0, t0, q1, t1 in zip(leaves(state.nets.critic), leaves(state.target_critic), leaves(new.nets.critic),
+                              leaves(new.target_critic)):
+        np.testing.assert_allclose(np.asarray(t1), (1 - tau) * np.asarray(t0) + tau * np.asarray(q0), rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(np.asarray(a), np.asarray(c)) for a, c in zip(leaves(state.nets.critic), leaves(new.nets.critic)))
 
 
 def test_bad_bindings_name_themselves():

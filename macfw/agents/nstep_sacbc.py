@@ -22,7 +22,10 @@ representations (``OGBenchDataset.task_mode = 'oraclerep'``). One Adam optimiser
    invariant to the scale of ``q``;
 3. temperature: ``lambda (sg(H) - target_entropy)``, target entropy ``-0.5 act_dim``;
 
-then an EMA (tau) of the critic.
+then an EMA (tau) of the critic *before* this step's gradient step,
+``Q'_{k+1} = (1 - tau) Q'_k + tau Q_k`` (the authors' ``target_update`` reads the agent's
+pre-update parameters; found by the parity harness, issue 29: with the updated critic instead the
+target biases after one update were ``tau`` times the first step's change where theirs are still 0).
 
 Single-task data (an extension: the paper runs n-step SAC+BC only on the goal-conditioned 100M
 oraclerep benchmark): ``r`` = the batch's n-step discounted reward ``sum_{i<n} gamma^i r_{t+i}``
@@ -32,6 +35,20 @@ oraclerep benchmark): ``r`` = the batch's n-step discounted reward ``sum_{i<n} g
 The batch is drawn with ``BatchSpec(chunk_len=n)``, so ``next_obs`` is ``s_{t+n}`` and ``actions``
 holds ``a_t .. a_{t+n-1}`` of which only ``a_t`` (the first ``act_dim`` entries) is used. Critic
 and actor act on single actions (spec with ``chunk_len = 1``); the agent acts with one action.
+
+Parity with the authors' code (``experiments/parity.py``, issue 29; the same parameters, batches and
+draws: every logged metric and the parameters after 10 updates agree to float rounding). The update
+takes its random draws as an argument (``update(state, batch, noise)``, :meth:`NStepSACBC.draw_noise`:
+the batch-level normals of the two reparameterised actor samples). Found and fixed: the actor's
+log-std is hard-clipped as their ``GCActor`` (:class:`~macfw.nn.actors.TanhGaussianActor`), and the
+target critic is the EMA of the pre-step critic (above). Deliberate deviation: their
+``HGCDataset`` clips the n-step window at the trajectory's final index and scores every shorter
+window as reaching the goal (reward ``gamma^steps``, mask 0) whatever the goal; their sampler draws
+``t`` up to the trajectory's end, so ``n`` starts per trajectory (2.5% of samples at n = 25 with
+OGBench's 1001-step episodes; with OGBench's compact layout their final index is the second-to-last
+state, so even the window ending at the last state is cut by one step). macfw samples only windows
+inside the trajectory (``t + n <= end``) and scores the goal alone; the harness lists such rows as
+the defect ``window_cut_by_trajectory_end_counts_as_success`` with both sides' reward and mask.
 
 Code name -> symbol: ``n`` n (environment steps), ``gamma`` gamma (per environment step),
 ``alpha`` alpha (BC weight), ``tau`` EMA rate, ``critic`` ``{Q_j}``, ``target_critic`` ``{Q'_j}``,
@@ -54,6 +71,7 @@ from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_choice, check_float, check_int
 from macfw.nn.actors import TanhGaussianActor, Temperature
+from macfw.nn.gaussian import squashed_sample
 from macfw.nn.losses import bce, mse
 from macfw.registry import register
 from macfw.spec import Spec
@@ -226,11 +244,27 @@ class NStepSACBC(Agent):
             return r, m
         return batch["rewards"], batch["masks"]
 
-    def target_q(self, nets: NStepSACBCNetworks, target_critic, batch: dict, key) -> Array:
-        """The critic's regression target ``(B,)`` (see the module docstring)."""
-        B = batch["obs"].shape[0]
-        a_next, _ = jax.vmap(lambda s, g, k: nets.actor.sample_and_log_prob(s, g, key=k))(
-            batch["next_obs"], batch["value_goals"], jax.random.split(key, B))
+    def draw_noise(self, key, batch_size: int) -> dict[str, Array]:
+        """The update's random draws, at batch level: the standard normal ``eps`` of the reparameterised
+        actor samples, ``next_actions`` (``a' ~ pi(s_{t+n}, g)`` of the target) and ``actions``
+        (``a ~ pi(s_t, g_a)`` of the actor loss), each ``(B, act_dim)``."""
+        k_next, k_act = jax.random.split(key)
+        shape = (batch_size, self.spec.act_dim)
+        return {"next_actions": jax.random.normal(k_next, shape), "actions": jax.random.normal(k_act, shape)}
+
+    @staticmethod
+    def sample_actions(actor, s, g, eps) -> tuple[Array, Array, Array]:
+        """``a = tanh(mean + std eps)`` per example with its log-density and the pre-squash std:
+        ``s: (B, ob_dim)``, ``g: (B, goal_dim)``, ``eps: (B, act_dim)`` -> ``a (B, act_dim)``,
+        ``log p (B,)``, ``std (B, act_dim)``."""
+        mean, log_std = jax.vmap(actor.mean_log_std)(s, g)
+        a, log_p = squashed_sample(mean, log_std, eps)
+        return a, log_p, jnp.exp(log_std)
+
+    def target_q(self, nets: NStepSACBCNetworks, target_critic, batch: dict, eps: Array) -> Array:
+        """The critic's regression target ``(B,)`` (see the module docstring); ``eps (B, act_dim)`` the
+        noise of ``a' ~ pi(s_{t+n}, g)``."""
+        a_next, _, _ = self.sample_actions(nets.actor, batch["next_obs"], batch["value_goals"], eps)
         q_next = jax.vmap(target_critic)(batch["next_obs"], batch["value_goals"], a_next)  # (B, k)
         if self._bce:
             q_next = jax.nn.sigmoid(q_next)
@@ -238,9 +272,10 @@ class NStepSACBC(Agent):
         r, m = self.rewards_and_masks(batch)
         return nstep_target(r, m, q_next, self.gamma, self.n, (0.0, 1.0) if self.spec.goal_conditioned else None)
 
-    def loss(self, nets: NStepSACBCNetworks, batch: dict, target: Array, key) -> tuple[Array, dict]:
-        """Critic, actor and temperature losses on ``batch`` for a fixed ``target``; ``(total, metrics)``."""
-        B, act_dim = batch["obs"].shape[0], self.spec.act_dim
+    def loss(self, nets: NStepSACBCNetworks, batch: dict, target: Array, eps: Array) -> tuple[Array, dict]:
+        """Critic, actor and temperature losses on ``batch`` for a fixed ``target``; ``eps (B, act_dim)``
+        the noise of ``a ~ pi(s_t, g_a)``. Returns ``(total, metrics)``."""
+        act_dim = self.spec.act_dim
         a_data = batch["actions"][:, :act_dim]
         out = jax.vmap(nets.critic)(batch["obs"], batch["value_goals"], a_data)  # (B, k)
         if self._bce:
@@ -250,8 +285,7 @@ class NStepSACBC(Agent):
             critic_loss = jnp.mean(mse(out, target[:, None]))
             q_val = out
 
-        a, log_p = jax.vmap(lambda s, g, k: nets.actor.sample_and_log_prob(s, g, key=k))(
-            batch["obs"], batch["actor_goals"], jax.random.split(key, B))
+        a, log_p, std = self.sample_actions(nets.actor, batch["obs"], batch["actor_goals"], eps)
         q_pi = jax.vmap(_sg(nets.critic))(batch["obs"], batch["actor_goals"], a).mean(axis=1)
         actor_loss, metrics = sacbc_actor_loss(log_p, q_pi, a, a_data, self.alpha, _sg(nets.temperature()))
         temp_loss, m_t = nets.temperature.loss(log_p, -self.target_entropy_scale * act_dim)
@@ -259,18 +293,24 @@ class NStepSACBC(Agent):
         total = critic_loss + actor_loss + temp_loss
         metrics.update(m_t)
         metrics.update({"critic/loss": critic_loss, "critic/q_mean": q_val.mean(), "critic/q_max": q_val.max(),
-                        "critic/q_min": q_val.min(), "critic/target_mean": target.mean(), "total/loss": total})
+                        "critic/q_min": q_val.min(), "critic/q_logit_mean": out.mean(),
+                        "critic/q_logit_max": out.max(), "critic/q_logit_min": out.min(),
+                        "critic/target_mean": target.mean(), "actor/std": std.mean(), "total/loss": total})
         return total, metrics
 
-    def update(self, state: NStepSACBCState, batch: dict) -> tuple[NStepSACBCState, dict]:
-        """One gradient step on the loop's n-step ``batch`` (pure; jit it)."""
-        key, k_next, k_loss = jax.random.split(state.key, 3)
+    def update(self, state: NStepSACBCState, batch: dict,
+               noise: dict[str, Array] | None = None) -> tuple[NStepSACBCState, dict]:
+        """One gradient step on the loop's n-step ``batch`` (pure; jit it). ``noise``: the draws of
+        :meth:`draw_noise` (None: drawn from the state's key)."""
+        key, k_noise = jax.random.split(state.key)
+        if noise is None:
+            noise = self.draw_noise(k_noise, batch["obs"].shape[0])
         nets = state.nets
-        target = _sg(self.target_q(_sg(nets), _sg(state.target_critic), batch, k_next))
+        target = _sg(self.target_q(_sg(nets), _sg(state.target_critic), batch, noise["next_actions"]))
 
         nets, opt_state, metrics = gradient_step(
-            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, target, k_loss))
-        target_critic = ema(state.target_critic, nets.critic, self.tau)
+            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, target, noise["actions"]))
+        target_critic = ema(state.target_critic, state.nets.critic, self.tau)  # the critics before this step
         _, mask = self.rewards_and_masks(batch)
         metrics.update({"critic/mask_mean": jnp.mean(mask)})
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target_critic,
