@@ -144,7 +144,8 @@ def _np_actor(W=W_PI, C=C_Q, alpha=ALPHA, b=0.0):
     a = np.clip(mu, -1.0, 1.0)
     q = (np.concatenate([OBS, AG, a], 1) @ C.T + b).min(axis=1)
     q_loss = -q.mean() / (np.abs(q).mean() + 1e-6)
-    bc = alpha * np.mean(0.5 * ((mu - ACT) ** 2).sum(axis=1))
+    # -alpha log N(a; mu, I): the squared error plus the Gaussian's constant (the authors' bc_loss)
+    bc = alpha * np.mean(0.5 * ((mu - ACT) ** 2).sum(axis=1) + 0.5 * mu.shape[1] * np.log(2 * np.pi))
     return q_loss + bc, q_loss, bc, mu, q
 
 
@@ -152,11 +153,21 @@ def test_ddpg_bc_function_on_hand_made_inputs():
     q_pi = np.array([[-2.0, -3.0], [1.0, 4.0], [-0.5, 0.5]], np.float32)  # min: (-3, 1, -0.5)
     bc_out = np.array([[0.5, 1.5], [0.0, 0.0], [-1.0, 2.0]], np.float32)
     acts = np.array([[0.0, 1.0], [0.0, -1.0], [1.0, 1.0]], np.float32)
-    # -mean(q)/mean|q| = -(-2.5/3)/(4.5/3) = 2.5/4.5 ; bc = a * mean(0.5 * (0.5, 1, 5))
-    want = 2.5 / 4.5 + 2.0 * (0.5 * (0.5 + 1.0 + 5.0) / 3)
+    # -mean(q)/mean|q| = -(-2.5/3)/(4.5/3) = 2.5/4.5 ; bc = -a * mean(log N(a; mu, I))
+    #   = a * (mean(0.5 * (0.5, 1, 5)) + 0.5 * 2 * log(2 pi))   (d = 2)
+    log2pi = np.log(2 * np.pi)
+    bc = 2.0 * (0.5 * (0.5 + 1.0 + 5.0) / 3 + log2pi)
+    want = 2.5 / 4.5 + bc
     got, m = ddpg_bc_loss(jnp.asarray(q_pi), jnp.asarray(bc_out), jnp.asarray(acts), 2.0)
     assert float(got) == pytest.approx(want, rel=1e-5)
     assert float(m["actor/q_abs_mean"]) == pytest.approx(1.5, rel=1e-6)
+    # the authors' metrics: bc_loss with the Gaussian's constant (parity found it missing: the loss and
+    # bc_loss were 2 log(2 pi) = 3.68 lower here), its log-likelihood, the mse per dimension, std 1
+    assert float(m["actor/bc_loss"]) == pytest.approx(bc, rel=1e-5)
+    assert float(m["actor/loss"]) == pytest.approx(want, rel=1e-5)
+    assert float(m["actor/bc_log_prob"]) == pytest.approx(-bc / 2.0, rel=1e-5)
+    assert float(m["actor/mse"]) == pytest.approx((0.5 + 1.0 + 5.0) / 6, rel=1e-6)
+    assert float(m["actor/std"]) == 1.0
 
 
 def test_agent_actor_part_ddpg_bc_with_abs_q_normalisation():
@@ -249,11 +260,19 @@ def test_update_steps_and_the_target_critic_is_an_ema(goal_dim):
     assert int(new.step) == 1
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert {"value/loss", "critic/loss", "actor/loss", "total/loss"} <= set(metrics)
-    for t_new, t_old, c_new in zip(jax.tree_util.tree_leaves(new.target_critic),
-                                   jax.tree_util.tree_leaves(state.target_critic),
-                                   jax.tree_util.tree_leaves(new.nets.critic)):
-        np.testing.assert_allclose(np.asarray(t_new), 0.9 * np.asarray(t_old) + 0.1 * np.asarray(c_new),
+    # the EMA reads the critics BEFORE this step, as the authors' target_update does (it reads
+    # self.network, the pre-update parameters); parity found macfw reading the updated critics
+    state2 = dataclasses.replace(state, target_critic=jax.tree_util.tree_map(lambda x: 0.5 * x, state.target_critic))
+    new2, _, _, _ = run(state2, jax.random.PRNGKey(1))
+    moved = False
+    for t_new, t_old, c_old, c_new in zip(jax.tree_util.tree_leaves(new2.target_critic),
+                                          jax.tree_util.tree_leaves(state2.target_critic),
+                                          jax.tree_util.tree_leaves(state2.nets.critic),
+                                          jax.tree_util.tree_leaves(new2.nets.critic)):
+        np.testing.assert_allclose(np.asarray(t_new), 0.9 * np.asarray(t_old) + 0.1 * np.asarray(c_old),
                                    rtol=1e-5, atol=1e-7)
+        moved |= bool(np.abs(np.asarray(c_new) - np.asarray(c_old)).max() > 1e-4)  # Adam: about lr
+    assert moved  # the update moved the critics, so the two orders give different targets
     assert a.shape == (1, 2) and float(jnp.abs(a).max()) <= 1.0
 
 
