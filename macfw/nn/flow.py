@@ -204,17 +204,30 @@ class FlowPolicy(BehaviorPolicy):
         return jnp.mean((self._velocity_from(pre, x, u) - (A - z)) ** 2)
 
     def loss(self, s, g, A, *, key):
+        """Flow matching (+ distillation) for one example, its noise drawn from ``key``: ``z ~ N(0, I)``,
+        ``u ~ U[0, 1]`` and ``z_distill ~ N(0, I)`` (:meth:`loss_from_noise`)."""
         kz, ku, kd = jax.random.split(key, 3)
-        z = jax.random.normal(kz, A.shape)
-        u = jax.random.uniform(ku)
+        return self.loss_from_noise(s, g, A, jax.random.normal(kz, A.shape), jax.random.uniform(ku),
+                                    jax.random.normal(kd, A.shape))
+
+    def loss_from_noise(self, s, g, A, z, u, z_distill) -> tuple[Array, dict]:
+        """:meth:`loss` with its noise passed in (``z``, ``z_distill``: ``(chunk_dim,)``; ``u`` scalar).
+
+        Flow matching (:meth:`flow_loss`) and, with ``distill``, the distillation loss
+        ``mean((mu(s, g, z_distill) - sg(clip(x(1), -1, 1)))^2)``: ``x(1)`` the ODE solution from
+        ``z_distill``, clipped to the action range as the authors' ``sample_flow_actions`` clips their
+        target (the parity case ``experiments/parity_cases/mac.py`` found the unclipped one; the ODE
+        solution leaves [-1, 1] where the data's chunks sit at its edges). Metrics: ``flow/loss``,
+        ``flow/distill_loss``, ``flow/vel`` (``||A - z||``, the authors' ``bc_actor/vel``).
+        """
         pre = self.state_prefix(s, g)  # shared by this velocity and the distillation target's ODE steps
         flow = self.flow_loss(s, g, A, z, u, pre=pre)
-        metrics = {"flow/loss": flow}
+        metrics = {"flow/loss": flow, "flow/vel": jnp.linalg.norm(A - z)}
         total = flow
         if self.one_step is not None:
-            z2 = jax.random.normal(kd, A.shape)
-            target = jax.lax.stop_gradient(self.solve(s, g, z2, pre=jax.lax.stop_gradient(pre)))
-            distill = jnp.mean((self.distilled(s, g, z2) - target) ** 2)
+            target = self.solve(s, g, z_distill, pre=jax.lax.stop_gradient(pre))
+            target = jax.lax.stop_gradient(jnp.clip(target, -1.0, 1.0))
+            distill = jnp.mean((self.distilled(s, g, z_distill) - target) ** 2)
             metrics["flow/distill_loss"] = distill
             total = total + self.distill_weight * distill
         return total, metrics
