@@ -270,12 +270,12 @@ def test_shard_rotation_one_shard_at_a_time(shard_dir, tmp_path):
     chunks = [a.to_chunk_data(spec.window) for a in alones]
     for j in range(12):
         k = (j // 3) % 3
-        for f in ("idx", "value_goal_idx", "traj_end"):
+        for f in ("idx", "value_goal_idx", "actor_goal_idx", "traj_end"):
             v = st[f][j]
             assert np.all((v >= off[k]) & (v < off[k + 1])), (j, f, k)
         alone = alones[k]
         ref = _sample_batch(chunks[k], spec, True, jax.random.fold_in(key, j), 64)
-        for f in ("idx", "value_goal_idx", "traj_end"):
+        for f in ("idx", "value_goal_idx", "actor_goal_idx", "traj_end"):
             ref[f] = ref[f] + np.int32(off[k])
         got = {f: v[j] for f, v in st.items()}
         for f in ("obs", "next_obs", "value_goals", "actor_goals", "next_goals"):  # other scaler (shard 0's val)

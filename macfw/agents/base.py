@@ -48,8 +48,8 @@ class BatchSpec:
     n when ``normalize_reward``), or ``success - 1`` (goal-conditioned); ``masks ()``;
     ``success ()`` the chunk success label; ``value_goals, actor_goals (goal_dim,)`` hindsight
     relabelled goals drawn as ``goals`` says (``(0,)`` single-task); ``next_goals (goal_dim,)``
-    the goal representation of s_{t+n}; ``idx``, ``value_goal_idx ()`` the dataset indices of s_t
-    and of the value goal; ``traj_end ()`` the index of the last observation of s_t's trajectory;
+    the goal representation of s_{t+n}; ``idx``, ``value_goal_idx``, ``actor_goal_idx ()`` the dataset
+    indices of s_t, of the value goal and of the actor goal; ``traj_end ()`` the index of the last observation of s_t's trajectory;
     and, when ``future_len > 0``,
     ``future_obs (future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}.
 

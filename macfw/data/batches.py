@@ -136,7 +136,8 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
     Returns a dict of arrays (B = batch_size):
       ``obs (B, ob_dim)`` = s_t; ``actions (B, n*act_dim)`` = A_t; ``next_obs (B, ob_dim)`` = s_{t+n};
       ``value_goals, actor_goals (B, goal_dim)``; ``success (B,)`` the chunk success label;
-      ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx (B,)`` int indices;
+      ``rewards (B,)`` chunk reward; ``masks (B,)``; ``idx, value_goal_idx, actor_goal_idx (B,)`` int
+      indices (single-task: the goal indices are ``idx``);
       ``next_goals (B, goal_dim)`` the goal representation of s_{t+n} (a subgoal ``n`` steps ahead);
       ``traj_end (B,)`` the index of the final observation of each sample's trajectory;
       with ``future_len > 0`` also ``future_obs (B, future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}
@@ -173,15 +174,16 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
         vg, ag = goal_indices(ks, t, end, N, gamma, goals=goals)
         success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
         batch.update(
-            value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg, next_goals=data.goals[t + n],
+            value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg, actor_goal_idx=ag,
+            next_goals=data.goals[t + n],
             success=success, rewards=success - 1.0, masks=1.0 - success,
         )
     else:
         r = chunk_reward(data.rewards[steps], gamma, normalize_reward)
         success = jnp.any(data.masks[steps] < 0.5, axis=1).astype(jnp.float32)
         empty = jnp.zeros((batch_size, 0), jnp.float32)
-        batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, next_goals=empty, success=success,
-                     rewards=r, masks=jnp.ones_like(r))
+        batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, actor_goal_idx=t, next_goals=empty,
+                     success=success, rewards=r, masks=jnp.ones_like(r))
     return batch
 
 

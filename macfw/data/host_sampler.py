@@ -182,7 +182,8 @@ class ShardSampler:
                 g = d.obs_scaler(d.take("observations", np.stack([vg, ag], axis=1)))
                 ng = next_obs
             success = ((vg >= t) & (vg < t + n)).astype(np.float32)
-            b.update(value_goals=g[:, 0], actor_goals=g[:, 1], value_goal_idx=ind["vg"].reshape(-1), next_goals=ng,
+            b.update(value_goals=g[:, 0], actor_goals=g[:, 1], value_goal_idx=ind["vg"].reshape(-1),
+                     actor_goal_idx=ind["ag"].reshape(-1), next_goals=ng,
                      success=success, rewards=success - np.float32(1.0), masks=np.float32(1.0) - success)
         else:
             with jax.default_device(_cpu()):
@@ -192,7 +193,8 @@ class ShardSampler:
             else:
                 success = np.any(d.take("masks", steps, shard) < 0.5, axis=1).astype(np.float32)
             empty = np.zeros((F, 0), np.float32)
-            b.update(value_goals=empty, actor_goals=empty, value_goal_idx=b["idx"], next_goals=empty, success=success,
+            b.update(value_goals=empty, actor_goals=empty, value_goal_idx=b["idx"], actor_goal_idx=b["idx"],
+                     next_goals=empty, success=success,
                      rewards=r, masks=np.ones_like(r))
         d.maybe_release()
         return {k: v.reshape(lead + v.shape[1:]) for k, v in b.items()}
