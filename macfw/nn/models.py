@@ -214,7 +214,7 @@ class SuccessModel(_ChunkHead):
         logit = self(s, g, A)
         bce = optax.sigmoid_binary_cross_entropy(logit, label)
         acc = ((logit > 0) == (label > 0.5)).astype(jnp.float32)
-        return bce, {"success/loss": bce, "success/accuracy": acc}
+        return bce, {"success/loss": bce, "success/accuracy": acc, "success/prob": jax.nn.sigmoid(logit)}
 
 
 @register("reward")
@@ -222,8 +222,34 @@ class RewardModel(_ChunkHead):
     """Chunk reward ``r(s, g, A) -> R`` for single-task data (MSE to the chunk reward)."""
 
     def loss(self, s, g, A, target) -> tuple[Array, dict]:
-        err = (self(s, g, A) - target) ** 2
-        return err, {"reward/loss": err}
+        """Squared error for one example; metrics ``reward/loss`` and ``reward/pred`` (the prediction)."""
+        pred = self(s, g, A)
+        err = (pred - target) ** 2
+        return err, {"reward/loss": err, "reward/pred": pred}
+
+
+def success_metrics(prob: Float[Array, " B"], label: Float[Array, " B"]) -> dict[str, Array]:
+    """The success head's diagnostics on a batch, as the authors log them (their ``success_loss``
+    info; ``prob = sigmoid(c(s, g, A))``, ``label`` in {0, 1}): ``success/prob_max``, ``prob_min``,
+    ``accuracy_0.7``, ``accuracy_0.9`` (``prob > 0.7`` or ``> 0.9`` against ``label > 0.5``),
+    ``pos_accuracy`` (``prob > 0.5`` among positive labels), ``neg_accuracy`` (``prob < 0.5`` among
+    negative labels) and ``label_mean``. The mean ``success/prob`` and ``success/accuracy`` (at 0.5)
+    come from :meth:`SuccessModel.loss`. Where a batch has no positive (or no negative) label the
+    authors' ratio is 0/0 = NaN; here it is 0 (a training step must not log NaN: the loop stops on
+    non-finite metrics)."""
+    pos, neg = label > 0.5, label < 0.5
+    frac = lambda hit, among: jnp.sum(hit & among) / jnp.maximum(jnp.sum(among), 1)  # noqa: E731
+    return {"success/prob_max": jnp.max(prob), "success/prob_min": jnp.min(prob),
+            "success/accuracy_0.7": jnp.mean((prob > 0.7) == pos), "success/accuracy_0.9": jnp.mean((prob > 0.9) == pos),
+            "success/pos_accuracy": frac(prob > 0.5, pos), "success/neg_accuracy": frac(prob < 0.5, neg),
+            "success/label_mean": jnp.mean(label)}
+
+
+def reward_metrics(pred: Float[Array, " B"], target: Float[Array, " B"]) -> dict[str, Array]:
+    """The reward head's diagnostics on a batch, as the authors log them (their ``reward_loss`` info):
+    ``reward/pred_max``, ``pred_min`` and ``target_mean`` (the mean ``reward/pred`` comes from
+    :meth:`RewardModel.loss`)."""
+    return {"reward/pred_max": jnp.max(pred), "reward/pred_min": jnp.min(pred), "reward/target_mean": jnp.mean(target)}
 
 
 #: The classes :func:`evaluate_jointly` may evaluate with one first-layer product (exact classes: a
