@@ -13,6 +13,24 @@ The whole update on one screen (DESIGN §2.4), composed from registered parts:
 Code name -> paper symbol: ``chunk_len`` n, ``horizon`` H (chunks), ``gamma`` gamma,
 ``lam`` lambda, ``tau`` EMA rate, ``dynamics`` f, ``policy`` (v, mu), ``critic`` Q,
 ``value`` V, ``target_value`` V', ``success`` c, ``reward`` r.
+
+Parity with the authors' code (``experiments/parity.py --agents mac``, issue 29): with the same
+parameters, batches and noise, every term the authors' ``MACAgent.update`` logs, the gradients and the
+parameters (the target value included) agree to within 3e-5 relative after 1 and 10 updates, both
+goal-conditioned and single-task (2 x 64 networks, batch 32, H = 10, N = 8; 2026-12-07). The case
+found two differences, now as the authors have them (``tests/test_mac.py``):
+
+* the distillation target is the flow ODE's solution clipped to [-1, 1]
+  (:meth:`~macfw.nn.flow.FlowPolicy.loss_from_noise`);
+* the EMA of the target value averages in the value *before* the gradient step (the authors'
+  ``target_update`` reads the pre-update parameters), so ``V'`` trails ``V`` by one more step.
+
+Deliberate deviations: goal-conditioned, macfw builds no reward head (the authors' batches carry
+``rewards = success - 1`` and their ``total_loss`` trains a reward head on them that no loss or
+rollout reads: a network's forward and backward pass per update for nothing); the per-class success
+accuracies are 0 where the authors' ratio is 0/0 = NaN (every single-task batch has no positive
+label; a NaN metric would stop macfw's loop); at ``lam = 1`` the returns use ``V'(s_H)`` alone
+(:func:`monte_carlo_returns`, the same values).
 """
 
 from __future__ import annotations
@@ -32,7 +50,8 @@ from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.mlp import fold_layer_norms
-from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel, evaluate_jointly
+from macfw.nn.models import (ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel, evaluate_jointly,
+                             reward_metrics, success_metrics)
 from macfw.registry import register
 from macfw.rollout import imagine
 from macfw.samplers import RejectionSampler, Sampler
@@ -289,10 +308,15 @@ class MAC(Agent):
             succ, m_succ = jax.vmap(nets.success.loss)(s, vg, A, batch["success"])
             total = dyn.mean() + flow.mean() + succ.mean()
             metrics = {**m_dyn, **m_flow, **m_succ}
+            stats = {"policy/loss": flow.mean()}  # the authors' diagnostics (batch statistics beyond means)
+            if "success/prob" in m_succ:
+                stats.update(success_metrics(m_succ["success/prob"], batch["success"]))
             if nets.reward is not None:
                 rew, m_rew = jax.vmap(nets.reward.loss)(s, vg, A, batch["rewards"])
                 total = total + rew.mean()
                 metrics.update(m_rew)
+                if "reward/pred" in m_rew:
+                    stats.update(reward_metrics(m_rew["reward/pred"], batch["rewards"]))
 
         with jax.named_scope("value_critic"):
             # value: lambda-returns against V' on the H+1 imagined states (at lam = 1 only V'(s_H) is needed).
@@ -318,9 +342,12 @@ class MAC(Agent):
 
         total = total + value_loss + critic_loss
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+        metrics.update(stats)
         metrics.update({
-            "value/loss": value_loss, "value/mean": v_pred.mean(), "value/return_mean": returns.mean(),
-            "critic/loss": critic_loss, "critic/q_mean": q.mean(),
+            "value/loss": value_loss, "value/mean": v_pred.mean(), "value/max": v_pred.max(), "value/min": v_pred.min(),
+            "value/return_mean": returns.mean(), "value/return_min": returns.min(), "value/return_max": returns.max(),
+            "value/return_std": returns.std(),
+            "critic/loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_max": q.max(), "critic/q_min": q.min(),
             "rollout/reward_mean": roll["rewards"].mean(), "rollout/done_rate": 1.0 - roll["masks"].mean(),
             "total/loss": total,
         })
@@ -337,6 +364,6 @@ class MAC(Agent):
         nets, opt_state, metrics = gradient_step(
             state.nets, state.opt_state, self.optimizer(),
             lambda nets: self.loss(nets, state.target_value, batch, roll, k_loss))
-        with jax.named_scope("optimizer"):
-            target = ema(state.target_value, nets.value, self.tau)
+        with jax.named_scope("optimizer"):  # V' <- (1 - tau) V' + tau V, V before this step (the authors' order)
+            target = ema(state.target_value, state.nets.value, self.tau)
         return TrainState(step=state.step + 1, nets=nets, target_value=target, opt_state=opt_state, key=key), metrics
