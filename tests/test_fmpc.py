@@ -82,7 +82,7 @@ class _SpyModel(eqx.Module):
     mid: float = eqx.field(static=True)   # the scaler's inverse on dimension 0: x = y * half + mid
     half: float = eqx.field(static=True)
 
-    def loss(self, s, a, X, *, key):
+    def flow_loss(self, s, a, X, z, u):
         t = jnp.rint(s[0] * self.half + self.mid).astype(jnp.int32)
         want = jax.lax.dynamic_slice_in_dim(self.table, t + 1, L, axis=0).reshape(-1)
         err_x = jnp.max(jnp.abs(X - want))
@@ -257,3 +257,48 @@ def test_bad_bindings_name_themselves():
             FMPC(**kw)
     with pytest.raises(ConfigError, match="FutureFlow.flow_steps"):
         FutureFlow(Spec(ob_dim=2, act_dim=1, goal_dim=0, chunk_len=1), key=jax.random.PRNGKey(0), flow_steps=0)
+
+
+# ---------------------------------------------------------------------------------- draws passed in (parity, issue 29)
+def test_update_takes_its_draws_as_an_argument():
+    """``update(state, batch, noise)`` uses exactly the given batch-level draws (the parity harness
+    hands the same arrays to the authors' code): the flow-matching losses and target-velocity norms
+    are the defining formulas on that noise, and the same noise gives the same step."""
+    _, agent, _, state, batch = _setup("oraclerep")
+    B = batch["obs"].shape[0]
+    noise = agent.draw_noise(jax.random.PRNGKey(5), B)
+    assert {k: v.shape for k, v in noise.items()} == {"model_z": (B, L * agent.spec.ob_dim), "model_u": (B,),
+                                                      "policy_z": (B, agent.spec.act_dim), "policy_u": (B,)}
+    step = jax.jit(agent.update)
+    new, m = step(state, batch, noise)
+    new2, m2 = step(state, batch, noise)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree_util.tree_leaves(new.nets), jax.tree_util.tree_leaves(new2.nets)))
+    inp = agent.training_inputs(batch)
+    nets = state.nets
+    z, u, X = noise["model_z"], noise["model_u"], inp["future"]
+    x = (1 - u[:, None]) * z + u[:, None] * X
+    v = jax.vmap(nets.model.velocity)(inp["obs"], inp["action"], x, u)
+    np.testing.assert_allclose(float(m["dynamics/loss"]), float(jnp.mean((v - (X - z)) ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(float(m["dynamics/vel"]), float(jnp.linalg.norm(X - z, axis=-1).mean()), rtol=1e-5)
+    z, u, A = noise["policy_z"], noise["policy_u"], inp["action"]
+    x = (1 - u[:, None]) * z + u[:, None] * A
+    v = jax.vmap(nets.policy.velocity)(inp["obs"], inp["actor_goals"], x, u)
+    np.testing.assert_allclose(float(m["flow/loss"]), float(jnp.mean((v - (A - z)) ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(float(m["flow/vel"]), float(jnp.linalg.norm(A - z, axis=-1).mean()), rtol=1e-5)
+    other, _ = step(state, batch, agent.draw_noise(jax.random.PRNGKey(6), B))
+    assert not np.allclose(np.asarray(other.nets.model.field.layers[0].weight),
+                           np.asarray(new.nets.model.field.layers[0].weight))
+
+
+def test_a_distilled_policy_is_refused():
+    """FMPC trains its policy by flow matching alone and samples it by solving the ODE (the authors'):
+    a FlowPolicy with a one-step network would never be trained, so it is refused by name."""
+    agent = FMPC(policy=functools.partial(FlowPolicy, hidden_dims=TINY, distill=True),
+                 model=functools.partial(FutureFlow, hidden_dims=TINY), critic=functools.partial(QCritic, hidden_dims=TINY),
+                 value=functools.partial(StateValue, hidden_dims=TINY), future_len=4)
+    with pytest.raises(ConfigError, match=r"FMPC\.policy"):
+        agent.init(Spec(ob_dim=3, act_dim=2, goal_dim=0, chunk_len=4), jax.random.PRNGKey(0))
+    assert FMPC(model=functools.partial(FutureFlow, hidden_dims=TINY), critic=functools.partial(QCritic, hidden_dims=TINY),
+                value=functools.partial(StateValue, hidden_dims=TINY), future_len=4,
+                ).init(Spec(ob_dim=3, act_dim=2, goal_dim=0, chunk_len=4), jax.random.PRNGKey(0)).nets.policy.one_step is None

@@ -29,6 +29,24 @@ Rewards over the ``L``-step window (the batch is sampled with ``chunk_len = L``,
   ``V(s_t) <- r + gamma^L V'(s_{t+L})`` (the authors' single-task target, an undiscounted return-to-go
   clipped to [0, 1], is identically 0 for OGBench's non-positive rewards; see :meth:`FMPC.targets`).
 
+Parity with the authors' code (``experiments/parity.py``, issue 29; the same parameters, batches and
+draws, goal-conditioned and single-task: every logged metric and the parameters after 10 updates agree
+to float rounding, 8e-6 at most). The update takes its random draws as an argument
+(``update(state, batch, noise)``, :meth:`FMPC.draw_noise`: the batch-level flow-matching noise and
+flow times of the future model and the policy). Deliberate deviations from their code, each measured
+there and listed by name with both sides' values:
+
+* ``critic_target_bootstraps_value_logit``: their critic target is ``clip(r + gamma^L m V, 0, 1)``
+  with ``V`` the value network's raw output, a logit under their BCE value loss; macfw bootstraps
+  ``sigmoid(V)`` (:meth:`FMPC.targets`). On the harness's first batch their critic loss is 0.866
+  against 0.893 with the probability, and after 10 updates their parameters are 0.85 (relative)
+  away from the bootstrapped-probability ones.
+* ``return_to_go_excludes_the_trajectory_end``: their value label ``1[t <= g_idx < final]`` (with
+  OGBench's compact layout ``final`` is the second-to-last state) says a goal at the trajectory's last
+  two states is not later in it; macfw's is ``1[t <= g_idx <= end]`` (:func:`goal_later_label`).
+* ``singletask_value_target_is_a_clipped_return_to_go``: see the single-task paragraph above (their
+  return-to-go is also a ``(L + 1, B)`` array broadcast against ``V``'s ``(B,)``).
+
 Code name -> symbol: ``future_len`` L, ``num_samples`` N, ``gamma`` gamma, ``tau`` EMA rate of
 ``V'``, ``model`` p, ``policy`` pi, ``critic`` Q, ``value`` V, ``target_value`` V'. Shapes per example:
 ``s: (ob_dim,)``, ``a: (act_dim,)``, ``X: (L * ob_dim,)``, ``g: (goal_dim,)``.
@@ -37,6 +55,7 @@ Code name -> symbol: ``future_len`` L, ``num_samples`` N, ``gamma`` gamma, ``tau
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import equinox as eqx
@@ -113,14 +132,18 @@ class FutureFlow(eqx.Module):
         """A future drawn from the model: ``(L * ob_dim,)``."""
         return self.predict(s, a, jax.random.normal(key, (self.future_dim,)))
 
-    def loss(self, s, a, X, *, key: PRNGKeyArray) -> tuple[Array, dict]:
-        """Flow-matching loss for one example, ``X: (L * ob_dim,)`` the real flattened future."""
-        kz, ku = jax.random.split(key)
-        z = jax.random.normal(kz, X.shape, X.dtype)
-        u = jax.random.uniform(ku, dtype=X.dtype)
+    def flow_loss(self, s, a, X, z, u) -> tuple[Array, dict]:
+        """Flow-matching loss for one example from given noise ``z: (L * ob_dim,)`` and flow time ``u``
+        (scalar); ``X: (L * ob_dim,)`` the real flattened future. Metrics: the loss and ``|X - z|``
+        (the target velocity's norm, the authors' ``vel``)."""
         x = (1.0 - u) * z + u * X
         err = jnp.mean((self.velocity(s, a, x, u) - (X - z)) ** 2)
-        return err, {"dynamics/loss": err}
+        return err, {"dynamics/loss": err, "dynamics/vel": jnp.linalg.norm(X - z)}
+
+    def loss(self, s, a, X, *, key: PRNGKeyArray) -> tuple[Array, dict]:
+        """:meth:`flow_loss` with ``z ~ N(0, I)``, ``u ~ U[0, 1]`` drawn from ``key``."""
+        kz, ku = jax.random.split(key)
+        return self.flow_loss(s, a, X, jax.random.normal(kz, X.shape, X.dtype), jax.random.uniform(ku, dtype=X.dtype))
 
 
 def _solver_ok(solver) -> bool:
@@ -212,11 +235,12 @@ class FMPC(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, model: Callable = FutureFlow, policy: Callable = FlowPolicy, critic: Callable = QCritic,
+    def __init__(self, model: Callable = FutureFlow, policy: Callable | None = None, critic: Callable = QCritic,
                  value: Callable = StateValue, *, future_len: int = 32, num_samples: int = 64, gamma: float = 0.999,
                  tau: float = 0.005, learning_rate: float = 3e-4, value_loss: str = "bce",
                  normalize_reward: bool = True, goal_sampling: GoalSampling | None = None):
         name = type(self).__name__
+        policy = functools.partial(FlowPolicy, distill=False) if policy is None else policy
         for slot, f in (("model", model), ("policy", policy), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class, e.g. @FutureFlow (see gin/baselines/fmpc.gin)")
         self.factories = dict(model=model, policy=policy, critic=critic, value=value)
@@ -257,6 +281,10 @@ class FMPC(Agent):
         nets = FMPCNetworks(model=f["model"](one, key=ks[0], future_len=self.future_len),
                             policy=f["policy"](one, key=ks[1]), critic=f["critic"](future, key=ks[2]),
                             value=f["value"](one, key=ks[3]))
+        check("FMPC.policy", type(nets.policy).__name__,
+              hasattr(nets.policy, "flow_loss") and getattr(nets.policy, "one_step", None) is None,
+              "a flow policy trained by flow matching alone, sampled by solving its ODE (the authors'): "
+              "@FlowPolicy with FlowPolicy.distill = False")
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.value)
         return FMPCState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_value=target, opt_state=opt_state)
@@ -303,14 +331,24 @@ class FMPC(Agent):
         return {"q": q, "v": v}
 
     # ------------------------------------------------------------------ the update
-    def loss(self, nets: FMPCNetworks, inputs: dict, targets: dict, key) -> tuple[Array, dict]:
-        """The four losses on one batch of :meth:`training_inputs`; ``(total, metrics)``."""
-        B = inputs["obs"].shape[0]
-        k_model, k_policy = jax.random.split(key)
-        model_l, m_model = jax.vmap(lambda s, a, X, k: nets.model.loss(s, a, X, key=k))(
-            inputs["obs"], inputs["action"], inputs["future"], jax.random.split(k_model, B))
-        policy_l, m_policy = jax.vmap(lambda s, g, a, k: nets.policy.loss(s, g, a, key=k))(
-            inputs["obs"], inputs["actor_goals"], inputs["action"], jax.random.split(k_policy, B))
+    def draw_noise(self, key, batch_size: int) -> dict[str, Array]:
+        """The update's random draws, at batch level: the flow-matching noise and flow times of the
+        future model (``model_z (B, L * ob_dim)``, ``model_u (B,)``) and of the policy (``policy_z
+        (B, act_dim)``, ``policy_u (B,)``); normals and uniforms on [0, 1)."""
+        kz, ku, pz, pu = jax.random.split(key, 4)
+        B = batch_size
+        return {"model_z": jax.random.normal(kz, (B, self.future_len * self.spec.ob_dim)),
+                "model_u": jax.random.uniform(ku, (B,)),
+                "policy_z": jax.random.normal(pz, (B, self.spec.act_dim)),
+                "policy_u": jax.random.uniform(pu, (B,))}
+
+    def loss(self, nets: FMPCNetworks, inputs: dict, targets: dict, noise: dict) -> tuple[Array, dict]:
+        """The four losses on one batch of :meth:`training_inputs` with the draws ``noise``
+        (:meth:`draw_noise`); ``(total, metrics)``."""
+        model_l, m_model = jax.vmap(nets.model.flow_loss)(inputs["obs"], inputs["action"], inputs["future"],
+                                                         noise["model_z"], noise["model_u"])
+        policy_l = jax.vmap(nets.policy.flow_loss)(inputs["obs"], inputs["actor_goals"], inputs["action"],
+                                                   noise["policy_z"], noise["policy_u"])
         g = inputs["value_goals"]
         v = jax.vmap(nets.value)(inputs["obs"], g)
         q = jax.vmap(nets.critic)(inputs["future"], g, inputs["action"])
@@ -320,19 +358,25 @@ class FMPC(Agent):
         if self._bce:
             v, q = jax.nn.sigmoid(v), jax.nn.sigmoid(q)
         total = model_l.mean() + policy_l.mean() + value_l + critic_l
-        metrics = {k: jnp.mean(x) for k, x in {**m_model, **m_policy}.items()}
-        metrics.update({"value/loss": value_l, "value/v_mean": v.mean(), "value/target_mean": targets["v"].mean(),
-                        "critic/loss": critic_l, "critic/q_mean": q.mean(),
-                        "critic/target_mean": targets["q"].mean(), "total/loss": total})
+        metrics = {k: jnp.mean(x) for k, x in m_model.items()}
+        metrics.update({"flow/loss": policy_l.mean(),
+                        "flow/vel": jnp.linalg.norm(inputs["action"] - noise["policy_z"], axis=-1).mean(),
+                        "value/loss": value_l, "value/v_mean": v.mean(), "value/v_max": v.max(),
+                        "value/v_min": v.min(), "value/target_mean": targets["v"].mean(),
+                        "critic/loss": critic_l, "critic/q_mean": q.mean(), "critic/q_max": q.max(),
+                        "critic/q_min": q.min(), "critic/target_mean": targets["q"].mean(), "total/loss": total})
         return total, metrics
 
-    def update(self, state: FMPCState, batch: dict) -> tuple[FMPCState, dict]:
-        """One gradient step on a loop batch (pure; jit it)."""
+    def update(self, state: FMPCState, batch: dict, noise: dict[str, Array] | None = None) -> tuple[FMPCState, dict]:
+        """One gradient step on a loop batch (pure; jit it). ``noise``: the draws of :meth:`draw_noise`
+        (None: drawn from the state's key)."""
         key, k_loss = jax.random.split(state.key)
+        if noise is None:
+            noise = self.draw_noise(k_loss, batch["obs"].shape[0])
         inputs = self.training_inputs(batch)
         targets = self.targets(state.nets, state.target_value, inputs)
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, inputs, targets, k_loss))
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, inputs, targets, noise))
         target = ema(state.target_value, nets.value, self.tau)
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_value=target,
                                    opt_state=opt_state), metrics
