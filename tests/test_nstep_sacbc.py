@@ -216,6 +216,31 @@ def test_update_uses_only_the_first_action_and_acts_with_one_action(goal_dim):
     np.testing.assert_allclose(np.asarray(a[0]), np.asarray(new.nets.actor.mode(b["obs"][0], b["value_goals"][0])))
 
 
+def test_update_takes_its_draws_as_an_argument():
+    """``update(state, batch, noise)`` samples the actor from exactly the given batch-level normals (the
+    parity harness hands the same arrays to the authors' distrax sample): ``actor/mse`` and the entropy
+    are the defining formulas on ``noise['actions']``, and the target uses ``noise['next_actions']``."""
+    n = 5
+    agent = _agent(n=n)
+    state = _init(agent, goal_dim=GOAL, chunk_len=n)
+    b = _batch(GOAL, [3, 3, 3, 3], [3, 5, 9, 1000])
+    noise = agent.draw_noise(jax.random.PRNGKey(3), 4)
+    assert {k: v.shape for k, v in noise.items()} == {"next_actions": (4, ACT), "actions": (4, ACT)}
+    _, m = jax.jit(agent.update)(state, b, noise)
+    actor = state.nets.actor
+    mean, log_std = jax.vmap(actor.mean_log_std)(b["obs"], b["actor_goals"])
+    u = np.asarray(mean) + np.exp(np.asarray(log_std)) * np.asarray(noise["actions"])
+    a = np.tanh(u)
+    np.testing.assert_allclose(float(m["actor/mse"]), np.mean(np.sum((a - b["actions"][:, :ACT]) ** 2, axis=1)), rtol=1e-5)
+    logp = np.sum(-0.5 * np.asarray(noise["actions"]) ** 2 - np.asarray(log_std) - 0.5 * np.log(2 * np.pi)
+                  - np.log(1 - np.tanh(u) ** 2), axis=1)
+    np.testing.assert_allclose(float(m["temperature/entropy"]), -np.mean(logp), rtol=1e-4)
+    np.testing.assert_allclose(float(m["actor/std"]), np.exp(np.asarray(log_std)).mean(), rtol=1e-6)
+    other = dict(noise, next_actions=noise["next_actions"] + 1.0)
+    _, m2 = jax.jit(agent.update)(state, b, other)
+    assert float(m2["actor/mse"]) == float(m["actor/mse"]) and float(m2["critic/target_mean"]) != float(m["critic/target_mean"])
+
+
 def test_target_critic_is_the_ema_of_the_critic_before_the_step():
     """The authors' ``target_update`` reads the pre-update critic: ``Q'_1 = (1 - tau) Q'_0 + tau Q_0``
     (parity, issue 29; the updated critic ``Q_1`` gave target biases ``tau`` times the first step's

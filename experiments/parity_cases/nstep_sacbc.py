@@ -40,6 +40,7 @@ trajectory (``t + n <= end``) and scores the goal alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -279,29 +280,61 @@ def run(ref, opts: Options) -> dict:
 
 def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) -> dict:
     """Each side's jitted update at cpu-small sizes (2 x 256, batch 256, n 25), alternated in one process."""
-    import equinox as eqx
-    import jax
-
     agent, state, theirs, data, hgc = build(ref, hidden, batch_size, opts.seed)
     b, rb = batches(agent, data, hgc, 1, batch_size, opts.seed)[0][0]
+    return time_updates(agent, state, b, theirs, rb, opts)
+
+
+@contextlib.contextmanager
+def jax_threefry():
+    """Programs compiled inside use JAX's own CPU lowering of threefry, the authors' setting (``import
+    macfw`` registers a written-out one, which would speed up their program too)."""
+    from macfw import _threefry
+
+    was = _threefry.is_unrolled()
+    _threefry.unroll_threefry_on_cpu(False)
+    try:
+        yield
+    finally:
+        _threefry.unroll_threefry_on_cpu(was)
+
+
+def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict:
+    """``updates_per_s``, ``flops_per_update``, ``utilisation`` and ``matmul_peak_flops`` of macfw's
+    ``agent.update`` (jitted as its training step compiles it: the state donated, the compiler options
+    of :mod:`macfw.compiler`) and the authors' jitted ``update`` (compiled with JAX's own threefry), the
+    batches already on the device, ``opts.pairs`` alternated pairs of ``opts.calls`` updates each."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    from macfw.compiler import compiler_options
+
     b, rb = jax.device_put(b), jax.device_put(rb)
-    step = eqx.filter_jit(agent.update)
-    ref_step = type(theirs).update
-    box = {"m": state, "r": theirs}
+    ref_update = type(theirs).update
+    with jax_threefry():
+        flops_ref = xla_flops(ref_update, theirs, rb)
+    flops_ours = xla_flops(jax.jit(agent.update), state, b)
+    ours = jax.jit(agent.update, donate_argnums=(0,), compiler_options=compiler_options(jax.devices()[0].platform))
+    box = {"m": jax.tree_util.tree_map(jnp.copy, state), "r": theirs}
 
     def mine():
         for _ in range(opts.calls):
-            box["m"], out = step(box["m"], b)
+            box["m"], out = ours(box["m"], b)
         return out
 
     def reference():
         for _ in range(opts.calls):
-            box["r"], out = ref_step(box["r"], rb)
+            box["r"], out = ref_update(box["r"], rb)
         return out
 
+    with jax_threefry():  # compile the authors' update as their code compiles it
+        jax.block_until_ready(reference())
     t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
-    flops = {"macfw": xla_flops(step, state, b), "reference": xla_flops(ref_step, theirs, rb)}
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
+    flops = {"macfw": flops_ours, "reference": flops_ref}
     return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak}
+            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
+            "load_average": list(os.getloadavg())}
