@@ -4,8 +4,11 @@ Makes RL Scalable", 2025; DESIGN §9). Model-free and goal-conditioned (oracle g
 Three parts, trained jointly with one Adam optimiser on the sum of the four losses, all on dataset
 samples only (no imagined data, no sampling inside the update: rejection sampling is test-time only):
 
-1. high-level flow BC policy ``pi_h(w | s, g_a)`` over subgoals ``w`` = the goal representation of
-   ``s_{t+n}`` (``batch['next_goals']``, ``(goal_dim,)``), trained by flow matching on the actor goals;
+1. high-level flow BC policy ``pi_h(w | s, g_a)`` over subgoals ``w`` (``(goal_dim,)``), trained by
+   flow matching on the actor goals ``g_a`` at index ``j_a``: ``w`` is the goal representation at
+   ``t + min(n, j_a - t)``, i.e. ``g_a`` itself where ``0 <= j_a - t < n`` (the actor goal lies
+   within the ``n`` steps), else that of ``s_{t+n}`` (``batch['next_goals']``)
+   (:func:`high_actor_targets`; the authors' HGCDataset ``high_actor_actions``);
 2. low-level flow BC policy ``pi_l(a | s, w)`` over single actions toward the subgoal ``w`` =
    ``next_goals`` (``a_t = batch['actions'][:, :act_dim]``), trained by flow matching;
 3. SARSA values over subgoals (the authors' "high_critic" / "high_value"; BCE, values in [0, 1]):
@@ -20,6 +23,12 @@ samples only (no imagined data, no sampling inside the update: rejection samplin
    * value ``V(s, g)`` by BCE to ``agg_i sigmoid(Q'_i(s, g, w_data))`` with ``Q'`` an EMA (tau) of ``Q``
      and ``agg`` = min (``q_agg``): SARSA-style, on the dataset subgoal, no max over subgoals.
 
+Flow matching (both levels): ``x = (1 - u) z + u x_1``, velocity target ``x_1 - z``, mean squared
+error over the batch and the dimensions, with ``z ~ N(0, I)`` and ``u ~ U[0, 1)`` drawn at batch level
+(:meth:`SHARSA.noise`, passed to :meth:`SHARSA.loss`; ``update(state, batch, noise)`` takes them too).
+The EMA ``Q'`` follows the authors' order: ``Q'_{t+1} = (1 - tau) Q'_t + tau Q_t`` from the critic
+*before* the step's gradient step (their ``target_update`` reads the pre-update parameters).
+
 Acting (:meth:`SHARSA.act`): draw ``num_samples`` (32) subgoals from ``pi_h(. | s, g)`` (the flow ODE,
 10 Euler steps, not clipped), keep ``argmax_i min_j Q_j(s, g, w_i)`` (the authors take the min of the
 two online heads at test time whatever ``q_agg`` is), then one action from ``pi_l(. | s, w*)``,
@@ -33,6 +42,17 @@ Networks: the flows are :class:`~macfw.nn.flow.FlowPolicy` built for specs whose
 subgoal (``Spec(act_dim=goal_dim, chunk_len=1)``) or one action (``chunk_len=1``); the low-level
 flow gets the subgoal in its goal slot. The critic is an :class:`~macfw.nn.ensemble.Ensemble` of
 :class:`~macfw.nn.models.QCritic` over ``(s, g, w)``; the value a :class:`~macfw.nn.models.StateValue`.
+
+Parity with the authors' code (``experiments/parity.py --agents sharsa``, issue 29: the same
+parameters, their own ``HGCDataset`` batches at macfw's indices, the same flow draws) gives every
+logged metric and the parameters after 10 updates within float rounding. It found, and macfw now
+follows the authors in: the high-level flow's target where the actor goal lies within ``n`` steps
+(macfw regressed ``s_{t+n}``'s goal everywhere; with uniform actor goals on 101-step episodes a third
+of a batch), the EMA order (above), and the logged ``value/v_max``, ``value/v_min``,
+``critic/target_max``, ``critic/target_min`` (their ``high_value/v_*``, ``high_critic/q_*``).
+Deliberate deviation in the data, not the losses: macfw samples only ``t`` with ``t + n`` in the
+trajectory, so the authors' clip of the subgoal steps to the trajectory end (which also marks such a
+sample a success, ``steps < n``, though the goal was not reached) never applies.
 """
 
 from __future__ import annotations
@@ -119,6 +139,17 @@ def dataset_subgoals(success: Float[Array, " B"], value_goals, next_goals) -> Fl
     """The subgoal the critic is trained on: the goal representation at ``t + k``, i.e. the value goal
     itself where it is reached inside the ``n`` steps, else ``next_goals`` (``s_{t+n}``'s)."""
     return jnp.where(success[:, None] > 0.5, value_goals, next_goals)
+
+
+def high_actor_targets(idx: Int[Array, " B"], actor_goal_idx: Int[Array, " B"], actor_goals, next_goals, n: int
+                       ) -> Float[Array, "B goal_dim"]:
+    """The subgoal the high-level flow regresses (the authors' HGCDataset ``high_actor_actions``): the
+    goal representation at ``t + min(n, d)`` with ``d = actor_goal_idx - idx``, i.e. the actor goal
+    itself where ``0 <= d < n`` (reached inside the ``n`` steps), else ``next_goals`` (``s_{t+n}``'s).
+    ``idx, actor_goal_idx: (B,)``; ``actor_goals, next_goals: (B, goal_dim)``."""
+    d = actor_goal_idx - idx
+    within = (d >= 0) & (d < n)
+    return jnp.where(within[:, None], actor_goals, next_goals)
 
 
 @register("agent")
@@ -238,8 +269,9 @@ class SHARSA(Agent):
         return jax.nn.sigmoid(x) if self.value_loss == "bce" else x
 
     def targets(self, nets: SHARSANetworks, target_critic, batch: dict) -> dict[str, Array]:
-        """Both regression targets (no gradient): ``targets`` of the critic (:func:`sarsa_targets` with
-        ``V(s_{t+n}, g)``), ``value_targets`` ``agg_j Q'_j(s, g, w_data)``, and ``subgoals`` w_data."""
+        """The regression targets (no gradient): ``targets`` of the critic (:func:`sarsa_targets` with
+        ``V(s_{t+n}, g)``), ``value_targets`` ``agg_j Q'_j(s, g, w_data)``, ``subgoals`` w_data, and
+        ``high_targets`` the high-level flow's subgoals (:func:`high_actor_targets`)."""
         nets, target_critic = _sg(nets), _sg(target_critic)
         s, g = batch["obs"], batch["value_goals"]
         next_v = self._prob(jax.vmap(nets.value)(batch["next_obs"], g))
@@ -248,40 +280,55 @@ class SHARSA(Agent):
         q_t = self._prob(jax.vmap(target_critic)(s, g, w))  # (B, heads)
         out["value_targets"] = q_t.min(axis=1) if self.q_agg == "min" else q_t.mean(axis=1)
         out["subgoals"] = w
+        out["high_targets"] = high_actor_targets(batch["idx"], batch["actor_goal_idx"], batch["actor_goals"],
+                                                 batch["next_goals"], self.n)
         return jax.tree_util.tree_map(_sg, out)
 
-    def loss(self, nets: SHARSANetworks, batch: dict, tg: dict, key) -> tuple[Array, dict]:
-        """Value, critic, high- and low-level flow losses on ``batch``; ``(total, metrics)``."""
-        B = batch["obs"].shape[0]
+    def noise(self, key, batch_size: int) -> dict[str, Array]:
+        """The flow-matching draws of one update, at batch level (the authors' draws, in their order):
+        ``z_high (B, goal_dim)``, ``u_high (B,)`` for the high-level flow, ``z_low (B, act_dim)``,
+        ``u_low (B,)`` for the low-level flow; ``z ~ N(0, I)``, ``u ~ U[0, 1)``."""
+        k_high, k_low = jax.random.split(key)
+        kz_h, ku_h = jax.random.split(k_high)
+        kz_l, ku_l = jax.random.split(k_low)
+        B, sp = batch_size, self.spec
+        return {"z_high": jax.random.normal(kz_h, (B, sp.goal_dim)), "u_high": jax.random.uniform(ku_h, (B,)),
+                "z_low": jax.random.normal(kz_l, (B, sp.act_dim)), "u_low": jax.random.uniform(ku_l, (B,))}
+
+    def loss(self, nets: SHARSANetworks, batch: dict, tg: dict, noise: dict) -> tuple[Array, dict]:
+        """Value, critic, high- and low-level flow-matching losses on ``batch`` with the draws ``noise``
+        (:meth:`noise`); ``(total, metrics)``. The metric names map to the authors' (``value/*`` their
+        ``high_value/*``, ``critic/target_*`` their ``high_critic/q_*``, the TD targets)."""
         s, g, w = batch["obs"], batch["value_goals"], tg["subgoals"]
         v = jax.vmap(nets.value)(s, g)
         value = jnp.mean(self._loss_fn(v, tg["value_targets"]))
         q = jax.vmap(nets.critic)(s, g, w)  # (B, heads)
         critic = jnp.mean(jnp.sum(self._loss_fn(q, tg["targets"][:, None]), axis=1))
 
-        k_high, k_low = jax.random.split(key)
         a0 = batch["actions"][:, : self.spec.act_dim]
-        high, m_high = jax.vmap(lambda s, g, x, k: nets.high_actor.loss(s, g, x, key=k))(
-            s, batch["actor_goals"], batch["next_goals"], jax.random.split(k_high, B))
-        low, m_low = jax.vmap(lambda s, g, x, k: nets.low_actor.loss(s, g, x, key=k))(
-            s, batch["next_goals"], a0, jax.random.split(k_low, B))
-        high, low = high.mean(), low.mean()
+        high = jnp.mean(jax.vmap(nets.high_actor.flow_loss)(s, batch["actor_goals"], tg["high_targets"],
+                                                            noise["z_high"], noise["u_high"]))
+        low = jnp.mean(jax.vmap(nets.low_actor.flow_loss)(s, batch["next_goals"], a0, noise["z_low"],
+                                                          noise["u_low"]))
         total = value + critic + high + low
-        metrics = {f"high_actor/{k.replace('/', '_')}": jnp.mean(x) for k, x in m_high.items()}  # flow_loss, ...
-        metrics.update({f"low_actor/{k.replace('/', '_')}": jnp.mean(x) for k, x in m_low.items()})
-        metrics.update({
-            "value/loss": value, "value/v_mean": self._prob(v).mean(), "value/target_mean": tg["value_targets"].mean(),
-            "critic/loss": critic, "critic/q_mean": self._prob(q).mean(), "critic/target_mean": tg["targets"].mean(),
-            "critic/success_rate": tg["success"].mean(), "high_actor/loss": high, "low_actor/loss": low,
-            "total/loss": total})
+        p_v, y = self._prob(v), tg["targets"]
+        metrics = {
+            "value/loss": value, "value/v_mean": p_v.mean(), "value/v_max": p_v.max(), "value/v_min": p_v.min(),
+            "value/target_mean": tg["value_targets"].mean(),
+            "critic/loss": critic, "critic/q_mean": self._prob(q).mean(), "critic/target_mean": y.mean(),
+            "critic/target_max": y.max(), "critic/target_min": y.min(), "critic/success_rate": tg["success"].mean(),
+            "high_actor/loss": high, "low_actor/loss": low, "total/loss": total}
         return total, metrics
 
-    def update(self, state: SHARSAState, batch: dict) -> tuple[SHARSAState, dict]:
-        """One gradient step on the loop's ``n``-step goal-conditioned ``batch`` (pure; jit it)."""
+    def update(self, state: SHARSAState, batch: dict, noise: dict | None = None) -> tuple[SHARSAState, dict]:
+        """One gradient step on the loop's ``n``-step goal-conditioned ``batch`` (pure; jit it), then the
+        critic's EMA. ``noise``: the flow-matching draws (:meth:`noise`); None draws them from the state's key."""
         key, k_loss = jax.random.split(state.key)
+        if noise is None:
+            noise = self.noise(k_loss, batch["obs"].shape[0])
         tg = self.targets(state.nets, state.target_critic, batch)
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, tg, k_loss))
-        target = ema(state.target_critic, nets.critic, self.tau)
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, tg, noise))
+        target = ema(state.target_critic, state.nets.critic, self.tau)  # the critic before this step (the authors')
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
                                    opt_state=opt_state), metrics
