@@ -275,6 +275,21 @@ def macfw_update(agent, state):
     return jitted, jax.tree_util.tree_map(lambda x: x.copy(), arrays)  # a copy: donation must not free ``state``'s
 
 
+@contextlib.contextmanager
+def jax_threefry():
+    """Within: programs lowered use JAX's own CPU lowering of threefry (the authors' setting; ``import
+    macfw`` registers a written-out one, :mod:`macfw._threefry`, which would speed up their programs
+    too). Compile (first call, or ``xla_flops``) the authors' jitted update inside."""
+    from macfw import _threefry
+
+    was = _threefry.is_unrolled()
+    _threefry.unroll_threefry_on_cpu(False)
+    try:
+        yield
+    finally:
+        _threefry.unroll_threefry_on_cpu(was)
+
+
 def alternate(fns: dict[str, Callable[[], Any]], pairs: int = 5) -> dict[str, float]:
     """Median seconds of each zero-argument function (each returns something to block on), called in
     turn ``pairs`` times after one warm-up call each, in one process: the machine's drift hits both."""
