@@ -142,7 +142,7 @@ def tiny():
     nets = eqx.tree_at(lambda n: n.success.net.layers[-1].bias, nets, jnp.full((1,), -30.0))
     s0 = jax.random.normal(jax.random.PRNGKey(1), (B, OB))
     g = jnp.zeros((B, 0))
-    key = jax.random.PRNGKey(2)
+    key = agent.rollout_noise(nets, jax.random.PRNGKey(2), B)  # the rollouts' draws (member, eps)
 
     # one compiled program for the actor rollout and the actor loss's gradient (compiles dominate)
     @eqx.filter_jit
@@ -230,7 +230,7 @@ def test_model_terms_train_the_critic(tiny):
     real = {"obs": tiny["s0"], "actions": roll["actions"][0], "next_obs": roll["states"][1], "rewards": jnp.zeros(B),
             "masks": jnp.ones(B), "value_goals": tiny["g"], "actor_goals": tiny["g"]}
     nets = tiny["nets"]
-    loss = lambda n: only_model.loss(n, nets.critic, real, jnp.zeros(B), roll, roll)[0]  # noqa: E731
+    loss = lambda n: only_model.loss(n, nets.critic, real, jnp.zeros(B), roll, roll, jnp.zeros((3, B, OB)))[0]  # noqa: E731
     grads = eqx.filter_jit(eqx.filter_grad(loss))(nets)
     assert sum(np.abs(x).sum() for x in _leaves(grads.critic)) > 1e-6
 
@@ -246,3 +246,81 @@ def test_one_pass_action_gradients_equal_the_per_step_jacobian(tiny):
     assert 0 < alive[1:].mean() < 1, alive  # both live and dead steps are exercised
     np.testing.assert_allclose(np.asarray(chain["grads"]), np.asarray(per_step["grads"]), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(chain["weights"]), np.asarray(per_step["weights"]))
+
+
+# ------------------------------------------------------------------------------ the update (parity, issue 29)
+def _batch(seed=3):
+    rng = np.random.default_rng(seed)
+    obs = rng.uniform(-1, 1, (B, OB)).astype(np.float32)
+    return {"obs": obs, "actions": rng.uniform(-1, 1, (B, ACT)).astype(np.float32),
+            "next_obs": (obs + 0.1 * rng.normal(size=obs.shape)).astype(np.float32),
+            "rewards": rng.uniform(-1, 0, B).astype(np.float32), "success": np.array([0, 1, 0, 0], np.float32),
+            "value_goals": np.zeros((B, 0), np.float32), "actor_goals": np.zeros((B, 0), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def updated(tiny):
+    """One update from a state whose target critic differs from the critic, with the draws passed in and
+    drawn from the state's key."""
+    agent = tiny["agent"]
+    state = agent.init(agent.spec, 0)
+    target = jax.tree_util.tree_map(lambda x: x + 0.1 if eqx.is_inexact_array(x) else x, state.target_critic)
+    state = eqx.tree_at(lambda s: s.target_critic, state, target)
+    _, k_noise = jax.random.split(state.key)
+    noise = agent.draw_noise(state.nets, k_noise, B)
+    step = eqx.filter_jit(agent.update)
+    return dict(state=state, noise=noise, passed=step(state, _batch(), noise), drawn=step(state, _batch()))
+
+
+def test_target_critic_is_the_ema_of_the_critic_before_the_step(updated):
+    """``Q' <- (1 - tau) Q' + tau Q`` with the critic before the gradient step, as the authors' ``target_update``
+    (it reads ``self.network``); the critic after the step gave another target (parity found it: their
+    critic EMA terms differed by 1% after 10 updates)."""
+    state, (new, _) = updated["state"], updated["passed"]
+    tau = 0.005
+    want = jax.tree_util.tree_map(lambda t, q: (1 - tau) * t + tau * q, _leaves(state.target_critic),
+                                  _leaves(state.nets.critic))
+    for got, w in zip(_leaves(new.target_critic), want):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
+    moved = sum(np.abs(a - b).sum() for a, b in zip(_leaves(new.nets.critic), _leaves(state.nets.critic)))
+    assert moved > 0  # the critic did move, so the two rules differ here
+
+
+def test_update_draws_its_noise_from_the_state_key(updated):
+    """``update(state, batch)`` is ``update(state, batch, draw_noise(nets, split(state.key)[1], B))``."""
+    (a, ma), (b, mb) = updated["passed"], updated["drawn"]
+    for x, y in zip(_leaves(a.nets), _leaves(b.nets)):
+        np.testing.assert_array_equal(x, y)
+    assert set(ma) == set(mb) and all(float(ma[k]) == float(mb[k]) for k in ma if np.isfinite(float(ma[k])))
+
+
+def test_model_sample_takes_one_member_per_example(tiny):
+    """``s'_b = mean_{m_b}(s_b, a_b) + sigma_{m_b}(s_b, a_b) eps_b``: the member drawn for example ``b`` predicts
+    every dimension of its next state (the authors' actor rollout mixed members across dimensions)."""
+    from macfw.agents.leq import model_sample
+
+    ens = tiny["nets"].dynamics
+    s, a = tiny["s0"], jnp.linspace(-1, 1, B * ACT).reshape(B, ACT)
+    member = jnp.array([2, 0, 1, 2])
+    eps = jax.random.normal(jax.random.PRNGKey(5), (B, OB))
+    got = np.asarray(model_sample(ens, s, a, member, eps))
+    for b in range(B):
+        mean, log_std = ens.member(int(member[b])).mean_log_std(s[b], a[b])
+        np.testing.assert_allclose(got[b], np.asarray(mean + jnp.exp(log_std) * eps[b]), rtol=1e-5, atol=1e-6)
+
+
+def test_authors_metrics(updated):
+    """The metrics the authors' ``total_loss`` logs, under macfw's names, on the tiny update: the success
+    head's (labels [0, 1, 0, 0]), the unweighted rollout means and the expectile weights' mean."""
+    _, m = updated["passed"]
+    for k in ("success/prob", "success/accuracy", "success/pos_accuracy", "success/neg_accuracy",
+              "critic/q_model_mean", "critic/q_model_min", "critic/q_model_max", "critic/reg_loss_data",
+              "critic/reg_loss_model", "critic/loss_weight_mean", "critic/alive_mean", "critic/state_abs_max",
+              "critic/reward_model_mean", "actor/lambda_return_mean", "dynamics/sample_mse", "reward/pred"):
+        assert np.isfinite(float(m[k])), k
+    np.testing.assert_allclose(float(m["success/label_mean"]), 0.25)
+    assert float(m["critic/q_model_min"]) <= float(m["critic/q_model_mean"]) <= float(m["critic/q_model_max"])
+    assert 0.0 < float(m["critic/loss_weight_mean"]) <= float(m["critic/alive_mean"]) <= 1.0
+    assert KAPPA <= float(m["actor/weight_mean"]) <= 1 - KAPPA  # each weight kappa, 1 - kappa or 0.5 (last step)
+    # sample_mse is a draw of E|s' - y|^2 = mse + E sigma^2 >= mse on average; here one draw of 4 x 3 x 3
+    assert float(m["dynamics/sample_mse"]) > 0 and float(m["dynamics/mse"]) > 0

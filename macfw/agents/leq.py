@@ -37,15 +37,32 @@ Everything trains jointly, one Adam optimiser over the sum of every loss, on one
    reward head, later actions ``pi(s_{t+k})`` and critic (all held fixed), states held fixed, and
    ``e_t = kappa if Q^lam_t > q_t else 1 - kappa`` (``e_H = 0.5``), the expectile weights;
 
-then an EMA (``tau``) of the critic.
+then an EMA (``tau``) of the critic: ``Q' <- (1 - tau) Q' + tau Q`` with ``Q`` the critic *before* this
+step's gradient step (the authors' ``target_update`` reads ``self.network``, the pre-update
+parameters).
 
-Differences from the MAC authors' code (DESIGN §9): their port calls the critic on the
-rollout states without its trained parameters, so the ``beta``-weighted model terms of step 4 send
-no gradient at all (only the data terms train the critic); here they train the critic as in the
-LEQ authors' ``lambda_update_q``. The diagonal Jacobian ``d Q^lam_t / d a_t``, which their
-``jacrev`` gets with one reverse pass per ``t``, comes here from one reverse pass (the same numbers;
-:meth:`LEQ.actor_rollout`), so the actor costs about a forward and a backward rollout, not ``H + 1``
-backward ones.
+Parity with the MAC authors' code (``experiments/parity.py --agents leq``, issue 29: the same
+parameters, batches and draws, every metric of their ``total_loss`` after 1 and 10 updates and the
+parameters after 10 agree to 1.3e-5 relative, single-task and goal-conditioned). Deliberate
+differences, each a defect of their port (the case lists each with both sides' values):
+
+* ``critic_model_terms_untrained``: their ``critic_loss`` calls the critic on the rollout states
+  without its trained parameters, so the ``beta``-weighted model terms of step 4 send no gradient
+  at all (only the data terms, weight ``1 - beta``, train their critic: at the parity sizes its
+  gradient norm is 0.20 where macfw's is 2.73); here they train the critic as in the LEQ
+  authors' ``lambda_update_q``.
+* ``actor_rollout_member_per_dimension``: their actor's rollout samples one example at a time,
+  where ``jax.random.choice(.., (next_obs.shape[1],))`` draws a member per state *dimension*
+  (``ob_dim`` draws, up to 7 members mixed in one state); here one member per example and step
+  predicts the whole next state (:func:`model_sample`), as in their critic's rollout.
+* ``gc_reward_head_trained_unused``: goal-conditioned, they train a reward head no rollout reads
+  (the reward is ``c - 1``); here there is none.
+
+Random draws come in as arrays (:meth:`LEQ.draw_noise`; ``update(state, batch, noise)``), so a
+caller can give both implementations the same. The diagonal Jacobian ``d Q^lam_t / d a_t``, which
+their ``jacrev`` gets with one reverse pass per ``t``, comes here from one reverse pass (the same
+numbers; :meth:`LEQ.actor_rollout`), so the actor costs about a forward and a backward rollout,
+not ``H + 1`` backward ones.
 
 Code name -> symbol: ``gamma`` gamma, ``lam`` lam, ``horizon`` H, ``expectile`` kappa,
 ``data_expectile`` the data term's expectile, ``model_weight`` beta, ``tau`` EMA rate,
@@ -57,6 +74,7 @@ are environment steps (one-step models).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import equinox as eqx
@@ -73,13 +91,13 @@ from macfw.errors import check, check_float, check_int
 from macfw.nn.actors import DeterministicActor
 from macfw.nn.losses import expectile as expectile_loss
 from macfw.nn.mlp import MLP
-from macfw.nn.models import HIDDEN, QCritic, RewardModel, SuccessModel
+from macfw.nn.models import HIDDEN, QCritic, RewardModel, SuccessModel, reward_metrics, success_metrics
 from macfw.registry import register
-from macfw.rollout import imagine
 from macfw.spec import Spec
 
 #: Expectile weight of the last imagined step, where ``Q^lam_H = q_H`` (the authors' value).
 LAST_STEP_WEIGHT = 0.5
+_LOG_2PI = math.log(2.0 * math.pi)
 #: Below this ``d Q^lam_0 / d Q^lam_t`` the one-pass action gradients could underflow in float32.
 CHAIN_MIN = 1e-30
 
@@ -184,7 +202,8 @@ def critic_objective(q_data: Float[Array, " B"], q_data_ema: Float[Array, " B"],
         model term; data_expectile: the data term's; model_weight: beta.
 
     Returns:
-      ``(loss, metrics)``; means are over the batch (data) and over ``H x B`` (model).
+      ``(loss, metrics)``; means are over the batch (data) and over ``H x B`` (model; ``critic/q_model_mean``
+      unweighted, as the authors').
     """
     H = q_model.shape[0]
     weight = (discount ** jnp.arange(H, dtype=q_model.dtype))[:, None] * alive
@@ -195,8 +214,10 @@ def critic_objective(q_data: Float[Array, " B"], q_data_ema: Float[Array, " B"],
     loss = (1.0 - model_weight) * (data + data_reg) + model_weight * (model + model_reg)
     return loss, {"critic/loss": loss, "critic/data_loss": data, "critic/model_loss": model,
                   "critic/reg_loss": (1.0 - model_weight) * data_reg + model_weight * model_reg,
-                  "critic/q_data_mean": q_data.mean(), "critic/q_model_mean": jnp.sum(weight * q_model) /
-                  jnp.maximum(jnp.sum(weight), 1e-8), "critic/target_data_mean": y_data.mean()}
+                  "critic/reg_loss_data": data_reg, "critic/reg_loss_model": model_reg,
+                  "critic/loss_weight_mean": weight.mean(),
+                  "critic/q_data_mean": q_data.mean(), "critic/q_model_mean": q_model.mean(),
+                  "critic/target_data_mean": y_data.mean()}
 
 
 def actor_surrogate(actions: Float[Array, "H1 B act_dim"], weighted_grads: Float[Array, "H1 B act_dim"]) -> Array:
@@ -204,6 +225,41 @@ def actor_surrogate(actions: Float[Array, "H1 B act_dim"], weighted_grads: Float
     its gradient w.r.t. the actor's parameters is module docstring step 5 (``actions`` are
     ``pi_theta(sg(s_t), g)``, ``weighted_grads`` the constant ``e_t dQ^lam_t/da_t``)."""
     return -jnp.sum(jnp.mean(jnp.sum(_sg(weighted_grads) * actions, axis=-1), axis=1))
+
+
+def model_sample(dynamics, s: Float[Array, "B ob_dim"], a: Float[Array, "B act_dim"], member: Array,
+                 eps: Float[Array, "B ob_dim"]) -> Float[Array, "B ob_dim"]:
+    """The next states of a batch from an ensemble of Gaussian models: example ``b`` takes member
+    ``member[b]``'s ``mean + exp(log_std) * eps[b]`` (a reparameterised sample, differentiable in ``s``
+    and ``a``). Every member is evaluated on the whole batch and the chosen rows kept (as the
+    authors' ``sample_dynamics``). ``dynamics``: an :class:`~macfw.nn.ensemble.Ensemble` of members
+    with ``mean_log_std`` (e.g. :class:`~macfw.nn.models.GaussianDynamics`), or one such model
+    (``member`` is then ignored)."""
+    mean, log_std = _member_stats(dynamics, s, a)  # (k, B, ob_dim)
+    rows = jnp.arange(s.shape[0])
+    member = member if hasattr(dynamics, "members") else jnp.zeros_like(member)
+    return mean[member, rows] + jnp.exp(log_std[member, rows]) * eps
+
+
+def _member_stats(dynamics, s, a):
+    """Every member's ``mean_log_std`` on a batch: ``(k, B, ob_dim)`` each (``k = 1`` for one model)."""
+    if hasattr(dynamics, "members"):
+        return dynamics.apply(lambda m, s, a: jax.vmap(m.mean_log_std)(s, a), s, a)
+    mean, log_std = jax.vmap(dynamics.mean_log_std)(s, a)
+    return mean[None], log_std[None]
+
+
+def model_nll(dynamics, s, a, s_next, eps: Float[Array, "k B ob_dim"]) -> tuple[Array, dict]:
+    """The Gaussian ensemble's negative log-likelihood of ``s_next`` (summed over dimensions, mean over
+    members and batch; each member sees the whole batch) and its metrics: ``dynamics/mse`` of the
+    means, ``dynamics/sample_mse`` of the samples ``mean + sigma * eps``, ``dynamics/std_mean``."""
+    mean, log_std = _member_stats(dynamics, s, a)
+    z = (s_next[None] - mean) * jnp.exp(-log_std)
+    nll = jnp.mean(-jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI, axis=-1))
+    sample = _sg(mean + jnp.exp(log_std) * eps)
+    return nll, {"dynamics/loss": nll, "dynamics/mse": jnp.mean((_sg(mean) - s_next[None]) ** 2),
+                 "dynamics/sample_mse": jnp.mean((sample - s_next[None]) ** 2),
+                 "dynamics/std_mean": jnp.mean(jnp.exp(_sg(log_std)))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,13 +369,35 @@ class LEQ(Agent):
         return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self.spec.act_dim)
 
     # ------------------------------------------------------------------ imagined rollouts
-    def rollout(self, nets: LEQNetworks, s0: Float[Array, "B ob_dim"], g: Float[Array, "B goal_dim"], key,
-                delta: Float[Array, "H1 B act_dim"] | None = None) -> dict[str, Array]:
+    def rollout_noise(self, nets: LEQNetworks, key, batch_size: int, dtype=jnp.float32) -> dict[str, Array]:
+        """The random draws of one imagined rollout of ``batch_size`` examples, drawn at batch level:
+        ``member (H, B)`` int32, the ensemble member that predicts step ``t`` of example ``b``
+        (uniform over the members), and ``eps (H, B, ob_dim)``, its standard normal noise
+        (:func:`model_sample`). :meth:`rollout` is a pure function of them."""
+        k_member, k_eps = jax.random.split(key)
+        H = self.horizon
+        num = getattr(nets.dynamics, "num", 1)
+        return {"member": jax.random.randint(k_member, (H, batch_size), 0, num, jnp.int32),
+                "eps": jax.random.normal(k_eps, (H, batch_size, self.spec.ob_dim), dtype)}
+
+    def draw_noise(self, nets: LEQNetworks, key, batch_size: int, dtype=jnp.float32) -> dict:
+        """Every random draw of one update, at batch level: ``critic`` and ``actor``, the two rollouts'
+        (:meth:`rollout_noise`), and ``dynamics (k, B, ob_dim)``, standard normals of the
+        ``dynamics/sample_mse`` metric's sample (:meth:`model_losses`)."""
+        k_c, k_a, k_d = jax.random.split(key, 3)
+        num = getattr(nets.dynamics, "num", 1)
+        return {"critic": self.rollout_noise(nets, k_c, batch_size, dtype),
+                "actor": self.rollout_noise(nets, k_a, batch_size, dtype),
+                "dynamics": jax.random.normal(k_d, (num, batch_size, self.spec.ob_dim), dtype)}
+
+    def rollout(self, nets: LEQNetworks, s0: Float[Array, "B ob_dim"], g: Float[Array, "B goal_dim"],
+                noise: dict[str, Array], delta: Float[Array, "H1 B act_dim"] | None = None) -> dict[str, Array]:
         """``H`` model steps of the actor from ``s0`` with goals ``g`` (module docstring, step 2).
 
-        Differentiable in its inputs (callers pass stop-gradient networks). ``delta`` is added to
-        the action of every step (``a_t = pi(s_t, g) + delta_t``), so that ``d Q^lam_t / d a_t`` is
-        ``d returns_t / d delta_t``.
+        Differentiable in its inputs (callers pass stop-gradient networks). ``noise`` is
+        :meth:`rollout_noise`'s draws (the next state of step ``t`` is :func:`model_sample` with
+        ``noise['member'][t]``, ``noise['eps'][t]``). ``delta`` is added to the action of every step
+        (``a_t = pi(s_t, g) + delta_t``), so that ``d Q^lam_t / d a_t`` is ``d returns_t / d delta_t``.
 
         Returns a dict of ``states (H+1, B, ob_dim)``, ``actions (H+1, B, act_dim)``, ``rewards,
         masks (H, B)``, ``q, returns, alive (H+1, B)`` (see :func:`leq_lambda_returns`).
@@ -332,30 +410,29 @@ class LEQ(Agent):
             a = jax.vmap(nets.actor)(s, g)
             return a if delta is None else a + delta[t]
 
-        # imagine's carry is one array: the step index rides along as a last column of the state
-        # (it picks delta_t).
-        def step(x, k):
-            s, t = x[:, :-1], x[0, -1].astype(jnp.int32)
-            a = act(s, t)
-            s_next = jax.vmap(lambda s, a, k: nets.dynamics.sample(s, a, key=k))(s, a, jax.random.split(k, B))
+        def step(s, x):
+            a = act(s, x["t"])
+            s_next = model_sample(nets.dynamics, s, a, x["member"], x["eps"])
             c = (jax.nn.sigmoid(jax.vmap(nets.success)(s, g, a)) > 0.5).astype(dt)
             r = c - 1.0 if goal_conditioned else jax.vmap(nets.reward)(s, g, a)
             q = jax.vmap(nets.critic)(s, g, a)
-            x_next = jnp.concatenate([s_next, jnp.full((B, 1), t + 1, dt)], axis=1)
-            return x_next, {"actions": a, "rewards": r, "masks": 1.0 - c, "q": q}
+            return s_next, (s, {"actions": a, "rewards": r, "masks": 1.0 - c, "q": q})
 
-        xs, outs = imagine(step, jnp.concatenate([s0, jnp.zeros((B, 1), dt)], axis=1), key, H,
-                           unroll=self.unroll_rollout)
-        states = xs[..., :-1]
+        xs = {"t": jnp.arange(H), "member": noise["member"], "eps": noise["eps"].astype(dt)}
+        with jax.named_scope("rollout"):  # a phase of macfw.profiling's table (as macfw.rollout.imagine)
+            s_last, (states, outs) = jax.lax.scan(step, s0, xs, unroll=H if self.unroll_rollout else 1)
+        states = jnp.concatenate([states, s_last[None]], axis=0)
         a_last = act(states[H], H)
         q = jnp.concatenate([outs["q"], jax.vmap(nets.critic)(states[H], g, a_last)[None]], axis=0)
         returns, alive = leq_lambda_returns(outs["rewards"], outs["masks"], q, discount=self.gamma, lam=self.lam)
         return {"states": states, "actions": jnp.concatenate([outs["actions"], a_last[None]], axis=0),
                 "rewards": outs["rewards"], "masks": outs["masks"], "q": q, "returns": returns, "alive": alive}
 
-    def actor_rollout(self, nets: LEQNetworks, s0, g, key, *, jacobian: str = "chain") -> dict[str, Array]:
-        """The rollout for the actor (constant: every network held fixed) and the per-step action
-        gradients ``d Q^lam_t / d a_t`` with their expectile weights ``e_t`` (module docstring, step 5).
+    def actor_rollout(self, nets: LEQNetworks, s0, g, noise: dict[str, Array], *,
+                      jacobian: str = "chain") -> dict[str, Array]:
+        """The rollout for the actor (constant: every network held fixed; ``noise`` as :meth:`rollout`'s)
+        and the per-step action gradients ``d Q^lam_t / d a_t`` with their expectile weights ``e_t``
+        (module docstring, step 5).
 
         ``jacobian='per_step'`` takes one reverse pass per step ``t`` (a vmapped VJP seeded with
         ``Q^lam_t``) and keeps the ``t``-th block, as the authors' ``jacrev`` does. ``'chain'`` (the
@@ -375,7 +452,7 @@ class LEQ(Agent):
         frozen = _sg(nets)
         H, B = self.horizon, s0.shape[0]
         delta = jnp.zeros((H + 1, B, self.spec.act_dim), s0.dtype)
-        returns, vjp, roll = jax.vjp(lambda d: (lambda r: (r["returns"], r))(self.rollout(frozen, s0, g, key, d)),
+        returns, vjp, roll = jax.vjp(lambda d: (lambda r: (r["returns"], r))(self.rollout(frozen, s0, g, noise, d)),
                                      delta, has_aux=True)
         alpha, chain = return_chain(H, discount=self.gamma, lam=self.lam)
         if jacobian == "chain" and chain.min() > CHAIN_MIN:
@@ -401,61 +478,92 @@ class LEQ(Agent):
         loss = actor_surrogate(actions, aroll["weights"][..., None] * aroll["grads"])
         alive = aroll["alive"]
         return loss, {"actor/loss": loss, "actor/return_mean": aroll["returns"][0].mean(),
-                      "actor/weight_mean": jnp.sum(aroll["weights"] * alive) / jnp.sum(alive),
+                      "actor/lambda_return_mean": aroll["returns"].mean(),
+                      "actor/weight_mean": jnp.mean(aroll["weights"] * alive) / jnp.mean(alive),
                       "actor/grad_norm_mean": jnp.mean(jnp.linalg.norm(aroll["grads"], axis=-1)),
                       "actor/abs_action_mean": jnp.abs(aroll["actions"]).mean()}
 
     # ------------------------------------------------------------------ the update
-    def loss(self, nets: LEQNetworks, target_critic, real: dict, y_data: Array, croll: dict,
-             aroll: dict) -> tuple[Array, dict]:
-        """Sum of every LEQ loss and namespaced metrics. ``real``: the one-step batch; ``y_data``: the data
-        target; ``croll``: the critic's rollout (value goals); ``aroll``: :meth:`actor_rollout` (actor goals)."""
-        s, a, vg, ag = real["obs"], real["actions"], real["value_goals"], real["actor_goals"]
-        H = self.horizon
-        dyn, m = jax.vmap(nets.dynamics.loss)(s, a, real["next_obs"])
-        succ, m_s = jax.vmap(nets.success.loss)(s, vg, a, 1.0 - real["masks"])
-        total = dyn.mean() + succ.mean()
-        metrics = {**m, **m_s}
+    def model_losses(self, nets: LEQNetworks, real: dict, dyn_eps: Float[Array, "k B ob_dim"]) -> tuple[Array, dict]:
+        """Dynamics NLL, success BCE and (single-task) reward MSE on the real batch, with the authors'
+        metrics (``dynamics/*``, ``success/*``, ``reward/*``); ``(loss, metrics)``.
+
+        ``dyn_eps``: standard normal noise of one sample per member and example, the sample of the
+        ``dynamics/sample_mse`` metric (the authors' ``dynamics_mse``: one draw of the squared error of
+        a model sample; ``dynamics/mse`` is that of the mean)."""
+        s, a, vg, s_next = real["obs"], real["actions"], real["value_goals"], real["next_obs"]
+        dyn, m = model_nll(nets.dynamics, s, a, s_next, dyn_eps)
+        metrics = dict(m)
+        label = 1.0 - real["masks"]
+        succ, m_s = jax.vmap(nets.success.loss)(s, vg, a, label)
+        metrics.update({k: jnp.mean(v) for k, v in m_s.items()}, **success_metrics(_sg(m_s["success/prob"]), label))
+        total = dyn + succ.mean()
         if nets.reward is not None:
             rew, m_r = jax.vmap(nets.reward.loss)(s, vg, a, real["rewards"])
             total = total + rew.mean()
-            metrics.update(m_r)
-        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+            metrics.update({k: jnp.mean(v) for k, v in m_r.items()}, **reward_metrics(_sg(m_r["reward/pred"]),
+                                                                                    real["rewards"]))
+        return total, metrics
+
+    def loss(self, nets: LEQNetworks, target_critic, real: dict, y_data: Array, croll: dict,
+             aroll: dict, dyn_eps: Array) -> tuple[Array, dict]:
+        """Sum of every LEQ loss and namespaced metrics. ``real``: the one-step batch; ``y_data``: the data
+        target; ``croll``: the critic's rollout (value goals); ``aroll``: :meth:`actor_rollout` (actor goals);
+        ``dyn_eps``: the noise of the ``dynamics/sample_mse`` metric (:meth:`model_losses`)."""
+        s, a, vg, ag = real["obs"], real["actions"], real["value_goals"], real["actor_goals"]
+        H = self.horizon
+        total, metrics = self.model_losses(nets, real, dyn_eps)
 
         def on_steps(q, st, at):  # Q on the imagined (s_t, g_v, a_t), t < H: (H, B)
             return vmap_steps(q, st, jnp.broadcast_to(vg, st.shape[:2] + vg.shape[1:]), at)
 
         st, at = croll["states"][:H], croll["actions"][:H]
+        q_data = jax.vmap(nets.critic)(s, vg, a)
+        q_model = on_steps(nets.critic, st, at)
         critic_loss, m_c = critic_objective(
-            jax.vmap(nets.critic)(s, vg, a), jax.vmap(target_critic)(s, vg, a), y_data,
-            on_steps(nets.critic, st, at), on_steps(target_critic, st, at), croll["returns"][:H],
-            croll["alive"][:H], discount=self.gamma, expectile=self.expectile, data_expectile=self.data_expectile,
-            model_weight=self.model_weight)
+            q_data, jax.vmap(target_critic)(s, vg, a), y_data, q_model, on_steps(target_critic, st, at),
+            croll["returns"][:H], croll["alive"][:H], discount=self.gamma, expectile=self.expectile,
+            data_expectile=self.data_expectile, model_weight=self.model_weight)
 
         actor_loss, m_a = self.actor_loss(nets, aroll, ag)
 
         total = total + critic_loss + actor_loss
         metrics.update({**m_c, **m_a})
+        alive = croll["alive"][:H]
+        r_alive = croll["rewards"] * alive
         metrics.update({
-            "rollout/reward_mean": jnp.sum(croll["rewards"] * croll["alive"][:H]) / jnp.sum(croll["alive"][:H]),
+            "critic/q_data_min": q_data.min(), "critic/q_data_max": q_data.max(),
+            "critic/q_model_min": q_model.min(), "critic/q_model_max": q_model.max(),
+            "critic/reward_data_mean": real["rewards"].mean(), "critic/reward_data_max": real["rewards"].max(),
+            "critic/reward_data_min": real["rewards"].min(),
+            "critic/reward_model_mean": r_alive.mean(), "critic/reward_model_max": r_alive.max(),
+            "critic/reward_model_min": r_alive.min(),
+            "critic/alive_mean": croll["alive"].mean(),
+            "critic/state_abs_max": jnp.max(jnp.abs(croll["states"][:H] * alive[..., None])),
+            "rollout/reward_mean": jnp.sum(r_alive) / jnp.sum(alive),
             "rollout/done_rate": 1.0 - croll["alive"][H].mean(),
             "total/loss": total})
         return total, metrics
 
-    def update(self, state: LEQState, batch: dict) -> tuple[LEQState, dict]:
-        """One gradient step on the loop's one-step ``batch`` (pure; jit it)."""
-        key, k_c, k_a = jax.random.split(state.key, 3)
+    def update(self, state: LEQState, batch: dict, noise: dict | None = None) -> tuple[LEQState, dict]:
+        """One gradient step on the loop's one-step ``batch`` (pure; jit it).
+
+        ``noise``: every random draw of the update, :meth:`draw_noise`'s dict; None (the training
+        loop): drawn from the state's key."""
+        key, k_noise = jax.random.split(state.key)
         nets, frozen = state.nets, _sg(state.nets)
         real = one_step_view(batch)
-        vg = real["value_goals"]
+        vg, B = real["value_goals"], real["obs"].shape[0]
+        if noise is None:
+            noise = self.draw_noise(nets, k_noise, B, real["obs"].dtype)
         a_next = jax.vmap(frozen.actor)(real["next_obs"], vg)
         y_data = real["rewards"] + self.gamma * real["masks"] * jax.vmap(frozen.critic)(real["next_obs"], vg, a_next)
-        croll = _sg(self.rollout(frozen, real["obs"], vg, k_c))
-        aroll = self.actor_rollout(nets, real["obs"], real["actor_goals"], k_a)
+        croll = _sg(self.rollout(frozen, real["obs"], vg, noise["critic"]))
+        aroll = self.actor_rollout(nets, real["obs"], real["actor_goals"], noise["actor"])
 
         nets, opt_state, metrics = gradient_step(
             nets, state.opt_state, self.optimizer(),
-            lambda nets: self.loss(nets, state.target_critic, real, _sg(y_data), croll, aroll))
-        target = ema(state.target_critic, nets.critic, self.tau)
+            lambda nets: self.loss(nets, state.target_critic, real, _sg(y_data), croll, aroll, noise["dynamics"]))
+        target = ema(state.target_critic, state.nets.critic, self.tau)  # the critic before this step (the authors')
         return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
                                    opt_state=opt_state), metrics
