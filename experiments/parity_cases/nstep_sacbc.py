@@ -40,13 +40,13 @@ trajectory (``t + n <= end``) and scores the goal alone.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 
 import numpy as np
 
-from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, matmul_peak,
+from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, jax_threefry,
+                                 matmul_peak,
                                  mlp_to_flax_split, rel_err, replay, tree_rel_err, unjitted, xla_flops)
 
 #: the authors' metric -> macfw's metric (a name, or a function of macfw's metrics)
@@ -285,20 +285,6 @@ def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) 
     return time_updates(agent, state, b, theirs, rb, opts)
 
 
-@contextlib.contextmanager
-def jax_threefry():
-    """Programs compiled inside use JAX's own CPU lowering of threefry, the authors' setting (``import
-    macfw`` registers a written-out one, which would speed up their program too)."""
-    from macfw import _threefry
-
-    was = _threefry.is_unrolled()
-    _threefry.unroll_threefry_on_cpu(False)
-    try:
-        yield
-    finally:
-        _threefry.unroll_threefry_on_cpu(was)
-
-
 def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict:
     """``updates_per_s``, ``flops_per_update``, ``utilisation`` and ``matmul_peak_flops`` of macfw's
     ``agent.update`` (jitted as its training step compiles it: the state donated, the compiler options
@@ -313,9 +299,11 @@ def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict
 
     b, rb = jax.device_put(b), jax.device_put(rb)
     ref_update = type(theirs).update
-    with jax_threefry():
-        flops_ref = xla_flops(ref_update, theirs, rb)
+    # FLOPs with one threefry lowering for both (macfw's written-out one: JAX's CPU lowering is a loop
+    # whose body XLA counts once), so that the random bits count the same on both sides
+    flops_ref = xla_flops(ref_update, theirs, rb)
     flops_ours = xla_flops(jax.jit(agent.update), state, b)
+    jax.clear_caches()  # the timed programs are compiled afresh below, the authors' with their threefry
     ours = jax.jit(agent.update, donate_argnums=(0,), compiler_options=compiler_options(jax.devices()[0].platform))
     box = {"m": jax.tree_util.tree_map(jnp.copy, state), "r": theirs}
 
