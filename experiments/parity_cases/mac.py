@@ -67,8 +67,8 @@ import os
 
 import numpy as np
 
-from parity_cases.common import (agent_result, alternate, matmul_peak, mlp_to_flax, rel_err, replay, tree_rel_err,
-                                 unjitted, xla_flops)
+from parity_cases.common import (agent_result, alternate, jax_threefry, macfw_update, matmul_peak, mlp_to_flax,
+                                 rel_err, replay, tree_rel_err, unjitted, xla_flops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,25 +491,11 @@ def _unrolled_scans():
         jax.lax.scan = orig
 
 
-@contextlib.contextmanager
-def _jax_threefry():
-    """Programs compiled inside use JAX's own CPU lowering of threefry (the authors' setting)."""
-    from macfw import _threefry
-
-    was = _threefry.is_unrolled()
-    _threefry.unroll_threefry_on_cpu(False)
-    try:
-        yield
-    finally:
-        _threefry.unroll_threefry_on_cpu(was)
-
-
 def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
     """Both jitted updates at ``sz``, alternated; FLOPs and utilisation (module docstring)."""
     import jax
     import jax.numpy as jnp
 
-    from macfw.compiler import compiler_options
     from macfw.reference import reference_computation
 
     gc = sz.goal_dim > 0
@@ -527,17 +513,16 @@ def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
     with reference_computation(rolled_threefry=False):
         f = jax.jit(agent_c.update)
         flops_ours = xla_flops(f, state, batch) + agent_c.uncounted_flops(state, sz.batch)
-    with _unrolled_scans():
+    with _unrolled_scans():  # (macfw's written-out threefry for both: the random bits counted alike)
         flops_ref = xla_flops(jax.jit(mod.MACAgent.update.__wrapped__), ragent, rbatch)
     jax.clear_caches()
 
-    platform = jax.devices()[0].platform
-    ours = jax.jit(agent.update, donate_argnums=(0,), compiler_options=compiler_options(platform))
-    holder = {"state": jax.tree_util.tree_map(jnp.copy, state), "ref": ragent}
+    ours, arrays = macfw_update(agent, state)
+    holder = {"ours": arrays, "ref": ragent}
 
     def run_ours():
         for _ in range(opts.calls):
-            holder["state"], m = ours(holder["state"], batch)
+            holder["ours"], m = ours(holder["ours"], batch)
         return m
 
     def run_ref():
@@ -545,7 +530,7 @@ def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
             holder["ref"], info = holder["ref"].update(rbatch)
         return info
 
-    with _jax_threefry():  # compile the authors' update as their code compiles it
+    with jax_threefry():  # compile the authors' update as their code compiles it
         jax.block_until_ready(run_ref())
     jax.block_until_ready(run_ours())
     secs = alternate({"macfw": run_ours, "reference": run_ref}, pairs=opts.pairs)
