@@ -22,7 +22,10 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
   layer's product (:meth:`macfw.nn.mlp.MLP.with_folded_layer_norms`) -> normalise, then multiply;
 * ``"wide_vectors"``: the CPU training step compiled with 512-bit vectors
   (:func:`macfw.compiler.compiler_options`, read when :class:`macfw.step.TrainStep` is built) -> XLA's
-  default of 256.
+  default of 256;
+* ``"members_outer"``: an ensemble over a batch with the members as the outer axis
+  (:meth:`macfw.nn.ensemble.Ensemble.over_batch`; MOPO/MOBILE's models, critics and penalty) -> the
+  rows outermost, each row calling every member.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one
@@ -38,7 +41,7 @@ from typing import Iterable
 
 #: The named same-result speed-ups (module docstring).
 SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer",
-            "folded_layer_norm", "wide_vectors")
+            "folded_layer_norm", "wide_vectors", "members_outer")
 
 _OFF: list[frozenset] = [frozenset()]
 
