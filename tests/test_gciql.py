@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from macfw.agents.gciql import GCIQL, ClippedMeanActor, GCIQLNetworks, critic_target, ddpg_bc_loss, value_loss
+from macfw.agents.gciql import (GCIQL, ClippedMeanActor, GCIQLNetworks, actor_outputs, batched_heads, critic_target,
+                                ddpg_bc_loss, value_loss)
 from macfw.errors import ConfigError
 from macfw.nn.ensemble import Ensemble
 from macfw.nn.models import QCritic, StateValue
@@ -274,6 +275,31 @@ def test_update_steps_and_the_target_critic_is_an_ema(goal_dim):
         moved |= bool(np.abs(np.asarray(c_new) - np.asarray(c_old)).max() > 1e-4)  # Adam: about lr
     assert moved  # the update moved the critics, so the two orders give different targets
     assert a.shape == (1, 2) and float(jnp.abs(a).max()) <= 1.0
+
+
+def test_fast_forms_compute_the_plain_ones():
+    """batched_heads (an ensemble members-outer) is vmap over examples; ClippedMeanActor.outputs (one
+    network pass) is (actor(s, g), actor.mean(s, g)); values and gradients alike."""
+    spec = Spec(ob_dim=4, act_dim=2, goal_dim=3, chunk_len=1)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    ens = Ensemble(spec, key=k1, num=2, member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8)))
+    b = _real_batch(spec, 16, k2)
+    f_fast = lambda e: batched_heads(e, b["obs"], b["value_goals"], b["actions"])  # noqa: E731
+    f_plain = lambda e: jax.vmap(e)(b["obs"], b["value_goals"], b["actions"])  # noqa: E731
+    assert f_fast(ens).shape == (16, 2)
+    np.testing.assert_allclose(np.asarray(f_fast(ens)), np.asarray(f_plain(ens)), rtol=1e-6, atol=1e-6)
+    g1 = jax.grad(lambda e: jnp.sum(jnp.sin(f_fast(e))))(ens)
+    g2 = jax.grad(lambda e: jnp.sum(jnp.sin(f_plain(e))))(ens)
+    for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    one = QCritic(spec, key=k3, hidden_dims=(8,))
+    np.testing.assert_allclose(np.asarray(batched_heads(one, b["obs"], b["value_goals"], b["actions"])),
+                               np.asarray(jax.vmap(one)(b["obs"], b["value_goals"], b["actions"])), rtol=1e-6)
+    actor = ClippedMeanActor(spec, key=k3, hidden_dims=(8,), final_init_scale=30.0)  # large outputs: the clip acts
+    a, mu = jax.vmap(lambda s, g: actor_outputs(actor, s, g))(b["obs"], b["actor_goals"])
+    assert float(jnp.abs(mu).max()) > 1.0
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(jax.vmap(actor)(b["obs"], b["actor_goals"])))
+    np.testing.assert_array_equal(np.asarray(mu), np.asarray(jax.vmap(actor.mean)(b["obs"], b["actor_goals"])))
 
 
 def test_bad_values_raise_config_errors_naming_the_binding():

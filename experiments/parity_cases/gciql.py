@@ -9,10 +9,11 @@ Parameters: macfw's networks mapped into the authors' ``ModuleDict`` tree: ``mod
 ``mean_net`` = the final Dense, :func:`mlp_to_flax_split`).
 
 Batches: macfw's own sampler (``macfw.data.batches.sample_batch``, ``chunk_len = 1``) on synthetic
-goal-conditioned data, given to the authors with their key names (``GCDataset``'s:
-``observations``, ``next_observations``, ``value_goals``, ``actor_goals``; rewards and masks from the
-indices by their rule ``success = (idx == value_goal_idx)``, ``rewards = success - 1`` with
-``gc_negative``, ``masks = 1 - success``).
+goal-conditioned data; the authors' batch is built by their own ``GCDataset.sample`` on the same
+arrays in OGBench's compact layout (their loader's; ``oracle_reps`` the goals) at macfw's indices,
+their goal sampler replaced by macfw's value- and actor-goal indices
+(:func:`parity_cases.sharsa.reference_batch`): their ``next_observations``, rewards
+(``success - 1``, ``gc_negative``) and masks come from their code.
 
 Random draws: none. With ``const_std`` the authors' DDPG+BC acts with ``clip(dist.mode())`` and
 draws nothing; macfw's update is deterministic.
@@ -25,11 +26,13 @@ Metrics (the authors' name -> macfw's): see :data:`METRICS`. The authors' ``grad
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
 from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, macfw_update,
-                                 matmul_peak, mlp_to_flax, mlp_to_flax_split, tree_rel_err, xla_flops)
+                                 jax_threefry, matmul_peak, mlp_to_flax, mlp_to_flax_split, tree_rel_err, xla_flops)
+from parity_cases.sharsa import dataset_arrays, reference_batch
 
 #: the authors' metric -> macfw's metric
 METRICS = {
@@ -84,34 +87,26 @@ def to_flax(nets, target_critic) -> dict:
     }
 
 
-def _data(spec, seed):
-    from macfw.bench import synthetic_data
-
-    return synthetic_data(spec, num_episodes=8, episode_length=101, seed=seed)
-
-
-def batches(spec, num: int, batch_size: int, seed: int):
-    """``num`` macfw batches (one-step, goal-conditioned) and the same as the authors' ``GCDataset`` batches."""
+def batches(ref, spec, num: int, batch_size: int, seed: int, config):
+    """``num`` pairs (macfw batch, one-step and goal-conditioned; the authors' ``GCDataset`` batch on the
+    same arrays in OGBench's compact layout at the same indices and goals)."""
     import jax
-    import jax.numpy as jnp
 
+    from macfw.bench import synthetic_data
     from macfw.data.batches import sample_batch
 
-    data = _data(spec, seed)
+    data = synthetic_data(spec, num_episodes=8, episode_length=101, seed=seed)
+    arrays = dataset_arrays(data, compact=True)
     sample = jax.jit(lambda k: sample_batch(data, k, batch_size, chunk_len=1, gamma=0.999, goal_conditioned=True))
     out = []
     for k in jax.random.split(jax.random.PRNGKey(seed + 1), num):
-        b = sample(k)
-        success = (b["idx"] == b["value_goal_idx"]).astype(jnp.float32)  # GCDataset's rule
-        ref = {"observations": b["obs"], "actions": b["actions"], "next_observations": b["next_obs"],
-               "value_goals": b["value_goals"], "actor_goals": b["actor_goals"],
-               "rewards": success - 1.0, "masks": 1.0 - success}
-        out.append((b, ref))
+        b = jax.device_get(sample(k))
+        out.append((b, reference_batch(ref, "GCDataset", arrays, b, config)))
     return out
 
 
 def build(ref, hidden, batch_size, seed):
-    """Both agents with macfw's initial parameters: ``(macfw agent, macfw state, authors' agent)``."""
+    """Both agents with macfw's initial parameters: ``(macfw agent, spec, macfw state, authors' agent, config)``."""
     import equinox as eqx
     import jax
 
@@ -121,14 +116,15 @@ def build(ref, hidden, batch_size, seed):
     agent = _macfw_agent(hidden)
     spec = Spec(ob_dim=OB_DIM, act_dim=ACT_DIM, goal_dim=GOAL_DIM, chunk_len=1)
     state = eqx.filter_jit(agent.init)(spec, jax.random.PRNGKey(seed))
-    _, ex = batches(spec, 1, batch_size, seed)[0]
-    theirs = mod.GCIQLAgent.create(seed, ex, _config(mod, hidden, batch_size))
+    config = _config(mod, hidden, batch_size)
+    _, ex = batches(ref, spec, 1, batch_size, seed, config)[0]
+    theirs = mod.GCIQLAgent.create(seed, ex, config)
     params = to_flax(state.nets, state.target_critic)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, theirs.network.params)
     if jax.tree_util.tree_map(lambda x: x.shape, params) != shapes:
         raise AssertionError(f"parameter trees differ:\n{jax.tree_util.tree_map(lambda x: x.shape, params)}\n{shapes}")
     network = theirs.network.replace(params=params, opt_state=theirs.network.tx.init(params))
-    return agent, spec, state, theirs.replace(network=network)
+    return agent, spec, state, theirs.replace(network=network), config
 
 
 def run(ref, opts: Options) -> dict:
@@ -136,9 +132,9 @@ def run(ref, opts: Options) -> dict:
     import jax
 
     hidden, B = (64, 64), 32
-    agent, spec, state, theirs = build(ref, hidden, B, opts.seed)
+    agent, spec, state, theirs, config = build(ref, hidden, B, opts.seed)
     step = eqx.filter_jit(agent.update)
-    data = batches(spec, opts.updates, B, opts.seed)
+    data = batches(ref, spec, opts.updates, B, opts.seed, config)
     terms = {}
     for i, (b, rb) in enumerate(data):
         state, m = step(state, b)
@@ -156,15 +152,19 @@ def run(ref, opts: Options) -> dict:
 
 def measure_speed(ref, opts: Options) -> dict:
     """Each side's jitted update at cpu-small sizes (2 x 256, batch 256), alternated in one process:
-    macfw's compiled as its training step compiles it (:func:`macfw_update`), the authors' ``update``."""
+    macfw's compiled as its training step compiles it (:func:`macfw_update`), the authors' ``update``
+    compiled with JAX's own threefry (:func:`jax_threefry`)."""
     import jax
 
-    agent, spec, state, theirs = build(ref, (256, 256), 256, opts.seed)
-    b, rb = batches(spec, 1, 256, opts.seed)[0]
+    agent, spec, state, theirs, config = build(ref, (256, 256), 256, opts.seed)
+    b, rb = batches(ref, spec, 1, 256, opts.seed, config)[0]
     b, rb = jax.device_put(b), jax.device_put(rb)
     step, arrays = macfw_update(agent, state)
     ref_step = type(theirs).update
-    flops = {"macfw": xla_flops(step, arrays, b), "reference": xla_flops(ref_step, theirs, rb)}
+    flops = {"macfw": xla_flops(step, arrays, b)}
+    with jax_threefry():  # the authors' update compiled as their code compiles it
+        flops["reference"] = xla_flops(ref_step, theirs, rb)
+        jax.block_until_ready(ref_step(theirs, rb))
     box = {"m": arrays, "r": theirs}
 
     def mine():
@@ -181,4 +181,5 @@ def measure_speed(ref, opts: Options) -> dict:
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
     return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak}
+            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
+            "load_average": list(os.getloadavg())}

@@ -32,11 +32,12 @@ Adam steps compare the gradients' effect.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
 from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, macfw_update,
-                                 matmul_peak, mlp_to_flax, replay, tree_rel_err, unjitted, xla_flops)
+                                 jax_threefry, matmul_peak, mlp_to_flax, replay, tree_rel_err, unjitted, xla_flops)
 
 #: the authors' metric -> macfw's metric
 METRICS = {
@@ -50,6 +51,20 @@ METRICS = {
     "high_critic/q_min": "critic/target_min",
     "high_actor/actor_loss": "high_actor/loss",
     "low_actor/actor_loss": "low_actor/loss",
+}
+
+#: the authors' defects this case shows (listed in ``defects`` with both values)
+REASONS = {
+    "window_cut_by_trajectory_end_counts_as_success": (
+        "HGCDataset clips the n-step window at the trajectory's final index (with OGBench's compact layout, the "
+        "authors' loader, the second-to-last state) and scores any shorter window as reaching the goal (steps < n: "
+        "reward gamma^steps, mask 0); a window ending at the last state (t + n = traj_end, a valid start for macfw) "
+        "is cut by one step and scored a success whatever the goal. These rows were given to the authors' update "
+        "uncut (their HGCDataset with terminals at the last index only), as macfw scores them."),
+    "window_cut_by_trajectory_end_subgoal": (
+        "The same cut window makes the high-level flow's target and the low-level flow's goal s_{t+n-1}'s goal "
+        "representation instead of s_{t+n}'s (the last state is never a subgoal). These rows were given to the "
+        "authors' update uncut, as macfw builds them."),
 }
 
 OB_DIM, ACT_DIM, GOAL_DIM = 28, 5, 3  # cube-single's observation and action; a 3-d oracle goal
@@ -91,42 +106,80 @@ def to_flax(nets, target_critic) -> dict:
     }
 
 
-def reference_batch(ref, dataset_class: str, data, batch: dict, config) -> dict:
-    """The authors' batch (``utils.datasets.<dataset_class>.sample``) at macfw's indices: their dataset
-    on ``data``'s arrays (a macfw ``ChunkData``; ``terminals`` at each trajectory's last index,
-    ``oracle_reps`` = the goals), their goal sampler replaced by macfw's ``value_goal_idx`` (first
-    call) and ``actor_goal_idx`` (second call)."""
+def dataset_arrays(data, compact: bool = True) -> dict:
+    """A macfw ``ChunkData`` as the arrays the authors' datasets read: ``oracle_reps`` = the goals and,
+    with ``compact``, ``terminals`` and ``valids`` as OGBench's compact loader sets them (the
+    authors' setting: ``terminals`` 1 at each trajectory's last two indices, ``valids`` 0 at the
+    last); without, ``terminals`` 1 at the last index only (a trajectory's final index is then its
+    last state, as macfw's ``traj_end``)."""
+    end = np.asarray(data.traj_end)
+    i = np.arange(len(end))
+    out = {"observations": np.asarray(data.observations), "actions": np.asarray(data.actions),
+           "oracle_reps": np.asarray(data.goals)}
+    if compact:
+        out.update(terminals=(i >= end - 1).astype(np.float32), valids=(i < end).astype(np.float32))
+    else:
+        out.update(terminals=(i == end).astype(np.float32))
+    return out
+
+
+def reference_batch(ref, dataset_class: str, arrays: dict, batch: dict, config) -> dict:
+    """The authors' batch (``utils.datasets.<dataset_class>.sample`` on ``arrays``, see
+    :func:`dataset_arrays`) at macfw's indices ``batch['idx']``, their goal sampler replaced by macfw's
+    ``value_goal_idx`` (first call) and ``actor_goal_idx`` (second call)."""
     import importlib
 
     datasets = importlib.import_module("utils.datasets")
-    n = data.observations.shape[0]
-    fields = {"observations": np.asarray(data.observations), "actions": np.asarray(data.actions),
-              "terminals": (np.asarray(data.traj_end) == np.arange(n)).astype(np.float32),
-              "oracle_reps": np.asarray(data.goals)}
-    ds = getattr(datasets, dataset_class)(datasets.Dataset.create(**fields), config)
+    ds = getattr(datasets, dataset_class)(datasets.Dataset.create(**arrays), config)
     goal_idxs = [np.asarray(batch["value_goal_idx"]), np.asarray(batch["actor_goal_idx"])]
     ds.sample_goals = lambda idxs, *a, **k: goal_idxs.pop(0)
     idx = np.asarray(batch["idx"])
     out = ds.sample(len(idx), idxs=idx)
     if goal_idxs:
         raise AssertionError(f"{dataset_class}.sample drew {2 - len(goal_idxs)} goal sets, expected 2")
-    return {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v) for k, v in out.items()}
+    return {k: np.array(v, np.float32) if np.asarray(v).dtype.kind == "f" else np.array(v) for k, v in out.items()}
+
+
+#: the authors' batch fields the cut window changes, per defect (see :func:`batches`)
+CUT_VALUE = ("high_value_subgoal_steps", "high_value_rewards", "high_value_masks", "high_value_actions",
+             "high_value_next_observations")
+CUT_SUBGOAL = ("high_actor_actions", "low_actor_goals")
 
 
 def batches(ref, agent, spec, num: int, batch_size: int, seed: int, config):
-    """``num`` macfw batches (``chunk_len = n``, goal-conditioned) and the authors' ``HGCDataset`` batches."""
+    """``num`` pairs (macfw batch, the authors' ``HGCDataset`` batch at the same indices and goals) and
+    the rows the authors' compact-layout window cut changes: ``{defect name: [rows]}``.
+
+    Their batch is sampled twice, on the compact arrays (their setting) and with ``terminals`` at the
+    last index only; the two differ only in samples whose window ends at the trajectory's last state
+    (``t + n = traj_end``): their final index is the second-to-last state, so the window is cut to
+    ``n - 1`` steps, scored a success whatever the goal (``steps < n``), and the subgoals are
+    ``s_{t+n-1}``'s goal. The comparison gives their update the uncut batch (macfw's scoring); the
+    rows' values on both sides are returned."""
     import jax
 
     from macfw.bench import synthetic_data
     from macfw.data.batches import sample_for
 
     data = synthetic_data(spec, num_episodes=8, episode_length=101, seed=seed)
+    compact, uncut = dataset_arrays(data, compact=True), dataset_arrays(data, compact=False)
     sample = jax.jit(lambda k: sample_for(agent.batch_spec, data, k, batch_size, goal_conditioned=True))
-    out = []
+    out, cut = [], {"window_cut_by_trajectory_end_counts_as_success": [], "window_cut_by_trajectory_end_subgoal": []}
     for k in jax.random.split(jax.random.PRNGKey(seed + 1), num):
-        b = sample(k)
-        out.append((b, reference_batch(ref, "HGCDataset", data, b, config)))
-    return out
+        b = jax.device_get(sample(k))
+        theirs, fixed = (reference_batch(ref, "HGCDataset", a, b, config) for a in (compact, uncut))
+        for name, fields in zip(cut, (CUT_VALUE, CUT_SUBGOAL)):
+            rows = sorted({int(r) for f in fields for r in np.nonzero(
+                np.any((theirs[f] != fixed[f]).reshape(batch_size, -1), axis=1))[0]})
+            for r in rows:
+                if b["idx"][r] + agent.n != b["traj_end"][r]:
+                    raise AssertionError(f"row {r}: the compact layout changed a window inside the trajectory")
+                keep = [f for f in fields if f not in ("high_value_actions", "high_value_next_observations")]
+                row = lambda d: {f: np.asarray(d[f][r]).tolist() for f in keep}  # noqa: E731
+                cut[name].append({"idx": int(b["idx"][r]), "traj_end": int(b["traj_end"][r]),
+                                  "macfw": row(fixed), "reference": row(theirs)})
+        out.append((b, fixed))
+    return out, cut
 
 
 def build(ref, hidden, batch_size, seed):
@@ -141,7 +194,7 @@ def build(ref, hidden, batch_size, seed):
     spec = Spec(ob_dim=OB_DIM, act_dim=ACT_DIM, goal_dim=GOAL_DIM, chunk_len=N)
     state = eqx.filter_jit(agent.init)(spec, jax.random.PRNGKey(seed))
     config = _config(mod, hidden, batch_size)
-    _, ex = batches(ref, agent, spec, 1, batch_size, seed, config)[0]
+    _, ex = batches(ref, agent, spec, 1, batch_size, seed, config)[0][0]
     theirs = mod.SHARSAAgent.create(seed, ex, config)
     params = to_flax(state.nets, state.target_critic)
     shapes = jax.tree_util.tree_map(lambda x: x.shape, theirs.network.params)
@@ -178,7 +231,7 @@ def run(ref, opts: Options) -> dict:
     agent, spec, state, theirs, config = build(ref, hidden, B, opts.seed)
     step = eqx.filter_jit(agent.update)
     ref_step = reference_update_with(ref.agent("sharsa"))
-    data = batches(ref, agent, spec, opts.updates, B, opts.seed, config)
+    data, cut = batches(ref, agent, spec, opts.updates, B, opts.seed, config)
     terms = {}
     for i, (b, rb) in enumerate(data):
         noise = agent.noise(jax.random.PRNGKey(1000 + i), B)
@@ -191,22 +244,29 @@ def run(ref, opts: Options) -> dict:
             if missing:
                 raise AssertionError(f"macfw does not report {missing} (mapped to {[METRICS[k] for k in missing]})")
     params_err = tree_rel_err(to_flax(state.nets, state.target_critic), theirs.network.params)
+    defects = {name: {"macfw": [dict(c["macfw"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
+                      "reference": [dict(c["reference"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
+                      "reason": REASONS[name]} for name, rows in cut.items() if rows}
     speed = measure_speed(ref, opts) if opts.speed else None
-    return agent_result(terms[0], terms[opts.updates - 1], params_err, speed=speed, updates=opts.updates)
+    return agent_result(terms[0], terms[opts.updates - 1], params_err, defects=defects, speed=speed,
+                        updates=opts.updates)
 
 
 def measure_speed(ref, opts: Options) -> dict:
     """Each side's jitted update at cpu-small sizes (2 x 256, batch 256), alternated in one process:
     macfw's compiled as its training step compiles it (:func:`macfw_update`, drawing its own noise),
-    the authors' ``update`` (drawing theirs)."""
+    the authors' ``update`` (drawing theirs, compiled with JAX's own threefry: :func:`jax_threefry`)."""
     import jax
 
     agent, spec, state, theirs, config = build(ref, (256, 256), 256, opts.seed)
-    b, rb = batches(ref, agent, spec, 1, 256, opts.seed, config)[0]
+    b, rb = batches(ref, agent, spec, 1, 256, opts.seed, config)[0][0]
     b, rb = jax.device_put(b), jax.device_put(rb)
     step, arrays = macfw_update(agent, state)
     ref_step = type(theirs).update
-    flops = {"macfw": xla_flops(step, arrays, b), "reference": xla_flops(ref_step, theirs, rb)}
+    flops = {"macfw": xla_flops(step, arrays, b)}
+    with jax_threefry():  # the authors' update compiled as their code compiles it
+        flops["reference"] = xla_flops(ref_step, theirs, rb)
+        jax.block_until_ready(ref_step(theirs, rb))
     box = {"m": arrays, "r": theirs}
 
     def mine():
@@ -223,4 +283,5 @@ def measure_speed(ref, opts: Options) -> dict:
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
     return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak}
+            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
+            "load_average": list(os.getloadavg())}

@@ -42,6 +42,10 @@ float rounding. It found two differences, both fixed to the authors' behaviour: 
 EMA read the critics *after* the step (theirs: before, a one-step lag; after one update from equal
 copies their targets are unchanged), and ``actor/bc_loss`` / ``actor/loss`` lacked the Gaussian
 log-likelihood's constant ``alpha * 0.5 d log(2 pi)`` (4.59 at ``alpha = 1``, ``d = 5``).
+Speed (the same computation): the actor's network runs once for its action and its BC mean
+(:meth:`ClippedMeanActor.outputs`: XLA's count 762 MFLOP per update at 2 x 256, batch 256, against
+839 before and the authors' 758), and the critic ensembles are evaluated members-outer
+(:func:`batched_heads`), the authors' layout.
 Deliberate deviation in the data, not the losses: macfw samples only ``t`` with ``t + 1`` in the
 trajectory (the authors' ``GCDataset`` also draws a trajectory's last state).
 """
@@ -61,6 +65,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
 from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_float
+from macfw.nn.ensemble import Ensemble
 from macfw.nn.losses import expectile as expectile_loss
 from macfw.nn.mlp import MLP
 from macfw.nn.models import HIDDEN, StateValue
@@ -74,6 +79,19 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 def _sg(tree):
     return jax.lax.stop_gradient(tree)
+
+
+def batched_heads(critic: eqx.Module, *xs) -> Array:
+    """``jax.vmap(critic)(*xs)``: a critic (or ensemble of ``k``) on a batch, ``(B, k)`` (``(B,)`` for
+    one network). An :class:`~macfw.nn.ensemble.Ensemble` is evaluated members-outer (each member on
+    the whole batch, then transposed): the same numbers, with the members' products laid out as
+    ``(k, B, hidden)`` from end to end. Batch-outer (``vmap`` over examples of the members' ``vmap``)
+    made XLA move every hidden activation between ``(k, B, h)`` products and ``(B, k, h)``
+    elementwise passes (GCIQL at 2 x 256, batch 256: 2.0 ms of data movement per update against the
+    authors' 1.1, whose ``nn.vmap`` over members is outermost)."""
+    if isinstance(critic, Ensemble):
+        return critic.apply(lambda m, *a: jax.vmap(m)(*a), *xs).T
+    return jax.vmap(critic)(*xs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,20 +308,20 @@ class GCIQL(Agent):
     def value_part(self, nets: GCIQLNetworks, target_critic, batch: dict) -> tuple[Array, dict]:
         """``L_V``: ``V(s, g_v)`` by expectile regression to ``min_j Q'_j(s, g_v, a)`` (target critics, constant)."""
         v = jax.vmap(nets.value)(batch["obs"], batch["value_goals"])
-        tq = _sg(jax.vmap(target_critic)(batch["obs"], batch["value_goals"], batch["actions"]))  # (B, k)
+        tq = _sg(batched_heads(target_critic, batch["obs"], batch["value_goals"], batch["actions"]))  # (B, k)
         return value_loss(v, tq, self.expectile)
 
     def critic_part(self, nets: GCIQLNetworks, batch: dict) -> tuple[Array, dict]:
         """``L_Q``: both ``Q_j(s, g_v, a)`` to ``r + gamma (1 - success) sg(V(s', g_v))``."""
         next_v = _sg(jax.vmap(nets.value)(batch["next_obs"], batch["value_goals"]))
         y = critic_target(batch["rewards"], 1.0 - batch["success"], next_v, self.gamma)
-        qs = jax.vmap(nets.critic)(batch["obs"], batch["value_goals"], batch["actions"])  # (B, k)
+        qs = batched_heads(nets.critic, batch["obs"], batch["value_goals"], batch["actions"])  # (B, k)
         return critic_loss(qs, y)
 
     def actor_part(self, nets: GCIQLNetworks, batch: dict) -> tuple[Array, dict]:
         """``L_pi``: DDPG+BC on the actor goals, the critics constant (no gradient reaches ``Q``)."""
         a_pi, bc_out = jax.vmap(lambda s, g: actor_outputs(nets.actor, s, g))(batch["obs"], batch["actor_goals"])
-        q_pi = jax.vmap(_sg(nets.critic))(batch["obs"], batch["actor_goals"], a_pi)  # (B, k)
+        q_pi = batched_heads(_sg(nets.critic), batch["obs"], batch["actor_goals"], a_pi)  # (B, k)
         return ddpg_bc_loss(q_pi, bc_out, batch["actions"], self.alpha)
 
     def loss(self, nets: GCIQLNetworks, target_critic, batch: dict) -> tuple[Array, dict]:
