@@ -67,6 +67,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from macfw.agents.base import Agent, BatchSpec, copy_of, ema, gradient_step
+from macfw.agents.gciql import batched_heads
 from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import ConfigError, check, check_choice, check_float, check_int
 from macfw.nn.flow import FlowPolicy
@@ -277,7 +278,7 @@ class SHARSA(Agent):
         next_v = self._prob(jax.vmap(nets.value)(batch["next_obs"], g))
         out = sarsa_targets(batch["idx"], batch["value_goal_idx"], next_v, n=self.n, gamma=self.gamma)
         w = dataset_subgoals(out["success"], g, batch["next_goals"])
-        q_t = self._prob(jax.vmap(target_critic)(s, g, w))  # (B, heads)
+        q_t = self._prob(batched_heads(target_critic, s, g, w))  # (B, heads)
         out["value_targets"] = q_t.min(axis=1) if self.q_agg == "min" else q_t.mean(axis=1)
         out["subgoals"] = w
         out["high_targets"] = high_actor_targets(batch["idx"], batch["actor_goal_idx"], batch["actor_goals"],
@@ -302,7 +303,7 @@ class SHARSA(Agent):
         s, g, w = batch["obs"], batch["value_goals"], tg["subgoals"]
         v = jax.vmap(nets.value)(s, g)
         value = jnp.mean(self._loss_fn(v, tg["value_targets"]))
-        q = jax.vmap(nets.critic)(s, g, w)  # (B, heads)
+        q = batched_heads(nets.critic, s, g, w)  # (B, heads), members-outer (see batched_heads)
         critic = jnp.mean(jnp.sum(self._loss_fn(q, tg["targets"][:, None]), axis=1))
 
         a0 = batch["actions"][:, : self.spec.act_dim]
