@@ -84,11 +84,12 @@ def _sg(tree):
 def batched_heads(critic: eqx.Module, *xs) -> Array:
     """``jax.vmap(critic)(*xs)``: a critic (or ensemble of ``k``) on a batch, ``(B, k)`` (``(B,)`` for
     one network). An :class:`~macfw.nn.ensemble.Ensemble` is evaluated members-outer (each member on
-    the whole batch, then transposed): the same numbers, with the members' products laid out as
-    ``(k, B, hidden)`` from end to end. Batch-outer (``vmap`` over examples of the members' ``vmap``)
-    made XLA move every hidden activation between ``(k, B, h)`` products and ``(B, k, h)``
-    elementwise passes (GCIQL at 2 x 256, batch 256: 2.0 ms of data movement per update against the
-    authors' 1.1, whose ``nn.vmap`` over members is outermost)."""
+    the whole batch, then transposed), as the authors' ``nn.vmap`` over members: the same numbers,
+    with the members' activations laid out ``(k, B, hidden)`` like their products. Batch-outer
+    (``vmap`` over examples of the members' ``vmap``) gave ``(B, k, hidden)`` elementwise passes
+    between ``(k, B, hidden)`` products; one profile of GCIQL at 2 x 256, batch 256 showed 2.0 ms of
+    data movement per update against the authors' 1.1, but alternated timings on this shared 2-core
+    machine (load 4-10) did not resolve a difference in updates/s (GCIQL and SHARSA, within 5%)."""
     if isinstance(critic, Ensemble):
         return critic.apply(lambda m, *a: jax.vmap(m)(*a), *xs).T
     return jax.vmap(critic)(*xs)
