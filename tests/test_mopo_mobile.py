@@ -5,6 +5,7 @@ Bellman target, the critic target, and the buffer's first-in-first-out and real/
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import equinox as eqx
 import jax
@@ -37,13 +38,10 @@ def _members(means_shift, raw_log_std, **kw):
 
 
 class StubActor(eqx.Module):
-    """a(s) = 0.5 everywhere, log-prob 0."""
+    """a(s) = tanh(atanh(0.5) + e^-30 eps) = 0.5 everywhere."""
 
-    def sample(self, s, g, *, key):
-        return jnp.full((ACT,), 0.5)
-
-    def sample_and_log_prob(self, s, g, *, key):
-        return jnp.full((ACT,), 0.5), jnp.zeros(())
+    def mean_log_std(self, s, g):
+        return jnp.full((ACT,), np.arctanh(0.5), jnp.float32), jnp.full((ACT,), -30.0)
 
 
 class StubCritics(eqx.Module):
@@ -53,16 +51,22 @@ class StubCritics(eqx.Module):
         q = jnp.sum(s) + jnp.sum(a)
         return jnp.stack([q, q + 1.0])
 
+    def over_batch(self, fn, *args):  # (members, B), as Ensemble.over_batch with fn = the call
+        return jax.vmap(self)(*args).T
+
 
 def _nets(dynamics):
     return MOPONetworks(dynamics=dynamics, success=None, reward=None, actor=StubActor(), critic=StubCritics(),
                         temperature=None)
 
 
+def _ensemble(member, num):
+    return lambda spec, key: Ensemble(spec, key=key, member=functools.partial(member, hidden_dims=(8,)), num=num)
+
+
 def _agent(cls=MOPO, **kw):
-    agent = cls(dynamics=GaussianDynamics, critic=QCritic, rollouts=ModelRollouts(num_starts=4, rollout_length=2,
-                                                                                   retain_rounds=2, rollout_freq=10),
-                **kw)
+    agent = cls(dynamics=_ensemble(GaussianDynamics, 3), critic=_ensemble(QCritic, 2),
+                rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10), **kw)
     agent.spec = SPEC
     return agent
 
@@ -80,7 +84,7 @@ def _batch(B=5, seed=0):
 def test_mopo_penalty_is_the_largest_member_std_norm():
     raw = np.array([[-1.0, 0.0, 2.0], [3.0, -2.0, 0.5], [0.0, 0.0, 0.0]], np.float32)  # (k, ob_dim)
     dyn = _members(np.zeros((3, OB)), raw)
-    u, _ = _agent().penalty(_nets(dyn), None, _batch(), jax.random.PRNGKey(1))
+    u, _ = _agent().penalty(_nets(dyn), None, _batch(), {})
     log_std = -5.0 + 6.0 / (1.0 + np.exp(-raw))  # the sigmoid squash into [-5, 1]
     want = np.max(np.linalg.norm(np.exp(log_std), axis=1))
     np.testing.assert_allclose(np.asarray(u), np.full(5, want), rtol=1e-5)
@@ -92,7 +96,9 @@ def test_mobile_penalty_is_the_member_spread_of_the_bellman_target():
     dyn = _members(shifts, np.zeros((4, OB)), log_std_min=-30.0, log_std_max=-29.0)
     b = _batch()
     agent = _agent(MOBILE, num_samples=3)
-    u, _ = agent.penalty(_nets(dyn), StubCritics(), b, jax.random.PRNGKey(2))
+    noise = agent.penalty_noise(_nets(dyn), jax.random.PRNGKey(2), 5)
+    assert noise["penalty/next_obs"].shape == (4, 3, 5, OB) and noise["penalty/next_actions"].shape == (4, 3, 5, ACT)
+    u, _ = agent.penalty(_nets(dyn), StubCritics(), b, noise)
     # member i predicts s + shift_i; a' = 0.5; mean over the two critics = sum(s') + sum(a') + 0.5
     s = np.asarray(b["obs"])
     q = s.sum(axis=1)[:, None] + shifts.sum(axis=1)[None, :] + 0.5 * ACT + 0.5  # (B, k)
@@ -103,14 +109,15 @@ def test_mobile_penalty_is_the_member_spread_of_the_bellman_target():
 def test_critic_target_uses_min_of_target_critics_and_masks():
     agent = _agent()
     b = _batch()
-    t = agent._target_q(_nets(None), StubCritics(), b, jax.random.PRNGKey(3))
+    eps = jax.random.normal(jax.random.PRNGKey(3), (5, ACT))
+    t = agent._target_q(_nets(None), StubCritics(), b, eps)
     q_min = np.asarray(b["next_obs"]).sum(axis=1) + 0.5 * ACT  # min of (Q1, Q1 + 1)
     want = np.asarray(b["rewards"]) + 0.999 * np.asarray(b["masks"]) * q_min
     np.testing.assert_allclose(np.asarray(t), want, rtol=1e-5)
     # goal-conditioned targets are clipped to [-1 / (1 - gamma), 0]
     agent.spec = dataclasses.replace(SPEC, goal_dim=1)
     gb = dict(b, value_goals=jnp.zeros((5, 1)), rewards=jnp.full((5,), 5.0))
-    t = agent._target_q(_nets(None), StubCritics(), gb, jax.random.PRNGKey(3))
+    t = agent._target_q(_nets(None), StubCritics(), gb, eps)
     assert np.all(np.asarray(t) <= 0.0) and np.all(np.asarray(t) >= -1.0 / (1 - 0.999))
 
 
@@ -153,3 +160,154 @@ def test_refresh_adds_one_round_and_is_due_only_after_the_models_trained():
     np.testing.assert_allclose(np.asarray(state2.buffer.obs[4:8]), np.asarray(state2.buffer.next_obs[:4]), rtol=1e-6)
     with pytest.raises(ConfigError, match=r"ModelRollouts\.first_rollout_step = 15 is out of range"):
         ModelRollouts(rollout_freq=10, first_rollout_step=15)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the parity with the authors' agents/mopo.py and agents/mobile.py found (issue 29)
+# ---------------------------------------------------------------------------------------------------
+def _small(cls=MOPO, goal_dim=0, **kw):
+    """``cls`` with every network 1 x 8 wide, 3 dynamics members, and its state."""
+    from macfw.nn.actors import TanhGaussianActor
+    from macfw.nn.models import RewardModel, SuccessModel
+
+    P = functools.partial
+    agent = cls(dynamics=_ensemble(GaussianDynamics, 3), critic=_ensemble(QCritic, 2),
+                actor=P(TanhGaussianActor, hidden_dims=(8,), final_init_scale=0.01),
+                success=P(SuccessModel, hidden_dims=(8,)), reward=P(RewardModel, hidden_dims=(8,)),
+                rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10), **kw)
+    spec = Spec(ob_dim=OB, act_dim=ACT, goal_dim=goal_dim, chunk_len=1)
+    return agent, agent.init(spec, 0)
+
+
+def _loop_batch(B=8, seed=0, goal_dim=0):
+    b = _batch(5, seed)
+    rng = np.random.default_rng(seed)
+    out = {"obs": rng.normal(size=(B, OB)), "actions": rng.uniform(-1, 1, (B, ACT)), "next_obs": rng.normal(size=(B, OB)),
+           "rewards": rng.normal(size=B), "success": (np.arange(B) % 3 == 0).astype(np.float64),
+           "value_goals": rng.normal(size=(B, goal_dim)), "actor_goals": rng.normal(size=(B, goal_dim))}
+    del b
+    return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+
+
+def test_ensemble_over_batch_equals_every_member_on_every_row_and_the_reference_form():
+    from macfw import reference
+
+    ens = Ensemble(SPEC, key=jax.random.PRNGKey(4), member=functools.partial(QCritic, hidden_dims=(8, 8)), num=3)
+    b = _batch(5)
+    fast = ens.over_batch(lambda m, s, g, a: m(s, g, a), b["obs"], b["value_goals"], b["actions"])
+    with reference.reference_computation(only="members_outer"):
+        plain = ens.over_batch(lambda m, s, g, a: m(s, g, a), b["obs"], b["value_goals"], b["actions"])
+    rows = jax.vmap(ens)(b["obs"], b["value_goals"], b["actions"])  # (B, k): each row calls every member
+    assert fast.shape == (3, 5)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(rows).T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(rows).T, rtol=1e-6, atol=1e-6)
+
+
+def test_target_critics_ema_reads_the_critics_before_the_step():
+    """The authors' target_update reads self.network (the pre-update parameters): after one update
+    from equal copies the targets are unchanged; after the second they moved by tau toward the
+    critics of after the first."""
+    agent, state = _small()
+    batch = _loop_batch()
+    s1, _ = jax.jit(agent.update)(state, batch)
+    for t, c in zip(jax.tree_util.tree_leaves(s1.target_critic), jax.tree_util.tree_leaves(state.nets.critic)):
+        np.testing.assert_allclose(np.asarray(t), np.asarray(c), rtol=2e-7, atol=1e-9)  # a step moves them ~1e-6
+    s2, _ = jax.jit(agent.update)(s1, batch)
+    for t2, t1, c1 in zip(jax.tree_util.tree_leaves(s2.target_critic), jax.tree_util.tree_leaves(s1.target_critic),
+                          jax.tree_util.tree_leaves(s1.nets.critic)):
+        np.testing.assert_allclose(np.asarray(t2), 0.995 * np.asarray(t1) + 0.005 * np.asarray(c1), rtol=1e-6, atol=1e-9)
+
+
+def test_models_train_on_the_real_part_of_the_mixed_batch_only():
+    """As the authors' real_batch: the loop batch's rows that buffer samples replace never reach the
+    models (poisoned with NaN here, the update stays finite) and the penalty sees only model rows."""
+    agent, state = _small()
+    M = 6
+    trans = {"obs": jnp.ones((M, OB)), "actions": jnp.zeros((M, ACT)), "next_obs": jnp.ones((M, OB)),
+             "rewards": jnp.zeros(M), "masks": jnp.ones(M), "value_goals": jnp.zeros((M, 0)),
+             "actor_goals": jnp.zeros((M, 0))}
+    state = dataclasses.replace(state, buffer=state.buffer.add(trans))
+    batch = _loop_batch()
+    poisoned = {k: v.at[4:].set(jnp.nan) if v.dtype == jnp.float32 and v.ndim and v.shape[-1] else v
+                for k, v in batch.items()}
+    _, m = jax.jit(agent.update)(state, poisoned)
+    assert all(np.isfinite(float(v)) for v in m.values()), {k: float(v) for k, v in m.items()}
+    assert float(m["buffer/model_fraction"]) == 0.5
+    # the same losses as update_on with the first half as the real batch
+    _, m_clean = jax.jit(agent.update)(state, batch)
+    assert float(m["dynamics/loss"]) == pytest.approx(float(m_clean["dynamics/loss"]), rel=1e-6)
+
+
+def test_losses_use_the_given_draws_and_log_the_authors_metrics():
+    agent, state = _small()
+    nets = state.nets
+    b = _loop_batch()
+    real = {"obs": b["obs"][:4], "actions": b["actions"][:4], "next_obs": b["next_obs"][:4], "rewards": b["rewards"][:4],
+            "masks": 1.0 - b["success"][:4], "value_goals": b["value_goals"][:4], "actor_goals": b["actor_goals"][:4]}
+    mixed = {k: jnp.concatenate([v, v]) for k, v in real.items()}
+    noise = agent.draw_noise(nets, jax.random.PRNGKey(5), 4, 4)
+    assert noise["dynamics"].shape == (3, 4, OB) and noise["actions"].shape == (8, ACT)
+    _, m = agent.loss(nets, real, mixed, jnp.zeros(8), noise)
+    mean, log_std = jax.vmap(lambda i: jax.vmap(nets.dynamics.member(i).mean_log_std)(real["obs"], real["actions"]))(
+        jnp.arange(3))  # (k, n, ob)
+    sample = mean + jnp.exp(log_std) * noise["dynamics"]
+    assert float(m["dynamics/sample_mse"]) == pytest.approx(float(jnp.mean((sample - real["next_obs"]) ** 2)), rel=1e-5)
+    # the actor's draws: a = tanh(mean + std * eps), its pre-squash std logged as actor/std_mean
+    mu, ls = jax.vmap(nets.actor.mean_log_std)(mixed["obs"], mixed["actor_goals"])
+    a = jnp.tanh(mu + jnp.exp(ls) * noise["actions"])
+    q_pi = jax.vmap(nets.critic)(mixed["obs"], mixed["actor_goals"], a).mean(axis=1)
+    assert float(m["actor/q_mean"]) == pytest.approx(float(q_pi.mean()), rel=1e-5, abs=1e-6)
+    assert float(m["actor/std_mean"]) == pytest.approx(float(jnp.mean(jnp.exp(ls))), rel=1e-6)
+    for k in ("success/accuracy_0.7", "success/pos_accuracy", "success/label_mean", "reward/pred_max",
+              "critic/q_max", "critic/q_min", "temperature/entropy"):
+        assert k in m
+
+
+def test_success_metrics_as_the_authors_log_them_and_zero_without_positives():
+    from macfw.agents.mopo import _success_metrics
+
+    logit = jnp.log(jnp.array([0.95, 0.8, 0.6, 0.3, 0.75]) / (1 - jnp.array([0.95, 0.8, 0.6, 0.3, 0.75])))
+    label = jnp.array([1.0, 1.0, 0.0, 0.0, 0.0])
+    m = {k: float(v) for k, v in _success_metrics(logit, label).items()}
+    assert m["success/accuracy"] == pytest.approx(3 / 5)  # p > 0.5: 1, 1, 1, 0, 1 against 1, 1, 0, 0, 0
+    assert m["success/accuracy_0.7"] == pytest.approx(4 / 5)  # 1, 1, 0, 0, 1
+    assert m["success/accuracy_0.9"] == pytest.approx(4 / 5)  # 1, 0, 0, 0, 0
+    assert m["success/pos_accuracy"] == pytest.approx(1.0) and m["success/neg_accuracy"] == pytest.approx(1 / 3)
+    assert m["success/label_mean"] == pytest.approx(0.4) and m["success/prob_max"] == pytest.approx(0.95, rel=1e-5)
+    m = _success_metrics(logit, jnp.zeros(5))
+    assert float(m["success/pos_accuracy"]) == 0.0  # the authors': 0 / 0 = NaN, which stops macfw's loop
+
+
+def test_rollout_takes_each_steps_member_and_draws():
+    """One rollout round is deterministic given its draws: s' = mu_i(s, a) + sigma_i eps with i the
+    step's member (the authors draw every member's sample and jax.random.choice one)."""
+    shifts = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 1.0]], np.float32)
+    raw = np.zeros((3, OB), np.float32)
+    dyn = _members(shifts, raw)  # log sigma = -5 + 6 sigmoid(0) = -2
+
+    class Head(eqx.Module):
+        def __call__(self, s, g, a):
+            return jnp.sum(s) - 0.5  # success iff sum(s) > 0.5; reward = sum(s) - 0.5
+
+    agent, _ = _small()
+    nets = MOPONetworks(dynamics=dyn, success=Head(), reward=Head(), actor=StubActor(), critic=None, temperature=None)
+    b = _batch(4)
+    noise = agent.rollout_noise(nets, jax.random.PRNGKey(6), 4)
+    assert noise["members"].shape == (2, 4) and noise["dynamics"].shape == (2, 4, OB)
+    out = agent.rollout(nets, b, noise)
+    s = np.asarray(b["obs"])
+    for t in range(2):
+        i = np.asarray(noise["members"][t])
+        want = s + shifts[i] + np.exp(-2.0) * np.asarray(noise["dynamics"][t])
+        np.testing.assert_allclose(np.asarray(out["obs"][4 * t: 4 * t + 4]), s, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["next_obs"][4 * t: 4 * t + 4]), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["actions"][4 * t: 4 * t + 4]), 0.5, rtol=1e-6)
+        c = (s.sum(axis=1) - 0.5 > 0).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(out["masks"][4 * t: 4 * t + 4]), 1.0 - c)
+        np.testing.assert_allclose(np.asarray(out["rewards"][4 * t: 4 * t + 4]), s.sum(axis=1) - 0.5, rtol=1e-5)
+        s = want
+
+
+def test_real_ratio_must_leave_real_transitions_for_the_models():
+    with pytest.raises(ConfigError, match=r"ModelRollouts\.real_ratio = 0\.0"):
+        ModelRollouts(real_ratio=0.0)

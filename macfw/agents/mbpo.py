@@ -3,7 +3,9 @@
 Every ``rollout_freq`` gradient steps the agent rolls its current policy and dynamics ensemble
 ``rollout_length`` steps forward from ``num_starts`` dataset states and appends the imagined
 transitions to a first-in-first-out buffer that holds the last ``retain_rounds`` rounds; each
-gradient step then trains on ``real_ratio`` real and ``1 - real_ratio`` model transitions.
+gradient step then trains the actor and critic on ``real_ratio`` real and ``1 - real_ratio`` model
+transitions, and the models on the real part alone (the authors' ``main_mbpo.py``: ``real_batch``
+of ``batch_size * mb_batch_ratio`` transitions, ``fake_batch`` of the rest).
 
 The buffer is a field of the agent's state (:class:`ModelBuffer`, an Equinox pytree), so it is
 checkpointed and restored with the parameters and a resumed run continues bit for bit. The loop
@@ -44,12 +46,13 @@ class ModelRollouts:
       num_starts: dataset states each round starts from (authors: 50,000).
       retain_rounds: rounds the buffer holds (authors: 5), so its capacity is
         ``num_starts * rollout_length * retain_rounds`` transitions (1.25M by default).
-      real_ratio: fraction of each batch that is real data (authors: 0.5).
+      real_ratio: fraction of each batch that is real data (authors: 0.5); the real part is also the
+        models' batch, as the authors' ``real_batch`` (so it must be > 0).
       first_rollout_step: gradient step of the first round (a multiple of ``rollout_freq``;
         None: ``rollout_freq``).
 
     Raises:
-      ConfigError: a value out of range (counts below 1, ``real_ratio`` outside [0, 1], a
+      ConfigError: a value out of range (counts below 1, ``real_ratio`` outside (0, 1], a
         ``first_rollout_step`` that is not a positive multiple of ``rollout_freq``).
     """
 
@@ -59,7 +62,7 @@ class ModelRollouts:
         self.rollout_length = check_int("ModelRollouts.rollout_length", rollout_length)
         self.num_starts = check_int("ModelRollouts.num_starts", num_starts)
         self.retain_rounds = check_int("ModelRollouts.retain_rounds", retain_rounds)
-        self.real_ratio = check_float("ModelRollouts.real_ratio", real_ratio, low=0.0, high=1.0)
+        self.real_ratio = check_float("ModelRollouts.real_ratio", real_ratio, low=0.0, high=1.0, low_open=True)
         first = self.rollout_freq if first_rollout_step is None else first_rollout_step
         check("ModelRollouts.first_rollout_step", first_rollout_step,
               isinstance(first, int) and first >= 1 and first % self.rollout_freq == 0,

@@ -6,7 +6,8 @@ Bellman target across the dynamics ensemble: for every member ``i`` draw ``num_s
 states ``s'_ij ~ N(mu_i(s, a), sigma_i(s, a)^2)`` and actions ``a'_ij ~ pi(s'_ij, g)``, average the
 target critics and the samples, ``Q_i = mean_j mean_c Q'_c(s'_ij, g, a'_ij)``, and take the standard
 deviation across members: ``u(s, a) = std_i Q_i``. Everything else (models, buffer, SAC, ``beta``)
-is MOPO's.
+is MOPO's. As the authors' ``compute_penalty``, only the model transitions of a batch are penalised
+(and evaluated), with the current actor and the target critics.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from macfw.agents.mopo import MOPO
 from macfw.errors import check_int
+from macfw.nn.gaussian import squashed_sample
 from macfw.registry import register
 
 
@@ -35,20 +37,24 @@ class MOBILE(MOPO):
         super().__init__(*args, **kwargs)
         self.num_samples = check_int("MOBILE.num_samples", num_samples)
 
-    def penalty(self, nets, target_critic, batch, key):
-        """``u(s, a) = std_i mean_j mean_c Q'_c(s'_ij, g_v, a'_ij)`` per transition: ``(B,)``."""
-        J, k = self.num_samples, nets.dynamics.num
-        B = batch["obs"].shape[0]
+    def penalty_noise(self, nets, key, n):
+        """``next_obs (k, J, n, ob_dim)`` (``s'_ij``) and ``next_actions (k, J, n, act_dim)`` (``a'_ij``),
+        standard normals (J = ``num_samples``)."""
+        k_dyn, k_act = jax.random.split(key)
+        shape = (nets.dynamics.num, self.num_samples, n)
+        return {"penalty/next_obs": jax.random.normal(k_dyn, (*shape, self.spec.ob_dim)),
+                "penalty/next_actions": jax.random.normal(k_act, (*shape, self.spec.act_dim))}
 
-        def one(s, a, g, key):
-            k_dyn, k_act = jax.random.split(key)
-            s_next = nets.dynamics.apply_keyed(  # (k, J, ob_dim): J samples from every member
-                lambda m, key: jax.vmap(lambda kj: m.sample(s, a, key=kj))(jax.random.split(key, J)), key=k_dyn)
-            flat = s_next.reshape(k * J, -1)
-            a_next = jax.vmap(lambda sn, kk: nets.actor.sample(sn, g, key=kk))(flat, jax.random.split(k_act, k * J))
-            q = jax.vmap(lambda sn, an: target_critic(sn, g, an).mean())(flat, a_next)  # mean over critics
-            return jnp.std(q.reshape(k, J).mean(axis=1))
-
-        u = jax.vmap(one)(batch["obs"], batch["actions"], batch["value_goals"], jax.random.split(key, B))
+    def penalty(self, nets, target_critic, batch, noise):
+        """``u(s, a) = std_i mean_j mean_c Q'_c(s'_ij, g_v, a'_ij)`` per model transition: ``(n,)``."""
+        eps_s, eps_a = noise["penalty/next_obs"], noise["penalty/next_actions"]
+        k, J, n, _ = eps_s.shape
+        # members outermost (k, n, ...): each member's products on its rows, batch-major
+        mean, log_std = nets.dynamics.over_batch(lambda m, s, a: m.mean_log_std(s, a), batch["obs"], batch["actions"])
+        s_next = (mean[:, None] + jnp.exp(log_std)[:, None] * eps_s).reshape(k * J * n, -1)  # (k J n, ob_dim)
+        g = jnp.broadcast_to(batch["value_goals"], (k, J, *batch["value_goals"].shape)).reshape(k * J * n, -1)
+        mu_a, log_std_a = jax.vmap(nets.actor.mean_log_std)(s_next, g)
+        a_next, _ = squashed_sample(mu_a, log_std_a, eps_a.reshape(k * J * n, -1))
+        q = target_critic.over_batch(lambda c, s, g, a: c(s, g, a), s_next, g, a_next).mean(axis=0)  # (k J n,)
+        u = jnp.std(q.reshape(k, J, n).mean(axis=1), axis=0)
         return u, {"penalty/member_std_max": jnp.max(u)}
-
