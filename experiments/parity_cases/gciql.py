@@ -18,6 +18,8 @@ their goal sampler replaced by macfw's value- and actor-goal indices
 Random draws: none. With ``const_std`` the authors' DDPG+BC acts with ``clip(dist.mode())`` and
 draws nothing; macfw's update is deterministic.
 
+Acting: ``act`` against their ``sample_actions`` at temperature 0 (their evaluation's), ``act@N``.
+
 Metrics (the authors' name -> macfw's): see :data:`METRICS`. The authors' ``grad/*`` (from
 ``TrainState.apply_loss_fn``, outside ``total_loss``) are not compared; the parameters after
 ``opts.updates`` Adam steps compare the gradients' effect in full.
@@ -146,8 +148,22 @@ def run(ref, opts: Options) -> dict:
             if missing:
                 raise AssertionError(f"macfw does not report {missing} (mapped to {[METRICS[k] for k in missing]})")
     params_err = tree_rel_err(to_flax(state.nets, state.target_critic), theirs.network.params)
+    terms[opts.updates - 1]["act"] = compare_acting(agent, state, theirs, data[-1][0], opts.seed)
     speed = measure_speed(ref, opts) if opts.speed else None
     return agent_result(terms[0], terms[opts.updates - 1], params_err, speed=speed, updates=opts.updates)
+
+
+def compare_acting(agent, state, theirs, batch: dict, seed: int, num: int = 8) -> dict:
+    """macfw's ``act`` and the authors' ``sample_actions`` (their evaluation's temperature 0) on the
+    first ``num`` states and actor goals of ``batch``, each with the same key: a term whose ``rel_err``
+    is the largest action difference over the largest action magnitude."""
+    import jax
+
+    keys = jax.random.split(jax.random.PRNGKey(seed + 7), num)
+    s, g = batch["obs"][:num], batch["actor_goals"][:num]
+    mine = jax.jit(jax.vmap(lambda s, g, k: agent.act(state.nets, s, g, key=k)[0]))(s, g, keys)
+    ref = jax.vmap(lambda s, g, k: type(theirs).sample_actions(theirs, s, g, seed=k, temperature=0.0)[0])(s, g, keys)
+    return {"macfw": None, "reference": None, "rel_err": tree_rel_err(mine, ref)}
 
 
 def measure_speed(ref, opts: Options) -> dict:

@@ -24,6 +24,10 @@ Random draws (method (b) then (a)): macfw's update takes the flow-matching noise
 ``low_actor_loss`` (:func:`replay`: ``normal``, ``uniform``, ``normal``, ``uniform``, in their order)
 inside one outer jit of their unjitted ``update`` (:func:`unjitted`).
 
+Acting: ``act`` (32 subgoal candidates, argmax of min-Q, the low-level flow) against their
+``sample_actions`` with the same key (the same noise: both split it into a high and a low key and
+draw ``(32, goal_dim)`` and ``(act_dim,)`` normals from them), ``act@N``.
+
 Metrics (the authors' name -> macfw's): :data:`METRICS`. The authors' ``grad/*`` (from
 ``apply_loss_fn``, outside ``total_loss``) are not compared; the parameters after ``opts.updates``
 Adam steps compare the gradients' effect.
@@ -244,12 +248,26 @@ def run(ref, opts: Options) -> dict:
             if missing:
                 raise AssertionError(f"macfw does not report {missing} (mapped to {[METRICS[k] for k in missing]})")
     params_err = tree_rel_err(to_flax(state.nets, state.target_critic), theirs.network.params)
+    terms[opts.updates - 1]["act"] = compare_acting(agent, state, theirs, data[-1][0], opts.seed)
     defects = {name: {"macfw": [dict(c["macfw"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
                       "reference": [dict(c["reference"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
                       "reason": REASONS[name]} for name, rows in cut.items() if rows}
     speed = measure_speed(ref, opts) if opts.speed else None
     return agent_result(terms[0], terms[opts.updates - 1], params_err, defects=defects, speed=speed,
                         updates=opts.updates)
+
+
+def compare_acting(agent, state, theirs, batch: dict, seed: int, num: int = 8) -> dict:
+    """macfw's ``act`` and the authors' ``sample_actions`` (their evaluation's temperature 0) on the
+    first ``num`` states and actor goals of ``batch``, each with the same key: a term whose ``rel_err``
+    is the largest action difference over the largest action magnitude."""
+    import jax
+
+    keys = jax.random.split(jax.random.PRNGKey(seed + 7), num)
+    s, g = batch["obs"][:num], batch["actor_goals"][:num]
+    mine = jax.jit(jax.vmap(lambda s, g, k: agent.act(state.nets, s, g, key=k)[0]))(s, g, keys)
+    ref = jax.vmap(lambda s, g, k: type(theirs).sample_actions(theirs, s, g, seed=k, temperature=0.0)[0])(s, g, keys)
+    return {"macfw": None, "reference": None, "rel_err": tree_rel_err(mine, ref)}
 
 
 def measure_speed(ref, opts: Options) -> dict:
