@@ -14,7 +14,11 @@ Two sub-cases, each with its own networks, batches and draws (terms prefixed ``g
 
 Sizes: cube-single shapes (``ob_dim`` 28, ``act_dim`` 5, chunk ``n`` 10: chunks of 50), networks
 2 x 64, batch 32, rollout batch 16, ``H`` 10, ``N`` 8, 10 Euler flow steps, ``gamma`` 0.999,
-``lambda`` 1, ``tau`` 0.005, Adam 3e-4.
+``lambda`` 1, ``tau`` 0.005, Adam 3e-4. A third sub-case, ``gc_lam0.9/``, repeats the goal-conditioned
+one at ``lambda`` 0.9: macfw's default ``lambda = 1`` needs ``V'`` on the last imagined state only
+(:func:`macfw.agents.mac.monte_carlo_returns`), so this one compares the general lambda-returns
+(``V'`` on every imagined state, :func:`macfw.agents.mac.lambda_returns`) with the authors'
+``compute_gae``.
 
 Parameters: macfw's networks are built (``MAC.init``) and mapped into the authors' Flax tree
 (``modules_dynamics``, ``modules_actor_flow``, ``modules_actor_onestep_flow``, ``modules_critic``,
@@ -41,7 +45,9 @@ Terms: every entry of the authors' ``update`` info (``total_loss``'s and ``grad/
 ``grad/norm``) under their names, mapped to macfw's metrics (:data:`METRICS`), after 1 update and
 after ``opts.updates`` (``name@10``); ``grads@1`` (the gradient trees of the first update),
 ``params@1`` and ``params@10`` (the updated parameters, the EMA target value included), each over the
-networks both sides have. The ``grad/*`` terms are computed over those networks on both sides with
+networks both sides have; ``act/first_action`` (:func:`act_terms`: the chunk each side picks when
+acting, N = 32, for 8 states with the same keys); ``rollout_argmax_flips`` (rollout rows whose
+argmax differs, from :func:`check_mirrored_draws`: 0 is the reference value). The ``grad/*`` terms are computed over those networks on both sides with
 the authors' formulas (max, min, and the L1 norm of the per-leaf L2 norms). The authors' defects
 (DESIGN §9 and new ones shown here) go to ``skipped`` and ``defects`` with both values:
 ``gc_unused_reward_head`` (above) and ``st/success/pos_acc`` (their 0/0 = NaN on batches without a
@@ -54,8 +60,8 @@ is ``jax.jit(MAC.update)`` with the state donated and :func:`macfw.compiler.comp
 its training step compiles it); the authors' ``MACAgent.update`` is compiled with JAX's own threefry
 lowering (``import macfw`` registers a written-out one for the CPU, which would also speed up the
 authors' program). FLOPs per update by XLA's count with every loop unrolled (macfw: the reference
-computation of ``macfw.bench``, the authors' scans unrolled), utilisation against one matrix-product
-peak measured in the same process.
+computation of ``macfw.bench``, the authors' scans unrolled), utilisation against the FLOP/s of a
+2048 x 2048 matrix product timed in the same alternation (so that the machine's drift hits all three).
 """
 
 from __future__ import annotations
@@ -67,8 +73,8 @@ import os
 
 import numpy as np
 
-from parity_cases.common import (agent_result, alternate, jax_threefry, macfw_update, matmul_peak, mlp_to_flax,
-                                 rel_err, replay, tree_rel_err, unjitted, xla_flops)
+from parity_cases.common import (agent_result, alternate, jax_threefry, macfw_update, mlp_to_flax, rel_err,
+                                 replay, tree_rel_err, unjitted, xla_flops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +403,27 @@ def _subset(params: dict, like: dict) -> dict:
     return {k: params[k] for k in like}
 
 
+def act_terms(agent, state, ragent, b: dict, gc: bool, num: int = 8) -> dict:
+    """Acting: both sides pick a chunk for ``num`` states of the batch with the same keys. The authors'
+    ``sample_actions(mode='test')`` and macfw's :meth:`~macfw.agents.mac.MAC.act` both draw the
+    ``(32, chunk)`` candidate noise with one ``jax.random.normal`` call on the key they are given, so
+    the same key is the same noise; the authors return the first ``action_chunking_test = 1`` action
+    of the argmax-Q chunk, macfw the chunk (its first action compared)."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.PRNGKey(11), num)
+    act = jax.jit(lambda nets, s, g, k: agent.act(nets, s, g, key=k))
+    ours, theirs = [], []
+    for j in range(num):
+        s, g = jnp.asarray(b["obs"][j]), jnp.asarray(b["value_goals"][j])
+        ours.append(np.asarray(act(state.nets, s, g, keys[j])[0]))
+        theirs.append(np.asarray(ragent.sample_actions(s, g if gc else None, seed=keys[j], mode="test")[0]))
+    ours, theirs = np.stack(ours), np.stack(theirs)
+    return {"act/first_action": {"macfw": float(np.mean(ours)), "reference": float(np.mean(theirs)),
+                                 "rel_err": rel_err(ours, theirs, floor=1e-3)}}
+
+
 # ------------------------------------------------------------------------------ one sub-case
 def compare_case(ref, sz: Sizes, opts, prefix: str) -> tuple[dict, dict, dict, dict]:
     """One sub-case (``sz.goal_dim > 0``: goal-conditioned). Returns ``(terms_1, terms_n, skipped,
@@ -446,6 +473,7 @@ def compare_case(ref, sz: Sizes, opts, prefix: str) -> tuple[dict, dict, dict, d
         draws = macfw_draws(agent, state, b)
         if i == 0:
             flips += check_mirrored_draws(agent, state, b, draws)
+            terms_1.update(act_terms(agent, state, ragent, b, gc))
             terms_1.update(loader_terms(data, b, sz, gc))
             g_ours = to_flax(macfw_grads(agent, state, jax.tree_util.tree_map(jnp.asarray, b)))
         if ref_update is None:
@@ -533,8 +561,13 @@ def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
     with jax_threefry():  # compile the authors' update as their code compiles it
         jax.block_until_ready(run_ref())
     jax.block_until_ready(run_ours())
-    secs = alternate({"macfw": run_ours, "reference": run_ref}, pairs=opts.pairs)
-    peak = matmul_peak()
+    # the matrix-product peak timed in the same alternation (a shared machine's speed drifts within minutes)
+    n = 2048
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a, b2 = jax.random.normal(ka, (n, n)), jax.random.normal(kb, (n, n))
+    mm = jax.jit(lambda a, b: a @ b)
+    secs = alternate({"macfw": run_ours, "reference": run_ref, "peak": lambda: mm(a, b2)}, pairs=opts.pairs)
+    peak = 2.0 * n ** 3 / secs.pop("peak")
     ups = {k: opts.calls / v for k, v in secs.items()}
     flops = {"macfw": flops_ours, "reference": flops_ref}
     return {"updates_per_s": ups, "flops_per_update": flops,
@@ -545,7 +578,9 @@ def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
 # ------------------------------------------------------------------------------ the case
 def run(ref, opts) -> dict:
     terms_1, terms_n, skipped, defects = {}, {}, {}, {}
-    for prefix, sz in (("gc/", SMALL), ("st/", dataclasses.replace(SMALL, goal_dim=0))):
+    cases = (("gc/", SMALL), ("st/", dataclasses.replace(SMALL, goal_dim=0)),
+             ("gc_lam0.9/", dataclasses.replace(SMALL, lam=0.9)))  # lambda-returns on every V'(s_k)
+    for prefix, sz in cases:
         t1, tn, sk, de = compare_case(ref, sz, opts, prefix)
         terms_1.update(t1)
         terms_n.update(tn)
