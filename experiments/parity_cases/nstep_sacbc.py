@@ -46,7 +46,7 @@ import importlib
 import numpy as np
 
 from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, jax_threefry,
-                                 matmul_peak,
+                                 macfw_update, matmul_peak,
                                  mlp_to_flax_split, rel_err, replay, tree_rel_err, unjitted, xla_flops)
 
 #: the authors' metric -> macfw's metric (a name, or a function of macfw's metrics)
@@ -287,15 +287,14 @@ def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) 
 
 def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict:
     """``updates_per_s``, ``flops_per_update``, ``utilisation`` and ``matmul_peak_flops`` of macfw's
-    ``agent.update`` (jitted as its training step compiles it: the state donated, the compiler options
-    of :mod:`macfw.compiler`) and the authors' jitted ``update`` (compiled with JAX's own threefry), the
-    batches already on the device, ``opts.pairs`` alternated pairs of ``opts.calls`` updates each."""
+    ``agent.update`` (compiled as its training step compiles it, :func:`macfw_update`: the state
+    donated, the compiler options of :mod:`macfw.compiler`) and the authors' jitted ``update``
+    (compiled with JAX's own threefry), the batches already on the device, ``opts.pairs`` alternated
+    pairs of ``opts.calls`` updates each. FLOPs: XLA's count, both programs with macfw's written-out
+    threefry (the random bits count alike)."""
     import os
 
     import jax
-    import jax.numpy as jnp
-
-    from macfw.compiler import compiler_options
 
     b, rb = jax.device_put(b), jax.device_put(rb)
     ref_update = type(theirs).update
@@ -304,8 +303,8 @@ def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict
     flops_ref = xla_flops(ref_update, theirs, rb)
     flops_ours = xla_flops(jax.jit(agent.update), state, b)
     jax.clear_caches()  # the timed programs are compiled afresh below, the authors' with their threefry
-    ours = jax.jit(agent.update, donate_argnums=(0,), compiler_options=compiler_options(jax.devices()[0].platform))
-    box = {"m": jax.tree_util.tree_map(jnp.copy, state), "r": theirs}
+    ours, arrays = macfw_update(agent, state)
+    box = {"m": arrays, "r": theirs}
 
     def mine():
         for _ in range(opts.calls):
