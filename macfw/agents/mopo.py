@@ -68,7 +68,7 @@ from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check, check_choice, check_float
 from macfw.nn.actors import TanhGaussianActor, Temperature
 from macfw.nn.gaussian import squashed_sample
-from macfw.nn.models import RewardModel, SuccessModel
+from macfw.nn.models import RewardModel, SuccessModel, reward_metrics, success_metrics
 from macfw.registry import register
 from macfw.spec import Spec
 
@@ -210,15 +210,16 @@ class MOPO(Agent):
         return jnp.max(jnp.linalg.norm(jnp.exp(log_std), axis=-1), axis=0), {}  # log_std: (k, n, ob_dim)
 
     # ------------------------------------------------------------------ the update
-    def _actor_samples(self, actor, s, g, eps) -> tuple[Array, Array]:
-        """``a = tanh(mean + std * eps)`` and ``log pi(a | s, g)`` for a batch: ``(B, act_dim)``, ``(B,)``."""
+    def _actor_samples(self, actor, s, g, eps) -> tuple[Array, Array, Array]:
+        """``a = tanh(mean + std * eps)``, ``log pi(a | s, g)`` and the pre-squash log-std for a batch:
+        ``(B, act_dim)``, ``(B,)``, ``(B, act_dim)``."""
         mean, log_std = jax.vmap(actor.mean_log_std)(s, g)
-        return squashed_sample(mean, log_std, eps)
+        return (*squashed_sample(mean, log_std, eps), log_std)
 
     def _target_q(self, nets, target_critic, batch, eps) -> Array:
         """``r + gamma m agg_j Q'_j(s', a')`` with ``a' = tanh(mean + std * eps)`` from ``pi(s', g_v)``
         (no entropy term): ``(B,)``."""
-        a_next, _ = self._actor_samples(nets.actor, batch["next_obs"], batch["value_goals"], eps)
+        a_next, _, _ = self._actor_samples(nets.actor, batch["next_obs"], batch["value_goals"], eps)
         q_next = target_critic.over_batch(_q, batch["next_obs"], batch["value_goals"], a_next)  # (k, B)
         q_next = q_next.min(axis=0) if self.q_agg == "min" else q_next.mean(axis=0)
         target = batch["rewards"] + self.gamma * batch["masks"] * q_next
@@ -253,25 +254,23 @@ class MOPO(Agent):
             r = jax.vmap(nets.reward)(real["obs"], real["value_goals"], real["actions"])
             rew = jnp.mean((r - real["rewards"]) ** 2)
             total = total + rew
-            metrics.update({"reward/loss": rew, "reward/pred": r.mean(), "reward/pred_max": r.max(),
-                            "reward/pred_min": r.min(), "reward/target_mean": real["rewards"].mean()})
+            metrics.update({"reward/loss": rew, "reward/pred": r.mean(), **reward_metrics(r, real["rewards"])})
 
         q = nets.critic.over_batch(_q, mixed["obs"], mixed["value_goals"], mixed["actions"])  # (k, B)
         critic_loss = jnp.mean((q - target_q[None]) ** 2)
 
-        a, log_p = self._actor_samples(nets.actor, mixed["obs"], mixed["actor_goals"], noise["actions"])
+        a, log_p, pi_log_std = self._actor_samples(nets.actor, mixed["obs"], mixed["actor_goals"], noise["actions"])
         q_pi = _sg(nets.critic).over_batch(_q, mixed["obs"], mixed["actor_goals"], a).mean(axis=0)
         alpha = _sg(nets.temperature())
         actor_loss = jnp.mean(alpha * log_p - q_pi)
         temp_loss, m_t = nets.temperature.loss(log_p, -self.target_entropy_scale * self.spec.act_dim)
-        _, pi_log_std = jax.vmap(_sg(nets.actor).mean_log_std)(mixed["obs"], mixed["actor_goals"])
 
         total = total + critic_loss + actor_loss + temp_loss
         metrics.update(m_t)
         metrics.update({"critic/loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_max": q.max(),
                         "critic/q_min": q.min(), "critic/target_mean": target_q.mean(),
                         "actor/loss": actor_loss, "actor/q_mean": q_pi.mean(),
-                        "actor/std_mean": jnp.mean(jnp.exp(pi_log_std)), "total/loss": total})
+                        "actor/std_mean": jnp.mean(jnp.exp(_sg(pi_log_std))), "total/loss": total})
         return total, metrics
 
     def update(self, state: MOPOState, batch: dict) -> tuple[MOPOState, dict]:
@@ -340,7 +339,7 @@ class MOPO(Agent):
         N, gc = s0.shape[0], self.spec.goal_conditioned
 
         def step(s, nz):
-            a, _ = self._actor_samples(nets.actor, s, vg, nz["actions"])
+            a, _, _ = self._actor_samples(nets.actor, s, vg, nz["actions"])
             a = jnp.clip(a, -1.0, 1.0)
             mean, log_std = nets.dynamics.over_batch(lambda m, s, a: m.mean_log_std(s, a), s, a)  # (k, N, ob_dim)
             rows = jnp.arange(s.shape[0])
@@ -370,15 +369,9 @@ class MOPO(Agent):
 
 def _success_metrics(logit: Array, label: Array) -> dict[str, Array]:
     """The authors' success-head metrics (``agents/mopo.py``'s ``success_loss``) from logits and
-    labels ``(n,)``: probability mean/max/min, accuracy at thresholds 0.5/0.7/0.9, the accuracy on
-    positives and on negatives, the label mean. A batch without positives (or negatives) gives 0
-    where theirs gives NaN (0 / 0): the loop stops on a non-finite metric."""
+    labels ``(n,)``: the mean probability and the accuracy at 0.5, and
+    :func:`~macfw.nn.models.success_metrics` (the range, the accuracy at 0.7 and 0.9, per class, the
+    label mean; 0 where theirs is 0/0 = NaN: macfw's loop stops on a non-finite metric)."""
     p = jax.nn.sigmoid(logit)
-    pos, neg = label > 0.5, label < 0.5
-    f = lambda x: x.astype(jnp.float32)  # noqa: E731
-    return {"success/prob": p.mean(), "success/prob_max": p.max(), "success/prob_min": p.min(),
-            "success/accuracy": jnp.mean(f((p > 0.5) == pos)), "success/accuracy_0.7": jnp.mean(f((p > 0.7) == pos)),
-            "success/accuracy_0.9": jnp.mean(f((p > 0.9) == pos)),
-            "success/pos_accuracy": jnp.sum(f((p > 0.5) & pos)) / jnp.maximum(jnp.sum(f(pos)), 1.0),
-            "success/neg_accuracy": jnp.sum(f((p < 0.5) & neg)) / jnp.maximum(jnp.sum(f(neg)), 1.0),
-            "success/label_mean": label.mean()}
+    return {"success/prob": p.mean(), "success/accuracy": jnp.mean(((p > 0.5) == (label > 0.5)).astype(jnp.float32)),
+            **success_metrics(p, label)}
