@@ -246,15 +246,17 @@ def test_actions_clipped_and_observations_scaled():
     a = np.asarray(loaded.data.actions)
     assert a[0, 0] == pytest.approx(1 - 1e-5) and a[1, 0] == pytest.approx(-1 + 1e-5)
     o = np.asarray(loaded.data.observations)
-    np.testing.assert_allclose(o.min(axis=0), -1.0, atol=1e-6)
-    np.testing.assert_allclose(o.max(axis=0), 1.0, atol=1e-6)
+    half = (d["observations"].max(axis=0) - d["observations"].min(axis=0)) / 2
+    np.testing.assert_allclose(o.min(axis=0), -half / (half + 1e-3), rtol=1e-5)
+    np.testing.assert_allclose(o.max(axis=0), half / (half + 1e-3), rtol=1e-5)
 
 
 def test_scaler_round_trip():
     x = np.array([[1.0, -4.0], [3.0, 6.0], [2.0, 2.0]], np.float32)
     sc = Scaler.fit(x)
     y = np.asarray(sc(x))
-    np.testing.assert_allclose(y, [[-1.0, -1.0], [1.0, 1.0], [0.0, 0.2]], atol=1e-6)
+    # the authors' normalize: (x - mid) / (half-range + 1e-3); half-ranges 1 and 5
+    np.testing.assert_allclose(y, [[-1 / 1.001, -5 / 5.001], [1 / 1.001, 5 / 5.001], [0.0, 1 / 5.001]], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(sc.inverse(y)), x, atol=1e-5)
     sc2 = Scaler.from_dict(sc.to_dict())
     np.testing.assert_allclose(np.asarray(sc2(x)), y)
@@ -264,7 +266,7 @@ def test_scaler_constant_dimension_maps_to_zero():
     x = np.array([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]], np.float32)
     sc = Scaler.fit(x)
     y = np.asarray(sc(x))
-    np.testing.assert_allclose(y[:, 0], [-1.0, 1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(y[:, 1], 0.0, atol=1e-6)  # documented: x - lo, i.e. 0 on the data
-    np.testing.assert_allclose(np.asarray(sc(np.array([[2.0, 5.5]], np.float32)))[0, 1], 0.5, atol=1e-6)
+    np.testing.assert_allclose(y[:, 0], [-1 / 1.001, 1 / 1.001, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(y[:, 1], 0.0, atol=1e-6)  # 0 on the data; off it (x - lo) / 1e-3, as the authors'
+    np.testing.assert_allclose(np.asarray(sc(np.array([[2.0, 5.5]], np.float32)))[0, 1], 500.0, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(sc.inverse(y)), x, atol=1e-5)

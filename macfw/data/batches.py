@@ -26,12 +26,19 @@ VALUE_GOAL_P_CUR, VALUE_GOAL_P_TRAJ, VALUE_GOAL_P_RAND = DEFAULT_GOALS.probabili
 ACTOR_GOAL_P_TRAJ = DEFAULT_GOALS.actor_p_trajgoal
 
 
+#: Added to each half-range by :class:`Scaler` (the authors' ``utils/datasets.py`` ``normalize``).
+SCALE_EPS = 1e-3
+
+
 @dataclasses.dataclass(frozen=True)
 class Scaler:
-    """Per-dimension min/max scaling to [-1, 1]: ``2 (x - lo) / (hi - lo) - 1``.
+    """Per-dimension min/max scaling as the authors' ``normalize``: ``(x - mid) / (half + 1e-3)`` with
+    ``mid = (lo + hi) / 2``, ``half = (hi - lo) / 2``, so the data land in ``[-1, 1]`` up to the
+    ``1e-3`` (``half / (half + 1e-3)`` at the extremes).
 
-    Constant dimensions (``hi - lo < 1e-6``) map to ``x - lo`` (i.e. 0 on the data).
-    ``lo, hi: (dim,)`` numpy float32.
+    A constant dimension (``half = 0``) maps to 0 on the data and to ``1000 (x - lo)`` off it, as
+    theirs. ``lo, hi: (dim,)`` numpy float32. (Before 2026-12-07 macfw divided by ``half`` alone,
+    which differs by up to 10% on dimensions whose half-range is near 0.01; parity, issue 29.)
     """
 
     lo: np.ndarray
@@ -43,17 +50,16 @@ class Scaler:
         return cls(lo=x.min(axis=0), hi=x.max(axis=0))
 
     @property
-    def _range(self):
-        r = self.hi - self.lo
-        return np.where(r < 1e-6, 2.0, r).astype(np.float32)
+    def _denominator(self):
+        return ((self.hi - self.lo) / 2.0 + SCALE_EPS).astype(np.float32)
 
     def __call__(self, x):
         xp = jnp if isinstance(x, jax.Array) else np
         mid = (self.lo + self.hi) / 2.0
-        return (2.0 * (x - mid) / self._range).astype(xp.float32)
+        return ((x - mid) / self._denominator).astype(xp.float32)
 
     def inverse(self, y):
-        return y * self._range / 2.0 + (self.lo + self.hi) / 2.0
+        return y * self._denominator + (self.lo + self.hi) / 2.0
 
     def to_dict(self) -> dict:
         return {"lo": np.asarray(self.lo), "hi": np.asarray(self.hi)}
