@@ -296,6 +296,23 @@ if __name__ != "__main__":
         assert float(norms["critic"]) == 0.0
         assert float(norms["policy"]) == 0.0
 
+    def test_macfql_distillation_target_is_the_flow_solution_clipped_to_the_action_range(fql):
+        """The authors' mbfql.py clips the ODE solution before distilling: with a flow whose solution
+        leaves [-1, 1], the loss must equal the distance to the clipped solution."""
+        spec, a3, a0, state, batch = fql
+        key = jax.random.PRNGKey(5)
+        nets = state.nets
+        big = eqx.tree_at(lambda n: n.policy, nets, jax.tree_util.tree_map(
+            lambda x: 4.0 * x if eqx.is_inexact_array(x) else x, nets.policy))  # a flow with large velocities
+        s, g = batch["obs"], batch[a3.actor_goals]
+        z = jax.vmap(big.actor.noise)(jax.random.split(key, s.shape[0]))
+        solved = jax.vmap(big.policy.solve)(s, g, z)
+        assert float(jnp.max(jnp.abs(solved))) > 1.0  # the case where clipping matters
+        A = jax.vmap(big.actor)(s, g, z)
+        _, m = a3.actor_loss(big, batch, key)
+        np.testing.assert_allclose(float(m["actor/distill_loss"]), float(jnp.mean((A - jnp.clip(solved, -1, 1)) ** 2)),
+                                   rtol=1e-5)
+
     def test_macfql_requires_a_flow_policy():
         agent = _fql(policy=_tiny(GaussianPolicy))
         with pytest.raises(ValueError, match="solve"):

@@ -4,11 +4,11 @@ The paper's ablation of the sampler: instead of rejection sampling from the (dis
 policy, a one-step actor ``pi(s, g, z) -> A`` is trained as in FQL (Park et al., 2025)::
 
     L_actor = -Q(s, g, clip(pi(s, g, z), -1, 1)) / mean|Q|            (Q-maximisation)
-              + alpha * ||pi(s, g, z) - sg(ODE solution of v from z)||^2  (distillation penalty)
+              + alpha * ||pi(s, g, z) - sg(clip(ODE solution of v from z))||^2  (distillation penalty)
 
 with ``z ~ N(0, I)``, ``alpha = 0.3``, the critic under stop-gradient in the first term (the actor's
-Q-maximisation never moves ``Q``) and the flow ODE solution of the behaviour policy ``v`` as the
-stop-gradient target. Imagined rollouts and acting use the actor's chunk directly, with no
+Q-maximisation never moves ``Q``) and the flow ODE solution of the behaviour policy ``v``, clipped
+to ``[-1, 1]`` (the authors' ``agents/mbfql.py``), as the stop-gradient target. Imagined rollouts and acting use the actor's chunk directly, with no
 candidates and no ``argmax Q`` (:class:`DirectSampler`).
 
 Gin::
@@ -148,7 +148,9 @@ class MACFQL(MAC):
         s, g = batch["obs"], batch[self.actor_goals]
         B = s.shape[0]
         z = jax.vmap(nets.actor.noise)(jax.random.split(key, B))
-        target = jax.lax.stop_gradient(jax.vmap(nets.policy.solve)(s, g, z))  # flow ODE solution (diffrax)
+        # the flow ODE solution (diffrax), clipped to the action range as the authors' mbfql.py
+        # sample_flow_actions clips its distillation target
+        target = jax.lax.stop_gradient(jnp.clip(jax.vmap(nets.policy.solve)(s, g, z), -1.0, 1.0))
         A = jax.vmap(nets.actor)(s, g, z)
         distill = jnp.mean((A - target) ** 2)
         critic = jax.lax.stop_gradient(nets.critic)  # the Q term trains the actor only
