@@ -30,7 +30,11 @@ Deliberate deviations: goal-conditioned, macfw builds no reward head (the author
 rollout reads: a network's forward and backward pass per update for nothing); the per-class success
 accuracies are 0 where the authors' ratio is 0/0 = NaN (every single-task batch has no positive
 label; a NaN metric would stop macfw's loop); at ``lam = 1`` the returns use ``V'(s_H)`` alone
-(:func:`monte_carlo_returns`, the same values).
+(:func:`monte_carlo_returns`, the same values). Data: macfw samples every chunk start ``t`` with
+``t + n <= `` the trajectory's final observation (:func:`~macfw.data.batches.valid_starts`); the
+authors' ``ACGCDataset`` stops two steps earlier (its compact-layout ``terminal_locs`` mark the last
+two observations), so at n = 10 on 1001-step episodes macfw has 2 more starts per 991 (0.2%); and
+macfw's later-state goals may be the final observation, theirs stop one before it.
 """
 
 from __future__ import annotations
