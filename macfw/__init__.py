@@ -24,6 +24,7 @@ from macfw.nn import gaussian as _gaussian  # noqa: F401,E402  (MAC-Gau ablation
 from macfw.nn import actors as _actors  # noqa: F401,E402
 from macfw.nn import ensemble as _ensemble  # noqa: F401,E402
 from macfw.data import ogbench_data as _ogbench_data  # noqa: F401,E402
+from macfw import loggers as _loggers  # noqa: F401,E402  (CSV, TensorBoard, Weights & Biases: train.loggers)
 
 __all__ = ["register", "registry", "__version__"]
 

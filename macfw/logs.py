@@ -55,9 +55,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file of its own in the same folder and a
-    rename: a reader sees the old file or the new one, never half of one, also with several writers.
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file of its own in the same folder and a rename: a
+    reader sees the old file or the new one (or none), never half of one, also with several writers.
 
     Raises:
       OSError: the folder cannot be written (the temporary file is removed).
@@ -68,12 +68,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_text_atomic`): a reader sees the old
+    file or the new one, never half of one, also with several writers.
+
+    Raises:
+      OSError: the folder cannot be written (the temporary file is removed).
+    """
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def tqdm_write(pbar, msg: str) -> None:

@@ -38,6 +38,7 @@ KINDS: tuple[str, ...] = (
     "dataset",
     "evaluator",
     "goals",
+    "logger",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

@@ -9,7 +9,8 @@
 3. :func:`restore_or_initialize`: the newest complete checkpoint, or the fresh state;
 4. the loop: one compiled, donated call of K updates (:class:`macfw.step.TrainStep`) per
    iteration, then the hooks (:class:`LogHook`, :class:`EvalHook`, :class:`SaveHook`), each
-   acting every N gradient steps;
+   acting every N gradient steps; the rows of the first two go to the run's loggers
+   (``train.loggers``, :mod:`macfw.loggers`: CSV, TensorBoard, Weights & Biases, your own);
 5. :func:`summarize`: ``summary.json``.
 
 Units: ``num_steps``, ``log_interval``, ``eval_interval`` and ``save_interval`` count gradient
@@ -37,7 +38,8 @@ from macfw.errors import ConfigError, check, check_float, check_int
 from macfw.evaluation import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, TaskMismatchError, eval_row,
                             evaluate, make_actor, merge_results, resolve_batch_size, resolve_task_ids, resolve_workers,
                             seed_params)
-from macfw.logs import CSVLog, json_scaler, tqdm_write, versions, write_json_atomic
+from macfw.logs import json_scaler, tqdm_write, versions, write_json_atomic
+from macfw.loggers import DEFAULT_LOGGERS, make_loggers, open_loggers
 from macfw.parallel import make_mesh, put_replicated, to_host
 from macfw.signals import Preempted, Preemption
 from macfw.step import (HostBatches, NonFiniteError, Refresher, TrainStep, check_batch_size, check_finite, init_state,
@@ -58,9 +60,11 @@ class WorkdirError(PermissionError):
 # ------------------------------------------------------------------------------- 1. settings
 def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_interval, eval_interval,
                    save_interval, batch_size, seed, num_seeds, max_to_keep, eval_episodes, eval_task_ids,
-                   execute_steps, eval_seed, device_data_limit_gb, debug_nan_at_step, data_on_device=None) -> dict:
+                   execute_steps, eval_seed, device_data_limit_gb, debug_nan_at_step, data_on_device=None,
+                   loggers=DEFAULT_LOGGERS) -> dict:
     """Check every ``train.*`` value and the agent's own configuration, before anything is loaded or
-    written; returns the checked values by name (``K`` = ``steps_per_dispatch``).
+    written; returns the checked values by name (``K`` = ``steps_per_dispatch``; ``loggers``: the
+    loggers built from their Gin bindings, not yet opened).
 
     Raises:
       ConfigError: naming the binding, the value received and the allowed range.
@@ -88,6 +92,7 @@ def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_i
         eval_seed=check_int("train.eval_seed", eval_seed, minimum=0),
         device_data_limit_gb=check_float("train.device_data_limit_gb", device_data_limit_gb, low=0.0, low_open=True),
         debug_nan_at_step=check_int("train.debug_nan_at_step", debug_nan_at_step, allow_none=True),
+        loggers=make_loggers(loggers, "train.loggers"),
     )
     check("train.eval_task_ids", eval_task_ids, eval_task_ids is None or (
         isinstance(eval_task_ids, (tuple, list)) and len(eval_task_ids) > 0
@@ -132,7 +137,7 @@ class Run:
     on_device: bool = True  # where batches are sampled (decide_placement)
     data_info: dict = dataclasses.field(default_factory=dict)  # what summary.json says about the data
     pbar: Any = None
-    tb: Any = None
+    loggers: list = dataclasses.field(default_factory=list)  # open loggers (macfw.loggers); lead process only
     t_start: float = dataclasses.field(default_factory=time.time)
 
 
@@ -347,11 +352,12 @@ def _warn_scaler_change(saved_meta: dict, loaded: LoadedData) -> None:
 
 # ------------------------------------------------------------------------------- 4. hooks
 class LogHook:
-    """``train.csv``, TensorBoard and the progress bar, every ``every`` gradient steps."""
+    """The training metrics, every ``every`` gradient steps: a ``'train'`` row (``step``, ``wall_time_s``,
+    ``updates_per_s``, the agent's metrics; with several seeds their mean and one per seed) to every
+    logger of the run, and the progress bar."""
 
     def __init__(self, run: Run, every: int, resume_step: int | None):
         self.run, self.every = run, every
-        self.csv = CSVLog(run.workdir / "train.csv", resume_step) if run.lead else None
 
     def __call__(self, step: int, m_host: dict, updates_per_s: float, final: bool) -> None:
         run = self.run
@@ -362,16 +368,17 @@ class LogHook:
             for k, v in m_host.items():
                 if not k.startswith("guard/"):
                     m.update({f"{k}/seed{i}": float(x) for i, x in enumerate(np.asarray(v))})
-        self.csv.write({"step": step, "wall_time_s": time.time() - run.t_start, "updates_per_s": updates_per_s, **m})
-        for k, v in m.items():
-            run.tb.add_scalar(k, v, step)
+        row = {"wall_time_s": time.time() - run.t_start, "updates_per_s": updates_per_s, **m}
+        for lg in run.loggers:
+            lg.log(step, row, "train")
         if run.pbar is not None:
             run.pbar.set_postfix({k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}" for k, v in m.items()
                                   if k.endswith("/loss") and k.count("/") == 1 and not k.startswith("total")})
 
 
 class EvalHook:
-    """Evaluates every seed in the OGBench simulator every ``every`` gradient steps (``eval.csv``)."""
+    """Evaluates every seed in the OGBench simulator every ``every`` gradient steps; the ``'eval'`` row
+    (``eval.csv``'s columns) goes to every logger of the run."""
 
     def __init__(self, run: Run, every: int, resume_step: int | None, *, episodes: int, task_ids, execute_steps: int,
                  eval_seed: int):
@@ -381,7 +388,6 @@ class EvalHook:
         self.batch_size = resolve_batch_size()  # Gin evaluate.batch_size: part of the result, saved for re-evaluation
         if isinstance(run.meta.get("eval"), dict):
             run.meta["eval"]["batch_size"] = self.batch_size
-        self.csv = CSVLog(run.workdir / "eval.csv", resume_step) if run.lead else None
         self.last: list | None = None
 
     def evaluate(self, step: int) -> list:
@@ -407,8 +413,8 @@ class EvalHook:
             return jax.process_count() == 1  # else the next pre.agreed() stops every process together
         self.last = results
         row = eval_row(results)
-        self.csv.write({"step": step, **row})
-        run.tb.add_scalar("eval/success", row["success"], step)
+        for lg in run.loggers:
+            lg.log(step, row, "eval")
         tqdm_write(run.pbar, f"[macfw] step {step}: success {row['success']:.3f} over {row['episodes']} episodes")
         return False
 
@@ -508,12 +514,13 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
           eval_task_ids: tuple[int, ...] | None = None, execute_steps: int = DEFAULT_EXECUTE_STEPS,
           eval_seed: int = DEFAULT_EVAL_SEED, async_checkpoints: bool = True, progress: bool = True,
           data_on_device: bool | None = None, device_data_limit_gb: float = 8.0,
-          debug_nan_at_step: int | None = None, debug_sigkill_after_save: int | None = None) -> dict:
+          debug_nan_at_step: int | None = None, debug_sigkill_after_save: int | None = None,
+          loggers: tuple[str, ...] = DEFAULT_LOGGERS) -> dict:
     """Train ``agent`` on ``dataset`` in ``workdir``, resuming from its newest checkpoint; returns the summary.
 
     Args:
       workdir: run folder (``config.gin``, ``train.csv``, ``eval.csv``, TensorBoard events,
-        ``checkpoints/``, ``summary.json``).
+        ``checkpoints/``, ``summary.json``; ``wandb/`` and ``wandb_run_id`` with W&B).
       agent, dataset: a registered agent and dataset (Gin: ``train.agent = @MAC()``). The batch
         (chunk length, n-step targets, future observations) follows ``agent.batch_spec``.
       seed: seed of parameters and of batch sampling.
@@ -531,6 +538,10 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
         its memory maps; on the host it is sampled from them without loading
         (:mod:`macfw.data.host_sampler`), always so with ``OGBenchDataset.sampling =
         'shard_rotation'`` (True is then a ConfigError).
+      loggers: the loggers by name (:mod:`macfw.loggers`): ``'csv'`` (``train.csv``,
+        ``eval.csv``), ``'tensorboard'``, ``'wandb'`` (Weights & Biases; ``pip install -e
+        '.[wandb]'``; offline without a W&B login), or a logger you registered. Only the lead
+        process logs.
       debug_nan_at_step: tests only: poison the batch of this gradient step with NaN.
       debug_sigkill_after_save: tests only: SIGKILL this process once the checkpoint of this
         gradient step is complete (a crash between a save and the next dispatch).
@@ -544,8 +555,9 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
     Raises:
       ConfigError: a value out of range, raised before anything is loaded or written: a ``train.*``
         value (an interval not a positive multiple of ``steps_per_dispatch``, a batch size not
-        divisible by the devices, ``execute_steps`` above the agent's actions per decision, ...)
-        or a binding of the agent or its networks (:meth:`Agent.check_config`).
+        divisible by the devices, ``execute_steps`` above the agent's actions per decision, an
+        unknown logger in ``loggers`` (the registered ones are listed), ``'wandb'`` without the
+        wandb package, ...) or a binding of the agent or its networks (:meth:`Agent.check_config`).
       WorkdirError: ``workdir`` is not writable.
       WorkdirBusyError: another run holds ``workdir``'s lock (one writer per run folder,
         :mod:`macfw.workdir_lock`): it is named (PID, host); nothing in ``workdir`` was changed.
@@ -558,7 +570,7 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                        save_interval=save_interval, batch_size=batch_size, seed=seed, num_seeds=num_seeds,
                        max_to_keep=max_to_keep, eval_episodes=eval_episodes, eval_task_ids=eval_task_ids,
                        execute_steps=execute_steps, eval_seed=eval_seed, device_data_limit_gb=device_data_limit_gb,
-                       debug_nan_at_step=debug_nan_at_step, data_on_device=data_on_device)
+                       debug_nan_at_step=debug_nan_at_step, data_on_device=data_on_device, loggers=loggers)
     K = c["K"]
     workdir, lock = claim_workdir(workdir)  # before anything in workdir is read or changed
     try:
@@ -610,17 +622,15 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                 eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
                                      task_ids=list(eval_task_ids))
                 run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
+                if run.lead:  # the others log nothing
+                    open_loggers(c["loggers"], workdir, resume_step=resume_step, config_str=gin.config_str(),
+                                 opened=run.loggers)
                 logger = LogHook(run, log_interval, resume_step)
                 evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
                                      execute_steps=execute_steps, eval_seed=eval_seed)
                 saver = SaveHook(run, save_interval, resume_step, sigkill_after=check_int(
                     "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True),
                     sampler_state=getattr(host, "state", None))
-                if run.lead:
-                    from tensorboardX import SummaryWriter
-
-                    run.tb = SummaryWriter(str(workdir),
-                                           purge_step=resume_step + 1 if resume_step is not None else None)
                 step = current_step(run.state)
                 if progress and run.lead:
                     from tqdm import tqdm
@@ -684,11 +694,11 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
             except BaseException:
                 pre.immediate = False
                 if run is not None:
-                    _close_quietly(run.pbar, run.tb, run.ckpt)
+                    _close_quietly([run.pbar, *run.loggers], run.ckpt)
                 raise
             pre.immediate = False
             if run is not None:
-                _close_quietly(run.pbar, run.tb, None)
+                _close_quietly([run.pbar, *run.loggers], None)
                 if run.ckpt is not None:
                     run.ckpt.close()  # waits for the last save; raises its error
         if summary.get("interrupted") or not run.lead:
@@ -703,16 +713,17 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
             lock.release()  # after the last save and summary.json
 
 
-def _close_quietly(pbar, tb, ckpt) -> None:
-    """Close what is open while an exception propagates: waits for the last save, never masks the error."""
+def _close_quietly(objs, ckpt) -> None:
+    """Close what is open (the progress bar, the loggers), then the checkpointer: waits for the last save;
+    while an exception propagates, never masks it."""
     import warnings
 
-    for obj in (pbar, tb):
+    for obj in objs:
         if obj is not None:
             try:
                 obj.close()
-            except Exception:
-                pass
+            except Exception as e:
+                warnings.warn(f"While stopping, closing {type(obj).__name__} failed ({type(e).__name__}: {e}).")
     if ckpt is not None:
         try:
             ckpt.close()

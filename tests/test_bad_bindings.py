@@ -64,6 +64,12 @@ BAD = [
     (["OGBenchDataset.task_id = 2", "train.eval_task_ids = (1, 3)"],
      r"trained single-task on cube-single task2 .* cannot be evaluated on task\(s\) \[1, 3\]"),
     (["OGBenchDataset.task_mode = 'goals'"], rf"OGBenchDataset\.task_mode = 'goals' {OUT} one of \['singletask'"),
+    (["train.loggers = ('csv', 'wandbb')"],
+     r"train\.loggers = \('csv', 'wandbb'\) names an unknown logger 'wandbb'\. Registered loggers: "
+     r"csv \(CSVLogger\), tensorboard \(TensorBoardLogger\), wandb \(WandbLogger\)\."),
+    (["train.loggers = ('wandb')"], rf"train\.loggers = 'wandb' {OUT} a tuple of logger names.*\('wandb',\)"),
+    (["train.loggers = ('csv', 'wandb')", "WandbLogger.mode = 'ofline'"],
+     rf"WandbLogger\.mode = 'ofline' {OUT} None .* or one of \['online', 'offline', 'disabled'\]"),
 ]
 IDS = [b[-1] for b, _ in BAD]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,18 @@ SMOKE = ["--gin_file", "gin/smoke.gin"]
 SUMMARY_KEYS = {"step", "success", "per_task_success", "episodes", "updates_per_s", "wall_time_s", "param_checksum"}
 
 pytestmark = pytest.mark.slow
+
+# The CSV columns of a MAC smoke run with the default loggers (train.loggers = ('csv', 'tensorboard')),
+# as macfw wrote them before loggers became components (2026-12-07): a new MAC metric adds a column here.
+TRAIN_COLUMNS = [
+    "step", "wall_time_s", "updates_per_s", "critic/loss", "critic/q_max", "critic/q_mean", "critic/q_min",
+    "dynamics/loss", "flow/distill_loss", "flow/loss", "flow/vel", "optim/grad_norm", "policy/loss", "reward/loss",
+    "reward/pred", "reward/pred_max", "reward/pred_min", "reward/target_mean", "rollout/done_rate",
+    "rollout/reward_mean", "success/accuracy", "success/accuracy_0.7", "success/accuracy_0.9", "success/label_mean",
+    "success/loss", "success/neg_accuracy", "success/pos_accuracy", "success/prob", "success/prob_max",
+    "success/prob_min", "total/loss", "value/loss", "value/max", "value/mean", "value/min", "value/return_max",
+    "value/return_mean", "value/return_min", "value/return_std"]
+EVAL_COLUMNS = ["step", "success", "episodes", "success/task2", "mean_return", "mean_length"]
 
 
 def _env(cache: Path) -> dict:
@@ -53,6 +66,28 @@ def _finish(p, log: Path, timeout=600) -> tuple[int, str]:
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
+
+
+def _tensorboard_scalars(workdir: Path) -> list[tuple[int, str, float]]:
+    """``(step, tag, value)`` of every scalar in the run's event files (TFRecords: length, CRC, an
+    ``Event`` protobuf, CRC), in the order written."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(workdir.glob("events.out.tfevents*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            out += [(ev.step, v.tag, v.simple_value) for v in ev.summary.value]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +151,24 @@ def test_smoke_run_writes_documented_outputs(runs):
     eval_rows = _rows(a / "eval.csv")
     assert [int(float(r["step"])) for r in eval_rows] == [40]
     assert float(eval_rows[0]["success"]) == pytest.approx(summary["success"])
+
+
+def test_default_loggers_write_the_same_csv_and_tensorboard_as_before(runs):
+    """train.csv and eval.csv keep their columns; TensorBoard has every training metric (not the time
+    columns) at every logged step with the CSV's value, and eval/success, nothing else."""
+    a = runs["a"]
+    assert runs["rc_a"] == 0, runs["log_a"][-5000:]
+    assert "train.loggers = ('csv', 'tensorboard')" in (a / "config.gin").read_text()
+    assert _header(a / "train.csv") == TRAIN_COLUMNS
+    assert _header(a / "eval.csv") == EVAL_COLUMNS
+    assert not (a / "wandb").exists() and not (a / "wandb_run_id").exists()
+    expected = [(int(r["step"]), c, float(r[c])) for r in _rows(a / "train.csv") for c in TRAIN_COLUMNS[3:]]
+    expected += [(int(r["step"]), "eval/success", float(r["success"])) for r in _rows(a / "eval.csv")]
+    scalars = _tensorboard_scalars(a)
+    assert sorted(x[:2] for x in scalars) == sorted(x[:2] for x in expected)
+    got = {x[:2]: x[2] for x in scalars}
+    for step, tag, v in expected:
+        assert got[step, tag] == pytest.approx(v, rel=1e-6, abs=1e-30), (step, tag)
 
 
 def test_resume_after_checkpoint_matches_uninterrupted_run(runs):
