@@ -55,9 +55,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _umask() -> int:
+    """This process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file of its own in the same folder and a rename: a
     reader sees the old file or the new one (or none), never half of one, also with several writers.
+    The file gets the permissions of a plain ``open(path, "w")`` (``0o666`` less the umask), not
+    ``mkstemp``'s ``0o600``, so others who may read the run folder (a shared cluster) can read it.
 
     Raises:
       OSError: the folder cannot be written (the temporary file is removed).
@@ -69,6 +78,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -315,3 +315,23 @@ def test_a_users_logger_gets_every_row_the_csv_files_get(runs):
             assert list(e["metrics"]) == [c for c in row if c != "step"]  # the columns, in order
             assert e["metrics"]["wall_time_s" if e["split"] == "train" else "success"] == pytest.approx(
                 float(row["wall_time_s" if e["split"] == "train" else "success"]))
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """summary.json and the run-id file are written through mkstemp (mode 0600); they must end with the
+    mode a plain open() gives (0666 less the umask), so others can read a run folder on a shared cluster."""
+    import os
+    import stat
+
+    from macfw.logs import write_json_atomic, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "s.json", {"a": 1})
+        write_text_atomic(tmp_path / "t.txt", "x")
+        with open(tmp_path / "plain", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(os.stat(tmp_path / p).st_mode) for p in ("s.json", "t.txt", "plain")}
+    assert modes["s.json"] == modes["t.txt"] == modes["plain"] == 0o644, modes
