@@ -79,8 +79,11 @@ def other_configurables() -> list[tuple[str, object]]:
 def markdown() -> str:
     comps = components()
     total = sum(len(v) for v in comps.values())
-    lines = [f"{total} registered components in {sum(1 for v in comps.values() if v)} kinds "
-             f"(kinds with none registered: {', '.join(k for k, v in comps.items() if not v) or 'none'}).", ""]
+    lines = [
+        f"{total} registered components in {sum(1 for v in comps.values() if v)} kinds "
+        f"(kinds with none registered: {', '.join(k for k, v in comps.items() if not v) or 'none'}).",
+        "",
+    ]
     for kind, entries in comps.items():
         if not entries:
             continue
@@ -91,8 +94,12 @@ def markdown() -> str:
         lines.append("")
     others = other_configurables()
     if others:
-        lines += ["### Other Gin configurables (not components)", "",
-                  "| name | object | what it is | Gin parameters (defaults) |", "|---|---|---|---|"]
+        lines += [
+            "### Other Gin configurables (not components)",
+            "",
+            "| name | object | what it is | Gin parameters (defaults) |",
+            "|---|---|---|---|",
+        ]
         for name, fn in others:
             lines.append(f"| `{name}` | `{fn.__module__}.{fn.__qualname__}` | {_summary(fn)} | {_params(fn)} |")
         lines.append("")

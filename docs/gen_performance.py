@@ -70,26 +70,46 @@ def _origin(e: dict) -> str:
 
 
 def _bench(doc: dict) -> list[str]:
-    lines = ["| date | machine | command | updates/s | utilisation | FLOP per update | matmul peak (FLOP/s) | source | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| date | machine | command | updates/s | utilisation | FLOP per update | matmul peak (FLOP/s) "
+        "| source | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in doc["entries"]:
         r = e["result"]
         util = r.get("utilisation")
-        lines.append(" | ".join([
-            f"| {e['date']}", e["machine"], _cmd(e), _num(r.get("updates_per_s"), ".4g"), _num(util, ".3f"),
-            _num(r.get("flops_per_update"), ".4g"), _num(r.get("matmul_peak_flops"), ".3g"), _origin(e),
-            e.get("note", "") + " |"]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| {e['date']}",
+                    e["machine"],
+                    _cmd(e),
+                    _num(r.get("updates_per_s"), ".4g"),
+                    _num(util, ".3f"),
+                    _num(r.get("flops_per_update"), ".4g"),
+                    _num(r.get("matmul_peak_flops"), ".3g"),
+                    _origin(e),
+                    e.get("note", "") + " |",
+                ]
+            )
+        )
     return lines
 
 
 def _all_agents(doc: dict) -> list[str]:
     lines = []
     for e in doc["entries"]:
-        lines += [f"**{e['date']}**, {e['machine']}: `{e['command']}` ({_origin(e)}). {e.get('note', '')}", "",
-                  "| agent | updates/s | utilisation | FLOP per update |", "|---|---|---|---|"]
+        lines += [
+            f"**{e['date']}**, {e['machine']}: `{e['command']}` ({_origin(e)}). {e.get('note', '')}",
+            "",
+            "| agent | updates/s | utilisation | FLOP per update |",
+            "|---|---|---|---|",
+        ]
         for r in e["result"]:
-            lines.append(f"| {r.get('name', r.get('agent'))} | {_num(r.get('updates_per_s'), '.2f')} | "
-                         f"{_num(r.get('utilisation'), '.3f')} | {_num(r.get('flops_per_update'), '.3g')} |")
+            lines.append(
+                f"| {r.get('name', r.get('agent'))} | {_num(r.get('updates_per_s'), '.2f')} | "
+                f"{_num(r.get('utilisation'), '.3f')} | {_num(r.get('flops_per_update'), '.3g')} |"
+            )
         lines.append("")
     return lines
 
@@ -99,20 +119,45 @@ def _profile(doc: dict) -> list[str]:
     for e in doc["entries"]:
         r = e["result"]
         facts = [f"{r.get('agent', 'MAC')} at `{r.get('preset', 'cpu-small')}`"]
-        for key, text in (("wall_ms", "wall time {} ms per update"), ("op_time_ms", "op time {} ms"),
-                          ("busy_ms", "an operation running for {} ms")):
+        for key, text in (
+            ("wall_ms", "wall time {} ms per update"),
+            ("op_time_ms", "op time {} ms"),
+            ("busy_ms", "an operation running for {} ms"),
+        ):
             if r.get(key) is not None:
                 facts.append(text.format(_num(r[key], ".1f")))
         if r.get("matmul_peak_flops") is not None:
             facts.append(f"matmul peak {_num(r['matmul_peak_flops'], '.3g')} FLOP/s")
-        head = f"**{e['date']}**, {e['machine']}: `{e['command']}` ({_origin(e)}): {', '.join(facts)}. {e.get('note', '')}"
-        lines += [head, "", "| phase | wall (ms) | op time (ms) | matrix products (ms) | fraction of peak | "
-                  "elementwise | reductions | random numbers | data movement |", "|---|---|---|---|---|---|---|---|---|"]
+        head = (
+            f"**{e['date']}**, {e['machine']}: `{e['command']}` ({_origin(e)}): {', '.join(facts)}. {e.get('note', '')}"
+        )
+        lines += [
+            head,
+            "",
+            "| phase | wall (ms) | op time (ms) | matrix products (ms) | fraction of peak | "
+            "elementwise | reductions | random numbers | data movement |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for phase, row in r["phases"].items():
-            lines.append(" | ".join([
-                f"| {phase}", _num(row.get("wall"), ".1f"), _num(row.get("total"), ".1f"),
-                *[_num(row.get(k), ".1f") + (f" | {_num(row.get('matmul_fraction_of_peak'), '.2f')}"
-                                             if k == "matrix products" else "") for k in PHASE_KINDS]]) + " |")
+            lines.append(
+                " | ".join(
+                    [
+                        f"| {phase}",
+                        _num(row.get("wall"), ".1f"),
+                        _num(row.get("total"), ".1f"),
+                        *[
+                            _num(row.get(k), ".1f")
+                            + (
+                                f" | {_num(row.get('matmul_fraction_of_peak'), '.2f')}"
+                                if k == "matrix products"
+                                else ""
+                            )
+                            for k in PHASE_KINDS
+                        ],
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
     return lines
 
@@ -122,19 +167,33 @@ def _gb(v):
 
 
 def _scale_bench(doc: dict) -> list[str]:
-    lines = ["| date | machine | command | transitions (shards) | peak RSS (GiB) | stores on disk (GiB) | "
-             "conversion (s) | sampler batches/s | updates/s on disk | in memory | ratio | source |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| date | machine | command | transitions (shards) | peak RSS (GiB) | stores on disk (GiB) | "
+        "conversion (s) | sampler batches/s | updates/s on disk | in memory | ratio | source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in doc["entries"]:
         r = e["result"]
         n = r.get("transitions", r.get("rows"))
         shards = r.get("num_shards")
-        lines.append(" | ".join([
-            f"| {e['date']}", e["machine"], _cmd(e), f"{_num(n, ',')}" + (f" ({shards})" if shards else ""),
-            _num(_gb(r.get("peak_rss_bytes")), ".2f"), _num(_gb(r.get("disk_bytes")), ".2f"),
-            _num(r.get("convert_s"), ".1f"), _num(r.get("sampler_batches_per_s"), ".0f"),
-            _num(r.get("updates_per_s_ondisk"), ".0f"), _num(r.get("updates_per_s_inmemory"), ".0f"),
-            _num(r.get("ondisk_over_inmemory"), ".2f"), _origin(e) + " |"]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| {e['date']}",
+                    e["machine"],
+                    _cmd(e),
+                    f"{_num(n, ',')}" + (f" ({shards})" if shards else ""),
+                    _num(_gb(r.get("peak_rss_bytes")), ".2f"),
+                    _num(_gb(r.get("disk_bytes")), ".2f"),
+                    _num(r.get("convert_s"), ".1f"),
+                    _num(r.get("sampler_batches_per_s"), ".0f"),
+                    _num(r.get("updates_per_s_ondisk"), ".0f"),
+                    _num(r.get("updates_per_s_inmemory"), ".0f"),
+                    _num(r.get("ondisk_over_inmemory"), ".2f"),
+                    _origin(e) + " |",
+                ]
+            )
+        )
     return lines
 
 
@@ -156,8 +215,16 @@ def names() -> list[str]:
 def add(name: str, result_path: str, *, machine: str, command: str, date: str | None, note: str) -> Path:
     path = DATA / f"{name}.json"
     doc = json.loads(path.read_text())
-    doc["entries"].append({"date": date or datetime.date.today().isoformat(), "machine": machine, "command": command,
-                           "provenance": "json", "note": note, "result": json.loads(Path(result_path).read_text())})
+    doc["entries"].append(
+        {
+            "date": date or datetime.date.today().isoformat(),
+            "machine": machine,
+            "command": command,
+            "provenance": "json",
+            "note": note,
+            "result": json.loads(Path(result_path).read_text()),
+        }
+    )
     path.write_text(json.dumps(doc, indent=1) + "\n")
     load(name)
     return path

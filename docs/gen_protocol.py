@@ -22,34 +22,49 @@ def markdown() -> str:
 
     lines = []
     for name, t in P.TABLES.items():
-        lines += [f"## `--protocol {name}`: {t.title}", "",
-                  f"- environments: {', '.join(f'`{e}`' for e in t.envs)}",
-                  f"- agents: {', '.join(f'`{a}`' for a in t.agents)}",
-                  f"- tasks {', '.join(map(str, t.tasks))}; seeds {', '.join(map(str, t.seeds))}; "
-                  f"{t.eval_episodes} evaluation episodes per task and seed; {t.gradient_steps:,} gradient steps; "
-                  f"{t.dataset} datasets; task mode `{t.mode}`", "",
-                  "Each cell: the bindings by which it differs from its agent's Gin file (method settings; at the "
-                  "paper budget the budget and data settings below come on top), and the paper's figure "
-                  "(success %, mean ± std where the paper gives it).", "",
-                  "| agent | " + " | ".join(f"`{e}`" for e in t.envs) + " |", "|---" * (len(t.envs) + 1) + "|"]
+        lines += [
+            f"## `--protocol {name}`: {t.title}",
+            "",
+            f"- environments: {', '.join(f'`{e}`' for e in t.envs)}",
+            f"- agents: {', '.join(f'`{a}`' for a in t.agents)}",
+            f"- tasks {', '.join(map(str, t.tasks))}; seeds {', '.join(map(str, t.seeds))}; "
+            f"{t.eval_episodes} evaluation episodes per task and seed; {t.gradient_steps:,} gradient steps; "
+            f"{t.dataset} datasets; task mode `{t.mode}`",
+            "",
+            "Each cell: the bindings by which it differs from its agent's Gin file (method settings; at the "
+            "paper budget the budget and data settings below come on top), and the paper's figure "
+            "(success %, mean ± std where the paper gives it).",
+            "",
+            "| agent | " + " | ".join(f"`{e}`" for e in t.envs) + " |",
+            "|---" * (len(t.envs) + 1) + "|",
+        ]
         for a in t.agents:
             row = []
             for e in t.envs:
                 s = P.cell_settings(t, a, e, paper_budget=False)
-                text = "<br>".join(f"`{x.binding} = {_value(x.value)}`" for x in s if x.binding != "OGBenchDataset.task_mode")
+                text = "<br>".join(
+                    f"`{x.binding} = {_value(x.value)}`" for x in s if x.binding != "OGBenchDataset.task_mode"
+                )
                 paper = P.PAPER.get((a, t.mode), {}).get(e)
                 if paper is not None:
                     m, sd = paper
                     text += ("<br>" if text else "") + f"paper: **{m}{'' if sd is None else f' ± {sd}'}**"
                 row.append(text or "–")
             lines.append(f"| `{a}` | " + " | ".join(row) + " |")
-        lines += ["", "Settings and where each comes from:", "",
-                  "| binding | value | agents | environments | paper budget only | source |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Settings and where each comes from:",
+            "",
+            "| binding | value | agents | environments | paper budget only | source |",
+            "|---|---|---|---|---|---|",
+        ]
         for rule in t.rules:
             for s in rule.settings:
-                lines.append(f"| `{s.binding}` | `{_value(s.value)}` | {', '.join(rule.agents) if rule.agents else 'all'} | "
-                             f"{', '.join(rule.envs) if rule.envs else 'all'} | {'yes' if rule.paper_budget_only else 'no'} | "
-                             f"{s.source.replace('|', '/')} |")
+                lines.append(
+                    f"| `{s.binding}` | `{_value(s.value)}` | {', '.join(rule.agents) if rule.agents else 'all'} | "
+                    f"{', '.join(rule.envs) if rule.envs else 'all'} | {'yes' if rule.paper_budget_only else 'no'} | "
+                    f"{s.source.replace('|', '/')} |"
+                )
         lines.append("")
     lines += ["Sources: " + "; ".join(f"{k} = `{v}`" for k, v in P.SOURCES.items()) + ".", ""]
     return "\n".join(lines)

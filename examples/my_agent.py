@@ -7,7 +7,7 @@ Run it with its Gin file; nothing in macfw changes::
         --gin_file gin/envs/cube-single.gin --workdir runs/chunk_bc
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -33,11 +33,19 @@ class ChunkBC(Agent):
 
     acts_in_chunks = True
 
-    def __init__(self, policy: Callable = FlowPolicy, *, chunk_len: int = 10, learning_rate: float = 3e-4,
-                 goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        policy: Callable = FlowPolicy,
+        *,
+        chunk_len: int = 10,
+        learning_rate: float = 3e-4,
+        goal_sampling: GoalSampling | None = None,
+    ):
         if chunk_len < 1:
-            raise ValueError(f"ChunkBC.chunk_len = {chunk_len!r} is out of range: must be >= 1. "
-                             "Fix the Gin binding ChunkBC.chunk_len.")
+            raise ValueError(
+                f"ChunkBC.chunk_len = {chunk_len!r} is out of range: must be >= 1. "
+                "Fix the Gin binding ChunkBC.chunk_len."
+            )
         self.policy, self.n, self.tx = policy, int(chunk_len), optax.adam(learning_rate)
         self.goal_sampling = goal_sampling_for("ChunkBC", goal_sampling)
 
@@ -50,8 +58,12 @@ class ChunkBC(Agent):
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         key, k_pol = jax.random.split(key)
         nets = self.policy(spec, key=k_pol)
-        return AgentState(step=jnp.zeros((), jnp.int32), key=key, nets=nets,
-                          opt_state=self.tx.init(eqx.filter(nets, eqx.is_inexact_array)))
+        return AgentState(
+            step=jnp.zeros((), jnp.int32),
+            key=key,
+            nets=nets,
+            opt_state=self.tx.init(eqx.filter(nets, eqx.is_inexact_array)),
+        )
 
     def update(self, state, batch):
         key, k_loss = jax.random.split(state.key)
@@ -59,7 +71,8 @@ class ChunkBC(Agent):
 
         def loss_fn(nets):
             loss, m = jax.vmap(lambda s, g, A, k: nets.loss(s, g, A, key=k))(
-                batch["obs"], batch["actor_goals"], batch["actions"], jax.random.split(k_loss, B))
+                batch["obs"], batch["actor_goals"], batch["actions"], jax.random.split(k_loss, B)
+            )
             return loss.mean(), {k: v.mean() for k, v in m.items()}
 
         (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.nets)

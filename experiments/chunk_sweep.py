@@ -105,8 +105,11 @@ def run_one(args, n: int, seed: int) -> tuple[str, dict | None]:
     s = read_summary(wd)
     if rc != 0 or s is None:
         tail = (wd / "run.log").read_text(errors="replace").splitlines()[-15:]
-        print(f"[chunk_sweep] n={n} seed={seed}: FAILED (exit {rc}) after {time.time() - t0:.0f} s; last lines of "
-              f"{wd}/run.log:\n    " + "\n    ".join(tail), flush=True)
+        print(
+            f"[chunk_sweep] n={n} seed={seed}: FAILED (exit {rc}) after {time.time() - t0:.0f} s; last lines of "
+            f"{wd}/run.log:\n    " + "\n    ".join(tail),
+            flush=True,
+        )
         return "failed", None
     print(f"[chunk_sweep] n={n} seed={seed}: success {s['success']:.3f} ({time.time() - t0:.0f} s)", flush=True)
     return "ran", s
@@ -122,8 +125,11 @@ def collect(out: Path, chunks, seeds) -> dict[int, dict[int, float]]:
                 continue
             got = (s.get("spec") or {}).get("chunk_len")
             if got is not None and int(got) != n:
-                print(f"[chunk_sweep] warning: {run_dir(out, n, seed)} trained chunk_len={got}, not {n} "
-                      "(a Gin file or binding overrides MAC.chunk_len?)", file=sys.stderr)
+                print(
+                    f"[chunk_sweep] warning: {run_dir(out, n, seed)} trained chunk_len={got}, not {n} "
+                    "(a Gin file or binding overrides MAC.chunk_len?)",
+                    file=sys.stderr,
+                )
             res.setdefault(n, {})[seed] = float(s["success"])
     return res
 
@@ -144,7 +150,8 @@ def write_markdown(path: Path, res, chunks, seeds, args) -> str:
         "",
         f"Dataset: `{env_name or '?'}`. Config: `{args.base}`"
         + "".join(f" + `{f}`" for f in args.gin_file)
-        + "".join(f" + `{b}`" for b in args.gin_bindings) + "; per row `CHUNK = n`, `train.seed = seed`.",
+        + "".join(f" + `{b}`" for b in args.gin_bindings)
+        + "; per row `CHUNK = n`, `train.seed = seed`.",
         "",
         "Success in %: mean +- std over seeds (std with ddof=0), and each seed's value.",
         "",
@@ -192,8 +199,9 @@ def plot(path: Path, res, title: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="sweep folder (runs/, chunk_sweep.md, chunk_sweep.png)")
     p.add_argument("--base", default="gin/quickstart.gin", help="base Gin file (default gin/quickstart.gin)")
     p.add_argument("--gin_file", action="append", default=[], help="extra Gin file after the base (repeatable)")
@@ -227,13 +235,21 @@ def main(argv=None) -> int:
                     failed.append((n, seed))
     res = collect(out, args.chunks, args.seeds)
     text = write_markdown(out / "chunk_sweep.md", res, args.chunks, args.seeds, args)
-    plot(out / "chunk_sweep.png", res, f"MAC success vs. chunk length ({Path(args.base).name}"
-         + "".join(f" + {Path(f).name}" for f in args.gin_file) + ")")
+    plot(
+        out / "chunk_sweep.png",
+        res,
+        f"MAC success vs. chunk length ({Path(args.base).name}"
+        + "".join(f" + {Path(f).name}" for f in args.gin_file)
+        + ")",
+    )
     print(text, flush=True)
     print(f"[chunk_sweep] wrote {out / 'chunk_sweep.md'} and {out / 'chunk_sweep.png'}", flush=True)
     if failed:
-        print(f"[chunk_sweep] {len(failed)} run(s) failed: " + ", ".join(f"n={n} seed={s}" for n, s in failed),
-              file=sys.stderr, flush=True)
+        print(
+            f"[chunk_sweep] {len(failed)} run(s) failed: " + ", ".join(f"n={n} seed={s}" for n, s in failed),
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

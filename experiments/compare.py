@@ -82,8 +82,12 @@ BUDGETS = {"smoke": "gin/smoke_budget.gin", "quickstart": "gin/quickstart_budget
 EVAL_INTERVAL = {"smoke": 20, "quickstart": 5000, "paper": 100_000}
 #: MAC's own settings at the small budgets (so `--agents mac` reproduces gin/smoke.gin and gin/quickstart.gin).
 METHOD_EXTRAS = {
-    ("mac", "smoke"): ["CHUNK = 5", "RejectionSampler.num_train_candidates = 2",
-                       "RejectionSampler.num_act_candidates = 4", "FlowPolicy.flow_steps = 3"],
+    ("mac", "smoke"): [
+        "CHUNK = 5",
+        "RejectionSampler.num_train_candidates = 2",
+        "RejectionSampler.num_act_candidates = 4",
+        "FlowPolicy.flow_steps = 3",
+    ],
     ("mac", "quickstart"): ["train.execute_steps = 5"],
 }
 DEFAULT_DATA_DIR = "~/.ogbench/data"  # OGBench's own download folder
@@ -101,8 +105,8 @@ class Job:
     seeds: list[int]
     budget: str
     out: Path
-    mode: str = ""                      # '' : the agent's own mode (its Gin file's)
-    table: Table | None = None          # --protocol
+    mode: str = ""  # '' : the agent's own mode (its Gin file's)
+    table: Table | None = None  # --protocol
     data_dir: Path | None = None
     extra: list[str] = field(default_factory=list)
 
@@ -122,7 +126,8 @@ class Job:
     def name(self) -> str:
         t = ",".join(map(str, self.tasks))
         mode = "" if self.mode == agent_mode(self.agent) else f" ({self.mode})"
-        return f"{self.agent}{mode} {self.env} task{'s' if len(self.tasks) > 1 else ''}{t} seeds {','.join(map(str, self.seeds))}"
+        tasks = f"task{'s' if len(self.tasks) > 1 else ''}{t}"
+        return f"{self.agent}{mode} {self.env} {tasks} seeds {','.join(map(str, self.seeds))}"
 
 
 def agent_file(agent: str) -> Path:
@@ -213,19 +218,25 @@ def run_config(job: Job) -> tuple[list[str], list[str]]:
     if BUDGETS[job.budget]:
         files.append(str(REPO / BUDGETS[job.budget]))
     files.append(str(REPO / f"gin/envs/{job.env}.gin"))
-    binds = ["train.progress = False", f"train.seed = {job.seeds[0]}",
-             f"train.eval_interval = {EVAL_INTERVAL[job.budget]}"]
+    binds = [
+        "train.progress = False",
+        f"train.seed = {job.seeds[0]}",
+        f"train.eval_interval = {EVAL_INTERVAL[job.budget]}",
+    ]
     if len(job.seeds) > 1:
         binds.append(f"train.num_seeds = {len(job.seeds)}")
     if job.table is not None:
-        binds += [s.gin() for s in protocol.cell_settings(job.table, job.agent, job.env,
-                                                          paper_budget=job.budget == "paper")]
+        binds += [
+            s.gin() for s in protocol.cell_settings(job.table, job.agent, job.env, paper_budget=job.budget == "paper")
+        ]
         binds += data_binding(job)
     if job.mode == "singletask":
         binds += ["OGBenchDataset.task_mode = 'singletask'", f"OGBenchDataset.task_id = {job.tasks[0]}"]
     else:
-        binds += [f"OGBenchDataset.task_mode = '{job.mode}'",
-                  f"train.eval_task_ids = {protocol.gin_literal(tuple(job.tasks))}"]
+        binds += [
+            f"OGBenchDataset.task_mode = '{job.mode}'",
+            f"train.eval_task_ids = {protocol.gin_literal(tuple(job.tasks))}",
+        ]
     binds += METHOD_EXTRAS.get((job.agent, job.budget), []) + job.extra
     return files, last_binding_wins(binds)
 
@@ -270,13 +281,17 @@ def load_bench(path: Path) -> dict[str, float]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--bench {str(path)!r}: cannot read it ({e}); write it with python -m macfw.bench "
-                         "--all-agents --preset paper --json FILE on the accelerator") from None
+        raise SystemExit(
+            f"--bench {str(path)!r}: cannot read it ({e}); write it with python -m macfw.bench "
+            "--all-agents --preset paper --json FILE on the accelerator"
+        ) from None
     rows = data if isinstance(data, list) else [dict(data, name=data.get("name") or "mac")]
     out = {str(r["name"]): float(r["updates_per_s"]) for r in rows if "name" in r and "updates_per_s" in r}
     if not out:
-        raise SystemExit(f"--bench {str(path)!r} has no 'name'/'updates_per_s' figures; write it with "
-                         "python -m macfw.bench --all-agents --preset paper --json FILE")
+        raise SystemExit(
+            f"--bench {str(path)!r} has no 'name'/'updates_per_s' figures; write it with "
+            "python -m macfw.bench --all-agents --preset paper --json FILE"
+        )
     return out
 
 
@@ -293,8 +308,9 @@ def estimate_hours(job: Job, steps: int, flops: dict, bench: dict | None, accel_
     return None if not f else steps * seeds * float(f) / accel_flops / 3600.0
 
 
-def dry_run(jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | None, accel_flops: float,
-            json_path: Path | None) -> None:
+def dry_run(
+    jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | None, accel_flops: float, json_path: Path | None
+) -> None:
     """Print every run and the totals; write the cells as JSON (``json_path``)."""
     base = {}
     total_h, missing, by_agent = 0.0, set(), {}
@@ -314,25 +330,37 @@ def dry_run(jobs: list[Job], cells: list[dict], *, flops: dict, bench: dict | No
         else:
             total_h += h
             by_agent[j.agent] = by_agent.get(j.agent, 0.0) + h
-        print(f"[{i}/{len(jobs)}] {j.name} ({j.budget} budget, {steps} gradient steps"
-              + (f", ~{h:.1f} accelerator-hours)" if h is not None else ")"))
+        print(
+            f"[{i}/{len(jobs)}] {j.name} ({j.budget} budget, {steps} gradient steps"
+            + (f", ~{h:.1f} accelerator-hours)" if h is not None else ")")
+        )
         print(f"  workdir  {j.workdir}")
         print(f"  command  {shlex.join(command(j))}")
-        print("  differs from " + protocol.agent_gin_file(j.agent) + ": "
-              + ", ".join(f"{k} = {protocol.gin_literal(tuple(v) if isinstance(v, list) else v)}"
-                          for k, v in sorted(diff.items())))
+        print(
+            "  differs from "
+            + protocol.agent_gin_file(j.agent)
+            + ": "
+            + ", ".join(
+                f"{k} = {protocol.gin_literal(tuple(v) if isinstance(v, list) else v)}" for k, v in sorted(diff.items())
+            )
+        )
         if j.table is not None:
             print(f"  settings {protocol.cell_note(j.table, j.agent, j.env)}")
     n_cells = len(cells)
     seeds = sum(len(j.seeds) for j in jobs)
     print(f"\n{len(jobs)} runs ({n_cells} cells; {seeds} seed-runs, seeds vmapped within a run)")
     if jobs and jobs[0].budget == "paper":
-        how = ("measured updates/s from --bench" if bench is not None else
-               f"XLA's FLOPs per update ({FLOPS_FILE.name}: {flops.get('command', 'n/a')}) at an assumed "
-               f"{accel_flops / 1e12:g} TFLOP/s achieved per accelerator (--accel-tflops)")
-        print(f"estimated accelerator-hours: {total_h:,.0f} ({total_h / 24:,.1f} accelerator-days; {how}; "
-              "evaluation and MOPO/MOBILE's model-rollout rounds not counted)"
-              + (f"; no figure for {sorted(missing)}" if missing else ""))
+        how = (
+            "measured updates/s from --bench"
+            if bench is not None
+            else f"XLA's FLOPs per update ({FLOPS_FILE.name}: {flops.get('command', 'n/a')}) at an assumed "
+            f"{accel_flops / 1e12:g} TFLOP/s achieved per accelerator (--accel-tflops)"
+        )
+        print(
+            f"estimated accelerator-hours: {total_h:,.0f} ({total_h / 24:,.1f} accelerator-days; {how}; "
+            "evaluation and MOPO/MOBILE's model-rollout rounds not counted)"
+            + (f"; no figure for {sorted(missing)}" if missing else "")
+        )
         print("  by agent: " + ", ".join(f"{ag} {h:,.0f} h" for ag, h in by_agent.items()))
     else:
         print("estimated accelerator-hours: the estimate covers the paper budget (--budget paper)")
@@ -350,12 +378,18 @@ def count_flops(path: Path = FLOPS_FILE) -> dict:
     import datetime
     import platform
 
-    from macfw.bench import count_flops as count, goal_conditioned_by_default
+    from macfw.bench import count_flops as count
+    from macfw.bench import goal_conditioned_by_default
 
     agents = list(dict.fromkeys(a for t in protocol.TABLES.values() for a in t.agents))
-    out = {"command": "python experiments/compare.py --count-flops", "date": datetime.date.today().isoformat(),
-           "machine": platform.processor() or platform.machine(), "shapes": "ob_dim 28, act_dim 5, goal_dim 3 "
-           "(goal-conditioned agents) or 0", "agents": {}, "batch_size": {}}
+    out = {
+        "command": "python experiments/compare.py --count-flops",
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "shapes": "ob_dim 28, act_dim 5, goal_dim 3 (goal-conditioned agents) or 0",
+        "agents": {},
+        "batch_size": {},
+    }
     for ag in agents:
         f = protocol.agent_gin_file(ag)
         r = count(gin_files=(f,), goal_dim=3 if goal_conditioned_by_default(f) else 0)
@@ -375,9 +409,16 @@ def make_launcher(a):
     if a.launcher == "local":
         return LocalLauncher(parallel=a.parallel, prefix="[compare]")
     gpus = a.slurm_gpus if a.slurm_gpus in (None, "auto") else int(a.slurm_gpus)
-    return SlurmLauncher.from_gin(a.slurm_gin or [], [], partition=a.slurm_partition, time_min=a.slurm_time,
-                                  gpus_per_job=gpus, cpus_per_job=a.slurm_cpus, mem_gb=a.slurm_mem_gb,
-                                  prefix="[compare]")
+    return SlurmLauncher.from_gin(
+        a.slurm_gin or [],
+        [],
+        partition=a.slurm_partition,
+        time_min=a.slurm_time,
+        gpus_per_job=gpus,
+        cpus_per_job=a.slurm_cpus,
+        mem_gb=a.slurm_mem_gb,
+        prefix="[compare]",
+    )
 
 
 def launch(jobs: list[Job], launcher) -> None:
@@ -399,13 +440,20 @@ def check_data(jobs: list[Job]) -> None:
     Raises:
       SystemExit: names each missing path and how to make or get it.
     """
-    missing = sorted({b.split("=", 1)[1].strip().strip("'") for j in jobs for b in data_binding(j)
-                      if not Path(b.split("=", 1)[1].strip().strip("'")).exists()})
+    missing = sorted(
+        {
+            b.split("=", 1)[1].strip().strip("'")
+            for j in jobs
+            for b in data_binding(j)
+            if not Path(b.split("=", 1)[1].strip().strip("'")).exists()
+        }
+    )
     if missing:
         raise SystemExit(
             "missing dataset(s): " + ", ".join(missing) + ". Put OGBench's official directories there (--data-dir), "
             "or make a manipulation one with python -m macfw.data.generate --dataset <env>-play-v0 --shards 100 "
-            "--out DIR/<env>-play-100m-v0 (humanoidmaze needs the official files), or use --budget smoke|quickstart.")
+            "--out DIR/<env>-play-100m-v0 (humanoidmaze needs the official files), or use --budget smoke|quickstart."
+        )
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -427,10 +475,21 @@ def collect(jobs: list[Job]) -> list[dict]:
         n_seeds = len(s.get("per_seed_success") or [s["success"]])
         for t in j.tasks:
             per = _per_seed_task(s, t, j.tasks)
-            r = rows.setdefault((j.agent, j.mode, j.env, t), {
-                "agent": j.agent, "mode": j.mode, "env": j.env, "task": t, "per_seed": [], "seeds": [],
-                "task_means": [], "steps": s["step"], "wall_time_s": 0.0,
-                "episodes_per_seed": s["episodes"] // (n_seeds * len(j.tasks))})
+            r = rows.setdefault(
+                (j.agent, j.mode, j.env, t),
+                {
+                    "agent": j.agent,
+                    "mode": j.mode,
+                    "env": j.env,
+                    "task": t,
+                    "per_seed": [],
+                    "seeds": [],
+                    "task_means": [],
+                    "steps": s["step"],
+                    "wall_time_s": 0.0,
+                    "episodes_per_seed": s["episodes"] // (n_seeds * len(j.tasks)),
+                },
+            )
             if per is None:
                 per_task = s.get("per_task_success", {}).get(f"task{t}", s["success"])
                 r["task_means"].append((float(per_task), len(j.seeds)))
@@ -447,8 +506,15 @@ def collect(jobs: list[Job]) -> list[dict]:
             w = np.array([n for _, n in r["task_means"]], float)
             mean, std = float(np.average([m for m, _ in r["task_means"]], weights=w)), float("nan")
         paper = PAPER.get((r["agent"], r["mode"]), {}).get(r["env"])
-        out.append(dict(r, success_mean=100 * mean, success_std=100 * std,
-                        paper_mean=None if paper is None else paper[0], paper_std=None if paper is None else paper[1]))
+        out.append(
+            dict(
+                r,
+                success_mean=100 * mean,
+                success_std=100 * std,
+                paper_mean=None if paper is None else paper[0],
+                paper_std=None if paper is None else paper[1],
+            )
+        )
     return out
 
 
@@ -493,14 +559,17 @@ def table_md(rows: list[dict], budget: str) -> str:
         t = tasks_of[e]
         return f"{e} task{t[0]}" if len(t) == 1 else f"{e} tasks {','.join(map(str, t))}"
 
-    lines = [f"Success rate (%), mean +- std over seeds of the mean over the tasks run; our budget: **{budget}** "
-             f"({', '.join(map(str, steps))} gradient steps, {'/'.join(map(str, seeds))} seed(s), "
-             f"{'/'.join(map(str, eps))} evaluation episodes per task and seed). In brackets: the paper's figure "
-             "(DESIGN §8; single-task: mean over the 5 tasks, 1M-transition datasets, 1M gradient steps, "
-             "4 x 1024 networks; goal-conditioned: 100M-transition datasets), a same-budget number only at the "
-             "paper budget with all 5 tasks.", "",
-             "| agent | mode | " + " | ".join(head(e) for e in envs) + " |",
-             "|---|---|" + "---|" * len(envs)]
+    lines = [
+        f"Success rate (%), mean +- std over seeds of the mean over the tasks run; our budget: **{budget}** "
+        f"({', '.join(map(str, steps))} gradient steps, {'/'.join(map(str, seeds))} seed(s), "
+        f"{'/'.join(map(str, eps))} evaluation episodes per task and seed). In brackets: the paper's figure "
+        "(DESIGN §8; single-task: mean over the 5 tasks, 1M-transition datasets, 1M gradient steps, "
+        "4 x 1024 networks; goal-conditioned: 100M-transition datasets), a same-budget number only at the "
+        "paper budget with all 5 tasks.",
+        "",
+        "| agent | mode | " + " | ".join(head(e) for e in envs) + " |",
+        "|---|---|" + "---|" * len(envs),
+    ]
     for a, mode in lines_:
         vals = []
         for e in envs:
@@ -519,14 +588,34 @@ def table_md(rows: list[dict], budget: str) -> str:
 
 
 def write_csv(rows: list[dict], path: Path, budget: str) -> None:
-    fields = ["agent", "mode", "env", "task", "budget", "seeds", "per_seed", "success_mean", "success_std",
-              "paper_mean", "paper_std", "steps", "episodes_per_seed", "wall_time_s"]
+    fields = [
+        "agent",
+        "mode",
+        "env",
+        "task",
+        "budget",
+        "seeds",
+        "per_seed",
+        "success_mean",
+        "success_std",
+        "paper_mean",
+        "paper_std",
+        "steps",
+        "episodes_per_seed",
+        "wall_time_s",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({**{k: r.get(k) for k in fields}, "budget": budget, "seeds": " ".join(map(str, r["seeds"])),
-                        "per_seed": "" if r["per_seed"] is None else " ".join(f"{x:.4f}" for x in r["per_seed"])})
+            w.writerow(
+                {
+                    **{k: r.get(k) for k in fields},
+                    "budget": budget,
+                    "seeds": " ".join(map(str, r["seeds"])),
+                    "per_seed": "" if r["per_seed"] is None else " ".join(f"{x:.4f}" for x in r["per_seed"]),
+                }
+            )
 
 
 def curves(jobs: list[Job], path: Path, budget: str) -> None:
@@ -609,55 +698,115 @@ def plan(a, p: argparse.ArgumentParser) -> tuple[list[Job], list[dict]]:
         kw = dict(mode=mode, table=table, data_dir=data_dir if table else None)
         for e in envs:
             if table is not None and mode != "singletask":  # one run per seed group, evaluated on every task
-                groups = [(tuple(tasks), plan_cell(ag, e, tuple(tasks) if len(tasks) > 1 else tasks[0], seeds,
-                                                   a.budget, out, **kw))]
+                groups = [
+                    (
+                        tuple(tasks),
+                        plan_cell(ag, e, tuple(tasks) if len(tasks) > 1 else tasks[0], seeds, a.budget, out, **kw),
+                    )
+                ]
             else:
                 groups = [((t,), plan_cell(ag, e, t, seeds, a.budget, out, **kw)) for t in tasks]
             for ts, js in groups:
                 jobs += js
                 for j in js:
                     for t in ts:
-                        cells.append({"agent": ag, "mode": "oraclerep" if mode != "singletask" else "singletask",
-                                      "env": e, "task": t, "seeds": list(j.seeds), "workdir": str(j.workdir),
-                                      "command": command(j), "bindings": None, "_job": j})
+                        cells.append(
+                            {
+                                "agent": ag,
+                                "mode": "oraclerep" if mode != "singletask" else "singletask",
+                                "env": e,
+                                "task": t,
+                                "seeds": list(j.seeds),
+                                "workdir": str(j.workdir),
+                                "command": command(j),
+                                "bindings": None,
+                                "_job": j,
+                            }
+                        )
     return jobs, cells
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=sorted(protocol.TABLES), default=None,
-                   help="the paper's table: its cells with the authors' settings (macfw/protocol.py)")
-    p.add_argument("--agents", default=None, help="comma-separated: mac and names of gin/baselines/*.gin "
-                                                  "(with --protocol: default the table's, narrows it)")
-    p.add_argument("--envs", default=None, help="comma-separated names of gin/envs/*.gin, e.g. cube-single "
-                                                "(with --protocol: default the table's)")
+    p.add_argument(
+        "--protocol",
+        choices=sorted(protocol.TABLES),
+        default=None,
+        help="the paper's table: its cells with the authors' settings (macfw/protocol.py)",
+    )
+    p.add_argument(
+        "--agents",
+        default=None,
+        help="comma-separated: mac and names of gin/baselines/*.gin (with --protocol: default the table's, narrows it)",
+    )
+    p.add_argument(
+        "--envs",
+        default=None,
+        help="comma-separated names of gin/envs/*.gin, e.g. cube-single (with --protocol: default the table's)",
+    )
     p.add_argument("--tasks", default=None, help="comma-separated task ids (1..5; default 2, with --protocol 1-5)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds; consecutive ones train in one process "
-                                                 "(default 0, with --protocol 0-3)")
-    p.add_argument("--budget", default=None, choices=sorted(BUDGETS),
-                   help="smoke, quickstart, or paper (default smoke; with --protocol paper)")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds; consecutive ones train in one process (default 0, with --protocol 0-3)",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        choices=sorted(BUDGETS),
+        help="smoke, quickstart, or paper (default smoke; with --protocol paper)",
+    )
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder (default out/compare)")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help=f"with --protocol at the paper budget: where the official datasets are (default {DEFAULT_DATA_DIR})")
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                   help="local: processes on this machine; slurm: one SLURM job per run (submitit)")
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"with --protocol at the paper budget: where the official datasets are (default {DEFAULT_DATA_DIR})",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: processes on this machine; slurm: one SLURM job per run (submitit)",
+    )
     p.add_argument("--parallel", type=int, default=1, help="local launcher: runs trained at once (one process each)")
-    p.add_argument("--slurm-gin", action="append", default=None, metavar="FILE",
-                   help="Gin file of SlurmLauncher settings (e.g. a copy of gin/slurm.gin; repeatable)")
+    p.add_argument(
+        "--slurm-gin",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="Gin file of SlurmLauncher settings (e.g. a copy of gin/slurm.gin; repeatable)",
+    )
     p.add_argument("--slurm-partition", default=None, help="slurm: --partition")
-    p.add_argument("--slurm-time", type=int, default=None, help="slurm: time limit per job (minutes); a longer run "
-                                                                  "saves and is requeued")
-    p.add_argument("--slurm-gpus", default=None, help="slurm: accelerators per job ('auto': 1 where the nodes have GPUs)")
+    p.add_argument(
+        "--slurm-time",
+        type=int,
+        default=None,
+        help="slurm: time limit per job (minutes); a longer run saves and is requeued",
+    )
+    p.add_argument(
+        "--slurm-gpus", default=None, help="slurm: accelerators per job ('auto': 1 where the nodes have GPUs)"
+    )
     p.add_argument("--slurm-cpus", type=int, default=None, help="slurm: CPU cores per job")
     p.add_argument("--slurm-mem-gb", type=float, default=None, help="slurm: host memory per job (GB)")
-    p.add_argument("--table-only", action="store_true",
-                   help="train nothing: write the table from the runs under --out that have finished")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: write the table from the runs under --out that have finished",
+    )
     p.add_argument("--dry-run", action="store_true", help="print every run, the totals and the cost; run nothing")
     p.add_argument("--json", type=Path, default=None, help="with --dry-run: write the cells as a JSON list here")
-    p.add_argument("--bench", type=Path, default=None,
-                   help="--dry-run's estimate from measured updates/s (python -m macfw.bench --all-agents --json)")
-    p.add_argument("--accel-tflops", type=float, default=100.0,
-                   help="--dry-run's estimate without --bench: achieved TFLOP/s per accelerator (default 100)")
+    p.add_argument(
+        "--bench",
+        type=Path,
+        default=None,
+        help="--dry-run's estimate from measured updates/s (python -m macfw.bench --all-agents --json)",
+    )
+    p.add_argument(
+        "--accel-tflops",
+        type=float,
+        default=100.0,
+        help="--dry-run's estimate without --bench: achieved TFLOP/s per accelerator (default 100)",
+    )
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)  # regenerates paper_flops.json
     a = p.parse_args(argv)
     if a.count_flops:
@@ -706,8 +855,10 @@ def main(argv=None) -> int:
     write_csv(rows, out / "table.csv", a.budget)
     curves(jobs, out / "curves.png", a.budget)
     print(md)
-    print(f"[compare] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'curves.png'} "
-          f"({time.time() - t0:.0f} s)", flush=True)
+    print(
+        f"[compare] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'curves.png'} ({time.time() - t0:.0f} s)",
+        flush=True,
+    )
     return 0
 
 

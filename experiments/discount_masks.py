@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -44,8 +43,13 @@ def command(args, gamma: float, masks: str) -> list[str]:
     cmd = [sys.executable, "-m", "macfw.run"]
     for f in args.gin_file:
         cmd += ["--gin_file", f]
-    for b in (f"GAMMA = {gamma}", f"OGBenchDataset.singletask_masks = '{masks}'", f"train.num_seeds = {args.seeds}",
-              "train.progress = False", *args.gin_bindings):
+    for b in (
+        f"GAMMA = {gamma}",
+        f"OGBenchDataset.singletask_masks = '{masks}'",
+        f"train.num_seeds = {args.seeds}",
+        "train.progress = False",
+        *args.gin_bindings,
+    ):
         cmd += ["--gin_bindings", b]
     return cmd + ["--workdir", str(cell_dir(args.out, gamma, masks))]
 
@@ -66,8 +70,10 @@ def run_all(args) -> None:
             c, p, t0 = item
             if p.poll() is not None:
                 running.remove(item)
-                print(f"[discount_masks] gamma={c[0]} masks={c[1]}: exit {p.returncode} after "
-                      f"{time.time() - t0:.0f} s", flush=True)
+                print(
+                    f"[discount_masks] gamma={c[0]} masks={c[1]}: exit {p.returncode} after {time.time() - t0:.0f} s",
+                    flush=True,
+                )
                 if p.returncode != 0:
                     raise SystemExit(f"cell gamma={c[0]} masks={c[1]} failed; see {cell_dir(args.out, *c)}/stdout.log")
         time.sleep(2)
@@ -80,12 +86,21 @@ def table(out: Path) -> tuple[str, dict]:
         per_seed = s.get("per_seed_success") or [s["success"]]
         m, sd = 100 * float(np.mean(per_seed)), 100 * float(np.std(per_seed))
         eps = s["episodes"] // len(per_seed)
-        data[f"{gamma}/{masks}"] = {"mean": m, "std": sd, "per_seed": per_seed, "episodes_per_seed": eps,
-                                    "step": s["step"], "wall_time_s": s["wall_time_s"],
-                                    "updates_per_s": s["updates_per_s"]}
+        data[f"{gamma}/{masks}"] = {
+            "mean": m,
+            "std": sd,
+            "per_seed": per_seed,
+            "episodes_per_seed": eps,
+            "step": s["step"],
+            "wall_time_s": s["wall_time_s"],
+            "updates_per_s": s["updates_per_s"],
+        }
         rows.append((gamma, masks, m, sd, len(per_seed), eps, s["step"]))
-    lines = ["| gamma | singletask_masks | success % (mean +- std over seeds) | seeds | episodes per seed | "
-             "gradient steps |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| gamma | singletask_masks | success % (mean +- std over seeds) | seeds | episodes per seed | "
+        "gradient steps |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [f"| {g} | {k} | {m:.1f} +- {sd:.1f} | {n} | {e} | {st} |" for g, k, m, sd, n, e, st in rows]
     return "\n".join(lines) + "\n", data
 

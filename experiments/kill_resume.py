@@ -106,8 +106,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--kills", type=int, default=2, help="SIGKILLs per trial before the final run")
-    ap.add_argument("--early", type=float, default=0.2,
-                    help="fraction of kills at a uniform moment of the start-up (the rest: while training/saving)")
+    ap.add_argument(
+        "--early",
+        type=float,
+        default=0.2,
+        help="fraction of kills at a uniform moment of the start-up (the rest: while training/saving)",
+    )
     ap.add_argument("--out", default="/tmp/macfw_kill_resume")
     ap.add_argument("--cache", default=None, help="MACFW_CACHE_DIR (default: OUT/cache)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: time)")
@@ -130,9 +134,17 @@ def main(argv=None) -> int:
     if not (ref / "summary.json").exists():
         shutil.rmtree(ref, ignore_errors=True)
         gen = subprocess.run(  # generate the data first (not timed)
-            [sys.executable, "-c", "import macfw.run, macfw.data.ogbench_data as d; "
-             "macfw.run.parse_gin(['gin/smoke.gin'], []); print(d.OGBenchDataset().resolve_path())"],
-            cwd=REPO, env=env, capture_output=True, text=True)
+            [
+                sys.executable,
+                "-c",
+                "import macfw.run, macfw.data.ogbench_data as d; "
+                "macfw.run.parse_gin(['gin/smoke.gin'], []); print(d.OGBenchDataset().resolve_path())",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if gen.returncode != 0:
             raise SystemExit(f"data generation failed: {gen.stderr[-3000:]}")
         rc, text, _ = _run(_cmd(ref), env, out / "reference.log", None, ref)  # also fills the compilation cache
@@ -143,16 +155,26 @@ def main(argv=None) -> int:
         timed = out / "timed"
         shutil.rmtree(timed, ignore_errors=True)
         t0 = time.time()  # T0: start-up until the first save begins; D: from there to the end (warm caches)
-        p = subprocess.Popen(_cmd(timed, "train.save_interval = 10", "train.max_to_keep = 2"), cwd=REPO, env=env,
-                             stdout=open(out / "timed.log", "w"), stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(
+            _cmd(timed, "train.save_interval = 10", "train.max_to_keep = 2"),
+            cwd=REPO,
+            env=env,
+            stdout=open(out / "timed.log", "w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         t_first = None
         while p.poll() is None:
             if t_first is None and _ckpt_names(timed):
                 t_first = time.time()
             time.sleep(0.02)
         t_end = time.time()
-        if p.returncode != 0 or t_first is None or json.loads((timed / "summary.json").read_text())[
-                "param_checksum"] != json.loads((ref / "summary.json").read_text())["param_checksum"]:
+        if (
+            p.returncode != 0
+            or t_first is None
+            or json.loads((timed / "summary.json").read_text())["param_checksum"]
+            != json.loads((ref / "summary.json").read_text())["param_checksum"]
+        ):
             raise SystemExit(f"two uninterrupted runs differ (rc {p.returncode}); see {out / 'timed.log'}")
         (ref / "timing.json").write_text(json.dumps({"T0": t_first - t0, "D": t_end - t_first}))
         shutil.rmtree(timed, ignore_errors=True)
@@ -160,9 +182,11 @@ def main(argv=None) -> int:
     T0, D = timing["T0"], timing["D"]
     T = T0 + D
     checksum = json.loads((ref / "summary.json").read_text())["param_checksum"]
-    print(f"[kill_resume] reference checksum {checksum}; start-up T0 = {T0:.1f} s, then training/saving/eval "
-          f"D = {D:.1f} s; {a.trials} trials x {a.kills} kills (fraction {a.early:.2f} in start-up); seed {seed}",
-          flush=True)
+    print(
+        f"[kill_resume] reference checksum {checksum}; start-up T0 = {T0:.1f} s, then training/saving/eval "
+        f"D = {D:.1f} s; {a.trials} trials x {a.kills} kills (fraction {a.early:.2f} in start-up); seed {seed}",
+        flush=True,
+    )
 
     def one_trial(trial: int) -> dict:
         rng = random.Random(seed * 1000 + trial)
@@ -184,8 +208,16 @@ def main(argv=None) -> int:
                     problems.append(f"run {attempt}: listed {listed} but resumed from {resumed or 'nothing'}")
                 if "cannot be restored" in text:
                     problems.append(f"run {attempt}: the newest listed step {listed[-1]} did not restore")
-            events.append({"kill": kill, "killed": killed, "folders_at_kill": at_kill, "rc": rc, "listed_before": listed,
-                           "listed_after": _listed(w)})
+            events.append(
+                {
+                    "kill": kill,
+                    "killed": killed,
+                    "folders_at_kill": at_kill,
+                    "rc": rc,
+                    "listed_before": listed,
+                    "listed_after": _listed(w),
+                }
+            )
             if rc == 0 and not killed:
                 break
             if rc not in (0, -signal.SIGKILL):
@@ -199,12 +231,21 @@ def main(argv=None) -> int:
         ok = not problems
         kills = sum(e["killed"] for e in events)
         at = [e["folders_at_kill"] for e in events if e["killed"]]
-        print(f"[kill_resume] trial {trial}: {'identical' if ok else 'DIFFERENT'}; {kills} kill(s), step folders at "
-              f"each kill: {at}" + (f"; problems: {problems}" if problems else ""), flush=True)
+        print(
+            f"[kill_resume] trial {trial}: {'identical' if ok else 'DIFFERENT'}; {kills} kill(s), step folders at "
+            f"each kill: {at}" + (f"; problems: {problems}" if problems else ""),
+            flush=True,
+        )
         if ok and not a.keep:
             shutil.rmtree(w, ignore_errors=True)
-        return {"trial": trial, "identical": ok, "kills": kills, "events": events, "problems": problems,
-                "wall_s": time.time() - t_trial}
+        return {
+            "trial": trial,
+            "identical": ok,
+            "kills": kills,
+            "events": events,
+            "problems": problems,
+            "wall_s": time.time() - t_trial,
+        }
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -212,11 +253,14 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         for r in pool.map(one_trial, range(a.trials)):
             results.append(r)
-            (out / "results.json").write_text(json.dumps({"reference_checksum": checksum, "T_s": T, "seed": seed,
-                                                          "trials": results}, indent=1))
+            (out / "results.json").write_text(
+                json.dumps({"reference_checksum": checksum, "T_s": T, "seed": seed, "trials": results}, indent=1)
+            )
     n_ok = sum(r["identical"] for r in results)
-    print(f"[kill_resume] identical: {n_ok}/{len(results)} (kills that happened: "
-          f"{sum(r['kills'] for r in results)})", flush=True)
+    print(
+        f"[kill_resume] identical: {n_ok}/{len(results)} (kills that happened: {sum(r['kills'] for r in results)})",
+        flush=True,
+    )
     return 0 if n_ok == len(results) else 1
 
 

@@ -39,7 +39,6 @@ import argparse
 import csv
 import functools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,25 +51,40 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="output folder (model_error.csv, model_error.png)")
     p.add_argument("--env", default="cube-single", help="OGBench environment (default cube-single)")
-    p.add_argument("--episodes", type=int, default=50,
-                   help="training episodes to generate/use (validation: a tenth, at least 1); default 50")
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=50,
+        help="training episodes to generate/use (validation: a tenth, at least 1); default 50",
+    )
     p.add_argument("--episode_length", type=int, default=1001, help="environment steps per generated episode")
-    p.add_argument("--dataset_path", default=None,
-                   help="an official OGBench NAME.npz (NAME-val.npz beside it); nothing is generated")
+    p.add_argument(
+        "--dataset_path",
+        default=None,
+        help="an official OGBench NAME.npz (NAME-val.npz beside it); nothing is generated",
+    )
     p.add_argument("--cache_dir", default=None, help="dataset cache (default: $MACFW_CACHE_DIR or ~/.cache/macfw)")
     p.add_argument("--steps", type=int, default=20_000, help="gradient steps per model (default 20000)")
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--hidden", default="256,256", help="MLP hidden sizes, comma-separated (default 256,256)")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     p.add_argument("--chunks", default="1,10", help="chunk lengths n to compare (default 1,10)")
-    p.add_argument("--horizons", default=",".join(str(h) for h in range(10, 101, 10)),
-                   help="horizons in environment steps (default 10,20,...,100); each must be a multiple of every n")
-    p.add_argument("--num_starts", type=int, default=2000,
-                   help="held-out start states to average over (default 2000; fewer if the split is small)")
+    p.add_argument(
+        "--horizons",
+        default=",".join(str(h) for h in range(10, 101, 10)),
+        help="horizons in environment steps (default 10,20,...,100); each must be a multiple of every n",
+    )
+    p.add_argument(
+        "--num_starts",
+        type=int,
+        default=2000,
+        help="held-out start states to average over (default 2000; fewer if the split is small)",
+    )
     p.add_argument("--steps_per_dispatch", type=int, default=500, help="gradient steps per compiled call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data-generation worker processes (default: cores)")
@@ -103,9 +117,16 @@ def load_splits(args):
 
     # task_mode 'goal' loads the plain dataset (no reward relabelling, which needs qpos): only
     # observations and actions are used here.
-    ds = OGBenchDataset(env_name=args.env, task_mode="goal", dataset_path=args.dataset_path,
-                        num_episodes=args.episodes, episode_length=args.episode_length, data_seed=0,
-                        cache_dir=args.cache_dir, workers=args.workers)
+    ds = OGBenchDataset(
+        env_name=args.env,
+        task_mode="goal",
+        dataset_path=args.dataset_path,
+        num_episodes=args.episodes,
+        episode_length=args.episode_length,
+        data_seed=0,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+    )
     ds.check_env()
     path = ds.resolve_path()
     env, train, val = ogbench.make_env_and_datasets(ds.dataset_name, dataset_path=str(path), compact_dataset=True)
@@ -122,8 +143,10 @@ def pick_starts(traj_end: np.ndarray, max_h: int, num: int, seed: int) -> np.nda
     t = np.arange(len(traj_end))
     ok = np.where(t + max_h <= traj_end)[0]
     if len(ok) == 0:
-        raise ValueError(f"No held-out trajectory is longer than the largest horizon ({max_h} steps); "
-                         "use longer episodes or smaller --horizons.")
+        raise ValueError(
+            f"No held-out trajectory is longer than the largest horizon ({max_h} steps); "
+            "use longer episodes or smaller --horizons."
+        )
     if len(ok) <= num:
         return ok.astype(np.int32)
     rng = np.random.default_rng(seed)
@@ -272,24 +295,32 @@ def main(argv=None) -> dict:
     loaded, path, val_obs, val_act, val_end = load_splits(args)
     t_data = time.time() - t_start
     starts = pick_starts(val_end, max(args.horizons), args.num_starts, args.seed)
-    log(f"[model_error] data {path.name}: {loaded.num_transitions} train transitions, {len(val_obs)} held-out "
-        f"(validation) transitions, {len(starts)} start states; ready in {t_data:.0f} s")
+    log(
+        f"[model_error] data {path.name}: {loaded.num_transitions} train transitions, {len(val_obs)} held-out "
+        f"(validation) transitions, {len(starts)} start states; ready in {t_data:.0f} s"
+    )
 
     errors, train_loss = {}, {}
     for n in args.chunks:
-        log(f"[model_error] training ChunkDynamics n={n}: {args.steps} steps, batch {args.batch}, "
-            f"hidden {args.hidden}, Adam {args.lr:g}")
+        log(
+            f"[model_error] training ChunkDynamics n={n}: {args.steps} steps, batch {args.batch}, "
+            f"hidden {args.hidden}, Adam {args.lr:g}"
+        )
         model, loss, secs = train_model(loaded, n, args, log=log)
         train_loss[n] = loss
         errors[n] = open_loop_errors(model, n, val_obs, val_act, starts, args.horizons)
-        log(f"[model_error] n={n}: trained in {secs:.0f} s; open-loop MSE " +
-            ", ".join(f"h{h}={errors[n][h]:.3g}" for h in args.horizons))
+        log(
+            f"[model_error] n={n}: trained in {secs:.0f} s; open-loop MSE "
+            + ", ".join(f"h{h}={errors[n][h]:.3g}" for h in args.horizons)
+        )
     baseline = copy_baseline(val_obs, starts, args.horizons)
 
     write_csv(out / "model_error.csv", errors)
-    title = (f"{args.env}: open-loop error on held-out trajectories\n"
-             f"{loaded.num_transitions} transitions, MLP {'x'.join(map(str, args.hidden))}, "
-             f"{args.steps} steps x batch {args.batch}")
+    title = (
+        f"{args.env}: open-loop error on held-out trajectories\n"
+        f"{loaded.num_transitions} transitions, MLP {'x'.join(map(str, args.hidden))}, "
+        f"{args.steps} steps x batch {args.batch}"
+    )
     plot(out / "model_error.png", errors, baseline, title)
     wall = time.time() - t_start
 
@@ -298,8 +329,10 @@ def main(argv=None) -> dict:
     log("  horizon " + "".join(f"{'n=' + str(n):>12}" for n in args.chunks) + f"{'no model':>12}")
     for h in show:
         log(f"  {h:>7} " + "".join(f"{errors[n][h]:>12.4g}" for n in args.chunks) + f"{baseline[h]:>12.4g}")
-    log(f"[model_error] wall time {wall:.0f} s (data {t_data:.0f} s); wrote {out / 'model_error.csv'} and "
-        f"{out / 'model_error.png'}")
+    log(
+        f"[model_error] wall time {wall:.0f} s (data {t_data:.0f} s); wrote {out / 'model_error.csv'} and "
+        f"{out / 'model_error.png'}"
+    )
     return {"errors": errors, "baseline": baseline, "train_loss": train_loss, "wall_time_s": wall}
 
 

@@ -83,20 +83,34 @@ def main(argv=None) -> int:
         results[name] = r
         failures[name] = verdict(name, r)
         ups = r.get("updates_per_s")
-        speed = (f", updates/s macfw {ups['macfw']:.2f} vs reference {ups['reference']:.2f} "
-                 f"({ups['macfw'] / ups['reference']:.2f}x)") if ups else ""
-        print(f"[parity] {name}: max_rel_err {r['max_rel_err']:.2e}, skipped {sorted(r['skipped']) or 'none'}"
-              f"{speed} ({time.time() - t0:.0f} s)", flush=True)
+        speed = (
+            (
+                f", updates/s macfw {ups['macfw']:.2f} vs reference {ups['reference']:.2f} "
+                f"({ups['macfw'] / ups['reference']:.2f}x)"
+            )
+            if ups
+            else ""
+        )
+        print(
+            f"[parity] {name}: max_rel_err {r['max_rel_err']:.2e}, skipped {sorted(r['skipped']) or 'none'}"
+            f"{speed} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
         if a.json:  # after every agent, so a long run leaves its results so far
             a.json.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    print("\n| agent | max rel. err | skipped (defects) | updates/s macfw | updates/s authors | ratio "
-          "| utilisation macfw | utilisation authors |")
+    print(
+        "\n| agent | max rel. err | skipped (defects) | updates/s macfw | updates/s authors | ratio "
+        "| utilisation macfw | utilisation authors |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ups, ut = r.get("updates_per_s") or {}, r.get("utilisation") or {}
         cells = [f"{r['max_rel_err']:.1e}", ", ".join(sorted(r["skipped"])) or "-"]
-        cells += [f"{ups['macfw']:.2f}", f"{ups['reference']:.2f}", f"{ups['macfw'] / ups['reference']:.2f}x"] if ups \
+        cells += (
+            [f"{ups['macfw']:.2f}", f"{ups['reference']:.2f}", f"{ups['macfw'] / ups['reference']:.2f}x"]
+            if ups
             else ["-", "-", "-"]
+        )
         cells += [f"{ut['macfw']:.3f}", f"{ut['reference']:.3f}"] if ut else ["-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     bad = {k: v for k, v in failures.items() if v}

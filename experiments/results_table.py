@@ -39,11 +39,19 @@ import numpy as np
 
 #: The paper's MAC success (%), mean +- std (DESIGN §8).
 PAPER_SINGLETASK = {
-    "cube-single": (99, 2), "cube-double": (53, 4), "scene": (97, 4), "puzzle-3x3": (20, 0), "puzzle-4x4": (78, 13),
+    "cube-single": (99, 2),
+    "cube-double": (53, 4),
+    "scene": (97, 4),
+    "puzzle-3x3": (20, 0),
+    "puzzle-4x4": (78, 13),
 }
 PAPER_GOAL = {  # goal-conditioned, 100M-transition datasets, oracle goal representations
-    "cube-double": (100, 1), "cube-octuple": (30, 6), "puzzle-3x3": (100, 0), "puzzle-4x5": (99, 3),
-    "humanoidmaze-medium": (36, 2), "humanoidmaze-giant": (0, 0),
+    "cube-double": (100, 1),
+    "cube-octuple": (30, 6),
+    "puzzle-3x3": (100, 0),
+    "puzzle-4x5": (99, 3),
+    "humanoidmaze-medium": (36, 2),
+    "humanoidmaze-giant": (0, 0),
 }
 PAPER = {"singletask": PAPER_SINGLETASK, "oraclerep": PAPER_GOAL, "goal": {}}
 MODE_TITLE = {
@@ -104,8 +112,9 @@ def load_run(path: Path) -> Run | None:
         print(f"[results_table] skipping {path}: unreadable ({e})", file=sys.stderr)
         return None
     if "success" not in s or "dataset" not in s:
-        print(f"[results_table] skipping {path}: no 'success'/'dataset' (unfinished or interrupted run?)",
-              file=sys.stderr)
+        print(
+            f"[results_table] skipping {path}: no 'success'/'dataset' (unfinished or interrupted run?)", file=sys.stderr
+        )
         return None
     env, mode, task = parse_dataset_name(s["dataset"])
     per_task = dict(s.get("per_task_success") or {})
@@ -116,8 +125,9 @@ def load_run(path: Path) -> Run | None:
         seeds = s.get("seeds") or list(range(len(s["per_seed_success"])))
         for sd, v in zip(seeds, s["per_seed_success"]):
             # per-task values per seed are not stored; exact when the run has one task
-            run.per_seed_task[int(sd)] = ({t: float(v) for t in per_task} if len(per_task) == 1
-                                          else {t: None for t in per_task})
+            run.per_seed_task[int(sd)] = (
+                {t: float(v) for t in per_task} if len(per_task) == 1 else {t: None for t in per_task}
+            )
             run.per_seed_avg[int(sd)] = float(v)
     else:
         sd = _seed_of(path)
@@ -154,8 +164,11 @@ def aggregate(runs: list[Run]) -> dict:
                 prev = owner.get(k)
                 if prev is not None:
                     keep = run if run.step >= prev.step else prev
-                    print(f"[results_table] warning: two runs for {run.env} {run.mode} {t} seed {sd}: {prev.path} and "
-                          f"{run.path}; keeping {keep.path}", file=sys.stderr)
+                    print(
+                        f"[results_table] warning: two runs for {run.env} {run.mode} {t} seed {sd}: {prev.path} and "
+                        f"{run.path}; keeping {keep.path}",
+                        file=sys.stderr,
+                    )
                     if keep is prev:
                         continue
                 owner[k] = run
@@ -204,9 +217,13 @@ def average_cell(row) -> str:
 
 
 def render(table: dict, sources: list[str]) -> str:
-    out = ["# MAC results", "",
-           "Success in % (summary.json `success` x 100): mean ± std over seeds (ddof=0); *average* = mean over "
-           "tasks of the per-task means, ± std over seeds of each seed's average over the tasks.", ""]
+    out = [
+        "# MAC results",
+        "",
+        "Success in % (summary.json `success` x 100): mean ± std over seeds (ddof=0); *average* = mean over "
+        "tasks of the per-task means, ± std over seeds of each seed's average over the tasks.",
+        "",
+    ]
     for mode in ("singletask", "oraclerep", "goal"):
         rows = {env: r for (m, env), r in table.items() if m == mode}
         if not rows:
@@ -233,8 +250,11 @@ def render(table: dict, sources: list[str]) -> str:
         missing = [e for e in paper if e not in rows]
         note = PAPER_NOTE[mode]
         if missing:
-            note += ("; " if note else "") + "paper only (no runs here): " + ", ".join(
-                f"{e} {paper[e][0]} ± {paper[e][1]}" for e in missing)
+            note += (
+                ("; " if note else "")
+                + "paper only (no runs here): "
+                + ", ".join(f"{e} {paper[e][0]} ± {paper[e][1]}" for e in missing)
+            )
         if note:
             out += ["", f"*{note}.*"]
         out.append("")
@@ -243,8 +263,9 @@ def render(table: dict, sources: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("paths", nargs="+", help="run folders / roots (searched recursively), globs, or summary.json files")
     p.add_argument("--out", default=None, help="write the markdown here too")
     args = p.parse_args(argv)

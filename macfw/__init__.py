@@ -12,19 +12,18 @@ from macfw._threefry import apply_default as _threefry_default  # noqa: E402
 
 _threefry_default()
 
-from macfw import registry
-from macfw.registry import register
-
 # Importing the component modules registers them.
-from macfw.nn import flow as _flow  # noqa: F401,E402
-from macfw.nn import models as _models  # noqa: F401,E402
-from macfw import samplers as _samplers  # noqa: F401,E402
 import macfw.agents  # noqa: F401,E402  (registers every agent: macfw/agents/__init__.py)
-from macfw.nn import gaussian as _gaussian  # noqa: F401,E402  (MAC-Gau ablation)
+from macfw import loggers as _loggers  # noqa: F401,E402  (CSV, TensorBoard, Weights & Biases: train.loggers)
+from macfw import registry  # noqa: E402
+from macfw import samplers as _samplers  # noqa: F401,E402
+from macfw.data import ogbench_data as _ogbench_data  # noqa: F401,E402
 from macfw.nn import actors as _actors  # noqa: F401,E402
 from macfw.nn import ensemble as _ensemble  # noqa: F401,E402
-from macfw.data import ogbench_data as _ogbench_data  # noqa: F401,E402
-from macfw import loggers as _loggers  # noqa: F401,E402  (CSV, TensorBoard, Weights & Biases: train.loggers)
+from macfw.nn import flow as _flow  # noqa: F401,E402
+from macfw.nn import gaussian as _gaussian  # noqa: F401,E402  (MAC-Gau ablation)
+from macfw.nn import models as _models  # noqa: F401,E402
+from macfw.registry import register  # noqa: E402
 
 __all__ = ["register", "registry", "__version__"]
 

@@ -21,5 +21,3 @@ def default_mujoco_gl() -> None:
 
         if ctypes.util.find_library("EGL"):
             os.environ["MUJOCO_GL"] = "egl"
-
-

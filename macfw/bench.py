@@ -59,8 +59,8 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,22 +76,50 @@ REPO = Path(__file__).resolve().parents[1]
 #: Sizes (``batch``, ``steps_per_dispatch``) and Gin bindings of each preset.
 PRESETS = {
     # MLP 2 x 256, batch 256, rollout batch 256, n = 10, H = 10, N = 8 (DESIGN §7's CPU reference point)
-    "cpu-small": dict(batch=256, steps_per_dispatch=10, bindings={
-        "HIDDEN": (256, 256), "CHUNK": 10, "MAC.rollout_batch_size": 256, "MAC.horizon": 10,
-        "RejectionSampler.num_train_candidates": 8, "FlowPolicy.flow_steps": 10}),
+    "cpu-small": dict(
+        batch=256,
+        steps_per_dispatch=10,
+        bindings={
+            "HIDDEN": (256, 256),
+            "CHUNK": 10,
+            "MAC.rollout_batch_size": 256,
+            "MAC.horizon": 10,
+            "RejectionSampler.num_train_candidates": 8,
+            "FlowPolicy.flow_steps": 10,
+        },
+    ),
     # the paper's defaults (DESIGN §2.6)
-    "paper": dict(batch=1024, steps_per_dispatch=10, bindings={
-        "HIDDEN": (1024,) * 4, "CHUNK": 10, "MAC.rollout_batch_size": 1024, "MAC.horizon": 10,
-        "RejectionSampler.num_train_candidates": 8, "FlowPolicy.flow_steps": 10}),
+    "paper": dict(
+        batch=1024,
+        steps_per_dispatch=10,
+        bindings={
+            "HIDDEN": (1024,) * 4,
+            "CHUNK": 10,
+            "MAC.rollout_batch_size": 1024,
+            "MAC.horizon": 10,
+            "RejectionSampler.num_train_candidates": 8,
+            "FlowPolicy.flow_steps": 10,
+        },
+    ),
     # tiny, for tests
-    "tiny": dict(batch=32, steps_per_dispatch=2, bindings={
-        "HIDDEN": (32, 32), "CHUNK": 5, "MAC.rollout_batch_size": 16, "MAC.horizon": 3,
-        "RejectionSampler.num_train_candidates": 2, "FlowPolicy.flow_steps": 3}),
+    "tiny": dict(
+        batch=32,
+        steps_per_dispatch=2,
+        bindings={
+            "HIDDEN": (32, 32),
+            "CHUNK": 5,
+            "MAC.rollout_batch_size": 16,
+            "MAC.horizon": 3,
+            "RejectionSampler.num_train_candidates": 2,
+            "FlowPolicy.flow_steps": 3,
+        },
+    ),
 }
 
 
-def synthetic_data(spec: Spec, num_episodes: int = 20, episode_length: int = 201, seed: int = 0,
-                   window: int | None = None) -> ChunkData:
+def synthetic_data(
+    spec: Spec, num_episodes: int = 20, episode_length: int = 201, seed: int = 0, window: int | None = None
+) -> ChunkData:
     """Random data in OGBench's compact layout (sizes matter for speed, values do not); chunk starts
     leave ``window`` steps (default ``spec.chunk_len``) before each trajectory's end."""
     rng = np.random.default_rng(seed)
@@ -105,7 +133,8 @@ def synthetic_data(spec: Spec, num_episodes: int = 20, episode_length: int = 201
         goals=jnp.asarray(rng.uniform(-1, 1, (n, spec.goal_dim)), jnp.float32),
         rewards=jnp.asarray(-(rng.uniform(size=n) < 0.9).astype(np.float32)),
         masks=jnp.asarray(rng.uniform(size=n) < 0.95, jnp.float32),
-        traj_end=jnp.asarray(ends), starts=jnp.asarray(valid_starts(ends, max(spec.chunk_len, window or 0))),
+        traj_end=jnp.asarray(ends),
+        starts=jnp.asarray(valid_starts(ends, max(spec.chunk_len, window or 0))),
     )
 
 
@@ -118,7 +147,6 @@ def build_agent(preset: dict, *, gin_files=("gin/mac.gin",), gin_bindings=(), co
       FileNotFoundError: a Gin file that exists in neither place.
     """
     import gin
-
     from macfw.run import parse_gin
 
     files = []
@@ -180,8 +208,17 @@ def peak_meter(dtype=jnp.float32, size: int | None = None) -> Callable[..., floa
     return measure
 
 
-def _setup(preset: str, *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28, act_dim: int = 5,
-           goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None):
+def _setup(
+    preset: str,
+    *,
+    gin_files=("gin/mac.gin",),
+    gin_bindings=(),
+    ob_dim: int = 28,
+    act_dim: int = 5,
+    goal_dim: int = 0,
+    compute_dtype=None,
+    steps_per_dispatch: int | None = None,
+):
     """The agent at ``preset``'s sizes, synthetic data, its initial state and its compiled-on-first-call
     training step: ``(agent, spec, data, state, step, K, B)`` (K updates per dispatch, batch B)."""
     from macfw.step import make_train_step
@@ -250,14 +287,25 @@ def against_reference(preset: str = "cpu-small", *, pairs: int = 8, only=None, *
                 jax.block_until_ready(m_n)
             times[name].append((time.perf_counter() - t0) / K)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    diffs = [float(np.max(np.abs(np.asarray(m_n[k]) - np.asarray(m_r[k])) / np.maximum(np.abs(np.asarray(m_r[k])), 1e-6)))
-             for k in m_r if np.issubdtype(np.asarray(m_r[k]).dtype, np.floating)]
+    diffs = [
+        float(np.max(np.abs(np.asarray(m_n[k]) - np.asarray(m_r[k])) / np.maximum(np.abs(np.asarray(m_r[k])), 1e-6)))
+        for k in m_r
+        if np.issubdtype(np.asarray(m_r[k]).dtype, np.floating)
+    ]
     means = lambda m: {k: float(np.mean(np.asarray(v))) for k, v in m.items()}  # noqa: E731
-    return {"preset": preset, "only": sorted(only) if only else None, "steps_per_dispatch": K, "pairs": pairs,
-            "updates": int(st_n.step), "update_s": times,
-            "reference_update_s": med["reference"], "current_update_s": med["current"],
-            "speedup": med["reference"] / med["current"], "max_rel_diff": max(diffs) if diffs else 0.0,
-            "metrics": {"reference": means(m_r), "current": means(m_n)}}
+    return {
+        "preset": preset,
+        "only": sorted(only) if only else None,
+        "steps_per_dispatch": K,
+        "pairs": pairs,
+        "updates": int(st_n.step),
+        "update_s": times,
+        "reference_update_s": med["reference"],
+        "current_update_s": med["current"],
+        "speedup": med["reference"] / med["current"],
+        "max_rel_diff": max(diffs) if diffs else 0.0,
+        "metrics": {"reference": means(m_r), "current": means(m_n)},
+    }
 
 
 def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = None, extra_args=()) -> dict:
@@ -298,23 +346,44 @@ def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = N
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "preset": preset, "off_s": out["off"]["first_dispatch_s"], "cold_s": out["cold"]["first_dispatch_s"],
-        "warm_s": out["warm"]["first_dispatch_s"], "dispatch_s": out["off"]["dispatch_s"],
-        "cold_over_warm": out["cold"]["first_dispatch_s"] / out["warm"]["first_dispatch_s"], "runs": out,
+        "preset": preset,
+        "off_s": out["off"]["first_dispatch_s"],
+        "cold_s": out["cold"]["first_dispatch_s"],
+        "warm_s": out["warm"]["first_dispatch_s"],
+        "dispatch_s": out["off"]["dispatch_s"],
+        "cold_over_warm": out["cold"]["first_dispatch_s"] / out["warm"]["first_dispatch_s"],
+        "runs": out,
     }
 
 
-def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28,
-        act_dim: int = 5, goal_dim: int = 0, compute_dtype=None, steps_per_dispatch: int | None = None,
-        dispatches: int = 5, count_executed: bool = True) -> dict:
+def run(
+    preset: str = "cpu-small",
+    *,
+    gin_files=("gin/mac.gin",),
+    gin_bindings=(),
+    ob_dim: int = 28,
+    act_dim: int = 5,
+    goal_dim: int = 0,
+    compute_dtype=None,
+    steps_per_dispatch: int | None = None,
+    dispatches: int = 5,
+    count_executed: bool = True,
+) -> dict:
     """Time one agent's training step at ``preset``'s sizes on synthetic data; returns the figures.
     ``count_executed=False`` skips the second FLOP count (the executed program's; its figures are then
     None)."""
     from macfw.step import make_train_step
 
     agent, spec, data, state, step, K, B = _setup(
-        preset, gin_files=gin_files, gin_bindings=gin_bindings, ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim,
-        compute_dtype=compute_dtype, steps_per_dispatch=steps_per_dispatch)
+        preset,
+        gin_files=gin_files,
+        gin_bindings=gin_bindings,
+        ob_dim=ob_dim,
+        act_dim=act_dim,
+        goal_dim=goal_dim,
+        compute_dtype=compute_dtype,
+        steps_per_dispatch=steps_per_dispatch,
+    )
     bspec = agent.batch_spec
     p = PRESETS[preset]
 
@@ -359,25 +428,49 @@ def run(preset: str = "cpu-small", *, gin_files=("gin/mac.gin",), gin_bindings=(
 
     achieved = flops * ups
     return {
-        "preset": preset, "agent": type(agent).__name__, "backend": jax.default_backend(),
-        "device": str(jax.devices()[0]), "num_devices": jax.device_count(), "compute_dtype": compute_dtype or "float32",
-        "steps_per_dispatch": K, "compiler_options": step.compiler_options, "compile_s": compile_s,
+        "preset": preset,
+        "agent": type(agent).__name__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "num_devices": jax.device_count(),
+        "compute_dtype": compute_dtype or "float32",
+        "steps_per_dispatch": K,
+        "compiler_options": step.compiler_options,
+        "compile_s": compile_s,
         "count_compile_s": count_compile_s,
-        "updates_per_s": ups, "flops_per_update": flops, "achieved_flops": achieved,
-        "matmul_peak_flops": peak, "utilisation": float(np.median(pair_util)),
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "achieved_flops": achieved,
+        "matmul_peak_flops": peak,
+        "utilisation": float(np.median(pair_util)),
         "utilisation_range": [float(min(pair_util)), float(max(pair_util))],
         "executed_flops_per_update": executed,
         "hardware_utilisation": None if executed is None else float(np.median(pair_util)) * executed / flops,
         **parts,
-        "config": {"batch": B, "steps_per_dispatch": K, "bindings": {k: v for k, v in p["bindings"].items()},
-                   "gin_files": list(gin_files), "gin_bindings": list(gin_bindings), "batch_spec": dataclasses.asdict(bspec),
-                   "ob_dim": ob_dim, "act_dim": act_dim, "goal_dim": goal_dim},
+        "config": {
+            "batch": B,
+            "steps_per_dispatch": K,
+            "bindings": {k: v for k, v in p["bindings"].items()},
+            "gin_files": list(gin_files),
+            "gin_bindings": list(gin_bindings),
+            "batch_spec": dataclasses.asdict(bspec),
+            "ob_dim": ob_dim,
+            "act_dim": act_dim,
+            "goal_dim": goal_dim,
+        },
         "versions": {"jax": jax.__version__},
     }
 
 
-def count_flops(*, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28, act_dim: int = 5,
-                goal_dim: int = 0, batch_size: int | None = None) -> dict:
+def count_flops(
+    *,
+    gin_files=("gin/mac.gin",),
+    gin_bindings=(),
+    ob_dim: int = 28,
+    act_dim: int = 5,
+    goal_dim: int = 0,
+    batch_size: int | None = None,
+) -> dict:
     """FLOPs of one update of the agent exactly as its Gin files configure it (no preset's sizes: its
     own ``HIDDEN`` and ``train.batch_size``, unless ``batch_size`` is given), by XLA's count of the
     reference computation as :func:`run` counts it; compiled only, nothing timed (a paper-size agent
@@ -388,7 +481,6 @@ def count_flops(*, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28
       FileNotFoundError, GinConfigError: as :func:`build_agent`.
     """
     import gin
-
     from macfw.step import make_train_step
 
     agent = build_agent({"bindings": {}}, gin_files=gin_files, gin_bindings=gin_bindings)
@@ -403,8 +495,14 @@ def count_flops(*, gin_files=("gin/mac.gin",), gin_bindings=(), ob_dim: int = 28
             flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
     finally:
         gin.clear_config()
-    return {"flops_per_update": flops, "batch_size": B, "agent": type(agent).__name__, "ob_dim": ob_dim,
-            "act_dim": act_dim, "goal_dim": goal_dim}
+    return {
+        "flops_per_update": flops,
+        "batch_size": B,
+        "agent": type(agent).__name__,
+        "ob_dim": ob_dim,
+        "act_dim": act_dim,
+        "goal_dim": goal_dim,
+    }
 
 
 def agent_gin_files() -> dict[str, str]:
@@ -430,8 +528,11 @@ def run_all_agents(preset: str = "cpu-small", *, goal_dim: int = 3, dispatches: 
         gd = goal_dim if goal_conditioned_by_default(f) else 0
         r = run(preset, gin_files=(f,), goal_dim=gd, dispatches=dispatches, **kw)
         out.append(dict(r, name=name, gin_file=f))
-        print(f"[bench] {name:>12}: {r['updates_per_s']:8.2f} updates/s, utilisation {r['utilisation']:.3f}, "
-              f"{r['flops_per_update']:.3g} FLOP/update", flush=True)
+        print(
+            f"[bench] {name:>12}: {r['updates_per_s']:8.2f} updates/s, utilisation {r['utilisation']:.3f}, "
+            f"{r['flops_per_update']:.3g} FLOP/update",
+            flush=True,
+        )
     return out
 
 
@@ -463,44 +564,75 @@ def _profile_main(a, model: dict, argv) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m macfw.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m macfw.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
-    ap.add_argument("--gin_file", action="append", default=None,
-                    help="Gin file binding train.agent (repeatable; default gin/mac.gin)")
+    ap.add_argument(
+        "--gin_file",
+        action="append",
+        default=None,
+        help="Gin file binding train.agent (repeatable; default gin/mac.gin)",
+    )
     ap.add_argument("--gin_bindings", action="append", default=[], help="extra Gin binding (repeatable)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
-    ap.add_argument("--compute-dtype", default=None, choices=[None, "bfloat16", "float32"],
-                    help="matrix-product dtype (parameters stay float32)")
+    ap.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=[None, "bfloat16", "float32"],
+        help="matrix-product dtype (parameters stay float32)",
+    )
     ap.add_argument("--steps-per-dispatch", type=int, default=None)
     ap.add_argument("--dispatches", type=int, default=5)
     ap.add_argument("--ob-dim", type=int, default=28)
     ap.add_argument("--act-dim", type=int, default=5)
     ap.add_argument("--goal-dim", type=int, default=0)
-    ap.add_argument("--all-agents", action="store_true",
-                    help="bench every agent's Gin file (gin/mac.gin, gin/baselines/*.gin) at the preset's sizes")
-    ap.add_argument("--compile-time", action="store_true",
-                    help="time the first dispatch in fresh processes without, with an empty and with a filled "
-                         "persistent compilation cache")
-    ap.add_argument("--against-reference", action="store_true",
-                    help="time the update against its reference computation (macfw.reference), alternated in "
-                         "one process (--dispatches pairs), and compare their losses")
-    ap.add_argument("--only", default=None, metavar="NAME[,NAME]",
-                    help="with --against-reference: turn off just these speed-ups in the reference "
-                         "(macfw.reference.SPEEDUPS), to measure what each saves")
-    ap.add_argument("--profile", action="store_true",
-                    help="op time per gradient step by phase (sampling, rollout, losses, optimizer) and kind "
-                         "(matrix products, elementwise, reductions, random numbers, data movement), from a "
-                         "profiler trace of --dispatches dispatches (macfw.profiling)")
+    ap.add_argument(
+        "--all-agents",
+        action="store_true",
+        help="bench every agent's Gin file (gin/mac.gin, gin/baselines/*.gin) at the preset's sizes",
+    )
+    ap.add_argument(
+        "--compile-time",
+        action="store_true",
+        help="time the first dispatch in fresh processes without, with an empty and with a filled "
+        "persistent compilation cache",
+    )
+    ap.add_argument(
+        "--against-reference",
+        action="store_true",
+        help="time the update against its reference computation (macfw.reference), alternated in "
+        "one process (--dispatches pairs), and compare their losses",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="with --against-reference: turn off just these speed-ups in the reference "
+        "(macfw.reference.SPEEDUPS), to measure what each saves",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="op time per gradient step by phase (sampling, rollout, losses, optimizer) and kind "
+        "(matrix products, elementwise, reductions, random numbers, data movement), from a "
+        "profiler trace of --dispatches dispatches (macfw.profiling)",
+    )
     ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     retained = retain_freed_memory()  # as python -m macfw.run does (macfw.memory): the dispatches timed are training's
     if a.only is not None and not a.against_reference:
         ap.error(f"--only {a.only} goes with --against-reference (it selects the speed-ups the reference turns off)")
-    model = dict(gin_files=a.gin_file or ("gin/mac.gin",), gin_bindings=a.gin_bindings, ob_dim=a.ob_dim,
-                 act_dim=a.act_dim, goal_dim=a.goal_dim, compute_dtype=a.compute_dtype,
-                 steps_per_dispatch=a.steps_per_dispatch)
+    model = dict(
+        gin_files=a.gin_file or ("gin/mac.gin",),
+        gin_bindings=a.gin_bindings,
+        ob_dim=a.ob_dim,
+        act_dim=a.act_dim,
+        goal_dim=a.goal_dim,
+        compute_dtype=a.compute_dtype,
+        steps_per_dispatch=a.steps_per_dispatch,
+    )
     if a.first_dispatch:  # a child of --compile-time: one JSON line
         if a.compilation_cache:
             jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
@@ -510,7 +642,9 @@ def main(argv=None) -> int:
         return _profile_main(a, model, argv)
     if a.against_reference:
         r = against_reference(a.preset, pairs=a.dispatches, only=a.only, **model)
-        print(f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):")
+        print(
+            f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):"
+        )
         off = ", ".join(r["only"]) if r["only"] else "all"
         print(f"  reference computation ({off} off): {1e3 * r['reference_update_s']:.2f} ms per update (median)")
         print(f"  current:               {1e3 * r['current_update_s']:.2f} ms per update (median)")
@@ -532,8 +666,15 @@ def main(argv=None) -> int:
         _dump(a.json, r)
         return 0
     if a.all_agents:
-        rows = run_all_agents(a.preset, goal_dim=a.goal_dim or 3, dispatches=a.dispatches, ob_dim=a.ob_dim,
-                              act_dim=a.act_dim, compute_dtype=a.compute_dtype, steps_per_dispatch=a.steps_per_dispatch)
+        rows = run_all_agents(
+            a.preset,
+            goal_dim=a.goal_dim or 3,
+            dispatches=a.dispatches,
+            ob_dim=a.ob_dim,
+            act_dim=a.act_dim,
+            compute_dtype=a.compute_dtype,
+            steps_per_dispatch=a.steps_per_dispatch,
+        )
         print(f"\n| agent | updates/s | utilisation | FLOP per update |  (preset {a.preset}, {rows[0]['device']})")
         print("|---|---|---|---|")
         for r in rows:
@@ -542,9 +683,23 @@ def main(argv=None) -> int:
         return 0
     out = run(a.preset, dispatches=a.dispatches, **model)
     out["retained_freed_memory"] = retained
-    keys = ("preset", "agent", "device", "num_devices", "compute_dtype", "compiler_options", "steps_per_dispatch",
-            "compile_s", "updates_per_s", "flops_per_update", "achieved_flops", "matmul_peak_flops", "utilisation",
-            "executed_flops_per_update", "hardware_utilisation")
+    keys = (
+        "preset",
+        "agent",
+        "device",
+        "num_devices",
+        "compute_dtype",
+        "compiler_options",
+        "steps_per_dispatch",
+        "compile_s",
+        "updates_per_s",
+        "flops_per_update",
+        "achieved_flops",
+        "matmul_peak_flops",
+        "utilisation",
+        "executed_flops_per_update",
+        "hardware_utilisation",
+    )
     for k in keys + tuple(k for k in out if k.endswith("_s") and k not in keys and k != "count_compile_s"):
         v = out[k]
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")

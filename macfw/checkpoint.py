@@ -40,8 +40,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -137,8 +138,11 @@ def manifest_problem(folder: str | os.PathLike) -> str | None:
         missing = sorted(set(files) - set(disk))
         extra = sorted(set(disk) - set(files))
         resized = sorted(k for k in set(files) & set(disk) if files[k] != disk[k])
-        parts = [f"{label} {names[:3]}{'...' if len(names) > 3 else ''}" for label, names in
-                 (("missing", missing), ("unexpected", extra), ("wrong size", resized)) if names]
+        parts = [
+            f"{label} {names[:3]}{'...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", extra), ("wrong size", resized))
+            if names
+        ]
         return "files differ from the manifest: " + "; ".join(parts)
     return None
 
@@ -146,8 +150,12 @@ def manifest_problem(folder: str | os.PathLike) -> str | None:
 def write_manifest(folder: str | os.PathLike) -> None:
     """List every file of a finished step folder with its size, atomically (tmp + fsync + replace)."""
     folder = Path(folder)
-    manifest = {"format": MANIFEST_FORMAT, "step": int(folder.name), "files": _files_on_disk(folder),
-                "written_at": time.time()}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "step": int(folder.name),
+        "files": _files_on_disk(folder),
+        "written_at": time.time(),
+    }
     tmp = folder / f"{MANIFEST}.tmp"
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -218,8 +226,14 @@ class Checkpointer:
       FileNotFoundError: (``read_only``) ``directory`` does not exist.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.read_only = read_only
@@ -275,12 +289,16 @@ class Checkpointer:
             if name == TRASH:
                 shutil.rmtree(entry, ignore_errors=True)
             elif TMP_MARK in name:
-                warnings.warn(f"Removing the unfinished save {str(entry)!r} (a run was interrupted while saving).")
+                warnings.warn(
+                    f"Removing the unfinished save {str(entry)!r} (a run was interrupted while saving).", stacklevel=2
+                )
                 self._remove(entry)
             elif name.isdigit() and entry.is_dir():
                 problem = manifest_problem(entry)
                 if problem is not None:
-                    warnings.warn(f"Removing incomplete checkpoint step {int(name)} ({str(entry)!r}): {problem}.")
+                    warnings.warn(
+                        f"Removing incomplete checkpoint step {int(name)} ({str(entry)!r}): {problem}.", stacklevel=2
+                    )
                     self._remove(entry)
 
     def _quarantine(self, step: int, reason: str) -> None:
@@ -292,7 +310,7 @@ class Checkpointer:
         try:
             (src / MANIFEST).unlink()
             os.rename(src, dst)
-            warnings.warn(f"Moved the unreadable checkpoint step {step} to {str(dst)!r} ({reason}).")
+            warnings.warn(f"Moved the unreadable checkpoint step {step} to {str(dst)!r} ({reason}).", stacklevel=2)
         except OSError:
             pass
         self.manager.reload()
@@ -342,12 +360,14 @@ class Checkpointer:
             raise CheckpointSaveError(
                 f"Saving checkpoint step {step} in {str(self.directory)!r} failed ({type(e).__name__}: {e}). "
                 "The step was not committed; older steps are intact. Check the disk (space, permissions) and "
-                "re-run the same command to resume.") from e
+                "re-run the same command to resume."
+            ) from e
         if _is_primary():
             if not ((final / "state").is_dir() and (final / "meta").is_dir()):
                 raise CheckpointSaveError(
                     f"Saving checkpoint step {step} in {str(self.directory)!r} did not complete (no committed "
-                    f"folder {str(final)!r}); older steps are intact. Re-run the same command to resume.")
+                    f"folder {str(final)!r}); older steps are intact. Re-run the same command to resume."
+                )
             write_manifest(final)
             self._collect_garbage(step)
         self.manager.reload()
@@ -373,8 +393,11 @@ class Checkpointer:
         step = int(step)
         items, names = state_to_items(state)
         if check_finite:
-            inexact = [(n, x) for n, x in zip(names, items.values())
-                       if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)]
+            inexact = [
+                (n, x)
+                for n, x in zip(names, items.values())
+                if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
+            ]
             if inexact:
                 flags = _finite_flags([x for _, x in inexact])
                 if not _host_bool(jnp.all(flags)):
@@ -382,7 +405,8 @@ class Checkpointer:
                     raise NonFiniteStateError(
                         f"Refusing to save checkpoint step {step}: {len(bad)} array(s) hold NaN/Inf, first "
                         f"{bad[0]!r} (component {_component(bad[0])!r}). Nothing was written; older steps are "
-                        "intact. Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf.")
+                        "intact. Lower the learning rate, set MAC.grad_clip, or check the data for NaN/Inf."
+                    )
         existing = self.directory / str(step)
         if existing.is_dir() and manifest_problem(existing) is None:  # already saved
             return False
@@ -390,8 +414,12 @@ class Checkpointer:
             self._remove(existing)
         _sync(f"macfw_checkpointer_presave_{step}")
         self.manager.reload()
-        meta = dict(meta, leaf_names=names, leaf_shapes=[list(np.shape(x)) for x in items.values()],
-                    leaf_dtypes=[str(x.dtype) for x in items.values()])
+        meta = dict(
+            meta,
+            leaf_names=names,
+            leaf_shapes=[list(np.shape(x)) for x in items.values()],
+            leaf_dtypes=[str(x.dtype) for x in items.values()],
+        )
         # Zero-size arrays (e.g. the goals of single-task data, (N, 0)) hold no data and Orbax refuses
         # them: they are left out and rebuilt from the template's shapes on restore.
         items = {k: v for k, v in items.items() if _size(v) > 0}
@@ -404,7 +432,8 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointSaveError(
                 f"Saving checkpoint step {step} in {str(self.directory)!r} failed ({type(e).__name__}: {e}). "
-                "Older steps are intact.") from e
+                "Older steps are intact."
+            ) from e
         if saved:
             self._pending = step
             if not self.async_save:
@@ -430,8 +459,9 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
-    def restore(self, template, step: int | None = None, *,
-                check_meta: Callable[[dict, int], None] | None = None) -> tuple[Any, dict]:
+    def restore(
+        self, template, step: int | None = None, *, check_meta: Callable[[dict, int], None] | None = None
+    ) -> tuple[Any, dict]:
         """Restore ``step`` (default: the newest valid one) onto ``template``'s structure and shardings.
 
         With ``step=None``, a newest step that cannot be read (or holds NaN/Inf) is skipped with a
@@ -462,8 +492,11 @@ class Checkpointer:
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 errors.append(f"step {s}: {msg}")
                 older = [x for x in steps if x < s]
-                warnings.warn(f"Checkpoint step {s} in {str(self.directory)!r} cannot be restored ({msg}); "
-                              + (f"falling back to step {older[-1]}." if older else "no older step is left."))
+                warnings.warn(
+                    f"Checkpoint step {s} in {str(self.directory)!r} cannot be restored ({msg}); "
+                    + (f"falling back to step {older[-1]}." if older else "no older step is left."),
+                    stacklevel=2,
+                )
                 self._quarantine(s, msg)
         raise FileNotFoundError(f"No readable checkpoint in {str(self.directory)!r}: " + "; ".join(errors))
 
@@ -474,18 +507,22 @@ class Checkpointer:
         items, names = state_to_items(template)
         saved_names, saved_shapes = meta.get("leaf_names", []), meta.get("leaf_shapes", [])
         if saved_names != names or [list(np.shape(x)) for x in items.values()] != saved_shapes:
-            raise CheckpointMismatchError(_describe_mismatch(names, items, saved_names, saved_shapes, step,
-                                                             self.directory))
+            raise CheckpointMismatchError(
+                _describe_mismatch(names, items, saved_names, saved_shapes, step, self.directory)
+            )
         shardings = [getattr(v, "sharding", None) for v in items.values()]
         default = next((s for s in shardings if s is not None), None)
         if default is None:
             default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=s if s is not None else default)
-                    for (k, v), s in zip(items.items(), shardings)}
+        abstract = {
+            k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=s if s is not None else default)
+            for (k, v), s in zip(items.items(), shardings)
+        }
         empty = {k: a for k, a in abstract.items() if _size(a) == 0}  # not saved (see save)
         abstract = {k: a for k, a in abstract.items() if k not in empty}
         out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
         restored = dict(out["state"])
         restored.update({k: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding) for k, a in empty.items()})
         inexact = [x for x in restored.values() if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -500,14 +537,20 @@ def _describe_mismatch(names, items, saved_names, saved_shapes, step, directory)
     old = dict(zip(saved_names, saved_shapes))
     for n in names:
         if n not in old:
-            return (f"Checkpoint step {step} in {str(directory)!r} has no array {n!r} (component {_component(n)!r}): "
-                    "the configured model differs from the saved one. Use the original config or a new --workdir.")
+            return (
+                f"Checkpoint step {step} in {str(directory)!r} has no array {n!r} (component {_component(n)!r}): "
+                "the configured model differs from the saved one. Use the original config or a new --workdir."
+            )
         if old[n] != cur[n]:
-            return (f"Checkpoint step {step} in {str(directory)!r}: component {_component(n)!r} array {n!r} has shape "
-                    f"{tuple(old[n])} in the checkpoint but {tuple(cur[n])} in the configured model. Resume with the "
-                    "original shapes (network sizes, chunk length, dataset) or start a new --workdir.")
+            return (
+                f"Checkpoint step {step} in {str(directory)!r}: component {_component(n)!r} array {n!r} has shape "
+                f"{tuple(old[n])} in the checkpoint but {tuple(cur[n])} in the configured model. Resume with the "
+                "original shapes (network sizes, chunk length, dataset) or start a new --workdir."
+            )
     for n in saved_names:
         if n not in cur:
-            return (f"Checkpoint step {step} in {str(directory)!r} holds {n!r} (component {_component(n)!r}) which "
-                    "the configured model lacks. Use the original config or a new --workdir.")
+            return (
+                f"Checkpoint step {step} in {str(directory)!r} holds {n!r} (component {_component(n)!r}) which "
+                "the configured model lacks. Use the original config or a new --workdir."
+            )
     return f"Checkpoint step {step} in {str(directory)!r} does not match the configured model."

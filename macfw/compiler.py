@@ -4,10 +4,10 @@ On the CPU the training step is compiled with ``xla_cpu_prefer_vector_width = 51
 backend otherwise asks LLVM for 256-bit vectors even where the processor has AVX-512, so an
 update's elementwise passes and reductions (GELU, LayerNorm's moments, the normal draws, Adam)
 get half-width vector code (MAC at ``cpu-small``: 1.03-1.05x per update with the option, both
-programs alternated in one process on a 2-core AVX-512 CPU, 2026-12-03). It is the same computation (the same operations on the same
-numbers; a reduction's partial sums may be grouped differently, so results agree to float32
-rounding, about 2e-5 relative in MAC's metrics after 10 updates). On a processor without AVX-512 the
-option changes nothing.
+programs alternated in one process on a 2-core AVX-512 CPU, 2026-12-03). It is the same computation
+(the same operations on the same numbers; a reduction's partial sums may be grouped differently, so
+results agree to float32 rounding, about 2e-5 relative in MAC's metrics after 10 updates). On a
+processor without AVX-512 the option changes nothing.
 
 It is a named speed-up (``"wide_vectors"`` in :data:`macfw.reference.SPEEDUPS`): a step built
 inside :func:`macfw.reference.reference_computation` gets XLA's default, which is how

@@ -8,8 +8,9 @@ Constructors and :func:`macfw.train.train` run these checks before they build or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from numbers import Integral, Real
-from typing import Any, Iterable
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -27,8 +28,9 @@ def _is_int(v) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool)
 
 
-def check_int(binding: str, value: Any, *, minimum: int = 1, maximum: int | None = None, allow_none: bool = False,
-              note: str = "") -> int | None:
+def check_int(
+    binding: str, value: Any, *, minimum: int = 1, maximum: int | None = None, allow_none: bool = False, note: str = ""
+) -> int | None:
     """``value`` as an int in ``minimum..maximum`` (or None when ``allow_none``); bools are refused.
 
     ``note`` is added to the range in the message, e.g. ``"train.chunk_len = 5"``.
@@ -44,9 +46,17 @@ def check_int(binding: str, value: Any, *, minimum: int = 1, maximum: int | None
     return int(value)
 
 
-def check_float(binding: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False, allow_none: bool = False,
-                note: str = "") -> float | None:
+def check_float(
+    binding: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+    note: str = "",
+) -> float | None:
     """``value`` as a float in the interval from ``low`` to ``high`` (None: unbounded; open ends where
     asked; NaN never passes). ``note`` is added to the range in the message.
 
@@ -65,8 +75,12 @@ def check_float(binding: str, value: Any, *, low: float | None = None, high: flo
         rng = "a finite number"
     ok = isinstance(value, Real) and not isinstance(value, bool)
     v = float(value) if ok else 0.0
-    ok = ok and abs(v) < float("inf") and (low is None or (v > low if low_open else v >= low)) and (
-        high is None or (v < high if high_open else v <= high))
+    ok = (
+        ok
+        and abs(v) < float("inf")
+        and (low is None or (v > low if low_open else v >= low))
+        and (high is None or (v < high if high_open else v <= high))
+    )
     check(binding, value, ok, ("None or " if allow_none else "") + rng + (f" ({note})" if note else ""))
     return v
 

@@ -79,30 +79,42 @@ import dataclasses
 import functools
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import gin
-
-from macfw.errors import check_int
-
-
 from macfw._mujoco_gl import default_mujoco_gl as _default_mujoco_gl  # noqa: E402
+from macfw.errors import check_int
 
 _default_mujoco_gl()
 
-import numpy as np
+import numpy as np  # noqa: E402  (after the MuJoCo backend is chosen)
 
-__all__ = ["Actor", "BatchedActor", "EvalResult", "PolicyActor", "TASK_MODES", "TaskMismatchError",
-           "default_batch_size", "default_workers", "evaluate", "evaluate_checkpoint", "load_checkpoint", "make_actor",
-           "resolve_batch_size", "resolve_task_ids", "resolve_workers"]
+__all__ = [
+    "Actor",
+    "BatchedActor",
+    "EvalResult",
+    "PolicyActor",
+    "TASK_MODES",
+    "TaskMismatchError",
+    "default_batch_size",
+    "default_workers",
+    "evaluate",
+    "evaluate_checkpoint",
+    "load_checkpoint",
+    "make_actor",
+    "resolve_batch_size",
+    "resolve_task_ids",
+    "resolve_workers",
+]
 
 #: ``actor(obs, goal, seed) -> chunk``; see the module docstring for shapes.
-Actor = Callable[[np.ndarray, Optional[np.ndarray], int], np.ndarray]
+Actor = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]
 
 #: ``batched(obs (B, ob_dim), goals (B, goal_dim) or None, seeds (B,)) -> (B, n, act_dim)``: the
 #: batched form of an :data:`Actor` (its attribute ``batched``), row i for episode i in flight.
-BatchedActor = Callable[[np.ndarray, Optional[np.ndarray], np.ndarray], np.ndarray]
+BatchedActor = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
 
 #: The valid values of ``evaluate(task_mode=...)``.
 TASK_MODES: tuple[str, ...] = ("singletask", "oraclerep", "goal")
@@ -165,9 +177,7 @@ def _unknown_env_error(env_id: str, env_name: str, task_mode: str, cause: Any = 
     if similar:
         shown = ", ".join(similar[:25]) + (f", ... ({len(similar)} in all)" if len(similar) > 25 else "")
         listing = f" Registered ids starting with {prefix!r}: {shown}."
-    form = (
-        f"'{{env_name}}-singletask-task{{i}}-v0'" if task_mode == "singletask" else "'{env_name}-v0'"
-    )
+    form = "'{env_name}-singletask-task{i}-v0'" if task_mode == "singletask" else "'{env_name}-v0'"
     msg = (
         f"Unknown environment id {env_id!r} (env_name={env_name!r}, task_mode={task_mode!r}): "
         f"it is not registered with gymnasium after importing OGBench. env_name must be the "
@@ -191,8 +201,11 @@ def _make_env(env_id: str, env_name: str, task_mode: str, kwargs: dict):
         raise _unknown_env_error(env_id, env_name, task_mode)
     try:
         return gymnasium.make(env_id, **kwargs)
-    except (gymnasium.error.NameNotFound, gymnasium.error.VersionNotFound,
-            gymnasium.error.NamespaceNotFound) as e:  # pragma: no cover - guarded above
+    except (
+        gymnasium.error.NameNotFound,
+        gymnasium.error.VersionNotFound,
+        gymnasium.error.NamespaceNotFound,
+    ) as e:  # pragma: no cover - guarded above
         raise _unknown_env_error(env_id, env_name, task_mode, e) from e
 
 
@@ -235,7 +248,7 @@ def _env_fps(env) -> float:
             dt = None
     if dt is None:
         try:
-            dt = float(getattr(u, "dt"))
+            dt = float(u.dt)
         except Exception:
             dt = None
     return 1.0 / dt if dt and dt > 0 else 20.0
@@ -287,10 +300,11 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
                 imageio.v2.mimwrite(str(path), frames, fps=fps, macro_block_size=1)
                 return path
             except Exception as e:  # e.g. codec problems; fall back to gif
-                warnings.warn(f"Could not write mp4 {str(path)!r} ({e!r}); writing a gif instead.")
+                warnings.warn(f"Could not write mp4 {str(path)!r} ({e!r}); writing a gif instead.", stacklevel=2)
         else:
             warnings.warn(
-                f"No mp4 writer (imageio-ffmpeg or PyAV) is installed; writing a gif instead of {str(path)!r}."
+                f"No mp4 writer (imageio-ffmpeg or PyAV) is installed; writing a gif instead of {str(path)!r}.",
+                stacklevel=2,
             )
         path = path.with_suffix(".gif")
     import imageio.v3 as iio
@@ -316,7 +330,7 @@ class _Recorder:
         except Exception as e:
             if episodes_done == 0:
                 raise RuntimeError(_gl_hint() + f" Underlying error: {e!r}") from e
-            warnings.warn(f"Rendering failed ({e!r}); the video stops here, evaluation goes on.")
+            warnings.warn(f"Rendering failed ({e!r}); the video stops here, evaluation goes on.", stacklevel=2)
             self.failed = True
             return
         if self.fps is None:
@@ -363,8 +377,7 @@ def _check_chunk_len(chunk: np.ndarray, execute_steps: int) -> None:
 
 def _missing_success_error(keys) -> ValueError:
     return ValueError(
-        f"The environment does not report info['success'] (step info keys: {sorted(keys)}); "
-        "OGBench environments do."
+        f"The environment does not report info['success'] (step info keys: {sorted(keys)}); OGBench environments do."
     )
 
 
@@ -527,16 +540,21 @@ class _LocalSlots:
             self.close()
             raise
         self.states = [{} for _ in self.envs]
-        self.info = dict(act_shape=tuple(self.envs[0].action_space.shape),
-                         num_tasks=getattr(self.envs[0].unwrapped, "num_tasks", None))
+        self.info = dict(
+            act_shape=tuple(self.envs[0].action_space.shape),
+            num_tasks=getattr(self.envs[0].unwrapped, "num_tasks", None),
+        )
 
     def run(self, cmds: dict) -> dict:
         """``{slot: ('reset', dict(seed, options)) or ('chunk', actions)}`` -> ``{slot: reply}``, in slot order."""
         out = {}
         for i, (c, d) in cmds.items():
             cb = self.on_frame(i) if self.on_frame is not None else None
-            out[i] = (self.code["slot_reset"](self.envs[i], self.states[i], d["seed"], d["options"], cb) if c == "reset"
-                      else self.code["slot_chunk"](self.envs[i], self.states[i], d, cb))
+            out[i] = (
+                self.code["slot_reset"](self.envs[i], self.states[i], d["seed"], d["options"], cb)
+                if c == "reset"
+                else self.code["slot_chunk"](self.envs[i], self.states[i], d, cb)
+            )
         return out
 
     def close(self, kill: bool = False) -> None:
@@ -576,9 +594,15 @@ class _WorkerSlots:
                 self.tx.append(Connection(p_w, readable=False))
                 self.logs.append(tempfile.TemporaryFile())
                 try:
-                    self.procs.append(subprocess.Popen(
-                        [sys.executable, "-c", _SLOT_SOURCE, str(c_r), str(c_w)], pass_fds=(c_r, c_w),
-                        stdin=subprocess.DEVNULL, stdout=self.logs[-1], stderr=self.logs[-1]))
+                    self.procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-c", _SLOT_SOURCE, str(c_r), str(c_w)],
+                            pass_fds=(c_r, c_w),
+                            stdin=subprocess.DEVNULL,
+                            stdout=self.logs[-1],
+                            stderr=self.logs[-1],
+                        )
+                    )
                 finally:
                     os.close(c_r)
                     os.close(c_w)
@@ -608,8 +632,10 @@ class _WorkerSlots:
                     self.procs[w].wait(timeout=10)
                 except Exception:
                     pass
-                raise RuntimeError(f"Evaluation worker {w} died (exit code {self.procs[w].returncode}); its "
-                                   f"stderr ends with:\n{self._stderr_tail(w)}") from None
+                raise RuntimeError(
+                    f"Evaluation worker {w} died (exit code {self.procs[w].returncode}); its "
+                    f"stderr ends with:\n{self._stderr_tail(w)}"
+                ) from None
             if status == "error" and error is None:
                 blob, tb = data
                 try:
@@ -675,8 +701,18 @@ class _Live:
         self.job, self.actor_base, self.decision, self.ob, self.goal = job, actor_base, 0, None, None
 
 
-def _run_slots(slots_env, num_slots: int, jobs: list, actor: Actor, *, seed: int, oracle_goal: bool,
-               execute_steps: int, on_start: Callable, on_done: Callable) -> None:
+def _run_slots(
+    slots_env,
+    num_slots: int,
+    jobs: list,
+    actor: Actor,
+    *,
+    seed: int,
+    oracle_goal: bool,
+    execute_steps: int,
+    on_start: Callable,
+    on_done: Callable,
+) -> None:
     """Run the episodes ``jobs`` (``(task_id, episode)`` pairs of one env id, in order) with
     ``num_slots`` episodes in flight on ``slots_env`` (:class:`_LocalSlots` or :class:`_WorkerSlots`);
     ``on_start(slot, job)`` before each episode's reset, ``on_done(job, (success, return, length))``
@@ -693,7 +729,7 @@ def _run_slots(slots_env, num_slots: int, jobs: list, actor: Actor, *, seed: int
     """
     batched = getattr(actor, "batched", None)
     queue = collections.deque(jobs)
-    slots: list[Optional[_Live]] = [None] * num_slots
+    slots: list[_Live | None] = [None] * num_slots
     act_dim = int(np.prod(slots_env.info["act_shape"]))
     ob_proto = goal_proto = None
     while True:
@@ -738,7 +774,8 @@ def _run_slots(slots_env, num_slots: int, jobs: list, actor: Actor, *, seed: int
             if out.ndim < 2 or out.shape[0] != num_slots:
                 raise ValueError(
                     f"The batched actor returned an array of shape {out.shape} for {num_slots} episodes; expected "
-                    f"({num_slots}, n, {act_dim}) (act_dim={act_dim} for this environment).")
+                    f"({num_slots}, n, {act_dim}) (act_dim={act_dim} for this environment)."
+                )
             for i in live:
                 chunks[i] = _as_chunk(out[i], act_dim)
         else:
@@ -822,11 +859,12 @@ def evaluate(
             does not depend on it. At most ``batch_size`` are used; not POSIX (Windows): always 1.
         batch_size: episodes in flight (Gin ``evaluate.batch_size``; None: the number of CPU cores
             or 8, the larger), i.e. the rows of each ``actor.batched`` call (fewer when a task group
-            has fewer episodes); the workers share them (slot i in worker ``i % workers``). Part of the evaluation's definition, like ``seed``: a vmapped policy rounds
-            differently for different batch sizes, so the same ``seed`` and ``batch_size`` give the
-            same result, other batch sizes may differ at float rounding (which a chaotic simulation
-            can turn into another outcome). ``batch_size=1`` (with ``workers=1``) runs one episode
-            after the other, as before. Larger batches are faster for large policies on few cores.
+            has fewer episodes); the workers share them (slot i in worker ``i % workers``). Part of the
+            evaluation's definition, like ``seed``: a vmapped policy rounds differently for different
+            batch sizes, so the same ``seed`` and ``batch_size`` give the same result, other batch
+            sizes may differ at float rounding (which a chaotic simulation can turn into another outcome).
+            ``batch_size=1`` (with ``workers=1``) runs one episode after the other, as before. Larger batches are
+            faster for large policies on few cores.
 
     Returns:
         An :class:`EvalResult`: success = mean over tasks of the per-task success rate, where an
@@ -911,24 +949,35 @@ def evaluate(
             num_slots = min(batch_size, len(jobs))
             num_workers = 1 if recorder is not None else min(workers, num_slots)
             if num_workers <= 1:
-                slots_env = _LocalSlots(lambda: _make_env(env_id, env_name, task_mode, make_kwargs), num_slots,
-                                        on_frame=on_frame)
+                slots_env = _LocalSlots(
+                    functools.partial(_make_env, env_id, env_name, task_mode, make_kwargs),
+                    num_slots,
+                    on_frame=on_frame,  # noqa: B023  (called within this iteration)
+                )
             else:
                 import gymnasium
 
                 # The parent's registered spec (an OGBench one names its entry point by module path, so a
                 # worker imports OGBench, not macfw); cloudpickle carries a class defined in a script by value.
                 spec = _registered_spec(env_id, env_name, task_mode)
-                slots_env = _WorkerSlots(functools.partial(gymnasium.make, spec, **make_kwargs), num_slots,
-                                         num_workers)
+                slots_env = _WorkerSlots(functools.partial(gymnasium.make, spec, **make_kwargs), num_slots, num_workers)
             ok = False
             try:
                 num_tasks = slots_env.info["num_tasks"] if oracle_goal else None
                 bad = [t for t in task_ids if num_tasks is not None and t > num_tasks]
                 if bad:
                     raise ValueError(f"task_ids {bad!r} out of range: {env_name!r} has tasks 1..{num_tasks}.")
-                _run_slots(slots_env, num_slots, jobs, actor, seed=seed, oracle_goal=oracle_goal,
-                           execute_steps=execute_steps, on_start=current.__setitem__, on_done=on_done)
+                _run_slots(
+                    slots_env,
+                    num_slots,
+                    jobs,
+                    actor,
+                    seed=seed,
+                    oracle_goal=oracle_goal,
+                    execute_steps=execute_steps,
+                    on_start=current.__setitem__,
+                    on_done=on_done,
+                )
                 ok = True
             finally:
                 slots_env.close(kill=not ok)
@@ -944,11 +993,16 @@ def evaluate(
                 written = _write_video(out_path, frames, recorder.fps or 20.0)
                 video_paths.append(str(written))
             except Exception as e:
-                warnings.warn(f"Writing the video to {str(out_path)!r} failed ({e!r}); the evaluation result is "
-                              "kept.")
+                warnings.warn(
+                    f"Writing the video to {str(out_path)!r} failed ({e!r}); the evaluation result is kept.",
+                    stacklevel=2,
+                )
 
-    per_episode = [dict(task=t, episode=e, success=results[(t, e)][0], **{"return": results[(t, e)][1]},
-                        length=results[(t, e)][2]) for t in task_ids for e in range(episodes_per_task)]
+    per_episode = [
+        dict(task=t, episode=e, success=results[(t, e)][0], **{"return": results[(t, e)][1]}, length=results[(t, e)][2])
+        for t in task_ids
+        for e in range(episodes_per_task)
+    ]
     per_task = {f"task{t}": float(np.mean([results[(t, e)][0] for e in range(episodes_per_task)])) for t in task_ids}
     return EvalResult(
         success=float(np.mean(list(per_task.values()))),
@@ -986,8 +1040,14 @@ class TaskMismatchError(ValueError):
     """A single-task run asked to be evaluated on another task than the one it was trained for."""
 
 
-def resolve_task_ids(env_name: str, task_mode: str, trained_task_id: int | None,
-                     task_ids: Iterable[int] | None, *, source: str = "--tasks") -> tuple[int, ...]:
+def resolve_task_ids(
+    env_name: str,
+    task_mode: str,
+    trained_task_id: int | None,
+    task_ids: Iterable[int] | None,
+    *,
+    source: str = "--tasks",
+) -> tuple[int, ...]:
     """The evaluation tasks of a run: ``task_ids`` checked, or the run's default.
 
     A single-task agent learned the rewards of one task (``OGBenchDataset.task_id``; None is
@@ -1011,9 +1071,13 @@ def resolve_task_ids(env_name: str, task_mode: str, trained_task_id: int | None,
             raise TaskMismatchError(
                 f"This run was trained single-task on {env_name} task{trained} (its rewards came from that task), so "
                 f"it cannot be evaluated on task(s) {sorted(set(task_ids) - {trained})}. "
-                + (f"Fix the Gin binding {source}: omit it or set it to ({trained},)" if "." in source
-                   else f"Omit {source} or pass {trained}")
-                + "; for another task train a run with OGBenchDataset.task_id.")
+                + (
+                    f"Fix the Gin binding {source}: omit it or set it to ({trained},)"
+                    if "." in source
+                    else f"Omit {source} or pass {trained}"
+                )
+                + "; for another task train a run with OGBenchDataset.task_id."
+            )
         return task_ids
     return (1, 2, 3, 4, 5) if task_ids is None else tuple(int(t) for t in task_ids)
 
@@ -1026,11 +1090,13 @@ def seed_params(agent, state, num_seeds: int | None) -> list:
     from macfw.parallel import to_host
 
     params = agent.acting_params(state)
-    params = eqx.combine(jax.tree_util.tree_map(to_host, eqx.filter(params, eqx.is_array)),
-                         eqx.filter(params, eqx.is_array, inverse=True))
+    params = eqx.combine(
+        jax.tree_util.tree_map(to_host, eqx.filter(params, eqx.is_array)),
+        eqx.filter(params, eqx.is_array, inverse=True),
+    )
     if num_seeds is None:
         return [params]
-    return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, params) for i in range(num_seeds)]
+    return [jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, params) for i in range(num_seeds)]  # noqa: B023  (called within this iteration)
 
 
 _ACT_BATCH = None
@@ -1078,8 +1144,9 @@ class PolicyActor:
         seeds = np.asarray(seeds, np.int64)
         if seeds.shape != (s.shape[0],) or np.any(seeds < 0) or np.any(seeds >= _SEED_MOD):
             raise ValueError(f"seeds must be {s.shape[0]} integers in [0, 2**31) (one per row of obs); got {seeds!r}.")
-        out = _act_batch_fn()(self.agent, self.params, jnp.asarray(s), jnp.asarray(g),
-                              jnp.asarray(seeds.astype(np.int32)))
+        out = _act_batch_fn()(
+            self.agent, self.params, jnp.asarray(s), jnp.asarray(g), jnp.asarray(seeds.astype(np.int32))
+        )
         return np.asarray(out)
 
     def __call__(self, obs, goal, seed) -> np.ndarray:
@@ -1111,9 +1178,13 @@ def merge_results(results: list[EvalResult]) -> dict:
 def eval_row(results: list[EvalResult]) -> dict:
     """One ``eval.csv`` row: merged success, per task, per seed (with several seeds)."""
     res = merge_results(results)
-    row = {"success": res["success"], "episodes": res["episodes"],
-           **{f"success/{k}": v for k, v in res["per_task_success"].items()},
-           "mean_return": res["mean_return"], "mean_length": res["mean_length"]}
+    row = {
+        "success": res["success"],
+        "episodes": res["episodes"],
+        **{f"success/{k}": v for k, v in res["per_task_success"].items()},
+        "mean_return": res["mean_return"],
+        "mean_length": res["mean_length"],
+    }
     if len(results) > 1:
         row.update({f"success/seed{i}": r.success for i, r in enumerate(results)})
     return row
@@ -1141,7 +1212,6 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
     import importlib
 
     import gin
-
     import macfw  # noqa: F401  (registers the built-in components and Gin configurables)
     from macfw.checkpoint import Checkpointer
     from macfw.spec import Spec
@@ -1151,16 +1221,18 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
         importlib.import_module(mod)
     ckdir = Path(workdir) / "checkpoints"
     if not ckdir.is_dir():
-        raise FileNotFoundError(f"No checkpoints in {str(workdir)!r} (no folder {str(ckdir)!r}). Pass the --workdir "
-                                "of a training run.")
+        raise FileNotFoundError(
+            f"No checkpoints in {str(workdir)!r} (no folder {str(ckdir)!r}). Pass the --workdir of a training run."
+        )
     ckpt = Checkpointer(ckdir, read_only=True)
     try:
         steps = ckpt.all_steps()
         if not steps:
             raise FileNotFoundError(f"No complete checkpoint in {str(ckdir)!r}.")
         if step is not None and int(step) not in steps:
-            raise FileNotFoundError(f"No complete checkpoint step {step} in {str(ckdir)!r}; complete steps: {steps}. "
-                                    "Fix --step.")
+            raise FileNotFoundError(
+                f"No complete checkpoint step {step} in {str(ckdir)!r}; complete steps: {steps}. Fix --step."
+            )
         meta = ckpt.read_meta(steps[-1] if step is None else int(step))
         gin.clear_config()
         gin.parse_config(meta["gin_config"])
@@ -1170,8 +1242,9 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
             ref = None
         agent = ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
         if agent is None:
-            raise FileNotFoundError(f"The config stored in {str(ckdir)!r} binds no train.agent; this checkpoint "
-                                    "cannot be rebuilt.")
+            raise FileNotFoundError(
+                f"The config stored in {str(ckdir)!r} binds no train.agent; this checkpoint cannot be rebuilt."
+            )
         template = init_state(agent, Spec(**meta["spec"]), 0, meta.get("num_seeds"))
         state, meta = ckpt.restore(template, step)
     finally:
@@ -1179,11 +1252,20 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
     return agent, state, meta, int(meta["step"])
 
 
-def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | None = None,
-                        task_ids: Iterable[int] | None = None, execute_steps: int | None = None,
-                        video_path=None, seed: int | None = None, imports: Iterable[str] = (),
-                        write_json: bool = True, workers: int | None = None,
-                        batch_size: int | None = None) -> dict:
+def evaluate_checkpoint(
+    workdir,
+    step: int | None = None,
+    *,
+    episodes: int | None = None,
+    task_ids: Iterable[int] | None = None,
+    execute_steps: int | None = None,
+    video_path=None,
+    seed: int | None = None,
+    imports: Iterable[str] = (),
+    write_json: bool = True,
+    workers: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
     """Evaluate a saved checkpoint of ``workdir`` (see :func:`load_checkpoint`); returns the report dict.
 
     Defaults come from the run's stored config: ``train.eval_episodes``, ``train.execute_steps``,
@@ -1193,8 +1275,8 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
     seed is evaluated; ``success`` is the mean over seeds. Writes ``workdir/eval_step{N}.json``.
     ``batch_size`` (episodes in flight, part of the result's definition): None takes the run's own
     (``meta['eval']['batch_size']``, recorded by the training loop; for a run from before batched
-    evaluation its config's ``evaluate.batch_size``, else 1, the one-at-a-time path it used). ``workers`` (speed only): None takes the config's ``evaluate.workers``, else the
-    number of CPU cores.
+    evaluation its config's ``evaluate.batch_size``, else 1, the one-at-a-time path it used).
+    ``workers`` (speed only): None takes the config's ``evaluate.workers``, else the number of CPU cores.
 
     Raises:
       ConfigError: ``workers`` or ``batch_size`` (or the stored ``evaluate.*``) not an integer >= 1.
@@ -1213,10 +1295,14 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
     if batch_size is None:  # a run from before batched evaluation: one episode at a time, unless configured
         batch_size = _bound("batch_size") or 1
     batch_size = resolve_batch_size(batch_size)
-    episodes = int(_run_setting(meta, "episodes", "train.eval_episodes", DEFAULT_EPISODES)
-                   if episodes is None else episodes)
-    execute_steps = int(_run_setting(meta, "execute_steps", "train.execute_steps", DEFAULT_EXECUTE_STEPS)
-                        if execute_steps is None else execute_steps)
+    episodes = int(
+        _run_setting(meta, "episodes", "train.eval_episodes", DEFAULT_EPISODES) if episodes is None else episodes
+    )
+    execute_steps = int(
+        _run_setting(meta, "execute_steps", "train.execute_steps", DEFAULT_EXECUTE_STEPS)
+        if execute_steps is None
+        else execute_steps
+    )
     eval_seed = int(_run_setting(meta, "seed", "train.eval_seed", DEFAULT_EVAL_SEED))
     env_name, task_mode = meta["env_name"], meta["task_mode"]
     if task_ids is None:
@@ -1231,13 +1317,30 @@ def evaluate_checkpoint(workdir, step: int | None = None, *, episodes: int | Non
         s = (eval_seed + step + 1000 * i) if seed is None else int(seed) + 1000 * i
         actor = make_actor(agent, n, obs_scaler, goal_scaler)
         vp = video_path if (video_path is not None and i == 0) else None
-        results.append(evaluate(actor, env_name, task_mode=task_mode, task_ids=task_ids, episodes_per_task=episodes,
-                                execute_steps=execute_steps, seed=s, video_path=vp, workers=workers,
-                                batch_size=batch_size))
+        results.append(
+            evaluate(
+                actor,
+                env_name,
+                task_mode=task_mode,
+                task_ids=task_ids,
+                episodes_per_task=episodes,
+                execute_steps=execute_steps,
+                seed=s,
+                video_path=vp,
+                workers=workers,
+                batch_size=batch_size,
+            )
+        )
     tasks = list(results[0].per_task_success)
     report = {
-        "workdir": str(Path(workdir).absolute()), "step": step, "env_name": env_name, "task_mode": task_mode,
-        "task_ids": list(task_ids), "episodes_per_task": episodes, "execute_steps": execute_steps, "workers": workers,
+        "workdir": str(Path(workdir).absolute()),
+        "step": step,
+        "env_name": env_name,
+        "task_mode": task_mode,
+        "task_ids": list(task_ids),
+        "episodes_per_task": episodes,
+        "execute_steps": execute_steps,
+        "workers": workers,
         "batch_size": batch_size,
         "success": float(np.mean([r.success for r in results])),
         "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},

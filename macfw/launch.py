@@ -54,21 +54,31 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import gin
-
 from macfw.errors import ConfigError, check
 
 #: SLURM job states (``squeue %T``) after which a job runs no more; any other state (PENDING,
 #: RUNNING, COMPLETING, REQUEUED, SUSPENDED, ...) means the job is still the run's writer.
-ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                          "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"})
+ENDED_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
 
 _INSTALL_HINT = "pip install -e '.[slurm]'"
 
@@ -111,11 +121,14 @@ class RunSpec:
             elif arg.startswith("--workdir="):
                 given = arg.split("=", 1)[1]
         if given is None:
-            raise ValueError(f"RunSpec {self.name!r}: its command has no --workdir ({list(command)}); "
-                             f"add '--workdir {workdir}'.")
+            raise ValueError(
+                f"RunSpec {self.name!r}: its command has no --workdir ({list(command)}); add '--workdir {workdir}'."
+            )
         if os.path.normpath(cwd / given) != os.path.normpath(workdir):
-            raise ValueError(f"RunSpec {self.name!r}: the command's --workdir {given!r} is not its workdir "
-                             f"{str(workdir)!r} (relative paths are taken from cwd {str(cwd)!r}); make them the same.")
+            raise ValueError(
+                f"RunSpec {self.name!r}: the command's --workdir {given!r} is not its workdir "
+                f"{str(workdir)!r} (relative paths are taken from cwd {str(cwd)!r}); make them the same."
+            )
 
     @property
     def summary_path(self) -> Path:
@@ -140,8 +153,11 @@ def job_name(workdir: str | os.PathLike) -> str:
 def newest_checkpoint(workdir: Path) -> int | None:
     """The newest complete checkpoint's step in ``workdir`` (``checkpoints/<step>/macfw_manifest.json``),
     or None."""
-    steps = [int(d.name) for d in (workdir / "checkpoints").glob("*")
-             if d.name.isdigit() and (d / "macfw_manifest.json").exists()]
+    steps = [
+        int(d.name)
+        for d in (workdir / "checkpoints").glob("*")
+        if d.name.isdigit() and (d / "macfw_manifest.json").exists()
+    ]
     return max(steps) if steps else None
 
 
@@ -172,8 +188,10 @@ def _check_runs(runs: Iterable[RunSpec]) -> list[RunSpec]:
         if not isinstance(r, RunSpec):
             raise TypeError(f"launch() takes RunSpec objects, got {type(r).__name__}: {r!r}")
         if r.workdir in seen:
-            raise ValueError(f"runs {seen[r.workdir]!r} and {r.name!r} share the workdir {r.workdir}: "
-                             "give every run its own workdir (two writers would corrupt it).")
+            raise ValueError(
+                f"runs {seen[r.workdir]!r} and {r.name!r} share the workdir {r.workdir}: "
+                "give every run its own workdir (two writers would corrupt it)."
+            )
         seen[r.workdir] = r.name
     return runs
 
@@ -239,12 +257,16 @@ class LocalLauncher(Launcher):
                         self._say(f"{r.name}: finished in {time.time() - t0:.0f} s, {_success_text(r.summary_path)}")
                     else:
                         failed.append(r)
-                        why = f"exit {p.returncode}" if p.returncode else "exit 0 without summary.json (stopped by a signal)"
+                        why = (
+                            f"exit {p.returncode}"
+                            if p.returncode
+                            else "exit 0 without summary.json (stopped by a signal)"
+                        )
                         self._say(f"{r.name}: FAILED ({why}); see {r.log_path}")
                 if running or todo:
                     time.sleep(self.poll_s)
         except BaseException:
-            for r, p, _ in running:  # let each save a checkpoint (macfw.run: SIGTERM -> save, exit 0)
+            for _, p, _ in running:  # let each save a checkpoint (macfw.run: SIGTERM -> save, exit 0)
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
             for r, p, _ in running:
@@ -262,8 +284,9 @@ def _import_submitit():
     try:
         import submitit
     except ImportError as e:
-        raise ImportError(f"SlurmLauncher needs submitit, which is not installed ({e}). "
-                          f"Install macfw's SLURM extra: {_INSTALL_HINT}") from None
+        raise ImportError(
+            f"SlurmLauncher needs submitit, which is not installed ({e}). Install macfw's SLURM extra: {_INSTALL_HINT}"
+        ) from None
     return submitit
 
 
@@ -332,16 +355,19 @@ class SlurmRun:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         step = newest_checkpoint(spec.workdir)
-        self._note(f"on {socket.gethostname()} (restart {restarts}, "
-                   f"{'from step ' + str(step) if step is not None else 'no checkpoint yet'}): {' '.join(spec.command)}")
+        self._note(
+            f"on {socket.gethostname()} (restart {restarts}, "
+            f"{'from step ' + str(step) if step is not None else 'no checkpoint yet'}): {' '.join(spec.command)}"
+        )
         ignore = _preempt_signal()
 
         def child_setup():  # the subprocess ignores the preemption signal (USR2's default: terminate)
             signal.signal(ignore, signal.SIG_IGN)
 
         with open(spec.log_path, "a") as log:
-            self._proc = subprocess.Popen(list(spec.command), cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                          preexec_fn=child_setup)
+            self._proc = subprocess.Popen(
+                list(spec.command), cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup
+            )
         proc = self._proc
         # The wait happens in a thread: the main thread only sleeps, so a signal handler (checkpoint()
         # on USR2, the SIGTERM forwarder) can wait for the subprocess without re-entering Popen.wait.
@@ -357,11 +383,15 @@ class SlurmRun:
                 signal.signal(signal.SIGTERM, previous)
         rc = self._returncode
         if rc != 0:
-            raise RunFailed(f"{spec.name}: macfw.run exited with {rc}: {_tail(spec.log_path, 1) or 'no output'} "
-                            f"(its output: {spec.log_path})")
+            raise RunFailed(
+                f"{spec.name}: macfw.run exited with {rc}: {_tail(spec.log_path, 1) or 'no output'} "
+                f"(its output: {spec.log_path})"
+            )
         if not spec.finished():
-            raise RunInterrupted(f"{spec.name}: macfw.run exited 0 without {spec.summary_path}: stopped by a signal "
-                                 "after saving a checkpoint (a requeued job resumes from it; re-launch otherwise)")
+            raise RunInterrupted(
+                f"{spec.name}: macfw.run exited 0 without {spec.summary_path}: stopped by a signal "
+                "after saving a checkpoint (a requeued job resumes from it; re-launch otherwise)"
+            )
         self._note(f"finished: {spec.summary_path}")
         return json.loads(spec.summary_path.read_text())
 
@@ -387,11 +417,15 @@ class SlurmRun:
         while self._returncode is None and time.time() < deadline:
             time.sleep(0.2)
         if self._returncode is None:
-            self._note(f"macfw.run did not exit {self.stop_timeout_s:.0f} s after SIGTERM; requeuing anyway "
-                       "(SLURM ends it; the restart resumes from the newest complete checkpoint)")
+            self._note(
+                f"macfw.run did not exit {self.stop_timeout_s:.0f} s after SIGTERM; requeuing anyway "
+                "(SLURM ends it; the restart resumes from the newest complete checkpoint)"
+            )
         else:
-            self._note(f"macfw.run exited {self._returncode} after SIGTERM (newest checkpoint: step "
-                       f"{newest_checkpoint(self.spec.workdir)})")
+            self._note(
+                f"macfw.run exited {self._returncode} after SIGTERM (newest checkpoint: step "
+                f"{newest_checkpoint(self.spec.workdir)})"
+            )
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption hook: stop the subprocess (it saves) and requeue this run."""
@@ -408,8 +442,10 @@ def _run_cmd(cmd: list[str], timeout: float = 60.0) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SlurmError(f"'{' '.join(cmd)}' failed: {e}. Is the SLURM cluster up (sinfo)?") from None
     if out.returncode != 0:
-        raise SlurmError(f"'{' '.join(cmd)}' exited {out.returncode}: {(out.stderr or out.stdout).strip()}. "
-                         "Is the SLURM cluster up (sinfo)?")
+        raise SlurmError(
+            f"'{' '.join(cmd)}' exited {out.returncode}: {(out.stderr or out.stdout).strip()}. "
+            "Is the SLURM cluster up (sinfo)?"
+        )
     return out.stdout
 
 
@@ -466,29 +502,69 @@ class SlurmLauncher(Launcher):
       prefix: starts every progress line.
     """
 
-    def __init__(self, partition: str | None = None, time_min: int = 240, gpus_per_job: int | str = "auto",
-                 cpus_per_job: int | None = None, mem_gb: float | None = None, folder: str | os.PathLike | None = None,
-                 account: str | None = None, qos: str | None = None, constraint: str | None = None,
-                 setup: Sequence[str] = (), sbatch_args: dict | None = None, signal_delay_s: int = 120,
-                 max_num_timeout: int = 20, poll_s: float = 10.0, prefix: str = "[launch]"):
-        check("SlurmLauncher.time_min", time_min, isinstance(time_min, int) and not isinstance(time_min, bool)
-              and time_min >= 1, "an integer >= 1 (minutes)")
-        check("SlurmLauncher.gpus_per_job", gpus_per_job, gpus_per_job == "auto" or (
-            isinstance(gpus_per_job, int) and not isinstance(gpus_per_job, bool) and gpus_per_job >= 0),
-            "'auto' or an integer >= 0")
-        check("SlurmLauncher.cpus_per_job", cpus_per_job, cpus_per_job is None or (isinstance(cpus_per_job, int)
-              and not isinstance(cpus_per_job, bool) and cpus_per_job >= 1), "None or an integer >= 1")
-        check("SlurmLauncher.mem_gb", mem_gb, mem_gb is None or (isinstance(mem_gb, (int, float))
-              and not isinstance(mem_gb, bool) and mem_gb > 0), "None or a number > 0 (GB)")
-        check("SlurmLauncher.signal_delay_s", signal_delay_s, isinstance(signal_delay_s, int)
-              and 10 <= signal_delay_s < 60 * time_min, f"an integer in 10 .. {60 * time_min - 1} (seconds, "
-              f"below the time limit SlurmLauncher.time_min = {time_min} minutes)")
-        check("SlurmLauncher.max_num_timeout", max_num_timeout, isinstance(max_num_timeout, int)
-              and max_num_timeout >= 0, "an integer >= 0")
+    def __init__(
+        self,
+        partition: str | None = None,
+        time_min: int = 240,
+        gpus_per_job: int | str = "auto",
+        cpus_per_job: int | None = None,
+        mem_gb: float | None = None,
+        folder: str | os.PathLike | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        constraint: str | None = None,
+        setup: Sequence[str] = (),
+        sbatch_args: dict | None = None,
+        signal_delay_s: int = 120,
+        max_num_timeout: int = 20,
+        poll_s: float = 10.0,
+        prefix: str = "[launch]",
+    ):
+        check(
+            "SlurmLauncher.time_min",
+            time_min,
+            isinstance(time_min, int) and not isinstance(time_min, bool) and time_min >= 1,
+            "an integer >= 1 (minutes)",
+        )
+        check(
+            "SlurmLauncher.gpus_per_job",
+            gpus_per_job,
+            gpus_per_job == "auto"
+            or (isinstance(gpus_per_job, int) and not isinstance(gpus_per_job, bool) and gpus_per_job >= 0),
+            "'auto' or an integer >= 0",
+        )
+        check(
+            "SlurmLauncher.cpus_per_job",
+            cpus_per_job,
+            cpus_per_job is None
+            or (isinstance(cpus_per_job, int) and not isinstance(cpus_per_job, bool) and cpus_per_job >= 1),
+            "None or an integer >= 1",
+        )
+        check(
+            "SlurmLauncher.mem_gb",
+            mem_gb,
+            mem_gb is None or (isinstance(mem_gb, (int, float)) and not isinstance(mem_gb, bool) and mem_gb > 0),
+            "None or a number > 0 (GB)",
+        )
+        check(
+            "SlurmLauncher.signal_delay_s",
+            signal_delay_s,
+            isinstance(signal_delay_s, int) and 10 <= signal_delay_s < 60 * time_min,
+            f"an integer in 10 .. {60 * time_min - 1} (seconds, "
+            f"below the time limit SlurmLauncher.time_min = {time_min} minutes)",
+        )
+        check(
+            "SlurmLauncher.max_num_timeout",
+            max_num_timeout,
+            isinstance(max_num_timeout, int) and max_num_timeout >= 0,
+            "an integer >= 0",
+        )
         check("SlurmLauncher.poll_s", poll_s, isinstance(poll_s, (int, float)) and poll_s > 0, "a number > 0 (seconds)")
         if isinstance(setup, str):
-            raise ConfigError(f"SlurmLauncher.setup = {setup!r} is out of range: must be a list of shell lines, "
-                              f"not one string. Fix the Gin binding SlurmLauncher.setup (e.g. [{setup!r}]).")
+            raise ConfigError(
+                f"SlurmLauncher.setup = {setup!r} is out of range: must be a list of shell lines, "
+                f"not one string. Fix the Gin binding SlurmLauncher.setup (e.g. [{setup!r}])."
+            )
         self.partition, self.time_min, self.gpus_per_job = partition, time_min, gpus_per_job
         self.cpus_per_job, self.mem_gb = cpus_per_job, mem_gb
         self.folder = None if folder is None else Path(folder).absolute()
@@ -499,8 +575,9 @@ class SlurmLauncher(Launcher):
         self._gpus: int | None = None
 
     @classmethod
-    def from_gin(cls, gin_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = (),
-                 **overrides) -> "SlurmLauncher":
+    def from_gin(
+        cls, gin_files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = (), **overrides
+    ) -> SlurmLauncher:
         """A launcher from Gin files and bindings (``SlurmLauncher.partition = 'gpu'``, ...); the
         ``overrides`` that are not None (command-line flags) take precedence over them."""
         with gin.unlock_config():
@@ -519,9 +596,11 @@ class SlurmLauncher(Launcher):
                 self._gpus = 1 if gres_has_gpu(gres) else 0
                 if not self._gpus:
                     where = f"partition {self.partition}" if self.partition else "the default partition"
-                    self._say(f"the nodes of {where} have no GPU GRES ('{' '.join(cmd)}': "
-                              f"{', '.join(sorted(set(gres))) or 'nothing'}): jobs request no accelerator "
-                              "(set SlurmLauncher.gpus_per_job to ask for some anyway)")
+                    self._say(
+                        f"the nodes of {where} have no GPU GRES ('{' '.join(cmd)}': "
+                        f"{', '.join(sorted(set(gres))) or 'nothing'}): jobs request no accelerator "
+                        "(set SlurmLauncher.gpus_per_job to ask for some anyway)"
+                    )
         return self._gpus
 
     @staticmethod
@@ -551,9 +630,14 @@ class SlurmLauncher(Launcher):
         submitit = _import_submitit()
         run.workdir.mkdir(parents=True, exist_ok=True)
         ex = submitit.SlurmExecutor(folder=self.log_folder(run), max_num_timeout=self.max_num_timeout)
-        params: dict = dict(job_name=job_name(run.workdir), time=self.time_min, nodes=1, ntasks_per_node=1,
-                            signal_delay_s=self.signal_delay_s,
-                            additional_parameters={"requeue": True, **self.sbatch_args})
+        params: dict = dict(
+            job_name=job_name(run.workdir),
+            time=self.time_min,
+            nodes=1,
+            ntasks_per_node=1,
+            signal_delay_s=self.signal_delay_s,
+            additional_parameters={"requeue": True, **self.sbatch_args},
+        )
         if self.cpus_per_job is not None:
             params["cpus_per_task"] = self.cpus_per_job
         if self.partition:
@@ -572,10 +656,12 @@ class SlurmLauncher(Launcher):
         try:
             job = ex.submit(SlurmRun(run, stop_timeout_s=stop_timeout_s))
         except Exception as e:  # submitit's FailedJobError carries sbatch's message
-            raise SlurmError(f"{run.name}: sbatch refused the job ({type(e).__name__}: {str(e).strip()}). Fix the "
-                             f"SlurmLauncher settings (partition={self.partition!r}, time_min={self.time_min}, "
-                             f"gpus={self.resolved_gpus()}, cpus_per_job={self.cpus_per_job}, "
-                             f"mem_gb={self.mem_gb}) for this cluster (sinfo -o '%P %c %m %G %l').") from None
+            raise SlurmError(
+                f"{run.name}: sbatch refused the job ({type(e).__name__}: {str(e).strip()}). Fix the "
+                f"SlurmLauncher settings (partition={self.partition!r}, time_min={self.time_min}, "
+                f"gpus={self.resolved_gpus()}, cpus_per_job={self.cpus_per_job}, "
+                f"mem_gb={self.mem_gb}) for this cluster (sinfo -o '%P %c %m %G %l')."
+            ) from None
         return str(job.job_id)
 
     # -- the launch ----------------------------------------------------------------------------
@@ -583,11 +669,11 @@ class SlurmLauncher(Launcher):
         kind, value = self._result(run, job_id)
         lines = [ln.strip() for ln in str(value).strip().splitlines() if ln.strip()] if kind == "error" else []
         why = lines[-1] if lines else "no result from the job (killed, cancelled, or failed before it started)"
-        why = re.sub(r"^macfw\.launch\.", "", why)  # "RunFailed: ..." 
+        why = re.sub(r"^macfw\.launch\.", "", why)  # "RunFailed: ..."
         out, err = self.job_logs(run, job_id)
         return f"job {job_id}, {state or 'left the queue'}: {why}; see {run.log_path} and {err} ({out.name})"
 
-    def _transition(self, run: RunSpec, w: "_Waiting", state: str) -> None:
+    def _transition(self, run: RunSpec, w: _Waiting, state: str) -> None:
         """One progress line when a job starts running, and when a job that ran is pending again."""
         if state == "RUNNING":
             again = " again after a requeue" if w.ran else ""
@@ -595,8 +681,10 @@ class SlurmLauncher(Launcher):
             self._say(f"{run.name}: job {w.job_id} running{again}" + (f" (resumes from step {step})" if step else ""))
             w.ran = True
         elif state in ("PENDING", "REQUEUED") and w.ran and w.state not in ("PENDING", "REQUEUED"):
-            self._say(f"{run.name}: job {w.job_id} requeued ({state}: preempted, timed out or 'scontrol requeue'); "
-                      f"it resumes from step {newest_checkpoint(run.workdir)}")
+            self._say(
+                f"{run.name}: job {w.job_id} requeued ({state}: preempted, timed out or 'scontrol requeue'); "
+                f"it resumes from step {newest_checkpoint(run.workdir)}"
+            )
         w.state = state
 
     def _finished_after(self, run: RunSpec, job_id: str, grace_s: float = 30.0) -> bool:
@@ -649,25 +737,30 @@ class SlurmLauncher(Launcher):
             if active:
                 jid, state = active[0]
                 extra = f" (and {len(active) - 1} more of the same name!)" if len(active) > 1 else ""
-                self._say(f"{r.name}: already in the queue as job {jid} ({state}){extra}; waiting for it "
-                          f"instead of submitting another ({r.workdir})")
+                self._say(
+                    f"{r.name}: already in the queue as job {jid} ({state}){extra}; waiting for it "
+                    f"instead of submitting another ({r.workdir})"
+                )
                 waiting[r] = _Waiting(jid, state, time.time(), ran=state == "RUNNING")
                 continue
             step = newest_checkpoint(r.workdir)
             jid = self.submit(r)
             how = f"resumes from step {step}" if step is not None else "new"
-            self._say(f"{r.name}: submitted as job {jid} ({how}; logs {self.log_folder(r)}/{jid}_0_log.*, "
-                      f"{r.log_path})")
+            self._say(
+                f"{r.name}: submitted as job {jid} ({how}; logs {self.log_folder(r)}/{jid}_0_log.*, {r.log_path})"
+            )
             waiting[r] = _Waiting(jid, "SUBMITTED", time.time())
         try:
             return self._wait(waiting)
         except KeyboardInterrupt:
             names = ",".join(job_name(r.workdir) for r in waiting)
-            self._say(f"stopped waiting; {len(waiting)} job(s) keep running in the queue (re-launch to wait for "
-                      f"them, no duplicates are submitted; 'scancel --name={names}' stops them)")
+            self._say(
+                f"stopped waiting; {len(waiting)} job(s) keep running in the queue (re-launch to wait for "
+                f"them, no duplicates are submitted; 'scancel --name={names}' stops them)"
+            )
             raise
 
-    def _wait(self, waiting: dict[RunSpec, "_Waiting"]) -> list[RunSpec]:
+    def _wait(self, waiting: dict[RunSpec, _Waiting]) -> list[RunSpec]:
         """Poll ``squeue`` until every job in ``waiting`` has ended; the runs that did not finish."""
         failed: list[RunSpec] = []
         errors_since: float | None = None
@@ -689,8 +782,10 @@ class SlurmLauncher(Launcher):
                     continue
                 del waiting[r]
                 if self._finished_after(r, w.job_id):
-                    self._say(f"{r.name}: finished (job {w.job_id}, {time.time() - w.t0:.0f} s after launch), "
-                              f"{_success_text(r.summary_path)}")
+                    self._say(
+                        f"{r.name}: finished (job {w.job_id}, {time.time() - w.t0:.0f} s after launch), "
+                        f"{_success_text(r.summary_path)}"
+                    )
                 else:
                     failed.append(r)
                     self._say(f"{r.name}: FAILED ({self._failure_reason(r, w.job_id, state)})")

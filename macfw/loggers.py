@@ -50,8 +50,9 @@ import abc
 import netrc
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from macfw import registry
 from macfw.errors import ConfigError, check
@@ -97,7 +98,7 @@ class Logger(abc.ABC):
           split: ``'train'`` (a ``train.csv`` row) or ``'eval'`` (an ``eval.csv`` row).
         """
 
-    def log_config(self, config_str: str) -> None:
+    def log_config(self, config_str: str) -> None:  # noqa: B027  (optional: a logger may ignore the config)
         """The run's Gin config (``gin.config_str()``, as in ``WORKDIR/config.gin``); default: ignored."""
 
     @abc.abstractmethod
@@ -107,8 +108,10 @@ class Logger(abc.ABC):
 
 def _check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"split = {split!r} is not one of {list(SPLITS)}: a logger logs 'train' (train.csv) or "
-                         "'eval' (eval.csv) rows.")
+        raise ValueError(
+            f"split = {split!r} is not one of {list(SPLITS)}: a logger logs 'train' (train.csv) or "
+            "'eval' (eval.csv) rows."
+        )
     return split
 
 
@@ -148,27 +151,37 @@ def logger_classes(names: Any, binding: str = "train.loggers") -> list[type[Logg
     """
     if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
         hint = f" (for one logger write ({names!r},) with the comma)" if isinstance(names, str) else ""
-        raise ConfigError(f"{binding} = {names!r} is out of range: must be a tuple of logger names, e.g. "
-                          f"('csv', 'tensorboard'){hint}. Registered loggers: {available()}. "
-                          f"Fix the Gin binding {binding}.")
+        raise ConfigError(
+            f"{binding} = {names!r} is out of range: must be a tuple of logger names, e.g. "
+            f"('csv', 'tensorboard'){hint}. Registered loggers: {available()}. "
+            f"Fix the Gin binding {binding}."
+        )
     table = _names_by_short_name()
     classes: list[type[Logger]] = []
     for n in names:
         regs = table.get(n)
         if not regs:
-            raise ConfigError(f"{binding} = {tuple(names)!r} names an unknown logger {n!r}. Registered loggers: "
-                              f"{available()}. Fix the Gin binding {binding}, or register your own with "
-                              "@macfw.register('logger') (and --import its module).")
+            raise ConfigError(
+                f"{binding} = {tuple(names)!r} names an unknown logger {n!r}. Registered loggers: "
+                f"{available()}. Fix the Gin binding {binding}, or register your own with "
+                "@macfw.register('logger') (and --import its module)."
+            )
         if len(regs) > 1:
-            raise ConfigError(f"{binding}: the logger name {n!r} is claimed by several registered loggers {regs}. "
-                              f"Select one by its registered name, e.g. {regs[0]!r}.")
+            raise ConfigError(
+                f"{binding}: the logger name {n!r} is claimed by several registered loggers {regs}. "
+                f"Select one by its registered name, e.g. {regs[0]!r}."
+            )
         cls = registry.get("logger", regs[0])
         if not (isinstance(cls, type) and issubclass(cls, Logger)):
-            raise ConfigError(f"{binding}: {n!r} is registered as a logger but {cls!r} does not subclass "
-                              "macfw.loggers.Logger. Subclass it (open, log, close).")
+            raise ConfigError(
+                f"{binding}: {n!r} is registered as a logger but {cls!r} does not subclass "
+                "macfw.loggers.Logger. Subclass it (open, log, close)."
+            )
         if cls in classes:
-            raise ConfigError(f"{binding} = {tuple(names)!r} names the logger {n!r} ({regs[0]}) twice: it would "
-                              f"write its files twice. Fix the Gin binding {binding}.")
+            raise ConfigError(
+                f"{binding} = {tuple(names)!r} names the logger {n!r} ({regs[0]}) twice: it would "
+                f"write its files twice. Fix the Gin binding {binding}."
+            )
         classes.append(cls)
     return classes
 
@@ -200,8 +213,10 @@ class CSVLogger(Logger):
 
     def open(self, workdir: Path, *, resume_step: int | None) -> None:
         workdir = Path(workdir)
-        self._files = {"train": CSVLog(workdir / "train.csv", resume_step),
-                       "eval": CSVLog(workdir / "eval.csv", resume_step)}
+        self._files = {
+            "train": CSVLog(workdir / "train.csv", resume_step),
+            "eval": CSVLog(workdir / "eval.csv", resume_step),
+        }
 
     def log(self, step: int, metrics: Mapping[str, float], split: str) -> None:
         self._files[_check_split(split)].write({"step": step, **metrics})
@@ -224,12 +239,21 @@ class TensorBoardLogger(Logger):
 
     short_name = "tensorboard"
 
-    def __init__(self, eval_metrics: Sequence[str] = ("success",),
-                 train_exclude: Sequence[str] = ("wall_time_s", "updates_per_s")):
-        for b, v in (("TensorBoardLogger.eval_metrics", eval_metrics),
-                     ("TensorBoardLogger.train_exclude", train_exclude)):
-            check(b, v, isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
-                  "a tuple of metric names (CSV column names)")
+    def __init__(
+        self,
+        eval_metrics: Sequence[str] = ("success",),
+        train_exclude: Sequence[str] = ("wall_time_s", "updates_per_s"),
+    ):
+        for b, v in (
+            ("TensorBoardLogger.eval_metrics", eval_metrics),
+            ("TensorBoardLogger.train_exclude", train_exclude),
+        ):
+            check(
+                b,
+                v,
+                isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
+                "a tuple of metric names (CSV column names)",
+            )
         self.eval_metrics, self.train_exclude = tuple(eval_metrics), frozenset(train_exclude)
         self.writer = None
 
@@ -260,9 +284,11 @@ def _import_wandb():
     try:
         import wandb
     except ImportError as e:
-        raise ConfigError(f"train.loggers selects 'wandb' but the wandb package cannot be imported ({e}). Install "
-                          f"it with `{WANDB_INSTALL}` (or `pip install wandb`), or leave 'wandb' out of "
-                          "train.loggers.") from None
+        raise ConfigError(
+            f"train.loggers selects 'wandb' but the wandb package cannot be imported ({e}). Install "
+            f"it with `{WANDB_INSTALL}` (or `pip install wandb`), or leave 'wandb' out of "
+            "train.loggers."
+        ) from None
     return wandb
 
 
@@ -351,9 +377,11 @@ def wandb_run_id(workdir: Path, new_id) -> tuple[str, bool]:
     if path.exists():
         run_id = path.read_text().strip()
         if not _RUN_ID.match(run_id):
-            raise ConfigError(f"{str(path)!r} holds {run_id[:60]!r}, not a W&B run id (1 to 128 letters, digits, "
-                              "'-', '_'). Delete the file to start a new W&B run for this workdir, or write the id "
-                              "of the W&B run to continue into it.")
+            raise ConfigError(
+                f"{str(path)!r} holds {run_id[:60]!r}, not a W&B run id (1 to 128 letters, digits, "
+                "'-', '_'). Delete the file to start a new W&B run for this workdir, or write the id "
+                "of the W&B run to continue into it."
+            )
         return run_id, True
     run_id = str(new_id())
     write_text_atomic(path, run_id + "\n")
@@ -443,15 +471,30 @@ class WandbLogger(Logger):
     short_name = "wandb"
     MODES: ClassVar[tuple[str, ...]] = ("online", "offline", "disabled")
 
-    def __init__(self, project: str = "macfw", entity: str | None = None, group: str | None = None,
-                 name: str | None = None, tags: Sequence[str] = (), mode: str | None = None):
+    def __init__(
+        self,
+        project: str = "macfw",
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+        mode: str | None = None,
+    ):
         for b, v in (("WandbLogger.entity", entity), ("WandbLogger.group", group), ("WandbLogger.name", name)):
             check(b, v, v is None or (isinstance(v, str) and v != ""), "None or a non-empty string")
         check("WandbLogger.project", project, isinstance(project, str) and project != "", "a non-empty string")
-        check("WandbLogger.tags", tags, isinstance(tags, (tuple, list)) and all(isinstance(t, str) and t for t in tags),
-              "a tuple of non-empty strings, e.g. ('mac', 'smoke')")
-        check("WandbLogger.mode", mode, mode is None or mode in self.MODES,
-              f"None (automatic: WANDB_MODE, else online with a W&B login, else offline) or one of {list(self.MODES)}")
+        check(
+            "WandbLogger.tags",
+            tags,
+            isinstance(tags, (tuple, list)) and all(isinstance(t, str) and t for t in tags),
+            "a tuple of non-empty strings, e.g. ('mac', 'smoke')",
+        )
+        check(
+            "WandbLogger.mode",
+            mode,
+            mode is None or mode in self.MODES,
+            f"None (automatic: WANDB_MODE, else online with a W&B login, else offline) or one of {list(self.MODES)}",
+        )
         self.wandb = _import_wandb()
         self.project, self.entity, self.group, self.name = project, entity, group, name
         self.tags, self.mode = tuple(tags), mode
@@ -466,21 +509,33 @@ class WandbLogger(Logger):
         self.run_id, resumed = wandb_run_id(workdir, lambda: env_id or new_run_id())
         mode, why = wandb_mode(self.mode)
         try:
-            self.run = wandb.init(project=self.project, entity=self.entity, group=self.group,
-                                  name=self.name or workdir.name, tags=list(self.tags), dir=str(workdir),
-                                  id=self.run_id, resume="allow", mode=mode)
+            self.run = wandb.init(
+                project=self.project,
+                entity=self.entity,
+                group=self.group,
+                name=self.name or workdir.name,
+                tags=list(self.tags),
+                dir=str(workdir),
+                id=self.run_id,
+                resume="allow",
+                mode=mode,
+            )
         except Exception as e:
             raise ConfigError(
                 f"WandbLogger: wandb.init failed for run id {self.run_id!r} in mode {mode or 'from ' + why} "
                 f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Log in with "
                 "`wandb login`, or run offline (WANDB_MODE=offline or WandbLogger.mode = 'offline'), or leave "
-                "'wandb' out of train.loggers.") from e
+                "'wandb' out of train.loggers."
+            ) from e
         self._first_step = int(getattr(self.run, "step", 0) or 0)  # online resume: W&B's next step
         effective = getattr(getattr(self.run, "settings", None), "mode", None) or mode
         where = f"{workdir / 'wandb'}"
-        sync = (f"; upload with `wandb sync {where}/offline-run-*`" if effective in ("offline", "dryrun") else "")
-        print(f"[macfw] wandb: run {self.run_id} ({'continued' if resumed else 'new'}), mode {effective} "
-              f"[{why}]; files in {where}{sync}", flush=True)
+        sync = f"; upload with `wandb sync {where}/offline-run-*`" if effective in ("offline", "dryrun") else ""
+        print(
+            f"[macfw] wandb: run {self.run_id} ({'continued' if resumed else 'new'}), mode {effective} "
+            f"[{why}]; files in {where}{sync}",
+            flush=True,
+        )
 
     def log(self, step: int, metrics: Mapping[str, float], split: str) -> None:
         _check_split(split)
@@ -501,8 +556,9 @@ class WandbLogger(Logger):
             run.finish()
 
 
-def open_loggers(loggers: Iterable[Logger], workdir: Path, *, resume_step: int | None, config_str: str,
-                 opened: list) -> list[Logger]:
+def open_loggers(
+    loggers: Iterable[Logger], workdir: Path, *, resume_step: int | None, config_str: str, opened: list
+) -> list[Logger]:
     """Open ``loggers`` on ``workdir`` one by one, appending each to ``opened`` as soon as it is open
     (so that the caller closes exactly those when a later one fails), and give each the config.
 
@@ -516,6 +572,21 @@ def open_loggers(loggers: Iterable[Logger], workdir: Path, *, resume_step: int |
     return opened
 
 
-__all__ = ["Logger", "CSVLogger", "TensorBoardLogger", "WandbLogger", "DEFAULT_LOGGERS", "SPLITS",
-           "WANDB_RUN_ID_FILE", "logger_classes", "make_loggers", "open_loggers", "available", "wandb_mode",
-           "wandb_login_found", "wandb_run_id", "new_run_id", "gin_bindings"]
+__all__ = [
+    "Logger",
+    "CSVLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "DEFAULT_LOGGERS",
+    "SPLITS",
+    "WANDB_RUN_ID_FILE",
+    "logger_classes",
+    "make_loggers",
+    "open_loggers",
+    "available",
+    "wandb_mode",
+    "wandb_login_found",
+    "wandb_run_id",
+    "new_run_id",
+    "gin_bindings",
+]

@@ -40,7 +40,8 @@ class CSVLog:
                 csv.DictWriter(f, fieldnames=self.fields).writeheader()
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
-                {k: row.get(k, "") for k in self.fields})
+                {k: row.get(k, "") for k in self.fields}
+            )
 
 
 def versions() -> dict[str, str]:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import os
 
-import gin
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import gin
 from macfw.errors import check
 
 DATA_AXIS = "data"
 
 
 @gin.configurable
-def make_mesh(mesh_shape: tuple[int, ...] | None = None, axis_names: tuple[str, ...] = (DATA_AXIS,),
-              devices=None) -> Mesh:
+def make_mesh(
+    mesh_shape: tuple[int, ...] | None = None, axis_names: tuple[str, ...] = (DATA_AXIS,), devices=None
+) -> Mesh:
     """A mesh over all (global) devices; by default one ``data`` axis of every device.
 
     Args:
@@ -38,8 +40,13 @@ def make_mesh(mesh_shape: tuple[int, ...] | None = None, axis_names: tuple[str, 
         arr = devices.reshape(shape) if len(shape) == len(axis_names) else None
     except (ValueError, TypeError):
         arr = None
-    check("make_mesh.mesh_shape", mesh_shape, arr is not None, f"a shape covering the {devices.size} device(s) "
-          f"(-1 fills) with one entry per name in make_mesh.axis_names = {tuple(axis_names)}")
+    check(
+        "make_mesh.mesh_shape",
+        mesh_shape,
+        arr is not None,
+        f"a shape covering the {devices.size} device(s) "
+        f"(-1 fills) with one entry per name in make_mesh.axis_names = {tuple(axis_names)}",
+    )
     return Mesh(arr, axis_names)
 
 
@@ -79,8 +86,9 @@ def to_host(x):
     return np.asarray(x)
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Start ``jax.distributed`` from arguments or ``MACFW_COORDINATOR`` / ``MACFW_NUM_PROCESSES`` /
     ``MACFW_PROCESS_ID``. Returns True when a multi-process run was initialised.
 
@@ -97,11 +105,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         raise ValueError(
             f"A coordinator address ({coordinator_address!r}) needs num_processes and process_id too "
             f"(got {num_processes!r}, {process_id!r}); pass --num_processes/--process_id or set "
-            "MACFW_NUM_PROCESSES/MACFW_PROCESS_ID.")
+            "MACFW_NUM_PROCESSES/MACFW_PROCESS_ID."
+        )
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # pragma: no cover - option absent in some versions
         pass
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True

@@ -52,12 +52,49 @@ PHASES = ("sampling", "rollout", "model_losses", "value_critic", "optimizer", "l
 KINDS = ("matrix products", "elementwise", "reductions", "random numbers", "data movement")
 TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 
-_RANDOM = ("threefry", "random_bits", "jit(_normal", "_normal_real", "jit(_uniform", "erf_inv", "random_split",
-           "random_wrap")
-_MOVE_PRIMS = {"dynamic_update_slice", "dynamic_slice", "concatenate", "transpose", "copy", "gather", "scatter",
-               "scatter_add", "slice", "pad", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "rev"}
-_MOVE_OPS = {"copy", "dynamic-update-slice", "dynamic-slice", "transpose", "concatenate", "gather", "scatter",
-             "slice", "pad", "broadcast", "bitcast", "reshape", "copy-start", "copy-done"}
+_RANDOM = (
+    "threefry",
+    "random_bits",
+    "jit(_normal",
+    "_normal_real",
+    "jit(_uniform",
+    "erf_inv",
+    "random_split",
+    "random_wrap",
+)
+_MOVE_PRIMS = {
+    "dynamic_update_slice",
+    "dynamic_slice",
+    "concatenate",
+    "transpose",
+    "copy",
+    "gather",
+    "scatter",
+    "scatter_add",
+    "slice",
+    "pad",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "rev",
+}
+_MOVE_OPS = {
+    "copy",
+    "dynamic-update-slice",
+    "dynamic-slice",
+    "transpose",
+    "concatenate",
+    "gather",
+    "scatter",
+    "slice",
+    "pad",
+    "broadcast",
+    "bitcast",
+    "reshape",
+    "copy-start",
+    "copy-done",
+}
 _REDUCE_PRIMS = {"argmax", "argmin", "cumsum", "cumlogsumexp", "cummax", "cummin", "cumprod"}
 _LOOP_OPS = {"while", "conditional", "call"}
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?|\w+\[\]) ([\w\-]+)\((.*)$")
@@ -132,7 +169,7 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
         rows.append((comp, name, shape, opcode, rest))
     comp_flops: dict[str, float] = collections.defaultdict(float)
     comp_calls: dict[str, list[str]] = collections.defaultdict(list)
-    for comp, name, shape, opcode, rest in rows:
+    for comp, name, _shape, opcode, rest in rows:
         if opcode == "dot":
             comp_flops[comp] += _dot_flops(shapes[name], rest, shapes)
         for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
@@ -227,8 +264,9 @@ def covered(intervals) -> float:
     return total + (cur_end - cur_start if cur_end is not None else 0.0)
 
 
-def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: int, peak_flops: float,
-              top: int = 15, spans=None) -> dict:
+def breakdown(
+    ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: int, peak_flops: float, top: int = 15, spans=None
+) -> dict:
     """The phase x kind table from :func:`parse_hlo`'s ops and :func:`trace_op_times`' times.
 
     Returns ``{"phases": {phase: {kind: ms per update, ..., "total": ms, "matmul_flops": FLOPs per
@@ -267,11 +305,25 @@ def breakdown(ops: dict[str, Op], times: dict[str, tuple[float, int]], updates: 
             row["wall"] = covered(by_phase[phase]) / 1e3 / updates
     order = [p for p in PHASES + ("other",) if p in table]
     ranked = sorted(((us, n) for n, (us, _) in times.items() if n in ops and ops[n].kind != "loop"), reverse=True)
-    top_ops = [{"name": n, "phase": ops[n].phase, "kind": ops[n].kind, "ms": us / 1e3 / updates,
-                "executions": times[n][1] / updates, "shape": ops[n].shape, "op_name": ops[n].op_name[-80:]}
-               for us, n in ranked[:top]]
-    out = {"phases": {p: table[p] for p in order}, "op_time_ms": sum(r["total"] for r in table.values()),
-           "matched_ops": matched, "unmatched_ops": unmatched, "top_ops": top_ops}
+    top_ops = [
+        {
+            "name": n,
+            "phase": ops[n].phase,
+            "kind": ops[n].kind,
+            "ms": us / 1e3 / updates,
+            "executions": times[n][1] / updates,
+            "shape": ops[n].shape,
+            "op_name": ops[n].op_name[-80:],
+        }
+        for us, n in ranked[:top]
+    ]
+    out = {
+        "phases": {p: table[p] for p in order},
+        "op_time_ms": sum(r["total"] for r in table.values()),
+        "matched_ops": matched,
+        "unmatched_ops": unmatched,
+        "top_ops": top_ops,
+    }
     if spans is not None:
         out["busy_ms"] = covered([(s, e) for n, s, e in spans if n in ops and ops[n].kind != "loop"]) / 1e3 / updates
     return out
@@ -310,11 +362,18 @@ def profile(preset: str = "cpu-small", *, dispatches: int = 3, **model) -> dict:
         raise RuntimeError(
             f"The profiler trace names no operation of module {module!r}. On the CPU, XLA names its operations "
             f"in traces only with XLA_FLAGS={TRACEME_FLAG} set before JAX starts (python -m macfw.bench "
-            f"--profile sets it itself); XLA_FLAGS is {os.environ.get('XLA_FLAGS', '')!r}.")
+            f"--profile sets it itself); XLA_FLAGS is {os.environ.get('XLA_FLAGS', '')!r}."
+        )
     peak = bench.matmul_peak()
     out = breakdown(ops, times, dispatches * K, peak, spans=spans)
-    out.update(preset=preset, agent=type(agent).__name__, steps_per_dispatch=K, dispatches=dispatches,
-               wall_ms=1e3 * wall / (dispatches * K), matmul_peak_flops=peak)
+    out.update(
+        preset=preset,
+        agent=type(agent).__name__,
+        steps_per_dispatch=K,
+        dispatches=dispatches,
+        wall_ms=1e3 * wall / (dispatches * K),
+        matmul_peak_flops=peak,
+    )
     return out
 
 
@@ -324,28 +383,69 @@ def format_table(r: dict) -> str:
     walls = all("wall" in row for row in r["phases"].values()) and "busy_ms" in r
     head = ["phase", *(["wall"] if walls else []), "total", *KINDS, "matmul FLOP", "matmul / peak"]
     busy = f", some operation running for {r['busy_ms']:.2f} ms of it" if walls else ""
-    lines = [f"{r['agent']} at preset {r['preset']}: op time per gradient step (ms); wall time "
-             f"{r['wall_ms']:.2f} ms per step{busy}, op time {r['op_time_ms']:.2f} ms (ops run concurrently); "
-             f"matrix-product peak {r['matmul_peak_flops']:.3g} FLOP/s",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"{r['agent']} at preset {r['preset']}: op time per gradient step (ms); wall time "
+        f"{r['wall_ms']:.2f} ms per step{busy}, op time {r['op_time_ms']:.2f} ms (ops run concurrently); "
+        f"matrix-product peak {r['matmul_peak_flops']:.3g} FLOP/s",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for p, row in r["phases"].items():
         frac = row["matmul_fraction_of_peak"]
-        lines.append("| " + " | ".join([p, *([f"{row['wall']:.2f}"] if walls else []), f"{row['total']:.2f}",
-                                        *(f"{row[k]:.2f}" for k in KINDS), f"{row['matmul_flops']:.3g}",
-                                        "-" if frac is None else f"{frac:.2f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    p,
+                    *([f"{row['wall']:.2f}"] if walls else []),
+                    f"{row['total']:.2f}",
+                    *(f"{row[k]:.2f}" for k in KINDS),
+                    f"{row['matmul_flops']:.3g}",
+                    "-" if frac is None else f"{frac:.2f}",
+                ]
+            )
+            + " |"
+        )
     tot = {k: sum(row[k] for row in r["phases"].values()) for k in (*KINDS, "total", "matmul_flops")}
     mm = tot["matrix products"] / 1e3
     frac = tot["matmul_flops"] / mm / r["matmul_peak_flops"] if mm > 0 else None
-    lines.append("| " + " | ".join(["**all**", *([f"{r['busy_ms']:.2f}"] if walls else []), f"{tot['total']:.2f}",
-                                    *(f"{tot[k]:.2f}" for k in KINDS), f"{tot['matmul_flops']:.3g}",
-                                    "-" if frac is None else f"{frac:.2f}"]) + " |")
+    lines.append(
+        "| "
+        + " | ".join(
+            [
+                "**all**",
+                *([f"{r['busy_ms']:.2f}"] if walls else []),
+                f"{tot['total']:.2f}",
+                *(f"{tot[k]:.2f}" for k in KINDS),
+                f"{tot['matmul_flops']:.3g}",
+                "-" if frac is None else f"{frac:.2f}",
+            ]
+        )
+        + " |"
+    )
     if r.get("top_ops"):
         lines += ["", "The operations with the most time (ms per gradient step, executions per step):"]
         for o in r["top_ops"]:
-            lines.append(f"  {o['ms']:7.3f} ms  x{o['executions']:<5g} {o['phase']:>12} {o['kind']:<15} "
-                         f"{o['shape']:<22} {o['name']}  ({o['op_name']})")
+            lines.append(
+                f"  {o['ms']:7.3f} ms  x{o['executions']:<5g} {o['phase']:>12} {o['kind']:<15} "
+                f"{o['shape']:<22} {o['name']}  ({o['op_name']})"
+            )
     return "\n".join(lines)
 
 
-__all__ = ["PHASES", "KINDS", "Op", "phase_of", "kind_of", "parse_hlo", "trace_op_spans", "op_times", "trace_op_times",
-           "covered", "breakdown", "profile", "format_table"]
+__all__ = [
+    "PHASES",
+    "KINDS",
+    "Op",
+    "phase_of",
+    "kind_of",
+    "parse_hlo",
+    "trace_op_spans",
+    "op_times",
+    "trace_op_times",
+    "covered",
+    "breakdown",
+    "profile",
+    "format_table",
+]

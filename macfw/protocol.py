@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,25 +150,44 @@ _FQL_ALPHA = {  # FQL README, "FQL on state-based OGBench (default tasks)" and "
 }
 
 _SINGLETASK_RULES = (
-    Rule((_s("OGBenchDataset.task_mode", "singletask",
-             "DESIGN §11: single-task table on OGBench's '-singletask-taskN-v0' tasks"),)),
-    Rule((_s("train.num_steps", GRADIENT_STEPS, "DESIGN §2.6, §11: 1M gradient steps"),
-          _s("train.eval_episodes", EVAL_EPISODES, "MAC main.py: flags.DEFINE_integer('eval_episodes', 15, ...)"),
-          _s("train.eval_interval", 100_000, "MAC main.py: flags.DEFINE_integer('eval_interval', 100000, ...)"),
-          _s("OGBenchDataset.num_episodes", 1000, "DESIGN §3: OGBench's 1M-transition 'play' files (1000 x 1001)")),
-         paper_budget_only=True),
-    *(Rule((_s("FQL.alpha", a, f"FQL README: python main.py {cmd}"),), agents=("fql",), envs=(env,))
-      for env, (a, cmd) in _FQL_ALPHA.items()),
+    Rule(
+        (
+            _s(
+                "OGBenchDataset.task_mode",
+                "singletask",
+                "DESIGN §11: single-task table on OGBench's '-singletask-taskN-v0' tasks",
+            ),
+        )
+    ),
+    Rule(
+        (
+            _s("train.num_steps", GRADIENT_STEPS, "DESIGN §2.6, §11: 1M gradient steps"),
+            _s("train.eval_episodes", EVAL_EPISODES, "MAC main.py: flags.DEFINE_integer('eval_episodes', 15, ...)"),
+            _s("train.eval_interval", 100_000, "MAC main.py: flags.DEFINE_integer('eval_interval', 100000, ...)"),
+            _s("OGBenchDataset.num_episodes", 1000, "DESIGN §3: OGBench's 1M-transition 'play' files (1000 x 1001)"),
+        ),
+        paper_budget_only=True,
+    ),
+    *(
+        Rule((_s("FQL.alpha", a, f"FQL README: python main.py {cmd}"),), agents=("fql",), envs=(env,))
+        for env, (a, cmd) in _FQL_ALPHA.items()
+    ),
 )
 
 # --------------------------------------------------------------------------- goal-conditioned (100M)
 _HR_CMD = "HR README (Reproducing the main results): python main.py --env_name={env}-{kind}-oraclerep-v0 ... "
-_GOALS_OCTUPLE = ((1.0, 0.0, True), "--agent.actor_p_trajgoal=1.0 --agent.actor_p_randomgoal=0.0 "
-                                    "--agent.actor_geom_sample=True")
-_GOALS_PUZZLE = ((0.5, 0.5, True), "--agent.actor_p_trajgoal=0.5 --agent.actor_p_randomgoal=0.5 "
-                                   "--agent.actor_geom_sample=True")
-_GOALS_HUMANOID = ((1.0, 0.0, False), "--agent.actor_p_trajgoal=1.0 --agent.actor_p_randomgoal=0.0 "
-                                      "--agent.actor_geom_sample=False")
+_GOALS_OCTUPLE = (
+    (1.0, 0.0, True),
+    "--agent.actor_p_trajgoal=1.0 --agent.actor_p_randomgoal=0.0 --agent.actor_geom_sample=True",
+)
+_GOALS_PUZZLE = (
+    (0.5, 0.5, True),
+    "--agent.actor_p_trajgoal=0.5 --agent.actor_p_randomgoal=0.5 --agent.actor_geom_sample=True",
+)
+_GOALS_HUMANOID = (
+    (1.0, 0.0, False),
+    "--agent.actor_p_trajgoal=1.0 --agent.actor_p_randomgoal=0.0 --agent.actor_geom_sample=False",
+)
 
 #: Per agent and HR-listed environment: ({binding: value}, goal sampling, the command's agent flags).
 _HR = {
@@ -177,27 +197,44 @@ _HR = {
         "humanoidmaze-giant": ({"GCIQL.alpha": 0.3}, _GOALS_HUMANOID, "--agent=agents/gciql.py --agent.alpha=0.3"),
     },
     "nstep_sacbc": {
-        "cube-octuple": ({"NStepSACBC.q_agg": "min", "NStepSACBC.alpha": 0.1, "NStepSACBC.n": 50}, _GOALS_OCTUPLE,
-                         "--agent=agents/ngcsacbc.py --agent.q_agg=min --agent.alpha=0.1 --agent.subgoal_steps=50"),
-        "puzzle-4x5": ({"NStepSACBC.q_agg": "min", "NStepSACBC.alpha": 0.1, "NStepSACBC.n": 25}, _GOALS_PUZZLE,
-                       "--agent=agents/ngcsacbc.py --agent.q_agg=min --agent.alpha=0.1 --agent.subgoal_steps=25"),
-        "humanoidmaze-giant": ({"NStepSACBC.q_agg": "mean", "NStepSACBC.alpha": 0.03, "NStepSACBC.n": 50},
-                               _GOALS_HUMANOID, "--agent=agents/ngcsacbc.py --agent.q_agg=mean --agent.alpha=0.03 "
-                                                "--agent.subgoal_steps=50"),
+        "cube-octuple": (
+            {"NStepSACBC.q_agg": "min", "NStepSACBC.alpha": 0.1, "NStepSACBC.n": 50},
+            _GOALS_OCTUPLE,
+            "--agent=agents/ngcsacbc.py --agent.q_agg=min --agent.alpha=0.1 --agent.subgoal_steps=50",
+        ),
+        "puzzle-4x5": (
+            {"NStepSACBC.q_agg": "min", "NStepSACBC.alpha": 0.1, "NStepSACBC.n": 25},
+            _GOALS_PUZZLE,
+            "--agent=agents/ngcsacbc.py --agent.q_agg=min --agent.alpha=0.1 --agent.subgoal_steps=25",
+        ),
+        "humanoidmaze-giant": (
+            {"NStepSACBC.q_agg": "mean", "NStepSACBC.alpha": 0.03, "NStepSACBC.n": 50},
+            _GOALS_HUMANOID,
+            "--agent=agents/ngcsacbc.py --agent.q_agg=mean --agent.alpha=0.03 --agent.subgoal_steps=50",
+        ),
     },
     "sharsa": {
-        "cube-octuple": ({"SHARSA.q_agg": "min", "SHARSA.n": 50}, _GOALS_OCTUPLE,
-                         "--agent=agents/sharsa.py --agent.q_agg=min --agent.subgoal_steps=50"),
-        "puzzle-4x5": ({"SHARSA.q_agg": "min", "SHARSA.n": 25}, _GOALS_PUZZLE,
-                       "--agent=agents/sharsa.py --agent.q_agg=min --agent.subgoal_steps=25"),
-        "humanoidmaze-giant": ({"SHARSA.q_agg": "mean", "SHARSA.n": 50}, _GOALS_HUMANOID,
-                               "--agent=agents/sharsa.py --agent.q_agg=mean --agent.subgoal_steps=50"),
+        "cube-octuple": (
+            {"SHARSA.q_agg": "min", "SHARSA.n": 50},
+            _GOALS_OCTUPLE,
+            "--agent=agents/sharsa.py --agent.q_agg=min --agent.subgoal_steps=50",
+        ),
+        "puzzle-4x5": (
+            {"SHARSA.q_agg": "min", "SHARSA.n": 25},
+            _GOALS_PUZZLE,
+            "--agent=agents/sharsa.py --agent.q_agg=min --agent.subgoal_steps=25",
+        ),
+        "humanoidmaze-giant": (
+            {"SHARSA.q_agg": "mean", "SHARSA.n": 50},
+            _GOALS_HUMANOID,
+            "--agent=agents/sharsa.py --agent.q_agg=mean --agent.subgoal_steps=50",
+        ),
     },
 }
 
 #: Environments of the goal-conditioned table that HR's commands do not list, and what they run.
 _HR_UNLISTED = {
-    "cube-double": None,            # the agent's defaults (HR: "set based on the puzzle-4x5 task")
+    "cube-double": None,  # the agent's defaults (HR: "set based on the puzzle-4x5 task")
     "puzzle-3x3": None,
     "humanoidmaze-medium": "humanoidmaze-giant",  # the humanoidmaze family's values (DESIGN §9)
 }
@@ -215,70 +252,133 @@ def _hr_rules() -> list[Rule]:
             for target in targets:
                 src = _HR_CMD.format(env=env, kind=_kind(env)) + f"{flags} {goal_flags}"
                 if target != env:
-                    src = (f"not in HR's commands; the humanoidmaze family's values (DESIGN §9), from {env}'s: "
-                           + src)
+                    src = f"not in HR's commands; the humanoidmaze family's values (DESIGN §9), from {env}'s: " + src
                 p_traj, p_rand, geom = goals
                 settings = [_s(b, v, src) for b, v in binds.items()]
-                settings += [_s("GoalSampling.actor_p_trajgoal", p_traj, src),
-                             _s("GoalSampling.actor_p_randomgoal", p_rand, src),
-                             _s("GoalSampling.actor_geom_sample", geom, src)]
+                settings += [
+                    _s("GoalSampling.actor_p_trajgoal", p_traj, src),
+                    _s("GoalSampling.actor_p_randomgoal", p_rand, src),
+                    _s("GoalSampling.actor_geom_sample", geom, src),
+                ]
                 rules.append(Rule(tuple(settings), agents=(agent,), envs=(target,)))
     return rules
 
 
-_ROTATION_SRC = "MAC main.py: flags.DEFINE_integer('dataset_replace_interval', 1000, ...) (its README's 100M commands keep it)"
-_ROTATION_HUMANOID_SRC = ("HR README: every humanoidmaze-giant command has --dataset_replace_interval=4000 (the MAC README "
-                          "has no humanoidmaze command; the same data layout, 4001-step episodes)")
+_ROTATION_SRC = (
+    "MAC main.py: flags.DEFINE_integer('dataset_replace_interval', 1000, ...) (its README's 100M commands keep it)"
+)
+_ROTATION_HUMANOID_SRC = (
+    "HR README: every humanoidmaze-giant command has --dataset_replace_interval=4000 (the MAC README "
+    "has no humanoidmaze command; the same data layout, 4001-step episodes)"
+)
 
 _GOALCONDITIONED_RULES = (
-    Rule((_s("OGBenchDataset.task_mode", "oraclerep",
-             "DESIGN §11: goal-conditioned table on '-oraclerep-v0' (MAC README: --env_name=puzzle-4x5-play-oraclerep-v0)"),)),
-    Rule((_s("train.num_steps", GRADIENT_STEPS, "DESIGN §11: 1M gradient steps (the MAC main.py default is 5M; "
-                                                "DESIGN §2.6: large runs were trained longer)"),
-          _s("train.eval_episodes", EVAL_EPISODES, "MAC main.py: flags.DEFINE_integer('eval_episodes', 15, ...)"),
-          _s("train.eval_interval", 100_000, "MAC main.py: flags.DEFINE_integer('eval_interval', 100000, ...)"),
-          _s("OGBenchDataset.sampling", "shard_rotation",
-             "MAC main.py: one shard in memory, the next every dataset_replace_interval steps (DESIGN §10)"),
-          _s("OGBenchDataset.rotation_interval", 1000, _ROTATION_SRC)),
-         paper_budget_only=True),
-    Rule((_s("OGBenchDataset.rotation_interval", 4000, _ROTATION_HUMANOID_SRC),),
-         envs=("humanoidmaze-medium", "humanoidmaze-giant"), paper_budget_only=True),
+    Rule(
+        (
+            _s(
+                "OGBenchDataset.task_mode",
+                "oraclerep",
+                "DESIGN §11: goal-conditioned table on '-oraclerep-v0' "
+                "(MAC README: --env_name=puzzle-4x5-play-oraclerep-v0)",
+            ),
+        )
+    ),
+    Rule(
+        (
+            _s(
+                "train.num_steps",
+                GRADIENT_STEPS,
+                "DESIGN §11: 1M gradient steps (the MAC main.py default is 5M; "
+                "DESIGN §2.6: large runs were trained longer)",
+            ),
+            _s("train.eval_episodes", EVAL_EPISODES, "MAC main.py: flags.DEFINE_integer('eval_episodes', 15, ...)"),
+            _s("train.eval_interval", 100_000, "MAC main.py: flags.DEFINE_integer('eval_interval', 100000, ...)"),
+            _s(
+                "OGBenchDataset.sampling",
+                "shard_rotation",
+                "MAC main.py: one shard in memory, the next every dataset_replace_interval steps (DESIGN §10)",
+            ),
+            _s("OGBenchDataset.rotation_interval", 1000, _ROTATION_SRC),
+        ),
+        paper_budget_only=True,
+    ),
+    Rule(
+        (_s("OGBenchDataset.rotation_interval", 4000, _ROTATION_HUMANOID_SRC),),
+        envs=("humanoidmaze-medium", "humanoidmaze-giant"),
+        paper_budget_only=True,
+    ),
     *_hr_rules(),
 )
 
 TABLES: dict[str, Table] = {
     "singletask": Table(
-        name="singletask", mode="singletask",
+        name="singletask",
+        mode="singletask",
         title="Single-task, OGBench's 1M-transition 'play' datasets (DESIGN §8, first table)",
         envs=("cube-single", "cube-double", "scene", "puzzle-3x3", "puzzle-4x4"),
         tasks=(1, 2, 3, 4, 5),
         agents=("mac", "fql", "mopo", "mobile", "leq", "fmpc"),
-        seeds=SEEDS, eval_episodes=EVAL_EPISODES, gradient_steps=GRADIENT_STEPS, dataset="1M",
-        rules=_SINGLETASK_RULES),
+        seeds=SEEDS,
+        eval_episodes=EVAL_EPISODES,
+        gradient_steps=GRADIENT_STEPS,
+        dataset="1M",
+        rules=_SINGLETASK_RULES,
+    ),
     "goalconditioned": Table(
-        name="goalconditioned", mode="oraclerep",
+        name="goalconditioned",
+        mode="oraclerep",
         title="Goal-conditioned with oracle representations, 100M-transition datasets (DESIGN §8, second table)",
         envs=("cube-double", "cube-octuple", "puzzle-3x3", "puzzle-4x5", "humanoidmaze-medium", "humanoidmaze-giant"),
         tasks=(1, 2, 3, 4, 5),
         agents=("mac", "gciql", "nstep_sacbc", "sharsa", "mopo", "mobile", "leq", "fmpc"),
-        seeds=SEEDS, eval_episodes=EVAL_EPISODES, gradient_steps=GRADIENT_STEPS, dataset="100M",
-        rules=_GOALCONDITIONED_RULES),
+        seeds=SEEDS,
+        eval_episodes=EVAL_EPISODES,
+        gradient_steps=GRADIENT_STEPS,
+        dataset="100M",
+        rules=_GOALCONDITIONED_RULES,
+    ),
 }
 
 #: The paper's success (%), (mean, std or None) per (agent, mode) and environment (DESIGN §8).
 #: Single-task: mean over the 5 tasks.
 PAPER = {
-    ("mac", "singletask"): {"cube-single": (99, 2), "cube-double": (53, 4), "scene": (97, 4), "puzzle-3x3": (20, 0),
-                            "puzzle-4x4": (78, 13)},
-    ("fql", "singletask"): {"cube-single": (96, None), "cube-double": (29, None), "scene": (56, None),
-                            "puzzle-3x3": (30, None), "puzzle-4x4": (17, None)},
-    ("mobile", "singletask"): {"cube-single": (81, None), "cube-double": (1, None), "scene": (8, None),
-                               "puzzle-3x3": (12, None), "puzzle-4x4": (0, None)},
-    ("mac", "oraclerep"): {"cube-double": (100, 1), "cube-octuple": (30, 6), "puzzle-3x3": (100, 0),
-                           "puzzle-4x5": (99, 3), "humanoidmaze-medium": (36, 2), "humanoidmaze-giant": (0, 0)},
-    ("sharsa", "oraclerep"): {"cube-double": (95, None), "cube-octuple": (19, None), "puzzle-3x3": (100, None),
-                              "puzzle-4x5": (91, None), "humanoidmaze-medium": (95, None),
-                              "humanoidmaze-giant": (43, None)},
+    ("mac", "singletask"): {
+        "cube-single": (99, 2),
+        "cube-double": (53, 4),
+        "scene": (97, 4),
+        "puzzle-3x3": (20, 0),
+        "puzzle-4x4": (78, 13),
+    },
+    ("fql", "singletask"): {
+        "cube-single": (96, None),
+        "cube-double": (29, None),
+        "scene": (56, None),
+        "puzzle-3x3": (30, None),
+        "puzzle-4x4": (17, None),
+    },
+    ("mobile", "singletask"): {
+        "cube-single": (81, None),
+        "cube-double": (1, None),
+        "scene": (8, None),
+        "puzzle-3x3": (12, None),
+        "puzzle-4x4": (0, None),
+    },
+    ("mac", "oraclerep"): {
+        "cube-double": (100, 1),
+        "cube-octuple": (30, 6),
+        "puzzle-3x3": (100, 0),
+        "puzzle-4x5": (99, 3),
+        "humanoidmaze-medium": (36, 2),
+        "humanoidmaze-giant": (0, 0),
+    },
+    ("sharsa", "oraclerep"): {
+        "cube-double": (95, None),
+        "cube-octuple": (19, None),
+        "puzzle-3x3": (100, None),
+        "puzzle-4x5": (91, None),
+        "humanoidmaze-medium": (95, None),
+        "humanoidmaze-giant": (43, None),
+    },
 }
 
 
@@ -351,9 +451,8 @@ def operative_bindings(gin_files: Iterable[str | os.PathLike], gin_bindings: Ite
       registry.UnknownComponentError, GinConfigError, FileNotFoundError: as :func:`macfw.run.parse_gin`.
     """
     import gin
-    from gin import config as gin_config
-
     import macfw.train  # noqa: F401  (registers train())
+    from gin import config as gin_config
     from macfw.run import parse_gin
 
     gin.clear_config()
@@ -405,7 +504,6 @@ def build_config(gin_files: Iterable[str | os.PathLike], gin_bindings: Iterable[
       ConfigError: a value out of range; the errors of :func:`operative_bindings`.
     """
     import gin
-
     import macfw.train  # noqa: F401
     from macfw.run import parse_gin
 

@@ -37,11 +37,21 @@ trace: jit a function made inside the context and call it there first (it compil
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 #: The named same-result speed-ups (module docstring).
-SPEEDUPS = ("prefix", "layer_norm_vjp", "vmap_steps", "threefry", "lambda_one", "padded_outputs", "joint_first_layer",
-            "folded_layer_norm", "wide_vectors", "members_outer")
+SPEEDUPS = (
+    "prefix",
+    "layer_norm_vjp",
+    "vmap_steps",
+    "threefry",
+    "lambda_one",
+    "padded_outputs",
+    "joint_first_layer",
+    "folded_layer_norm",
+    "wide_vectors",
+    "members_outer",
+)
 
 _OFF: list[frozenset] = [frozenset()]
 
@@ -72,8 +82,10 @@ def parse_only(only: str | Iterable[str] | None) -> frozenset | None:
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
     bad = [n for n in names if n not in SPEEDUPS]
     if bad or not names:
-        raise ValueError(f"--only / only= takes speed-up names from {list(SPEEDUPS)} (comma-separated); got "
-                         f"{only!r}" + (f" (unknown: {bad})" if bad else ""))
+        raise ValueError(
+            f"--only / only= takes speed-up names from {list(SPEEDUPS)} (comma-separated); got "
+            f"{only!r}" + (f" (unknown: {bad})" if bad else "")
+        )
     return frozenset(names)
 
 

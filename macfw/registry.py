@@ -15,7 +15,8 @@ command line, or a plain ``import`` in Python) is all that is needed.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import gin
 
@@ -81,10 +82,9 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
         reg_name = name or cls.__name__  # type: ignore[attr-defined]
         existing = _REGISTRY[kind].get(reg_name)
         if existing is not None and existing is not cls:
-            same_place = (
-                getattr(existing, "__module__", None) == getattr(cls, "__module__", None)
-                and getattr(existing, "__qualname__", None) == getattr(cls, "__qualname__", None)
-            )
+            same_place = getattr(existing, "__module__", None) == getattr(cls, "__module__", None) and getattr(
+                existing, "__qualname__", None
+            ) == getattr(cls, "__qualname__", None)
             if same_place:  # the same module imported twice: keep the first registration
                 return existing  # type: ignore[return-value]
             raise ValueError(

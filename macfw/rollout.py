@@ -11,15 +11,22 @@ Units: ``horizon`` counts model steps: chunks of ``n`` environment steps for a c
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
-def imagine(step: Callable[[Array, Array], tuple[Array, Any]], s0: Float[Array, "B ob_dim"], key, horizon: int, *,
-            unroll: bool = False) -> tuple[Float[Array, "H1 B ob_dim"], Any]:
+def imagine(
+    step: Callable[[Array, Array], tuple[Array, Any]],
+    s0: Float[Array, "B ob_dim"],
+    key,
+    horizon: int,
+    *,
+    unroll: bool = False,
+) -> tuple[Float[Array, "H1 B ob_dim"], Any]:
     """Roll ``step`` forward ``horizon`` times from ``s0``.
 
     Args:
@@ -41,6 +48,5 @@ def imagine(step: Callable[[Array, Array], tuple[Array, Any]], s0: Float[Array, 
         return s_next, (s, out)
 
     with jax.named_scope("rollout"):  # a phase of macfw.profiling's table
-        s_last, (states, outs) = jax.lax.scan(body, s0, jax.random.split(key, horizon),
-                                              unroll=horizon if unroll else 1)
+        s_last, (states, outs) = jax.lax.scan(body, s0, jax.random.split(key, horizon), unroll=horizon if unroll else 1)
         return jnp.concatenate([states, s_last[None]], axis=0), outs

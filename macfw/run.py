@@ -23,7 +23,6 @@ import signal
 import sys
 
 import gin
-
 import macfw  # noqa: F401  (registers every built-in component)
 import macfw.train  # noqa: F401  (registers train() with Gin)
 from macfw import registry
@@ -62,9 +61,11 @@ def _gin_error(e: Exception) -> GinConfigError:
         hint = f" Did you mean {', '.join(repr(f'{conf}.{c}') for c in close)}?" if close else ""
         return GinConfigError(
             f"Unknown Gin binding {conf}.{param} ({where}): {conf} has no parameter {param!r}.{hint} "
-            f"Its parameters: {params}. Fix the binding in the Gin file or --gin_bindings.")
-    return GinConfigError(f"Bad Gin config: {first} ({where}). Fix the Gin file or --gin_bindings "
-                          "(form: Configurable.parameter = value).")
+            f"Its parameters: {params}. Fix the binding in the Gin file or --gin_bindings."
+        )
+    return GinConfigError(
+        f"Bad Gin config: {first} ({where}). Fix the Gin file or --gin_bindings (form: Configurable.parameter = value)."
+    )
 
 
 def parse_gin(gin_files, gin_bindings) -> None:
@@ -95,7 +96,8 @@ def parse_gin(gin_files, gin_bindings) -> None:
             listing = "; ".join(f"{k}: {registry.registered(k)}" for k in kinds)
             raise registry.UnknownComponentError(
                 f"Unknown component {name!r} in the Gin config. Registered components — {listing}. "
-                f"Fix the name, or import the module that registers it with --import.\n{msg}") from None
+                f"Fix the name, or import the module that registers it with --import.\n{msg}"
+            ) from None
         raise _gin_error(e) from None
 
 
@@ -103,19 +105,30 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """User errors reported as one line (exit code 2) instead of a traceback."""
     from macfw.checkpoint import CheckpointMismatchError, CheckpointSaveError
     from macfw.data.ogbench_data import DatasetError
-    from macfw.evaluation import TaskMismatchError
     from macfw.errors import ConfigError
+    from macfw.evaluation import TaskMismatchError
     from macfw.train import WorkdirError
     from macfw.workdir_lock import WorkdirBusyError
 
-    return (registry.UnknownComponentError, GinConfigError, DatasetError, FileNotFoundError, CheckpointMismatchError,
-            CheckpointSaveError, ConfigError, WorkdirError, WorkdirBusyError, TaskMismatchError)
+    return (
+        registry.UnknownComponentError,
+        GinConfigError,
+        DatasetError,
+        FileNotFoundError,
+        CheckpointMismatchError,
+        CheckpointSaveError,
+        ConfigError,
+        WorkdirError,
+        WorkdirBusyError,
+        TaskMismatchError,
+    )
 
 
 def one_line(e: BaseException) -> str:
     """The exception's message without Gin's call context, on one line."""
-    lines = [ln.strip() for ln in str(e).splitlines()
-             if ln.strip() and not ln.strip().startswith("In call to configurable")]
+    lines = [
+        ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("In call to configurable")
+    ]
     if isinstance(e, registry.UnknownComponentError):
         lines = lines[:1]
     return " ".join(lines) or type(e).__name__
@@ -156,13 +169,19 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m macfw.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m macfw.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--gin_file", action="append", default=[], help="Gin config file (repeatable).")
     p.add_argument("--gin_bindings", action="append", default=[], help="Gin binding, e.g. 'train.num_steps = 10'.")
     p.add_argument("--workdir", required=True, help="Run folder; re-use it to resume.")
-    p.add_argument("--import", dest="imports", action="append", default=[],
-                   help="Python module to import first (registers your own components).")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        help="Python module to import first (registers your own components).",
+    )
     p.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator HOST:PORT")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
@@ -191,12 +210,18 @@ def main(argv=None) -> int:
 
         summary = train(args.workdir)
     except Preempted as e:
-        print(f"[macfw] stopped by signal {e.args[0] if e.args else ''} during start-up; nothing to save. "
-              "Re-run the same command to resume.", flush=True)
+        print(
+            f"[macfw] stopped by signal {e.args[0] if e.args else ''} during start-up; nothing to save. "
+            "Re-run the same command to resume.",
+            flush=True,
+        )
         return 0
     except KeyboardInterrupt:
-        print("macfw: interrupted (second Ctrl-C); the last started checkpoint save was waited for.",
-              file=sys.stderr, flush=True)
+        print(
+            "macfw: interrupted (second Ctrl-C); the last started checkpoint save was waited for.",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     except NonFiniteError as e:
         if debug:
@@ -210,14 +235,20 @@ def main(argv=None) -> int:
         return 2
     if summary.get("interrupted"):
         saved = summary.get("last_saved_step")
-        print(f"[macfw] stopped by a signal at step {summary['step']} ("
-              + (f"newest checkpoint: step {saved}" if saved is not None else "no checkpoint yet")
-              + "); re-run the same command to resume.", flush=True)
+        print(
+            f"[macfw] stopped by a signal at step {summary['step']} ("
+            + (f"newest checkpoint: step {saved}" if saved is not None else "no checkpoint yet")
+            + "); re-run the same command to resume.",
+            flush=True,
+        )
         return 0
     if "success" not in summary:  # non-lead process of a multi-host run
         return 0
-    print(f"[macfw] done: step {summary['step']}, success {summary['success']:.3f} over {summary['episodes']} "
-          f"episodes, {summary['wall_time_s']:.0f} s; summary in {args.workdir}/summary.json", flush=True)
+    print(
+        f"[macfw] done: step {summary['step']}, success {summary['success']:.3f} over {summary['episodes']} "
+        f"episodes, {summary['wall_time_s']:.0f} s; summary in {args.workdir}/summary.json",
+        flush=True,
+    )
     return 0
 
 

@@ -20,8 +20,9 @@ class Sampler(eqx.Module):
     """Base of the sampler family. ``acting`` selects the test-time setting (e.g. more candidates)."""
 
     @abc.abstractmethod
-    def __call__(self, policy, critic, s, g, *, key: PRNGKeyArray, acting: bool = False) -> Float[Array, " chunk_dim"]:
-        ...
+    def __call__(
+        self, policy, critic, s, g, *, key: PRNGKeyArray, acting: bool = False
+    ) -> Float[Array, " chunk_dim"]: ...
 
 
 def candidates(policy, s, g, num: int, key) -> Float[Array, "num chunk_dim"]:

@@ -30,8 +30,12 @@ def check_batch_size(batch_size: int, mesh) -> int:
 
     n = data_axis_size(mesh)
     batch_size = check_int("train.batch_size", batch_size)
-    check("train.batch_size", batch_size, batch_size % n == 0,
-          f"a multiple of the {n} devices on the mesh's data axis (or change make_mesh.mesh_shape)")
+    check(
+        "train.batch_size",
+        batch_size,
+        batch_size % n == 0,
+        f"a multiple of the {n} devices on the mesh's data axis (or change make_mesh.mesh_shape)",
+    )
     return batch_size
 
 
@@ -69,8 +73,18 @@ class TrainStep:
       ConfigError: ``batch_size`` not divisible by the number of devices on the data axis.
     """
 
-    def __init__(self, agent: Agent, template: eqx.Module, *, batch_size: int, steps_per_dispatch: int, mesh=None,
-                 host_batches: bool = False, num_seeds: int | None = None, debug_nan_at_step: int | None = None):
+    def __init__(
+        self,
+        agent: Agent,
+        template: eqx.Module,
+        *,
+        batch_size: int,
+        steps_per_dispatch: int,
+        mesh=None,
+        host_batches: bool = False,
+        num_seeds: int | None = None,
+        debug_nan_at_step: int | None = None,
+    ):
         from macfw.parallel import batch_sharded, make_mesh, replicated
 
         self.mesh = mesh if mesh is not None else make_mesh()
@@ -118,8 +132,14 @@ class TrainStep:
             else:
                 st, metrics = jax.lax.scan(lambda c, _: one(data, c), st, None, length=self.K)
             ok = metrics["guard/finite"].reshape(metrics["guard/finite"].shape[0], -1).min(axis=1) >= 1.0  # (K,)
-            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
-                eqx.filter(st.nets, eqx.is_inexact_array))]))
+            params_ok = jnp.all(
+                jnp.stack(
+                    [
+                        jnp.all(jnp.isfinite(x))
+                        for x in jax.tree_util.tree_leaves(eqx.filter(st.nets, eqx.is_inexact_array))
+                    ]
+                )
+            )
             metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
             metrics["guard/finite"] = (metrics["guard/finite"] >= 1.0) & params_ok
             metrics["guard/first_bad"] = jnp.argmin(ok).astype(jnp.int32)
@@ -128,14 +148,20 @@ class TrainStep:
         repl = replicated(self.mesh)
         data_sharding = repl
         if host_batches:
-            from jax.sharding import NamedSharding, PartitionSpec as P
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
 
             spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
             data_sharding = NamedSharding(self.mesh, spec)
         #: XLA options of the compiled step (:func:`macfw.compiler.compiler_options`: 512-bit vectors on the CPU)
         self.compiler_options = compiler_options(self.mesh.devices.flat[0].platform)
-        self._jit = jax.jit(run, in_shardings=(data_sharding, repl), out_shardings=(repl, repl), donate_argnums=(1,),
-                            compiler_options=self.compiler_options)
+        self._jit = jax.jit(
+            run,
+            in_shardings=(data_sharding, repl),
+            out_shardings=(repl, repl),
+            donate_argnums=(1,),
+            compiler_options=self.compiler_options,
+        )
 
     def _placed(self, data, state):
         """The dataset (device mode) and the state's arrays, replicated on the mesh.
@@ -157,14 +183,30 @@ class TrainStep:
         return self._jit.lower(*self._placed(data, state))
 
 
-def make_train_step(agent: Agent, *, batch_size: int, steps_per_dispatch: int, template=None, mesh=None,
-                    host_batches: bool = False, num_seeds: int | None = None,
-                    debug_nan_at_step: int | None = None) -> TrainStep:
+def make_train_step(
+    agent: Agent,
+    *,
+    batch_size: int,
+    steps_per_dispatch: int,
+    template=None,
+    mesh=None,
+    host_batches: bool = False,
+    num_seeds: int | None = None,
+    debug_nan_at_step: int | None = None,
+) -> TrainStep:
     """Build the compiled step (see :class:`TrainStep`); ``template`` defaults to a fresh init."""
     if template is None:
         template = agent.init(agent.spec, jax.random.PRNGKey(0))
-    return TrainStep(agent, template, batch_size=batch_size, steps_per_dispatch=steps_per_dispatch, mesh=mesh,
-                     host_batches=host_batches, num_seeds=num_seeds, debug_nan_at_step=debug_nan_at_step)
+    return TrainStep(
+        agent,
+        template,
+        batch_size=batch_size,
+        steps_per_dispatch=steps_per_dispatch,
+        mesh=mesh,
+        host_batches=host_batches,
+        num_seeds=num_seeds,
+        debug_nan_at_step=debug_nan_at_step,
+    )
 
 
 #: Refresh start samples (:class:`~macfw.agents.base.RefreshSpec`) come from
@@ -240,8 +282,18 @@ class HostBatches:
     ``batch_spec`` is the agent's :class:`~macfw.agents.base.BatchSpec`.
     """
 
-    def __init__(self, data, *, key, batch_size: int, batch_spec, goal_conditioned: bool, K: int, sharding,
-                 num_seeds: int | None = None):
+    def __init__(
+        self,
+        data,
+        *,
+        key,
+        batch_size: int,
+        batch_spec,
+        goal_conditioned: bool,
+        K: int,
+        sharding,
+        num_seeds: int | None = None,
+    ):
         cpu = jax.local_devices(backend="cpu")[0]
         self.data = jax.device_put(data, cpu)
         self.key = jax.device_put(key, cpu)
@@ -255,6 +307,7 @@ class HostBatches:
                 if S is None:
                     return sample(data, k)
                 return jax.vmap(lambda kk: sample(data, kk))(jax.random.split(k, S))
+
             return jax.vmap(one)(jax.random.split(key, K))
 
         self._sample = jax.jit(sample_k)
@@ -273,6 +326,7 @@ class HostBatches:
             while s < last_step:
                 self._queue.put(self._make(s))
                 s += stride
+
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
 
@@ -294,4 +348,5 @@ def check_finite(metrics_host: dict, step: int, K: int) -> None:
     raise NonFiniteError(
         f"Non-finite value at {where}{seeds}: {terms}. The run stopped; no checkpoint was written for this state "
         "(earlier checkpoints are intact). Lower the learning rate, set a gradient clip (e.g. MAC.grad_clip), or "
-        "check the data for NaN/Inf.")
+        "check the data for NaN/Inf."
+    )

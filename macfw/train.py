@@ -26,28 +26,57 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
-import gin
 import jax
 import numpy as np
 
+import gin
+from macfw import registry
 from macfw.agents.base import Agent, param_checksum
 from macfw.checkpoint import Checkpointer, CheckpointMismatchError
 from macfw.data.ogbench_data import LoadedData
-from macfw import registry
 from macfw.errors import ConfigError, check, check_float, check_int
-from macfw.evaluation import (DEFAULT_EPISODES, DEFAULT_EVAL_SEED, DEFAULT_EXECUTE_STEPS, TaskMismatchError, eval_row,
-                            evaluate, make_actor, merge_results, resolve_batch_size, resolve_task_ids, resolve_workers,
-                            seed_params)
-from macfw.logs import json_scaler, tqdm_write, versions, write_json_atomic
+from macfw.evaluation import (
+    DEFAULT_EPISODES,
+    DEFAULT_EVAL_SEED,
+    DEFAULT_EXECUTE_STEPS,
+    TaskMismatchError,
+    eval_row,
+    evaluate,
+    make_actor,
+    merge_results,
+    resolve_batch_size,
+    resolve_task_ids,
+    resolve_workers,
+    seed_params,
+)
 from macfw.loggers import DEFAULT_LOGGERS, make_loggers, open_loggers
+from macfw.logs import json_scaler, tqdm_write, versions, write_json_atomic
 from macfw.parallel import make_mesh, put_replicated, to_host
 from macfw.signals import Preempted, Preemption
-from macfw.step import (HostBatches, NonFiniteError, Refresher, TrainStep, check_batch_size, check_finite, init_state,
-                        make_train_step)
+from macfw.step import (
+    HostBatches,
+    NonFiniteError,
+    Refresher,
+    TrainStep,
+    check_batch_size,
+    check_finite,
+    init_state,
+    make_train_step,
+)
 from macfw.workdir_lock import WorkdirBusyError, WorkdirLock
 
-__all__ = ["train", "TrainStep", "make_train_step", "HostBatches", "init_state", "NonFiniteError", "ConfigError",
-           "WorkdirError", "WorkdirBusyError", "Preempted"]
+__all__ = [
+    "train",
+    "TrainStep",
+    "make_train_step",
+    "HostBatches",
+    "init_state",
+    "NonFiniteError",
+    "ConfigError",
+    "WorkdirError",
+    "WorkdirBusyError",
+    "Preempted",
+]
 
 #: Host-mode batches are drawn from ``fold_in(PRNGKey(seed + HOST_KEY_OFFSET), step)``.
 HOST_KEY_OFFSET = 7919
@@ -58,10 +87,29 @@ class WorkdirError(PermissionError):
 
 
 # ------------------------------------------------------------------------------- 1. settings
-def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_interval, eval_interval,
-                   save_interval, batch_size, seed, num_seeds, max_to_keep, eval_episodes, eval_task_ids,
-                   execute_steps, eval_seed, device_data_limit_gb, debug_nan_at_step, data_on_device=None,
-                   loggers=DEFAULT_LOGGERS) -> dict:
+def check_settings(
+    *,
+    agent,
+    dataset,
+    mesh,
+    steps_per_dispatch,
+    num_steps,
+    log_interval,
+    eval_interval,
+    save_interval,
+    batch_size,
+    seed,
+    num_seeds,
+    max_to_keep,
+    eval_episodes,
+    eval_task_ids,
+    execute_steps,
+    eval_seed,
+    device_data_limit_gb,
+    debug_nan_at_step,
+    data_on_device=None,
+    loggers=DEFAULT_LOGGERS,
+) -> dict:
     """Check every ``train.*`` value and the agent's own configuration, before anything is loaded or
     written; returns the checked values by name (``K`` = ``steps_per_dispatch``; ``loggers``: the
     loggers built from their Gin bindings, not yet opened).
@@ -70,47 +118,70 @@ def check_settings(*, agent, dataset, mesh, steps_per_dispatch, num_steps, log_i
       ConfigError: naming the binding, the value received and the allowed range.
     """
     if not isinstance(agent, Agent):
-        raise ConfigError(f"train.agent = {agent!r} is not an agent: bind a registered one, e.g. train.agent = "
-                          f"@MAC() (registered agents: {registry.registered('agent')}).")
+        raise ConfigError(
+            f"train.agent = {agent!r} is not an agent: bind a registered one, e.g. train.agent = "
+            f"@MAC() (registered agents: {registry.registered('agent')})."
+        )
     if dataset is None:
         raise ConfigError("train.dataset = None is not a dataset: bind one, e.g. train.dataset = @OGBenchDataset().")
     K = check_int("train.steps_per_dispatch", steps_per_dispatch)
-    for name, v in dict(num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
-                        save_interval=save_interval).items():
+    for name, v in dict(
+        num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval, save_interval=save_interval
+    ).items():
         ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 and v % K == 0
         check(f"train.{name}", v, ok, f"a positive integer multiple of train.steps_per_dispatch = {K}")
     batch_size = check_batch_size(batch_size, mesh)
     max_exec = agent.chunk_len if agent.acts_in_chunks else 1
     out = dict(
-        K=K, batch_size=batch_size,
+        K=K,
+        batch_size=batch_size,
         seed=check_int("train.seed", seed, minimum=0),
         num_seeds=check_int("train.num_seeds", num_seeds, allow_none=True),
         max_to_keep=check_int("train.max_to_keep", max_to_keep, allow_none=True, note="None: keep all"),
         eval_episodes=check_int("train.eval_episodes", eval_episodes),
-        execute_steps=check_int("train.execute_steps", execute_steps, maximum=max_exec,
-                                note=f"actions per decision of {type(agent).__name__}"),
+        execute_steps=check_int(
+            "train.execute_steps",
+            execute_steps,
+            maximum=max_exec,
+            note=f"actions per decision of {type(agent).__name__}",
+        ),
         eval_seed=check_int("train.eval_seed", eval_seed, minimum=0),
         device_data_limit_gb=check_float("train.device_data_limit_gb", device_data_limit_gb, low=0.0, low_open=True),
         debug_nan_at_step=check_int("train.debug_nan_at_step", debug_nan_at_step, allow_none=True),
         loggers=make_loggers(loggers, "train.loggers"),
     )
-    check("train.eval_task_ids", eval_task_ids, eval_task_ids is None or (
-        isinstance(eval_task_ids, (tuple, list)) and len(eval_task_ids) > 0
-        and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 5 for t in eval_task_ids)),
-        "None or a non-empty tuple of task ids in 1..5")
-    check("train.data_on_device", data_on_device,
-          not (data_on_device and getattr(dataset, "sampling", "uniform") == "shard_rotation"),
-          "False or None with OGBenchDataset.sampling = 'shard_rotation' (shard rotation samples on the host)")
+    check(
+        "train.eval_task_ids",
+        eval_task_ids,
+        eval_task_ids is None
+        or (
+            isinstance(eval_task_ids, (tuple, list))
+            and len(eval_task_ids) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 5 for t in eval_task_ids)
+        ),
+        "None or a non-empty tuple of task ids in 1..5",
+    )
+    check(
+        "train.data_on_device",
+        data_on_device,
+        not (data_on_device and getattr(dataset, "sampling", "uniform") == "shard_rotation"),
+        "False or None with OGBenchDataset.sampling = 'shard_rotation' (shard rotation samples on the host)",
+    )
     agent.check_config(batch_size)
     rs = agent.refresh_spec()
     if rs is not None:
-        check(rs.binding, rs.every, rs.every % K == 0, f"a positive multiple of train.steps_per_dispatch = {K} "
-              "(the loop refreshes between compiled calls)")
+        check(
+            rs.binding,
+            rs.every,
+            rs.every % K == 0,
+            f"a positive multiple of train.steps_per_dispatch = {K} (the loop refreshes between compiled calls)",
+        )
         check(rs.binding, rs.every, rs.first % rs.every == 0, f"a divisor of the first refresh step {rs.first}")
     if eval_task_ids is not None and all(hasattr(dataset, a) for a in ("env_name", "task_mode", "task_id")):
         try:
-            resolve_task_ids(dataset.env_name, dataset.task_mode, dataset.task_id, eval_task_ids,
-                             source="train.eval_task_ids")
+            resolve_task_ids(
+                dataset.env_name, dataset.task_mode, dataset.task_id, eval_task_ids, source="train.eval_task_ids"
+            )
         except TaskMismatchError:
             raise
         except Exception:  # e.g. an unknown environment: the data loader names it
@@ -142,8 +213,9 @@ class Run:
 
 
 def _not_writable(workdir: Path, e: OSError) -> WorkdirError:
-    return WorkdirError(f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). "
-                        "Pass a writable --workdir.")
+    return WorkdirError(
+        f"Workdir {str(workdir)!r} is not writable ({type(e).__name__}: {e}). Pass a writable --workdir."
+    )
 
 
 def open_workdir(workdir) -> Path:
@@ -199,12 +271,16 @@ def claim_workdir(workdir) -> tuple[Path, WorkdirLock | None]:
             lock.release()
         raise error
     if outcome == 1:
-        raise WorkdirBusyError(f"Workdir {str(workdir)!r} is in use by another run (process 0 of this run found its "
-                               "lock held; its error names the holder). Wait for that run to finish or stop it, or "
-                               "pass a different --workdir.")
+        raise WorkdirBusyError(
+            f"Workdir {str(workdir)!r} is in use by another run (process 0 of this run found its "
+            "lock held; its error names the holder). Wait for that run to finish or stop it, or "
+            "pass a different --workdir."
+        )
     if outcome == 2:
-        raise WorkdirError(f"Workdir {str(workdir)!r} could not be opened by process 0 of this run (its error says "
-                           "why). Pass a writable --workdir.")
+        raise WorkdirError(
+            f"Workdir {str(workdir)!r} could not be opened by process 0 of this run (its error says "
+            "why). Pass a writable --workdir."
+        )
     if not lead:
         workdir = open_workdir(workdir)
     return workdir, lock
@@ -221,8 +297,17 @@ def build(workdir: Path, agent: Agent, dataset, *, mesh, seed: int, num_seeds: i
             raise ConfigError(str(e).replace("train.chunk_len", binding)) from e
     state = put_replicated(init_state(agent, loaded.spec, seed, num_seeds), mesh)
     pre.check()
-    return Run(workdir=workdir, agent=agent, loaded=loaded, mesh=mesh, state=state, seed=seed, num_seeds=num_seeds,
-               lead=jax.process_index() == 0, pre=pre)
+    return Run(
+        workdir=workdir,
+        agent=agent,
+        loaded=loaded,
+        mesh=mesh,
+        state=state,
+        seed=seed,
+        num_seeds=num_seeds,
+        lead=jax.process_index() == 0,
+        pre=pre,
+    )
 
 
 def is_sharded(data) -> bool:
@@ -246,11 +331,19 @@ def decide_placement(run: Run, *, data_on_device: bool | None, device_data_limit
     else:
         on_device = (not rotation) and nbytes < device_data_limit_gb * 2**30
     run.on_device = on_device
-    info = {"sampler": "device" if on_device else ("host-shards" if sharded else "host"), "bytes": int(nbytes),
-            "sharded": sharded}
+    info = {
+        "sampler": "device" if on_device else ("host-shards" if sharded else "host"),
+        "bytes": int(nbytes),
+        "sharded": sharded,
+    }
     if sharded:
-        info.update(num_shards=data.num_shards, sampling=data.sampling, disk_bytes=data.disk_bytes,
-                    convert_s=round(data.convert_s, 3), scaler_source=data.scaler_source)
+        info.update(
+            num_shards=data.num_shards,
+            sampling=data.sampling,
+            disk_bytes=data.disk_bytes,
+            convert_s=round(data.convert_s, 3),
+            scaler_source=data.scaler_source,
+        )
         if rotation:
             info["rotation_interval"] = data.rotation_interval
     run.data_info = info
@@ -271,15 +364,21 @@ def _check_sampler_meta(run: Run, m: dict, where: str) -> None:
         raise CheckpointMismatchError(
             f"{where} was trained on {len(old)} shard(s) but OGBenchDataset.dataset_path now holds {len(new)} "
             f"different ones (e.g. {diff}: name, rows, bytes): the data stream would change. Restore the original "
-            "shards (or set OGBenchDataset.max_shards), or start a new --workdir.")
+            "shards (or set OGBenchDataset.max_shards), or start a new --workdir."
+        )
     if saved.get("mode") == "host-shards" and not run.on_device:
         for k in ("sampling", "rotation_interval"):
-            now = data.sampling if k == "sampling" else (data.rotation_interval if data.sampling == "shard_rotation"
-                                                         else None)
+            now = (
+                data.sampling
+                if k == "sampling"
+                else (data.rotation_interval if data.sampling == "shard_rotation" else None)
+            )
             if saved.get(k) != now:
-                raise CheckpointMismatchError(f"{where} sampled its shards with {k} = {saved.get(k)!r} but the config "
-                                              f"has {now!r} (OGBenchDataset.{k}). Use the original value or a new "
-                                              "--workdir.")
+                raise CheckpointMismatchError(
+                    f"{where} sampled its shards with {k} = {saved.get(k)!r} but the config "
+                    f"has {now!r} (OGBenchDataset.{k}). Use the original value or a new "
+                    "--workdir."
+                )
 
 
 # ------------------------------------------------------------------------------- 3. restore
@@ -298,20 +397,32 @@ def _check_meta(run: Run, m: dict, s: int) -> None:
     where = f"Checkpoint step {s} in {str(run.ckpt.directory)!r}"
     agent_name = type(run.agent).__name__
     if m.get("agent", agent_name) != agent_name:
-        raise CheckpointMismatchError(f"{where} was trained by agent {m['agent']!r} but the config has "
-                                      f"train.agent = @{agent_name}(). Use the original agent or a new --workdir.")
+        raise CheckpointMismatchError(
+            f"{where} was trained by agent {m['agent']!r} but the config has "
+            f"train.agent = @{agent_name}(). Use the original agent or a new --workdir."
+        )
     saved, now = m.get("spec") or {}, run.loaded.spec.to_dict()
-    words = {"ob_dim": "observation size", "act_dim": "action size", "goal_dim": "goal size",
-             "chunk_len": "chunk length"}
-    diffs = [f"{words.get(k, k)} ({k}) {saved.get(k)} in the checkpoint but {v} in the configured data"
-             for k, v in now.items() if k in saved and saved[k] != v]
+    words = {
+        "ob_dim": "observation size",
+        "act_dim": "action size",
+        "goal_dim": "goal size",
+        "chunk_len": "chunk length",
+    }
+    diffs = [
+        f"{words.get(k, k)} ({k}) {saved.get(k)} in the checkpoint but {v} in the configured data"
+        for k, v in now.items()
+        if k in saved and saved[k] != v
+    ]
     if diffs:
         raise CheckpointMismatchError(
             f"{where} does not fit the configured data: " + "; ".join(diffs) + ". Resume with the original dataset "
-            "(OGBenchDataset.env_name, task_mode, dataset_path) and chunk length, or start a new --workdir.")
+            "(OGBenchDataset.env_name, task_mode, dataset_path) and chunk length, or start a new --workdir."
+        )
     if "num_seeds" in m and m["num_seeds"] != run.num_seeds:
-        raise CheckpointMismatchError(f"{where} was trained with train.num_seeds={m['num_seeds']!r} but the config "
-                                      f"has {run.num_seeds!r}. Use the original value or a new --workdir.")
+        raise CheckpointMismatchError(
+            f"{where} was trained with train.num_seeds={m['num_seeds']!r} but the config "
+            f"has {run.num_seeds!r}. Use the original value or a new --workdir."
+        )
     _check_sampler_meta(run, m, where)
 
 
@@ -321,8 +432,9 @@ def restore_or_initialize(run: Run, *, max_to_keep: int | None, async_checkpoint
     run.ckpt = Checkpointer(run.workdir / "checkpoints", max_to_keep=max_to_keep, async_save=async_checkpoints)
     resume_step = _agree_int(run.ckpt.latest_step())
     if resume_step is not None:
-        state, saved_meta = run.ckpt.restore(run.state, None if jax.process_count() == 1 else resume_step,
-                                             check_meta=lambda m, s: _check_meta(run, m, s))
+        state, saved_meta = run.ckpt.restore(
+            run.state, None if jax.process_count() == 1 else resume_step, check_meta=lambda m, s: _check_meta(run, m, s)
+        )
         run.state = put_replicated(state, run.mesh)
         resume_step = current_step(run.state)
         _warn_scaler_change(saved_meta, run.loaded)
@@ -342,12 +454,17 @@ def _warn_scaler_change(saved_meta: dict, loaded: LoadedData) -> None:
         saved = saved_meta.get(name)
         if saved is None or scaler is None:
             continue
-        d = max(float(np.max(np.abs(np.asarray(saved[k], np.float32) - np.asarray(getattr(scaler, k), np.float32))))
-                for k in ("lo", "hi"))
+        d = max(
+            float(np.max(np.abs(np.asarray(saved[k], np.float32) - np.asarray(getattr(scaler, k), np.float32))))
+            for k in ("lo", "hi")
+        )
         if d > 1e-6:
-            warnings.warn(f"The dataset's {name} differs from the checkpoint's (max |difference| {d:.3g}): the "
-                          "dataset changed since the checkpoint was written, so the network sees differently "
-                          "scaled inputs. Use the original dataset, or start a new --workdir.")
+            warnings.warn(
+                f"The dataset's {name} differs from the checkpoint's (max |difference| {d:.3g}): the "
+                "dataset changed since the checkpoint was written, so the network sees differently "
+                "scaled inputs. Use the original dataset, or start a new --workdir.",
+                stacklevel=2,
+            )
 
 
 # ------------------------------------------------------------------------------- 4. hooks
@@ -372,16 +489,30 @@ class LogHook:
         for lg in run.loggers:
             lg.log(step, row, "train")
         if run.pbar is not None:
-            run.pbar.set_postfix({k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}" for k, v in m.items()
-                                  if k.endswith("/loss") and k.count("/") == 1 and not k.startswith("total")})
+            run.pbar.set_postfix(
+                {
+                    k.split("/")[0][:4] + "/" + k.split("/")[1][:6]: f"{v:.3g}"
+                    for k, v in m.items()
+                    if k.endswith("/loss") and k.count("/") == 1 and not k.startswith("total")
+                }
+            )
 
 
 class EvalHook:
     """Evaluates every seed in the OGBench simulator every ``every`` gradient steps; the ``'eval'`` row
     (``eval.csv``'s columns) goes to every logger of the run."""
 
-    def __init__(self, run: Run, every: int, resume_step: int | None, *, episodes: int, task_ids, execute_steps: int,
-                 eval_seed: int):
+    def __init__(
+        self,
+        run: Run,
+        every: int,
+        resume_step: int | None,
+        *,
+        episodes: int,
+        task_ids,
+        execute_steps: int,
+        eval_seed: int,
+    ):
         self.run, self.every = run, every
         self.episodes, self.task_ids, self.execute_steps, self.eval_seed = episodes, task_ids, execute_steps, eval_seed
         self.workers = resolve_workers()  # Gin evaluate.workers (default: the CPU cores), checked before training
@@ -395,10 +526,19 @@ class EvalHook:
         out = []
         for i, params in enumerate(seed_params(run.agent, run.state, run.num_seeds)):
             actor = make_actor(run.agent, params, run.loaded.obs_scaler, run.loaded.goal_scaler)
-            out.append(evaluate(actor, run.loaded.env_name, task_mode=run.loaded.task_mode, task_ids=self.task_ids,
-                                episodes_per_task=self.episodes, execute_steps=self.execute_steps,
-                                seed=self.eval_seed + step + 1000 * i, workers=self.workers,
-                                batch_size=self.batch_size))
+            out.append(
+                evaluate(
+                    actor,
+                    run.loaded.env_name,
+                    task_mode=run.loaded.task_mode,
+                    task_ids=self.task_ids,
+                    episodes_per_task=self.episodes,
+                    execute_steps=self.execute_steps,
+                    seed=self.eval_seed + step + 1000 * i,
+                    workers=self.workers,
+                    batch_size=self.batch_size,
+                )
+            )
         return out
 
     def __call__(self, step: int, final: bool) -> bool:
@@ -422,8 +562,9 @@ class EvalHook:
 class SaveHook:
     """A checkpoint every ``every`` gradient steps, at the end, and when the run stops on a signal."""
 
-    def __init__(self, run: Run, every: int, resume_step: int | None, sigkill_after: int | None = None,
-                 sampler_state=None):
+    def __init__(
+        self, run: Run, every: int, resume_step: int | None, sigkill_after: int | None = None, sampler_state=None
+    ):
         self.run, self.every, self.last_saved, self.sigkill_after = run, every, resume_step, sigkill_after
         self.sampler_state = sampler_state  # step -> dict (host-sampled shards), saved in the meta's 'sampler'
 
@@ -468,13 +609,20 @@ def run_meta(run: Run, *, eval_settings: dict, on_device: bool, host=None) -> di
     return {
         "agent": type(run.agent).__name__,
         "batch_spec": dataclasses.asdict(run.agent.batch_spec),
-        "spec": loaded.spec.to_dict(), "obs_scaler": json_scaler(loaded.obs_scaler),
+        "spec": loaded.spec.to_dict(),
+        "obs_scaler": json_scaler(loaded.obs_scaler),
         "goal_scaler": json_scaler(loaded.goal_scaler) if loaded.goal_scaler else None,
-        "dataset_name": loaded.dataset_name, "env_name": loaded.env_name, "task_mode": loaded.task_mode,
-        "task_id": loaded.task_id, "chunk_len": loaded.spec.chunk_len, "num_seeds": run.num_seeds, "seed": run.seed,
+        "dataset_name": loaded.dataset_name,
+        "env_name": loaded.env_name,
+        "task_mode": loaded.task_mode,
+        "task_id": loaded.task_id,
+        "chunk_len": loaded.spec.chunk_len,
+        "num_seeds": run.num_seeds,
+        "seed": run.seed,
         "eval": eval_settings,
         "sampler": sampler_meta(run, on_device, host),
-        "gin_config": gin.config_str(), "versions": versions(),
+        "gin_config": gin.config_str(),
+        "versions": versions(),
     }
 
 
@@ -483,9 +631,13 @@ def summarize(run: Run, *, step: int, last_saved, eval_results: list, updates_pe
     """``summary.json`` (DESIGN §6) after a finished run."""
     res = merge_results(eval_results)
     summary = {
-        "step": step, "interrupted": False, "last_saved_step": last_saved,
+        "step": step,
+        "interrupted": False,
+        "last_saved_step": last_saved,
         "agent": type(run.agent).__name__,
-        "success": res["success"], "per_task_success": res["per_task_success"], "episodes": res["episodes"],
+        "success": res["success"],
+        "per_task_success": res["per_task_success"],
+        "episodes": res["episodes"],
         "updates_per_s": updates_per_s,
         "wall_time_s": time.time() - run.t_start,
         "param_checksum": param_checksum(jax.tree_util.tree_map(to_host, eqx.filter(run.state, eqx.is_array))),
@@ -507,15 +659,32 @@ def summarize(run: Run, *, step: int, last_saved, eval_results: list, updates_pe
 
 # ------------------------------------------------------------------------------- the loop
 @gin.configurable
-def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, *,
-          seed: int = 0, num_seeds: int | None = None, num_steps: int = 1_000_000, batch_size: int = 1024,
-          steps_per_dispatch: int = 1, log_interval: int = 1000, eval_interval: int = 100_000,
-          save_interval: int = 100_000, max_to_keep: int | None = 3, eval_episodes: int = DEFAULT_EPISODES,
-          eval_task_ids: tuple[int, ...] | None = None, execute_steps: int = DEFAULT_EXECUTE_STEPS,
-          eval_seed: int = DEFAULT_EVAL_SEED, async_checkpoints: bool = True, progress: bool = True,
-          data_on_device: bool | None = None, device_data_limit_gb: float = 8.0,
-          debug_nan_at_step: int | None = None, debug_sigkill_after_save: int | None = None,
-          loggers: tuple[str, ...] = DEFAULT_LOGGERS) -> dict:
+def train(
+    workdir: str | os.PathLike,
+    agent: Agent | None = None,
+    dataset=None,
+    *,
+    seed: int = 0,
+    num_seeds: int | None = None,
+    num_steps: int = 1_000_000,
+    batch_size: int = 1024,
+    steps_per_dispatch: int = 1,
+    log_interval: int = 1000,
+    eval_interval: int = 100_000,
+    save_interval: int = 100_000,
+    max_to_keep: int | None = 3,
+    eval_episodes: int = DEFAULT_EPISODES,
+    eval_task_ids: tuple[int, ...] | None = None,
+    execute_steps: int = DEFAULT_EXECUTE_STEPS,
+    eval_seed: int = DEFAULT_EVAL_SEED,
+    async_checkpoints: bool = True,
+    progress: bool = True,
+    data_on_device: bool | None = None,
+    device_data_limit_gb: float = 8.0,
+    debug_nan_at_step: int | None = None,
+    debug_sigkill_after_save: int | None = None,
+    loggers: tuple[str, ...] = DEFAULT_LOGGERS,
+) -> dict:
     """Train ``agent`` on ``dataset`` in ``workdir``, resuming from its newest checkpoint; returns the summary.
 
     Args:
@@ -565,12 +734,28 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
     mesh = make_mesh()
-    c = check_settings(agent=agent, dataset=dataset, mesh=mesh, steps_per_dispatch=steps_per_dispatch,
-                       num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval,
-                       save_interval=save_interval, batch_size=batch_size, seed=seed, num_seeds=num_seeds,
-                       max_to_keep=max_to_keep, eval_episodes=eval_episodes, eval_task_ids=eval_task_ids,
-                       execute_steps=execute_steps, eval_seed=eval_seed, device_data_limit_gb=device_data_limit_gb,
-                       debug_nan_at_step=debug_nan_at_step, data_on_device=data_on_device, loggers=loggers)
+    c = check_settings(
+        agent=agent,
+        dataset=dataset,
+        mesh=mesh,
+        steps_per_dispatch=steps_per_dispatch,
+        num_steps=num_steps,
+        log_interval=log_interval,
+        eval_interval=eval_interval,
+        save_interval=save_interval,
+        batch_size=batch_size,
+        seed=seed,
+        num_seeds=num_seeds,
+        max_to_keep=max_to_keep,
+        eval_episodes=eval_episodes,
+        eval_task_ids=eval_task_ids,
+        execute_steps=execute_steps,
+        eval_seed=eval_seed,
+        device_data_limit_gb=device_data_limit_gb,
+        debug_nan_at_step=debug_nan_at_step,
+        data_on_device=data_on_device,
+        loggers=loggers,
+    )
     K = c["K"]
     workdir, lock = claim_workdir(workdir)  # before anything in workdir is read or changed
     try:
@@ -580,57 +765,101 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
         with pre:
             try:
                 run = build(workdir, agent, dataset, mesh=mesh, seed=seed, num_seeds=num_seeds, pre=pre)
-                eval_task_ids = resolve_task_ids(run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id,
-                                                 eval_task_ids)
-                on_device = decide_placement(run, data_on_device=data_on_device,
-                                             device_data_limit_gb=device_data_limit_gb)
+                eval_task_ids = resolve_task_ids(
+                    run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id, eval_task_ids
+                )
+                on_device = decide_placement(
+                    run, data_on_device=data_on_device, device_data_limit_gb=device_data_limit_gb
+                )
                 resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)
                 progress_state.update(step=resume_step or 0, last_saved=resume_step)
                 if run.lead:
                     (workdir / "config.gin").write_text(gin.config_str())
 
                 sharded = is_sharded(run.loaded.data)
-                step_fn = TrainStep(agent, run.state, batch_size=batch_size, steps_per_dispatch=K, mesh=run.mesh,
-                                    host_batches=not on_device, num_seeds=num_seeds,
-                                    debug_nan_at_step=debug_nan_at_step)
+                step_fn = TrainStep(
+                    agent,
+                    run.state,
+                    batch_size=batch_size,
+                    steps_per_dispatch=K,
+                    mesh=run.mesh,
+                    host_batches=not on_device,
+                    num_seeds=num_seeds,
+                    debug_nan_at_step=debug_nan_at_step,
+                )
                 data = None
                 if on_device:  # sharded data that fits: all shards in memory, sampled inside the step
-                    data = put_replicated(run.loaded.data.to_chunk_data(agent.batch_spec.window) if sharded
-                                          else run.loaded.data, run.mesh)
+                    data = put_replicated(
+                        run.loaded.data.to_chunk_data(agent.batch_spec.window) if sharded else run.loaded.data, run.mesh
+                    )
                 host = None
                 if not on_device:
-                    from jax.sharding import NamedSharding, PartitionSpec as P
+                    from jax.sharding import NamedSharding
+                    from jax.sharding import PartitionSpec as P
 
                     spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
                     host_key = jax.random.PRNGKey(seed + HOST_KEY_OFFSET)
                     if sharded:
                         from macfw.data.host_sampler import ShardedBatches, ShardSampler
 
-                        sampler = ShardSampler(run.loaded.data, batch_spec=agent.batch_spec,
-                                               goal_conditioned=run.loaded.spec.goal_conditioned, key=host_key)
-                        host = ShardedBatches(sampler, batch_size=batch_size, K=K,
-                                              sharding=NamedSharding(run.mesh, spec),
-                                              num_seeds=num_seeds, prefetch=getattr(dataset, "prefetch", 2),
-                                              threads=getattr(dataset, "prefetch_threads", 1))
+                        sampler = ShardSampler(
+                            run.loaded.data,
+                            batch_spec=agent.batch_spec,
+                            goal_conditioned=run.loaded.spec.goal_conditioned,
+                            key=host_key,
+                        )
+                        host = ShardedBatches(
+                            sampler,
+                            batch_size=batch_size,
+                            K=K,
+                            sharding=NamedSharding(run.mesh, spec),
+                            num_seeds=num_seeds,
+                            prefetch=getattr(dataset, "prefetch", 2),
+                            threads=getattr(dataset, "prefetch_threads", 1),
+                        )
                     else:
-                        host = HostBatches(run.loaded.data, key=host_key,
-                                           batch_size=batch_size, batch_spec=agent.batch_spec,
-                                           goal_conditioned=run.loaded.spec.goal_conditioned, K=K,
-                                           sharding=NamedSharding(run.mesh, spec), num_seeds=num_seeds)
-                refresher = (Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
-                             if agent.refresh_spec() is not None else None)
-                eval_settings = dict(episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed,
-                                     task_ids=list(eval_task_ids))
+                        host = HostBatches(
+                            run.loaded.data,
+                            key=host_key,
+                            batch_size=batch_size,
+                            batch_spec=agent.batch_spec,
+                            goal_conditioned=run.loaded.spec.goal_conditioned,
+                            K=K,
+                            sharding=NamedSharding(run.mesh, spec),
+                            num_seeds=num_seeds,
+                        )
+                refresher = (
+                    Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
+                    if agent.refresh_spec() is not None
+                    else None
+                )
+                eval_settings = dict(
+                    episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed, task_ids=list(eval_task_ids)
+                )
                 run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
                 if run.lead:  # the others log nothing
-                    open_loggers(c["loggers"], workdir, resume_step=resume_step, config_str=gin.config_str(),
-                                 opened=run.loggers)
+                    open_loggers(
+                        c["loggers"], workdir, resume_step=resume_step, config_str=gin.config_str(), opened=run.loggers
+                    )
                 logger = LogHook(run, log_interval, resume_step)
-                evaluator = EvalHook(run, eval_interval, resume_step, episodes=eval_episodes, task_ids=eval_task_ids,
-                                     execute_steps=execute_steps, eval_seed=eval_seed)
-                saver = SaveHook(run, save_interval, resume_step, sigkill_after=check_int(
-                    "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True),
-                    sampler_state=getattr(host, "state", None))
+                evaluator = EvalHook(
+                    run,
+                    eval_interval,
+                    resume_step,
+                    episodes=eval_episodes,
+                    task_ids=eval_task_ids,
+                    execute_steps=execute_steps,
+                    eval_seed=eval_seed,
+                )
+                saver = SaveHook(
+                    run,
+                    save_interval,
+                    resume_step,
+                    sigkill_after=check_int(
+                        "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True
+                    ),
+                    sampler_state=getattr(host, "state", None),
+                )
                 step = current_step(run.state)
                 if progress and run.lead:
                     from tqdm import tqdm
@@ -668,10 +897,14 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                     progress_state["last_saved"] = saver.last_saved
                     if stop:
                         interrupted = True
-                        who = (f"signal {pre.received}" if pre.received is not None
-                               else "another process of this run got a signal")
-                        tqdm_write(run.pbar, f"[macfw] {who}: saving step {step}; exiting. "
-                                             "Re-run the same command to resume.")
+                        who = (
+                            f"signal {pre.received}"
+                            if pre.received is not None
+                            else "another process of this run got a signal"
+                        )
+                        tqdm_write(
+                            run.pbar, f"[macfw] {who}: saving step {step}; exiting. Re-run the same command to resume."
+                        )
                         break
                 run.ckpt.wait()
                 if hasattr(host, "close"):
@@ -683,14 +916,19 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
                             evaluator.last = evaluator.evaluate(step)
             except Preempted as p:
                 pre.immediate = False
-                summary = {"step": progress_state["step"], "interrupted": True,
-                           "last_saved_step": progress_state["last_saved"],
-                           "signal": int(p.args[0]) if p.args else None}
+                summary = {
+                    "step": progress_state["step"],
+                    "interrupted": True,
+                    "last_saved_step": progress_state["last_saved"],
+                    "signal": int(p.args[0]) if p.args else None,
+                }
                 last = progress_state["last_saved"]
-                tqdm_write(run.pbar if run else None,
-                           f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
-                           + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
-                           + ". Re-run the same command to resume.")
+                tqdm_write(
+                    run.pbar if run else None,
+                    f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
+                    + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
+                    + ". Re-run the same command to resume.",
+                )
             except BaseException:
                 pre.immediate = False
                 if run is not None:
@@ -704,8 +942,13 @@ def train(workdir: str | os.PathLike, agent: Agent | None = None, dataset=None, 
         if summary.get("interrupted") or not run.lead:
             return summary
         (workdir / "config.gin").write_text(gin.operative_config_str())
-        summary = summarize(run, step=step, last_saved=saver.last_saved, eval_results=evaluator.last,
-                            updates_per_s=timed_steps / train_time if train_time > 0 else None)
+        summary = summarize(
+            run,
+            step=step,
+            last_saved=saver.last_saved,
+            eval_results=evaluator.last,
+            updates_per_s=timed_steps / train_time if train_time > 0 else None,
+        )
         write_json_atomic(workdir / "summary.json", summary)
         return summary
     finally:
@@ -723,9 +966,13 @@ def _close_quietly(objs, ckpt) -> None:
             try:
                 obj.close()
             except Exception as e:
-                warnings.warn(f"While stopping, closing {type(obj).__name__} failed ({type(e).__name__}: {e}).")
+                warnings.warn(
+                    f"While stopping, closing {type(obj).__name__} failed ({type(e).__name__}: {e}).", stacklevel=2
+                )
     if ckpt is not None:
         try:
             ckpt.close()
         except Exception as e:  # the original error matters more; say what happened to the save
-            warnings.warn(f"While stopping, the last checkpoint save failed too ({type(e).__name__}: {e}).")
+            warnings.warn(
+                f"While stopping, the last checkpoint save failed too ({type(e).__name__}: {e}).", stacklevel=2
+            )

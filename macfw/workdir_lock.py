@@ -36,7 +36,7 @@ from pathlib import Path
 
 LOCK_FILE = ".lock"
 
-_HELD: dict[str, "WorkdirLock"] = {}  # real path of the workdir -> the lock this process holds on it
+_HELD: dict[str, WorkdirLock] = {}  # real path of the workdir -> the lock this process holds on it
 _HELD_GUARD = threading.Lock()
 _UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
@@ -108,7 +108,7 @@ class WorkdirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         """Take the lock without waiting and write this process into the lock file.
 
         Returns:
@@ -132,14 +132,22 @@ class WorkdirLock:
                 raise WorkdirBusyError(
                     f"Workdir {str(self.workdir)!r} is in use by another run: {_describe_holder(self.workdir)} holds "
                     f"its lock {str(self.path)!r}. Wait for that run to finish or stop it (re-running the same "
-                    "command afterwards resumes from its newest checkpoint), or pass a different --workdir.") from None
+                    "command afterwards resumes from its newest checkpoint), or pass a different --workdir."
+                ) from None
             except OSError as e:
                 if e.errno not in _UNSUPPORTED:
                     raise
-                warnings.warn(f"The filesystem of {str(self.workdir)!r} refuses file locks ({e}): two runs started "
-                              "on this workdir at once would not be stopped. Make sure only one run uses it.")
-            record = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started_unix": time.time()}
+                warnings.warn(
+                    f"The filesystem of {str(self.workdir)!r} refuses file locks ({e}): two runs started "
+                    "on this workdir at once would not be stopped. Make sure only one run uses it.",
+                    stacklevel=2,
+                )
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "started_unix": time.time(),
+            }
             data = (json.dumps(record) + "\n").encode()
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
@@ -165,7 +173,7 @@ class WorkdirLock:
                 del _HELD[_key(self.workdir)]
         os.close(fd)
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -29,7 +29,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # A user's own XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2, as CI's second pass) are kept and these added.
 _FAST = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 _flags = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _FAST if f.split("=")[0] not in {x.split("=")[0] for x in _flags}])
+os.environ["XLA_FLAGS"] = " ".join(
+    _flags + [f for f in _FAST if f.split("=")[0] not in {x.split("=")[0] for x in _flags}]
+)
 
 
 import pytest  # noqa: E402

@@ -51,7 +51,6 @@ def _claim(claims: Path, name: str) -> bool:
 def worker(files: list[str], out_dir: Path, bindings: list[str]) -> None:
     """Train each not-yet-claimed file of ``files`` in this process; write ``out_dir/<stem>.json``."""
     import gin
-
     import macfw.run
 
     claims = out_dir / "claims"
@@ -65,8 +64,17 @@ def worker(files: list[str], out_dir: Path, bindings: list[str]) -> None:
         result = {"file": f, "workdir": str(workdir)}
         try:
             gin.clear_config()
-            rc = macfw.run.main(["--gin_file", f, "--gin_file", str(BUDGET), "--workdir", str(workdir),
-                                 *[x for b in bindings for x in ("--gin_bindings", b)]])
+            rc = macfw.run.main(
+                [
+                    "--gin_file",
+                    f,
+                    "--gin_file",
+                    str(BUDGET),
+                    "--workdir",
+                    str(workdir),
+                    *[x for b in bindings for x in ("--gin_bindings", b)],
+                ]
+            )
             result.update(rc=rc, ok=rc == 0)
         except BaseException:  # noqa: BLE001 - reported to the test
             result.update(rc=None, ok=False, error=traceback.format_exc())
@@ -80,16 +88,16 @@ def worker(files: list[str], out_dir: Path, bindings: list[str]) -> None:
 # ============================================================================================ tests
 if __name__ != "__main__":
     import equinox as eqx
-    import gin
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     import pytest
 
+    import gin
     import macfw.run
     from macfw import registry
-    from macfw.agents.fql import DirectSampler, FQLActor, MACFQL
+    from macfw.agents.fql import MACFQL, DirectSampler, FQLActor
     from macfw.agents.mac import MAC
     from macfw.nn.flow import FlowPolicy
     from macfw.nn.gaussian import GaussianPolicy
@@ -131,10 +139,20 @@ if __name__ != "__main__":
     def _fql(alpha=0.3, policy=None, **kw):
         from macfw.nn.models import ChunkDynamics, RewardModel, StateValue, SuccessModel
 
-        return MACFQL(dynamics=_tiny(ChunkDynamics), policy=policy or _tiny(FlowPolicy, flow_steps=3, distill=False),
-                      critic=_tiny(QCritic), value=_tiny(StateValue), success=_tiny(SuccessModel),
-                      reward=_tiny(RewardModel), actor=_tiny(FQLActor), sampler=DirectSampler(),
-                      horizon=2, rollout_batch_size=8, alpha=alpha, **kw)
+        return MACFQL(
+            dynamics=_tiny(ChunkDynamics),
+            policy=policy or _tiny(FlowPolicy, flow_steps=3, distill=False),
+            critic=_tiny(QCritic),
+            value=_tiny(StateValue),
+            success=_tiny(SuccessModel),
+            reward=_tiny(RewardModel),
+            actor=_tiny(FQLActor),
+            sampler=DirectSampler(),
+            horizon=2,
+            rollout_batch_size=8,
+            alpha=alpha,
+            **kw,
+        )
 
     # -------------------------------------------------------------------------- GaussianPolicy
     def test_gaussian_registered_and_sample_shapes_bounds():
@@ -223,8 +241,7 @@ if __name__ != "__main__":
 
     # -------------------------------------------------------------------------- MACFQL
     def test_macfql_gin_selectable_and_inherits_mac_bindings():
-        gin.parse_config("train.agent = @MACFQL()\nMAC.sampler = @DirectSampler()\nMAC.horizon = 4\n"
-                         "MACFQL.alpha = 0.5")
+        gin.parse_config("train.agent = @MACFQL()\nMAC.sampler = @DirectSampler()\nMAC.horizon = 4\nMACFQL.alpha = 0.5")
         assert gin.query_parameter("train.agent").selector == "MACFQL"
         agent = MACFQL()
         assert isinstance(agent, MAC)
@@ -254,8 +271,11 @@ if __name__ != "__main__":
         assert int(new.step) == 1
         for k in ("actor/loss", "actor/q_loss", "actor/distill_loss", "critic/loss", "flow/loss"):
             assert np.isfinite(float(metrics[k])), k
-        moved = jax.tree_util.tree_map(lambda a, b_: float(jnp.abs(a - b_).max()),
-                                       eqx.filter(state.nets.actor, eqx.is_array), eqx.filter(new.nets.actor, eqx.is_array))
+        moved = jax.tree_util.tree_map(
+            lambda a, b_: float(jnp.abs(a - b_).max()),
+            eqx.filter(state.nets.actor, eqx.is_array),
+            eqx.filter(new.nets.actor, eqx.is_array),
+        )
         assert max(jax.tree_util.tree_leaves(moved)) > 0  # the optimiser trains the actor
         actor = new.nets.actor
         # acting: exactly the clipped actor chunk for the key's noise
@@ -265,8 +285,9 @@ if __name__ != "__main__":
         np.testing.assert_allclose(np.asarray(chunk), want.reshape(spec.chunk_len, spec.act_dim), rtol=1e-5, atol=1e-5)
         # rollouts take their chunks from the actor too (MAC's key layout: split by step, then by state)
         k0 = jax.random.split(jax.random.split(jax.random.PRNGKey(4), H)[0], Br)[0]
-        want0 = np.clip(np.asarray(actor(batch["obs"][0], batch["value_goals"][0],
-                                         jax.random.normal(k0, (spec.chunk_dim,)))), -1, 1)
+        want0 = np.clip(
+            np.asarray(actor(batch["obs"][0], batch["value_goals"][0], jax.random.normal(k0, (spec.chunk_dim,)))), -1, 1
+        )
         np.testing.assert_allclose(np.asarray(roll["actions"][0, 0]), want0, rtol=1e-5, atol=1e-5)
 
     def test_macfql_loss_adds_alpha_times_distillation_and_spares_the_critic(fql):
@@ -302,16 +323,20 @@ if __name__ != "__main__":
         spec, a3, a0, state, batch = fql
         key = jax.random.PRNGKey(5)
         nets = state.nets
-        big = eqx.tree_at(lambda n: n.policy, nets, jax.tree_util.tree_map(
-            lambda x: 4.0 * x if eqx.is_inexact_array(x) else x, nets.policy))  # a flow with large velocities
+        big = eqx.tree_at(
+            lambda n: n.policy,
+            nets,
+            jax.tree_util.tree_map(lambda x: 4.0 * x if eqx.is_inexact_array(x) else x, nets.policy),
+        )  # a flow with large velocities
         s, g = batch["obs"], batch[a3.actor_goals]
         z = jax.vmap(big.actor.noise)(jax.random.split(key, s.shape[0]))
         solved = jax.vmap(big.policy.solve)(s, g, z)
         assert float(jnp.max(jnp.abs(solved))) > 1.0  # the case where clipping matters
         A = jax.vmap(big.actor)(s, g, z)
         _, m = a3.actor_loss(big, batch, key)
-        np.testing.assert_allclose(float(m["actor/distill_loss"]), float(jnp.mean((A - jnp.clip(solved, -1, 1)) ** 2)),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            float(m["actor/distill_loss"]), float(jnp.mean((A - jnp.clip(solved, -1, 1)) ** 2)), rtol=1e-5
+        )
 
     def test_macfql_requires_a_flow_policy():
         agent = _fql(policy=_tiny(GaussianPolicy))
@@ -337,8 +362,17 @@ if __name__ != "__main__":
 
     def test_ablation_files_exist():
         names = {p.stem for p in ABLATIONS}
-        assert {"chunk1", "chunk5", "chunk25", "mac_gau", "mac_fql", "no_distill", "candidates_n1",
-                "candidates_n64", "open_loop"} <= names
+        assert {
+            "chunk1",
+            "chunk5",
+            "chunk25",
+            "mac_gau",
+            "mac_fql",
+            "no_distill",
+            "candidates_n1",
+            "candidates_n64",
+            "open_loop",
+        } <= names
         for p in ABLATIONS:
             text = p.read_text()
             assert text.startswith("# Ablation"), p.name  # the comment header
@@ -358,8 +392,16 @@ if __name__ != "__main__":
 
     def test_smoke_budget_binds_no_method_choice():
         budget = _bindings_of(BUDGET)
-        assert not {"CHUNK", "GAMMA", "MAC.policy", "MAC.sampler", "train.agent", "train.execute_steps",
-                    "train.chunk_len", "FlowPolicy.distill"} & set(budget)
+        assert not {
+            "CHUNK",
+            "GAMMA",
+            "MAC.policy",
+            "MAC.sampler",
+            "train.agent",
+            "train.execute_steps",
+            "train.chunk_len",
+            "FlowPolicy.distill",
+        } & set(budget)
         assert not any(k.startswith(("RejectionSampler.", "MACFQL.", "GaussianPolicy.")) for k in budget)
         assert not [ln for ln in BUDGET.read_text().splitlines() if ln.strip().startswith("include")]
 
@@ -399,17 +441,32 @@ if __name__ != "__main__":
         t0 = time.time()
         # the tiny dataset, generated once for all workers
         gen = subprocess.run(
-            [sys.executable, "-c",
-             "import macfw.run, macfw.data.ogbench_data as d; "
-             f"macfw.run.parse_gin([{str(BUDGET)!r}], []); print(d.OGBenchDataset().resolve_path())"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-c",
+                "import macfw.run, macfw.data.ogbench_data as d; "
+                f"macfw.run.parse_gin([{str(BUDGET)!r}], []); print(d.OGBenchDataset().resolve_path())",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
         n_workers = int(os.environ.get("MACFW_ABLATION_WORKERS", min(2, os.cpu_count() or 1, len(files))))
         procs = []
         for i in range(max(1, n_workers)):
             log = open(root / f"worker{i}.log", "w")
-            cmd = [sys.executable, __file__, "--worker", "--out", str(root), *[b for b in E2E_BINDINGS for b in
-                                                                          ("--binding", b)], *files]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--out",
+                str(root),
+                *[b for b in E2E_BINDINGS for b in ("--binding", b)],
+                *files,
+            ]
             procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         for p, log in procs:
             try:
@@ -423,8 +480,10 @@ if __name__ != "__main__":
         for f in files:
             r = root / f"{Path(f).stem}.json"
             results[Path(f).stem] = json.loads(r.read_text()) if r.exists() else None
-        print(f"\n[test_ablations] {len(files)} ablations in {time.time() - t0:.0f} s with {len(procs)} workers: " +
-              ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in results.items() if v))
+        print(
+            f"\n[test_ablations] {len(files)} ablations in {time.time() - t0:.0f} s with {len(procs)} workers: "
+            + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in results.items() if v)
+        )
         return results, logs
 
     @pytest.mark.slow

@@ -23,17 +23,26 @@ import sys
 import warnings
 from pathlib import Path
 
-import gin
 import numpy as np
 import pytest
 
+import gin
 from macfw.data import generate as gen
 from macfw.data.ogbench_data import DatasetError, OGBenchDataset
 
 REPO = Path(__file__).resolve().parents[1]
 #: The paper's tables (DESIGN §11): goal-conditioned and single-task environments.
-PAPER_ENVS = ("cube-single", "cube-double", "cube-octuple", "scene", "puzzle-3x3", "puzzle-4x4", "puzzle-4x5",
-              "humanoidmaze-medium", "humanoidmaze-giant")
+PAPER_ENVS = (
+    "cube-single",
+    "cube-double",
+    "cube-octuple",
+    "scene",
+    "puzzle-3x3",
+    "puzzle-4x4",
+    "puzzle-4x5",
+    "humanoidmaze-medium",
+    "humanoidmaze-giant",
+)
 LENGTH = 60
 
 
@@ -61,8 +70,14 @@ def _env_bindings(env: str) -> dict:
         ds = OGBenchDataset()
     finally:
         gin.clear_config()
-    return dict(env_name=ds.env_name, dataset_type=ds.dataset_type, num_episodes=ds.num_episodes,
-                episode_length=ds.episode_length, rotation_interval=ds.rotation_interval, task_id=ds.task_id)
+    return dict(
+        env_name=ds.env_name,
+        dataset_type=ds.dataset_type,
+        num_episodes=ds.num_episodes,
+        episode_length=ds.episode_length,
+        rotation_interval=ds.rotation_interval,
+        task_id=ds.task_id,
+    )
 
 
 @pytest.mark.parametrize("env", PAPER_ENVS + ("puzzle-4x6",))
@@ -86,11 +101,13 @@ def test_generation_covers_every_ogbench_manipulation_environment():
     """SUPPORTED_ENVS == OGBench's registered state-based manipulation environments (the visual-*
     variants excepted: image observations); an environment OGBench adds fails here."""
     import gymnasium
-
     import ogbench.manipspace  # noqa: F401
 
-    registered = {k[:-3] for k, spec in gymnasium.registry.items()
-                  if "manipspace" in str(spec.entry_point) and k.endswith("-v0") and "singletask" not in k}
+    registered = {
+        k[:-3]
+        for k, spec in gymnasium.registry.items()
+        if "manipspace" in str(spec.entry_point) and k.endswith("-v0") and "singletask" not in k
+    }
     state_based = {e for e in registered if not e.startswith("visual-")}
     assert state_based == set(gen.SUPPORTED_ENVS), sorted(state_based ^ set(gen.SUPPORTED_ENVS))
     assert "cube-octuple" in state_based and {"puzzle-4x5", "puzzle-4x6"} <= state_based
@@ -118,8 +135,21 @@ def octuple(tmp_path_factory):
     layout of its cache (so OGBenchDataset finds it)."""
     cache = tmp_path_factory.mktemp("octuple-cache")
     with _quiet():
-        gen.main(["--dataset", "cube-octuple-play-v0", "--episodes", "2", "--episode-length", str(LENGTH),
-                  "--workers", "1", "--out", str(cache / "datasets"), "--no-progress"])
+        gen.main(
+            [
+                "--dataset",
+                "cube-octuple-play-v0",
+                "--episodes",
+                "2",
+                "--episode-length",
+                str(LENGTH),
+                "--workers",
+                "1",
+                "--out",
+                str(cache / "datasets"),
+                "--no-progress",
+            ]
+        )
     return cache
 
 
@@ -137,16 +167,18 @@ def test_cube_octuple_generates_and_loads_through_ogbench_and_macfw(octuple):
     assert np.abs(cubes[LENGTH - 1] - cubes[0]).max() > 1e-3  # the oracle moved a cube in 60 steps
 
     with _quiet():
-        env, train, val = ogbench.make_env_and_datasets("cube-octuple-play-oraclerep-v0", dataset_path=str(path),
-                                                        compact_dataset=True)
+        env, train, val = ogbench.make_env_and_datasets(
+            "cube-octuple-play-oraclerep-v0", dataset_path=str(path), compact_dataset=True
+        )
     env.close()
     assert train["oracle_reps"].shape == (n, 24) and val["observations"].shape == (LENGTH, 91)
     np.testing.assert_allclose(train["oracle_reps"][:, :3], (cubes[:, 0] - [0.425, 0, 0]) * 10, rtol=1e-5, atol=1e-5)
 
     for mode, goal_dim in (("oraclerep", 24), ("singletask", 0)):
         with _quiet():
-            loaded = OGBenchDataset(env_name="cube-octuple", task_mode=mode, num_episodes=2, episode_length=LENGTH,
-                                    cache_dir=str(octuple)).load(5)
+            loaded = OGBenchDataset(
+                env_name="cube-octuple", task_mode=mode, num_episodes=2, episode_length=LENGTH, cache_dir=str(octuple)
+            ).load(5)
         assert (loaded.spec.ob_dim, loaded.spec.act_dim, loaded.spec.goal_dim) == (91, 5, goal_dim)
         assert loaded.num_transitions == n
     assert {p.name for p in (octuple / "datasets").iterdir()} == {path.name, gen.val_dataset_path(path).name}
@@ -154,8 +186,14 @@ def test_cube_octuple_generates_and_loads_through_ogbench_and_macfw(octuple):
 
 def test_puzzle_4x5_generates_and_loads(tmp_path):
     with _quiet():
-        loaded = OGBenchDataset(env_name="puzzle-4x5", task_mode="oraclerep", num_episodes=1, episode_length=LENGTH,
-                                cache_dir=str(tmp_path), workers=1).load(5)
+        loaded = OGBenchDataset(
+            env_name="puzzle-4x5",
+            task_mode="oraclerep",
+            num_episodes=1,
+            episode_length=LENGTH,
+            cache_dir=str(tmp_path),
+            workers=1,
+        ).load(5)
     data = _load_npz(tmp_path / "datasets" / gen.dataset_filename("puzzle-4x5-play-v0", 1, LENGTH, 0))
     assert data["button_states"].shape == (LENGTH, 20) and set(np.unique(data["button_states"])) <= {0, 1}
     assert (loaded.spec.ob_dim, loaded.spec.act_dim, loaded.spec.goal_dim) == (99, 5, 20)  # goal: the 20 buttons
@@ -164,14 +202,33 @@ def test_puzzle_4x5_generates_and_loads(tmp_path):
 # ============================================================================ locomotion: one clear line
 def _assert_locomotion_message(msg: str, name: str):
     assert "\n" not in msg
-    for needle in ("expert policies", "a download", f"https://rail.eecs.berkeley.edu/datasets/ogbench/{name}.npz",
-                   f"{name}-val.npz", "OGBenchDataset.dataset_path", f"{name}-000.npz"):
+    for needle in (
+        "expert policies",
+        "a download",
+        f"https://rail.eecs.berkeley.edu/datasets/ogbench/{name}.npz",
+        f"{name}-val.npz",
+        "OGBenchDataset.dataset_path",
+        f"{name}-000.npz",
+    ):
         assert needle in msg, (needle, msg)
 
 
 def test_generating_navigate_data_is_one_line_from_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "macfw.data.generate", "--dataset", "humanoidmaze-medium-navigate-v0",
-                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "macfw.data.generate",
+            "--dataset",
+            "humanoidmaze-medium-navigate-v0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m macfw.data.generate: error: Cannot generate"), r.stderr
@@ -190,9 +247,18 @@ def test_generating_navigate_data_is_one_line_from_the_command_line(tmp_path):
 def test_a_run_without_a_dataset_path_for_navigate_data_stops_with_one_line(tmp_path, capsys):
     import macfw.run
 
-    rc = macfw.run.main(["--gin_file", str(REPO / "gin/baselines/gciql.gin"), "--gin_file",
-                         str(REPO / "gin/envs/humanoidmaze-medium.gin"), "--gin_bindings", "train.progress = False",
-                         "--workdir", str(tmp_path / "run")])
+    rc = macfw.run.main(
+        [
+            "--gin_file",
+            str(REPO / "gin/baselines/gciql.gin"),
+            "--gin_file",
+            str(REPO / "gin/envs/humanoidmaze-medium.gin"),
+            "--gin_bindings",
+            "train.progress = False",
+            "--workdir",
+            str(tmp_path / "run"),
+        ]
+    )
     gin.clear_config()
     out = capsys.readouterr()
     assert rc == 2 and "Traceback" not in out.err
@@ -265,8 +331,13 @@ def test_official_humanoidmaze_file_loads(official, tmp_path):
     raw = _load_npz(path)
     chunk = 10
     with _quiet():
-        ds = OGBenchDataset(env_name="humanoidmaze-medium", dataset_type="navigate", task_mode="oraclerep",
-                            dataset_path=str(path), cache_dir=str(tmp_path))
+        ds = OGBenchDataset(
+            env_name="humanoidmaze-medium",
+            dataset_type="navigate",
+            task_mode="oraclerep",
+            dataset_path=str(path),
+            cache_dir=str(tmp_path),
+        )
         loaded = ds.load(chunk)
     assert ds.dataset_name == "humanoidmaze-medium-navigate-oraclerep-v0"
     assert (loaded.spec.ob_dim, loaded.spec.act_dim, loaded.spec.goal_dim) == (69, 21, 2)
@@ -277,8 +348,14 @@ def test_official_humanoidmaze_file_loads(official, tmp_path):
     assert np.all(starts // MEDIUM_LEN == (starts + chunk) // MEDIUM_LEN)
 
     with _quiet():
-        st = OGBenchDataset(env_name="humanoidmaze-medium", dataset_type="navigate", task_mode="singletask",
-                            task_id=1, dataset_path=str(path), cache_dir=str(tmp_path)).load(chunk)
+        st = OGBenchDataset(
+            env_name="humanoidmaze-medium",
+            dataset_type="navigate",
+            task_mode="singletask",
+            task_id=1,
+            dataset_path=str(path),
+            cache_dir=str(tmp_path),
+        ).load(chunk)
     assert st.spec.goal_dim == 0 and set(np.unique(np.asarray(st.data.rewards))) <= {-1.0, 0.0}
 
 
@@ -295,9 +372,15 @@ def test_official_humanoidmaze_shards_load_and_rotate(official, tmp_path):
     assert parse_shard_name("humanoidmaze-giant-navigate-v0-024-val.npz") is None
 
     with _quiet():
-        ds = OGBenchDataset(env_name="humanoidmaze-giant", dataset_type="navigate", task_mode="oraclerep",
-                            dataset_path=str(official["giant"]), cache_dir=str(tmp_path), sampling="shard_rotation",
-                            rotation_interval=4000)
+        ds = OGBenchDataset(
+            env_name="humanoidmaze-giant",
+            dataset_type="navigate",
+            task_mode="oraclerep",
+            dataset_path=str(official["giant"]),
+            cache_dir=str(tmp_path),
+            sampling="shard_rotation",
+            rotation_interval=4000,
+        )
         loaded = ds.load(10)
     data = loaded.data
     rows = 2 * GIANT_LEN
@@ -325,12 +408,28 @@ def _train(tmp_path, env: str, *bindings) -> dict:
 
     workdir = tmp_path / "run"
     with _quiet():
-        rc = macfw.run.main(["--gin_file", str(REPO / "gin/baselines/gciql.gin"), "--gin_file",
-                             str(REPO / "gin/smoke_budget.gin"), "--gin_file", str(REPO / f"gin/envs/{env}.gin"),
-                             *[x for b in ("train.progress = False", "train.eval_task_ids = (1,)",
-                                           f"OGBenchDataset.cache_dir = '{tmp_path / 'cache'}'", *bindings)
-                               for x in ("--gin_bindings", b)],
-                             "--workdir", str(workdir)])
+        rc = macfw.run.main(
+            [
+                "--gin_file",
+                str(REPO / "gin/baselines/gciql.gin"),
+                "--gin_file",
+                str(REPO / "gin/smoke_budget.gin"),
+                "--gin_file",
+                str(REPO / f"gin/envs/{env}.gin"),
+                *[
+                    x
+                    for b in (
+                        "train.progress = False",
+                        "train.eval_task_ids = (1,)",
+                        f"OGBenchDataset.cache_dir = '{tmp_path / 'cache'}'",
+                        *bindings,
+                    )
+                    for x in ("--gin_bindings", b)
+                ],
+                "--workdir",
+                str(workdir),
+            ]
+        )
     assert rc == 0
     return json.loads((workdir / "summary.json").read_text())
 
@@ -349,8 +448,13 @@ def test_gciql_trains_on_the_official_humanoidmaze_file(official, tmp_path):
 def test_gciql_trains_on_official_humanoidmaze_giant_shards_by_rotation(official, tmp_path):
     """The same run on the 100M-style directory of 4001-step shards, sampled on the host one shard at a
     time (the next every 20 gradient steps here), then OGBench's humanoidmaze-giant evaluation (4000 steps)."""
-    s = _train(tmp_path, "humanoidmaze-giant", f"OGBenchDataset.dataset_path = '{official['giant']}'",
-               "OGBenchDataset.sampling = 'shard_rotation'", "OGBenchDataset.rotation_interval = 20")
+    s = _train(
+        tmp_path,
+        "humanoidmaze-giant",
+        f"OGBenchDataset.dataset_path = '{official['giant']}'",
+        "OGBenchDataset.sampling = 'shard_rotation'",
+        "OGBenchDataset.rotation_interval = 20",
+    )
     assert s["step"] == 40 and s["dataset"] == "humanoidmaze-giant-navigate-oraclerep-v0"
     assert s["num_transitions"] == 4 * GIANT_LEN and s["spec"]["goal_dim"] == 2
     assert s["data"]["sharded"] and s["data"]["num_shards"] == 2 and s["data"]["sampling"] == "shard_rotation"

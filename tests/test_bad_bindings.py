@@ -38,17 +38,28 @@ BAD = [
     (["MAC.tau = 0"], rf"MAC\.tau = 0 {OUT} a number in \(0\.0, 1\.0\]"),
     (["MAC.learning_rate = -1e-3"], rf"MAC\.learning_rate = -0\.001 {OUT} a number > 0\.0"),
     (["MAC.rollout_batch_size = 0"], rf"MAC\.rollout_batch_size = 0 {OUT} None or an integer >= 1"),
-    (["MAC.rollout_batch_size = 100000"],
-     rf"MAC\.rollout_batch_size = 100000 {OUT} None or an integer in 1\.\.32 \(train\.batch_size = 32\)"),
+    (
+        ["MAC.rollout_batch_size = 100000"],
+        rf"MAC\.rollout_batch_size = 100000 {OUT} None or an integer in 1\.\.32 \(train\.batch_size = 32\)",
+    ),
     (["train.agent = @MACFQL()", "MACFQL.alpha = -1.0"], rf"MACFQL\.alpha = -1\.0 {OUT} a number >= 0\.0"),
     (["train.batch_size = -3"], rf"train\.batch_size = -3 {OUT} an integer >= 1\."),
-    (["train.num_steps = 0"], rf"train\.num_steps = 0 {OUT} a positive integer multiple of "
-                              r"train\.steps_per_dispatch = 10"),
-    (["train.log_interval = 7"], rf"train\.log_interval = 7 {OUT} a positive integer multiple of "
-                                 r"train\.steps_per_dispatch = 10"),
+    (
+        ["train.num_steps = 0"],
+        rf"train\.num_steps = 0 {OUT} a positive integer multiple of "
+        r"train\.steps_per_dispatch = 10",
+    ),
+    (
+        ["train.log_interval = 7"],
+        rf"train\.log_interval = 7 {OUT} a positive integer multiple of "
+        r"train\.steps_per_dispatch = 10",
+    ),
     (["train.steps_per_dispatch = True"], rf"train\.steps_per_dispatch = True {OUT} an integer >= 1"),
     (["train.eval_episodes = 0"], rf"train\.eval_episodes = 0 {OUT} an integer >= 1"),
-    (["train.execute_steps = 0"], rf"train\.execute_steps = 0 {OUT} an integer in 1\.\.5 \(actions per decision of MAC\)"),
+    (
+        ["train.execute_steps = 0"],
+        rf"train\.execute_steps = 0 {OUT} an integer in 1\.\.5 \(actions per decision of MAC\)",
+    ),
     (["train.execute_steps = 99"], rf"train\.execute_steps = 99 {OUT} an integer in 1\.\.5"),
     (["make_mesh.mesh_shape = (3,)"], rf"make_mesh\.mesh_shape = \(3,\) {OUT} a shape covering the 1 device\(s\)"),
     (["RejectionSampler.num_train_candidates = 0"], rf"RejectionSampler\.num_train_candidates = 0 {OUT} an integer"),
@@ -57,19 +68,27 @@ BAD = [
     (["FlowPolicy.solver = 'rk99'"], rf"FlowPolicy\.solver = 'rk99' {OUT} one of \[.*'euler'"),
     (["QCritic.hidden_dims = (0,)"], rf"QCritic\.hidden_dims = \(0,\) {OUT} a non-empty tuple of positive integers"),
     (["HIDDEN = ()"], rf"\w+\.hidden_dims = \(\) {OUT} a non-empty tuple of positive integers"),
-    (["MAC.policy = @GaussianPolicy", "GaussianPolicy.log_std_min = 3.0"],
-     rf"GaussianPolicy\.log_std_min = 3\.0 {OUT} a number < 2\.0 \(GaussianPolicy\.log_std_max = 2\.0\)"),
+    (
+        ["MAC.policy = @GaussianPolicy", "GaussianPolicy.log_std_min = 3.0"],
+        rf"GaussianPolicy\.log_std_min = 3\.0 {OUT} a number < 2\.0 \(GaussianPolicy\.log_std_max = 2\.0\)",
+    ),
     (["OGBenchDataset.task_id = 9"], rf"OGBenchDataset\.task_id = 9 {OUT} None or an integer in 1\.\.5"),
     (["MAC.chunk_len = 0"], rf"MAC\.chunk_len = 0 {OUT} an integer >= 1"),
-    (["OGBenchDataset.task_id = 2", "train.eval_task_ids = (1, 3)"],
-     r"trained single-task on cube-single task2 .* cannot be evaluated on task\(s\) \[1, 3\]"),
+    (
+        ["OGBenchDataset.task_id = 2", "train.eval_task_ids = (1, 3)"],
+        r"trained single-task on cube-single task2 .* cannot be evaluated on task\(s\) \[1, 3\]",
+    ),
     (["OGBenchDataset.task_mode = 'goals'"], rf"OGBenchDataset\.task_mode = 'goals' {OUT} one of \['singletask'"),
-    (["train.loggers = ('csv', 'wandbb')"],
-     r"train\.loggers = \('csv', 'wandbb'\) names an unknown logger 'wandbb'\. Registered loggers: "
-     r"csv \(CSVLogger\), tensorboard \(TensorBoardLogger\), wandb \(WandbLogger\)\."),
+    (
+        ["train.loggers = ('csv', 'wandbb')"],
+        r"train\.loggers = \('csv', 'wandbb'\) names an unknown logger 'wandbb'\. Registered loggers: "
+        r"csv \(CSVLogger\), tensorboard \(TensorBoardLogger\), wandb \(WandbLogger\)\.",
+    ),
     (["train.loggers = ('wandb')"], rf"train\.loggers = 'wandb' {OUT} a tuple of logger names.*\('wandb',\)"),
-    (["train.loggers = ('csv', 'wandb')", "WandbLogger.mode = 'ofline'"],
-     rf"WandbLogger\.mode = 'ofline' {OUT} None .* or one of \['online', 'offline', 'disabled'\]"),
+    (
+        ["train.loggers = ('csv', 'wandb')", "WandbLogger.mode = 'ofline'"],
+        rf"WandbLogger\.mode = 'ofline' {OUT} None .* or one of \['online', 'offline', 'disabled'\]",
+    ),
 ]
 IDS = [b[-1] for b, _ in BAD]
 
@@ -99,7 +118,6 @@ def worker(cases: list[dict], out: Path) -> None:
     """Run every case's ``macfw.run.main(argv)`` in this process (Gin cleared before each); write
     ``[{"rc": return value or None, "err": captured stderr plus any traceback}, ...]`` to ``out``."""
     import gin
-
     import macfw.run
 
     results = []
@@ -129,8 +147,14 @@ def results(tmp_path_factory):
     before = [_snapshot(w) for w in workdirs]
     cases = root / "cases.json"
     cases.write_text(json.dumps([{"argv": _argv(b, w)} for (b, _), w in zip(BAD, workdirs)]))
-    r = subprocess.run([sys.executable, __file__, "--worker", str(cases), str(root / "out.json")], cwd=REPO,
-                       env=_env(root), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, __file__, "--worker", str(cases), str(root / "out.json")],
+        cwd=REPO,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, f"the worker failed:\n{r.stderr[-3000:]}"
     out = json.loads((root / "out.json").read_text())
     for res, b, w in zip(out, before, workdirs):
@@ -144,8 +168,14 @@ def test_the_command_itself_exits_2_with_one_error_line_and_writes_nothing(tmp_p
     bindings, pattern = BAD[0]
     workdir = _prepare(0, tmp_path)
     before = _snapshot(workdir)
-    r = subprocess.run([sys.executable, "-m", "macfw.run", *_argv(bindings, workdir)], cwd=REPO, env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "macfw.run", *_argv(bindings, workdir)],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("macfw: error:")]
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and len(lines) == 1 and re.search(pattern, lines[0]), r.stderr[-3000:]

@@ -5,8 +5,8 @@ also run on 4 forced CPU devices (the batch sharded), logging the same losses.
 
 The agents are found by listing gin/baselines/*.gin, so a new baseline is covered by adding its
 Gin file. Goal-conditioned agents (whose Gin file sets ``OGBenchDataset.task_mode = 'oraclerep'``;
-the smoke budget leaves the mode alone) run goal-conditioned; the others single-task. Subprocesses run two at a time and share the session's dataset
-and compilation caches (tests/conftest.py).
+the smoke budget leaves the mode alone) run goal-conditioned; the others single-task. Subprocesses
+run two at a time and share the session's dataset and compilation caches (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,21 @@ pytestmark = pytest.mark.slow
 
 def _cmd(name: str, workdir: Path, *bindings: str) -> list[str]:
     # one evaluation task (task2, cube-single's single task), so goal-conditioned agents evaluate 1 episode, not 5
-    cmd = [sys.executable, "-m", "macfw.run", "--gin_file", f"gin/baselines/{name}.gin", "--gin_file",
-           "gin/smoke_budget.gin", "--gin_bindings", "train.progress = False", "--gin_bindings",
-           "train.eval_task_ids = (2,)", "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "macfw.run",
+        "--gin_file",
+        f"gin/baselines/{name}.gin",
+        "--gin_file",
+        "gin/smoke_budget.gin",
+        "--gin_bindings",
+        "train.progress = False",
+        "--gin_bindings",
+        "train.eval_task_ids = (2,)",
+        "--workdir",
+        str(workdir),
+    ]
     for b in bindings:
         cmd += ["--gin_bindings", b]
     return cmd
@@ -81,8 +93,11 @@ def _campaign(name: str, root: Path) -> dict:
 @pytest.fixture(scope="module")
 def campaigns(request, tmp_path_factory):
     """The campaigns of the baselines whose tests were selected (``-k mopo`` runs MOPO's only)."""
-    selected = {item.callspec.params["name"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params}
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params
+    }
     root = tmp_path_factory.mktemp("baselines")
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {n: pool.submit(_campaign, n, root) for n in BASELINES if n in selected}

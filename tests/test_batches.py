@@ -12,8 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from macfw.data.batches import (VALUE_GOAL_P_CUR, VALUE_GOAL_P_RAND, VALUE_GOAL_P_TRAJ, Scaler, sample_batch,
-                                trajectory_ends, valid_starts)
+from macfw.data.batches import (
+    VALUE_GOAL_P_CUR,
+    VALUE_GOAL_P_RAND,
+    VALUE_GOAL_P_TRAJ,
+    Scaler,
+    sample_batch,
+    trajectory_ends,
+    valid_starts,
+)
 from macfw.data.ogbench_data import OGBenchDataset
 
 # Observations per trajectory; 3 is too short for a chunk of 3 (needs t + n <= end).
@@ -62,8 +69,9 @@ def _decode_action(a):
 
 
 def _batches(loaded, n, gamma, goal_conditioned):
-    fn = jax.jit(functools.partial(sample_batch, batch_size=BATCH, chunk_len=n, gamma=gamma,
-                                   goal_conditioned=goal_conditioned))
+    fn = jax.jit(
+        functools.partial(sample_batch, batch_size=BATCH, chunk_len=n, gamma=gamma, goal_conditioned=goal_conditioned)
+    )
     out = [jax.device_get(fn(loaded.data, jax.random.PRNGKey(i))) for i in range(NUM_BATCHES)]
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
@@ -103,7 +111,9 @@ def goal_batches(request):
     b = _batches(loaded, n, gamma, goal_conditioned=True)
     goal_scaler = loaded.goal_scaler
     if mode == "oraclerep":
-        decode_goal = lambda x: np.rint((np.asarray(goal_scaler.inverse(np.asarray(x)))[..., 0] - 1.0) / 2.0).astype(int)
+        decode_goal = lambda x: np.rint((np.asarray(goal_scaler.inverse(np.asarray(x)))[..., 0] - 1.0) / 2.0).astype(
+            int
+        )
     else:
         decode_goal = lambda x: _decode_obs(x, goal_scaler)
     return dict(b=b, n=n, loaded=loaded, decode_goal=decode_goal, mode=mode)
@@ -203,15 +213,18 @@ def test_singletask_chunk_reward_and_success():
     np.testing.assert_array_equal(_decode_obs(b["obs"], loaded.obs_scaler), t)
     assert b["value_goals"].shape == (BATCH, 0) and b["actor_goals"].shape == (BATCH, 0)
     r, m = d["rewards"], d["masks"]
-    expected_r = np.array([sum(gamma ** i * r[ti + i] for i in range(n)) / n for ti in t])
+    expected_r = np.array([sum(gamma**i * r[ti + i] for i in range(n)) / n for ti in t])
     np.testing.assert_allclose(b["rewards"], expected_r, rtol=1e-5, atol=1e-6)
-    expected_s = np.array([float(np.any(m[ti:ti + n] == 0)) for ti in t])
+    expected_s = np.array([float(np.any(m[ti : ti + n] == 0)) for ti in t])
     np.testing.assert_array_equal(b["success"], expected_s)
     assert 0.1 < expected_s.mean() < 0.9
     np.testing.assert_array_equal(b["masks"], np.ones(BATCH))
     # without normalisation the reward is the plain discounted sum
-    fn2 = jax.jit(functools.partial(sample_batch, batch_size=BATCH, chunk_len=n, gamma=gamma, goal_conditioned=False,
-                                    normalize_reward=False))
+    fn2 = jax.jit(
+        functools.partial(
+            sample_batch, batch_size=BATCH, chunk_len=n, gamma=gamma, goal_conditioned=False, normalize_reward=False
+        )
+    )
     b2 = jax.device_get(fn2(loaded.data, jax.random.PRNGKey(1)))
     np.testing.assert_array_equal(b2["idx"], t)
     np.testing.assert_allclose(b2["rewards"], expected_r * n, rtol=1e-5, atol=1e-5)

@@ -26,8 +26,23 @@ class _CLI:
         env["XLA_FLAGS"] = " ".join(flags)
         env["JAX_PLATFORMS"] = "cpu"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "macfw.bench", "--preset", "tiny", "--json", str(self.json_path), "--dispatches", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).parents[1]))
+            [
+                sys.executable,
+                "-m",
+                "macfw.bench",
+                "--preset",
+                "tiny",
+                "--json",
+                str(self.json_path),
+                "--dispatches",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(Path(__file__).parents[1]),
+        )
         self._done = None
 
     def result(self):
@@ -37,11 +52,15 @@ class _CLI:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 out, err = self.proc.communicate()
-                pytest.fail(f"python -m macfw.bench timed out after {TIMEOUT:.0f} s\n{out}\n{err[-6000:]}", pytrace=False)
+                pytest.fail(
+                    f"python -m macfw.bench timed out after {TIMEOUT:.0f} s\n{out}\n{err[-6000:]}", pytrace=False
+                )
             self._done = (self.proc.returncode, out, err)
         rc, out, err = self._done
         if rc != 0:
-            pytest.fail(f"python -m macfw.bench exited with {rc}\nstdout:\n{out}\nstderr:\n{err[-6000:]}", pytrace=False)
+            pytest.fail(
+                f"python -m macfw.bench exited with {rc}\nstdout:\n{out}\nstderr:\n{err[-6000:]}", pytrace=False
+            )
         return out, json.loads(self.json_path.read_text())
 
 
@@ -66,7 +85,7 @@ def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
     tiny = bench.PRESETS["tiny"]
     h1 = dict(tiny, bindings={**tiny["bindings"], "MAC.horizon": 1})
     monkeypatch.setitem(bench.PRESETS, "tiny-h1", h1)
-    monkeypatch.setattr(bench, "peak_meter", lambda *a, **k: (lambda **kw: 1.0))  # the peak is checked on the CLI run
+    monkeypatch.setattr(bench, "peak_meter", lambda *a, **k: lambda **kw: 1.0)  # the peak is checked on the CLI run
     out1 = bench.run("tiny-h1", dispatches=1, count_executed=False)
     assert out1["config"]["bindings"]["MAC.horizon"] == 1
 
@@ -77,8 +96,9 @@ def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
     data = bench.synthetic_data(spec)
     Br = h1["bindings"]["MAC.rollout_batch_size"]
     roll = eqx.filter_jit(lambda nets, s, g, k: agent.rollout(nets, s, g, k)["states"])
-    roll_step = bench._flops(roll.lower(state.nets, data.observations[:Br], data.goals[:Br],
-                                        jax.random.PRNGKey(1)).compile())
+    roll_step = bench._flops(
+        roll.lower(state.nets, data.observations[:Br], data.goals[:Br], jax.random.PRNGKey(1)).compile()
+    )
     assert roll_step > 0
 
     _, out3 = cli.result()
@@ -88,7 +108,8 @@ def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
     assert f3 > f1 > 0, (f1, f3)
     assert f3 - f1 >= 0.95 * (H3 - 1) * roll_step, (
         f"FLOPs grew by {f3 - f1:.4g} from horizon 1 to {H3}, less than {H3 - 1} rollout steps of {roll_step:.4g}: "
-        "the rollout is not counted per step")
+        "the rollout is not counted per step"
+    )
 
 
 def test_cli_tiny(cli):
@@ -104,7 +125,8 @@ def test_cli_tiny(cli):
     # the program shares products the reference computes in full: it executes fewer FLOPs
     assert 0 < r["executed_flops_per_update"] < r["flops_per_update"]
     assert r["hardware_utilisation"] == pytest.approx(
-        r["utilisation"] * r["executed_flops_per_update"] / r["flops_per_update"], rel=1e-6)
+        r["utilisation"] * r["executed_flops_per_update"] / r["flops_per_update"], rel=1e-6
+    )
     assert r["rollout_per_s"] == pytest.approx(1.0 / r["rollout_s"], rel=1e-6)
     # timed as python -m macfw.run trains: freed host memory kept mapped where the C library is glibc
     from macfw.memory import is_glibc
@@ -132,7 +154,9 @@ def test_compile_times_runs_off_cold_warm_in_fresh_processes(tmp_path, monkeypat
     def fake_run(cmd, **kw):
         calls.append(cmd)
         label = len(calls)
-        line = json.dumps({"first_dispatch_s": {1: 9.0, 2: 10.0, 3: 2.5}[label], "dispatch_s": 0.1, "steps_per_dispatch": 2})
+        line = json.dumps(
+            {"first_dispatch_s": {1: 9.0, 2: 10.0, 3: 2.5}[label], "dispatch_s": 0.1, "steps_per_dispatch": 2}
+        )
         return sp.CompletedProcess(cmd, 0, stdout="noise\n" + line + "\n", stderr="")
 
     monkeypatch.setattr(sp, "run", fake_run)

@@ -4,12 +4,12 @@ resolves names (built-in and user-registered) from Python and from Gin, and repo
 from __future__ import annotations
 
 import equinox as eqx
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gin
 import macfw
 import macfw.run
 from macfw import registry
@@ -146,8 +146,10 @@ def test_sampler_shapes_and_range(goal_dim):
     @eqx.filter_jit
     def run(sampler, pi, q, s, g, keys):
         raw = jax.vmap(lambda s_, g_, k: pi.sample(s_, g_, key=k))(s, g, keys)
-        outs = [jax.vmap(lambda s_, g_, k: sampler(pi, q, s_, g_, key=k, acting=acting))(s, g, keys)
-                for acting in (False, True)]
+        outs = [
+            jax.vmap(lambda s_, g_, k: sampler(pi, q, s_, g_, key=k, acting=acting))(s, g, keys)  # noqa: B023  (called within this iteration)
+            for acting in (False, True)
+        ]
         return raw, outs
 
     for name in _names("sampler"):
@@ -247,8 +249,11 @@ def test_mlp_gelu_and_layer_norm_match_the_reference_functions():
     x = jnp.linspace(-8.0, 8.0, 4001)
     np.testing.assert_allclose(gelu(x), jax.nn.gelu(x), atol=1e-6)
     ln = eqx.nn.LayerNorm(64)
-    ln = eqx.tree_at(lambda n: (n.weight, n.bias), ln,
-                     (jax.random.normal(jax.random.PRNGKey(0), (64,)), jax.random.normal(jax.random.PRNGKey(1), (64,))))
+    ln = eqx.tree_at(
+        lambda n: (n.weight, n.bias),
+        ln,
+        (jax.random.normal(jax.random.PRNGKey(0), (64,)), jax.random.normal(jax.random.PRNGKey(1), (64,))),
+    )
     for shift in (0.0, 5.0):  # also rows whose mean is large against their spread
         h = jax.random.normal(jax.random.PRNGKey(2), (64,)) + shift
         np.testing.assert_allclose(_layer_norm(ln, h), ln(h), atol=2e-5)

@@ -88,7 +88,7 @@ def blocks(text: str) -> list[Block]:
             fence, indent = m.group("fence"), m.group("indent")
             body, j = [], i + 1
             while j < len(lines) and not lines[j].strip().startswith(fence):
-                body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j])
+                body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
                 j += 1
             out.append(Block(i + 1, m.group("info").strip(), "\n".join(body) + "\n"))
             i = j + 1
@@ -128,11 +128,21 @@ def run_tutorial(page: Path, folder: Path) -> list[str]:
             assert not b.files and not b.output, f"{page.name}:{b.line}: checks after a block that is not run"
             continue
         try:
-            r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b.code], cwd=folder, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT)
+            r = subprocess.run(
+                ["bash", "-e", "-o", "pipefail", "-c", b.code],
+                cwd=folder,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=BLOCK_TIMEOUT,
+            )
         except subprocess.TimeoutExpired as e:
-            pytest.fail(f"{page.name}:{b.line}: the block ran past {BLOCK_TIMEOUT:.0f} s:\n{b.code}\n"
-                        f"----- output:\n{(e.output or '')[-4000:]}", pytrace=False)
+            pytest.fail(
+                f"{page.name}:{b.line}: the block ran past {BLOCK_TIMEOUT:.0f} s:\n{b.code}\n"
+                f"----- output:\n{(e.output or '')[-4000:]}",
+                pytrace=False,
+            )
         where = f"{page.name}:{b.line}:\n{b.code}----- output (last 4000 characters):\n{r.stdout[-4000:]}"
         if r.returncode != 0:
             pytest.fail(f"exit code {r.returncode}, {where}", pytrace=False)
@@ -165,9 +175,11 @@ def test_every_tutorial_page_is_tested():
 
 
 def test_the_convention_parses_as_documented():
-    text = ("```bash\necho a\n```\n<!-- test: files a b -->\n<!-- test: output hello world -->\n"
-            '```bash title="Not run: paper size"\nexit 1\n```\n```python\nraise SystemExit(1)\n```\n'
-            "- item\n\n    ```bash\n    echo indented\n    ```\n")
+    text = (
+        "```bash\necho a\n```\n<!-- test: files a b -->\n<!-- test: output hello world -->\n"
+        '```bash title="Not run: paper size"\nexit 1\n```\n```python\nraise SystemExit(1)\n```\n'
+        "- item\n\n    ```bash\n    echo indented\n    ```\n"
+    )
     bs = blocks(text)
     assert [b.runs for b in bs] == [True, False, False, True]
     assert bs[0].files == ["a", "b"] and bs[0].output == ["hello world"]
@@ -224,10 +236,18 @@ def test_performance_add_takes_a_commands_json(tmp_path, monkeypatch):
 
     shutil.copy(DOCS / "data" / "bench-cpu-small.json", tmp_path / "b.json")
     monkeypatch.setattr(gen_performance, "DATA", tmp_path)
-    result = {"preset": "cpu-small", "agent": "MAC", "updates_per_s": 12.5, "utilisation": 0.7,
-              "flops_per_update": 1.2e10, "matmul_peak_flops": 2e11}
+    result = {
+        "preset": "cpu-small",
+        "agent": "MAC",
+        "updates_per_s": 12.5,
+        "utilisation": 0.7,
+        "flops_per_update": 1.2e10,
+        "matmul_peak_flops": 2e11,
+    }
     (tmp_path / "r.json").write_text(json.dumps(result))
-    gen_performance.main(["add", "b", str(tmp_path / "r.json"), "--machine", "m", "--command", "c", "--date", "2030-01-02"])
+    gen_performance.main(
+        ["add", "b", str(tmp_path / "r.json"), "--machine", "m", "--command", "c", "--date", "2030-01-02"]
+    )
     md = gen_performance.render("b")
     assert "| 2030-01-02 | m | `c` | 12.5 | 0.700 | 1.2e10 | 2e11 | from the command's JSON |" in md
 
@@ -261,18 +281,29 @@ def test_hook_fills_every_marker_and_refuses_unknown_ones():
 def test_readme_is_short_and_keeps_the_two_commands():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 150
-    assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python -m macfw.run "
-            "--gin_file gin/quickstart.gin --workdir runs/quickstart") in readme
-    assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && "
-            "python -m pytest -q -n 2") in readme
+    assert (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python -m macfw.run "
+        "--gin_file gin/quickstart.gin --workdir runs/quickstart"
+    ) in readme
+    assert (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && python -m pytest -q -n 2"
+    ) in readme
 
 
-@pytest.mark.skipif(shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
-                    reason="mkdocs is not installed (pip install -e '.[docs]')")
+@pytest.mark.skipif(
+    shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
+    reason="mkdocs is not installed (pip install -e '.[docs]')",
+)
 def test_mkdocs_build_strict(tmp_path):
     exe = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
-    r = subprocess.run([exe, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
-                       capture_output=True, text=True, timeout=600, env=dict(_env(), NO_MKDOCS_2_WARNING="1"))
+    r = subprocess.run(
+        [exe, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(_env(), NO_MKDOCS_2_WARNING="1"),
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     html = (tmp_path / "site" / "configuration" / "components" / "index.html").read_text()
     assert "RejectionSampler" in html and "generated:" not in html

@@ -119,8 +119,7 @@ def test_execute_steps_counts_decisions(execute_steps, calls):
 
 def test_oraclerep_passes_goal():
     actor = _Counter(n=5)
-    res = evaluate(actor, "cube-single", task_mode="oraclerep", task_ids=(1, 2), episodes_per_task=1,
-                   execute_steps=5)
+    res = evaluate(actor, "cube-single", task_mode="oraclerep", task_ids=(1, 2), episodes_per_task=1, execute_steps=5)
     assert res.episodes == 2 and set(res.per_task_success) == {"task1", "task2"}
     assert all(g is not None and np.shape(g) == (3,) for g in actor.goals)
     # the two tasks have different goals
@@ -147,8 +146,13 @@ def test_chunk_execution_stops_at_episode_end_and_clips():
     # horizon 10, chunks of 4 executed whole: decisions at steps 0, 4, 8 -> 3 calls, 10 steps.
     actor = lambda obs, goal, seed: np.full((4, 2), 3.0)  # noqa: E731
     calls = []
-    res = evaluate(lambda o, g, s: calls.append(s) or actor(o, g, s), "macfw-test-fake", task_ids=(1,),
-                   episodes_per_task=1, execute_steps=4)
+    res = evaluate(
+        lambda o, g, s: calls.append(s) or actor(o, g, s),
+        "macfw-test-fake",
+        task_ids=(1,),
+        episodes_per_task=1,
+        execute_steps=4,
+    )
     assert len(calls) == 3 and res.mean_length == 10
 
 
@@ -185,12 +189,15 @@ def test_unknown_env():
     assert "cube-single-singletask-task1-v0" in str(e.value)  # lists similar registered ids
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(episodes_per_task=0), "episodes_per_task"),
-    (dict(execute_steps=0), "execute_steps"),
-    (dict(task_ids=()), "task_ids"),
-    (dict(task_ids=(0,)), "0"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(episodes_per_task=0), "episodes_per_task"),
+        (dict(execute_steps=0), "execute_steps"),
+        (dict(task_ids=()), "task_ids"),
+        (dict(task_ids=(0,)), "0"),
+    ],
+)
 def test_bad_counts(kw, needle):
     with pytest.raises(ValueError, match=needle) as e:
         evaluate(_Counter(act_dim=2), "macfw-test-fake", **kw)
@@ -200,8 +207,7 @@ def test_bad_counts(kw, needle):
 
 def test_execute_steps_longer_than_chunk():
     with pytest.raises(ValueError, match=r"execute_steps=5.*n=2"):
-        evaluate(_Counter(n=2, act_dim=2), "macfw-test-fake", task_ids=(1,), episodes_per_task=1,
-                 execute_steps=5)
+        evaluate(_Counter(n=2, act_dim=2), "macfw-test-fake", task_ids=(1,), episodes_per_task=1, execute_steps=5)
 
 
 def test_bad_chunk_shape():
@@ -222,8 +228,14 @@ def test_bad_video_suffix(tmp_path):
 def test_video_fake_env(tmp_path):
     import imageio.v3 as iio
 
-    res = evaluate(_Counter(act_dim=2), "macfw-test-fake", task_ids=(1,), episodes_per_task=3,
-                   video_path=tmp_path / "fake.gif", video_episodes=2)
+    res = evaluate(
+        _Counter(act_dim=2),
+        "macfw-test-fake",
+        task_ids=(1,),
+        episodes_per_task=3,
+        video_path=tmp_path / "fake.gif",
+        video_episodes=2,
+    )
     assert res.episodes == 3 and res.video_paths == [str(tmp_path / "fake.gif")]
     frames = iio.imread(res.video_paths[0], index=None)
     assert frames.shape[0] == 2 * 11  # 2 episodes x (reset + 10 steps)
@@ -246,8 +258,14 @@ _VIDEO_SCRIPT = textwrap.dedent("""
 def _run_video(tmp_path, gl):
     env = dict(os.environ, MUJOCO_GL=gl, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("DISPLAY", None)
-    out = subprocess.run([sys.executable, "-c", _VIDEO_SCRIPT, str(tmp_path / "cube.mp4")], env=env,
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", _VIDEO_SCRIPT, str(tmp_path / "cube.mp4")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -32,10 +32,23 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
     w = root / "run"
     env = _env(Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache"))  # the session's (tests/conftest.py)
-    cmd = [sys.executable, "-m", "macfw.run", "--gin_file", "gin/smoke.gin",
-           "--gin_bindings", "train.num_steps = 10", "--gin_bindings", "train.eval_interval = 10",
-           "--gin_bindings", "train.save_interval = 10", "--gin_bindings", "train.progress = False",
-           "--workdir", str(w)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "macfw.run",
+        "--gin_file",
+        "gin/smoke.gin",
+        "--gin_bindings",
+        "train.num_steps = 10",
+        "--gin_bindings",
+        "train.eval_interval = 10",
+        "--gin_bindings",
+        "train.save_interval = 10",
+        "--gin_bindings",
+        "train.progress = False",
+        "--workdir",
+        str(w),
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return dict(root=root, workdir=w, env=env)
@@ -45,8 +58,14 @@ def _evaluate(run, *args, cache_gone=True):
     env = dict(run["env"])
     if cache_gone:  # proves no dataset is loaded or generated
         env["MACFW_CACHE_DIR"] = str(run["root"] / "no_cache_here")
-    return subprocess.run([sys.executable, "-m", "macfw.evaluate", "--workdir", str(run["workdir"]), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "macfw.evaluate", "--workdir", str(run["workdir"]), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_evaluate_cli_reproduces_the_runs_own_evaluation(run):
@@ -92,8 +111,14 @@ def test_evaluate_cli_options_and_errors(run):
 
     empty = run["root"] / "empty"
     empty.mkdir()
-    r = subprocess.run([sys.executable, "-m", "macfw.evaluate", "--workdir", str(empty)], cwd=REPO, env=run["env"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "macfw.evaluate", "--workdir", str(empty)],
+        cwd=REPO,
+        env=run["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "No checkpoints" in r.stderr
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 
-import gin
 import gymnasium
 import numpy as np
 import pytest
 
+import gin
 from macfw.errors import ConfigError
 from macfw.evaluation import _episode_seeds, evaluate, make_actor, resolve_batch_size, resolve_workers
-
 
 # ----------------------------------------------------------------------------------------------
 # A goal-reaching point env. Defined inside a function so that cloudpickle sends the class to the
@@ -32,8 +31,17 @@ def _point_env_class():
 
         metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-        def __init__(self, task=1, render_mode=None, use_oracle_rep=False, fail_at=None, exit_at=None,
-                     omit_success=False, omit_goal=False, probe=False):
+        def __init__(
+            self,
+            task=1,
+            render_mode=None,
+            use_oracle_rep=False,
+            fail_at=None,
+            exit_at=None,
+            omit_success=False,
+            omit_goal=False,
+            probe=False,
+        ):
             self.task, self.render_mode, self.probe = task, render_mode, probe
             self.fail_at, self.exit_at, self.omit_success, self.omit_goal = fail_at, exit_at, omit_success, omit_goal
             self.num_tasks = 5
@@ -77,8 +85,14 @@ def _point_env_class():
 
 
 _PointEnv = _point_env_class()
-_VARIANTS = {"": {}, "probe": dict(probe=True), "fail": dict(fail_at=5), "exit": dict(exit_at=4),
-             "nosuccess": dict(omit_success=True), "nogoal": dict(omit_goal=True)}
+_VARIANTS = {
+    "": {},
+    "probe": dict(probe=True),
+    "fail": dict(fail_at=5),
+    "exit": dict(exit_at=4),
+    "nosuccess": dict(omit_success=True),
+    "nogoal": dict(omit_goal=True),
+}
 for _v, _kw in _VARIANTS.items():
     _name = "macfw-test-point" + (f"{_v}" if _v else "")
     if f"{_name}-v0" not in gymnasium.registry:
@@ -141,12 +155,15 @@ def _spread(res, both=True):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task_mode,task_ids,execute_steps,actor_fn,runs", [
-    # stochastic, plain actor, chunks of 3 open-loop; (workers, batch_size) pairs
-    ("goal", (1, 2, 3), 3, _noisy, [(2, 2), (3, 3), (2, 5)]),
-    ("goal", (1, 2), 1, _seek, [(2, 2)]),              # deterministic, re-plans every step
-    ("singletask", (1, 3), 2, _noisy, [(2, 3)]),       # one env id per task
-])
+@pytest.mark.parametrize(
+    "task_mode,task_ids,execute_steps,actor_fn,runs",
+    [
+        # stochastic, plain actor, chunks of 3 open-loop; (workers, batch_size) pairs
+        ("goal", (1, 2, 3), 3, _noisy, [(2, 2), (3, 3), (2, 5)]),
+        ("goal", (1, 2), 1, _seek, [(2, 2)]),  # deterministic, re-plans every step
+        ("singletask", (1, 3), 2, _noisy, [(2, 3)]),  # one env id per task
+    ],
+)
 def test_parallel_equals_sequential(task_mode, task_ids, execute_steps, actor_fn, runs):
     kw = dict(task_mode=task_mode, task_ids=task_ids, episodes_per_task=5, execute_steps=execute_steps, seed=11)
     seq = _Recording(actor_fn)
@@ -179,8 +196,17 @@ def test_decision_seeds_are_unchanged():
     """Episode (task i, j) resets with SeedSequence([seed, i, j]) word 0 and its decision d gets word 1 + d
     (mod 2**31) -- computed here with numpy, so `python -m macfw.evaluate` still reproduces old runs."""
     actor = _Recording(_noisy)
-    res = evaluate(actor, "macfw-test-point", task_mode="goal", task_ids=(2,), episodes_per_task=2, execute_steps=4,
-                   seed=7, workers=2, batch_size=2)
+    res = evaluate(
+        actor,
+        "macfw-test-point",
+        task_mode="goal",
+        task_ids=(2,),
+        episodes_per_task=2,
+        execute_steps=4,
+        seed=7,
+        workers=2,
+        batch_size=2,
+    )
     want = []
     for j, ep in enumerate(res.per_episode):
         words = np.random.SeedSequence([7, 2, j]).generate_state(2)
@@ -217,8 +243,9 @@ def test_workers_run_apart_without_jax_and_follow_the_gin_binding():
     pids = set(obs[:, 5].astype(int))
     assert len(pids) == 3 and os.getpid() not in pids
     seq = _Recording(lambda o, g, s: np.zeros((1, 2)))
-    evaluate(seq, "macfw-test-pointprobe", task_mode="goal", task_ids=(1,), episodes_per_task=2, workers=1,
-             batch_size=2)
+    evaluate(
+        seq, "macfw-test-pointprobe", task_mode="goal", task_ids=(1,), episodes_per_task=2, workers=1, batch_size=2
+    )
     assert {int(c[0][5]) for c in seq.calls} == {os.getpid()}
 
 
@@ -241,16 +268,27 @@ def test_bad_workers():
         gin.clear_config()
 
 
-@pytest.mark.parametrize("variant,exc,match", [
-    ("fail", ValueError, "failed on purpose at step 5"),        # the worker's exception, re-raised here
-    ("nosuccess", ValueError, r"does not report info\['success'\]"),
-    ("nogoal", ValueError, "has no 'goal'"),
-    ("exit", RuntimeError, r"worker \d died \(exit code 3\)"),
-])
+@pytest.mark.parametrize(
+    "variant,exc,match",
+    [
+        ("fail", ValueError, "failed on purpose at step 5"),  # the worker's exception, re-raised here
+        ("nosuccess", ValueError, r"does not report info\['success'\]"),
+        ("nogoal", ValueError, "has no 'goal'"),
+        ("exit", RuntimeError, r"worker \d died \(exit code 3\)"),
+    ],
+)
 def test_worker_errors(variant, exc, match):
     with pytest.raises(exc, match=match):
-        evaluate(_seek, f"macfw-test-point{variant}", task_mode="goal", task_ids=(1, 2), episodes_per_task=2,
-                 workers=2, batch_size=2, execute_steps=1)
+        evaluate(
+            _seek,
+            f"macfw-test-point{variant}",
+            task_mode="goal",
+            task_ids=(1, 2),
+            episodes_per_task=2,
+            workers=2,
+            batch_size=2,
+            execute_steps=1,
+        )
 
 
 def test_bad_actor_output_in_parallel():
@@ -262,8 +300,9 @@ def test_bad_actor_output_in_parallel():
     with pytest.raises(ValueError, match=r"batched actor returned an array of shape \(1, 4, 2\) for 2 episodes"):
         evaluate(bad, "macfw-test-point", **kw)
     with pytest.raises(ValueError, match=r"task_ids \[6\] out of range"):
-        evaluate(_seek, "macfw-test-point", task_mode="goal", task_ids=(1, 6), episodes_per_task=1, workers=2,
-                 batch_size=2)
+        evaluate(
+            _seek, "macfw-test-point", task_mode="goal", task_ids=(1, 6), episodes_per_task=1, workers=2, batch_size=2
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +318,11 @@ def _agent_actor(ob_dim, goal_dim, act_dim=2, *, hidden=(32, 32), candidates=4, 
 
     preset = dict(PRESETS["tiny"], bindings=dict(PRESETS["tiny"]["bindings"], HIDDEN=hidden))
     try:  # (networks read their Gin bindings when the state is initialised)
-        agent = build_agent(preset, gin_files=(gin_file, "gin/smoke_budget.gin"),
-                            gin_bindings=[f"RejectionSampler.num_act_candidates = {candidates}", "CHUNK = 4"])
+        agent = build_agent(
+            preset,
+            gin_files=(gin_file, "gin/smoke_budget.gin"),
+            gin_bindings=[f"RejectionSampler.num_act_candidates = {candidates}", "CHUNK = 4"],
+        )
         spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=agent.batch_spec.chunk_len)
         state = init_state(agent, spec, seed)
     finally:
@@ -349,15 +391,22 @@ def test_agent_parallel_equals_sequential_point_env(gin_file):
         assert res.per_episode == ref.per_episode and res.to_dict() == ref.to_dict()
         # every decision got the same chunk, bit for bit (seeds are unique per decision)
         k = kw["execute_steps"]
-        assert sorted(seq.chunks) == sorted(par.chunks) and len(seq.chunks) == sum(-(-r["length"] // k)
-                                                                                   for r in ref.per_episode)
+        assert sorted(seq.chunks) == sorted(par.chunks) and len(seq.chunks) == sum(
+            -(-r["length"] // k) for r in ref.per_episode
+        )
         assert all(np.array_equal(seq.chunks[k], par.chunks[k]) for k in seq.chunks)
 
 
 def test_mac_parallel_equals_sequential_cube_single():
     actor = _agent_actor(28, 3, 5)
-    kw = dict(task_mode="oraclerep", task_ids=(1, 2), episodes_per_task=2, execute_steps=2, seed=4,
-              env_kwargs=dict(max_episode_steps=30))
+    kw = dict(
+        task_mode="oraclerep",
+        task_ids=(1, 2),
+        episodes_per_task=2,
+        execute_steps=2,
+        seed=4,
+        env_kwargs=dict(max_episode_steps=30),
+    )
     seq, par = _Tap(actor), _Tap(actor)
     ref = evaluate(seq, "cube-single", workers=1, batch_size=2, **kw)
     res = evaluate(par, "cube-single", workers=2, batch_size=2, **kw)

@@ -36,12 +36,20 @@ def cache_dir(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------- results_table
-def _write_run(root: Path, name: str, *, dataset: str, per_task: dict, seed: int | None = None, step: int = 1000,
-               **extra):
+def _write_run(
+    root: Path, name: str, *, dataset: str, per_task: dict, seed: int | None = None, step: int = 1000, **extra
+):
     d = root / name
     d.mkdir(parents=True)
-    s = {"step": step, "success": float(np.mean(list(per_task.values()))), "per_task_success": per_task,
-         "episodes": 15 * len(per_task), "dataset": dataset, "interrupted": False, **extra}
+    s = {
+        "step": step,
+        "success": float(np.mean(list(per_task.values()))),
+        "per_task_success": per_task,
+        "episodes": 15 * len(per_task),
+        "dataset": dataset,
+        "interrupted": False,
+        **extra,
+    }
     (d / "summary.json").write_text(json.dumps(s))
     if seed is not None:
         (d / "config.gin").write_text(f"train.chunk_len = 10\ntrain.seed = {seed}\n")
@@ -63,17 +71,32 @@ def test_results_table_numbers(tmp_path, capsys):
     cube = {0: [1.0, 0.8, 1.0, 0.6, 1.0], 1: [0.8, 1.0, 1.0, 0.8, 0.6]}
     for seed, vals in cube.items():
         for i, v in enumerate(vals, 1):
-            _write_run(root, f"cs-t{i}-s{seed}", dataset=f"cube-single-play-singletask-task{i}-v0",
-                       per_task={f"task{i}": v}, seed=seed)
+            _write_run(
+                root,
+                f"cs-t{i}-s{seed}",
+                dataset=f"cube-single-play-singletask-task{i}-v0",
+                per_task={f"task{i}": v},
+                seed=seed,
+            )
     scene = {0: [0.2, 0.4], 1: [0.6, 0.4]}  # tasks 1 and 2 only
     for seed, vals in scene.items():
         for i, v in enumerate(vals, 1):
-            _write_run(root / f"seed{seed}", f"scene-t{i}-s{seed}", dataset=f"scene-play-singletask-task{i}-v0",
-                       per_task={f"task{i}": v})  # no config.gin: seed from the folder name
+            _write_run(
+                root / f"seed{seed}",
+                f"scene-t{i}-s{seed}",
+                dataset=f"scene-play-singletask-task{i}-v0",
+                per_task={f"task{i}": v},
+            )  # no config.gin: seed from the folder name
     # goal-conditioned: one run evaluates all 5 tasks
     for seed, scale in ((0, 1.0), (1, 0.5)):
-        _write_run(root, f"cd-gc-s{seed}", dataset="cube-double-play-oraclerep-v0",
-                   per_task={f"task{i}": 0.2 * i * scale for i in range(1, 6)}, seed=seed, step=500)
+        _write_run(
+            root,
+            f"cd-gc-s{seed}",
+            dataset="cube-double-play-oraclerep-v0",
+            per_task={f"task{i}": 0.2 * i * scale for i in range(1, 6)},
+            seed=seed,
+            step=500,
+        )
     # an unfinished run is skipped
     (root / "unfinished").mkdir()
     (root / "unfinished" / "summary.json").write_text(json.dumps({"step": 3, "interrupted": True}))
@@ -108,13 +131,23 @@ def test_results_table_numbers(tmp_path, capsys):
 def test_results_table_multiseed_run_and_glob(tmp_path, capsys):
     rt = _load("results_table")
     # a train.num_seeds run: seeds and per-seed success inside one summary.json
-    _write_run(tmp_path, "puzzle-3x3-vmapped", dataset="puzzle-3x3-play-singletask-v0", per_task={"task4": 0.25},
-               seeds=[0, 1, 2, 3], per_seed_success=[0.0, 0.2, 0.4, 0.4])
+    _write_run(
+        tmp_path,
+        "puzzle-3x3-vmapped",
+        dataset="puzzle-3x3-play-singletask-v0",
+        per_task={"task4": 0.25},
+        seeds=[0, 1, 2, 3],
+        per_seed_success=[0.0, 0.2, 0.4, 0.4],
+    )
     assert rt.main([str(tmp_path / "puzzle-*")]) == 0
     md = capsys.readouterr().out
     r = _row(md, "puzzle-3x3", "Single-task")
     assert r[1] == "25.0 ± 16.6" and r[2] == "25.0 ± 16.6" and r[3] == "20 ± 0" and r[4] == "4"
-    assert rt.parse_dataset_name("humanoidmaze-medium-navigate-oraclerep-v0") == ("humanoidmaze-medium", "oraclerep", None)
+    assert rt.parse_dataset_name("humanoidmaze-medium-navigate-oraclerep-v0") == (
+        "humanoidmaze-medium",
+        "oraclerep",
+        None,
+    )
     assert rt.parse_dataset_name("cube-single-play-singletask-task3-v0") == ("cube-single", "singletask", "task3")
 
 
@@ -130,11 +163,23 @@ def test_chunk_sweep_smoke(tmp_path, cache_dir, monkeypatch, capsys):
     monkeypatch.setenv("MACFW_CACHE_DIR", str(cache_dir))
     monkeypatch.chdir(REPO)
     out = tmp_path / "sweep"
-    args = ["--base", "gin/smoke.gin", "--chunks", "1,5", "--seeds", "0", "--out", str(out),
-            "--gin_bindings", "train.progress = False", "--gin_bindings", "OGBenchDataset.workers = 1"]
+    args = [
+        "--base",
+        "gin/smoke.gin",
+        "--chunks",
+        "1,5",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--gin_bindings",
+        "train.progress = False",
+        "--gin_bindings",
+        "OGBenchDataset.workers = 1",
+    ]
     assert cs.main(args) == 0
     md = (out / "chunk_sweep.md").read_text()
-    rows = [l for l in md.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "5"]
     for n, r in zip((1, 5), rows):
         s = json.loads((out / "runs" / f"n{n}-s0" / "summary.json").read_text())
@@ -152,9 +197,26 @@ def test_chunk_sweep_smoke(tmp_path, cache_dir, monkeypatch, capsys):
 def test_model_error_tiny(tmp_path, cache_dir):
     out = tmp_path / "me"
     env = dict(os.environ, MACFW_CACHE_DIR=str(cache_dir))
-    cmd = [sys.executable, str(EXP / "model_error.py"), "--out", str(out), "--episodes", "4",
-           "--episode_length", "101", "--steps", "50", "--hidden", "16,16", "--batch", "16",
-           "--steps_per_dispatch", "25", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        str(EXP / "model_error.py"),
+        "--out",
+        str(out),
+        "--episodes",
+        "4",
+        "--episode_length",
+        "101",
+        "--steps",
+        "50",
+        "--hidden",
+        "16,16",
+        "--batch",
+        "16",
+        "--steps_per_dispatch",
+        "25",
+        "--workers",
+        "1",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(out / "model_error.csv", newline="") as f:
@@ -172,20 +234,34 @@ def test_model_error_tiny(tmp_path, cache_dir):
 def test_discount_masks_commands_and_table(tmp_path):
     """Each cell is one run with its own GAMMA and mask semantics; the table reads their summaries."""
     dm = _load("discount_masks")
-    args = dm.argparse.Namespace(out=tmp_path, gin_file=["gin/quickstart.gin"], gin_bindings=["train.num_steps = 20"],
-                                 seeds=3, parallel=1)
+    args = dm.argparse.Namespace(
+        out=tmp_path, gin_file=["gin/quickstart.gin"], gin_bindings=["train.num_steps = 20"], seeds=3, parallel=1
+    )
     cmd = dm.command(args, 0.999, "ones")
     assert cmd[cmd.index("--workdir") + 1] == str(tmp_path / "gamma0.999-masks-ones")
     binds = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--gin_bindings"]
-    assert {"GAMMA = 0.999", "OGBenchDataset.singletask_masks = 'ones'", "train.num_seeds = 3",
-            "train.num_steps = 20"} <= set(binds)
+    assert {
+        "GAMMA = 0.999",
+        "OGBenchDataset.singletask_masks = 'ones'",
+        "train.num_seeds = 3",
+        "train.num_steps = 20",
+    } <= set(binds)
     for j, (g, m) in enumerate([(g, m) for g in dm.GAMMAS for m in dm.MASKS]):
         d = dm.cell_dir(tmp_path, g, m)
         d.mkdir()
         per_seed = [0.1 * j, 0.1 * j + 0.2, 0.1 * j + 0.4]
-        (d / "summary.json").write_text(json.dumps({
-            "success": float(np.mean(per_seed)), "per_seed_success": per_seed, "episodes": 90, "step": 15000,
-            "wall_time_s": 100.0, "updates_per_s": 10.0}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "success": float(np.mean(per_seed)),
+                    "per_seed_success": per_seed,
+                    "episodes": 90,
+                    "step": 15000,
+                    "wall_time_s": 100.0,
+                    "updates_per_s": 10.0,
+                }
+            )
+        )
     md, data = dm.table(tmp_path)
     assert len(md.strip().splitlines()) == 2 + 4
     cell = data["0.999/ones"]
@@ -198,8 +274,22 @@ def test_discount_masks_commands_and_table(tmp_path):
 @pytest.mark.slow
 def test_compare_writes_table_csv_curves_and_reruns_without_training(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, str(EXP / "compare.py"), "--agents", "mac,mopo", "--envs", "cube-single", "--tasks", "2",
-           "--seeds", "0,1", "--budget", "smoke", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(EXP / "compare.py"),
+        "--agents",
+        "mac,mopo",
+        "--envs",
+        "cube-single",
+        "--tasks",
+        "2",
+        "--seeds",
+        "0,1",
+        "--budget",
+        "smoke",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count(": started in ") == 2 and r.stdout.count(": finished in ") == 2, r.stdout
@@ -208,7 +298,9 @@ def test_compare_writes_table_csv_curves_and_reruns_without_training(tmp_path):
     with open(out / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(x["agent"], x["mode"], x["env"], x["task"], x["seeds"]) for x in rows] == [
-        ("mac", "singletask", "cube-single", "2", "0 1"), ("mopo", "singletask", "cube-single", "2", "0 1")]
+        ("mac", "singletask", "cube-single", "2", "0 1"),
+        ("mopo", "singletask", "cube-single", "2", "0 1"),
+    ]
     for x in rows:
         per = [float(v) for v in x["per_seed"].split()]
         assert len(per) == 2 and float(x["success_mean"]) == pytest.approx(100 * np.mean(per), abs=1e-3)
@@ -233,11 +325,33 @@ def test_compare_writes_table_csv_curves_and_reruns_without_training(tmp_path):
 
 def test_compare_table_marks_one_seed_instead_of_a_zero_spread():
     cmp = _load("compare")
-    row = dict(agent="fql", env="cube-single", task=2, mode="singletask", steps=15000, episodes_per_seed=30,
-               wall_time_s=60.0, paper_mean=96, paper_std=None)
-    md = cmp.table_md([dict(row, seeds=[0], per_seed=[0.033], success_mean=3.3, success_std=0.0),
-                       dict(row, agent="mac", seeds=[0, 1], per_seed=[0.35, 0.45], success_mean=40.0, success_std=5.0,
-                            paper_mean=99, paper_std=2)], "quickstart")
+    row = dict(
+        agent="fql",
+        env="cube-single",
+        task=2,
+        mode="singletask",
+        steps=15000,
+        episodes_per_seed=30,
+        wall_time_s=60.0,
+        paper_mean=96,
+        paper_std=None,
+    )
+    md = cmp.table_md(
+        [
+            dict(row, seeds=[0], per_seed=[0.033], success_mean=3.3, success_std=0.0),
+            dict(
+                row,
+                agent="mac",
+                seeds=[0, 1],
+                per_seed=[0.35, 0.45],
+                success_mean=40.0,
+                success_std=5.0,
+                paper_mean=99,
+                paper_std=2,
+            ),
+        ],
+        "quickstart",
+    )
     assert "| fql | singletask | 3.3 (n = 1) (96) |" in md and "+- 0.0" not in md
     assert "| mac | singletask | 40.0 +- 5.0 (99 +- 2) |" in md
 
@@ -266,21 +380,39 @@ def test_compare_reuses_run_folders_that_hold_some_of_the_requested_seeds(tmp_pa
     (cell / "seeds0-3" / "summary.json").write_text("{}")
     assert plan([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # ...but a finished folder with all four wins
     assert [j.workdir.name for j in cmp.plan_cell("fql", "cube-single", 2, [0, 1, 2], "quickstart", tmp_path)] == [
-        "seed0", "seeds1-2"]
+        "seed0",
+        "seeds1-2",
+    ]
 
 
 def test_compare_table_only_trains_nothing_and_tabulates_the_finished_runs(tmp_path, capsys):
     cmp = _load("compare")
     run = tmp_path / "runs" / "quickstart" / "fql" / "cube-single-task2" / "seed0"
     run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps(
-        {"success": 0.1, "per_seed_success": [0.1], "step": 15000, "wall_time_s": 60.0, "episodes": 30}))
+    (run / "summary.json").write_text(
+        json.dumps({"success": 0.1, "per_seed_success": [0.1], "step": 15000, "wall_time_s": 60.0, "episodes": 30})
+    )
     (run / "eval.csv").write_text("step,success,success/seed0\n15000,0.1,0.1\n")
-    argv = ["--agents", "fql,mac", "--envs", "cube-single", "--tasks", "2", "--seeds", "0,1", "--budget",
-            "quickstart", "--out", str(tmp_path), "--table-only"]
+    argv = [
+        "--agents",
+        "fql,mac",
+        "--envs",
+        "cube-single",
+        "--tasks",
+        "2",
+        "--seeds",
+        "0,1",
+        "--budget",
+        "quickstart",
+        "--out",
+        str(tmp_path),
+        "--table-only",
+    ]
     assert cmp.main(argv) == 0
     out = capsys.readouterr().out
-    assert "fql cube-single task2 seeds 1: not finished" in out and "mac cube-single task2 seeds 0,1: not finished" in out
+    assert (
+        "fql cube-single task2 seeds 1: not finished" in out and "mac cube-single task2 seeds 0,1: not finished" in out
+    )
     md = (tmp_path / "table.md").read_text()
     assert "| fql | singletask | 10.0 (n = 1) (96) |" in md and "| mac |" not in md
     assert not (tmp_path / "runs" / "quickstart" / "mac").exists()  # nothing was started
@@ -302,18 +434,36 @@ def test_compare_table_averages_tasks_per_seed_and_reads_shared_goal_conditioned
     for task, per_seed in ((1, [0.2, 0.4]), (2, [0.6, 1.0])):
         j = cmp.Job("mac", "cube-single", task, [0, 1], "smoke", tmp_path, mode="singletask", table=st)
         j.workdir.mkdir(parents=True)
-        (j.workdir / "summary.json").write_text(json.dumps({
-            "success": float(np.mean(per_seed)), "per_seed_success": per_seed, "step": 40, "wall_time_s": 6.0,
-            "episodes": 2}))
+        (j.workdir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "success": float(np.mean(per_seed)),
+                    "per_seed_success": per_seed,
+                    "step": 40,
+                    "wall_time_s": 6.0,
+                    "episodes": 2,
+                }
+            )
+        )
         jobs.append(j)
     gc = protocol.TABLES["goalconditioned"]
     g = cmp.Job("mac", "puzzle-3x3", (1, 2), [0, 1], "smoke", tmp_path, mode="oraclerep", table=gc)
     assert g.workdir.parts[-3:] == ("mac-oraclerep", "puzzle-3x3-tasks1-2", "seeds0-1")
     g.workdir.mkdir(parents=True)
     pst = [{"task1": 1.0, "task2": 0.0}, {"task1": 0.5, "task2": 0.5}]
-    (g.workdir / "summary.json").write_text(json.dumps({
-        "success": 0.5, "per_seed_success": [0.5, 0.5], "per_seed_per_task_success": pst,
-        "per_task_success": {"task1": 0.75, "task2": 0.25}, "step": 40, "wall_time_s": 10.0, "episodes": 4}))
+    (g.workdir / "summary.json").write_text(
+        json.dumps(
+            {
+                "success": 0.5,
+                "per_seed_success": [0.5, 0.5],
+                "per_seed_per_task_success": pst,
+                "per_task_success": {"task1": 0.75, "task2": 0.25},
+                "step": 40,
+                "wall_time_s": 10.0,
+                "episodes": 4,
+            }
+        )
+    )
     rows = cmp.collect(jobs + [g])
     by = {(r["mode"], r["env"], r["task"]): r for r in rows}
     assert by[("oraclerep", "puzzle-3x3", 1)]["per_seed"] == [1.0, 0.5]

@@ -43,8 +43,11 @@ def test_layer_norm_gradient_equals_autodiff(affine):
     n = 16
     ln = eqx.nn.LayerNorm(n, use_weight=affine, use_bias=affine)
     if affine:
-        ln = eqx.tree_at(lambda l: (l.weight, l.bias), ln,
-                         (jax.random.normal(jax.random.PRNGKey(0), (n,)), jax.random.normal(jax.random.PRNGKey(1), (n,))))
+        ln = eqx.tree_at(
+            lambda lin: (lin.weight, lin.bias),
+            ln,
+            (jax.random.normal(jax.random.PRNGKey(0), (n,)), jax.random.normal(jax.random.PRNGKey(1), (n,))),
+        )
     x = 3.0 * jax.random.normal(jax.random.PRNGKey(2), (7, n)) + 1.0
     x = x.at[0].set(2.5)  # a constant row: the variance clamps at 0
 
@@ -114,9 +117,12 @@ def test_layer_norms_folded_into_the_next_product_equal_normalise_then_multiply(
     program, and in the reference computation the MLP is returned as it is."""
     m = MLP(12, 50, hidden, key=jax.random.PRNGKey(0))
     ks = jax.random.split(jax.random.PRNGKey(3), 2 * len(hidden))
-    m = eqx.tree_at(lambda m: [n.weight for n in m.norms] + [n.bias for n in m.norms], m,
-                    [1.0 + 0.5 * jax.random.normal(k, (h,)) for k, h in zip(ks[::2], hidden)]
-                    + [0.5 * jax.random.normal(k, (h,)) for k, h in zip(ks[1::2], hidden)])
+    m = eqx.tree_at(
+        lambda m: [n.weight for n in m.norms] + [n.bias for n in m.norms],
+        m,
+        [1.0 + 0.5 * jax.random.normal(k, (h,)) for k, h in zip(ks[::2], hidden)]
+        + [0.5 * jax.random.normal(k, (h,)) for k, h in zip(ks[1::2], hidden)],
+    )
     x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (9, 12)) + 0.5
     f = lambda m, x: jax.vmap(m)(x)  # noqa: E731
     fm = m.with_folded_layer_norms()
@@ -153,8 +159,11 @@ def test_fold_layer_norms_replaces_every_mlp_of_a_tree_and_mac_folds_its_rollout
     nets = fold_layer_norms(state.nets)
     mlps = [x for x in jax.tree_util.tree_leaves(nets, is_leaf=lambda x: isinstance(x, MLP)) if isinstance(x, MLP)]
     assert len(mlps) >= 6 and all(m.folded is not None for m in mlps)
-    assert all(m.folded is None for m in jax.tree_util.tree_leaves(state.nets, is_leaf=lambda x: isinstance(x, MLP))
-               if isinstance(m, MLP))
+    assert all(
+        m.folded is None
+        for m in jax.tree_util.tree_leaves(state.nets, is_leaf=lambda x: isinstance(x, MLP))
+        if isinstance(m, MLP)
+    )
     s0, g0 = data.observations[:8], jnp.zeros((8, 0))
     roll = lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4))  # noqa: E731
     jaxpr = str(jax.make_jaxpr(roll)())
@@ -162,7 +171,9 @@ def test_fold_layer_norms_replaces_every_mlp_of_a_tree_and_mac_folds_its_rollout
     fast = roll()
     with reference_computation(only="folded_layer_norm"):
         ref = agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4))
-        assert "custom_vjp_call" in str(jax.make_jaxpr(lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4)))())
+        assert "custom_vjp_call" in str(
+            jax.make_jaxpr(lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4)))()
+        )
     for k in ("states", "actions", "rewards", "masks"):
         np.testing.assert_allclose(fast[k], ref[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
@@ -178,8 +189,11 @@ def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
 
     spec = Spec(ob_dim=6, act_dim=2, goal_dim=goal_dim, chunk_len=3)
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
-    models = (SuccessModel(spec, key=ks[0], hidden_dims=(16, 16)), ChunkDynamics(spec, key=ks[1], hidden_dims=(16, 16)),
-              RewardModel(spec, key=ks[2], hidden_dims=(16, 16)))
+    models = (
+        SuccessModel(spec, key=ks[0], hidden_dims=(16, 16)),
+        ChunkDynamics(spec, key=ks[1], hidden_dims=(16, 16)),
+        RewardModel(spec, key=ks[2], hidden_dims=(16, 16)),
+    )
     s = jax.random.normal(ks[3], (5, 6))
     g = jax.random.normal(ks[4], (5, goal_dim))
     A = jax.random.normal(ks[5], (5, 6))
@@ -211,7 +225,7 @@ def test_joint_first_layer_equals_separate_calls_with_gradients():
     ks = jax.random.split(jax.random.PRNGKey(1), 4)
     mlps = [MLP(9, o, (16, 16), key=k) for o, k in zip((1, 4, 20), ks)]
     x = jax.random.normal(ks[3], (7, 9))
-    loss = lambda ms, fn: sum(jnp.sum(o ** 2) for o in jax.vmap(lambda x: fn(ms, x))(x))  # noqa: E731
+    loss = lambda ms, fn: sum(jnp.sum(o**2) for o in jax.vmap(lambda x: fn(ms, x))(x))  # noqa: E731
     joint = lambda ms, x: joint_first_layer(ms, x)  # noqa: E731
     sep = lambda ms, x: [m(x) for m in ms]  # noqa: E731
     np.testing.assert_allclose(loss(mlps, joint), loss(mlps, sep), rtol=1e-5)
@@ -272,8 +286,18 @@ def test_mac_losses_after_50_updates_equal_the_reference_computation():
     assert r["speedup"] == pytest.approx(r["reference_update_s"] / r["current_update_s"])
     fast, ref = r["metrics"]["current"], r["metrics"]["reference"]
     assert fast.keys() == ref.keys()
-    for k in ("total/loss", "dynamics/loss", "flow/loss", "flow/distill_loss", "success/loss", "reward/loss",
-              "value/loss", "critic/loss", "critic/q_mean", "value/mean"):
+    for k in (
+        "total/loss",
+        "dynamics/loss",
+        "flow/loss",
+        "flow/distill_loss",
+        "success/loss",
+        "reward/loss",
+        "value/loss",
+        "critic/loss",
+        "critic/q_mean",
+        "value/mean",
+    ):
         assert k in fast, sorted(fast)
         assert np.isfinite(fast[k]), (k, fast[k])
     bad = {k: (fast[k], ref[k]) for k in fast if not np.isclose(fast[k], ref[k], rtol=1e-4, atol=1e-5)}
@@ -292,8 +316,11 @@ def test_written_out_threefry_gives_the_same_bits_as_jax_rolled_loop():
 
     def draws(k):
         ks = jax.random.split(k, 7)
-        return (jax.vmap(lambda kk: jax.random.bits(kk, (8, 5)))(ks),
-                jax.vmap(lambda kk: jax.random.normal(kk, (8, 5)))(ks), jax.random.split(k, 3))
+        return (
+            jax.vmap(lambda kk: jax.random.bits(kk, (8, 5)))(ks),
+            jax.vmap(lambda kk: jax.random.normal(kk, (8, 5)))(ks),
+            jax.random.split(k, 3),
+        )
 
     key = jax.random.PRNGKey(123)
     try:

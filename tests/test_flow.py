@@ -43,7 +43,8 @@ def trained():
             def loss_fn(p):
                 pi = eqx.combine(p, static)
                 losses, _ = jax.vmap(lambda s_, g_, a_, kk: pi.loss(s_, g_, a_, key=kk))(
-                    s, g, A, jax.random.split(kl, batch))
+                    s, g, A, jax.random.split(kl, batch)
+                )
                 return losses.mean()
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -79,7 +80,9 @@ def _sample_all(policy):
     def run(policy, zs):
         ode = jax.vmap(lambda z: policy.solve(s, g, z))(zs)
         one = jax.vmap(lambda z: policy.distilled(s, g, z))(zs)
-        via_sample = jax.vmap(lambda k: policy.sample(s, g, key=k))(jax.random.split(jax.random.PRNGKey(3), NUM_SAMPLES))
+        via_sample = jax.vmap(lambda k: policy.sample(s, g, key=k))(
+            jax.random.split(jax.random.PRNGKey(3), NUM_SAMPLES)
+        )
         midpoint = jax.vmap(lambda z: solve_flow(policy.velocity, s, g, z, num_steps=20, solver="midpoint"))(zs)
         return ode, one, via_sample, midpoint
 
@@ -101,8 +104,9 @@ def test_flow_and_distilled_policy_sample_both_modes(trained):
 @pytest.mark.parametrize("solver,steps", [("heun", 4), ("midpoint", 7)])
 def test_other_solvers_finite_and_shaped(solver, steps):
     spec = SPEC  # same sizes as the trained policy: its (eagerly compiled) initialisers are reused
-    pi = FlowPolicy(spec, key=jax.random.PRNGKey(5), hidden_dims=(64, 64), distill=False, solver=solver,
-                    flow_steps=steps)
+    pi = FlowPolicy(
+        spec, key=jax.random.PRNGKey(5), hidden_dims=(64, 64), distill=False, solver=solver, flow_steps=steps
+    )
     assert pi.one_step is None
     s = jnp.linspace(-1, 1, 5)[:, None]
     g = jnp.zeros((5, 0))

@@ -23,8 +23,8 @@ from macfw.nn.flow import FlowPolicy
 from macfw.nn.models import QCritic, StateValue
 from macfw.spec import Spec
 
-L = 32                                   # the authors' future length
-LENGTHS = [40, 33, 50, 20, 34, 71, 45]   # observations per trajectory (20 is too short for a 32-step window)
+L = 32  # the authors' future length
+LENGTHS = [40, 33, 50, 20, 34, 71, 45]  # observations per trajectory (20 is too short for a 32-step window)
 N = sum(LENGTHS)
 GAMMA = 0.97
 BATCH = 512
@@ -40,10 +40,15 @@ def _dataset(seed=0):
     terminals = np.zeros(N, np.float32)
     terminals[np.cumsum(LENGTHS) - 1] = 1.0
     solved = rng.random(N) < 0.2
-    return {"observations": obs, "actions": act, "terminals": terminals, "valids": 1.0 - terminals,
-            "oracle_reps": np.stack([idx * 2.0 + 1.0, -tid], axis=1).astype(np.float32),
-            "rewards": np.where(solved, 0.0, -1.0).astype(np.float32) + rng.normal(size=N).astype(np.float32) * 0.1,
-            "masks": np.where(solved, 0.0, 1.0).astype(np.float32)}
+    return {
+        "observations": obs,
+        "actions": act,
+        "terminals": terminals,
+        "valids": 1.0 - terminals,
+        "oracle_reps": np.stack([idx * 2.0 + 1.0, -tid], axis=1).astype(np.float32),
+        "rewards": np.where(solved, 0.0, -1.0).astype(np.float32) + rng.normal(size=N).astype(np.float32) * 0.1,
+        "masks": np.where(solved, 0.0, 1.0).astype(np.float32),
+    }
 
 
 def _last_index():
@@ -51,13 +56,17 @@ def _last_index():
 
 
 def _agent(**kw):
-    return FMPC(model=functools.partial(FutureFlow, hidden_dims=TINY, flow_steps=3),
-                policy=functools.partial(FlowPolicy, hidden_dims=TINY, flow_steps=3, distill=False),
-                critic=functools.partial(QCritic, hidden_dims=TINY),
-                value=functools.partial(StateValue, hidden_dims=TINY), gamma=GAMMA, **kw)
+    return FMPC(
+        model=functools.partial(FutureFlow, hidden_dims=TINY, flow_steps=3),
+        policy=functools.partial(FlowPolicy, hidden_dims=TINY, flow_steps=3, distill=False),
+        critic=functools.partial(QCritic, hidden_dims=TINY),
+        value=functools.partial(StateValue, hidden_dims=TINY),
+        gamma=GAMMA,
+        **kw,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(mode):
     d = _dataset()
     agent = _agent(future_len=L)
@@ -79,7 +88,7 @@ class _SpyModel(eqx.Module):
 
     table: jax.Array  # (N, ob_dim) scaled observations
     actions: jax.Array  # (N, act_dim)
-    mid: float = eqx.field(static=True)   # the scaler's inverse on dimension 0: x = y * half + mid
+    mid: float = eqx.field(static=True)  # the scaler's inverse on dimension 0: x = y * half + mid
     half: float = eqx.field(static=True)
 
     def flow_loss(self, s, a, X, z, u):
@@ -109,10 +118,20 @@ def test_future_model_target_is_the_flattened_next_32_states(mode):
 
     # ... and it is what the model is trained on inside the update
     acts = np.clip(d["actions"], -1 + 1e-5, 1 - 1e-5)
-    spy = _SpyModel(table=jnp.asarray(obs), actions=jnp.asarray(acts), mid=float((sc.lo[0] + sc.hi[0]) / 2.0),
-                    half=float((sc.hi[0] - sc.lo[0]) / 2.0))
-    spied = FMPC(model=lambda spec, *, key, future_len: spy, policy=agent.factories["policy"],
-                 critic=agent.factories["critic"], value=agent.factories["value"], gamma=GAMMA, future_len=L)
+    spy = _SpyModel(
+        table=jnp.asarray(obs),
+        actions=jnp.asarray(acts),
+        mid=float((sc.lo[0] + sc.hi[0]) / 2.0),
+        half=float((sc.hi[0] - sc.lo[0]) / 2.0),
+    )
+    spied = FMPC(
+        model=lambda spec, *, key, future_len: spy,
+        policy=agent.factories["policy"],
+        critic=agent.factories["critic"],
+        value=agent.factories["value"],
+        gamma=GAMMA,
+        future_len=L,
+    )
     assert spied.batch_spec == agent.batch_spec
     _, metrics = jax.jit(spied.update)(spied.init(loaded.spec, jax.random.PRNGKey(0)), batch)
     assert float(metrics["dynamics/loss"]) == 0.0 and float(metrics["dynamics/action_err"]) == 0.0
@@ -133,7 +152,7 @@ def test_singletask_window_reward_and_mask():
     inp = jax.device_get(agent.training_inputs(batch))
     t = batch["idx"]
     disc = GAMMA ** np.arange(L)
-    want = np.array([np.sum(d["rewards"][i:i + L] * disc) for i in t]) / L  # the authors' mean over the window
+    want = np.array([np.sum(d["rewards"][i : i + L] * disc) for i in t]) / L  # the authors' mean over the window
     np.testing.assert_allclose(inp["reward"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(inp["mask"], 1.0)
 
@@ -175,11 +194,16 @@ class _LinearValue(eqx.Module):
 
 def test_critic_target_equation_tiny():
     r, m, v = np.array([0.0, 1.0, -0.3, 0.5]), np.array([1.0, 0.0, 1.0, 1.0]), np.array([0.5, 0.9, 2.0, 0.8])
-    np.testing.assert_allclose(critic_target(jnp.asarray(r), jnp.asarray(m), jnp.asarray(v), gamma=0.9, future_len=3),
-                               r + 0.729 * m * v, rtol=1e-6)
+    np.testing.assert_allclose(
+        critic_target(jnp.asarray(r), jnp.asarray(m), jnp.asarray(v), gamma=0.9, future_len=3),
+        r + 0.729 * m * v,
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(
         critic_target(jnp.asarray(r), jnp.asarray(m), jnp.asarray(v), gamma=0.9, future_len=3, clip01=True),
-        np.clip(r + 0.729 * m * v, 0.0, 1.0), rtol=1e-6)
+        np.clip(r + 0.729 * m * v, 0.0, 1.0),
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("goal_dim,value_loss", [(0, "bce"), (2, "bce"), (2, "mse")])
@@ -189,13 +213,19 @@ def test_targets_bootstrap_v_at_the_window_end(goal_dim, value_loss):
     agent.spec = Spec(ob_dim=2, act_dim=1, goal_dim=goal_dim, chunk_len=Lt)
     V = _LinearValue(w=jnp.array([0.5, -1.0]), u=jnp.array([0.25, 2.0])[:goal_dim], b=0.1)
     V_target = _LinearValue(w=jnp.array([-0.2, 0.3]), u=jnp.array([1.0, -1.0])[:goal_dim], b=-0.4)
-    s0 = np.array([[9.0, 9.0], [9.0, -9.0], [-9.0, 9.0]], np.float32)   # s_t: must not be bootstrapped
+    s0 = np.array([[9.0, 9.0], [9.0, -9.0], [-9.0, 9.0]], np.float32)  # s_t: must not be bootstrapped
     last = np.array([[0.2, -0.4], [1.0, 0.5], [-0.6, 0.1]], np.float32)  # s_{t+L}
     g = np.array([[0.3, -0.2], [0.0, 0.1], [-0.5, 0.4]], np.float32)[:, :goal_dim]
     r = np.array([0.0, 1.0, 0.0] if goal_dim else [-0.7, -0.1, 0.0], np.float32)
     m = 1.0 - r if goal_dim else np.ones(3, np.float32)
-    inputs = {"obs": jnp.asarray(s0), "last": jnp.asarray(last), "value_goals": jnp.asarray(g),
-              "reward": jnp.asarray(r), "mask": jnp.asarray(m), "value_label": jnp.array([1.0, 0.0, 1.0])}
+    inputs = {
+        "obs": jnp.asarray(s0),
+        "last": jnp.asarray(last),
+        "value_goals": jnp.asarray(g),
+        "reward": jnp.asarray(r),
+        "mask": jnp.asarray(m),
+        "value_label": jnp.array([1.0, 0.0, 1.0]),
+    }
     nets = FMPCNetworks(model=None, policy=None, critic=None, value=V)
     out = jax.device_get(agent.targets(nets, V_target, inputs))
 
@@ -204,14 +234,14 @@ def test_targets_bootstrap_v_at_the_window_end(goal_dim, value_loss):
 
     v_next = lin(V, last, g)
     if goal_dim and value_loss == "bce":
-        want_q = np.clip(r + gamma ** Lt * m / (1 + np.exp(-v_next)), 0.0, 1.0)
+        want_q = np.clip(r + gamma**Lt * m / (1 + np.exp(-v_next)), 0.0, 1.0)
     else:
-        want_q = r + gamma ** Lt * m * v_next
+        want_q = r + gamma**Lt * m * v_next
     np.testing.assert_allclose(out["q"], want_q, rtol=1e-5)
     if goal_dim:
         np.testing.assert_array_equal(out["v"], [1.0, 0.0, 1.0])
     else:
-        np.testing.assert_allclose(out["v"], r + gamma ** Lt * lin(V_target, last, g), rtol=1e-5)
+        np.testing.assert_allclose(out["v"], r + gamma**Lt * lin(V_target, last, g), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- acting
@@ -251,8 +281,12 @@ def test_act_returns_the_candidate_of_highest_q():
 
 
 def test_bad_bindings_name_themselves():
-    for kw, name in ((dict(future_len=0), "FMPC.future_len"), (dict(num_samples=0), "FMPC.num_samples"),
-                     (dict(value_loss="squared"), "FMPC.value_loss"), (dict(gamma=1.0), "FMPC.gamma")):
+    for kw, name in (
+        (dict(future_len=0), "FMPC.future_len"),
+        (dict(num_samples=0), "FMPC.num_samples"),
+        (dict(value_loss="squared"), "FMPC.value_loss"),
+        (dict(gamma=1.0), "FMPC.gamma"),
+    ):
         with pytest.raises(ConfigError, match=name):
             FMPC(**kw)
     with pytest.raises(ConfigError, match="FutureFlow.flow_steps"):
@@ -267,13 +301,19 @@ def test_update_takes_its_draws_as_an_argument():
     _, agent, _, state, batch = _setup("oraclerep")
     B = batch["obs"].shape[0]
     noise = agent.draw_noise(jax.random.PRNGKey(5), B)
-    assert {k: v.shape for k, v in noise.items()} == {"model_z": (B, L * agent.spec.ob_dim), "model_u": (B,),
-                                                      "policy_z": (B, agent.spec.act_dim), "policy_u": (B,)}
+    assert {k: v.shape for k, v in noise.items()} == {
+        "model_z": (B, L * agent.spec.ob_dim),
+        "model_u": (B,),
+        "policy_z": (B, agent.spec.act_dim),
+        "policy_u": (B,),
+    }
     step = jax.jit(agent.update)
     new, m = step(state, batch, noise)
     new2, m2 = step(state, batch, noise)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree_util.tree_leaves(new.nets), jax.tree_util.tree_leaves(new2.nets)))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree_util.tree_leaves(new.nets), jax.tree_util.tree_leaves(new2.nets))
+    )
     inp = agent.training_inputs(batch)
     nets = state.nets
     z, u, X = noise["model_z"], noise["model_u"], inp["future"]
@@ -287,18 +327,31 @@ def test_update_takes_its_draws_as_an_argument():
     np.testing.assert_allclose(float(m["flow/loss"]), float(jnp.mean((v - (A - z)) ** 2)), rtol=1e-5)
     np.testing.assert_allclose(float(m["flow/vel"]), float(jnp.linalg.norm(A - z, axis=-1).mean()), rtol=1e-5)
     other, _ = step(state, batch, agent.draw_noise(jax.random.PRNGKey(6), B))
-    assert not np.allclose(np.asarray(other.nets.model.field.layers[0].weight),
-                           np.asarray(new.nets.model.field.layers[0].weight))
+    assert not np.allclose(
+        np.asarray(other.nets.model.field.layers[0].weight), np.asarray(new.nets.model.field.layers[0].weight)
+    )
 
 
 def test_a_distilled_policy_is_refused():
     """FMPC trains its policy by flow matching alone and samples it by solving the ODE (the authors'):
     a FlowPolicy with a one-step network would never be trained, so it is refused by name."""
-    agent = FMPC(policy=functools.partial(FlowPolicy, hidden_dims=TINY, distill=True),
-                 model=functools.partial(FutureFlow, hidden_dims=TINY), critic=functools.partial(QCritic, hidden_dims=TINY),
-                 value=functools.partial(StateValue, hidden_dims=TINY), future_len=4)
+    agent = FMPC(
+        policy=functools.partial(FlowPolicy, hidden_dims=TINY, distill=True),
+        model=functools.partial(FutureFlow, hidden_dims=TINY),
+        critic=functools.partial(QCritic, hidden_dims=TINY),
+        value=functools.partial(StateValue, hidden_dims=TINY),
+        future_len=4,
+    )
     with pytest.raises(ConfigError, match=r"FMPC\.policy"):
         agent.init(Spec(ob_dim=3, act_dim=2, goal_dim=0, chunk_len=4), jax.random.PRNGKey(0))
-    assert FMPC(model=functools.partial(FutureFlow, hidden_dims=TINY), critic=functools.partial(QCritic, hidden_dims=TINY),
-                value=functools.partial(StateValue, hidden_dims=TINY), future_len=4,
-                ).init(Spec(ob_dim=3, act_dim=2, goal_dim=0, chunk_len=4), jax.random.PRNGKey(0)).nets.policy.one_step is None
+    assert (
+        FMPC(
+            model=functools.partial(FutureFlow, hidden_dims=TINY),
+            critic=functools.partial(QCritic, hidden_dims=TINY),
+            value=functools.partial(StateValue, hidden_dims=TINY),
+            future_len=4,
+        )
+        .init(Spec(ob_dim=3, act_dim=2, goal_dim=0, chunk_len=4), jax.random.PRNGKey(0))
+        .nets.policy.one_step
+        is None
+    )

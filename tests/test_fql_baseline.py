@@ -72,9 +72,16 @@ def _np_q(w, b, s, g, a):  # (B, k)
 def test_actor_loss_is_alpha_distill_minus_q(goal_dim, normalize):
     s, g, z, W, c, w, b, T = _inputs(goal_dim)
     alpha = 3.0
-    loss, m = fql_actor_loss(LinearActor(jnp.asarray(W), jnp.asarray(c)), LinearCritics(jnp.asarray(w), jnp.asarray(b)),
-                             jnp.asarray(s), jnp.asarray(g), jnp.asarray(z), jnp.asarray(T), alpha=alpha,
-                             normalize_q_loss=normalize)
+    loss, m = fql_actor_loss(
+        LinearActor(jnp.asarray(W), jnp.asarray(c)),
+        LinearCritics(jnp.asarray(w), jnp.asarray(b)),
+        jnp.asarray(s),
+        jnp.asarray(g),
+        jnp.asarray(z),
+        jnp.asarray(T),
+        alpha=alpha,
+        normalize_q_loss=normalize,
+    )
     a = np.concatenate([s, g, z], axis=1) @ W.T + c
     assert np.any(np.abs(a) > 1.0), "the test should exercise the clip"
     distill = np.mean((a - T) ** 2)  # unclipped actions in the distillation term
@@ -92,9 +99,17 @@ def test_critic_target(q_agg):
     r = rng.normal(size=(B,)).astype(np.float32)
     m = np.array([1, 0, 1, 1, 0], np.float32)
     gamma = 0.9
-    y = fql_critic_target(LinearCritics(jnp.asarray(w), jnp.asarray(b)), LinearActor(jnp.asarray(W), jnp.asarray(c)),
-                          jnp.asarray(s), jnp.asarray(g), jnp.asarray(r), jnp.asarray(m), jnp.asarray(z), gamma=gamma,
-                          q_agg=q_agg)
+    y = fql_critic_target(
+        LinearCritics(jnp.asarray(w), jnp.asarray(b)),
+        LinearActor(jnp.asarray(W), jnp.asarray(c)),
+        jnp.asarray(s),
+        jnp.asarray(g),
+        jnp.asarray(r),
+        jnp.asarray(m),
+        jnp.asarray(z),
+        gamma=gamma,
+        q_agg=q_agg,
+    )
     a_next = np.clip(np.concatenate([s, g, z], axis=1) @ W.T + c, -1, 1)
     qs = _np_q(w, b, s, g, a_next)
     agg = qs.min(axis=1) if q_agg == "min" else qs.mean(axis=1)
@@ -114,17 +129,27 @@ def test_actor_loss_gradient_wrt_critic_is_zero():
 
 # ---------------------------------------------------------------------------------- the agent
 def _agent(**kw):
-    return FQL(policy=functools.partial(FlowPolicy, hidden_dims=(16,), distill=False, layer_norm=False),
-               actor=functools.partial(FQLActor, hidden_dims=(16,), layer_norm=False),
-               critic=functools.partial(Ensemble, member=functools.partial(QCritic, hidden_dims=(16,)), num=2), **kw)
+    return FQL(
+        policy=functools.partial(FlowPolicy, hidden_dims=(16,), distill=False, layer_norm=False),
+        actor=functools.partial(FQLActor, hidden_dims=(16,), layer_norm=False),
+        critic=functools.partial(Ensemble, member=functools.partial(QCritic, hidden_dims=(16,)), num=2),
+        **kw,
+    )
 
 
 def _batch(goal_dim, seed=0):
     rng = np.random.default_rng(seed)
     f = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))  # noqa: E731
-    return {"obs": f(8, OB), "actions": jnp.clip(f(8, ACT), -1, 1), "next_obs": f(8, OB), "rewards": -jnp.ones(8),
-            "masks": jnp.ones(8), "success": jnp.asarray((rng.uniform(size=8) < 0.3).astype(np.float32)),
-            "value_goals": f(8, goal_dim), "actor_goals": f(8, goal_dim)}
+    return {
+        "obs": f(8, OB),
+        "actions": jnp.clip(f(8, ACT), -1, 1),
+        "next_obs": f(8, OB),
+        "rewards": -jnp.ones(8),
+        "masks": jnp.ones(8),
+        "success": jnp.asarray((rng.uniform(size=8) < 0.3).astype(np.float32)),
+        "value_goals": f(8, goal_dim),
+        "actor_goals": f(8, goal_dim),
+    }
 
 
 def test_agent_actor_loss_moves_only_the_actor(goal_dim=3):
@@ -132,7 +157,8 @@ def test_agent_actor_loss_moves_only_the_actor(goal_dim=3):
     state = agent.init(Spec(ob_dim=OB, act_dim=ACT, goal_dim=goal_dim, chunk_len=1), 0)
     params, static = eqx.partition(state.nets, eqx.is_inexact_array)
     grads = jax.jit(jax.grad(lambda p, b: agent.actor_loss(eqx.combine(p, static), b, jax.random.PRNGKey(1))[0]))(
-        params, _batch(goal_dim))
+        params, _batch(goal_dim)
+    )
     norm = lambda t: max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(t))  # noqa: E731
     assert norm(grads.critic) == 0.0  # the Q term does not train Q
     assert norm(grads.policy) == 0.0  # the flow target is a constant
@@ -162,22 +188,34 @@ def test_update_and_act(goal_dim):
     assert int(new.step) == 1
     for k in ("flow/loss", "critic/loss", "actor/loss", "actor/distill_loss", "total/loss"):
         assert np.isfinite(float(m[k])), k
-    np.testing.assert_allclose(float(m["total/loss"]),
-                               float(m["flow/loss"]) + float(m["critic/loss"]) + float(m["actor/loss"]), rtol=1e-5)
-    for t_old, t_new, c_new in zip(jax.tree_util.tree_leaves(eqx.filter(state.target_critic, eqx.is_inexact_array)),
-                                   jax.tree_util.tree_leaves(eqx.filter(new.target_critic, eqx.is_inexact_array)),
-                                   jax.tree_util.tree_leaves(eqx.filter(new.nets.critic, eqx.is_inexact_array))):
-        np.testing.assert_allclose(np.asarray(t_new), 0.9 * np.asarray(t_old) + 0.1 * np.asarray(c_new),
-                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        float(m["total/loss"]), float(m["flow/loss"]) + float(m["critic/loss"]) + float(m["actor/loss"]), rtol=1e-5
+    )
+    for t_old, t_new, c_new in zip(
+        jax.tree_util.tree_leaves(eqx.filter(state.target_critic, eqx.is_inexact_array)),
+        jax.tree_util.tree_leaves(eqx.filter(new.target_critic, eqx.is_inexact_array)),
+        jax.tree_util.tree_leaves(eqx.filter(new.nets.critic, eqx.is_inexact_array)),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(t_new), 0.9 * np.asarray(t_old) + 0.1 * np.asarray(c_new), rtol=1e-5, atol=1e-6
+        )
     acts = jax.vmap(lambda k: agent.act(new.nets, jnp.full((OB,), 0.5), jnp.ones(goal_dim), key=k))(
-        jax.random.split(jax.random.PRNGKey(0), 64))
+        jax.random.split(jax.random.PRNGKey(0), 64)
+    )
     assert acts.shape == (64, 1, ACT) and float(jnp.abs(acts).max()) <= 1.0
     assert float(acts.std(axis=0).mean()) > 0.0  # a fresh noise per call
 
 
-@pytest.mark.parametrize("kw, binding", [({"alpha": -1.0}, "FQL.alpha"), ({"q_agg": "max"}, "FQL.q_agg"),
-                                         ({"gamma": 1.0}, "FQL.gamma"), ({"tau": 0.0}, "FQL.tau"),
-                                         ({"normalize_q_loss": 1}, "FQL.normalize_q_loss")])
+@pytest.mark.parametrize(
+    "kw, binding",
+    [
+        ({"alpha": -1.0}, "FQL.alpha"),
+        ({"q_agg": "max"}, "FQL.q_agg"),
+        ({"gamma": 1.0}, "FQL.gamma"),
+        ({"tau": 0.0}, "FQL.tau"),
+        ({"normalize_q_loss": 1}, "FQL.normalize_q_loss"),
+    ],
+)
 def test_bad_values_name_their_binding(kw, binding):
     with pytest.raises(ConfigError, match=binding.replace(".", r"\.")):
         _agent(**kw)

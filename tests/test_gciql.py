@@ -12,14 +12,22 @@ import dataclasses
 from pathlib import Path
 
 import equinox as eqx
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from macfw.agents.gciql import (GCIQL, ClippedMeanActor, GCIQLNetworks, actor_outputs, batched_heads, critic_target,
-                                ddpg_bc_loss, value_loss)
+import gin
+from macfw.agents.gciql import (
+    GCIQL,
+    ClippedMeanActor,
+    GCIQLNetworks,
+    actor_outputs,
+    batched_heads,
+    critic_target,
+    ddpg_bc_loss,
+    value_loss,
+)
 from macfw.errors import ConfigError
 from macfw.nn.ensemble import Ensemble
 from macfw.nn.models import QCritic, StateValue
@@ -73,8 +81,19 @@ W_PI = np.array([[0.8, -0.3, 0.9]], np.float32)
 
 
 def _batch():
-    return {k: jnp.asarray(v) for k, v in dict(obs=OBS, next_obs=NEXT, actions=ACT, value_goals=VG, actor_goals=AG,
-                                                 rewards=REW, success=SUCC, masks=1.0 - SUCC).items()}
+    return {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            obs=OBS,
+            next_obs=NEXT,
+            actions=ACT,
+            value_goals=VG,
+            actor_goals=AG,
+            rewards=REW,
+            success=SUCC,
+            masks=1.0 - SUCC,
+        ).items()
+    }
 
 
 def _agent_and_nets():
@@ -127,7 +146,7 @@ def test_critic_target_function():
 def test_agent_critic_part_regresses_both_qs_to_r_plus_gamma_m_v_next():
     agent, nets, target = _agent_and_nets()
     next_v = np.concatenate([NEXT, VG], 1) @ W_V  # current V at s' with the value goal
-    y = REW + GAMMA * (1.0 - SUCC) * next_v       # success 1 -> no bootstrap
+    y = REW + GAMMA * (1.0 - SUCC) * next_v  # success 1 -> no bootstrap
     q = np.concatenate([OBS, VG, ACT], 1) @ C_Q.T  # (B, 2)
     want = float(np.mean(((q - y[:, None]) ** 2).sum(axis=1)))
     got, m = agent.critic_part(nets, _batch())
@@ -140,8 +159,8 @@ def test_agent_critic_part_regresses_both_qs_to_r_plus_gamma_m_v_next():
 
 # ------------------------------------------------------------------------------ the actor loss
 def _np_actor(W=W_PI, C=C_Q, alpha=ALPHA, b=0.0):
-    x = np.concatenate([OBS, AG], 1)             # the ACTOR goals
-    mu = x @ W.T                                  # unclipped mean, (B, 1)
+    x = np.concatenate([OBS, AG], 1)  # the ACTOR goals
+    mu = x @ W.T  # unclipped mean, (B, 1)
     a = np.clip(mu, -1.0, 1.0)
     q = (np.concatenate([OBS, AG, a], 1) @ C.T + b).min(axis=1)
     q_loss = -q.mean() / (np.abs(q).mean() + 1e-6)
@@ -194,8 +213,8 @@ def test_abs_q_normaliser_is_a_constant_in_the_actor_gradient():
     a = np.clip(mu, -1.0, 1.0)
     qs = np.concatenate([OBS, AG, a], 1) @ C.T - 10.0
     j = qs.argmin(axis=1)
-    inside = (np.abs(mu[:, 0]) < 1.0).astype(np.float32)       # the clip passes no gradient outside
-    dq_dW = (C[j, -1] * inside)[:, None] * x                   # (B, ob + goal)
+    inside = (np.abs(mu[:, 0]) < 1.0).astype(np.float32)  # the clip passes no gradient outside
+    dq_dW = (C[j, -1] * inside)[:, None] * x  # (B, ob + goal)
     want = -(dq_dW.mean(axis=0)) / np.abs(q).mean()
     grads = jax.grad(lambda n: agent.actor_part(n, _batch())[0])(nets)
     np.testing.assert_allclose(np.asarray(grads.actor.W)[0], want, rtol=1e-4, atol=1e-6)
@@ -221,18 +240,27 @@ def test_actor_loss_does_not_move_the_critic_or_the_value():
 def _real_batch(spec, B, key):
     ks = jax.random.split(key, 6)
     succ = (jax.random.uniform(ks[5], (B,)) < 0.3).astype(jnp.float32)
-    return dict(obs=jax.random.normal(ks[0], (B, spec.ob_dim)), next_obs=jax.random.normal(ks[1], (B, spec.ob_dim)),
-                actions=jax.random.uniform(ks[2], (B, spec.act_dim), minval=-1, maxval=1),
-                value_goals=jax.random.normal(ks[3], (B, spec.goal_dim)),
-                actor_goals=jax.random.normal(ks[4], (B, spec.goal_dim)),
-                rewards=succ - 1.0, success=succ, masks=1.0 - succ)
+    return dict(
+        obs=jax.random.normal(ks[0], (B, spec.ob_dim)),
+        next_obs=jax.random.normal(ks[1], (B, spec.ob_dim)),
+        actions=jax.random.uniform(ks[2], (B, spec.act_dim), minval=-1, maxval=1),
+        value_goals=jax.random.normal(ks[3], (B, spec.goal_dim)),
+        actor_goals=jax.random.normal(ks[4], (B, spec.goal_dim)),
+        rewards=succ - 1.0,
+        success=succ,
+        masks=1.0 - succ,
+    )
 
 
 def _real_agent():
-    return GCIQL(value=lambda spec, key: StateValue(spec, key=key, hidden_dims=(8, 8)),
-                 critic=lambda spec, key: Ensemble(spec, key=key, num=2,
-                                                   member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8))),
-                 actor=lambda spec, key: ClippedMeanActor(spec, key=key, hidden_dims=(8, 8)), tau=0.1)
+    return GCIQL(
+        value=lambda spec, key: StateValue(spec, key=key, hidden_dims=(8, 8)),
+        critic=lambda spec, key: Ensemble(
+            spec, key=key, num=2, member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8))
+        ),
+        actor=lambda spec, key: ClippedMeanActor(spec, key=key, hidden_dims=(8, 8)),
+        tau=0.1,
+    )
 
 
 @pytest.mark.parametrize("goal_dim", [3, 0], ids=["goal-conditioned", "single-task"])
@@ -266,12 +294,15 @@ def test_update_steps_and_the_target_critic_is_an_ema(goal_dim):
     state2 = dataclasses.replace(state, target_critic=jax.tree_util.tree_map(lambda x: 0.5 * x, state.target_critic))
     new2, _, _, _ = run(state2, jax.random.PRNGKey(1))
     moved = False
-    for t_new, t_old, c_old, c_new in zip(jax.tree_util.tree_leaves(new2.target_critic),
-                                          jax.tree_util.tree_leaves(state2.target_critic),
-                                          jax.tree_util.tree_leaves(state2.nets.critic),
-                                          jax.tree_util.tree_leaves(new2.nets.critic)):
-        np.testing.assert_allclose(np.asarray(t_new), 0.9 * np.asarray(t_old) + 0.1 * np.asarray(c_old),
-                                   rtol=1e-5, atol=1e-7)
+    for t_new, t_old, c_old, c_new in zip(
+        jax.tree_util.tree_leaves(new2.target_critic),
+        jax.tree_util.tree_leaves(state2.target_critic),
+        jax.tree_util.tree_leaves(state2.nets.critic),
+        jax.tree_util.tree_leaves(new2.nets.critic),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(t_new), 0.9 * np.asarray(t_old) + 0.1 * np.asarray(c_old), rtol=1e-5, atol=1e-7
+        )
         moved |= bool(np.abs(np.asarray(c_new) - np.asarray(c_old)).max() > 1e-4)  # Adam: about lr
     assert moved  # the update moved the critics, so the two orders give different targets
     assert a.shape == (1, 2) and float(jnp.abs(a).max()) <= 1.0
@@ -293,8 +324,11 @@ def test_fast_forms_compute_the_plain_ones():
     for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     one = QCritic(spec, key=k3, hidden_dims=(8,))
-    np.testing.assert_allclose(np.asarray(batched_heads(one, b["obs"], b["value_goals"], b["actions"])),
-                               np.asarray(jax.vmap(one)(b["obs"], b["value_goals"], b["actions"])), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(batched_heads(one, b["obs"], b["value_goals"], b["actions"])),
+        np.asarray(jax.vmap(one)(b["obs"], b["value_goals"], b["actions"])),
+        rtol=1e-6,
+    )
     actor = ClippedMeanActor(spec, key=k3, hidden_dims=(8,), final_init_scale=30.0)  # large outputs: the clip acts
     a, mu = jax.vmap(lambda s, g: actor_outputs(actor, s, g))(b["obs"], b["actor_goals"])
     assert float(jnp.abs(mu).max()) > 1.0
@@ -312,8 +346,12 @@ def test_bad_values_raise_config_errors_naming_the_binding():
     with pytest.raises(ConfigError, match=r"GCIQL\.critic"):
         GCIQL()
     with pytest.raises(ConfigError, match=r"ClippedMeanActor\.final_init_scale"):
-        ClippedMeanActor(Spec(ob_dim=1, act_dim=1, goal_dim=0, chunk_len=1), key=jax.random.PRNGKey(0),
-                         hidden_dims=(2,), final_init_scale=0.0)
+        ClippedMeanActor(
+            Spec(ob_dim=1, act_dim=1, goal_dim=0, chunk_len=1),
+            key=jax.random.PRNGKey(0),
+            hidden_dims=(2,),
+            final_init_scale=0.0,
+        )
 
 
 def test_gin_file_holds_the_authors_defaults():

@@ -76,14 +76,20 @@ def test_loads_through_ogbench(cube_single):
 
 
 def test_reproducible_and_independent_of_workers(tmp_path, cube_single):
-    p1 = gen.generate_dataset("cube-single-play-v0", tmp_path / "a.npz", 2, episode_length=LENGTH, seed=0, workers=1, progress=False)
+    p1 = gen.generate_dataset(
+        "cube-single-play-v0", tmp_path / "a.npz", 2, episode_length=LENGTH, seed=0, workers=1, progress=False
+    )
     a, b = _load(p1), _load(cube_single)  # workers=1 vs workers=2
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    np.testing.assert_array_equal(_load(gen.val_dataset_path(p1))["actions"], _load(gen.val_dataset_path(cube_single))["actions"])
+    np.testing.assert_array_equal(
+        _load(gen.val_dataset_path(p1))["actions"], _load(gen.val_dataset_path(cube_single))["actions"]
+    )
 
-    p2 = gen.generate_dataset("cube-single-play-v0", tmp_path / "b.npz", 2, episode_length=LENGTH, seed=1, workers=1, progress=False)
+    p2 = gen.generate_dataset(
+        "cube-single-play-v0", tmp_path / "b.npz", 2, episode_length=LENGTH, seed=1, workers=1, progress=False
+    )
     assert not np.array_equal(_load(p2)["observations"], a["observations"])
 
 
@@ -96,7 +102,9 @@ def test_workers1_restores_global_rng(tmp_path):
 
 
 def test_puzzle_stores_button_states(tmp_path):
-    path = gen.generate_dataset("puzzle-3x3-play-v0", tmp_path / "p.npz", 1, episode_length=80, workers=1, progress=False)
+    path = gen.generate_dataset(
+        "puzzle-3x3-play-v0", tmp_path / "p.npz", 1, episode_length=80, workers=1, progress=False
+    )
     data = _load(path)
     assert data["button_states"].shape == (80, 9)
     assert data["observations"].shape[0] == 80
@@ -142,8 +150,12 @@ def test_shard_generation_removes_only_dead_writers_leftovers(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host, stem = socket.gethostname(), "cube-single-play-v0-shard-0-of-1.npz"
-    names = {"live": f"{stem}.tmp-{host}-{os.getpid()}.npz", "dead": f"{stem}.tmp-{host}-{dead.pid}.npz",
-             "other_host": f"{stem}.tmp-not-{host}-{dead.pid}.npz", "old_form_dead": f"{stem}.tmp-{dead.pid}.npz"}
+    names = {
+        "live": f"{stem}.tmp-{host}-{os.getpid()}.npz",
+        "dead": f"{stem}.tmp-{host}-{dead.pid}.npz",
+        "other_host": f"{stem}.tmp-not-{host}-{dead.pid}.npz",
+        "old_form_dead": f"{stem}.tmp-{dead.pid}.npz",
+    }
     for n in names.values():
         (tmp_path / n).write_bytes(b"partial")
     gen.generate_shards("cube-single-play-v0", tmp_path, 1, 1, episode_length=5, workers=1, progress=False)
@@ -152,7 +164,21 @@ def test_shard_generation_removes_only_dead_writers_leftovers(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    gen.main(["--dataset", "cube-single-play-v0", "--episodes", "1", "--episode-length", "5", "--workers", "1", "--out", str(tmp_path), "--no-progress"])
+    gen.main(
+        [
+            "--dataset",
+            "cube-single-play-v0",
+            "--episodes",
+            "1",
+            "--episode-length",
+            "5",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     expected = tmp_path / gen.dataset_filename("cube-single-play-v0", 1, 5, 0)
     out = capsys.readouterr().out.split()
     assert out == [str(expected), str(gen.val_dataset_path(expected))]

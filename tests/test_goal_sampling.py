@@ -22,12 +22,12 @@ import re
 import warnings
 from pathlib import Path
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gin
 import macfw  # noqa: F401  (registers every component)
 from macfw import registry
 from macfw.agents.base import BatchSpec
@@ -40,8 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 LENGTHS = [40, 3, 70, 25, 90, 12, 55, 33]  # observations per trajectory
 N = sum(LENGTHS)
 BATCH = 8192
-AUTHORS = dict(value_p_curgoal=0.2, value_p_trajgoal=0.5, value_p_randomgoal=0.3, value_geom_sample=False,
-               actor_p_curgoal=0.0, actor_p_trajgoal=0.5, actor_p_randomgoal=0.5, actor_geom_sample=True)
+AUTHORS = dict(
+    value_p_curgoal=0.2,
+    value_p_trajgoal=0.5,
+    value_p_randomgoal=0.3,
+    value_geom_sample=False,
+    actor_p_curgoal=0.0,
+    actor_p_trajgoal=0.5,
+    actor_p_randomgoal=0.5,
+    actor_geom_sample=True,
+)
 TRAJ_ACTOR = dict(actor_p_trajgoal=1.0, actor_p_randomgoal=0.0)
 BINDINGS = ["GoalSampling.actor_p_trajgoal = 1.0", "GoalSampling.actor_p_randomgoal = 0.0"]
 
@@ -68,8 +76,16 @@ def _frozen_goal_fields(data, key, batch_size, n, gamma):
     end = data.traj_end[t]
     vg, ag = _frozen_goal_indices(ks, t, end, data.observations.shape[0], gamma)
     success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
-    return dict(idx=t, traj_end=end, value_goal_idx=vg, value_goals=data.goals[vg], actor_goals=data.goals[ag],
-                success=success, rewards=success - 1.0, masks=1.0 - success)
+    return dict(
+        idx=t,
+        traj_end=end,
+        value_goal_idx=vg,
+        value_goals=data.goals[vg],
+        actor_goals=data.goals[ag],
+        success=success,
+        rewards=success - 1.0,
+        masks=1.0 - success,
+    )
 
 
 # ------------------------------------------------------------------------------ data
@@ -81,14 +97,20 @@ def _dataset(with_oracle: bool):
     act = np.stack([(idx + 0.5) / N * 2 - 1, rng.uniform(-1, 1, N)], axis=1).astype(np.float32)
     terminals = np.zeros(N, np.float32)
     terminals[np.cumsum(LENGTHS) - 1] = 1.0
-    d = {"observations": obs, "actions": act, "terminals": terminals, "valids": 1.0 - terminals,
-         "rewards": rng.normal(size=N).astype(np.float32), "masks": (rng.random(N) > 0.1).astype(np.float32)}
+    d = {
+        "observations": obs,
+        "actions": act,
+        "terminals": terminals,
+        "valids": 1.0 - terminals,
+        "rewards": rng.normal(size=N).astype(np.float32),
+        "masks": (rng.random(N) > 0.1).astype(np.float32),
+    }
     if with_oracle:
         d["oracle_reps"] = np.stack([idx * 2.0 + 1.0, -tid], axis=1).astype(np.float32)
     return d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(mode: str, n: int):
     d = _dataset(with_oracle=mode == "oraclerep")
     return OGBenchDataset(task_mode=mode, scale_with="train").prepare(d, d, n)
@@ -100,10 +122,18 @@ def _goal_index(loaded, x):
     return np.rint((y - 1.0) / 2.0 if loaded.task_mode == "oraclerep" else y).astype(int)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sampler(batch_size, n, gamma, goals, goal_conditioned):
-    return jax.jit(functools.partial(sample_batch, batch_size=batch_size, chunk_len=n, gamma=gamma,
-                                     goal_conditioned=goal_conditioned, goals=goals))
+    return jax.jit(
+        functools.partial(
+            sample_batch,
+            batch_size=batch_size,
+            chunk_len=n,
+            gamma=gamma,
+            goal_conditioned=goal_conditioned,
+            goals=goals,
+        )
+    )
 
 
 def _sample(loaded, key, *, n, gamma, goals, batch_size=BATCH, goal_conditioned=True):
@@ -136,20 +166,45 @@ def test_defaults_are_the_authors_and_registered():
     GoalSampling(actor_p_trajgoal=0.3, actor_p_randomgoal=0.7000005)
 
 
-@pytest.mark.parametrize("kwargs, binding, fix", [
-    (dict(actor_p_trajgoal=1.0), "GoalSampling.actor_p_randomgoal = 0.5", r"must be 0 = 1 - GoalSampling\.actor_p_curgoal"),
-    (dict(value_p_randomgoal=0.5), "GoalSampling.value_p_randomgoal = 0.5", "must be 0.3 = 1 - GoalSampling"),
-    (dict(actor_p_curgoal=0.6, actor_p_trajgoal=0.6, actor_p_randomgoal=0.0), "GoalSampling.actor_p_trajgoal = 0.6",
-     "at most 0.4 = 1 - GoalSampling.actor_p_curgoal"),
-    (dict(actor_p_trajgoal=0.3, actor_p_randomgoal=0.70001), "GoalSampling.actor_p_randomgoal = 0.70001", "sum to 1"),
-    (dict(actor_p_randomgoal=1.5), "GoalSampling.actor_p_randomgoal = 1.5", r"in \[0.0, 1.0\]"),
-    (dict(value_p_curgoal=-0.1), "GoalSampling.value_p_curgoal = -0.1", r"in \[0.0, 1.0\]"),
-    (dict(value_p_trajgoal=float("nan")), "GoalSampling.value_p_trajgoal = nan", r"in \[0.0, 1.0\]"),
-    (dict(value_p_trajgoal="0.5"), "GoalSampling.value_p_trajgoal = '0.5'", r"in \[0.0, 1.0\]"),
-    (dict(actor_geom_sample="yes"), "GoalSampling.actor_geom_sample = 'yes'", "True or False"),
-    (dict(value_geom_sample=1), "GoalSampling.value_geom_sample = 1", "True or False"),
-], ids=["actor-sum", "value-sum", "actor-sum-over", "tolerance", "above-1", "below-0", "nan", "string", "flag-str",
-        "flag-int"])
+@pytest.mark.parametrize(
+    "kwargs, binding, fix",
+    [
+        (
+            dict(actor_p_trajgoal=1.0),
+            "GoalSampling.actor_p_randomgoal = 0.5",
+            r"must be 0 = 1 - GoalSampling\.actor_p_curgoal",
+        ),
+        (dict(value_p_randomgoal=0.5), "GoalSampling.value_p_randomgoal = 0.5", "must be 0.3 = 1 - GoalSampling"),
+        (
+            dict(actor_p_curgoal=0.6, actor_p_trajgoal=0.6, actor_p_randomgoal=0.0),
+            "GoalSampling.actor_p_trajgoal = 0.6",
+            "at most 0.4 = 1 - GoalSampling.actor_p_curgoal",
+        ),
+        (
+            dict(actor_p_trajgoal=0.3, actor_p_randomgoal=0.70001),
+            "GoalSampling.actor_p_randomgoal = 0.70001",
+            "sum to 1",
+        ),
+        (dict(actor_p_randomgoal=1.5), "GoalSampling.actor_p_randomgoal = 1.5", r"in \[0.0, 1.0\]"),
+        (dict(value_p_curgoal=-0.1), "GoalSampling.value_p_curgoal = -0.1", r"in \[0.0, 1.0\]"),
+        (dict(value_p_trajgoal=float("nan")), "GoalSampling.value_p_trajgoal = nan", r"in \[0.0, 1.0\]"),
+        (dict(value_p_trajgoal="0.5"), "GoalSampling.value_p_trajgoal = '0.5'", r"in \[0.0, 1.0\]"),
+        (dict(actor_geom_sample="yes"), "GoalSampling.actor_geom_sample = 'yes'", "True or False"),
+        (dict(value_geom_sample=1), "GoalSampling.value_geom_sample = 1", "True or False"),
+    ],
+    ids=[
+        "actor-sum",
+        "value-sum",
+        "actor-sum-over",
+        "tolerance",
+        "above-1",
+        "below-0",
+        "nan",
+        "string",
+        "flag-str",
+        "flag-int",
+    ],
+)
 def test_bad_values_name_the_binding(kwargs, binding, fix):
     with pytest.raises(ConfigError) as e:
         GoalSampling(**kwargs)
@@ -174,7 +229,8 @@ def test_a_bad_binding_fails_when_the_agent_is_built(monkeypatch):
 
 # ------------------------------------------------------------------------------ Gin reaches every agent
 AGENT_FILES = ["gin/mac.gin", "gin/ablations/mac_fql.gin"] + sorted(
-    str(Path(p).relative_to(REPO)) for p in glob.glob(str(REPO / "gin" / "baselines" / "*.gin")))
+    str(Path(p).relative_to(REPO)) for p in glob.glob(str(REPO / "gin" / "baselines" / "*.gin"))
+)
 
 
 def _agent_from(gin_file: str, bindings):
@@ -187,10 +243,15 @@ def _agent_from(gin_file: str, bindings):
 
 def test_bindings_reach_the_batch_spec_of_every_agent(monkeypatch):
     monkeypatch.chdir(REPO)
-    want = GoalSampling(**TRAJ_ACTOR, actor_geom_sample=False, value_p_curgoal=0.1, value_p_trajgoal=0.6,
-                        value_geom_sample=True)
-    bindings = BINDINGS + ["GoalSampling.actor_geom_sample = False", "GoalSampling.value_p_curgoal = 0.1",
-                           "GoalSampling.value_p_trajgoal = 0.6", "GoalSampling.value_geom_sample = True"]
+    want = GoalSampling(
+        **TRAJ_ACTOR, actor_geom_sample=False, value_p_curgoal=0.1, value_p_trajgoal=0.6, value_geom_sample=True
+    )
+    bindings = BINDINGS + [
+        "GoalSampling.actor_geom_sample = False",
+        "GoalSampling.value_p_curgoal = 0.1",
+        "GoalSampling.value_p_trajgoal = 0.6",
+        "GoalSampling.value_geom_sample = True",
+    ]
     built = set()
     for f in AGENT_FILES:
         agent = _agent_from(f, [])
@@ -279,8 +340,8 @@ def test_uniform_and_geometric_offsets():
 
     def check_offsets(off, L, kind):
         assert np.all((off >= 1) & (off <= L)), kind
-        want = (L + 1) / 2.0 if kind == "uniform" else (1 - gamma ** L) / (1 - gamma)
-        var = (L ** 2 - 1) / 12.0 if kind == "uniform" else gamma / (1 - gamma) ** 2
+        want = (L + 1) / 2.0 if kind == "uniform" else (1 - gamma**L) / (1 - gamma)
+        var = (L**2 - 1) / 12.0 if kind == "uniform" else gamma / (1 - gamma) ** 2
         se = np.sqrt(np.mean(var) / len(off))
         assert abs(off.mean() - want.mean()) < 5 * se + 0.02, (kind, off.mean(), want.mean())
         # and per sample: the offset over L is uniform on (0, 1] (mean 1/2 + 1/(2L)) or piles up near 0
@@ -294,20 +355,34 @@ def test_uniform_and_geometric_offsets():
     for geom, kind in ((False, "uniform"), (True, "geometric")):
         t, end, _, ag = _goals(loaded, GoalSampling(**TRAJ_ACTOR, actor_geom_sample=geom), gamma=gamma)
         check_offsets(ag - t, end - t, kind)
-        t, end, vg, _ = _goals(loaded, GoalSampling(value_p_curgoal=0.0, value_p_trajgoal=1.0, value_p_randomgoal=0.0,
-                                                    value_geom_sample=geom), gamma=gamma)
+        t, end, vg, _ = _goals(
+            loaded,
+            GoalSampling(value_p_curgoal=0.0, value_p_trajgoal=1.0, value_p_randomgoal=0.0, value_geom_sample=geom),
+            gamma=gamma,
+        )
         check_offsets(vg - t, end - t, kind)
     # gamma = 1: a geometric later state is the trajectory's end
-    t, end, vg, ag = _goals(loaded, GoalSampling(value_p_curgoal=0.0, value_p_trajgoal=1.0, value_p_randomgoal=0.0,
-                                                 value_geom_sample=True, **TRAJ_ACTOR), gamma=1.0)
+    t, end, vg, ag = _goals(
+        loaded,
+        GoalSampling(
+            value_p_curgoal=0.0, value_p_trajgoal=1.0, value_p_randomgoal=0.0, value_geom_sample=True, **TRAJ_ACTOR
+        ),
+        gamma=1.0,
+    )
     np.testing.assert_array_equal(vg, end)
     np.testing.assert_array_equal(ag, end)
 
 
 def test_current_goals_succeed_at_once():
     loaded = _loaded("oraclerep", 3)
-    g = GoalSampling(value_p_curgoal=1.0, value_p_trajgoal=0.0, value_p_randomgoal=0.0,
-                     actor_p_curgoal=1.0, actor_p_trajgoal=0.0, actor_p_randomgoal=0.0)
+    g = GoalSampling(
+        value_p_curgoal=1.0,
+        value_p_trajgoal=0.0,
+        value_p_randomgoal=0.0,
+        actor_p_curgoal=1.0,
+        actor_p_trajgoal=0.0,
+        actor_p_randomgoal=0.0,
+    )
     b = _sample(loaded, jax.random.PRNGKey(3), n=3, gamma=0.9, goals=g)
     t = b["idx"]
     np.testing.assert_array_equal(b["value_goal_idx"], t)
@@ -319,8 +394,14 @@ def test_current_goals_succeed_at_once():
 
 def test_random_goals_spread_over_the_dataset():
     loaded = _loaded("goal", 3)
-    g = GoalSampling(value_p_curgoal=0.0, value_p_trajgoal=0.0, value_p_randomgoal=1.0,
-                     actor_p_curgoal=0.0, actor_p_trajgoal=0.0, actor_p_randomgoal=1.0)
+    g = GoalSampling(
+        value_p_curgoal=0.0,
+        value_p_trajgoal=0.0,
+        value_p_randomgoal=1.0,
+        actor_p_curgoal=0.0,
+        actor_p_trajgoal=0.0,
+        actor_p_randomgoal=1.0,
+    )
     rows = []
     for k in range(4):
         t, end, vg, ag = _goals(loaded, g, key=k)
@@ -338,8 +419,14 @@ def test_random_goals_spread_over_the_dataset():
 
 def test_mixtures_follow_their_probabilities():
     loaded = _loaded("goal", 3)
-    g = GoalSampling(value_p_curgoal=0.5, value_p_trajgoal=0.0, value_p_randomgoal=0.5,
-                     actor_p_curgoal=0.25, actor_p_trajgoal=0.75, actor_p_randomgoal=0.0)
+    g = GoalSampling(
+        value_p_curgoal=0.5,
+        value_p_trajgoal=0.0,
+        value_p_randomgoal=0.5,
+        actor_p_curgoal=0.25,
+        actor_p_trajgoal=0.75,
+        actor_p_randomgoal=0.0,
+    )
     t, end, vg, ag = _goals(loaded, g)
     assert abs(np.mean(vg == t) - (0.5 + 0.5 / N)) < 0.02
     assert np.mean((vg > t) & (vg <= end)) < 0.5 * np.mean((end - t) / N) + 0.02  # later only by chance
@@ -353,8 +440,10 @@ def test_singletask_batches_ignore_goal_sampling():
     loaded = OGBenchDataset(task_mode="singletask", scale_with="train").prepare(d, d, n)
     key = jax.random.PRNGKey(9)
     ref = _sample(loaded, key, n=n, gamma=0.9, goals=None, goal_conditioned=False, batch_size=256)
-    for g in (GoalSampling(**TRAJ_ACTOR, actor_geom_sample=False),
-              GoalSampling(value_p_curgoal=1.0, value_p_trajgoal=0.0, value_p_randomgoal=0.0)):
+    for g in (
+        GoalSampling(**TRAJ_ACTOR, actor_geom_sample=False),
+        GoalSampling(value_p_curgoal=1.0, value_p_trajgoal=0.0, value_p_randomgoal=0.0),
+    ):
         b = _sample(loaded, key, n=n, gamma=0.9, goals=g, goal_conditioned=False, batch_size=256)
         assert set(b) == set(ref)
         for k in ref:
@@ -379,8 +468,9 @@ def shard_dir(tmp_path_factory) -> Path:
 def _load_shards(shard_dir, cache, task_mode, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return OGBenchDataset(env_name="cube-single", task_mode=task_mode, dataset_path=str(shard_dir),
-                              cache_dir=str(cache), **kw).load(5, 5)
+        return OGBenchDataset(
+            env_name="cube-single", task_mode=task_mode, dataset_path=str(shard_dir), cache_dir=str(cache), **kw
+        ).load(5, 5)
 
 
 @pytest.mark.parametrize("task_mode", ["goal", "oraclerep"])
@@ -399,19 +489,31 @@ def test_host_sampler_defaults_equal_the_frozen_sampler_and_honours_the_setting(
         for i, j in enumerate(range(3, 7)):
             s = int(smp.space_of_steps(np.array([j]))[0])
             ks = jax.random.split(jax.random.fold_in(key, j), 8)
-            vg, ag = frozen(ks, jnp.asarray(ind["t"][i]), jnp.asarray(ind["end"][i]), int(rows[s + 1] - rows[s]),
-                            gamma=gamma, row_offset=int(rows[s]))
+            vg, ag = frozen(
+                ks,
+                jnp.asarray(ind["t"][i]),
+                jnp.asarray(ind["end"][i]),
+                int(rows[s + 1] - rows[s]),
+                gamma=gamma,
+                row_offset=int(rows[s]),
+            )
             np.testing.assert_array_equal(ind["vg"][i], np.asarray(vg), err_msg=f"{task_mode} {sampling} step {j}")
             np.testing.assert_array_equal(ind["ag"][i], np.asarray(ag), err_msg=f"{task_mode} {sampling} step {j}")
         if sampling == "shard_rotation":
             continue
         # a non-default setting: the host batch is sample_batch's with the same setting, bit for bit
-        g = GoalSampling(value_p_curgoal=0.1, value_p_trajgoal=0.9, value_p_randomgoal=0.0, value_geom_sample=True,
-                         **TRAJ_ACTOR, actor_geom_sample=False)
+        g = GoalSampling(
+            value_p_curgoal=0.1,
+            value_p_trajgoal=0.9,
+            value_p_randomgoal=0.0,
+            value_geom_sample=True,
+            **TRAJ_ACTOR,
+            actor_geom_sample=False,
+        )
         spec = BatchSpec(chunk_len=3, gamma=gamma, goals=g)
         smp2 = ShardSampler(loaded.data, batch_spec=spec, goal_conditioned=True, key=key)
         chunk = loaded.data.to_chunk_data(spec.window)
-        fn = jax.jit(lambda d, k: sample_for(spec, d, k, 96, goal_conditioned=True))
+        fn = jax.jit(lambda d, k: sample_for(spec, d, k, 96, goal_conditioned=True))  # noqa: B023  (called within this iteration)
         for k in range(3):
             kk = jax.random.PRNGKey(100 + k)
             host, dev = smp2.sample(kk, 96), jax.device_get(fn(chunk, kk))
@@ -434,8 +536,14 @@ def test_smoke_run_checksum_unchanged_by_explicit_defaults(tmp_path, monkeypatch
     from macfw.train import train
 
     monkeypatch.chdir(REPO)
-    base = ["OGBenchDataset.task_mode = 'oraclerep'", "train.eval_task_ids = (2,)", "train.progress = False",
-            "train.num_steps = 20", "train.eval_interval = 20", "train.save_interval = 20"]
+    base = [
+        "OGBenchDataset.task_mode = 'oraclerep'",
+        "train.eval_task_ids = (2,)",
+        "train.progress = False",
+        "train.num_steps = 20",
+        "train.eval_interval = 20",
+        "train.save_interval = 20",
+    ]
     explicit = [f"GoalSampling.{k} = {v!r}" for k, v in AUTHORS.items()]
 
     def checksum(name, extra):

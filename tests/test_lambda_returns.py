@@ -30,8 +30,11 @@ def test_hand_computed(lam, expected):
     assert out.shape == (3,)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     # same numbers with a batch axis (H, B)
-    out_b = np.asarray(lambda_returns(R[:, None].repeat(2, 1), M[:, None].repeat(2, 1), V[:, None].repeat(2, 1),
-                                      discount=GAMMA, lam=lam))
+    out_b = np.asarray(
+        lambda_returns(
+            R[:, None].repeat(2, 1), M[:, None].repeat(2, 1), V[:, None].repeat(2, 1), discount=GAMMA, lam=lam
+        )
+    )
     np.testing.assert_allclose(out_b, np.asarray(expected)[:, None].repeat(2, 1), rtol=1e-6)
 
 
@@ -53,7 +56,7 @@ def test_matches_python_loop(lam):
     r = rng.normal(size=(H, B)).astype(np.float32)
     m = (rng.random((H, B)) > 0.3).astype(np.float32)
     v = rng.normal(size=(H + 1, B)).astype(np.float32)
-    discount = 0.9 ** 5
+    discount = 0.9**5
     out = np.asarray(lambda_returns(r, m, v, discount=discount, lam=lam))
     assert out.shape == (H, B)
     np.testing.assert_allclose(out, _reference(r, m, v, discount, lam), rtol=1e-5, atol=1e-5)
@@ -69,14 +72,20 @@ def test_monte_carlo_returns_equal_lambda_returns_at_lambda_one_from_the_last_va
     r = rng.normal(size=(H, B)).astype(np.float32)
     m = (rng.random((H, B)) > 0.4).astype(np.float32)
     v = rng.normal(size=(H + 1, B)).astype(np.float32) * 10
-    discount = 0.99 ** 10
+    discount = 0.99**10
     out = np.asarray(monte_carlo_returns(r, m, v[-1], discount=discount))
     assert out.shape == (H, B)
-    np.testing.assert_allclose(out, np.asarray(lambda_returns(r, m, v, discount=discount, lam=1.0)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, np.asarray(lambda_returns(r, m, v, discount=discount, lam=1.0)), rtol=1e-5, atol=1e-5
+    )
     # other intermediate values: the same returns (they cancel); another last value: different ones
     v2 = v.copy()
     v2[:-1] = rng.normal(size=(H, B)) * 100
-    np.testing.assert_allclose(out, np.asarray(lambda_returns(r, m, v2, discount=discount, lam=1.0)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        out, np.asarray(lambda_returns(r, m, v2, discount=discount, lam=1.0)), rtol=1e-4, atol=1e-4
+    )
     assert not np.allclose(out, np.asarray(monte_carlo_returns(r, m, v[-1] + 1.0, discount=discount)))
     # hand computed (the case above): G_2 = 3 + .5 * 40 = 23, G_1 = 2, G_0 = 1 + .5 * 2 = 2
-    np.testing.assert_allclose(np.asarray(monte_carlo_returns(R, M, V[-1], discount=GAMMA)), [2.0, 2.0, 23.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(monte_carlo_returns(R, M, V[-1], discount=GAMMA)), [2.0, 2.0, 23.0], rtol=1e-6
+    )

@@ -112,17 +112,32 @@ def test_slurm_launcher_settings_from_gin_and_overrides():
     import gin
 
     gin.clear_config()
-    lt = SlurmLauncher.from_gin([Path(__file__).parents[1] / "gin" / "slurm.gin"],
-                                ["SlurmLauncher.partition = 'gpu'", "SlurmLauncher.time_min = 30",
-                                 "SlurmLauncher.setup = ['module load cuda']", "SlurmLauncher.cpus_per_job = 8"],
-                                time_min=90, cpus_per_job=None)
-    assert (lt.partition, lt.time_min, lt.cpus_per_job, lt.setup, lt.gpus_per_job) == ("gpu", 90, 8, ["module load cuda"], "auto")
+    lt = SlurmLauncher.from_gin(
+        [Path(__file__).parents[1] / "gin" / "slurm.gin"],
+        [
+            "SlurmLauncher.partition = 'gpu'",
+            "SlurmLauncher.time_min = 30",
+            "SlurmLauncher.setup = ['module load cuda']",
+            "SlurmLauncher.cpus_per_job = 8",
+        ],
+        time_min=90,
+        cpus_per_job=None,
+    )
+    assert (lt.partition, lt.time_min, lt.cpus_per_job, lt.setup, lt.gpus_per_job) == (
+        "gpu",
+        90,
+        8,
+        ["module load cuda"],
+        "auto",
+    )
     gin.clear_config()
     assert lt.mem_gb is None and SlurmLauncher().cpus_per_job is None  # by default the partition's own
-    for kwargs, binding in [(dict(time_min=0), "SlurmLauncher.time_min = 0"),
-                            (dict(gpus_per_job="two"), "SlurmLauncher.gpus_per_job = 'two'"),
-                            (dict(mem_gb=-1), "SlurmLauncher.mem_gb = -1"),
-                            (dict(time_min=1, signal_delay_s=120), "SlurmLauncher.signal_delay_s = 120")]:
+    for kwargs, binding in [
+        (dict(time_min=0), "SlurmLauncher.time_min = 0"),
+        (dict(gpus_per_job="two"), "SlurmLauncher.gpus_per_job = 'two'"),
+        (dict(mem_gb=-1), "SlurmLauncher.mem_gb = -1"),
+        (dict(time_min=1, signal_delay_s=120), "SlurmLauncher.signal_delay_s = 120"),
+    ]:
         with pytest.raises(ConfigError, match="^" + binding.replace("(", r"\(")):
             SlurmLauncher(**kwargs)
     assert launch.gres_has_gpu(["gpu:a100:4(S:0-1)", "(null)"]) and launch.gres_has_gpu(["shard:8,gpu:2"])
@@ -160,7 +175,9 @@ def test_slurm_run_reports_success_and_failure(fake):
     assert SlurmRun(ok)()["param_checksum"] == "abc"  # summary.json there: nothing runs again
     assert ok.log_path.read_text().count("[macfw] done") == 1
     bad = fake("bad", "fail")
-    with pytest.raises(launch.RunFailed, match=r"exited with 3: macfw: error: something is wrong \(its output: .*stdout.log\)"):
+    with pytest.raises(
+        launch.RunFailed, match=r"exited with 3: macfw: error: something is wrong \(its output: .*stdout.log\)"
+    ):
         SlurmRun(bad)()
 
 

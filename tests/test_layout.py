@@ -22,8 +22,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_module_outside_agents_imports_mac():
-    offenders = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
-                 if "agents" not in p.relative_to(PKG).parts and "macfw.agents.mac" in _imports(p)]
+    offenders = [
+        str(p.relative_to(PKG))
+        for p in PKG.rglob("*.py")
+        if "agents" not in p.relative_to(PKG).parts and "macfw.agents.mac" in _imports(p)
+    ]
     assert offenders == [], offenders
     # the loop and its helpers do not even name MAC's state or networks
     for name in ("train.py", "step.py", "evaluation.py", "checkpoint.py", "bench.py"):

@@ -36,8 +36,8 @@ def nstep_average(r, m, q, gamma, lam):
             if k == 0:
                 G = q[t]
             else:
-                G = sum(gamma ** j * M[t + j] * r[t + j] for j in range(k)) + gamma ** k * M[t + k] * q[t + k]
-            num, den = num + lam ** k * G, den + lam ** k
+                G = sum(gamma**j * M[t + j] * r[t + j] for j in range(k)) + gamma**k * M[t + k] * q[t + k]
+            num, den = num + lam**k * G, den + lam**k
         out[t] = num / den
     return out, M
 
@@ -48,14 +48,17 @@ MASK = np.array([1.0, 0.0, 1.0], np.float32)
 Q = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
 
 
-@pytest.mark.parametrize("lam,expected", [
-    # lam = 1, gamma = .5: k-step returns from t = 0 are G = [10, 1 + .5*20, 1 + .5*2, 2] = [10, 11, 2, 2]
-    # -> mean 6.25; from t = 1: [20, 2, 2] -> 8; t = 2 is dead: only q_2 counts, 30 / 2 = 15; t = 3: q_3.
-    (1.0, [6.25, 8.0, 15.0, 40.0]),
-    # lam = .5: weights 1, .5, .25, .125: t = 0: (10 + 5.5 + .5 + .25) / 1.875; t = 1: (20 + 1 + .5) / 1.75;
-    # t = 2: 30 / 1.5.
-    (0.5, [16.25 / 1.875, 21.5 / 1.75, 20.0, 40.0]),
-])
+@pytest.mark.parametrize(
+    "lam,expected",
+    [
+        # lam = 1, gamma = .5: k-step returns from t = 0 are G = [10, 1 + .5*20, 1 + .5*2, 2] = [10, 11, 2, 2]
+        # -> mean 6.25; from t = 1: [20, 2, 2] -> 8; t = 2 is dead: only q_2 counts, 30 / 2 = 15; t = 3: q_3.
+        (1.0, [6.25, 8.0, 15.0, 40.0]),
+        # lam = .5: weights 1, .5, .25, .125: t = 0: (10 + 5.5 + .5 + .25) / 1.875; t = 1: (20 + 1 + .5) / 1.75;
+        # t = 2: 30 / 1.5.
+        (0.5, [16.25 / 1.875, 21.5 / 1.75, 20.0, 40.0]),
+    ],
+)
 def test_lambda_returns_hand_made(lam, expected):
     ret, alive = leq_lambda_returns(jnp.asarray(R), jnp.asarray(MASK), jnp.asarray(Q), discount=0.5, lam=lam)
     np.testing.assert_allclose(np.asarray(ret), expected, rtol=1e-6)
@@ -95,15 +98,24 @@ def test_critic_objective_weights_the_model_terms_by_discount_and_alive():
     q_data, q_data_ema = np.array([1.0, -2.0], np.float32), np.array([1.5, -2.0], np.float32)
     y_data = np.array([0.0, 0.0], np.float32)
 
-    loss, m = critic_objective(*(jnp.asarray(x) for x in (q_data, q_data_ema, y_data, q_model, q_model_ema, T, A)),
-                               discount=gamma, expectile=kappa, data_expectile=0.5, model_weight=beta)
+    loss, m = critic_objective(
+        *(jnp.asarray(x) for x in (q_data, q_data_ema, y_data, q_model, q_model_ema, T, A)),
+        discount=gamma,
+        expectile=kappa,
+        data_expectile=0.5,
+        model_weight=beta,
+    )
 
     # data: expectile .5 = half the squared error: (.5 * 1 + .5 * 4) / 2; EMA term: (.25 + 0) / 2
     data, data_reg = (0.5 + 2.0) / 2, 0.25 / 2
     # model: kappa where the target T lies above Q, else 1 - kappa; weights gamma^t M_t = 1, .5, 0
-    e = np.array([[0.8 * 0.75 ** 2, 0.2 * 0.25 ** 2],      # t = 0: 6.25 < 7, 5.25 > 5
-                  [0.2 * 2.0 ** 2, 0.8 * 2.0 ** 2],         # t = 1 (weight gamma): 8 > 6, 7 < 9
-                  [0.0, 0.0]])                              # t = 2: dead (alive 0)
+    e = np.array(
+        [
+            [0.8 * 0.75**2, 0.2 * 0.25**2],  # t = 0: 6.25 < 7, 5.25 > 5
+            [0.2 * 2.0**2, 0.8 * 2.0**2],  # t = 1 (weight gamma): 8 > 6, 7 < 9
+            [0.0, 0.0],
+        ]
+    )  # t = 2: dead (alive 0)
     wt = np.array([[1.0], [0.5], [0.0]])
     model = np.mean(wt * e)
     model_reg = np.mean(wt * np.array([[0.25, 1.0], [0.0, 4.0], [9.0, 9.0]]))
@@ -115,9 +127,13 @@ def test_critic_objective_weights_the_model_terms_by_discount_and_alive():
 
 def test_bad_bindings_name_the_binding():
     dyn = functools.partial(Ensemble, member=GaussianDynamics, num=2)
-    for kw, name in [(dict(expectile=1.0), "LEQ.expectile"), (dict(lam=1.5), "LEQ.lam"),
-                     (dict(horizon=0), "LEQ.horizon"), (dict(model_weight=-0.1), "LEQ.model_weight"),
-                     (dict(gamma=1.0), "LEQ.gamma")]:
+    for kw, name in [
+        (dict(expectile=1.0), "LEQ.expectile"),
+        (dict(lam=1.5), "LEQ.lam"),
+        (dict(horizon=0), "LEQ.horizon"),
+        (dict(model_weight=-0.1), "LEQ.model_weight"),
+        (dict(gamma=1.0), "LEQ.gamma"),
+    ]:
         with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
             LEQ(dynamics=dyn, **kw)
     with pytest.raises(ConfigError, match=r"LEQ\.dynamics"):
@@ -132,11 +148,16 @@ OB, ACT, HID, HORIZON, B, KAPPA = 3, 2, (8, 8), 3, 4, 0.3
 def tiny():
     spec = Spec(ob_dim=OB, act_dim=ACT, goal_dim=0, chunk_len=1)
     member = functools.partial(GaussianDynamics, hidden_dims=HID)
-    agent = LEQ(dynamics=functools.partial(Ensemble, member=member, num=3),
-                success=functools.partial(SuccessModel, hidden_dims=HID),
-                reward=functools.partial(RewardModel, hidden_dims=HID),
-                actor=functools.partial(LEQActor, hidden_dims=HID, final_init_scale=1.0),
-                critic=functools.partial(QCritic, hidden_dims=HID), horizon=HORIZON, expectile=KAPPA, gamma=0.9)
+    agent = LEQ(
+        dynamics=functools.partial(Ensemble, member=member, num=3),
+        success=functools.partial(SuccessModel, hidden_dims=HID),
+        reward=functools.partial(RewardModel, hidden_dims=HID),
+        actor=functools.partial(LEQActor, hidden_dims=HID, final_init_scale=1.0),
+        critic=functools.partial(QCritic, hidden_dims=HID),
+        horizon=HORIZON,
+        expectile=KAPPA,
+        gamma=0.9,
+    )
     nets = agent.init(spec, 0).nets
     # no terminations: the returns are smooth in the actions (finite differences)
     nets = eqx.tree_at(lambda n: n.success.net.layers[-1].bias, nets, jnp.full((1,), -30.0))
@@ -199,6 +220,7 @@ def _ignore_action(nets, which):
     """Zero the first-layer weights on the action inputs of the named networks."""
     # inputs [s, g, a] (goal_dim 0) or [s, a]: the action columns start at OB
     for name in which:
+
         def layer(n, name=name):
             net = getattr(n, name)
             return (net.members.net if name == "dynamics" else net.net).layers[0]
@@ -223,12 +245,20 @@ def test_model_terms_train_the_critic(tiny):
     """With ``model_weight = 1`` only the imagined-rollout terms remain, and they move the critic (the
     MAC authors' port evaluates Q there without its trained parameters, so theirs would not)."""
     agent = tiny["agent"]
-    only_model = LEQ(dynamics=agent.factories["dynamics"], horizon=HORIZON, expectile=KAPPA, gamma=0.9,
-                     model_weight=1.0)
+    only_model = LEQ(
+        dynamics=agent.factories["dynamics"], horizon=HORIZON, expectile=KAPPA, gamma=0.9, model_weight=1.0
+    )
     only_model.spec = agent.spec
     roll = tiny["aroll"](tiny["nets"], tiny["s0"], tiny["g"], tiny["key"])  # stands in for the critic's rollout
-    real = {"obs": tiny["s0"], "actions": roll["actions"][0], "next_obs": roll["states"][1], "rewards": jnp.zeros(B),
-            "masks": jnp.ones(B), "value_goals": tiny["g"], "actor_goals": tiny["g"]}
+    real = {
+        "obs": tiny["s0"],
+        "actions": roll["actions"][0],
+        "next_obs": roll["states"][1],
+        "rewards": jnp.zeros(B),
+        "masks": jnp.ones(B),
+        "value_goals": tiny["g"],
+        "actor_goals": tiny["g"],
+    }
     nets = tiny["nets"]
     loss = lambda n: only_model.loss(n, nets.critic, real, jnp.zeros(B), roll, roll, jnp.zeros((3, B, OB)))[0]  # noqa: E731
     grads = eqx.filter_jit(eqx.filter_grad(loss))(nets)
@@ -241,7 +271,8 @@ def test_one_pass_action_gradients_equal_the_per_step_jacobian(tiny):
     nets = eqx.tree_at(lambda n: n.success.net.layers[-1].bias, tiny["nets"], jnp.full((1,), -0.5))
     chain = tiny["aroll"](nets, tiny["s0"], tiny["g"], tiny["key"])
     per_step = eqx.filter_jit(functools.partial(tiny["agent"].actor_rollout, jacobian="per_step"))(
-        nets, tiny["s0"], tiny["g"], tiny["key"])
+        nets, tiny["s0"], tiny["g"], tiny["key"]
+    )
     alive = np.asarray(chain["alive"])
     assert 0 < alive[1:].mean() < 1, alive  # both live and dead steps are exercised
     np.testing.assert_allclose(np.asarray(chain["grads"]), np.asarray(per_step["grads"]), rtol=1e-4, atol=1e-6)
@@ -252,10 +283,15 @@ def test_one_pass_action_gradients_equal_the_per_step_jacobian(tiny):
 def _batch(seed=3):
     rng = np.random.default_rng(seed)
     obs = rng.uniform(-1, 1, (B, OB)).astype(np.float32)
-    return {"obs": obs, "actions": rng.uniform(-1, 1, (B, ACT)).astype(np.float32),
-            "next_obs": (obs + 0.1 * rng.normal(size=obs.shape)).astype(np.float32),
-            "rewards": rng.uniform(-1, 0, B).astype(np.float32), "success": np.array([0, 1, 0, 0], np.float32),
-            "value_goals": np.zeros((B, 0), np.float32), "actor_goals": np.zeros((B, 0), np.float32)}
+    return {
+        "obs": obs,
+        "actions": rng.uniform(-1, 1, (B, ACT)).astype(np.float32),
+        "next_obs": (obs + 0.1 * rng.normal(size=obs.shape)).astype(np.float32),
+        "rewards": rng.uniform(-1, 0, B).astype(np.float32),
+        "success": np.array([0, 1, 0, 0], np.float32),
+        "value_goals": np.zeros((B, 0), np.float32),
+        "actor_goals": np.zeros((B, 0), np.float32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +314,9 @@ def test_target_critic_is_the_ema_of_the_critic_before_the_step(updated):
     critic EMA terms differed by 1% after 10 updates)."""
     state, (new, _) = updated["state"], updated["passed"]
     tau = 0.005
-    want = jax.tree_util.tree_map(lambda t, q: (1 - tau) * t + tau * q, _leaves(state.target_critic),
-                                  _leaves(state.nets.critic))
+    want = jax.tree_util.tree_map(
+        lambda t, q: (1 - tau) * t + tau * q, _leaves(state.target_critic), _leaves(state.nets.critic)
+    )
     for got, w in zip(_leaves(new.target_critic), want):
         np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
     moved = sum(np.abs(a - b).sum() for a, b in zip(_leaves(new.nets.critic), _leaves(state.nets.critic)))
@@ -313,10 +350,24 @@ def test_authors_metrics(updated):
     """The metrics the authors' ``total_loss`` logs, under macfw's names, on the tiny update: the success
     head's (labels [0, 1, 0, 0]), the unweighted rollout means and the expectile weights' mean."""
     _, m = updated["passed"]
-    for k in ("success/prob", "success/accuracy", "success/pos_accuracy", "success/neg_accuracy",
-              "critic/q_model_mean", "critic/q_model_min", "critic/q_model_max", "critic/reg_loss_data",
-              "critic/reg_loss_model", "critic/loss_weight_mean", "critic/alive_mean", "critic/state_abs_max",
-              "critic/reward_model_mean", "actor/lambda_return_mean", "dynamics/sample_mse", "reward/pred"):
+    for k in (
+        "success/prob",
+        "success/accuracy",
+        "success/pos_accuracy",
+        "success/neg_accuracy",
+        "critic/q_model_mean",
+        "critic/q_model_min",
+        "critic/q_model_max",
+        "critic/reg_loss_data",
+        "critic/reg_loss_model",
+        "critic/loss_weight_mean",
+        "critic/alive_mean",
+        "critic/state_abs_max",
+        "critic/reward_model_mean",
+        "actor/lambda_return_mean",
+        "dynamics/sample_mse",
+        "reward/pred",
+    ):
         assert np.isfinite(float(m[k])), k
     np.testing.assert_allclose(float(m["success/label_mean"]), 0.25)
     assert float(m["critic/q_model_min"]) <= float(m["critic/q_model_mean"]) <= float(m["critic/q_model_max"])

@@ -31,8 +31,9 @@ from macfw.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
-needs_wandb = pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed: pip install -e '.[wandb]' "
-                                                        "(CI installs it)")
+needs_wandb = pytest.mark.skipif(
+    not HAVE_WANDB, reason="wandb is not installed: pip install -e '.[wandb]' (CI installs it)"
+)
 
 # A user's logger, in the module a run imports with --import: one JSON line per call into WORKDIR/list.jsonl.
 LIST_LOGGER = '''
@@ -72,8 +73,11 @@ def test_selected_by_short_or_registered_name_in_order():
     assert L.logger_classes(("tensorboard", "CSVLogger")) == [L.TensorBoardLogger, L.CSVLogger]
     assert L.logger_classes(()) == []
     assert {"CSVLogger", "TensorBoardLogger", "WandbLogger"} <= set(registry.registered("logger"))
-    with pytest.raises(ConfigError, match=r"unknown logger 'tb'\. Registered loggers: csv \(CSVLogger\), "
-                                          r"tensorboard \(TensorBoardLogger\), wandb \(WandbLogger\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown logger 'tb'\. Registered loggers: csv \(CSVLogger\), "
+        r"tensorboard \(TensorBoardLogger\), wandb \(WandbLogger\)",
+    ):
         L.logger_classes(("csv", "tb"))
 
 
@@ -157,11 +161,19 @@ def test_wandb_run_id_is_written_once_atomically_then_read(tmp_path):
 
 
 def test_gin_config_as_wandb_config():
-    text = ("HIDDEN = (32, 32)\nMAC.horizon = 3\nMAC.sampler = @RejectionSampler()\nMAC.dynamics = @ChunkDynamics\n"
-            "QCritic.hidden_dims = %HIDDEN\ndynamics/Ensemble.num = 7\ntrain.loggers = ('csv', 'wandb')\n")
+    text = (
+        "HIDDEN = (32, 32)\nMAC.horizon = 3\nMAC.sampler = @RejectionSampler()\nMAC.dynamics = @ChunkDynamics\n"
+        "QCritic.hidden_dims = %HIDDEN\ndynamics/Ensemble.num = 7\ntrain.loggers = ('csv', 'wandb')\n"
+    )
     assert L.gin_bindings(text) == {
-        "HIDDEN": [32, 32], "MAC.horizon": 3, "MAC.sampler": "@RejectionSampler()", "MAC.dynamics": "@ChunkDynamics",
-        "QCritic.hidden_dims": [32, 32], "dynamics/Ensemble.num": 7, "train.loggers": ["csv", "wandb"]}
+        "HIDDEN": [32, 32],
+        "MAC.horizon": 3,
+        "MAC.sampler": "@RejectionSampler()",
+        "MAC.dynamics": "@ChunkDynamics",
+        "QCritic.hidden_dims": [32, 32],
+        "dynamics/Ensemble.num": 7,
+        "train.loggers": ["csv", "wandb"],
+    }
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -177,8 +189,8 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
         part = chunk if kind in (1, 2) else part + chunk  # FULL, FIRST / MIDDLE, LAST
@@ -214,17 +226,33 @@ def _env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "MACFW_DEBUG")}
     env.setdefault("MACFW_CACHE_DIR", str(root / "cache"))  # the session's dataset cache (tests/conftest.py)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.update(PYTHONPATH=os.pathsep.join([str(root / "mods"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               NETRC=str(root / "netrc-empty"), WANDB_SILENT="true", WANDB_ERROR_REPORTING="false",
-               WANDB_BASE_URL="http://127.0.0.1:9", WANDB_CONFIG_DIR=str(root / "wandb-config"),
-               WANDB_CACHE_DIR=str(root / "wandb-cache"), WANDB_DATA_DIR=str(root / "wandb-data"))
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(root / "mods"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        NETRC=str(root / "netrc-empty"),
+        WANDB_SILENT="true",
+        WANDB_ERROR_REPORTING="false",
+        WANDB_BASE_URL="http://127.0.0.1:9",
+        WANDB_CONFIG_DIR=str(root / "wandb-config"),
+        WANDB_CACHE_DIR=str(root / "wandb-cache"),
+        WANDB_DATA_DIR=str(root / "wandb-data"),
+    )
     return env
 
 
 def _run(workdir: Path, env: dict, *bindings: str) -> subprocess.CompletedProcess:
     b = ["train.progress = False", "train.loggers = ('csv', 'tensorboard', 'wandb', 'list')", *bindings]
-    cmd = [sys.executable, "-m", "macfw.run", "--import", "list_logger", "--gin_file", "gin/smoke.gin",
-           *[a for x in b for a in ("--gin_bindings", x)], "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "macfw.run",
+        "--import",
+        "list_logger",
+        "--gin_file",
+        "gin/smoke.gin",
+        *[a for x in b for a in ("--gin_bindings", x)],
+        "--workdir",
+        str(workdir),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -280,8 +308,9 @@ def test_a_resumed_run_continues_the_same_wandb_run(runs):
     assert "resuming from step 20" in runs["r2"].stdout
     assert (w / "wandb_run_id").read_text() == run_id + "\n"
     # no WANDB_MODE, no API key, an empty netrc: macfw chose offline itself
-    assert re.search(rf"\[macfw\] wandb: run {run_id} \(continued\), mode offline \[no W&B login found",
-                     runs["r2"].stdout), runs["r2"].stdout[-3000:]
+    assert re.search(
+        rf"\[macfw\] wandb: run {run_id} \(continued\), mode offline \[no W&B login found", runs["r2"].stdout
+    ), runs["r2"].stdout[-3000:]
     parts = runs["parts"]
     assert len(parts) == 2 and parts[0] == runs["first"][0]
     assert all(p.name.endswith("-" + run_id) for p in parts)
@@ -314,7 +343,8 @@ def test_a_users_logger_gets_every_row_the_csv_files_get(runs):
             row = (train_rows if e["split"] == "train" else eval_rows)[e["step"]]
             assert list(e["metrics"]) == [c for c in row if c != "step"]  # the columns, in order
             assert e["metrics"]["wall_time_s" if e["split"] == "train" else "success"] == pytest.approx(
-                float(row["wall_time_s" if e["split"] == "train" else "success"]))
+                float(row["wall_time_s" if e["split"] == "train" else "success"])
+            )
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):

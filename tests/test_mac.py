@@ -22,8 +22,15 @@ import pytest
 
 from macfw.agents.mac import MAC
 from macfw.nn.flow import FlowPolicy
-from macfw.nn.models import (ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel, reward_metrics,
-                             success_metrics)
+from macfw.nn.models import (
+    ChunkDynamics,
+    QCritic,
+    RewardModel,
+    StateValue,
+    SuccessModel,
+    reward_metrics,
+    success_metrics,
+)
 from macfw.samplers import RejectionSampler
 from macfw.spec import Spec
 
@@ -65,19 +72,29 @@ def test_distillation_target_is_the_ode_solution_clipped_to_the_action_range():
 
 def _tiny_mac(goal_dim: int, tau: float = 0.005):
     h = HID
-    agent = MAC(dynamics=functools.partial(ChunkDynamics, **h), policy=functools.partial(FlowPolicy, flow_steps=3, **h),
-                critic=functools.partial(QCritic, **h), value=functools.partial(StateValue, **h),
-                success=functools.partial(SuccessModel, **h), reward=functools.partial(RewardModel, **h),
-                sampler=RejectionSampler(num_train_candidates=3, num_act_candidates=4), chunk_len=3, gamma=0.99,
-                horizon=3, tau=tau, rollout_batch_size=8)
+    agent = MAC(
+        dynamics=functools.partial(ChunkDynamics, **h),
+        policy=functools.partial(FlowPolicy, flow_steps=3, **h),
+        critic=functools.partial(QCritic, **h),
+        value=functools.partial(StateValue, **h),
+        success=functools.partial(SuccessModel, **h),
+        reward=functools.partial(RewardModel, **h),
+        sampler=RejectionSampler(num_train_candidates=3, num_act_candidates=4),
+        chunk_len=3,
+        gamma=0.99,
+        horizon=3,
+        tau=tau,
+        rollout_batch_size=8,
+    )
     spec = Spec(ob_dim=4, act_dim=2, goal_dim=goal_dim, chunk_len=3)
     state = agent.init(spec, jax.random.PRNGKey(0))
     from macfw.bench import synthetic_data
     from macfw.data.batches import sample_for
 
     data = synthetic_data(spec, num_episodes=4, episode_length=30)
-    batches = [sample_for(agent.batch_spec, data, jax.random.PRNGKey(i), 16, goal_conditioned=goal_dim > 0)
-               for i in range(3)]
+    batches = [
+        sample_for(agent.batch_spec, data, jax.random.PRNGKey(i), 16, goal_conditioned=goal_dim > 0) for i in range(3)
+    ]
     return agent, state, batches
 
 
@@ -91,7 +108,7 @@ def test_target_value_ema_averages_in_the_value_before_the_step():
     s1, _ = update(state, batches[0])
     s2, _ = update(s1, batches[1])
     # step 1 from V' = V: (1 - tau) V_0 + tau V_0 = V_0 (the post-step value V_1 would move it)
-    for t, v0, v1 in zip(_leaves(s1.target_value), _leaves(state.nets.value), _leaves(s1.nets.value)):
+    for t, v0 in zip(_leaves(s1.target_value), _leaves(state.nets.value)):
         np.testing.assert_allclose(t, v0, rtol=1e-6, atol=1e-7)
     assert any(float(jnp.max(jnp.abs(a - b))) > 1e-5 for a, b in zip(_leaves(state.nets.value), _leaves(s1.nets.value)))
     # step 2: (1 - tau) V'_1 + tau V_1
@@ -103,15 +120,24 @@ def test_success_metrics_hand_computed():
     prob = jnp.array([0.95, 0.6, 0.3, 0.8])
     label = jnp.array([1.0, 0.0, 0.0, 1.0])
     m = {k: float(v) for k, v in success_metrics(prob, label).items()}
-    assert m == pytest.approx({"success/prob_max": 0.95, "success/prob_min": 0.3, "success/accuracy_0.7": 1.0,
-                               "success/accuracy_0.9": 0.75, "success/pos_accuracy": 1.0,
-                               "success/neg_accuracy": 0.5, "success/label_mean": 0.5})
+    assert m == pytest.approx(
+        {
+            "success/prob_max": 0.95,
+            "success/prob_min": 0.3,
+            "success/accuracy_0.7": 1.0,
+            "success/accuracy_0.9": 0.75,
+            "success/pos_accuracy": 1.0,
+            "success/neg_accuracy": 0.5,
+            "success/label_mean": 0.5,
+        }
+    )
     # no positive label (every single-task batch with masks all 1): the authors' 0/0 is NaN; here 0
     m0 = success_metrics(prob, jnp.zeros(4))
     assert float(m0["success/pos_accuracy"]) == 0.0 and float(m0["success/neg_accuracy"]) == 0.25
     r = reward_metrics(jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, -1.0, -0.5]))
     assert {k: float(v) for k, v in r.items()} == pytest.approx(
-        {"reward/pred_max": 1.0, "reward/pred_min": -2.0, "reward/target_mean": -0.5})
+        {"reward/pred_max": 1.0, "reward/pred_min": -2.0, "reward/target_mean": -0.5}
+    )
 
 
 @pytest.mark.parametrize("goal_dim", [0, 2])
@@ -120,10 +146,25 @@ def test_update_logs_the_authors_diagnostics(goal_dim):
     _, m = jax.jit(agent.update)(state, batches[0])
     m = {k: float(v) for k, v in m.items()}
     assert all(np.isfinite(v) for v in m.values())
-    names = ["flow/vel", "policy/loss", "value/max", "value/min", "value/return_min", "value/return_max",
-             "value/return_std", "critic/q_max", "critic/q_min", "success/prob", "success/prob_max",
-             "success/prob_min", "success/accuracy_0.7", "success/accuracy_0.9", "success/pos_accuracy",
-             "success/neg_accuracy", "success/label_mean"]
+    names = [
+        "flow/vel",
+        "policy/loss",
+        "value/max",
+        "value/min",
+        "value/return_min",
+        "value/return_max",
+        "value/return_std",
+        "critic/q_max",
+        "critic/q_min",
+        "success/prob",
+        "success/prob_max",
+        "success/prob_min",
+        "success/accuracy_0.7",
+        "success/accuracy_0.9",
+        "success/pos_accuracy",
+        "success/neg_accuracy",
+        "success/label_mean",
+    ]
     names += ["reward/pred", "reward/pred_max", "reward/pred_min", "reward/target_mean"] if goal_dim == 0 else []
     assert not [n for n in names if n not in m]
     assert m["policy/loss"] == pytest.approx(m["flow/loss"] + m["flow/distill_loss"], rel=1e-5)

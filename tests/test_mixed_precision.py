@@ -11,7 +11,7 @@ def test_bfloat16_products_keep_float32_params_and_track_float32_outputs():
     key = jax.random.PRNGKey(0)
     f32 = MLP(12, 4, (64, 64), key=key)
     bf16 = MLP(12, 4, (64, 64), key=key, compute_dtype="bfloat16")
-    assert all(l.weight.dtype == jnp.float32 for l in bf16.layers)  # parameters stay float32
+    assert all(lin.weight.dtype == jnp.float32 for lin in bf16.layers)  # parameters stay float32
     x = jax.random.normal(jax.random.PRNGKey(1), (256, 12))
     y32 = jax.vmap(f32)(x)
     y16 = jax.vmap(bf16)(x)

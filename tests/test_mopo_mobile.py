@@ -29,11 +29,15 @@ def _members(means_shift, raw_log_std, **kw):
     """An ensemble of GaussianDynamics whose output ignores the input: next-state mean s + shift_i and
     raw log-std l_i (the last layer's weights zeroed, its bias set)."""
     k = len(means_shift)
-    ens = Ensemble(SPEC, key=jax.random.PRNGKey(0), member=lambda spec, key: GaussianDynamics(
-        spec, key=key, hidden_dims=(8,), **kw), num=k)
+    ens = Ensemble(
+        SPEC,
+        key=jax.random.PRNGKey(0),
+        member=lambda spec, key: GaussianDynamics(spec, key=key, hidden_dims=(8,), **kw),
+        num=k,
+    )
     last = ens.members.net.layers[-1]
     bias = np.concatenate([np.asarray(means_shift, np.float32), np.asarray(raw_log_std, np.float32)], axis=1)
-    last = eqx.tree_at(lambda l: (l.weight, l.bias), last, (jnp.zeros_like(last.weight), jnp.asarray(bias)))
+    last = eqx.tree_at(lambda lin: (lin.weight, lin.bias), last, (jnp.zeros_like(last.weight), jnp.asarray(bias)))
     return eqx.tree_at(lambda e: e.members.net.layers[-1], ens, last)
 
 
@@ -56,8 +60,9 @@ class StubCritics(eqx.Module):
 
 
 def _nets(dynamics):
-    return MOPONetworks(dynamics=dynamics, success=None, reward=None, actor=StubActor(), critic=StubCritics(),
-                        temperature=None)
+    return MOPONetworks(
+        dynamics=dynamics, success=None, reward=None, actor=StubActor(), critic=StubCritics(), temperature=None
+    )
 
 
 def _ensemble(member, num):
@@ -65,20 +70,27 @@ def _ensemble(member, num):
 
 
 def _agent(cls=MOPO, **kw):
-    agent = cls(dynamics=_ensemble(GaussianDynamics, 3), critic=_ensemble(QCritic, 2),
-                rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10), **kw)
+    agent = cls(
+        dynamics=_ensemble(GaussianDynamics, 3),
+        critic=_ensemble(QCritic, 2),
+        rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10),
+        **kw,
+    )
     agent.spec = SPEC
     return agent
 
 
 def _batch(B=5, seed=0):
     rng = np.random.default_rng(seed)
-    return {"obs": jnp.asarray(rng.normal(size=(B, OB)), jnp.float32),
-            "actions": jnp.asarray(rng.uniform(-1, 1, (B, ACT)), jnp.float32),
-            "next_obs": jnp.asarray(rng.normal(size=(B, OB)), jnp.float32),
-            "rewards": jnp.asarray(rng.normal(size=B), jnp.float32),
-            "masks": jnp.asarray([1.0, 0.0, 1.0, 1.0, 0.0][:B], jnp.float32),
-            "value_goals": jnp.zeros((B, 0)), "actor_goals": jnp.zeros((B, 0))}
+    return {
+        "obs": jnp.asarray(rng.normal(size=(B, OB)), jnp.float32),
+        "actions": jnp.asarray(rng.uniform(-1, 1, (B, ACT)), jnp.float32),
+        "next_obs": jnp.asarray(rng.normal(size=(B, OB)), jnp.float32),
+        "rewards": jnp.asarray(rng.normal(size=B), jnp.float32),
+        "masks": jnp.asarray([1.0, 0.0, 1.0, 1.0, 0.0][:B], jnp.float32),
+        "value_goals": jnp.zeros((B, 0)),
+        "actor_goals": jnp.zeros((B, 0)),
+    }
 
 
 def test_mopo_penalty_is_the_largest_member_std_norm():
@@ -129,9 +141,15 @@ def test_buffer_is_first_in_first_out_and_mix_is_all_real_until_filled():
     np.testing.assert_array_equal(np.asarray(mixed["obs"]), np.asarray(real["obs"]))  # all real before a refill
 
     def trans(v, M):
-        return {"obs": jnp.full((M, OB), v), "actions": jnp.zeros((M, ACT)), "next_obs": jnp.zeros((M, OB)),
-                "rewards": jnp.arange(M, dtype=jnp.float32) + v, "masks": jnp.ones(M),
-                "value_goals": jnp.zeros((M, 0)), "actor_goals": jnp.zeros((M, 0))}
+        return {
+            "obs": jnp.full((M, OB), v),
+            "actions": jnp.zeros((M, ACT)),
+            "next_obs": jnp.zeros((M, OB)),
+            "rewards": jnp.arange(M, dtype=jnp.float32) + v,
+            "masks": jnp.ones(M),
+            "value_goals": jnp.zeros((M, 0)),
+            "actor_goals": jnp.zeros((M, 0)),
+        }
 
     buf = buf.add(trans(10.0, 3))
     assert int(buf.size) == 3 and int(buf.ptr) == 3
@@ -171,10 +189,15 @@ def _small(cls=MOPO, goal_dim=0, **kw):
     from macfw.nn.models import RewardModel, SuccessModel
 
     P = functools.partial
-    agent = cls(dynamics=_ensemble(GaussianDynamics, 3), critic=_ensemble(QCritic, 2),
-                actor=P(TanhGaussianActor, hidden_dims=(8,), final_init_scale=0.01),
-                success=P(SuccessModel, hidden_dims=(8,)), reward=P(RewardModel, hidden_dims=(8,)),
-                rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10), **kw)
+    agent = cls(
+        dynamics=_ensemble(GaussianDynamics, 3),
+        critic=_ensemble(QCritic, 2),
+        actor=P(TanhGaussianActor, hidden_dims=(8,), final_init_scale=0.01),
+        success=P(SuccessModel, hidden_dims=(8,)),
+        reward=P(RewardModel, hidden_dims=(8,)),
+        rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10),
+        **kw,
+    )
     spec = Spec(ob_dim=OB, act_dim=ACT, goal_dim=goal_dim, chunk_len=1)
     return agent, agent.init(spec, 0)
 
@@ -182,9 +205,15 @@ def _small(cls=MOPO, goal_dim=0, **kw):
 def _loop_batch(B=8, seed=0, goal_dim=0):
     b = _batch(5, seed)
     rng = np.random.default_rng(seed)
-    out = {"obs": rng.normal(size=(B, OB)), "actions": rng.uniform(-1, 1, (B, ACT)), "next_obs": rng.normal(size=(B, OB)),
-           "rewards": rng.normal(size=B), "success": (np.arange(B) % 3 == 0).astype(np.float64),
-           "value_goals": rng.normal(size=(B, goal_dim)), "actor_goals": rng.normal(size=(B, goal_dim))}
+    out = {
+        "obs": rng.normal(size=(B, OB)),
+        "actions": rng.uniform(-1, 1, (B, ACT)),
+        "next_obs": rng.normal(size=(B, OB)),
+        "rewards": rng.normal(size=B),
+        "success": (np.arange(B) % 3 == 0).astype(np.float64),
+        "value_goals": rng.normal(size=(B, goal_dim)),
+        "actor_goals": rng.normal(size=(B, goal_dim)),
+    }
     del b
     return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
@@ -213,9 +242,14 @@ def test_target_critics_ema_reads_the_critics_before_the_step():
     for t, c in zip(jax.tree_util.tree_leaves(s1.target_critic), jax.tree_util.tree_leaves(state.nets.critic)):
         np.testing.assert_allclose(np.asarray(t), np.asarray(c), rtol=2e-7, atol=1e-9)  # a step moves them ~1e-6
     s2, _ = jax.jit(agent.update)(s1, batch)
-    for t2, t1, c1 in zip(jax.tree_util.tree_leaves(s2.target_critic), jax.tree_util.tree_leaves(s1.target_critic),
-                          jax.tree_util.tree_leaves(s1.nets.critic)):
-        np.testing.assert_allclose(np.asarray(t2), 0.995 * np.asarray(t1) + 0.005 * np.asarray(c1), rtol=1e-6, atol=1e-9)
+    for t2, t1, c1 in zip(
+        jax.tree_util.tree_leaves(s2.target_critic),
+        jax.tree_util.tree_leaves(s1.target_critic),
+        jax.tree_util.tree_leaves(s1.nets.critic),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(t2), 0.995 * np.asarray(t1) + 0.005 * np.asarray(c1), rtol=1e-6, atol=1e-9
+        )
 
 
 def test_models_train_on_the_real_part_of_the_mixed_batch_only():
@@ -223,13 +257,20 @@ def test_models_train_on_the_real_part_of_the_mixed_batch_only():
     models (poisoned with NaN here, the update stays finite) and the penalty sees only model rows."""
     agent, state = _small()
     M = 6
-    trans = {"obs": jnp.ones((M, OB)), "actions": jnp.zeros((M, ACT)), "next_obs": jnp.ones((M, OB)),
-             "rewards": jnp.zeros(M), "masks": jnp.ones(M), "value_goals": jnp.zeros((M, 0)),
-             "actor_goals": jnp.zeros((M, 0))}
+    trans = {
+        "obs": jnp.ones((M, OB)),
+        "actions": jnp.zeros((M, ACT)),
+        "next_obs": jnp.ones((M, OB)),
+        "rewards": jnp.zeros(M),
+        "masks": jnp.ones(M),
+        "value_goals": jnp.zeros((M, 0)),
+        "actor_goals": jnp.zeros((M, 0)),
+    }
     state = dataclasses.replace(state, buffer=state.buffer.add(trans))
     batch = _loop_batch()
-    poisoned = {k: v.at[4:].set(jnp.nan) if v.dtype == jnp.float32 and v.ndim and v.shape[-1] else v
-                for k, v in batch.items()}
+    poisoned = {
+        k: v.at[4:].set(jnp.nan) if v.dtype == jnp.float32 and v.ndim and v.shape[-1] else v for k, v in batch.items()
+    }
     _, m = jax.jit(agent.update)(state, poisoned)
     assert all(np.isfinite(float(v)) for v in m.values()), {k: float(v) for k, v in m.items()}
     assert float(m["buffer/model_fraction"]) == 0.5
@@ -242,14 +283,22 @@ def test_losses_use_the_given_draws_and_log_the_authors_metrics():
     agent, state = _small()
     nets = state.nets
     b = _loop_batch()
-    real = {"obs": b["obs"][:4], "actions": b["actions"][:4], "next_obs": b["next_obs"][:4], "rewards": b["rewards"][:4],
-            "masks": 1.0 - b["success"][:4], "value_goals": b["value_goals"][:4], "actor_goals": b["actor_goals"][:4]}
+    real = {
+        "obs": b["obs"][:4],
+        "actions": b["actions"][:4],
+        "next_obs": b["next_obs"][:4],
+        "rewards": b["rewards"][:4],
+        "masks": 1.0 - b["success"][:4],
+        "value_goals": b["value_goals"][:4],
+        "actor_goals": b["actor_goals"][:4],
+    }
     mixed = {k: jnp.concatenate([v, v]) for k, v in real.items()}
     noise = agent.draw_noise(nets, jax.random.PRNGKey(5), 4, 4)
     assert noise["dynamics"].shape == (3, 4, OB) and noise["actions"].shape == (8, ACT)
     _, m = agent.loss(nets, real, mixed, jnp.zeros(8), noise)
     mean, log_std = jax.vmap(lambda i: jax.vmap(nets.dynamics.member(i).mean_log_std)(real["obs"], real["actions"]))(
-        jnp.arange(3))  # (k, n, ob)
+        jnp.arange(3)
+    )  # (k, n, ob)
     sample = mean + jnp.exp(log_std) * noise["dynamics"]
     assert float(m["dynamics/sample_mse"]) == pytest.approx(float(jnp.mean((sample - real["next_obs"]) ** 2)), rel=1e-5)
     # the actor's draws: a = tanh(mean + std * eps), its pre-squash std logged as actor/std_mean
@@ -258,8 +307,15 @@ def test_losses_use_the_given_draws_and_log_the_authors_metrics():
     q_pi = jax.vmap(nets.critic)(mixed["obs"], mixed["actor_goals"], a).mean(axis=1)
     assert float(m["actor/q_mean"]) == pytest.approx(float(q_pi.mean()), rel=1e-5, abs=1e-6)
     assert float(m["actor/std_mean"]) == pytest.approx(float(jnp.mean(jnp.exp(ls))), rel=1e-6)
-    for k in ("success/accuracy_0.7", "success/pos_accuracy", "success/label_mean", "reward/pred_max",
-              "critic/q_max", "critic/q_min", "temperature/entropy"):
+    for k in (
+        "success/accuracy_0.7",
+        "success/pos_accuracy",
+        "success/label_mean",
+        "reward/pred_max",
+        "critic/q_max",
+        "critic/q_min",
+        "temperature/entropy",
+    ):
         assert k in m
 
 
@@ -299,12 +355,12 @@ def test_rollout_takes_each_steps_member_and_draws():
     for t in range(2):
         i = np.asarray(noise["members"][t])
         want = s + shifts[i] + np.exp(-2.0) * np.asarray(noise["dynamics"][t])
-        np.testing.assert_allclose(np.asarray(out["obs"][4 * t: 4 * t + 4]), s, rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(out["next_obs"][4 * t: 4 * t + 4]), want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(out["actions"][4 * t: 4 * t + 4]), 0.5, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["obs"][4 * t : 4 * t + 4]), s, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["next_obs"][4 * t : 4 * t + 4]), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["actions"][4 * t : 4 * t + 4]), 0.5, rtol=1e-6)
         c = (s.sum(axis=1) - 0.5 > 0).astype(np.float32)
-        np.testing.assert_allclose(np.asarray(out["masks"][4 * t: 4 * t + 4]), 1.0 - c)
-        np.testing.assert_allclose(np.asarray(out["rewards"][4 * t: 4 * t + 4]), s.sum(axis=1) - 0.5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["masks"][4 * t : 4 * t + 4]), 1.0 - c)
+        np.testing.assert_allclose(np.asarray(out["rewards"][4 * t : 4 * t + 4]), s.sum(axis=1) - 0.5, rtol=1e-5)
         s = want
 
 

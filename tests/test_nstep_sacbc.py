@@ -7,12 +7,12 @@ HGCDataset)."""
 from __future__ import annotations
 
 import equinox as eqx
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gin
 from macfw.agents.nstep_sacbc import NStepSACBC, nstep_goal_reward, nstep_target, sacbc_actor_loss
 from macfw.data.batches import ChunkData, sample_batch, trajectory_ends, valid_starts
 from macfw.errors import ConfigError
@@ -33,8 +33,9 @@ def _clean_gin():
 
 
 def _agent(**kw):
-    critic = lambda spec, *, key: Ensemble(spec, key=key, member=lambda s, *, key: QCritic(s, key=key, hidden_dims=(8,)),
-                                           num=2)
+    critic = lambda spec, *, key: Ensemble(
+        spec, key=key, member=lambda s, *, key: QCritic(s, key=key, hidden_dims=(8,)), num=2
+    )
     actor = lambda spec, *, key: TanhGaussianActor(spec, key=key, hidden_dims=(8,), final_init_scale=0.01)
     return NStepSACBC(actor=actor, critic=critic, n=kw.pop("n", N), gamma=GAMMA, **kw)
 
@@ -70,26 +71,32 @@ def test_goal_reward_agrees_with_the_batch_success_label():
     rng = np.random.default_rng(0)
     T, E, n = 40, 3, 7
     valids = np.ones(T * E, np.float32)
-    valids[T - 1::T] = 0.0
+    valids[T - 1 :: T] = 0.0
     ends = trajectory_ends(valids)
-    data = ChunkData(observations=jnp.asarray(rng.uniform(-1, 1, (T * E, OB)), jnp.float32),
-                     actions=jnp.asarray(rng.uniform(-1, 1, (T * E, ACT)), jnp.float32),
-                     goals=jnp.asarray(rng.uniform(-1, 1, (T * E, GOAL)), jnp.float32),
-                     rewards=jnp.zeros(T * E), masks=jnp.ones(T * E), traj_end=jnp.asarray(ends),
-                     starts=jnp.asarray(valid_starts(ends, n)))
-    b, c = jax.jit(lambda d, k: (lambda b: (b, nstep_goal_reward(b["idx"], b["value_goal_idx"], n, GAMMA)[2]))(
-        sample_batch(d, k, 4096, chunk_len=n, gamma=GAMMA, goal_conditioned=True, normalize_reward=False)))(
-        data, jax.random.PRNGKey(3))
+    data = ChunkData(
+        observations=jnp.asarray(rng.uniform(-1, 1, (T * E, OB)), jnp.float32),
+        actions=jnp.asarray(rng.uniform(-1, 1, (T * E, ACT)), jnp.float32),
+        goals=jnp.asarray(rng.uniform(-1, 1, (T * E, GOAL)), jnp.float32),
+        rewards=jnp.zeros(T * E),
+        masks=jnp.ones(T * E),
+        traj_end=jnp.asarray(ends),
+        starts=jnp.asarray(valid_starts(ends, n)),
+    )
+    b, c = jax.jit(
+        lambda d, k: (lambda b: (b, nstep_goal_reward(b["idx"], b["value_goal_idx"], n, GAMMA)[2]))(
+            sample_batch(d, k, 4096, chunk_len=n, gamma=GAMMA, goal_conditioned=True, normalize_reward=False)
+        )
+    )(data, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(np.asarray(c), np.asarray(b["success"]))
     assert 0.2 < float(np.mean(np.asarray(c))) < 0.6  # p_cur 0.2 plus some near trajectory goals
 
 
 # ------------------------------------------------------------------ the clipped n-step target
 def test_nstep_target_and_clipping():
-    r = np.array([0.0, 0.0, 0.0, GAMMA ** 3, 0.9])
+    r = np.array([0.0, 0.0, 0.0, GAMMA**3, 0.9])
     m = np.array([1.0, 1.0, 1.0, 0.0, 1.0])
     q = np.array([0.5, 1.5, -0.3, 0.99, 0.8])
-    raw = r + GAMMA ** N * m * q
+    raw = r + GAMMA**N * m * q
     got = np.asarray(nstep_target(jnp.asarray(r), jnp.asarray(m), jnp.asarray(q), GAMMA, N))
     np.testing.assert_allclose(got, np.clip(raw, 0.0, 1.0), rtol=1e-6)
     assert got[1] == 1.0 and got[2] == 0.0 and got[4] == 1.0  # 0.9 + 0.975 * 0.8 > 1 clipped
@@ -99,14 +106,17 @@ def test_nstep_target_and_clipping():
 def _batch(goal_dim, idx, vg, rewards=None):
     B = len(idx)
     k = jax.random.split(jax.random.PRNGKey(7), 4)
-    return {"obs": jax.random.uniform(k[0], (B, OB), minval=-1, maxval=1),
-            "next_obs": jax.random.uniform(k[1], (B, OB), minval=-1, maxval=1),
-            "actions": jax.random.uniform(k[2], (B, N * ACT), minval=-1, maxval=1),
-            "value_goals": jax.random.uniform(k[3], (B, goal_dim), minval=-1, maxval=1),
-            "actor_goals": jax.random.uniform(k[3], (B, goal_dim), minval=-1, maxval=1),
-            "idx": jnp.asarray(idx), "value_goal_idx": jnp.asarray(vg),
-            "rewards": jnp.asarray(rewards if rewards is not None else np.zeros(B), jnp.float32),
-            "masks": jnp.ones(B)}
+    return {
+        "obs": jax.random.uniform(k[0], (B, OB), minval=-1, maxval=1),
+        "next_obs": jax.random.uniform(k[1], (B, OB), minval=-1, maxval=1),
+        "actions": jax.random.uniform(k[2], (B, N * ACT), minval=-1, maxval=1),
+        "value_goals": jax.random.uniform(k[3], (B, goal_dim), minval=-1, maxval=1),
+        "actor_goals": jax.random.uniform(k[3], (B, goal_dim), minval=-1, maxval=1),
+        "idx": jnp.asarray(idx),
+        "value_goal_idx": jnp.asarray(vg),
+        "rewards": jnp.asarray(rewards if rewards is not None else np.zeros(B), jnp.float32),
+        "masks": jnp.ones(B),
+    }
 
 
 @pytest.mark.parametrize("q_agg", ["min", "mean"])
@@ -122,7 +132,7 @@ def test_agent_goal_target_is_sigmoid_then_agg_then_clipped(q_agg):
     q_next = sig.min() if q_agg == "min" else sig.mean()
     k = vg - idx
     inside = (k >= 0) & (k < N)
-    want = np.clip(np.where(inside, GAMMA ** np.where(inside, k, 0), 0.0) + GAMMA ** N * (~inside) * q_next, 0, 1)
+    want = np.clip(np.where(inside, GAMMA ** np.where(inside, k, 0), 0.0) + GAMMA**N * (~inside) * q_next, 0, 1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -130,7 +140,7 @@ def test_agent_goal_target_clips_to_one():
     agent = _agent()
     state = _init(agent, goal_dim=GOAL, chunk_len=N)
     stub = lambda s, g, a: jnp.array([30.0, 30.0]) + 0.0 * jnp.sum(a)  # sigmoid ~ 1 -> gamma^n < 1, no clip
-    np.testing.assert_allclose(_target(agent, state, stub, _batch(GOAL, [0], [500])), [GAMMA ** N], rtol=1e-5)
+    np.testing.assert_allclose(_target(agent, state, stub, _batch(GOAL, [0], [500])), [GAMMA**N], rtol=1e-5)
     agent.value_loss = "mse"  # raw values (the authors' 'squared'): 30 * gamma^n clipped to 1
     np.testing.assert_allclose(_target(agent, state, stub, _batch(GOAL, [0], [500])), [1.0])
 
@@ -141,7 +151,7 @@ def test_agent_single_task_target_is_unclipped_nstep_reward():
     stub = lambda s, g, a: jnp.array([-40.0, -30.0]) + 0.0 * jnp.sum(a)
     rewards = np.array([-25.0, -3.5, 0.0])
     got = _target(agent, state, stub, _batch(0, [0, 1, 2], [0, 1, 2], rewards))
-    np.testing.assert_allclose(got, rewards + GAMMA ** N * -40.0, rtol=1e-5)
+    np.testing.assert_allclose(got, rewards + GAMMA**N * -40.0, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the actor's BC term
@@ -154,8 +164,9 @@ def test_actor_bc_term_is_scaled_by_mean_abs_q():
     a_data = rng.uniform(-1, 1, (B, ACT))
     alpha, lam = 0.1, 0.3
     want = np.mean(lam * log_p - q) + alpha * np.mean(np.sum((a - a_data) ** 2, axis=1)) * np.mean(np.abs(q))
-    loss, m = sacbc_actor_loss(jnp.asarray(log_p), jnp.asarray(q), jnp.asarray(a), jnp.asarray(a_data), alpha,
-                               jnp.asarray(lam))
+    loss, m = sacbc_actor_loss(
+        jnp.asarray(log_p), jnp.asarray(q), jnp.asarray(a), jnp.asarray(a_data), alpha, jnp.asarray(lam)
+    )
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(float(m["actor/bc_scale"]), np.mean(np.abs(q)), rtol=1e-6)
     # scale invariance: with no entropy term, multiplying Q by c multiplies the whole loss by c
@@ -165,8 +176,9 @@ def test_actor_bc_term_is_scaled_by_mean_abs_q():
     # the scale is a constant: the gradient in q is -1/B (nothing through mean|q|)
     np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(q))), -np.ones(B) / B, rtol=1e-6)
     # the gradient in the actions is 2 alpha mean|q| (a - a_data) / B
-    g = jax.grad(lambda aa: sacbc_actor_loss(jnp.zeros(B), jnp.asarray(q), aa, jnp.asarray(a_data), alpha,
-                                             jnp.asarray(0.0))[0])(jnp.asarray(a))
+    g = jax.grad(
+        lambda aa: sacbc_actor_loss(jnp.zeros(B), jnp.asarray(q), aa, jnp.asarray(a_data), alpha, jnp.asarray(0.0))[0]
+    )(jnp.asarray(a))
     np.testing.assert_allclose(np.asarray(g), 2 * alpha * np.mean(np.abs(q)) * (a - a_data) / B, rtol=1e-5)
 
 
@@ -181,16 +193,22 @@ def test_actor_log_std_is_hard_clipped_as_the_authors_gcactor():
     raw = np.array([0.0, -7.0, 3.0], np.float32)  # inside, below, above [-5, 2]
     mean0 = np.array([0.2, -0.1, 0.4], np.float32)
     last = actor.net.layers[-1]
-    actor = eqx.tree_at(lambda a: (a.net.layers[-1].weight, a.net.layers[-1].bias), actor,
-                        (jnp.zeros_like(last.weight), jnp.asarray(np.concatenate([mean0, raw]))))
+    actor = eqx.tree_at(
+        lambda a: (a.net.layers[-1].weight, a.net.layers[-1].bias),
+        actor,
+        (jnp.zeros_like(last.weight), jnp.asarray(np.concatenate([mean0, raw]))),
+    )
     s, g = jnp.ones(OB), jnp.ones(GOAL)
     mean, log_std = actor.mean_log_std(s, g)
     np.testing.assert_allclose(np.asarray(mean), mean0, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(log_std), [0.0, -5.0, 2.0], rtol=1e-6)
     eps = np.array([0.3, -1.2, 0.7], np.float32)
     u = mean0 + np.exp([0.0, -5.0, 2.0]) * eps
-    want_logp = np.sum(-0.5 * eps ** 2 - np.array([0.0, -5.0, 2.0]) - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2))
+    want_logp = np.sum(
+        -0.5 * eps**2 - np.array([0.0, -5.0, 2.0]) - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2)
+    )
     from macfw.nn.gaussian import squashed_sample
+
     a, logp = squashed_sample(mean, log_std, jnp.asarray(eps))
     np.testing.assert_allclose(np.asarray(a), np.tanh(u), rtol=1e-5)
     np.testing.assert_allclose(float(logp), want_logp, rtol=1e-4)
@@ -231,14 +249,23 @@ def test_update_takes_its_draws_as_an_argument():
     mean, log_std = jax.vmap(actor.mean_log_std)(b["obs"], b["actor_goals"])
     u = np.asarray(mean) + np.exp(np.asarray(log_std)) * np.asarray(noise["actions"])
     a = np.tanh(u)
-    np.testing.assert_allclose(float(m["actor/mse"]), np.mean(np.sum((a - b["actions"][:, :ACT]) ** 2, axis=1)), rtol=1e-5)
-    logp = np.sum(-0.5 * np.asarray(noise["actions"]) ** 2 - np.asarray(log_std) - 0.5 * np.log(2 * np.pi)
-                  - np.log(1 - np.tanh(u) ** 2), axis=1)
+    np.testing.assert_allclose(
+        float(m["actor/mse"]), np.mean(np.sum((a - b["actions"][:, :ACT]) ** 2, axis=1)), rtol=1e-5
+    )
+    logp = np.sum(
+        -0.5 * np.asarray(noise["actions"]) ** 2
+        - np.asarray(log_std)
+        - 0.5 * np.log(2 * np.pi)
+        - np.log(1 - np.tanh(u) ** 2),
+        axis=1,
+    )
     np.testing.assert_allclose(float(m["temperature/entropy"]), -np.mean(logp), rtol=1e-4)
     np.testing.assert_allclose(float(m["actor/std"]), np.exp(np.asarray(log_std)).mean(), rtol=1e-6)
     other = dict(noise, next_actions=noise["next_actions"] + 1.0)
     _, m2 = jax.jit(agent.update)(state, b, other)
-    assert float(m2["actor/mse"]) == float(m["actor/mse"]) and float(m2["critic/target_mean"]) != float(m["critic/target_mean"])
+    assert float(m2["actor/mse"]) == float(m["actor/mse"]) and float(m2["critic/target_mean"]) != float(
+        m["critic/target_mean"]
+    )
 
 
 def test_target_critic_is_the_ema_of_the_critic_before_the_step():
@@ -248,15 +275,24 @@ def test_target_critic_is_the_ema_of_the_critic_before_the_step():
     n, tau = 5, 0.1
     agent = _agent(n=n, tau=tau)
     state = _init(agent, goal_dim=GOAL, chunk_len=n)
-    state = eqx.tree_at(lambda s: s.target_critic, state,
-                        jax.tree_util.tree_map(lambda x: x + 0.5 if eqx.is_inexact_array(x) else x, state.target_critic))
+    state = eqx.tree_at(
+        lambda s: s.target_critic,
+        state,
+        jax.tree_util.tree_map(lambda x: x + 0.5 if eqx.is_inexact_array(x) else x, state.target_critic),
+    )
     b = _batch(GOAL, [3, 3, 3, 3], [3, 5, 9, 1000])
     new, _ = jax.jit(agent.update)(state, b)
     leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))
-    for q0, t0, q1, t1 in zip(leaves(state.nets.critic), leaves(state.target_critic), leaves(new.nets.critic),
-                              leaves(new.target_critic)):
-        np.testing.assert_allclose(np.asarray(t1), (1 - tau) * np.asarray(t0) + tau * np.asarray(q0), rtol=1e-6, atol=1e-7)
-    assert any(not np.allclose(np.asarray(a), np.asarray(c)) for a, c in zip(leaves(state.nets.critic), leaves(new.nets.critic)))
+    for q0, t0, _q1, t1 in zip(
+        leaves(state.nets.critic), leaves(state.target_critic), leaves(new.nets.critic), leaves(new.target_critic)
+    ):
+        np.testing.assert_allclose(
+            np.asarray(t1), (1 - tau) * np.asarray(t0) + tau * np.asarray(q0), rtol=1e-6, atol=1e-7
+        )
+    assert any(
+        not np.allclose(np.asarray(a), np.asarray(c))
+        for a, c in zip(leaves(state.nets.critic), leaves(new.nets.critic))
+    )
 
 
 def test_bad_bindings_name_themselves():

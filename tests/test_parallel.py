@@ -53,8 +53,13 @@ class Workers:
     def start(self, name: str, args: list[str], devices: int, dist: dict | None = None, peers=()):
         log = self.root / f"{name}.log"
         f = open(log, "w")
-        p = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=_env(devices, dist), stdout=f,
-                             stderr=subprocess.STDOUT, cwd=str(Path(__file__).parents[1]))
+        p = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            env=_env(devices, dist),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=str(Path(__file__).parents[1]),
+        )
         f.close()
         self.procs[name] = (p, time.time())
         self.peers[name] = list(peers)
@@ -68,8 +73,10 @@ class Workers:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        pytest.fail(msg + "".join(f"\n----- {n} (rc {self.procs[n][0].returncode}) output:\n{self.log(n)}"
-                                  for n in names), pytrace=False)
+        pytest.fail(
+            msg + "".join(f"\n----- {n} (rc {self.procs[n][0].returncode}) output:\n{self.log(n)}" for n in names),
+            pytrace=False,
+        )
 
     def result(self, name: str) -> Path:
         p, t0 = self.procs[name]
@@ -98,10 +105,15 @@ def workers(tmp_path_factory):
     w = Workers(root)
     ck1, ck4 = str(root / "ck1"), str(root / "ck4")
     wait = ["--wait-s", str(TIMEOUT)]
-    w.start("d4", ["--out", str(root / "d4"), "--host", "--errors", "--ckpt-save", ck4, "--ckpt-restore", ck1, *wait],
-            devices=4, peers=["d1"])
-    w.start("d1", ["--out", str(root / "d1"), "--ckpt-save", ck1, "--ckpt-restore", ck4, *wait],
-            devices=1, peers=["d4"])
+    w.start(
+        "d4",
+        ["--out", str(root / "d4"), "--host", "--errors", "--ckpt-save", ck4, "--ckpt-restore", ck1, *wait],
+        devices=4,
+        peers=["d1"],
+    )
+    w.start(
+        "d1", ["--out", str(root / "d1"), "--ckpt-save", ck1, "--ckpt-restore", ck4, *wait], devices=1, peers=["d4"]
+    )
     port = _free_port()
     for i in range(2):
         dist = {"MACFW_COORDINATOR": f"127.0.0.1:{port}", "MACFW_NUM_PROCESSES": "2", "MACFW_PROCESS_ID": str(i)}
@@ -130,8 +142,9 @@ def _assert_trees_close(actual, desired, what: str, exact: bool = False):
 
 
 def _max_change(a_leaves, b_leaves) -> float:
-    return max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(a_leaves, b_leaves)
-               if a.size)
+    return max(
+        float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(a_leaves, b_leaves) if a.size
+    )
 
 
 # ----------------------------------------------------------------------------- 1. 4 devices == 1 device
@@ -186,8 +199,12 @@ def test_two_processes_match_single_process(workers):
     ref = _load(workers.result("d1") / "params.npz")
     for i in range(2):
         info = _info(dist, f"_p{i}")
-        assert (info["process_count"], info["process_index"], info["device_count"], info["local_device_count"]) == \
-            (2, i, 4, 2), info
+        assert (info["process_count"], info["process_index"], info["device_count"], info["local_device_count"]) == (
+            2,
+            i,
+            4,
+            2,
+        ), info
         assert info["mesh_shape"] == {"data": 4}
         assert info["hlo_num_partitions"] == 4 and info["hlo_all_reduce"] > 0, info
         assert all(info["finite"]) and info["step"] == 3 * info["K"]
@@ -203,8 +220,12 @@ def test_checkpoint_across_device_counts(workers, saver, restorer):
     assert info_r["restored_replicated"], f"restored state is not replicated over {info_r['device_count']} devices"
     saved, restored, template = _load(ds / "state.npz"), _load(dr / "restored.npz"), _load(dr / "init.npz")
     assert any(not np.array_equal(r, t) for r, t in zip(restored, template)), "restore returned the template"
-    _assert_trees_close(restored, saved, f"state saved with {info_s['device_count']} devices, restored with "
-                                         f"{info_r['device_count']}", exact=True)
+    _assert_trees_close(
+        restored,
+        saved,
+        f"state saved with {info_s['device_count']} devices, restored with {info_r['device_count']}",
+        exact=True,
+    )
 
 
 # ----------------------------------------------------------------------------- 5. argument errors

@@ -19,8 +19,10 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 MAX_REL_ERR = 1e-3
 AGENTS = ["leq", "nstep_sacbc", "fmpc", "mac", "gciql", "sharsa", "mopo", "mobile"]
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not REF, reason="set MACFW_PARITY_REF to a checkout of kwanyoungpark/MAC")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not REF, reason="set MACFW_PARITY_REF to a checkout of kwanyoungpark/MAC"),
+]
 
 
 @pytest.fixture(scope="module")

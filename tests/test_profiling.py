@@ -73,8 +73,12 @@ def test_parse_hlo_counts_every_product_once_per_execution_with_its_phase():
 
 
 def test_breakdown_sums_op_time_per_update_and_skips_loops_and_unknown_ops():
-    ops = {"a": profiling.Op("rollout", "matrix products", 1e6), "b": profiling.Op("rollout", "elementwise", 0.0),
-           "w": profiling.Op("rollout", "loop", 0.0), "c": profiling.Op("optimizer", "elementwise", 0.0)}
+    ops = {
+        "a": profiling.Op("rollout", "matrix products", 1e6),
+        "b": profiling.Op("rollout", "elementwise", 0.0),
+        "w": profiling.Op("rollout", "loop", 0.0),
+        "c": profiling.Op("optimizer", "elementwise", 0.0),
+    }
     times = {"a": (4000.0, 20), "b": (1000.0, 20), "w": (9000.0, 10), "c": (500.0, 10), "zzz": (70.0, 1)}
     r = profiling.breakdown(ops, times, updates=10, peak_flops=1e10)
     rows = r["phases"]
@@ -86,8 +90,9 @@ def test_breakdown_sums_op_time_per_update_and_skips_loops_and_unknown_ops():
     assert rows["optimizer"]["matmul_fraction_of_peak"] is None
     assert r["op_time_ms"] == pytest.approx(0.55) and r["matched_ops"] == 3 and r["unmatched_ops"] == 1
     assert [o["name"] for o in r["top_ops"]] == ["a", "b", "c"] and r["top_ops"][0]["executions"] == 2
-    assert "| rollout | 0.50 |" in profiling.format_table(dict(r, agent="X", preset="p", wall_ms=1.0,
-                                                                   matmul_peak_flops=1e10))
+    assert "| rollout | 0.50 |" in profiling.format_table(
+        dict(r, agent="X", preset="p", wall_ms=1.0, matmul_peak_flops=1e10)
+    )
 
 
 def test_wall_time_per_phase_counts_concurrent_operations_once():
@@ -97,11 +102,14 @@ def test_wall_time_per_phase_counts_concurrent_operations_once():
     assert profiling.covered([]) == 0.0
     assert profiling.covered([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0), (21.0, 22.0)]) == pytest.approx(17.0)
     assert profiling.covered([(3.0, 4.0), (0.0, 1.0)]) == pytest.approx(2.0)  # any order
-    ops = {"a": profiling.Op("rollout", "matrix products", 0.0), "b": profiling.Op("rollout", "elementwise", 0.0),
-           "c": profiling.Op("value_critic", "elementwise", 0.0), "w": profiling.Op("rollout", "loop", 0.0)}
+    ops = {
+        "a": profiling.Op("rollout", "matrix products", 0.0),
+        "b": profiling.Op("rollout", "elementwise", 0.0),
+        "c": profiling.Op("value_critic", "elementwise", 0.0),
+        "w": profiling.Op("rollout", "loop", 0.0),
+    }
     # microseconds, over 2 updates: a and b overlap by 400 us; c runs partly beside b; the loop spans all
-    spans = [("a", 0.0, 1000.0), ("b", 600.0, 1600.0), ("c", 1500.0, 2500.0), ("w", 0.0, 5000.0),
-             ("zzz", 0.0, 9000.0)]
+    spans = [("a", 0.0, 1000.0), ("b", 600.0, 1600.0), ("c", 1500.0, 2500.0), ("w", 0.0, 5000.0), ("zzz", 0.0, 9000.0)]
     r = profiling.breakdown(ops, profiling.op_times(spans), updates=2, peak_flops=1e10, spans=spans)
     assert r["phases"]["rollout"]["total"] == pytest.approx(1.0)  # 2000 us of op time / 2 updates
     assert r["phases"]["rollout"]["wall"] == pytest.approx(0.8)  # 0..1600 us
@@ -130,12 +138,31 @@ def test_profile_command_at_the_tiny_preset(tmp_path):
     matrix-vector product as a multiply and a reduction."""
     out_json = tmp_path / "profile.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACFW_")}
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device") and "traceme" not in f)
+    env["XLA_FLAGS"] = " ".join(
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device") and "traceme" not in f
+    )
     env["JAX_PLATFORMS"] = "cpu"
-    p = subprocess.run([sys.executable, "-m", "macfw.bench", "--preset", "tiny", "--profile", "--dispatches", "2",
-                        "--json", str(out_json)], capture_output=True, text=True, env=env, timeout=TIMEOUT,
-                       cwd=str(Path(__file__).parents[1]))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "macfw.bench",
+            "--preset",
+            "tiny",
+            "--profile",
+            "--dispatches",
+            "2",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+        cwd=str(Path(__file__).parents[1]),
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     assert "| rollout |" in p.stdout and "matrix products" in p.stdout
     r = json.loads(out_json.read_text())
@@ -155,4 +182,8 @@ def test_profile_command_at_the_tiny_preset(tmp_path):
     shared -= B * N * 32 + 2 * B * 32  # the one-output last layers
     reference = B * N * (_mlp_macs(53, 25) + _mlp_macs(53, 1)) + B * heads
     roll = r["phases"]["rollout"]["matmul_flops"]
-    assert 2 * H * shared * (1 - 1e-6) <= roll <= 2 * H * reference * (1 + 1e-6), (roll, 2 * H * shared, 2 * H * reference)
+    assert 2 * H * shared * (1 - 1e-6) <= roll <= 2 * H * reference * (1 + 1e-6), (
+        roll,
+        2 * H * shared,
+        2 * H * reference,
+    )

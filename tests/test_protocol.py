@@ -43,86 +43,264 @@ FACTS = [
     ("singletask", "mac", "scene", "MAC.rollout_batch_size", 1024, MAC_CFG.format("mac") + ": rollout_batch_size=1024"),
     ("singletask", "mac", "puzzle-4x4", "train.batch_size", 1024, MAC_CFG.format("mac") + ": batch_size=1024"),
     ("goalconditioned", "mac", "puzzle-4x5", "MAC.chunk_len", 10, MAC_CFG.format("mac") + ": action_chunking=10"),
-    ("goalconditioned", "mac", "cube-octuple", "RejectionSampler.num_train_candidates", 8,
-     MAC_CFG.format("mac") + ": num_samples_train=8"),
-    ("goalconditioned", "mac", "cube-double", "RejectionSampler.num_act_candidates", 32,
-     MAC_CFG.format("mac") + ": num_samples_test=32"),
+    (
+        "goalconditioned",
+        "mac",
+        "cube-octuple",
+        "RejectionSampler.num_train_candidates",
+        8,
+        MAC_CFG.format("mac") + ": num_samples_train=8",
+    ),
+    (
+        "goalconditioned",
+        "mac",
+        "cube-double",
+        "RejectionSampler.num_act_candidates",
+        32,
+        MAC_CFG.format("mac") + ": num_samples_test=32",
+    ),
     ("goalconditioned", "mac", "humanoidmaze-giant", "MAC.horizon", 10, MAC_CFG.format("mac") + ": rollout_steps=10"),
-    ("goalconditioned", "mac", "puzzle-3x3", "ChunkDynamics.hidden_dims", [1024] * 4,
-     MAC_CFG.format("mac") + ": dynamics_hidden_dims=(1024,)*4"),
-    ("goalconditioned", "mac", "puzzle-4x5", "OGBenchDataset.task_mode", "oraclerep",
-     "kwanyoungpark/MAC README: --env_name=puzzle-4x5-play-oraclerep-v0"),
-    ("goalconditioned", "mac", "puzzle-4x5", "OGBenchDataset.rotation_interval", 1000,
-     "kwanyoungpark/MAC main.py: dataset_replace_interval default 1000"),
-    ("goalconditioned", "mac", "cube-double", "train.eval_episodes", 15,
-     "kwanyoungpark/MAC main.py: eval_episodes default 15"),
+    (
+        "goalconditioned",
+        "mac",
+        "puzzle-3x3",
+        "ChunkDynamics.hidden_dims",
+        [1024] * 4,
+        MAC_CFG.format("mac") + ": dynamics_hidden_dims=(1024,)*4",
+    ),
+    (
+        "goalconditioned",
+        "mac",
+        "puzzle-4x5",
+        "OGBenchDataset.task_mode",
+        "oraclerep",
+        "kwanyoungpark/MAC README: --env_name=puzzle-4x5-play-oraclerep-v0",
+    ),
+    (
+        "goalconditioned",
+        "mac",
+        "puzzle-4x5",
+        "OGBenchDataset.rotation_interval",
+        1000,
+        "kwanyoungpark/MAC main.py: dataset_replace_interval default 1000",
+    ),
+    (
+        "goalconditioned",
+        "mac",
+        "cube-double",
+        "train.eval_episodes",
+        15,
+        "kwanyoungpark/MAC main.py: eval_episodes default 15",
+    ),
     # GCIQL (horizon-reduction commands; defaults set for puzzle-4x5)
     ("goalconditioned", "gciql", "cube-octuple", "GCIQL.alpha", 10.0, HR + ": gciql --agent.alpha=10"),
-    ("goalconditioned", "gciql", "cube-octuple", "GoalSampling.actor_p_trajgoal", 1.0, HR + ": --agent.actor_p_trajgoal=1.0"),
-    ("goalconditioned", "gciql", "cube-octuple", "GoalSampling.actor_p_randomgoal", 0.0,
-     HR + ": --agent.actor_p_randomgoal=0.0"),
-    ("goalconditioned", "gciql", "cube-octuple", "GoalSampling.actor_geom_sample", True, HR + ": --agent.actor_geom_sample=True"),
+    (
+        "goalconditioned",
+        "gciql",
+        "cube-octuple",
+        "GoalSampling.actor_p_trajgoal",
+        1.0,
+        HR + ": --agent.actor_p_trajgoal=1.0",
+    ),
+    (
+        "goalconditioned",
+        "gciql",
+        "cube-octuple",
+        "GoalSampling.actor_p_randomgoal",
+        0.0,
+        HR + ": --agent.actor_p_randomgoal=0.0",
+    ),
+    (
+        "goalconditioned",
+        "gciql",
+        "cube-octuple",
+        "GoalSampling.actor_geom_sample",
+        True,
+        HR + ": --agent.actor_geom_sample=True",
+    ),
     ("goalconditioned", "gciql", "puzzle-4x5", "GCIQL.alpha", 1.0, HR + ": gciql --agent.alpha=1"),
     ("goalconditioned", "gciql", "humanoidmaze-giant", "GCIQL.alpha", 0.3, HR + ": gciql --agent.alpha=0.3"),
-    ("goalconditioned", "gciql", "humanoidmaze-giant", "GoalSampling.actor_geom_sample", False,
-     HR + ": --agent.actor_geom_sample=False"),
-    ("goalconditioned", "gciql", "humanoidmaze-giant", "OGBenchDataset.rotation_interval", 4000,
-     HR + ": --dataset_replace_interval=4000"),
-    ("goalconditioned", "gciql", "cube-octuple", "OGBenchDataset.rotation_interval", 1000,
-     HR + ": --dataset_replace_interval=1000"),
+    (
+        "goalconditioned",
+        "gciql",
+        "humanoidmaze-giant",
+        "GoalSampling.actor_geom_sample",
+        False,
+        HR + ": --agent.actor_geom_sample=False",
+    ),
+    (
+        "goalconditioned",
+        "gciql",
+        "humanoidmaze-giant",
+        "OGBenchDataset.rotation_interval",
+        4000,
+        HR + ": --dataset_replace_interval=4000",
+    ),
+    (
+        "goalconditioned",
+        "gciql",
+        "cube-octuple",
+        "OGBenchDataset.rotation_interval",
+        1000,
+        HR + ": --dataset_replace_interval=1000",
+    ),
     ("goalconditioned", "gciql", "puzzle-4x5", "GCIQL.expectile", 0.9, MAC_CFG.format("gciql") + ": expectile=0.9"),
     # n-step SAC+BC (agents/ngcsacbc.py)
     ("goalconditioned", "nstep_sacbc", "cube-octuple", "NStepSACBC.n", 50, HR + ": ngcsacbc --agent.subgoal_steps=50"),
     ("goalconditioned", "nstep_sacbc", "cube-octuple", "NStepSACBC.alpha", 0.1, HR + ": ngcsacbc --agent.alpha=0.1"),
     ("goalconditioned", "nstep_sacbc", "puzzle-4x5", "NStepSACBC.n", 25, HR + ": ngcsacbc --agent.subgoal_steps=25"),
-    ("goalconditioned", "nstep_sacbc", "humanoidmaze-giant", "NStepSACBC.alpha", 0.03, HR + ": ngcsacbc --agent.alpha=0.03"),
-    ("goalconditioned", "nstep_sacbc", "humanoidmaze-giant", "NStepSACBC.q_agg", "mean", HR + ": ngcsacbc --agent.q_agg=mean"),
-    ("goalconditioned", "nstep_sacbc", "humanoidmaze-giant", "NStepSACBC.n", 50, HR + ": ngcsacbc --agent.subgoal_steps=50"),
-    ("goalconditioned", "nstep_sacbc", "humanoidmaze-giant", "GoalSampling.actor_p_trajgoal", 1.0,
-     HR + ": --agent.actor_p_trajgoal=1.0"),
+    (
+        "goalconditioned",
+        "nstep_sacbc",
+        "humanoidmaze-giant",
+        "NStepSACBC.alpha",
+        0.03,
+        HR + ": ngcsacbc --agent.alpha=0.03",
+    ),
+    (
+        "goalconditioned",
+        "nstep_sacbc",
+        "humanoidmaze-giant",
+        "NStepSACBC.q_agg",
+        "mean",
+        HR + ": ngcsacbc --agent.q_agg=mean",
+    ),
+    (
+        "goalconditioned",
+        "nstep_sacbc",
+        "humanoidmaze-giant",
+        "NStepSACBC.n",
+        50,
+        HR + ": ngcsacbc --agent.subgoal_steps=50",
+    ),
+    (
+        "goalconditioned",
+        "nstep_sacbc",
+        "humanoidmaze-giant",
+        "GoalSampling.actor_p_trajgoal",
+        1.0,
+        HR + ": --agent.actor_p_trajgoal=1.0",
+    ),
     # SHARSA
     ("goalconditioned", "sharsa", "cube-octuple", "SHARSA.n", 50, HR + ": sharsa --agent.subgoal_steps=50"),
     ("goalconditioned", "sharsa", "cube-octuple", "SHARSA.q_agg", "min", HR + ": sharsa --agent.q_agg=min"),
     ("goalconditioned", "sharsa", "puzzle-4x5", "SHARSA.n", 25, HR + ": sharsa --agent.subgoal_steps=25"),
     ("goalconditioned", "sharsa", "humanoidmaze-giant", "SHARSA.q_agg", "mean", HR + ": sharsa --agent.q_agg=mean"),
     ("goalconditioned", "sharsa", "humanoidmaze-giant", "SHARSA.n", 50, HR + ": sharsa --agent.subgoal_steps=50"),
-    ("goalconditioned", "sharsa", "humanoidmaze-giant", "GoalSampling.actor_p_randomgoal", 0.0,
-     HR + ": --agent.actor_p_randomgoal=0.0"),
-    ("goalconditioned", "sharsa", "humanoidmaze-giant", "GoalSampling.actor_geom_sample", False,
-     HR + ": --agent.actor_geom_sample=False"),
-    ("goalconditioned", "sharsa", "humanoidmaze-giant", "OGBenchDataset.rotation_interval", 4000,
-     HR + ": --dataset_replace_interval=4000"),
+    (
+        "goalconditioned",
+        "sharsa",
+        "humanoidmaze-giant",
+        "GoalSampling.actor_p_randomgoal",
+        0.0,
+        HR + ": --agent.actor_p_randomgoal=0.0",
+    ),
+    (
+        "goalconditioned",
+        "sharsa",
+        "humanoidmaze-giant",
+        "GoalSampling.actor_geom_sample",
+        False,
+        HR + ": --agent.actor_geom_sample=False",
+    ),
+    (
+        "goalconditioned",
+        "sharsa",
+        "humanoidmaze-giant",
+        "OGBenchDataset.rotation_interval",
+        4000,
+        HR + ": --dataset_replace_interval=4000",
+    ),
     ("goalconditioned", "sharsa", "cube-double", "SHARSA.n", 25, MAC_CFG.format("sharsa") + ": subgoal_steps=25"),
-    ("goalconditioned", "sharsa", "puzzle-3x3", "GoalSampling.actor_p_trajgoal", 0.5,
-     MAC_CFG.format("sharsa") + ": actor_p_trajgoal=0.5"),
-    ("goalconditioned", "sharsa", "cube-double", "GoalSampling.value_p_curgoal", 0.2,
-     MAC_CFG.format("sharsa") + ": value_p_curgoal=0.2"),
+    (
+        "goalconditioned",
+        "sharsa",
+        "puzzle-3x3",
+        "GoalSampling.actor_p_trajgoal",
+        0.5,
+        MAC_CFG.format("sharsa") + ": actor_p_trajgoal=0.5",
+    ),
+    (
+        "goalconditioned",
+        "sharsa",
+        "cube-double",
+        "GoalSampling.value_p_curgoal",
+        0.2,
+        MAC_CFG.format("sharsa") + ": value_p_curgoal=0.2",
+    ),
     # model-based baselines (main_mbpo.py flags, get_config)
-    ("singletask", "mopo", "cube-single", "ModelRollouts.rollout_freq", 1000,
-     "kwanyoungpark/MAC main_mbpo.py: mb_rollout_freq default 1000"),
-    ("singletask", "mobile", "puzzle-3x3", "ModelRollouts.num_starts", 50000,
-     "kwanyoungpark/MAC main_mbpo.py: mb_batch_size default 50000"),
-    ("singletask", "mopo", "scene", "ModelRollouts.retain_rounds", 5,
-     "kwanyoungpark/MAC main_mbpo.py: mb_retain_epoch default 5"),
-    ("goalconditioned", "mopo", "cube-double", "ModelRollouts.real_ratio", 0.5,
-     "kwanyoungpark/MAC main_mbpo.py: mb_batch_ratio default 0.5"),
+    (
+        "singletask",
+        "mopo",
+        "cube-single",
+        "ModelRollouts.rollout_freq",
+        1000,
+        "kwanyoungpark/MAC main_mbpo.py: mb_rollout_freq default 1000",
+    ),
+    (
+        "singletask",
+        "mobile",
+        "puzzle-3x3",
+        "ModelRollouts.num_starts",
+        50000,
+        "kwanyoungpark/MAC main_mbpo.py: mb_batch_size default 50000",
+    ),
+    (
+        "singletask",
+        "mopo",
+        "scene",
+        "ModelRollouts.retain_rounds",
+        5,
+        "kwanyoungpark/MAC main_mbpo.py: mb_retain_epoch default 5",
+    ),
+    (
+        "goalconditioned",
+        "mopo",
+        "cube-double",
+        "ModelRollouts.real_ratio",
+        0.5,
+        "kwanyoungpark/MAC main_mbpo.py: mb_batch_ratio default 0.5",
+    ),
     ("goalconditioned", "mopo", "puzzle-4x5", "MOPO.beta", 0.003, MAC_CFG.format("mopo") + ": beta=0.003"),
     ("singletask", "mobile", "cube-double", "MOBILE.num_samples", 5, MAC_CFG.format("mobile") + ": num_samples=5"),
-    ("goalconditioned", "mobile", "cube-octuple", "ModelRollouts.rollout_length", 5,
-     MAC_CFG.format("mobile") + ": rollout_steps=5"),
-    ("goalconditioned", "leq", "puzzle-4x5", "LEQ.model_weight", 0.95, MAC_CFG.format("leq") + ": model_batch_ratio=0.95"),
+    (
+        "goalconditioned",
+        "mobile",
+        "cube-octuple",
+        "ModelRollouts.rollout_length",
+        5,
+        MAC_CFG.format("mobile") + ": rollout_steps=5",
+    ),
+    (
+        "goalconditioned",
+        "leq",
+        "puzzle-4x5",
+        "LEQ.model_weight",
+        0.95,
+        MAC_CFG.format("leq") + ": model_batch_ratio=0.95",
+    ),
     ("singletask", "leq", "scene", "dynamics/Ensemble.num", 7, MAC_CFG.format("leq") + ": num_dynamics=7"),
     ("singletask", "fmpc", "cube-double", "FMPC.future_len", 32, MAC_CFG.format("fmpc") + ": action_chunking=32"),
-    ("goalconditioned", "fmpc", "humanoidmaze-medium", "FMPC.num_samples", 64, MAC_CFG.format("fmpc") + ": num_samples=64"),
+    (
+        "goalconditioned",
+        "fmpc",
+        "humanoidmaze-medium",
+        "FMPC.num_samples",
+        64,
+        MAC_CFG.format("fmpc") + ": num_samples=64",
+    ),
 ]
 
 #: The cells each table must hold (DESIGN §8, §11), written here independently of the protocol.
 TABLE_CELLS = {
-    "singletask": (["mac", "fql", "mopo", "mobile", "leq", "fmpc"],
-                   ["cube-single", "cube-double", "scene", "puzzle-3x3", "puzzle-4x4"]),
-    "goalconditioned": (["mac", "gciql", "nstep_sacbc", "sharsa", "mopo", "mobile", "leq", "fmpc"],
-                        ["cube-double", "cube-octuple", "puzzle-3x3", "puzzle-4x5", "humanoidmaze-medium",
-                         "humanoidmaze-giant"]),
+    "singletask": (
+        ["mac", "fql", "mopo", "mobile", "leq", "fmpc"],
+        ["cube-single", "cube-double", "scene", "puzzle-3x3", "puzzle-4x4"],
+    ),
+    "goalconditioned": (
+        ["mac", "gciql", "nstep_sacbc", "sharsa", "mopo", "mobile", "leq", "fmpc"],
+        ["cube-double", "cube-octuple", "puzzle-3x3", "puzzle-4x5", "humanoidmaze-medium", "humanoidmaze-giant"],
+    ),
 }
 
 
@@ -146,8 +324,22 @@ def dry_runs(compare, tmp_path_factory):
     out = {}
     for name in protocol.TABLES:
         path = root / f"{name}.json"
-        assert compare.main(["--protocol", name, "--dry-run", "--json", str(path), "--out", str(root / "out"),
-                             "--data-dir", str(root / "data")]) == 0
+        assert (
+            compare.main(
+                [
+                    "--protocol",
+                    name,
+                    "--dry-run",
+                    "--json",
+                    str(path),
+                    "--out",
+                    str(root / "out"),
+                    "--data-dir",
+                    str(root / "data"),
+                ]
+            )
+            == 0
+        )
         out[name] = json.loads(path.read_text())
     return out
 
@@ -155,9 +347,8 @@ def dry_runs(compare, tmp_path_factory):
 def _default(binding: str):
     """The default of ``Configurable.param`` in its registered class or function (for a value no Gin
     file binds, e.g. a GoalSampling probability at its default)."""
-    from gin import config as gin_config
-
     import macfw.train  # noqa: F401
+    from gin import config as gin_config
 
     name, param = binding.rsplit(".", 1)
     selector = gin_config._REGISTRY.get_match(name.split("/")[-1])  # noqa: SLF001
@@ -175,15 +366,17 @@ def test_the_fact_table_is_large_and_cites_sources():
     assert len({(t, a, e, b) for t, a, e, b, _, _ in FACTS}) == len(FACTS)
 
 
-@pytest.mark.parametrize("table,agent,env,binding,value,source", FACTS,
-                         ids=[f"{t[:2]}-{a}-{e}-{b}" for t, a, e, b, *_ in FACTS])
+@pytest.mark.parametrize(
+    "table,agent,env,binding,value,source", FACTS, ids=[f"{t[:2]}-{a}-{e}-{b}" for t, a, e, b, *_ in FACTS]
+)
 def test_every_cell_resolves_the_authors_setting(dry_runs, table, agent, env, binding, value, source):
     cells = [c for c in dry_runs[table] if c["agent"] == agent and c["env"] == env]
     assert len(cells) == 5, f"{table} {agent} {env}: {len(cells)} cells"
     for c in cells:
         got = c["bindings"][binding] if binding in c["bindings"] else _default(binding)
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, (
-            f"{table} {agent} {env} task{c['task']}: {binding} = {got!r}, the authors' {value!r} ({source})")
+            f"{table} {agent} {env} task{c['task']}: {binding} = {got!r}, the authors' {value!r} ({source})"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(TABLE_CELLS))
@@ -207,7 +400,8 @@ def test_dry_run_json_holds_every_cell_of_the_table_once(dry_runs, name):
             assert b["train.eval_task_ids"] == [1, 2, 3, 4, 5]
             assert b["OGBenchDataset.sampling"] == "shard_rotation"
             assert b["OGBenchDataset.dataset_path"].endswith(
-                f"{c['env']}-{'navigate' if 'humanoidmaze' in c['env'] else 'play'}-100m-v0")
+                f"{c['env']}-{'navigate' if 'humanoidmaze' in c['env'] else 'play'}-100m-v0"
+            )
     workdirs = {c["workdir"] for c in cells}
     assert len(workdirs) == (len(cells) if mode == "singletask" else len(cells) // 5)
     mac = next(c for c in cells if c["agent"] == "mac")
@@ -222,12 +416,23 @@ def test_every_cell_of_both_tables_builds_at_the_paper_and_smoke_budgets(compare
         for agent in table.agents:
             for env in table.envs:
                 for budget in ("paper", "smoke"):
-                    job = compare.Job(agent, env, table.tasks if table.mode != "singletask" else 3, [0, 1], budget,
-                                      tmp_path, mode=table.mode, table=table, data_dir=tmp_path)
+                    job = compare.Job(
+                        agent,
+                        env,
+                        table.tasks if table.mode != "singletask" else 3,
+                        [0, 1],
+                        budget,
+                        tmp_path,
+                        mode=table.mode,
+                        table=table,
+                        data_dir=tmp_path,
+                    )
                     files, binds = compare.run_config(job)
                     built_agent, dataset = protocol.build_config(files, binds)
                     assert dataset.env_name == env and dataset.task_mode == table.mode
-                    expected_sampling = "shard_rotation" if (budget == "paper" and table.dataset == "100M") else "uniform"
+                    expected_sampling = (
+                        "shard_rotation" if (budget == "paper" and table.dataset == "100M") else "uniform"
+                    )
                     assert dataset.sampling == expected_sampling
                     if budget == "smoke":
                         ops = protocol.operative_bindings(files, binds)
@@ -262,7 +467,6 @@ def test_every_shipped_gin_file_builds():
             continue
         if rel == "gin/slurm.gin":  # the cluster's settings: builds the launcher
             import gin
-
             from macfw.launch import SlurmLauncher
 
             try:
@@ -276,10 +480,16 @@ def test_every_shipped_gin_file_builds():
 
 def test_fql_per_environment_files_agree_with_the_protocol():
     table = protocol.TABLES["singletask"]
-    for env, family in (("cube-single", "cube"), ("cube-double", "cube"), ("scene", "scene"),
-                        ("puzzle-3x3", "puzzle"), ("puzzle-4x4", "puzzle")):
-        ops = protocol.operative_bindings([str(REPO / "gin/baselines/fql.gin"),
-                                           str(REPO / f"gin/baselines/fql/{family}.gin")])
+    for env, family in (
+        ("cube-single", "cube"),
+        ("cube-double", "cube"),
+        ("scene", "scene"),
+        ("puzzle-3x3", "puzzle"),
+        ("puzzle-4x4", "puzzle"),
+    ):
+        ops = protocol.operative_bindings(
+            [str(REPO / "gin/baselines/fql.gin"), str(REPO / f"gin/baselines/fql/{family}.gin")]
+        )
         (alpha,) = [s.value for s in protocol.cell_settings(table, "fql", env) if s.binding == "FQL.alpha"]
         assert ops["FQL.alpha"] == alpha, env
 
@@ -290,12 +500,35 @@ def test_protocol_narrowing_and_errors(compare, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not in the singletask table" in err and "'mac', 'fql'" in err
     path = tmp_path / "n.json"
-    assert compare.main(["--protocol", "goalconditioned", "--agents", "mac,sharsa", "--envs", "puzzle-3x3",
-                         "--tasks", "1", "--seeds", "0", "--budget", "smoke", "--dry-run", "--json", str(path),
-                         "--out", str(tmp_path)]) == 0
+    assert (
+        compare.main(
+            [
+                "--protocol",
+                "goalconditioned",
+                "--agents",
+                "mac,sharsa",
+                "--envs",
+                "puzzle-3x3",
+                "--tasks",
+                "1",
+                "--seeds",
+                "0",
+                "--budget",
+                "smoke",
+                "--dry-run",
+                "--json",
+                str(path),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     cells = json.loads(path.read_text())
     assert [(c["agent"], c["env"], c["task"], c["seeds"]) for c in cells] == [
-        ("mac", "puzzle-3x3", 1, [0]), ("sharsa", "puzzle-3x3", 1, [0])]
+        ("mac", "puzzle-3x3", 1, [0]),
+        ("sharsa", "puzzle-3x3", 1, [0]),
+    ]
     mac = cells[0]
     # the smoke budget's env_name does not override the cell's environment; MAC in the table's mode
     assert mac["bindings"]["OGBenchDataset.env_name"] == "puzzle-3x3"
@@ -309,15 +542,34 @@ def test_protocol_narrowing_and_errors(compare, tmp_path, capsys):
 def test_dry_run_estimates_accelerator_hours_from_bench_figures(compare, tmp_path, capsys):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps([{"name": "mac", "updates_per_s": 100.0}, {"name": "fql", "updates_per_s": 400.0}]))
-    assert compare.main(["--protocol", "singletask", "--agents", "mac,fql", "--envs", "cube-single", "--tasks", "1,2",
-                         "--dry-run", "--bench", str(bench), "--out", str(tmp_path)]) == 0
+    assert (
+        compare.main(
+            [
+                "--protocol",
+                "singletask",
+                "--agents",
+                "mac,fql",
+                "--envs",
+                "cube-single",
+                "--tasks",
+                "1,2",
+                "--dry-run",
+                "--bench",
+                str(bench),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # mac: 2 runs x 4 seeds x 1e6 steps / 100 per s; fql: the same / 400 per s
     hours = 2 * 4 * 1e6 / 100 / 3600 + 2 * 4 * 1e6 / 400 / 3600
     assert f"estimated accelerator-hours: {hours:,.0f}" in out and "4 runs (4 cells" in out
     flops = compare.load_flops()
-    assert set(flops.get("agents", {})) >= {a for t in protocol.TABLES.values() for a in t.agents}, \
+    assert set(flops.get("agents", {})) >= {a for t in protocol.TABLES.values() for a in t.agents}, (
         "experiments/paper_flops.json lacks an agent: python experiments/compare.py --count-flops"
+    )
 
 
 def test_gin_literal_and_cell_settings_order():
@@ -327,9 +579,14 @@ def test_gin_literal_and_cell_settings_order():
         protocol.gin_literal({1: 2})
     gc = protocol.TABLES["goalconditioned"]
     # the humanoidmaze rotation interval overrides the table's 1000; not at the small budgets
-    (rot,) = [s for s in protocol.cell_settings(gc, "mac", "humanoidmaze-medium") if s.binding.endswith("rotation_interval")]
+    (rot,) = [
+        s for s in protocol.cell_settings(gc, "mac", "humanoidmaze-medium") if s.binding.endswith("rotation_interval")
+    ]
     assert rot.value == 4000 and "dataset_replace_interval=4000" in rot.source
-    assert not [s for s in protocol.cell_settings(gc, "mac", "humanoidmaze-medium", paper_budget=False)
-                if "rotation" in s.binding or "num_steps" in s.binding]
+    assert not [
+        s
+        for s in protocol.cell_settings(gc, "mac", "humanoidmaze-medium", paper_budget=False)
+        if "rotation" in s.binding or "num_steps" in s.binding
+    ]
     with pytest.raises(KeyError, match="goalconditioned"):
         protocol.get_table("gc")

@@ -27,8 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from macfw.checkpoint import (MANIFEST, TMP_MARK, CheckpointSaveError, Checkpointer, NonFiniteStateError,
-                              manifest_problem)
+from macfw.checkpoint import (
+    MANIFEST,
+    TMP_MARK,
+    Checkpointer,
+    CheckpointSaveError,
+    NonFiniteStateError,
+    manifest_problem,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--gin_file", "gin/smoke.gin", "--gin_bindings", "train.progress = False"]
@@ -36,8 +42,11 @@ SMOKE = ["--gin_file", "gin/smoke.gin", "--gin_bindings", "train.progress = Fals
 
 # ============================================================================ in-process: Checkpointer
 def _state(v: float, n: int = 4):
-    return {"w": jnp.full((3, n), float(v)), "key": jnp.array([int(v), int(v) + 1], jnp.uint32),
-            "step": jnp.array(int(v), jnp.int32)}
+    return {
+        "w": jnp.full((3, n), float(v)),
+        "key": jnp.array([int(v), int(v) + 1], jnp.uint32),
+        "step": jnp.array(int(v), jnp.int32),
+    }
 
 
 def _saved(directory, steps, **kw) -> Checkpointer:
@@ -59,8 +68,9 @@ def test_only_complete_steps_are_listed_and_restored(tmp_path):
     # a file removed from the newest step, a file truncated in the middle one
     victim = next(p for p in sorted((d / "3").rglob("*")) if p.is_file() and p.name != MANIFEST and "state" in p.parts)
     victim.unlink()
-    trunc = next(p for p in sorted((d / "2").rglob("*")) if p.is_file() and p.stat().st_size > 10
-                 and p.name != MANIFEST)
+    trunc = next(
+        p for p in sorted((d / "2").rglob("*")) if p.is_file() and p.stat().st_size > 10 and p.name != MANIFEST
+    )
     trunc.write_bytes(trunc.read_bytes()[:-5])
     ro = Checkpointer(d, read_only=True)
     assert ro.all_steps() == [1]
@@ -284,8 +294,7 @@ def _wait_for_new_save(workdir: Path, before: set, proc: Proc, timeout: float) -
     t_end = time.time() + timeout
     ck = workdir / "checkpoints"
     while time.time() < t_end and proc.p.poll() is None:
-        if ck.is_dir() and any(p.name not in before and (p.name.isdigit() or TMP_MARK in p.name)
-                               for p in ck.iterdir()):
+        if ck.is_dir() and any(p.name not in before and (p.name.isdigit() or TMP_MARK in p.name) for p in ck.iterdir()):
             return
         time.sleep(0.05)
 
@@ -362,8 +371,16 @@ def _scenario_sigterm(world):
     restored = _restores(w) if steps else None
     p2 = Proc(cmd, world["env"], world["root"] / "term2.log")
     rc2 = p2.wait()
-    return dict(workdir=w, rc1=rc1, text1=text1, steps=steps, summary_after_signal=summary_after_signal,
-                restored=restored, rc2=rc2, text2=p2.text)
+    return dict(
+        workdir=w,
+        rc1=rc1,
+        text1=text1,
+        steps=steps,
+        summary_after_signal=summary_after_signal,
+        restored=restored,
+        rc2=rc2,
+        text2=p2.text,
+    )
 
 
 def _scenario_sigterm_startup(world):
@@ -379,8 +396,9 @@ def _scenario_sigterm_startup(world):
 
 def _scenario_nan(world):
     w = world["root"] / "nan"
-    p = Proc(_cmd(w, "train.save_interval = 10", "train.debug_nan_at_step = 25"), world["env"],
-             world["root"] / "nan.log")
+    p = Proc(
+        _cmd(w, "train.save_interval = 10", "train.debug_nan_at_step = 25"), world["env"], world["root"] / "nan.log"
+    )
     rc = p.wait()
     return dict(workdir=w, rc=rc, text=p.text)
 
@@ -395,9 +413,15 @@ def _scenario_sigterm_two_processes(world):
         port = sock.getsockname()[1]
     w = world["root"] / "term_two"
     env = {k: v for k, v in world["env"].items() if not k.startswith("MACFW_") or k == "MACFW_CACHE_DIR"}
-    procs = [Proc(_cmd(w, "train.num_steps = 400", "train.save_interval = 400", "train.eval_interval = 400")
-                  + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
-                  env, world["root"] / f"term_two{i}.log") for i in range(2)]
+    procs = [
+        Proc(
+            _cmd(w, "train.num_steps = 400", "train.save_interval = 400", "train.eval_interval = 400")
+            + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+            env,
+            world["root"] / f"term_two{i}.log",
+        )
+        for i in range(2)
+    ]
     csv = w / "train.csv"
     t_end = time.time() + 900
     while all(p.p.poll() is None for p in procs) and time.time() < t_end:  # step 10 done and logged
@@ -406,8 +430,9 @@ def _scenario_sigterm_two_processes(world):
         time.sleep(0.05)
     procs[1].p.send_signal(signal.SIGTERM)
     rcs = [p.wait() for p in procs]
-    return dict(workdir=w, rcs=rcs, texts=[p.text for p in procs],
-                steps=_listed(w) if (w / "checkpoints").is_dir() else [])
+    return dict(
+        workdir=w, rcs=rcs, texts=[p.text for p in procs], steps=_listed(w) if (w / "checkpoints").is_dir() else []
+    )
 
 
 SCENARIOS = {  # scenario -> (function, the tests that need it)
@@ -427,10 +452,18 @@ def world(tmp_path_factory):
     cache = Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache")  # the session's (tests/conftest.py)
     env = _env(cache)
     gen = subprocess.run(
-        [sys.executable, "-c",
-         "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
-         "print(d.OGBenchDataset().resolve_path())"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-c",
+            "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
+            "print(d.OGBenchDataset().resolve_path())",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
     data = Path(gen.stdout.strip().splitlines()[-1])
     return dict(root=root, cache=cache, env=env, data=data)
@@ -440,8 +473,7 @@ def world(tmp_path_factory):
 def jobs(world, request):
     """Every scenario that a selected test needs, started at once, side by side (2 cores stay busy)."""
     selected = " ".join(item.name for item in request.session.items)
-    started = {name: Job(fn, world) for name, (fn, users) in SCENARIOS.items()
-               if any(u in selected for u in users)}
+    started = {name: Job(fn, world) for name, (fn, users) in SCENARIOS.items() if any(u in selected for u in users)}
     yield started
     for job in started.values():
         try:
@@ -533,7 +565,6 @@ def test_injected_nan_stops_the_run_naming_the_step_and_saves_nothing_non_finite
 # ---------------------------------------------------------------------------- bad inputs (in-process main)
 def _main(argv, capsys) -> tuple[int, str]:
     import gin
-
     from macfw import run
 
     with GIN_LOCK:
@@ -577,6 +608,7 @@ def bad_world(world, reference, tmp_path_factory):
                 arrays = {k: f[k] for k in f.files}
             arrays["observations"] = arrays["observations"][:, :20]
             np.savez(q, **arrays)
+
         return make
 
     pair("narrow", narrow_obs(data), narrow_obs(val))
@@ -588,25 +620,33 @@ def bad_world(world, reference, tmp_path_factory):
 BAD = [
     ("unknown_component", ["MAC.dynamics = @ChunkDynamix"], "Unknown component 'ChunkDynamix'.*Registered"),
     ("unknown_binding", ["MAC.learnin_rate = 1e-3"], r"MAC\.learnin_rate.*Did you mean 'MAC\.learning_rate'"),
-    ("mistyped_value", ["train.num_steps = 'forty'"],
-     r"train\.num_steps = 'forty' is out of range: must be a positive integer"),
+    (
+        "mistyped_value",
+        ["train.num_steps = 'forty'"],
+        r"train\.num_steps = 'forty' is out of range: must be a positive integer",
+    ),
     ("dataset_missing", ["OGBenchDataset.dataset_path = '{root}/nowhere.npz'"], r"nowhere\.npz' does not exist"),
     ("dataset_truncated", ["OGBenchDataset.dataset_path = '{truncated}'"], r"truncated\.npz' is not a readable \.npz"),
     ("dataset_not_npz", ["OGBenchDataset.dataset_path = '{notnpz}'"], r"notnpz\.npz' is not a readable \.npz"),
     ("dataset_missing_key", ["OGBenchDataset.dataset_path = '{nokey}'"], r"lacks the required key\(s\) \['actions'\]"),
-    ("obs_size_vs_env", ["OGBenchDataset.dataset_path = '{narrow}'"],
-     r"observations of size \(20,\) but the OGBench environment 'cube-single' has \(28,\)"),
+    (
+        "obs_size_vs_env",
+        ["OGBenchDataset.dataset_path = '{narrow}'"],
+        r"observations of size \(20,\) but the OGBench environment 'cube-single' has \(28,\)",
+    ),
     ("unknown_env", ["OGBenchDataset.env_name = 'cube-singel'"], r"no environment 'cube-singel'.*Did you mean"),
-    ("shape_vs_checkpoint", ["ChunkDynamics.hidden_dims = (16,)"],
-     r"component 'nets\.dynamics'.*in the checkpoint but .* in the configured model"),
+    (
+        "shape_vs_checkpoint",
+        ["ChunkDynamics.hidden_dims = (16,)"],
+        r"component 'nets\.dynamics'.*in the checkpoint but .* in the configured model",
+    ),
     ("action_chunk_vs_checkpoint", ["CHUNK = 3"], r"chunk length \(chunk_len\) 5 in the checkpoint but 3"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,bindings,pattern", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gives_one_clear_line_and_keeps_checkpoints(bad_world, capsys, monkeypatch, name, bindings,
-                                                               pattern):
+def test_bad_input_gives_one_clear_line_and_keeps_checkpoints(bad_world, capsys, monkeypatch, name, bindings, pattern):
     import re
 
     w = bad_world["workdir"]
@@ -631,8 +671,14 @@ def test_workdir_not_writable_and_cli_prints_one_line(bad_world):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("macfw: error:")]
     assert len(lines) == 1 and "is not writable" in lines[0] and "--workdir" in lines[0], r.stderr[-2000:]
 
-    r = subprocess.run(_cmd(bad_world["workdir"], "MAC.dynamics = @Nope"), cwd=REPO, env=bad_world["env"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        _cmd(bad_world["workdir"], "MAC.dynamics = @Nope"),
+        cwd=REPO,
+        env=bad_world["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [ln for ln in r.stderr.splitlines() if ln.strip()][-1].startswith("macfw: error: Unknown component 'Nope'")
 
@@ -641,9 +687,19 @@ def test_workdir_not_writable_and_cli_prints_one_line(bad_world):
 def test_schedule_only_changes_continue(bad_world, capsys, monkeypatch):
     """num_steps and intervals may change on resume (no array shape changes): the run goes on."""
     w = bad_world["workdir"]
-    argv = [*SMOKE, "--gin_bindings", "train.num_steps = 50", "--gin_bindings", "train.save_interval = 50",
-            "--gin_bindings", "train.log_interval = 50", "--gin_bindings", "train.eval_interval = 50",
-            "--workdir", str(w)]
+    argv = [
+        *SMOKE,
+        "--gin_bindings",
+        "train.num_steps = 50",
+        "--gin_bindings",
+        "train.save_interval = 50",
+        "--gin_bindings",
+        "train.log_interval = 50",
+        "--gin_bindings",
+        "train.eval_interval = 50",
+        "--workdir",
+        str(w),
+    ]
     monkeypatch.setenv("MACFW_CACHE_DIR", bad_world["env"]["MACFW_CACHE_DIR"])
     rc, err = _main(argv, capsys)
     assert rc == 0, err[-3000:]

@@ -24,13 +24,46 @@ pytestmark = pytest.mark.slow
 # The CSV columns of a MAC smoke run with the default loggers (train.loggers = ('csv', 'tensorboard')),
 # as macfw wrote them before loggers became components (2026-12-07): a new MAC metric adds a column here.
 TRAIN_COLUMNS = [
-    "step", "wall_time_s", "updates_per_s", "critic/loss", "critic/q_max", "critic/q_mean", "critic/q_min",
-    "dynamics/loss", "flow/distill_loss", "flow/loss", "flow/vel", "optim/grad_norm", "policy/loss", "reward/loss",
-    "reward/pred", "reward/pred_max", "reward/pred_min", "reward/target_mean", "rollout/done_rate",
-    "rollout/reward_mean", "success/accuracy", "success/accuracy_0.7", "success/accuracy_0.9", "success/label_mean",
-    "success/loss", "success/neg_accuracy", "success/pos_accuracy", "success/prob", "success/prob_max",
-    "success/prob_min", "total/loss", "value/loss", "value/max", "value/mean", "value/min", "value/return_max",
-    "value/return_mean", "value/return_min", "value/return_std"]
+    "step",
+    "wall_time_s",
+    "updates_per_s",
+    "critic/loss",
+    "critic/q_max",
+    "critic/q_mean",
+    "critic/q_min",
+    "dynamics/loss",
+    "flow/distill_loss",
+    "flow/loss",
+    "flow/vel",
+    "optim/grad_norm",
+    "policy/loss",
+    "reward/loss",
+    "reward/pred",
+    "reward/pred_max",
+    "reward/pred_min",
+    "reward/target_mean",
+    "rollout/done_rate",
+    "rollout/reward_mean",
+    "success/accuracy",
+    "success/accuracy_0.7",
+    "success/accuracy_0.9",
+    "success/label_mean",
+    "success/loss",
+    "success/neg_accuracy",
+    "success/pos_accuracy",
+    "success/prob",
+    "success/prob_max",
+    "success/prob_min",
+    "total/loss",
+    "value/loss",
+    "value/max",
+    "value/mean",
+    "value/min",
+    "value/return_max",
+    "value/return_mean",
+    "value/return_min",
+    "value/return_std",
+]
 EVAL_COLUMNS = ["step", "success", "episodes", "success/task2", "mean_return", "mean_length"]
 
 
@@ -82,9 +115,9 @@ def _tensorboard_scalars(workdir: Path) -> list[tuple[int, str, float]]:
     for path in sorted(workdir.glob("events.out.tfevents*")):
         data, pos = path.read_bytes(), 0
         while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
             ev = event_pb2.Event()
-            ev.ParseFromString(data[pos + 12:pos + 12 + n])
+            ev.ParseFromString(data[pos + 12 : pos + 12 + n])
             pos += 12 + n + 4
             out += [(ev.step, v.tag, v.simple_value) for v in ev.summary.value]
     return out
@@ -100,10 +133,18 @@ def runs(tmp_path_factory):
     cache = Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache")
     env = _env(cache)
     gen = subprocess.run(
-        [sys.executable, "-c",
-         "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
-         "print(d.OGBenchDataset().resolve_path())"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
+            "print(d.OGBenchDataset().resolve_path())",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
     assert str(cache) in gen.stdout
 
@@ -116,8 +157,19 @@ def runs(tmp_path_factory):
     b1_ckpts = sorted(p.name for p in (b / "checkpoints").iterdir()) if (b / "checkpoints").exists() else []
     b1_rows = _rows(b / "train.csv") if (b / "train.csv").exists() else []
     rc_b2, log_b2 = _finish(_popen(_cmd(b), env, root / "B2.log"), root / "B2.log")
-    return dict(a=a, b=b, rc_a=rc_a, log_a=log_a, rc_b1=rc_b1, log_b1=log_b1, rc_b2=rc_b2, log_b2=log_b2,
-                b1_summary=b1_summary, b1_ckpts=b1_ckpts, b1_rows=b1_rows)
+    return dict(
+        a=a,
+        b=b,
+        rc_a=rc_a,
+        log_a=log_a,
+        rc_b1=rc_b1,
+        log_b1=log_b1,
+        rc_b2=rc_b2,
+        log_b2=log_b2,
+        b1_summary=b1_summary,
+        b1_ckpts=b1_ckpts,
+        b1_rows=b1_rows,
+    )
 
 
 def test_smoke_run_writes_documented_outputs(runs):

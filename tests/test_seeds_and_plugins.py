@@ -39,7 +39,10 @@ def test_vmapped_seeds_match_separate_runs():
             single_step = TrainStep(agent, state, batch_size=32, steps_per_dispatch=2)
         for _ in range(3):
             state, _ = single_step(data, state)
-        for a, b in zip(_leaves(state), _leaves(jax.tree_util.tree_map(lambda x: x[i], eqx.filter(stacked, eqx.is_array)))):
+        for a, b in zip(
+            _leaves(state),
+            _leaves(jax.tree_util.tree_map(lambda x: x[i], eqx.filter(stacked, eqx.is_array))),  # noqa: B023  (called within this iteration)
+        ):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # the two seeds really differ (the vmapped state is not one seed broadcast)
     w = _leaves(stacked.nets)[0]
@@ -49,12 +52,29 @@ def test_vmapped_seeds_match_separate_runs():
 @pytest.mark.slow
 def test_user_component_from_outside_module(tmp_path):
     """CONTRIBUTING's walk-through: register TopKMeanSampler in examples/, select it with --gin_file."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "examples"),
-               MACFW_CACHE_DIR=os.environ.get("MACFW_CACHE_DIR", str(tmp_path / "cache")))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO / "examples"),
+        MACFW_CACHE_DIR=os.environ.get("MACFW_CACHE_DIR", str(tmp_path / "cache")),
+    )
     wd = tmp_path / "run"
-    cmd = [sys.executable, "-m", "macfw.run", "--import", "my_components", "--gin_file", "gin/smoke.gin",
-           "--gin_file", "examples/topk.gin", "--gin_bindings", "train.num_steps = 20",
-           "--gin_bindings", "train.num_seeds = 2", "--workdir", str(wd)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "macfw.run",
+        "--import",
+        "my_components",
+        "--gin_file",
+        "gin/smoke.gin",
+        "--gin_file",
+        "examples/topk.gin",
+        "--gin_bindings",
+        "train.num_steps = 20",
+        "--gin_bindings",
+        "train.num_seeds = 2",
+        "--workdir",
+        str(wd),
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = (wd / "config.gin").read_text()
@@ -72,14 +92,37 @@ def test_user_component_from_outside_module(tmp_path):
 
 def test_user_agent_in_one_file_trains_resumes_and_evaluates(tmp_path):
     """CONTRIBUTING's "Adding an agent": examples/my_agent.py + examples/chunk_bc.gin, nothing else."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "examples"),
-               MACFW_CACHE_DIR=os.environ.get("MACFW_CACHE_DIR", str(tmp_path / "cache")))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO / "examples"),
+        MACFW_CACHE_DIR=os.environ.get("MACFW_CACHE_DIR", str(tmp_path / "cache")),
+    )
     wd = tmp_path / "run"
-    base = [sys.executable, "-m", "macfw.run", "--import", "my_agent", "--gin_file", "examples/chunk_bc.gin",
-            "--gin_file", "gin/smoke_budget.gin", "--gin_bindings", "ChunkBC.chunk_len = 5",
-            "--gin_bindings", "train.progress = False", "--workdir", str(wd)]
-    r = subprocess.run(base + ["--gin_bindings", "train.num_steps = 20"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+    base = [
+        sys.executable,
+        "-m",
+        "macfw.run",
+        "--import",
+        "my_agent",
+        "--gin_file",
+        "examples/chunk_bc.gin",
+        "--gin_file",
+        "gin/smoke_budget.gin",
+        "--gin_bindings",
+        "ChunkBC.chunk_len = 5",
+        "--gin_bindings",
+        "train.progress = False",
+        "--workdir",
+        str(wd),
+    ]
+    r = subprocess.run(
+        base + ["--gin_bindings", "train.num_steps = 20"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     first = json.loads((wd / "summary.json").read_text())
     assert first["agent"] == "ChunkBC" and first["step"] == 20 and first["spec"]["chunk_len"] == 5
@@ -94,7 +137,13 @@ def test_user_agent_in_one_file_trains_resumes_and_evaluates(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(float(x["step"])) for x in rows] == [10, 20, 30, 40]
     assert float(rows[-1]["flow/loss"]) < float(rows[0]["flow/loss"]) + 1.0  # finite, logged under its namespace
-    r = subprocess.run([sys.executable, "-m", "macfw.evaluate", "--import", "my_agent", "--workdir", str(wd),
-                        "--episodes", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "macfw.evaluate", "--import", "my_agent", "--workdir", str(wd), "--episodes", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((wd / "eval_step40.json").read_text())["episodes"] == 1

@@ -24,8 +24,16 @@ from macfw.data.batches import sample_batch
 from macfw.data.generate import generate_shards
 from macfw.data.host_sampler import ShardedBatches, ShardSampler, process_rows
 from macfw.data.ogbench_data import DatasetError, DatasetNotFoundError, OGBenchDataset
-from macfw.data.shards import (MANIFEST, ShardedData, list_shards, manifest_problem, open_sharded,
-                               parse_shard_name, store_dir, val_path)
+from macfw.data.shards import (
+    MANIFEST,
+    ShardedData,
+    list_shards,
+    manifest_problem,
+    open_sharded,
+    parse_shard_name,
+    store_dir,
+    val_path,
+)
 from macfw.errors import ConfigError
 
 BASE = "cube-single-play-v0"
@@ -45,14 +53,22 @@ def shard_dir(tmp_path_factory) -> Path:
 def _load(shard_dir, cache, task_mode="singletask", **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = OGBenchDataset(env_name="cube-single", task_mode=task_mode, dataset_path=str(shard_dir),
-                            cache_dir=str(cache), **kw)
+        ds = OGBenchDataset(
+            env_name="cube-single", task_mode=task_mode, dataset_path=str(shard_dir), cache_dir=str(cache), **kw
+        )
         return ds, ds.load(5, 5)
 
 
 def _sample_batch(chunk, spec, gc, key, B):
-    fn = functools.partial(sample_batch, batch_size=B, chunk_len=spec.chunk_len, gamma=spec.gamma,
-                           goal_conditioned=gc, normalize_reward=spec.normalize_reward, future_len=spec.future_len)
+    fn = functools.partial(
+        sample_batch,
+        batch_size=B,
+        chunk_len=spec.chunk_len,
+        gamma=spec.gamma,
+        goal_conditioned=gc,
+        normalize_reward=spec.normalize_reward,
+        future_len=spec.future_len,
+    )
     return jax.device_get(jax.jit(fn)(chunk, key))
 
 
@@ -68,8 +84,12 @@ def _assert_same_batch(a: dict, b: dict, what: str):
 def test_shard_names():
     assert parse_shard_name("cube-double-play-v0-003.npz") == ("cube-double-play-v0", 3)
     assert parse_shard_name("cube-double-play-v0-1203.npz") == ("cube-double-play-v0", 1203)
-    for name in ("cube-double-play-v0-003-val.npz", "cube-double-play-v0-003.npz.tmp-12.npz",
-                 "cube-double-play-v0.npz", "notes.txt"):
+    for name in (
+        "cube-double-play-v0-003-val.npz",
+        "cube-double-play-v0-003.npz.tmp-12.npz",
+        "cube-double-play-v0.npz",
+        "notes.txt",
+    ):
         assert parse_shard_name(name) is None, name
     assert val_path(Path("/d/x-play-v0-001.npz")) == Path("/d/x-play-v0-001-val.npz")
 
@@ -106,8 +126,9 @@ def test_store_holds_what_ogbench_loader_gives(shard_dir, tmp_path, task_mode):
     for k, st in enumerate(data.stores):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, train, val = ogbench.make_env_and_datasets(ds.dataset_name, dataset_path=str(st.shard),
-                                                          compact_dataset=True)
+            _, train, val = ogbench.make_env_and_datasets(
+                ds.dataset_name, dataset_path=str(st.shard), compact_dataset=True
+            )
         np.testing.assert_array_equal(st.columns["observations"], train["observations"])
         np.testing.assert_array_equal(st.columns["actions"], np.clip(train["actions"], -1 + 1e-5, 1 - 1e-5))
         if task_mode == "singletask":
@@ -185,16 +206,19 @@ def test_interrupted_or_stale_conversions_are_redone(shard_dir, tmp_path):
 
 
 def test_out_of_range_settings(shard_dir, tmp_path):
-    for kw, binding in ((dict(sampling="random"), "OGBenchDataset.sampling"),
-                        (dict(rotation_interval=0), "OGBenchDataset.rotation_interval"),
-                        (dict(max_shards=0), "OGBenchDataset.max_shards"),
-                        (dict(prefetch=0), "OGBenchDataset.prefetch")):
+    for kw, binding in (
+        (dict(sampling="random"), "OGBenchDataset.sampling"),
+        (dict(rotation_interval=0), "OGBenchDataset.rotation_interval"),
+        (dict(max_shards=0), "OGBenchDataset.max_shards"),
+        (dict(prefetch=0), "OGBenchDataset.prefetch"),
+    ):
         with pytest.raises(ConfigError, match=binding):
             OGBenchDataset(**kw)
     with pytest.raises(ConfigError, match="OGBenchDataset.sampling"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        OGBenchDataset(env_name="cube-single", sampling="shard_rotation",
-                       dataset_path=str(shard_dir / f"{BASE}-000.npz")).load(5, 5)
+        OGBenchDataset(
+            env_name="cube-single", sampling="shard_rotation", dataset_path=str(shard_dir / f"{BASE}-000.npz")
+        ).load(5, 5)
     with pytest.raises(ConfigError, match="train.chunk_len"):
         _load(shard_dir, tmp_path)[0].load(LENGTH, LENGTH)  # no trajectory is longer than the window
 
@@ -205,14 +229,27 @@ def test_rotation_on_device_is_refused_before_anything_is_written(tmp_path):
 
     agent = registry.get("agent", "MAC")()
     with pytest.raises(ConfigError, match="train.data_on_device"):
-        train(tmp_path / "w", agent=agent, dataset=OGBenchDataset(sampling="shard_rotation"), data_on_device=True,
-              num_steps=10, log_interval=10, eval_interval=10, save_interval=10, batch_size=8, steps_per_dispatch=1)
+        train(
+            tmp_path / "w",
+            agent=agent,
+            dataset=OGBenchDataset(sampling="shard_rotation"),
+            data_on_device=True,
+            num_steps=10,
+            log_interval=10,
+            eval_interval=10,
+            save_interval=10,
+            batch_size=8,
+            steps_per_dispatch=1,
+        )
     assert not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------------------- host sampler
-SPECS = [BatchSpec(chunk_len=5, gamma=0.99, normalize_reward=True), BatchSpec(chunk_len=3, gamma=0.9, future_len=5),
-         BatchSpec(chunk_len=1, gamma=1.0)]
+SPECS = [
+    BatchSpec(chunk_len=5, gamma=0.99, normalize_reward=True),
+    BatchSpec(chunk_len=3, gamma=0.9, future_len=5),
+    BatchSpec(chunk_len=1, gamma=1.0),
+]
 
 
 @pytest.mark.parametrize("task_mode", ["singletask", "oraclerep", "goal"])
@@ -243,13 +280,17 @@ def test_step_stacks_and_seeds(shard_dir, tmp_path):
         ref = _sample_batch(chunk, spec, True, jax.random.fold_in(base, j), 16)
         _assert_same_batch({k: v[i] for k, v in st.items()}, ref, f"step {j}")
         for s, kk in enumerate(jax.random.split(jax.random.fold_in(base, j), 2)):
-            _assert_same_batch({k: v[i, s] for k, v in st2.items()}, _sample_batch(chunk, spec, True, kk, 16),
-                               f"step {j} seed {s}")
+            _assert_same_batch(
+                {k: v[i, s] for k, v in st2.items()}, _sample_batch(chunk, spec, True, kk, 16), f"step {j} seed {s}"
+            )
     rk = jax.random.PRNGKey(11)
     rs = smp.sample(rk, 8, num_seeds=3)
     for s in range(3):
-        _assert_same_batch({k: v[s] for k, v in rs.items()},
-                           _sample_batch(chunk, spec, True, jax.random.fold_in(rk, s), 8), f"refresh seed {s}")
+        _assert_same_batch(
+            {k: v[s] for k, v in rs.items()},
+            _sample_batch(chunk, spec, True, jax.random.fold_in(rk, s), 8),
+            f"refresh seed {s}",
+        )
 
 
 def test_shard_rotation_one_shard_at_a_time(shard_dir, tmp_path):
@@ -263,10 +304,13 @@ def test_shard_rotation_one_shard_at_a_time(shard_dir, tmp_path):
     smp = ShardSampler(rot.data, batch_spec=spec, goal_conditioned=True, key=key)
     st = smp.stack(0, 12, 64)
     off = rot.data.row_offsets
-    full = open_sharded(shard_dir, base_name=BASE, dataset_name=BASE, task_mode="goal", cache_dir=tmp_path,
-                        progress=False)
-    alones = [ShardedData(full.stores[k:k + 1], task_mode="goal", singletask_masks="ogbench", scale_with="val")
-              for k in range(3)]  # each shard as its own dataset
+    full = open_sharded(
+        shard_dir, base_name=BASE, dataset_name=BASE, task_mode="goal", cache_dir=tmp_path, progress=False
+    )
+    alones = [
+        ShardedData(full.stores[k : k + 1], task_mode="goal", singletask_masks="ogbench", scale_with="val")
+        for k in range(3)
+    ]  # each shard as its own dataset
     chunks = [a.to_chunk_data(spec.window) for a in alones]
     for j in range(12):
         k = (j // 3) % 3
@@ -291,7 +335,8 @@ def test_shard_rotation_one_shard_at_a_time(shard_dir, tmp_path):
 def test_resumed_stream_is_the_same(shard_dir, tmp_path):
     """The stream is a function of (key, step): starting at step 30 gives the batches an uninterrupted
     run gets there, whatever steps_per_dispatch; the checkpointed state names the step."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from macfw.parallel import make_mesh
 
@@ -324,7 +369,8 @@ class _FakeSharding:
 
 def test_each_process_reads_only_its_rows(shard_dir, tmp_path):
     """A process gathers only its devices' rows of the global batch; they equal those rows of the whole."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from macfw.parallel import make_mesh
 
@@ -359,8 +405,14 @@ def test_mapped_pages_are_released(tmp_path):
     man = {"columns": {k: {"file": f"{k}.npy"} for k in ("observations", "actions", "trajectories")}}
     cols, maps = _open_columns(folder, man)
     stats = {"observations": {"val": {"lo": [0.0] * 64, "hi": [1.0] * 64}}}
-    st = ShardStore(shard=folder / "x-play-v0-000.npz", folder=folder, base={"rows": rows, "stats": stats},
-                    variant=None, columns=cols, maps=maps)
+    st = ShardStore(
+        shard=folder / "x-play-v0-000.npz",
+        folder=folder,
+        base={"rows": rows, "stats": stats},
+        variant=None,
+        columns=cols,
+        maps=maps,
+    )
     data = ShardedData([st], task_mode="goal", singletask_masks="ogbench", scale_with="val", release_mib=8)
     start = _file_rss()
     rng = np.random.default_rng(0)
@@ -385,8 +437,9 @@ def test_generate_shards_resumes_and_is_reproducible(shard_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         paths = generate_shards(BASE, out, 3, EPISODES, episode_length=LENGTH, seed=3, workers=1, progress=False)
-        two = generate_shards(BASE, tmp_path / "two", 2, EPISODES, episode_length=LENGTH, seed=3, workers=1,
-                              progress=False)
+        two = generate_shards(
+            BASE, tmp_path / "two", 2, EPISODES, episode_length=LENGTH, seed=3, workers=1, progress=False
+        )
     assert [p.name for p in paths] == [f"{BASE}-{k:03d}.npz" for k in range(3)]
     assert not (out / f"{BASE}-001.npz.tmp-123.npz").exists()
     for name in (f"{BASE}-000.npz", f"{BASE}-002.npz", f"{BASE}-002-val.npz"):
@@ -408,9 +461,22 @@ def test_scale_bench_builds_and_converts(tmp_path):
 
     built = scale_bench.build_shards(tmp_path / "shards", 2500, 1001, "cube-single")
     assert built["num_shards"] == 3 and built["shard_rows"] == [1001, 1001, 498]
-    ns = type("A", (), dict(env="cube-single", shard_dir=tmp_path / "shards", cache=tmp_path / "cache",
-                            chunk_len=5, batch_size=8, steps_per_dispatch=2, sampler_seconds=0.2, sampler_configs="", child="convert",
-                            child_out=str(tmp_path / "c.json")))
+    ns = type(
+        "A",
+        (),
+        dict(
+            env="cube-single",
+            shard_dir=tmp_path / "shards",
+            cache=tmp_path / "cache",
+            chunk_len=5,
+            batch_size=8,
+            steps_per_dispatch=2,
+            sampler_seconds=0.2,
+            sampler_configs="",
+            child="convert",
+            child_out=str(tmp_path / "c.json"),
+        ),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scale_bench.child_convert(ns)

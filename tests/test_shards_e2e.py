@@ -34,8 +34,26 @@ def _env(**extra) -> dict:
 
 
 def _gen_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "macfw.data.generate", "--dataset", BASE, "--shards", "3", "--episodes", "2",
-            "--episode-length", "101", "--workers", "1", "--seed", "5", "--no-progress", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "macfw.data.generate",
+        "--dataset",
+        BASE,
+        "--shards",
+        "3",
+        "--episodes",
+        "2",
+        "--episode-length",
+        "101",
+        "--workers",
+        "1",
+        "--seed",
+        "5",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
@@ -76,8 +94,12 @@ def test_generation_killed_and_rerun_gives_the_same_shards(shards, tmp_path):
 
 def _train_cmd(shards: Path, workdir: Path, *bindings: str) -> list[str]:
     cmd = [sys.executable, "-m", "macfw.run", "--gin_file", "gin/smoke.gin", "--workdir", str(workdir)]
-    for b in ("train.progress = False", f"OGBenchDataset.dataset_path = '{shards}'", "train.data_on_device = False",
-              *bindings):
+    for b in (
+        "train.progress = False",
+        f"OGBenchDataset.dataset_path = '{shards}'",
+        "train.data_on_device = False",
+        *bindings,
+    ):
         cmd += ["--gin_bindings", b]
     return cmd
 
@@ -104,8 +126,9 @@ def test_sharded_smoke_run_resumes_after_sigkill_to_the_same_checksum(shards, tm
     s = meta["sampler"]
     assert s["mode"] == "host-shards" and s["state"]["step"] == 20 and len(s["shards"]) == 3, s
     # resuming on other shards is refused (the data stream would change)
-    fewer = _run(_train_cmd(shards, killed, "OGBenchDataset.max_shards = 2", "train.num_steps = 60",
-                            "train.eval_interval = 60"))
+    fewer = _run(
+        _train_cmd(shards, killed, "OGBenchDataset.max_shards = 2", "train.num_steps = 60", "train.eval_interval = 60")
+    )
     assert fewer.returncode != 0 and "shard" in fewer.stderr, fewer.stderr[-2000:]
 
 
@@ -128,16 +151,34 @@ def test_two_processes_gather_only_their_rows(shards, tmp_path):
     procs = []
     for i in range(2):
         env = _env(MACFW_COORDINATOR=f"127.0.0.1:{port}", MACFW_NUM_PROCESSES="2", MACFW_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "_scripts" / "shard_worker.py"),
-                                       "--shards", str(shards), "--cache", str(cache), "--out", str(out)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "tests" / "_scripts" / "shard_worker.py"),
+                    "--shards",
+                    str(shards),
+                    "--cache",
+                    str(cache),
+                    "--out",
+                    str(out),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-    loaded = OGBenchDataset(env_name="cube-single", task_mode="oraclerep", dataset_path=str(shards),
-                            cache_dir=str(tmp_path / "cache1")).load(5, 5)
-    smp = ShardSampler(loaded.data, batch_spec=BatchSpec(chunk_len=5, gamma=0.99), goal_conditioned=True,
-                       key=jax.random.PRNGKey(3))
+    loaded = OGBenchDataset(
+        env_name="cube-single", task_mode="oraclerep", dataset_path=str(shards), cache_dir=str(tmp_path / "cache1")
+    ).load(5, 5)
+    smp = ShardSampler(
+        loaded.data, batch_spec=BatchSpec(chunk_len=5, gamma=0.99), goal_conditioned=True, key=jax.random.PRNGKey(3)
+    )
     whole = [smp.stack(10 + 2 * d, 2, 8) for d in range(2)]
     for i in range(2):
         info = json.loads((out / f"p{i}.json").read_text())
@@ -146,4 +187,4 @@ def test_two_processes_gather_only_their_rows(shards, tmp_path):
         with np.load(out / f"p{i}.npz") as z:
             for d in range(2):
                 for k, v in whole[d].items():
-                    np.testing.assert_array_equal(z[f"{d}/{k}"], v[:, 4 * i:4 * i + 4], err_msg=f"p{i} {d}/{k}")
+                    np.testing.assert_array_equal(z[f"{d}/{k}"], v[:, 4 * i : 4 * i + 4], err_msg=f"p{i} {d}/{k}")

@@ -30,8 +30,8 @@ def _hgc_reference(idx, vg_idx, final_idx, next_v, n, gamma):
         if 0 <= j - t < steps:  # clip to the goal
             steps = j - t
         success = float(steps < n)
-        reward = gamma ** steps * success
-        out.append((steps, success, reward, reward + gamma ** steps * (1.0 - success) * v))
+        reward = gamma**steps * success
+        out.append((steps, success, reward, reward + gamma**steps * (1.0 - success) * v))
     return np.array(out)
 
 
@@ -50,7 +50,7 @@ def test_sarsa_target_is_the_authors_n_step_target():
     np.testing.assert_allclose(np.asarray(out["targets"]), ref[:, 3], rtol=1e-6)
     # spot values: reached at d=1 -> gamma; not reached -> gamma^n V(s_{t+n})
     assert out["targets"][1] == pytest.approx(GAMMA)
-    assert out["targets"][3] == pytest.approx(GAMMA ** N * 0.6)
+    assert out["targets"][3] == pytest.approx(GAMMA**N * 0.6)
 
 
 def _hgc_high_actor_index(idx, ag_idx, final_idx, n):
@@ -72,8 +72,9 @@ def test_high_actor_target_is_the_actor_goal_where_it_lies_within_n_steps():
     ag_idx = np.array([10, 11, 13, 14, 40, 3, 120])  # d = 0, 1, n-1, n, far, before t, random far
     final = idx + 60
     want = reps[_hgc_high_actor_index(idx, ag_idx, final, N)]
-    got = high_actor_targets(jnp.asarray(idx), jnp.asarray(ag_idx), jnp.asarray(reps[ag_idx]), jnp.asarray(reps[idx + N]),
-                             N)
+    got = high_actor_targets(
+        jnp.asarray(idx), jnp.asarray(ag_idx), jnp.asarray(reps[ag_idx]), jnp.asarray(reps[idx + N]), N
+    )
     np.testing.assert_array_equal(np.asarray(got), want)
     assert np.any(want != reps[idx + N])  # the old target (always s_{t+n}'s goal) differs on these inputs
 
@@ -134,9 +135,15 @@ class _Echo(eqx.Module):
 def _agent(**kw) -> SHARSA:
     small = dict(hidden_dims=(8,))
     flow = functools.partial(FlowPolicy, hidden_dims=(8,), distill=False, flow_steps=2)
-    return SHARSA(high_actor=flow, low_actor=flow, value=functools.partial(StateValue, **small),
-                  critic=functools.partial(Ensemble, member=functools.partial(QCritic, **small), num=2),
-                  n=N, gamma=GAMMA, **kw)
+    return SHARSA(
+        high_actor=flow,
+        low_actor=flow,
+        value=functools.partial(StateValue, **small),
+        critic=functools.partial(Ensemble, member=functools.partial(QCritic, **small), num=2),
+        n=N,
+        gamma=GAMMA,
+        **kw,
+    )
 
 
 def test_value_target_is_min_of_target_heads_at_the_dataset_subgoal_and_critic_uses_v_of_s_t_plus_n():
@@ -144,8 +151,10 @@ def test_value_target_is_min_of_target_heads_at_the_dataset_subgoal_and_critic_u
     agent.spec = Spec(ob_dim=2, act_dim=1, goal_dim=2, chunk_len=N)
     B = 5
     rng = np.random.default_rng(0)
-    batch = {k: jnp.asarray(rng.normal(size=(B, 2)), jnp.float32)
-             for k in ("obs", "next_obs", "value_goals", "actor_goals", "next_goals")}
+    batch = {
+        k: jnp.asarray(rng.normal(size=(B, 2)), jnp.float32)
+        for k in ("obs", "next_obs", "value_goals", "actor_goals", "next_goals")
+    }
     batch["idx"] = jnp.array([0, 0, 0, 0, 0])
     batch["value_goal_idx"] = jnp.array([0, 2, 4, 9, -3])  # reached, reached, not, not, not
     batch["actor_goal_idx"] = jnp.array([7, 1, 3, 4, 0])  # not, within, within, not (d = n), within
@@ -161,11 +170,12 @@ def test_value_target_is_min_of_target_heads_at_the_dataset_subgoal_and_critic_u
     np.testing.assert_allclose(np.asarray(tg["value_targets"]), np.minimum(q1, q2), rtol=1e-5)
     steps = np.array([0, 2, N, N, N])
     next_v = sig(b["next_obs"][:, 0] + b["value_goals"][:, 0])
-    want = success * GAMMA ** steps + GAMMA ** steps * (1 - success) * next_v
+    want = success * GAMMA**steps + GAMMA**steps * (1 - success) * next_v
     np.testing.assert_allclose(np.asarray(tg["targets"]), want, rtol=1e-5)
     within = np.array([False, True, True, False, True])
-    np.testing.assert_array_equal(np.asarray(tg["high_targets"]),
-                                  np.where(within[:, None], b["actor_goals"], b["next_goals"]).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(tg["high_targets"]), np.where(within[:, None], b["actor_goals"], b["next_goals"]).astype(np.float32)
+    )
 
     mean_agent = _agent(q_agg="mean")
     mean_agent.spec = agent.spec
@@ -179,12 +189,12 @@ def test_acting_takes_the_subgoal_with_the_highest_min_q_and_acts_toward_it():
     w0 = np.array([-1.2, -0.3, 0.2, 0.5, 0.69, 1.6])  # min-Q peaks near 0.695, mean-Q at 0.5
     rows = np.stack([w0, np.linspace(-1, 1, 6), np.linspace(1, -1, 6)], axis=1).astype(np.float32)
     s, g = jnp.array([0.1, -0.2]), jnp.array([0.3, 0.0, 0.0])
-    q1, q2 = w0 + 0.1, 1.0 - w0 ** 2 + 0.3
+    q1, q2 = w0 + 0.1, 1.0 - w0**2 + 0.3
     best = int(np.argmax(np.minimum(q1, q2)))
-    assert best != int(np.argmax(q1)) and best != int(np.argmax(q2)) and best != int(np.argmax(q1 + q2)), \
+    assert best != int(np.argmax(q1)) and best != int(np.argmax(q2)) and best != int(np.argmax(q1 + q2)), (
         "the hand-made heads must make min-Q pick a different candidate than any other rule"
-    nets = SHARSANetworks(high_actor=_Candidates(jnp.asarray(rows)), low_actor=_Echo(2), critic=_Critic(),
-                          value=None)
+    )
+    nets = SHARSANetworks(high_actor=_Candidates(jnp.asarray(rows)), low_actor=_Echo(2), critic=_Critic(), value=None)
     w, cands, q = agent.select_subgoal(nets, s, g, key=jax.random.PRNGKey(0))
     np.testing.assert_allclose(np.asarray(q), np.minimum(q1, q2), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(w), rows[best])
@@ -195,20 +205,26 @@ def test_acting_takes_the_subgoal_with_the_highest_min_q_and_acts_toward_it():
 
 def _update_batch(B, key):
     ks = jax.random.split(key, 6)
-    return {"obs": jax.random.normal(ks[0], (B, 3)), "next_obs": jax.random.normal(ks[1], (B, 3)),
-            "actions": jax.random.uniform(ks[2], (B, N * 2), minval=-1, maxval=1),
-            "value_goals": jax.random.normal(ks[3], (B, 2)), "actor_goals": jax.random.normal(ks[4], (B, 2)),
-            "next_goals": jax.random.normal(ks[5], (B, 2)), "idx": jnp.zeros(B, jnp.int32),
-            "value_goal_idx": jnp.arange(B, dtype=jnp.int32) - 4,
-            "actor_goal_idx": jnp.arange(B, dtype=jnp.int32)[::-1] - 6}
+    return {
+        "obs": jax.random.normal(ks[0], (B, 3)),
+        "next_obs": jax.random.normal(ks[1], (B, 3)),
+        "actions": jax.random.uniform(ks[2], (B, N * 2), minval=-1, maxval=1),
+        "value_goals": jax.random.normal(ks[3], (B, 2)),
+        "actor_goals": jax.random.normal(ks[4], (B, 2)),
+        "next_goals": jax.random.normal(ks[5], (B, 2)),
+        "idx": jnp.zeros(B, jnp.int32),
+        "value_goal_idx": jnp.arange(B, dtype=jnp.int32) - 4,
+        "actor_goal_idx": jnp.arange(B, dtype=jnp.int32)[::-1] - 6,
+    }
 
 
 def test_update_trains_every_part_and_moves_the_target_critic_by_tau():
     agent = _agent(tau=0.25)
     spec = Spec(ob_dim=3, act_dim=2, goal_dim=2, chunk_len=N)
     state = agent.init(spec, 0)
-    state = eqx.tree_at(lambda st: st.target_critic, state,
-                        jax.tree_util.tree_map(lambda x: 0.5 * x, state.target_critic))  # target != critic
+    state = eqx.tree_at(
+        lambda st: st.target_critic, state, jax.tree_util.tree_map(lambda x: 0.5 * x, state.target_critic)
+    )  # target != critic
     B = 16
     batch = _update_batch(B, jax.random.PRNGKey(1))
     new, metrics = jax.jit(agent.update)(state, batch)
@@ -219,15 +235,21 @@ def test_update_trains_every_part_and_moves_the_target_critic_by_tau():
     assert float(metrics["critic/success_rate"]) == pytest.approx(4 / 16)  # d in 0..3 of -4..11
     # the authors' metrics: V as probabilities (mean, max, min), the TD targets (mean, max, min)
     assert 0.0 < float(metrics["value/v_min"]) <= float(metrics["value/v_mean"]) <= float(metrics["value/v_max"]) < 1.0
-    assert float(metrics["critic/target_min"]) <= float(metrics["critic/target_mean"]) <= float(metrics["critic/target_max"])
+    assert (
+        float(metrics["critic/target_min"])
+        <= float(metrics["critic/target_mean"])
+        <= float(metrics["critic/target_max"])
+    )
     # the EMA reads the critic BEFORE this step (the authors' target_update reads self.network, the
     # pre-update parameters); parity found macfw reading the updated critic
     leaves = lambda t: jax.tree_util.tree_leaves(eqx.filter(t, eqx.is_inexact_array))  # noqa: E731
     moved = False
-    for old_t, new_t, old_q, new_q in zip(leaves(state.target_critic), leaves(new.target_critic),
-                                          leaves(state.nets.critic), leaves(new.nets.critic)):
-        np.testing.assert_allclose(np.asarray(new_t), 0.75 * np.asarray(old_t) + 0.25 * np.asarray(old_q),
-                                   rtol=1e-5, atol=1e-7)
+    for old_t, new_t, old_q, new_q in zip(
+        leaves(state.target_critic), leaves(new.target_critic), leaves(state.nets.critic), leaves(new.nets.critic)
+    ):
+        np.testing.assert_allclose(
+            np.asarray(new_t), 0.75 * np.asarray(old_t) + 0.25 * np.asarray(old_q), rtol=1e-5, atol=1e-7
+        )
         moved |= bool(np.abs(np.asarray(new_q) - np.asarray(old_q)).max() > 1e-4)
     assert moved
     for part in ("high_actor", "low_actor", "critic", "value"):
@@ -258,13 +280,17 @@ def test_flow_losses_use_the_given_draws_and_the_high_level_targets():
     n = {k: np.asarray(v) for k, v in noise.items()}
     b = {k: np.asarray(v) for k, v in batch.items()}
     w = np.asarray(tg["high_targets"])
-    want_hi = np.mean([fm(hi, b["obs"][i], b["actor_goals"][i], w[i], n["z_high"][i], n["u_high"][i]) for i in range(B)])
-    want_lo = np.mean([fm(lo, b["obs"][i], b["next_goals"][i], b["actions"][i, :2], n["z_low"][i], n["u_low"][i])
-                       for i in range(B)])
+    want_hi = np.mean(
+        [fm(hi, b["obs"][i], b["actor_goals"][i], w[i], n["z_high"][i], n["u_high"][i]) for i in range(B)]
+    )
+    want_lo = np.mean(
+        [fm(lo, b["obs"][i], b["next_goals"][i], b["actions"][i, :2], n["z_low"][i], n["u_low"][i]) for i in range(B)]
+    )
     assert float(m["high_actor/loss"]) == pytest.approx(want_hi, rel=1e-5)
     assert float(m["low_actor/loss"]) == pytest.approx(want_lo, rel=1e-5)
-    old = np.mean([fm(hi, b["obs"][i], b["actor_goals"][i], b["next_goals"][i], n["z_high"][i], n["u_high"][i])
-                   for i in range(B)])
+    old = np.mean(
+        [fm(hi, b["obs"][i], b["actor_goals"][i], b["next_goals"][i], n["z_high"][i], n["u_high"][i]) for i in range(B)]
+    )
     assert abs(old - want_hi) > 1e-3  # the old target (next_goals everywhere) gives another loss here
     # update(noise=...) uses the given draws; without, it draws them from the state's key
     _, m1 = agent.update(state, batch, noise)

@@ -61,8 +61,13 @@ def cluster():
 def _spec(out: Path, agent: str, seed: int, extra: tuple[str, ...] = ()) -> RunSpec:
     workdir = out / f"{agent}-seed{seed}"
     files = ["gin/smoke.gin"] if agent == "mac" else ["gin/baselines/sharsa.gin", "gin/smoke_budget.gin"]
-    binds = [f"train.num_steps = {NUM_STEPS}", f"train.save_interval = {SAVE_EVERY}",
-             f"train.eval_interval = {NUM_STEPS}", "train.progress = False", f"train.seed = {seed}"]
+    binds = [
+        f"train.num_steps = {NUM_STEPS}",
+        f"train.save_interval = {SAVE_EVERY}",
+        f"train.eval_interval = {NUM_STEPS}",
+        "train.progress = False",
+        f"train.seed = {seed}",
+    ]
     if agent == "sharsa":
         binds.append("SHARSA.n = 5")  # subgoals 5 steps ahead: the smoke's 101-step episodes
     cmd = [sys.executable, "-m", "macfw.run"]
@@ -129,8 +134,10 @@ def test_smoke_sweep_with_requeue_preemption_and_no_duplicates(cluster, tmp_path
                 time.sleep(0.1)
             subprocess.run(cmd, check=True, timeout=30)
 
-        preempting = [_in_thread(lambda: preempt(mac0, ["scontrol", "requeue", ids[mac0]])),
-                      _in_thread(lambda: preempt(sharsa0, ["scancel", "--signal=USR2", ids[sharsa0]]))]
+        preempting = [
+            _in_thread(lambda: preempt(mac0, ["scontrol", "requeue", ids[mac0]])),
+            _in_thread(lambda: preempt(sharsa0, ["scancel", "--signal=USR2", ids[sharsa0]])),
+        ]
         for t, box in preempting:
             t.join(330)
             assert not t.is_alive() and "error" not in box, box
@@ -144,7 +151,9 @@ def test_smoke_sweep_with_requeue_preemption_and_no_duplicates(cluster, tmp_path
             subprocess.run(["scancel", "--name=" + ",".join(left)], timeout=30)
     text = capsys.readouterr().out  # the launchers' progress lines (shown by the assertions that fail)
     (tmp_path / "progress.log").write_text(text)
-    assert not (ta.is_alive() or tb.is_alive() or tr.is_alive()), f"the sweep did not end in {SWEEP_TIMEOUT_S} s:\n{text}"
+    assert not (ta.is_alive() or tb.is_alive() or tr.is_alive()), (
+        f"the sweep did not end in {SWEEP_TIMEOUT_S} s:\n{text}"
+    )
     assert a == {"value": [bad]} and b == {"value": [bad]} and ref == {"value": []}, (a, b, ref, text)
 
     # every run was one job, submitted once: by A; B waited for all five
@@ -156,8 +165,10 @@ def test_smoke_sweep_with_requeue_preemption_and_no_duplicates(cluster, tmp_path
     assert "[B]" in text and not re.search(r"\[B\] .*: submitted", text), text
 
     # the preempted runs stopped mid-run after saving, were requeued, resumed, and match the references
-    for run, ref_run, how in [(mac0, refs[0], "SIGTERM: forwarded to macfw.run"),
-                              (sharsa0, refs[1], "preemption signal: stopping macfw.run")]:
+    for run, ref_run, how in [
+        (mac0, refs[0], "SIGTERM: forwarded to macfw.run"),
+        (sharsa0, refs[1], "preemption signal: stopping macfw.run"),
+    ]:
         log = run.log_path.read_text()
         stop = re.search(r"\[macfw\] stopped by a signal at step (\d+) \(newest checkpoint: step (\d+)\)", log)
         assert stop and int(stop.group(1)) < NUM_STEPS and stop.group(1) == stop.group(2), (run.name, log)
@@ -190,9 +201,26 @@ def test_compare_runs_a_goal_conditioned_protocol_cell_on_the_cluster(cluster, t
     and SHARSA on puzzle-3x3 task 1, seed 0, smoke budget, one SLURM job each; table.md is written and
     a second invocation submits nothing (both runs are done)."""
     out = tmp_path / "gc"
-    cmd = [sys.executable, str(REPO / "experiments" / "compare.py"), "--protocol", "goalconditioned",
-           "--agents", "mac,sharsa", "--envs", "puzzle-3x3", "--tasks", "1", "--seeds", "0", "--budget", "smoke",
-           "--launcher", "slurm", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments" / "compare.py"),
+        "--protocol",
+        "goalconditioned",
+        "--agents",
+        "mac,sharsa",
+        "--envs",
+        "puzzle-3x3",
+        "--tasks",
+        "1",
+        "--seeds",
+        "0",
+        "--budget",
+        "smoke",
+        "--launcher",
+        "slurm",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
     print(r.stdout[-4000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

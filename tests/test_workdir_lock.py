@@ -60,8 +60,7 @@ def _tree(root: Path) -> dict:
     out = {}
     for p in sorted([root, *root.rglob("*")]):
         st = p.lstat()
-        out[str(p.relative_to(root))] = ("d" if p.is_dir() else "f", st.st_size if p.is_file() else 0,
-                                         st.st_mtime_ns)
+        out[str(p.relative_to(root))] = ("d" if p.is_dir() else "f", st.st_size if p.is_file() else 0, st.st_mtime_ns)
     return out
 
 
@@ -127,7 +126,6 @@ def test_busy_workdir_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys
     """In-process callers of train() and the CLI: refused before anything in the workdir is read or
     changed (no config.gin rewrite, no checkpoint clean-up, no CSV append)."""
     import gin
-
     import macfw.train
     from macfw import run
 
@@ -147,8 +145,9 @@ def test_busy_workdir_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert rc == 2 and len(lines) == 1, (rc, err[-3000:])
-        assert lines[0].startswith(f"macfw: error: Workdir {str(w)!r} is in use by another run: process {child.pid} "
-                                   f"on host {HOST!r}"), lines[0]
+        assert lines[0].startswith(
+            f"macfw: error: Workdir {str(w)!r} is in use by another run: process {child.pid} on host {HOST!r}"
+        ), lines[0]
         assert "--workdir" in lines[0] and "stop it" in lines[0], lines[0]
         assert _tree(w) == before
         assert WorkdirBusyError in run.known_errors()
@@ -223,10 +222,18 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("lock")
     env = _env(Path(os.environ.get("MACFW_CACHE_DIR") or root / "cache"))  # the session's (tests/conftest.py)
     gen = subprocess.run(
-        [sys.executable, "-c",
-         "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
-         "print(d.OGBenchDataset().resolve_path())"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-c",
+            "import macfw.run, macfw.data.ogbench_data as d; macfw.run.parse_gin(['gin/smoke.gin'], []); "
+            "print(d.OGBenchDataset().resolve_path())",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
     ref = _start(_cmd(root / "ref"), env, root / "ref")
     return dict(root=root, env=env, ref=ref, ref_result=None)
@@ -237,9 +244,10 @@ def reference(world):
     if world["ref_result"] is None:
         rc, out, err = _finish(world["ref"], world["root"] / "ref")
         assert rc == 0, out[-3000:] + err[-3000:]
-        world["ref_result"] = dict(workdir=world["root"] / "ref",
-                                   checksum=json.loads((world["root"] / "ref" / "summary.json").read_text())
-                                   ["param_checksum"])
+        world["ref_result"] = dict(
+            workdir=world["root"] / "ref",
+            checksum=json.loads((world["root"] / "ref" / "summary.json").read_text())["param_checksum"],
+        )
     return world["ref_result"]
 
 
@@ -276,8 +284,10 @@ def test_two_runs_started_together_on_one_workdir_one_trains_the_other_exits_2(w
         assert "[macfw] done: step 40" in out_w and "resuming" not in out_w, (where, logs)
         lines = [ln for ln in err_l.splitlines() if ln.strip()]
         assert len(lines) == 1 and not out_l.strip(), (where, logs)
-        assert lines[0].startswith(f"macfw: error: Workdir {str(r['workdir'])!r} is in use by another run: "
-                                   f"process {r['pids'][win]} on host {HOST!r}"), (where, lines)
+        assert lines[0].startswith(
+            f"macfw: error: Workdir {str(r['workdir'])!r} is in use by another run: "
+            f"process {r['pids'][win]} on host {HOST!r}"
+        ), (where, lines)
         assert "--workdir" in lines[0], lines[0]
         w = r["workdir"]
         assert _steps(w / "train.csv") == [10, 20, 30, 40], (where, (w / "train.csv").read_text())
@@ -301,8 +311,14 @@ def test_evaluate_reads_beside_a_run_holding_the_lock_and_changes_nothing(world,
     try:
         before, lock_before = _tree(ck), (w / LOCK_FILE).read_bytes()
         others = {k: v for k, v in _tree(w).items() if not k.startswith("checkpoints")}
-        r = subprocess.run([sys.executable, "-m", "macfw.evaluate", "--workdir", str(w), "--workers", "1"],
-                           cwd=REPO, env=world["env"], capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, "-m", "macfw.evaluate", "--workdir", str(w), "--workers", "1"],
+            cwd=REPO,
+            env=world["env"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "step 40" in r.stdout and (w / "eval_step40.json").is_file()
         assert _tree(ck) == before  # nothing removed, moved or added, not even the unfinished save

@@ -23,8 +23,9 @@ import importlib
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -68,12 +69,15 @@ def load_reference(ref_dir: str | Path) -> types.SimpleNamespace:
     if missing:
         raise ReferenceCodeError(
             f"--reference-dir {str(ref_dir)!r} is not a checkout of kwanyoungpark/MAC (missing {missing}). "
-            "Clone or export the authors' repository there (its docs/ folder is not needed).")
+            "Clone or export the authors' repository there (its docs/ folder is not needed)."
+        )
     for mod in ("flax", "distrax", "ml_collections"):
         try:
             importlib.import_module(mod)
         except ImportError as e:
-            raise ReferenceCodeError(f"the reference code needs {mod} ({e}); install the extra: pip install -e '.[parity]'") from e
+            raise ReferenceCodeError(
+                f"the reference code needs {mod} ({e}); install the extra: pip install -e '.[parity]'"
+            ) from e
     if str(ref_dir) not in sys.path:
         sys.path.insert(0, str(ref_dir))
     for name in list(sys.modules):  # another checkout's modules of the same names must not be reused
@@ -109,13 +113,24 @@ def flax_to_mlp(params: dict, mlp):
     import equinox as eqx
     import jax.numpy as jnp
 
-    layers = tuple(eqx.tree_at(lambda l: (l.weight, l.bias), layer,
-                               (jnp.asarray(params[f"Dense_{i}"]["kernel"]).T, jnp.asarray(params[f"Dense_{i}"]["bias"])))
-                   for i, layer in enumerate(mlp.layers))
-    norms = tuple(None if n is None else eqx.tree_at(lambda m: (m.weight, m.bias), n,
-                                                     (jnp.asarray(params[f"LayerNorm_{i}"]["scale"]),
-                                                      jnp.asarray(params[f"LayerNorm_{i}"]["bias"])))
-                  for i, n in enumerate(mlp.norms))
+    layers = tuple(
+        eqx.tree_at(
+            lambda lin: (lin.weight, lin.bias),
+            layer,
+            (jnp.asarray(params[f"Dense_{i}"]["kernel"]).T, jnp.asarray(params[f"Dense_{i}"]["bias"])),
+        )
+        for i, layer in enumerate(mlp.layers)
+    )
+    norms = tuple(
+        None
+        if n is None
+        else eqx.tree_at(
+            lambda m: (m.weight, m.bias),
+            n,
+            (jnp.asarray(params[f"LayerNorm_{i}"]["scale"]), jnp.asarray(params[f"LayerNorm_{i}"]["bias"])),
+        )
+        for i, n in enumerate(mlp.norms)
+    )
     return eqx.tree_at(lambda m: (m.layers, m.norms), mlp, (layers, norms), is_leaf=lambda x: x is None)
 
 
@@ -166,8 +181,12 @@ def replay(tape: list, *, unroll_scan: bool = False):
     import jax.numpy as jnp
 
     queue = list(tape)
-    orig = {"normal": jax.random.normal, "uniform": jax.random.uniform, "choice": jax.random.choice,
-            "scan": jax.lax.scan}
+    orig = {
+        "normal": jax.random.normal,
+        "uniform": jax.random.uniform,
+        "choice": jax.random.choice,
+        "scan": jax.lax.scan,
+    }
 
     def take(name, shape, dtype):
         shape = tuple(shape) if not isinstance(shape, int) else (shape,)
@@ -190,8 +209,8 @@ def replay(tape: list, *, unroll_scan: bool = False):
     def scan(f, init, xs=None, length=None, reverse=False, **kw):
         n = length if xs is None else jax.tree_util.tree_leaves(xs)[0].shape[0]
         carry, ys = init, [None] * n
-        for i in (reversed(range(n)) if reverse else range(n)):
-            carry, ys[i] = f(carry, None if xs is None else jax.tree_util.tree_map(lambda x: x[i], xs))
+        for i in reversed(range(n)) if reverse else range(n):
+            carry, ys[i] = f(carry, None if xs is None else jax.tree_util.tree_map(lambda x: x[i], xs))  # noqa: B023  (called within this iteration)
         return carry, (None if ys and ys[0] is None else jax.tree_util.tree_map(lambda *y: jnp.stack(y), *ys))
 
     jax.random.normal, jax.random.uniform, jax.random.choice = normal, uniform, choice
@@ -234,8 +253,11 @@ def tree_rel_err(a, b, floor: float = 1e-6) -> float:
 
 def compare_terms(macfw: dict[str, float], reference: dict[str, float]) -> dict[str, dict]:
     """``{name: {"macfw", "reference", "rel_err"}}`` for the names both sides report."""
-    return {k: {"macfw": float(macfw[k]), "reference": float(reference[k]), "rel_err": rel_err(macfw[k], reference[k])}
-            for k in reference if k in macfw}
+    return {
+        k: {"macfw": float(macfw[k]), "reference": float(reference[k]), "rel_err": rel_err(macfw[k], reference[k])}
+        for k in reference
+        if k in macfw
+    }
 
 
 # ------------------------------------------------------------------------------ speed
@@ -313,8 +335,16 @@ def matmul_peak() -> float:
     return peak()
 
 
-def agent_result(terms_1: dict, terms_n: dict, params_rel_err: float, *, skipped: dict[str, str] | None = None,
-                 defects: dict[str, dict] | None = None, speed: dict | None = None, updates: int = 10) -> dict:
+def agent_result(
+    terms_1: dict,
+    terms_n: dict,
+    params_rel_err: float,
+    *,
+    skipped: dict[str, str] | None = None,
+    defects: dict[str, dict] | None = None,
+    speed: dict | None = None,
+    updates: int = 10,
+) -> dict:
     """One agent's JSON entry (issue 29):
 
     ``terms``: ``{name: {"macfw", "reference", "rel_err"}}``, each loss term and metric after 1 update
@@ -327,8 +357,12 @@ def agent_result(terms_1: dict, terms_n: dict, params_rel_err: float, *, skipped
     terms = dict(terms_1)
     terms.update({f"{k}@{updates}": v for k, v in terms_n.items()})
     terms[f"params@{updates}"] = {"macfw": None, "reference": None, "rel_err": float(params_rel_err)}
-    out = {"terms": terms, "max_rel_err": max(v["rel_err"] for v in terms.values()),
-           "skipped": dict(skipped or {}), "defects": dict(defects or {})}
+    out = {
+        "terms": terms,
+        "max_rel_err": max(v["rel_err"] for v in terms.values()),
+        "skipped": dict(skipped or {}),
+        "defects": dict(defects or {}),
+    }
     if speed:
         out.update(speed)
     return out

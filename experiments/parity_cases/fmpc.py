@@ -58,7 +58,15 @@ import textwrap
 
 import numpy as np
 
-from parity_cases.common import Options, agent_result, compare_terms, mlp_to_flax, rel_err, replay, tree_rel_err, unjitted
+from parity_cases.common import (
+    Options,
+    agent_result,
+    compare_terms,
+    mlp_to_flax,
+    replay,
+    tree_rel_err,
+    unjitted,
+)
 from parity_cases.nstep_sacbc import array_term, compact_arrays, map_params, reference_sample, time_updates
 
 #: the authors' metric -> macfw's metric
@@ -77,11 +85,13 @@ METRICS = {
     "critic/q_min": "critic/q_min",
 }
 #: the networks each task's comparison covers (single-task: the value and critic are a named defect)
-COMPARED = {True: ("modules_dynamics_flow", "modules_actor_flow", "modules_value", "modules_critic"),
-            False: ("modules_dynamics_flow", "modules_actor_flow")}
+COMPARED = {
+    True: ("modules_dynamics_flow", "modules_actor_flow", "modules_value", "modules_critic"),
+    False: ("modules_dynamics_flow", "modules_actor_flow"),
+}
 
 OB_DIM, ACT_DIM, GOAL_DIM = 28, 5, 3  # cube-single's observation and action; a 3-d oracle goal
-FUTURE, GAMMA = 32, 0.999             # the authors' action_chunking and discount
+FUTURE, GAMMA = 32, 0.999  # the authors' action_chunking and discount
 EPISODES, EPISODE_LENGTH = 8, 101
 #: the one line of the authors' critic_loss the critic_target_bootstraps_value_logit comparison patches
 LOGIT_LINE = "next_v = self.network.select('value')(batch['next_observations'][:, -ob_dim:], batch['value_goals'])"
@@ -104,20 +114,29 @@ def macfw_agent(hidden):
     from macfw.nn.flow import FlowPolicy
     from macfw.nn.models import QCritic, StateValue
 
-    return FMPC(model=functools.partial(FutureFlow, hidden_dims=hidden, flow_steps=10),
-                policy=functools.partial(FlowPolicy, hidden_dims=hidden, flow_steps=10, distill=False),
-                critic=functools.partial(QCritic, hidden_dims=hidden),
-                value=functools.partial(StateValue, hidden_dims=hidden),
-                future_len=FUTURE, num_samples=64, gamma=GAMMA, tau=0.005, learning_rate=3e-4, value_loss="bce",
-                normalize_reward=True)
+    return FMPC(
+        model=functools.partial(FutureFlow, hidden_dims=hidden, flow_steps=10),
+        policy=functools.partial(FlowPolicy, hidden_dims=hidden, flow_steps=10, distill=False),
+        critic=functools.partial(QCritic, hidden_dims=hidden),
+        value=functools.partial(StateValue, hidden_dims=hidden),
+        future_len=FUTURE,
+        num_samples=64,
+        gamma=GAMMA,
+        tau=0.005,
+        learning_rate=3e-4,
+        value_loss="bce",
+        normalize_reward=True,
+    )
 
 
 def to_flax(nets) -> dict:
     """macfw's FMPC networks as the authors' ``network.params``."""
-    return {"modules_dynamics_flow": {"mlp": mlp_to_flax(nets.model.field)},
-            "modules_value": {"value_net": mlp_to_flax(nets.value.net)},
-            "modules_critic": {"value_net": mlp_to_flax(nets.critic.net)},
-            "modules_actor_flow": {"mlp": mlp_to_flax(nets.policy.field)}}
+    return {
+        "modules_dynamics_flow": {"mlp": mlp_to_flax(nets.model.field)},
+        "modules_value": {"value_net": mlp_to_flax(nets.value.net)},
+        "modules_critic": {"value_net": mlp_to_flax(nets.critic.net)},
+        "modules_actor_flow": {"mlp": mlp_to_flax(nets.policy.field)},
+    }
 
 
 def _logit_fixed_critic_loss(cls):
@@ -157,12 +176,26 @@ def batches(agent, data, ds, num: int, batch_size: int, seed: int, gc: bool):
         if gc:
             label = np.asarray(agent.training_inputs(b)["value_label"])
             for r in np.nonzero(label != rb["returns_to_go"])[0]:
-                relabelled.append({"idx": int(b["idx"][r]), "value_goal_idx": int(b["value_goal_idx"][r]),
-                                   "traj_end": int(b["traj_end"][r]), "macfw": float(label[r]),
-                                   "reference": float(rb["returns_to_go"][r])})
+                relabelled.append(
+                    {
+                        "idx": int(b["idx"][r]),
+                        "value_goal_idx": int(b["value_goal_idx"][r]),
+                        "traj_end": int(b["traj_end"][r]),
+                        "macfw": float(label[r]),
+                        "reference": float(rb["returns_to_go"][r]),
+                    }
+                )
             rb["returns_to_go"] = label.astype(rb["returns_to_go"].dtype)
-        keep = ("observations", "actions", "next_observations", "rewards", "masks", "value_goals", "actor_goals",
-                "returns_to_go")
+        keep = (
+            "observations",
+            "actions",
+            "next_observations",
+            "rewards",
+            "masks",
+            "value_goals",
+            "actor_goals",
+            "returns_to_go",
+        )
         out.append((b, {k2: rb[k2] for k2 in keep}))
     return out, relabelled
 
@@ -201,8 +234,12 @@ def reference_step(cls, fix_logit: bool):
     patched = _logit_fixed_critic_loss(cls) if fix_logit else None
 
     def step(agent, batch, noise):
-        tape = [("normal", noise["model_z"]), ("uniform", noise["model_u"]),     # dynamics_loss
-                ("normal", noise["policy_z"]), ("uniform", noise["policy_u"])]  # bc_actor_loss
+        tape = [
+            ("normal", noise["model_z"]),
+            ("uniform", noise["model_u"]),  # dynamics_loss
+            ("normal", noise["policy_z"]),
+            ("uniform", noise["policy_u"]),
+        ]  # bc_actor_loss
         saved = cls.critic_loss
         if patched is not None:
             cls.critic_loss = patched
@@ -270,18 +307,22 @@ def compare_task(ref, opts: Options, gc: bool) -> tuple[dict, dict, float, dict]
         defects["critic_target_bootstraps_value_logit"] = {
             "macfw": {k2: v.get("macfw") for k2, v in defect_terms.items()},
             "reference": {k2: v.get("reference", v.get("rel_err")) for k2, v in defect_terms.items()},
-            "reason": ("their critic target clip(r + gamma^32 m V(s_{t+32}, g), 0, 1) reads the value network's raw "
-                       "output, a logit under their BCE value loss; macfw bootstraps sigmoid(V). The gc/ terms are "
-                       "compared with their critic_loss patched at that line; here their unpatched critic terms "
-                       f"and the relative error of all parameters after {opts.updates} updates against them"),
+            "reason": (
+                "their critic target clip(r + gamma^32 m V(s_{t+32}, g), 0, 1) reads the value network's raw "
+                "output, a logit under their BCE value loss; macfw bootstraps sigmoid(V). The gc/ terms are "
+                "compared with their critic_loss patched at that line; here their unpatched critic terms "
+                f"and the relative error of all parameters after {opts.updates} updates against them"
+            ),
         }
         if relabelled:
             defects["return_to_go_excludes_the_trajectory_end"] = {
                 "macfw": [dict(r, label=r["macfw"]) for r in relabelled],
                 "reference": [dict(r, label=r["reference"]) for r in relabelled],
-                "reason": ("their value label 1[t <= g_idx < final] with final their trajectory end (OGBench's compact "
-                           "layout: the second-to-last state) says a goal at the trajectory's last two states is not "
-                           "later in it; macfw labels 1[t <= g_idx <= end]; these rows got macfw's label in their batch"),
+                "reason": (
+                    "their value label 1[t <= g_idx < final] with final their trajectory end (OGBench's compact "
+                    "layout: the second-to-last state) says a goal at the trajectory's last two states is not "
+                    "later in it; macfw labels 1[t <= g_idx <= end]; these rows got macfw's label in their batch"
+                ),
             }
     else:
         other = [n for n in ours if n not in COMPARED[gc]]
@@ -289,11 +330,13 @@ def compare_task(ref, opts: Options, gc: bool) -> tuple[dict, dict, float, dict]
         defects["singletask_value_target_is_a_clipped_return_to_go"] = {
             "macfw": {k2: v.get("macfw") for k2, v in defect_terms.items()},
             "reference": {k2: v.get("reference", v.get("rel_err")) for k2, v in defect_terms.items()},
-            "reason": ("their single-task value target is the undiscounted return to the trajectory's end (shape "
-                       "(33, B), broadcast against V's (B,)) clipped to [0, 1]: 0 for OGBench's non-positive rewards; "
-                       "their critic bootstraps its logit. macfw's single-task V and Q are regressions (V by TD "
-                       "against an EMA copy). The value and critic terms and parameters (relative error of those "
-                       f"networks after {opts.updates} updates) are listed, not compared"),
+            "reason": (
+                "their single-task value target is the undiscounted return to the trajectory's end (shape "
+                "(33, B), broadcast against V's (B,)) clipped to [0, 1]: 0 for OGBench's non-positive rewards; "
+                "their critic bootstraps its logit. macfw's single-task V and Q are regressions (V by TD "
+                "against an EMA copy). The value and critic terms and parameters (relative error of those "
+                f"networks after {opts.updates} updates) are listed, not compared"
+            ),
         }
     return terms[0], terms[opts.updates - 1], params_err, defects
 

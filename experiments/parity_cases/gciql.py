@@ -30,10 +30,20 @@ from __future__ import annotations
 import functools
 import os
 
-import numpy as np
-
-from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, macfw_update,
-                                 jax_threefry, matmul_peak, mlp_to_flax, mlp_to_flax_split, tree_rel_err, xla_flops)
+from parity_cases.common import (
+    Options,
+    agent_result,
+    alternate,
+    compare_terms,
+    ensemble_to_flax,
+    jax_threefry,
+    macfw_update,
+    matmul_peak,
+    mlp_to_flax,
+    mlp_to_flax_split,
+    tree_rel_err,
+    xla_flops,
+)
 from parity_cases.sharsa import dataset_arrays, reference_batch
 
 #: the authors' metric -> macfw's metric
@@ -72,10 +82,16 @@ def _macfw_agent(hidden):
     from macfw.nn.ensemble import Ensemble
     from macfw.nn.models import QCritic, StateValue
 
-    return GCIQL(value=functools.partial(StateValue, hidden_dims=hidden),
-                 critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
-                 actor=functools.partial(ClippedMeanActor, hidden_dims=hidden, final_init_scale=0.01),
-                 gamma=0.999, expectile=0.9, alpha=1.0, tau=0.005, learning_rate=3e-4)
+    return GCIQL(
+        value=functools.partial(StateValue, hidden_dims=hidden),
+        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
+        actor=functools.partial(ClippedMeanActor, hidden_dims=hidden, final_init_scale=0.01),
+        gamma=0.999,
+        expectile=0.9,
+        alpha=1.0,
+        tau=0.005,
+        learning_rate=3e-4,
+    )
 
 
 def to_flax(nets, target_critic) -> dict:
@@ -131,7 +147,6 @@ def build(ref, hidden, batch_size, seed):
 
 def run(ref, opts: Options) -> dict:
     import equinox as eqx
-    import jax
 
     hidden, B = (64, 64), 32
     agent, spec, state, theirs, config = build(ref, hidden, B, opts.seed)
@@ -196,6 +211,10 @@ def measure_speed(ref, opts: Options) -> dict:
     t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
-    return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
-            "load_average": list(os.getloadavg())}
+    return {
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+        "load_average": list(os.getloadavg()),
+    }

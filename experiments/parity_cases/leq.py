@@ -64,8 +64,19 @@ import types
 
 import numpy as np
 
-from parity_cases.common import (Options, agent_result, alternate, ensemble_to_flax, macfw_update, matmul_peak,
-                                 mlp_to_flax, mlp_to_flax_split, rel_err, tree_rel_err, xla_flops)
+from parity_cases.common import (
+    Options,
+    agent_result,
+    alternate,
+    ensemble_to_flax,
+    macfw_update,
+    matmul_peak,
+    mlp_to_flax,
+    mlp_to_flax_split,
+    rel_err,
+    tree_rel_err,
+    xla_flops,
+)
 
 #: the authors' metric -> macfw's metric
 METRICS = {
@@ -128,12 +139,25 @@ def macfw_agent(hidden, expectile: float = 0.5):
     from macfw.nn.models import GaussianDynamics, QCritic, RewardModel, SuccessModel
 
     P = functools.partial
-    return LEQ(dynamics=P(Ensemble, member=P(GaussianDynamics, hidden_dims=hidden, log_std_min=-5.0, log_std_max=1.0),
-                          num=NUM_DYNAMICS),
-               success=P(SuccessModel, hidden_dims=hidden), reward=P(RewardModel, hidden_dims=hidden),
-               actor=P(LEQActor, hidden_dims=hidden, final_init_scale=0.01), critic=P(QCritic, hidden_dims=hidden),
-               gamma=0.999, lam=1.0, horizon=HORIZON, expectile=expectile, data_expectile=0.5, model_weight=0.95,
-               tau=0.005, learning_rate=3e-4)
+    return LEQ(
+        dynamics=P(
+            Ensemble,
+            member=P(GaussianDynamics, hidden_dims=hidden, log_std_min=-5.0, log_std_max=1.0),
+            num=NUM_DYNAMICS,
+        ),
+        success=P(SuccessModel, hidden_dims=hidden),
+        reward=P(RewardModel, hidden_dims=hidden),
+        actor=P(LEQActor, hidden_dims=hidden, final_init_scale=0.01),
+        critic=P(QCritic, hidden_dims=hidden),
+        gamma=0.999,
+        lam=1.0,
+        horizon=HORIZON,
+        expectile=expectile,
+        data_expectile=0.5,
+        model_weight=0.95,
+        tau=0.005,
+        learning_rate=3e-4,
+    )
 
 
 def ref_config(mod, hidden, expectile: float = 0.5):
@@ -147,13 +171,16 @@ def to_flax(nets, target_critic, theirs: dict) -> dict:
     """macfw's LEQ networks as the authors' ``network.params`` (``theirs``: their initial tree, whose
     reward head is kept where macfw has none)."""
     hidden, final = mlp_to_flax_split(nets.actor.net)
-    out = {"modules_dynamics": {"dynamics_net": ensemble_to_flax(nets.dynamics.members.net)},
-           "modules_critic": {"value_net": mlp_to_flax(nets.critic.net)},
-           "modules_target_critic": {"value_net": mlp_to_flax(target_critic.net)},
-           "modules_actor": {"actor_net": hidden, "mean_net": final},
-           "modules_success": {"value_net": mlp_to_flax(nets.success.net)},
-           "modules_reward": ({"value_net": mlp_to_flax(nets.reward.net)} if nets.reward is not None
-                              else theirs["modules_reward"])}
+    out = {
+        "modules_dynamics": {"dynamics_net": ensemble_to_flax(nets.dynamics.members.net)},
+        "modules_critic": {"value_net": mlp_to_flax(nets.critic.net)},
+        "modules_target_critic": {"value_net": mlp_to_flax(target_critic.net)},
+        "modules_actor": {"actor_net": hidden, "mean_net": final},
+        "modules_success": {"value_net": mlp_to_flax(nets.success.net)},
+        "modules_reward": (
+            {"value_net": mlp_to_flax(nets.reward.net)} if nets.reward is not None else theirs["modules_reward"]
+        ),
+    }
     return out
 
 
@@ -194,21 +221,36 @@ def make_batch(spec, batch: int, seed: int) -> tuple[dict, dict]:
     success = (rng.random(B) < 0.3).astype(np.float32)
     success[:2] = [0.0, 1.0]  # both labels present: every success metric is defined
     rewards = (success - 1.0) if gc else rng.uniform(-1, 0, B).astype(np.float32)
-    f = {"observations": obs, "actions": rng.uniform(-1, 1, (B, spec.act_dim)).astype(np.float32),
-         "next_observations": (obs + 0.1 * rng.normal(size=obs.shape)).astype(np.float32),
-         "rewards": rewards.astype(np.float32), "masks": 1.0 - success,
-         "value_goals": rng.uniform(-1, 1, (B, spec.goal_dim)).astype(np.float32),
-         "actor_goals": rng.uniform(-1, 1, (B, spec.goal_dim)).astype(np.float32)}
-    loop = {"obs": f["observations"], "actions": f["actions"], "next_obs": f["next_observations"],
-            "rewards": f["rewards"], "success": success, "value_goals": f["value_goals"],
-            "actor_goals": f["actor_goals"]}
+    f = {
+        "observations": obs,
+        "actions": rng.uniform(-1, 1, (B, spec.act_dim)).astype(np.float32),
+        "next_observations": (obs + 0.1 * rng.normal(size=obs.shape)).astype(np.float32),
+        "rewards": rewards.astype(np.float32),
+        "masks": 1.0 - success,
+        "value_goals": rng.uniform(-1, 1, (B, spec.goal_dim)).astype(np.float32),
+        "actor_goals": rng.uniform(-1, 1, (B, spec.goal_dim)).astype(np.float32),
+    }
+    loop = {
+        "obs": f["observations"],
+        "actions": f["actions"],
+        "next_obs": f["next_observations"],
+        "rewards": f["rewards"],
+        "success": success,
+        "value_goals": f["value_goals"],
+        "actor_goals": f["actor_goals"],
+    }
     return f, loop
 
 
 def reference_batch(loop: dict, gc: bool) -> dict:
     """The loop batch in the authors' keys (goals only goal-conditioned)."""
-    out = {"observations": loop["obs"], "actions": loop["actions"], "next_observations": loop["next_obs"],
-           "rewards": loop["rewards"], "masks": 1.0 - loop["success"]}
+    out = {
+        "observations": loop["obs"],
+        "actions": loop["actions"],
+        "next_observations": loop["next_obs"],
+        "rewards": loop["rewards"],
+        "masks": 1.0 - loop["success"],
+    }
     if gc:
         out.update(value_goals=loop["value_goals"], actor_goals=loop["actor_goals"])
     return out
@@ -227,8 +269,11 @@ def _indexed_vmap(fun, in_axes=0, out_axes=0, **kw):
 
     def mapped(*args):
         axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
-        n = next(jax.tree_util.tree_leaves(a)[0].shape[ax] for a, ax in zip(args, axes)
-                 if ax is not None and jax.tree_util.tree_leaves(a))
+        n = next(
+            jax.tree_util.tree_leaves(a)[0].shape[ax]
+            for a, ax in zip(args, axes)
+            if ax is not None and jax.tree_util.tree_leaves(a)
+        )
 
         def inner(*a):
             old = _TAPE.get("example"), _TAPE.get("step")
@@ -267,8 +312,10 @@ def _taped_normal(key, shape=(), dtype=None, *a, **k):
 
     eps = _TAPE["noise"]["dynamics"]
     if int(np.prod(shape)) != eps.size or _TAPE.get("normal_used"):
-        raise AssertionError(f"unexpected jax.random.normal{tuple(shape)} in the authors' update (replay holds "
-                             f"{eps.shape}, used: {bool(_TAPE.get('normal_used'))})")
+        raise AssertionError(
+            f"unexpected jax.random.normal{tuple(shape)} in the authors' update (replay holds "
+            f"{eps.shape}, used: {bool(_TAPE.get('normal_used'))})"
+        )
     _TAPE["normal_used"] = True
     return jnp.reshape(eps, shape).astype(dtype or eps.dtype)
 
@@ -297,7 +344,7 @@ class _CriticWithGrad:
         return getattr(self._net, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def taped_class(mod):
     """A subclass of the authors' ``LEQAgent`` whose update replays :func:`tape`'s draws (their ``update``
     and ``total_loss`` unjitted, to trace inside one jitted function) and, with ``_TAPE['fix_critic']``,
@@ -426,9 +473,11 @@ def compare_updates(ref, gc: bool, opts: Options) -> dict:
     defects = {f"critic_model_terms_untrained ({tag})": defect}
     if gc:
         defects["gc_reward_head_trained_unused"] = {
-            "macfw": None, "reference": {k: float(v) for k, v in jax.device_get(info).items() if k.startswith("reward/")},
+            "macfw": None,
+            "reference": {k: float(v) for k, v in jax.device_get(info).items() if k.startswith("reward/")},
             "reason": "goal-conditioned, their rollouts reward success - 1 and never read the reward head they train "
-                      "(its metrics after the last update above); macfw builds no reward head there."}
+            "(its metrics after the last update above); macfw builds no reward head there.",
+        }
     return {"terms_1": terms_1, "terms_n": terms_n, "skipped": skipped, "defects": defects, "params": params}
 
 
@@ -450,20 +499,29 @@ def critic_defect(mod, agent, state, theirs, loop, rb, noise) -> dict:
         y = real["rewards"] + agent.gamma * real["masks"] * jax.vmap(frozen.critic)(real["next_obs"], vg, a_next)
         croll = _sg(agent.rollout(frozen, real["obs"], vg, noise["critic"]))
         aroll = agent.actor_rollout(nets, real["obs"], real["actor_goals"], noise["actor"])
-        g = eqx.filter_grad(lambda n: agent.loss(n, state.target_critic, real, y, croll, aroll, noise["dynamics"])[0])(nets)
+        g = eqx.filter_grad(lambda n: agent.loss(n, state.target_critic, real, y, croll, aroll, noise["dynamics"])[0])(
+            nets
+        )
         return g.critic
 
     def norm(tree):
-        return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array)))))
+        return float(
+            jnp.sqrt(
+                sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array)))
+            )
+        )
 
     ours = norm(eqx.filter_jit(critic_grad)(state.nets))
     as_is = norm(reference_grads(mod, theirs, rb, noise, False)["modules_critic"])
     fixed = norm(reference_grads(mod, theirs, rb, noise, True)["modules_critic"])
-    return {"macfw": ours, "reference": as_is,
-            "reason": "their critic_loss calls Q on the imagined steps without grad_params: the 0.95-weighted model "
-                      "expectile and EMA terms send no gradient (values: the critic's gradient norm at update 1). With "
-                      f"the gradient restored theirs is {fixed:.6g} (rel. err to macfw {rel_err(ours, fixed):.1e}); "
-                      "every compared term runs it so."}
+    return {
+        "macfw": ours,
+        "reference": as_is,
+        "reason": "their critic_loss calls Q on the imagined steps without grad_params: the 0.95-weighted model "
+        "expectile and EMA terms send no gradient (values: the critic's gradient norm at update 1). With "
+        f"the gradient restored theirs is {fixed:.6g} (rel. err to macfw {rel_err(ours, fixed):.1e}); "
+        "every compared term runs it so.",
+    }
 
 
 def member_defect(ref) -> dict:
@@ -489,12 +547,16 @@ def member_defect(ref) -> dict:
     finally:
         jax.random.choice = real_choice
     per_state = int(np.prod(drawn[0]))
-    return {"macfw": 1, "reference": per_state,
-            "reason": f"their actor's rollout samples one example at a time (vmap), where jax.random.choice(en_rng, "
-                      f"{NUM_DYNAMICS}, (next_obs.shape[1],)) draws {per_state} = ob_dim member indices, one per state "
-                      f"dimension (the critic's batched call draws shape {drawn[1]}: one per example), so each imagined "
-                      f"state mixes up to {NUM_DYNAMICS} members' predictions ({NUM_DYNAMICS * (1 - (1 - 1 / NUM_DYNAMICS) ** OB_DIM):.2f} "
-                      "distinct on average). The compared terms replay one member per example to both."}
+    return {
+        "macfw": 1,
+        "reference": per_state,
+        "reason": f"their actor's rollout samples one example at a time (vmap), where jax.random.choice(en_rng, "
+        f"{NUM_DYNAMICS}, (next_obs.shape[1],)) draws {per_state} = ob_dim member indices, one per state "
+        f"dimension (the critic's batched call draws shape {drawn[1]}: one per example), so each imagined "
+        f"state mixes up to {NUM_DYNAMICS} members' predictions "
+        f"({NUM_DYNAMICS * (1 - (1 - 1 / NUM_DYNAMICS) ** OB_DIM):.2f} "
+        "distinct on average). The compared terms replay one member per example to both.",
+    }
 
 
 # ------------------------------------------------------------------------------ speed
@@ -556,9 +618,13 @@ def measure_speed(ref, opts: Options, gc: bool = False) -> dict:
     t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
-    return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
-            "load_average": list(os.getloadavg())}
+    return {
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+        "load_average": list(os.getloadavg()),
+    }
 
 
 # ------------------------------------------------------------------------------ the case
@@ -573,5 +639,6 @@ def run(ref, opts: Options) -> dict:
         params.append(u["params"])
     defects["actor_rollout_member_per_dimension"] = member_defect(ref)
     speed = measure_speed(ref, opts) if opts.speed else None
-    return agent_result(terms_1, terms_n, max(params), skipped=skipped, defects=defects, speed=speed,
-                        updates=opts.updates)
+    return agent_result(
+        terms_1, terms_n, max(params), skipped=skipped, defects=defects, speed=speed, updates=opts.updates
+    )

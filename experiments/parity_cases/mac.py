@@ -47,11 +47,11 @@ after ``opts.updates`` (``name@10``); ``grads@1`` (the gradient trees of the fir
 ``params@1`` and ``params@10`` (the updated parameters, the EMA target value included), each over the
 networks both sides have; ``act/first_action`` (:func:`act_terms`: the chunk each side picks when
 acting, N = 32, for 8 states with the same keys); ``rollout_argmax_flips`` (rollout rows whose
-argmax differs, from :func:`check_mirrored_draws`: 0 is the reference value). The ``grad/*`` terms are computed over those networks on both sides with
-the authors' formulas (max, min, and the L1 norm of the per-leaf L2 norms). The authors' defects
-(DESIGN §9 and new ones shown here) go to ``skipped`` and ``defects`` with both values:
-``gc_unused_reward_head`` (above) and ``st/success/pos_acc`` (their 0/0 = NaN on batches without a
-positive label: every single-task batch; macfw reports 0).
+argmax differs, from :func:`check_mirrored_draws`: 0 is the reference value). The ``grad/*`` terms
+are computed over those networks on both sides with the authors' formulas (max, min, and the L1
+norm of the per-leaf L2 norms). The authors' defects (DESIGN §9 and new ones shown here) go to
+``skipped`` and ``defects`` with both values: ``gc_unused_reward_head`` (above) and ``st/success/pos_acc`` (their 0/0
+= NaN on batches without a positive label: every single-task batch; macfw reports 0).
 
 Speed (``opts.speed``): each side's jitted update at ``cpu-small`` (2 x 256, batch 256, rollout
 batch 256, n 10, H 10, N 8, 10 flow steps; single-task, as ``macfw.bench``'s ``cpu-small``), the
@@ -73,8 +73,18 @@ import os
 
 import numpy as np
 
-from parity_cases.common import (agent_result, alternate, jax_threefry, macfw_update, mlp_to_flax, rel_err,
-                                 replay, tree_rel_err, unjitted, xla_flops)
+from parity_cases.common import (
+    agent_result,
+    alternate,
+    jax_threefry,
+    macfw_update,
+    mlp_to_flax,
+    rel_err,
+    replay,
+    tree_rel_err,
+    unjitted,
+    xla_flops,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +149,9 @@ GRAD_TERMS = ("grad/max", "grad/min", "grad/norm")
 # ------------------------------------------------------------------------------ building both sides
 def build_macfw(sz: Sizes, seed: int):
     """macfw's MAC at sizes ``sz`` and its initial state: ``(agent, spec, state)``."""
-    import gin
     import jax
 
+    import gin
     from macfw.agents.mac import MAC
     from macfw.nn.flow import FlowPolicy
     from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
@@ -150,13 +160,23 @@ def build_macfw(sz: Sizes, seed: int):
 
     gin.clear_config()
     h = dict(hidden_dims=sz.hidden)
-    agent = MAC(dynamics=functools.partial(ChunkDynamics, **h),
-                policy=functools.partial(FlowPolicy, flow_steps=sz.flow_steps, **h),
-                critic=functools.partial(QCritic, **h), value=functools.partial(StateValue, **h),
-                success=functools.partial(SuccessModel, **h), reward=functools.partial(RewardModel, **h),
-                sampler=RejectionSampler(num_train_candidates=sz.candidates, num_act_candidates=32),
-                chunk_len=sz.chunk_len, normalize_reward=True, gamma=sz.gamma, lam=sz.lam, horizon=sz.horizon,
-                tau=sz.tau, learning_rate=sz.lr, rollout_batch_size=sz.rollout_batch)
+    agent = MAC(
+        dynamics=functools.partial(ChunkDynamics, **h),
+        policy=functools.partial(FlowPolicy, flow_steps=sz.flow_steps, **h),
+        critic=functools.partial(QCritic, **h),
+        value=functools.partial(StateValue, **h),
+        success=functools.partial(SuccessModel, **h),
+        reward=functools.partial(RewardModel, **h),
+        sampler=RejectionSampler(num_train_candidates=sz.candidates, num_act_candidates=32),
+        chunk_len=sz.chunk_len,
+        normalize_reward=True,
+        gamma=sz.gamma,
+        lam=sz.lam,
+        horizon=sz.horizon,
+        tau=sz.tau,
+        learning_rate=sz.lr,
+        rollout_batch_size=sz.rollout_batch,
+    )
     spec = Spec(ob_dim=sz.ob_dim, act_dim=sz.act_dim, goal_dim=sz.goal_dim, chunk_len=sz.chunk_len)
     state = agent.init(spec, jax.random.PRNGKey(seed))
     return agent, spec, state
@@ -200,9 +220,11 @@ def build_reference(ref, sz: Sizes, seed: int, state=None):
 
     cfg = reference_config(mod, sz)
     gc = sz.goal_dim > 0
-    ex = {"observations": np.zeros((sz.batch, sz.ob_dim), np.float32),
-          "actions": np.zeros((sz.batch, sz.act_dim * sz.chunk_len), np.float32),
-          "actor_goals": np.zeros((sz.batch, sz.goal_dim), np.float32) if gc else None}
+    ex = {
+        "observations": np.zeros((sz.batch, sz.ob_dim), np.float32),
+        "actions": np.zeros((sz.batch, sz.act_dim * sz.chunk_len), np.float32),
+        "actor_goals": np.zeros((sz.batch, sz.goal_dim), np.float32) if gc else None,
+    }
     agent = mod.MACAgent.create(seed, ex, cfg)
     if state is None:
         return agent
@@ -259,8 +281,13 @@ def macfw_batch(agent, data, key, sz: Sizes) -> dict:
 
 def reference_batch(b: dict, gc: bool) -> dict:
     """The authors' batch (``ACGCDataset`` / ``ACDataset`` keys) holding macfw's batch ``b``."""
-    out = {"observations": b["obs"], "actions": b["actions"], "next_observations": b["next_obs"],
-           "rewards": b["rewards"], "masks": b["masks"]}
+    out = {
+        "observations": b["obs"],
+        "actions": b["actions"],
+        "next_observations": b["next_obs"],
+        "rewards": b["rewards"],
+        "masks": b["masks"],
+    }
     if gc:
         out.update(value_goals=b["value_goals"], actor_goals=b["actor_goals"])
     else:
@@ -282,11 +309,15 @@ def loader_terms(data, b: dict, sz: Sizes, gc: bool) -> dict:
         ours = {"loader/masks": b["masks"], "loader/rewards": b["rewards"]}
     else:
         r = np.asarray(data.rewards)[t[None, :] + np.arange(n)[:, None]]  # (n, B)
-        ref = {"loader/rewards": np.mean(r * np.power(sz.gamma, np.arange(n))[:, None], axis=0),
-               "loader/masks": np.ones_like(t, np.float32)}
+        ref = {
+            "loader/rewards": np.mean(r * np.power(sz.gamma, np.arange(n))[:, None], axis=0),
+            "loader/masks": np.ones_like(t, np.float32),
+        }
         ours = {"loader/rewards": b["rewards"], "loader/masks": b["masks"]}
-    return {k: {"macfw": float(np.mean(ours[k])), "reference": float(np.mean(ref[k])),
-                "rel_err": rel_err(ours[k], ref[k])} for k in ref}
+    return {
+        k: {"macfw": float(np.mean(ours[k])), "reference": float(np.mean(ref[k])), "rel_err": rel_err(ours[k], ref[k])}
+        for k in ref
+    }
 
 
 # ------------------------------------------------------------------------------ the same draws
@@ -301,14 +332,14 @@ def macfw_draws(agent, state, batch: dict) -> list[tuple[str, tuple, np.ndarray]
     B = batch["obs"].shape[0]
     Br = agent.rollout_batch_size or B
     N, cd, H = agent.sampler.num_train_candidates, agent.spec.chunk_dim, agent.horizon
-    _, k_roll, k_loss = jax.random.split(state.key, 3)          # MAC.update
-    k_flow, _ = jax.random.split(k_loss)                        # MAC.loss
+    _, k_roll, k_loss = jax.random.split(state.key, 3)  # MAC.update
+    k_flow, _ = jax.random.split(k_loss)  # MAC.loss
     per = jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(k_flow, B))  # FlowPolicy.loss: kz, ku, kd
     x0 = jax.vmap(lambda k: jax.random.normal(k, (cd,)))(per[:, 0])
     t = jax.vmap(lambda k: jax.random.uniform(k))(per[:, 1])[:, None]
     z2 = jax.vmap(lambda k: jax.random.normal(k, (cd,)))(per[:, 2])
     out = [("normal", (B, cd), x0), ("uniform", (B, 1), t), ("normal", (B, cd), z2)]
-    for kh in jax.random.split(k_roll, H):                      # macfw.rollout.imagine: one key per step
+    for kh in jax.random.split(k_roll, H):  # macfw.rollout.imagine: one key per step
         z = jax.vmap(lambda k: jax.random.normal(k, (N, cd)))(jax.random.split(kh, Br))  # per state (sample_many)
         out.append(("normal", (N, Br, cd), np.asarray(z).transpose(1, 0, 2)))
     return [(f, s, np.asarray(a)) for f, s, a in out]
@@ -339,8 +370,10 @@ def check_mirrored_draws(agent, state, batch: dict, draws) -> int:
         picked = jax.vmap(choose)(roll["states"][h], g0, jnp.asarray(z).transpose(1, 0, 2))
         bad += int(np.sum(np.max(np.abs(np.asarray(picked) - np.asarray(roll["actions"][h])), axis=1) > 1e-4))
     if bad > 0.5 * agent.horizon * Br:
-        raise RuntimeError(f"{bad} of {agent.horizon * Br} rollout actions are not the argmax of the mirrored draws: "
-                           "macfw_draws no longer derives MAC.update's keys as the update does")
+        raise RuntimeError(
+            f"{bad} of {agent.horizon * Br} rollout actions are not the argmax of the mirrored draws: "
+            "macfw_draws no longer derives MAC.update's keys as the update does"
+        )
     return bad
 
 
@@ -360,7 +393,9 @@ def reference_fns(mod, signature):
         with unjitted(cls, names), replay([(f, a) for (f, _), a in zip(signature, arrays)], unroll_scan=True) as left:
             yield
         if left:
-            raise RuntimeError(f"the authors' update drew {len(signature) - len(left)} of the {len(signature)} recorded draws")
+            raise RuntimeError(
+                f"the authors' update drew {len(signature) - len(left)} of the {len(signature)} recorded draws"
+            )
 
     def update(agent, batch, arrays):
         with taped(arrays):
@@ -385,7 +420,9 @@ def macfw_grads(agent, state, batch: dict):
         roll = agent.rollout(state.nets, s0, g0, k_roll)
         roll["goals"] = g0
         params, static = eqx.partition(state.nets, eqx.is_inexact_array)
-        return jax.grad(lambda p: agent.loss(eqx.combine(p, static), state.target_value, batch, roll, k_loss)[0])(params)
+        return jax.grad(lambda p: agent.loss(eqx.combine(p, static), state.target_value, batch, roll, k_loss)[0])(
+            params
+        )
 
     return jax.jit(grads)(state, batch)
 
@@ -395,8 +432,11 @@ def grad_stats(tree) -> dict:
     import jax
 
     leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
-    return {"grad/max": max(float(x.max()) for x in leaves), "grad/min": min(float(x.min()) for x in leaves),
-            "grad/norm": float(sum(np.linalg.norm(x.ravel()) for x in leaves))}
+    return {
+        "grad/max": max(float(x.max()) for x in leaves),
+        "grad/min": min(float(x.min()) for x in leaves),
+        "grad/norm": float(sum(np.linalg.norm(x.ravel()) for x in leaves)),
+    }
 
 
 def _subset(params: dict, like: dict) -> dict:
@@ -420,8 +460,13 @@ def act_terms(agent, state, ragent, b: dict, gc: bool, num: int = 8) -> dict:
         ours.append(np.asarray(act(state.nets, s, g, keys[j])[0]))
         theirs.append(np.asarray(ragent.sample_actions(s, g if gc else None, seed=keys[j], mode="test")[0]))
     ours, theirs = np.stack(ours), np.stack(theirs)
-    return {"act/first_action": {"macfw": float(np.mean(ours)), "reference": float(np.mean(theirs)),
-                                 "rel_err": rel_err(ours, theirs, floor=1e-3)}}
+    return {
+        "act/first_action": {
+            "macfw": float(np.mean(ours)),
+            "reference": float(np.mean(theirs)),
+            "rel_err": rel_err(ours, theirs, floor=1e-3),
+        }
+    }
 
 
 # ------------------------------------------------------------------------------ one sub-case
@@ -450,8 +495,10 @@ def compare_case(ref, sz: Sizes, opts, prefix: str) -> tuple[dict, dict, dict, d
                 raise KeyError(f"the authors log {rk!r}, which METRICS does not map to a macfw metric")
             if rk.startswith("reward/") and gc:  # the authors' unused goal-conditioned reward head
                 name = f"{prefix}{rk}"
-                skipped[name] = ("gc_unused_reward_head: the authors train a reward head on goal-conditioned "
-                                 "batches (r = success - 1) that no loss or rollout reads; macfw builds none")
+                skipped[name] = (
+                    "gc_unused_reward_head: the authors train a reward head on goal-conditioned "
+                    "batches (r = success - 1) that no loss or rollout reads; macfw builds none"
+                )
                 defects[name] = {"macfw": None, "reference": float(rv), "reason": skipped[name]}
                 continue
             if METRICS[rk] not in m:  # macfw no longer logs it: a failing term, not an exception
@@ -461,8 +508,10 @@ def compare_case(ref, sz: Sizes, opts, prefix: str) -> tuple[dict, dict, dict, d
             out[rk] = {"macfw": mv, "reference": rv, "rel_err": rel_err(mv, rv) if np.isfinite(rv) else 0.0}
             if not np.isfinite(rv):
                 name = f"{prefix}{rk}"
-                skipped[name] = ("the authors' metric is 0/0 = NaN on a batch without a positive success label "
-                                 "(every single-task batch: masks all 1); macfw reports 0")
+                skipped[name] = (
+                    "the authors' metric is 0/0 = NaN on a batch without a positive success label "
+                    "(every single-task batch: masks all 1); macfw reports 0"
+                )
                 defects[name] = {"macfw": mv, "reference": rv, "reason": skipped[name]}
                 out.pop(rk)
         return out
@@ -483,23 +532,33 @@ def compare_case(ref, sz: Sizes, opts, prefix: str) -> tuple[dict, dict, dict, d
             g_ref = _subset(ref_grads(ragent, rb, arrays), g_ours)
             terms_1["grads"] = {"macfw": None, "reference": None, "rel_err": tree_rel_err(g_ours, g_ref)}
             go, gr = grad_stats(g_ours), grad_stats(g_ref)
-            terms_1.update({k: {"macfw": go[k], "reference": gr[k], "rel_err": rel_err(go[k], gr[k])}
-                            for k in GRAD_TERMS})
+            terms_1.update(
+                {k: {"macfw": go[k], "reference": gr[k], "rel_err": rel_err(go[k], gr[k])} for k in GRAD_TERMS}
+            )
         ragent, info = ref_update(ragent, rb, arrays)
         state, m = update(state, jax.tree_util.tree_map(jnp.asarray, b))
         info, m = jax.device_get(info), jax.device_get(m)
         if i == 0:
             terms_1.update(metric_terms(m, info))
             ours = to_flax(state.nets, state.target_value)
-            terms_1["params"] = {"macfw": None, "reference": None,
-                                 "rel_err": tree_rel_err(ours, _subset(ragent.network.params, ours))}
+            terms_1["params"] = {
+                "macfw": None,
+                "reference": None,
+                "rel_err": tree_rel_err(ours, _subset(ragent.network.params, ours)),
+            }
         if i == opts.updates - 1:
             terms_n.update(metric_terms(m, info))
             ours = to_flax(state.nets, state.target_value)
-            terms_n["params"] = {"macfw": None, "reference": None,
-                                 "rel_err": tree_rel_err(ours, _subset(ragent.network.params, ours))}
-            terms_n["target_value"] = {"macfw": None, "reference": None, "rel_err": tree_rel_err(
-                ours["modules_target_value"], ragent.network.params["modules_target_value"])}
+            terms_n["params"] = {
+                "macfw": None,
+                "reference": None,
+                "rel_err": tree_rel_err(ours, _subset(ragent.network.params, ours)),
+            }
+            terms_n["target_value"] = {
+                "macfw": None,
+                "reference": None,
+                "rel_err": tree_rel_err(ours["modules_target_value"], ragent.network.params["modules_target_value"]),
+            }
     terms_1["rollout_argmax_flips"] = {"macfw": float(flips), "reference": 0.0, "rel_err": 0.0}
     p = lambda d: {f"{prefix}{k}": v for k, v in d.items()}  # noqa: E731
     return p(terms_1), p(terms_n), skipped, defects
@@ -567,19 +626,27 @@ def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
     a, b2 = jax.random.normal(ka, (n, n)), jax.random.normal(kb, (n, n))
     mm = jax.jit(lambda a, b: a @ b)
     secs = alternate({"macfw": run_ours, "reference": run_ref, "peak": lambda: mm(a, b2)}, pairs=opts.pairs)
-    peak = 2.0 * n ** 3 / secs.pop("peak")
+    peak = 2.0 * n**3 / secs.pop("peak")
     ups = {k: opts.calls / v for k, v in secs.items()}
     flops = {"macfw": flops_ours, "reference": flops_ref}
-    return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
-            "speed_sizes": dataclasses.asdict(sz), "load_average": list(os.getloadavg())}
+    return {
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+        "speed_sizes": dataclasses.asdict(sz),
+        "load_average": list(os.getloadavg()),
+    }
 
 
 # ------------------------------------------------------------------------------ the case
 def run(ref, opts) -> dict:
     terms_1, terms_n, skipped, defects = {}, {}, {}, {}
-    cases = (("gc/", SMALL), ("st/", dataclasses.replace(SMALL, goal_dim=0)),
-             ("gc_lam0.9/", dataclasses.replace(SMALL, lam=0.9)))  # lambda-returns on every V'(s_k)
+    cases = (
+        ("gc/", SMALL),
+        ("st/", dataclasses.replace(SMALL, goal_dim=0)),
+        ("gc_lam0.9/", dataclasses.replace(SMALL, lam=0.9)),
+    )  # lambda-returns on every V'(s_k)
     for prefix, sz in cases:
         t1, tn, sk, de = compare_case(ref, sz, opts, prefix)
         terms_1.update(t1)
@@ -587,5 +654,12 @@ def run(ref, opts) -> dict:
         skipped.update(sk)
         defects.update(de)
     params = max(v["rel_err"] for k, v in terms_n.items() if k.endswith("/params"))
-    return agent_result(terms_1, terms_n, params, skipped=skipped, defects=defects,
-                        speed=speed(ref, opts) if opts.speed else None, updates=opts.updates)
+    return agent_result(
+        terms_1,
+        terms_n,
+        params,
+        skipped=skipped,
+        defects=defects,
+        speed=speed(ref, opts) if opts.speed else None,
+        updates=opts.updates,
+    )

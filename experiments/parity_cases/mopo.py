@@ -53,8 +53,21 @@ import functools
 
 import numpy as np
 
-from parity_cases.common import (Options, agent_result, alternate, ensemble_to_flax, macfw_update, matmul_peak,
-                                 mlp_to_flax, mlp_to_flax_split, rel_err, replay, tree_rel_err, unjitted, xla_flops)
+from parity_cases.common import (
+    Options,
+    agent_result,
+    alternate,
+    ensemble_to_flax,
+    macfw_update,
+    matmul_peak,
+    mlp_to_flax,
+    mlp_to_flax_split,
+    rel_err,
+    replay,
+    tree_rel_err,
+    unjitted,
+    xla_flops,
+)
 
 #: the authors' jitted methods traced inline (by one outer jit) while their draws are replayed
 JITTED = ("update", "total_loss", "rollout", "sample_actions")
@@ -112,16 +125,37 @@ def macfw_agent(name: str, hidden, num_starts: int = 64, capacity_rounds: int = 
 
     P = functools.partial
     kw = dict(
-        dynamics=P(Ensemble, member=P(GaussianDynamics, hidden_dims=hidden, log_std_min=-5.0, log_std_max=1.0),
-                   num=NUM_DYNAMICS),
+        dynamics=P(
+            Ensemble,
+            member=P(GaussianDynamics, hidden_dims=hidden, log_std_min=-5.0, log_std_max=1.0),
+            num=NUM_DYNAMICS,
+        ),
         critic=P(Ensemble, member=P(QCritic, hidden_dims=hidden), num=NUM_QS),
-        actor=P(TanhGaussianActor, hidden_dims=hidden, final_init_scale=0.01, log_std_min=-5.0, log_std_max=2.0,
-                log_std_bound="clip"),
-        success=P(SuccessModel, hidden_dims=hidden), reward=P(RewardModel, hidden_dims=hidden),
+        actor=P(
+            TanhGaussianActor,
+            hidden_dims=hidden,
+            final_init_scale=0.01,
+            log_std_min=-5.0,
+            log_std_max=2.0,
+            log_std_bound="clip",
+        ),
+        success=P(SuccessModel, hidden_dims=hidden),
+        reward=P(RewardModel, hidden_dims=hidden),
         temperature=Temperature,
-        rollouts=ModelRollouts(rollout_freq=1000, rollout_length=ROLLOUT_STEPS, num_starts=num_starts,
-                               retain_rounds=capacity_rounds, real_ratio=0.5),
-        gamma=0.999, beta=0.003, tau=0.005, learning_rate=3e-4, target_entropy_scale=0.5, q_agg="min")
+        rollouts=ModelRollouts(
+            rollout_freq=1000,
+            rollout_length=ROLLOUT_STEPS,
+            num_starts=num_starts,
+            retain_rounds=capacity_rounds,
+            real_ratio=0.5,
+        ),
+        gamma=0.999,
+        beta=0.003,
+        tau=0.005,
+        learning_rate=3e-4,
+        target_entropy_scale=0.5,
+        q_agg="min",
+    )
     return MOBILE(**kw, num_samples=5) if name == "mobile" else MOPO(**kw)
 
 
@@ -140,23 +174,26 @@ def to_flax(nets, target_critic, like: dict) -> dict:
     A = nets.actor.chunk_dim
     hidden, last = mlp_to_flax_split(nets.actor.net)
     out = dict(like)
-    out.update({
-        "modules_dynamics": {"dynamics_net": ensemble_to_flax(nets.dynamics.members.net)},
-        "modules_critic": {"value_net": ensemble_to_flax(nets.critic.members.net)},
-        "modules_target_critic": {"value_net": ensemble_to_flax(target_critic.members.net)},
-        "modules_actor": {"actor_net": hidden,
-                          "mean_net": {"kernel": last["kernel"][:, :A], "bias": last["bias"][:A]},
-                          "log_std_net": {"kernel": last["kernel"][:, A:], "bias": last["bias"][A:]}},
-        "modules_success": {"value_net": mlp_to_flax(nets.success.net)},
-        "modules_lam": {"log_value": jnp.asarray(nets.temperature.log_alpha)},
-    })
+    out.update(
+        {
+            "modules_dynamics": {"dynamics_net": ensemble_to_flax(nets.dynamics.members.net)},
+            "modules_critic": {"value_net": ensemble_to_flax(nets.critic.members.net)},
+            "modules_target_critic": {"value_net": ensemble_to_flax(target_critic.members.net)},
+            "modules_actor": {
+                "actor_net": hidden,
+                "mean_net": {"kernel": last["kernel"][:, :A], "bias": last["bias"][:A]},
+                "log_std_net": {"kernel": last["kernel"][:, A:], "bias": last["bias"][A:]},
+            },
+            "modules_success": {"value_net": mlp_to_flax(nets.success.net)},
+            "modules_lam": {"log_value": jnp.asarray(nets.temperature.log_alpha)},
+        }
+    )
     if nets.reward is not None:
         out["modules_reward"] = {"value_net": mlp_to_flax(nets.reward.net)}
     return out
 
 
-def build(ref, name: str, hidden, batch_size: int, gc: bool, seed: int, num_starts: int = 64,
-          capacity_rounds: int = 1):
+def build(ref, name: str, hidden, batch_size: int, gc: bool, seed: int, num_starts: int = 64, capacity_rounds: int = 1):
     """``(agent, spec, state, theirs)``: macfw's agent and state, and the authors' agent holding the
     same parameters."""
     import jax
@@ -188,11 +225,15 @@ def make_batch(spec, batch_size: int, seed: int) -> tuple[dict, dict, dict]:
         s = rng.uniform(-1, 1, (m, spec.ob_dim)).astype(np.float32)
         success = (rng.uniform(size=m) < 0.3).astype(np.float32)
         success[:2] = (1.0, 0.0)
-        out = {"obs": s, "actions": rng.uniform(-0.99, 0.99, (m, spec.act_dim)).astype(np.float32),
-               "next_obs": (s + 0.1 * rng.normal(size=s.shape)).astype(np.float32), "masks": 1.0 - success,
-               "rewards": (success - 1.0 if spec.goal_conditioned else rng.normal(size=m)).astype(np.float32),
-               "value_goals": rng.uniform(-1, 1, (m, spec.goal_dim)).astype(np.float32),
-               "actor_goals": rng.uniform(-1, 1, (m, spec.goal_dim)).astype(np.float32)}
+        out = {
+            "obs": s,
+            "actions": rng.uniform(-0.99, 0.99, (m, spec.act_dim)).astype(np.float32),
+            "next_obs": (s + 0.1 * rng.normal(size=s.shape)).astype(np.float32),
+            "masks": 1.0 - success,
+            "rewards": (success - 1.0 if spec.goal_conditioned else rng.normal(size=m)).astype(np.float32),
+            "value_goals": rng.uniform(-1, 1, (m, spec.goal_dim)).astype(np.float32),
+            "actor_goals": rng.uniform(-1, 1, (m, spec.goal_dim)).astype(np.float32),
+        }
         return out
 
     real, model = half(n), half(batch_size - n)
@@ -203,8 +244,13 @@ def make_batch(spec, batch_size: int, seed: int) -> tuple[dict, dict, dict]:
 
 def reference_batch(b: dict, gc: bool) -> dict:
     """macfw's transition fields under the authors' key names (no goals single-task)."""
-    out = {"observations": b["obs"], "actions": b["actions"], "next_observations": b["next_obs"],
-           "rewards": b["rewards"], "masks": b["masks"]}
+    out = {
+        "observations": b["obs"],
+        "actions": b["actions"],
+        "next_observations": b["next_obs"],
+        "rewards": b["rewards"],
+        "masks": b["masks"],
+    }
     if gc:
         out.update(value_goals=b["value_goals"], actor_goals=b["actor_goals"])
     return out
@@ -292,8 +338,20 @@ def compare_updates(ref, name: str, gc: bool, opts: Options) -> dict:
     n_real = B - agent.rollouts.model_batch_size(B)
     is_model = jnp.concatenate([jnp.zeros(n_real), jnp.ones(B - n_real)])
     key = jax.random.PRNGKey(opts.seed + 1)
-    skip = {k for k in ("reward/reward_loss", "reward/reward_mean", "reward/reward_max", "reward/reward_min",
-                        "reward/data_reward_mean")} if gc else set()
+    skip = (
+        {
+            k
+            for k in (
+                "reward/reward_loss",
+                "reward/reward_mean",
+                "reward/reward_max",
+                "reward/reward_min",
+                "reward/data_reward_mean",
+            )
+        }
+        if gc
+        else set()
+    )
     out = {"terms_1": {}, "terms_n": {}, "skipped": {}, "defects": {}}
     for i in range(opts.updates):
         real, model, _ = make_batch(spec, B, opts.seed * 1000 + i)
@@ -307,10 +365,12 @@ def compare_updates(ref, name: str, gc: bool, opts: Options) -> dict:
             out["skipped"].update(skipped)
             if gc and i == 0:
                 out["defects"]["gc_reward_head_trained_unused"] = {
-                    "macfw": None, "reference": float(info["reward/reward_loss"]),
+                    "macfw": None,
+                    "reference": float(info["reward/reward_loss"]),
                     "reason": "goal-conditioned, the authors train a reward head (its loss added to the total) that "
-                              "their rollout never reads (rewards c - 1 from the success head); macfw builds none. "
-                              "Its parameters are separate, so no other term moves (Adam is per parameter)."}
+                    "their rollout never reads (rewards c - 1 from the success head); macfw builds none. "
+                    "Its parameters are separate, so no other term moves (Adam is per parameter).",
+                }
     mine = to_flax(state.nets, state.target_critic, theirs.network.params)
     if gc:  # the authors' unused reward head has no macfw counterpart
         mine = {k: v for k, v in mine.items() if k != "modules_reward"}
@@ -341,8 +401,12 @@ def compare_rollout(ref, name: str, gc: bool, opts: Options) -> dict:
                 if left:
                     raise RuntimeError(f"{len(left)} rollout tape entries were not drawn by the reference")
             return r
-        return jax.device_get(jax.jit(f, static_argnums=3)(agent_, reference_batch(starts, gc), [a for _, a in tape],
-                                                           tuple(n for n, _ in tape)))
+
+        return jax.device_get(
+            jax.jit(f, static_argnums=3)(
+                agent_, reference_batch(starts, gc), [a for _, a in tape], tuple(n for n, _ in tape)
+            )
+        )
 
     cls = type(theirs)
     try:
@@ -352,30 +416,41 @@ def compare_rollout(ref, name: str, gc: bool, opts: Options) -> dict:
         stand_in = mob(theirs.rng, network=theirs.network, config=theirs.config)
         theirs_out = reference(mob, stand_in)
         out["defects"]["mopo_gc_rollout_unset_key"] = {
-            "macfw": float(np.mean(np.asarray(mine["rewards"]))), "reference": f"KeyError: {e}",
+            "macfw": float(np.mean(np.asarray(mine["rewards"]))),
+            "reference": f"KeyError: {e}",
             "reason": "the authors' goal-conditioned MOPO rollout reads rollout_data['rewards'], which it never "
-                      "sets (and leaves the goals unflattened); the rollout terms compare with their MOBILE copy "
-                      "of the same function (which sets rewards = success - 1), run with MOPO's parameters. "
-                      "Values: macfw's mean model reward; the authors' MOPO raises."}
+            "sets (and leaves the goals unflattened); the rollout terms compare with their MOBILE copy "
+            "of the same function (which sets rewards = success - 1), run with MOPO's parameters. "
+            "Values: macfw's mean model reward; the authors' MOPO raises.",
+        }
     for f in ROLLOUT_FIELDS:
         if f not in theirs_out:
             continue
-        a, b = np.asarray(mine[MACFW_FIELD.get(f, f)]), np.asarray(theirs_out[f]).reshape(mine[MACFW_FIELD.get(f, f)].shape)
-        out["terms"][f"{prefix}/rollout/{f}"] = {"macfw": float(np.mean(a)), "reference": float(np.mean(b)),
-                                                 "rel_err": tree_rel_err(a, b)}
+        a, b = (
+            np.asarray(mine[MACFW_FIELD.get(f, f)]),
+            np.asarray(theirs_out[f]).reshape(mine[MACFW_FIELD.get(f, f)].shape),
+        )
+        out["terms"][f"{prefix}/rollout/{f}"] = {
+            "macfw": float(np.mean(a)),
+            "reference": float(np.mean(b)),
+            "rel_err": tree_rel_err(a, b),
+        }
     # main_mbpo.py's prefill: the same round passed through Dataset.create(scale=...), which rescales
     # every key containing 'observations' (normalize: (x - mid) / (half range + 1e-3)) once more
     lo, hi = np.min(starts["obs"], axis=0), np.max(starts["obs"], axis=0)
     twice = (np.asarray(theirs_out["observations"]) - (hi + lo) / 2) / ((hi - lo) / 2 + 1e-3)
     out["defects"]["mbpo_prefill_untrained_and_normalised_twice"] = {
-        "macfw": {"first_round_step": agent.rollouts.first_rollout_step, "obs_abs_mean": float(np.mean(np.abs(
-            np.asarray(mine["obs"]))))},
+        "macfw": {
+            "first_round_step": agent.rollouts.first_rollout_step,
+            "obs_abs_mean": float(np.mean(np.abs(np.asarray(mine["obs"])))),
+        },
         "reference": {"first_round_step": 0, "obs_abs_mean": float(np.mean(np.abs(twice)))},
         "reason": "main_mbpo.py fills the buffer with mb_retain_epoch rounds before the first update (untrained "
-                  "models) and builds it with Dataset.create(scale=scale), which normalises 'observations' and "
-                  "'next_observations' again (values: the mean |s| of this round's states as each buffer holds them, "
-                  "the authors' with the start states' min/max as the scale); later rounds (add_batch) are not "
-                  "rescaled. macfw's first round is at step ModelRollouts.first_rollout_step, after training."}
+        "models) and builds it with Dataset.create(scale=scale), which normalises 'observations' and "
+        "'next_observations' again (values: the mean |s| of this round's states as each buffer holds them, "
+        "the authors' with the start states' min/max as the scale); later rounds (add_batch) are not "
+        "rescaled. macfw's first round is at step ModelRollouts.first_rollout_step, after training.",
+    }
     return out
 
 
@@ -384,12 +459,14 @@ def data_pipeline_defect() -> dict:
 
     from macfw.agents.mopo import MOPOState
 
-    return {"macfw": [f.name for f in dataclasses.fields(MOPOState)],
-            "reference": ["agent (rng, network)"],
-            "reason": "the authors' save_agent writes the agent alone: the fake buffer, the numpy RNG of their "
-                      "dataset sampling and main_mbpo's rollout key are lost on restore (a resumed run re-fills the "
-                      "buffer from scratch). macfw's buffer and key are state fields, checkpointed. Not a compared "
-                      "term (the update takes the batch)."}
+    return {
+        "macfw": [f.name for f in dataclasses.fields(MOPOState)],
+        "reference": ["agent (rng, network)"],
+        "reason": "the authors' save_agent writes the agent alone: the fake buffer, the numpy RNG of their "
+        "dataset sampling and main_mbpo's rollout key are lost on restore (a resumed run re-fills the "
+        "buffer from scratch). macfw's buffer and key are state fields, checkpointed. Not a compared "
+        "term (the update takes the batch).",
+    }
 
 
 # ------------------------------------------------------------------------------ speed
@@ -403,11 +480,14 @@ def measure_speed(ref, name: str, opts: Options) -> dict:
     import jax
 
     B = CPU_SMALL["batch"]
-    agent, spec, state, theirs = build(ref, name, CPU_SMALL["hidden"], B, False, opts.seed, num_starts=50_000,
-                                       capacity_rounds=5)
+    agent, spec, state, theirs = build(
+        ref, name, CPU_SMALL["hidden"], B, False, opts.seed, num_starts=50_000, capacity_rounds=5
+    )
     real, model, loop = make_batch(spec, B, opts.seed)
-    fill = {k: np.tile(v, (state.buffer.capacity // v.shape[0] + 1,) + (1,) * (v.ndim - 1))[: state.buffer.capacity]
-            for k, v in model.items()}
+    fill = {
+        k: np.tile(v, (state.buffer.capacity // v.shape[0] + 1,) + (1,) * (v.ndim - 1))[: state.buffer.capacity]
+        for k, v in model.items()
+    }
     state = eqx.tree_at(lambda s: s.buffer, state, state.buffer.add(fill))
     b = jax.device_put(loop)
     rb, fb = jax.device_put(reference_batch(real, False)), jax.device_put(reference_batch(model, False))
@@ -430,8 +510,12 @@ def measure_speed(ref, name: str, opts: Options) -> dict:
     t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
-    return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak}
+    return {
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+    }
 
 
 # ------------------------------------------------------------------------------ the case
@@ -451,8 +535,9 @@ def run_agent(ref, opts: Options, name: str) -> dict:
     speed = measure_speed(ref, name, opts) if opts.speed else None
     # the per-mode parameter terms are in terms_n; the combined figure is the worse of the two
     terms_n = {k[: -len("/params")] + "/params" if k.endswith("/params") else k: v for k, v in terms_n.items()}
-    return agent_result(terms_1, terms_n, max(params), skipped=skipped, defects=defects, speed=speed,
-                        updates=opts.updates)
+    return agent_result(
+        terms_1, terms_n, max(params), skipped=skipped, defects=defects, speed=speed, updates=opts.updates
+    )
 
 
 def run(ref, opts: Options) -> dict:

@@ -45,9 +45,22 @@ import importlib
 
 import numpy as np
 
-from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, jax_threefry,
-                                 macfw_update, matmul_peak,
-                                 mlp_to_flax_split, rel_err, replay, tree_rel_err, unjitted, xla_flops)
+from parity_cases.common import (
+    Options,
+    agent_result,
+    alternate,
+    compare_terms,
+    ensemble_to_flax,
+    jax_threefry,
+    macfw_update,
+    matmul_peak,
+    mlp_to_flax_split,
+    rel_err,
+    replay,
+    tree_rel_err,
+    unjitted,
+    xla_flops,
+)
 
 #: the authors' metric -> macfw's metric (a name, or a function of macfw's metrics)
 METRICS = {
@@ -71,7 +84,7 @@ METRICS = {
 }
 
 OB_DIM, ACT_DIM, GOAL_DIM = 28, 5, 3  # cube-single's observation and action; a 3-d oracle goal
-N_STEPS, GAMMA = 25, 0.999           # the authors' subgoal_steps and discount
+N_STEPS, GAMMA = 25, 0.999  # the authors' subgoal_steps and discount
 EPISODES, EPISODE_LENGTH = 8, 101
 
 
@@ -92,11 +105,26 @@ def macfw_agent(hidden):
     from macfw.nn.ensemble import Ensemble
     from macfw.nn.models import QCritic
 
-    return NStepSACBC(actor=functools.partial(TanhGaussianActor, hidden_dims=hidden, final_init_scale=0.01,
-                                              log_std_min=-5.0, log_std_max=2.0, state_dependent_std=True),
-                      critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
-                      temperature=Temperature, n=N_STEPS, gamma=GAMMA, alpha=0.1, tau=0.005, learning_rate=3e-4,
-                      target_entropy_scale=0.5, q_agg="min", value_loss="bce")
+    return NStepSACBC(
+        actor=functools.partial(
+            TanhGaussianActor,
+            hidden_dims=hidden,
+            final_init_scale=0.01,
+            log_std_min=-5.0,
+            log_std_max=2.0,
+            state_dependent_std=True,
+        ),
+        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
+        temperature=Temperature,
+        n=N_STEPS,
+        gamma=GAMMA,
+        alpha=0.1,
+        tau=0.005,
+        learning_rate=3e-4,
+        target_entropy_scale=0.5,
+        q_agg="min",
+        value_loss="bce",
+    )
 
 
 def to_flax(nets, target_critic) -> dict:
@@ -106,9 +134,11 @@ def to_flax(nets, target_critic) -> dict:
     return {
         "modules_critic": {"value_net": ensemble_to_flax(nets.critic.members.net)},
         "modules_target_critic": {"value_net": ensemble_to_flax(target_critic.members.net)},
-        "modules_actor": {"actor_net": body,
-                          "mean_net": {"kernel": head["kernel"][:, :d], "bias": head["bias"][:d]},
-                          "log_std_net": {"kernel": head["kernel"][:, d:], "bias": head["bias"][d:]}},
+        "modules_actor": {
+            "actor_net": body,
+            "mean_net": {"kernel": head["kernel"][:, :d], "bias": head["bias"][:d]},
+            "log_std_net": {"kernel": head["kernel"][:, d:], "bias": head["bias"][d:]},
+        },
         "modules_lam": {"log_value": nets.temperature.log_alpha},
     }
 
@@ -131,9 +161,14 @@ def compact_arrays(data) -> dict:
     trajectory's last two indices, ``valids`` 0 at the last), with ``oracle_reps`` = the goals."""
     end = np.asarray(data.traj_end)
     idx = np.arange(len(end))
-    return {"observations": np.asarray(data.observations), "actions": np.asarray(data.actions),
-            "oracle_reps": np.asarray(data.goals), "rewards": np.asarray(data.rewards),
-            "terminals": (idx >= end - 1).astype(np.float32), "valids": (idx < end).astype(np.float32)}
+    return {
+        "observations": np.asarray(data.observations),
+        "actions": np.asarray(data.actions),
+        "oracle_reps": np.asarray(data.goals),
+        "rewards": np.asarray(data.rewards),
+        "terminals": (idx >= end - 1).astype(np.float32),
+        "valids": (idx < end).astype(np.float32),
+    }
 
 
 def reference_sample(dataset, batch_size: int, idx, goal_idxs: list):
@@ -158,9 +193,18 @@ def batches(agent, data, hgc, num: int, batch_size: int, seed: int):
     from macfw.data.batches import goal_indices, sample_batch
 
     bs = agent.batch_spec
-    sample = jax.jit(lambda k: sample_batch(data, k, batch_size, chunk_len=bs.chunk_len, gamma=bs.gamma,
-                                            goal_conditioned=True, normalize_reward=bs.normalize_reward,
-                                            goals=bs.goals))
+    sample = jax.jit(
+        lambda k: sample_batch(
+            data,
+            k,
+            batch_size,
+            chunk_len=bs.chunk_len,
+            gamma=bs.gamma,
+            goal_conditioned=True,
+            normalize_reward=bs.normalize_reward,
+            goals=bs.goals,
+        )
+    )
     goals = jax.jit(lambda k, t, end: goal_indices(jax.random.split(k, 8), t, end, data.size, bs.gamma, goals=bs.goals))
     obs = np.asarray(data.observations)
     out, cut = [], []
@@ -175,17 +219,32 @@ def batches(agent, data, hgc, num: int, batch_size: int, seed: int):
         _, mask = agent.rewards_and_masks(b)
         rows = np.nonzero((rb["high_value_masks"] == 0.0) & (np.asarray(mask) == 1.0))[0]
         for r in rows:
-            cut.append({"idx": int(b["idx"][r]), "traj_end": int(b["traj_end"][r]),
-                        "reference": {"reward": float(rb["high_value_rewards"][r]),
-                                      "mask": float(rb["high_value_masks"][r]),
-                                      "steps": int(rb["high_value_subgoal_steps"][r])}})
+            cut.append(
+                {
+                    "idx": int(b["idx"][r]),
+                    "traj_end": int(b["traj_end"][r]),
+                    "reference": {
+                        "reward": float(rb["high_value_rewards"][r]),
+                        "mask": float(rb["high_value_masks"][r]),
+                        "steps": int(rb["high_value_subgoal_steps"][r]),
+                    },
+                }
+            )
             t = int(b["idx"][r])
             rb["high_value_subgoal_steps"][r] = N_STEPS
             rb["high_value_rewards"][r] = 0.0
             rb["high_value_masks"][r] = 1.0
             rb["high_value_next_observations"][r] = obs[t + N_STEPS]
-        keep = ("observations", "actions", "high_value_goals", "high_value_next_observations", "high_value_rewards",
-                "high_value_masks", "high_value_subgoal_steps", "high_actor_goals")
+        keep = (
+            "observations",
+            "actions",
+            "high_value_goals",
+            "high_value_next_observations",
+            "high_value_rewards",
+            "high_value_masks",
+            "high_value_subgoal_steps",
+            "high_actor_goals",
+        )
         out.append((b, {k2: rb[k2] for k2 in keep}))
     return out, cut
 
@@ -266,16 +325,20 @@ def run(ref, opts: Options) -> dict:
     defects = {}
     if cut:
         defects["window_cut_by_trajectory_end_counts_as_success"] = {
-            "macfw": [{"idx": c["idx"], "traj_end": c["traj_end"], "reward": 0.0, "mask": 1.0, "steps": N_STEPS}
-                      for c in cut],
+            "macfw": [
+                {"idx": c["idx"], "traj_end": c["traj_end"], "reward": 0.0, "mask": 1.0, "steps": N_STEPS} for c in cut
+            ],
             "reference": [dict(c["reference"], idx=c["idx"], traj_end=c["traj_end"]) for c in cut],
-            "reason": ("HGCDataset clips the n-step window at the trajectory's final index (with OGBench's compact "
-                       "layout the second-to-last state) and scores any shorter window as reaching the goal; these "
-                       "rows were given to the authors' update uncut (reward 0, mask 1, s_{t+n}), as macfw scores them"),
+            "reason": (
+                "HGCDataset clips the n-step window at the trajectory's final index (with OGBench's compact "
+                "layout the second-to-last state) and scores any shorter window as reaching the goal; these "
+                "rows were given to the authors' update uncut (reward 0, mask 1, s_{t+n}), as macfw scores them"
+            ),
         }
     speed = measure_speed(ref, opts) if opts.speed else None
-    return agent_result(terms[0], terms[opts.updates - 1], params_err, defects=defects, speed=speed,
-                        updates=opts.updates)
+    return agent_result(
+        terms[0], terms[opts.updates - 1], params_err, defects=defects, speed=speed, updates=opts.updates
+    )
 
 
 def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) -> dict:
@@ -322,6 +385,10 @@ def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
     flops = {"macfw": flops_ours, "reference": flops_ref}
-    return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
-            "load_average": list(os.getloadavg())}
+    return {
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+        "load_average": list(os.getloadavg()),
+    }

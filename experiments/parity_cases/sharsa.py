@@ -40,8 +40,21 @@ import os
 
 import numpy as np
 
-from parity_cases.common import (Options, agent_result, alternate, compare_terms, ensemble_to_flax, macfw_update,
-                                 jax_threefry, matmul_peak, mlp_to_flax, replay, tree_rel_err, unjitted, xla_flops)
+from parity_cases.common import (
+    Options,
+    agent_result,
+    alternate,
+    compare_terms,
+    ensemble_to_flax,
+    jax_threefry,
+    macfw_update,
+    matmul_peak,
+    mlp_to_flax,
+    replay,
+    tree_rel_err,
+    unjitted,
+    xla_flops,
+)
 
 #: the authors' metric -> macfw's metric
 METRICS = {
@@ -64,11 +77,13 @@ REASONS = {
         "authors' loader, the second-to-last state) and scores any shorter window as reaching the goal (steps < n: "
         "reward gamma^steps, mask 0); a window ending at the last state (t + n = traj_end, a valid start for macfw) "
         "is cut by one step and scored a success whatever the goal. These rows were given to the authors' update "
-        "uncut (their HGCDataset with terminals at the last index only), as macfw scores them."),
+        "uncut (their HGCDataset with terminals at the last index only), as macfw scores them."
+    ),
     "window_cut_by_trajectory_end_subgoal": (
         "The same cut window makes the high-level flow's target and the low-level flow's goal s_{t+n-1}'s goal "
         "representation instead of s_{t+n}'s (the last state is never a subgoal). These rows were given to the "
-        "authors' update uncut, as macfw builds them."),
+        "authors' update uncut, as macfw builds them."
+    ),
 }
 
 OB_DIM, ACT_DIM, GOAL_DIM = 28, 5, 3  # cube-single's observation and action; a 3-d oracle goal
@@ -92,11 +107,20 @@ def _macfw_agent(hidden):
     from macfw.nn.models import QCritic, StateValue
 
     flow = functools.partial(FlowPolicy, hidden_dims=hidden, distill=False, flow_steps=10, solver="euler")
-    return SHARSA(high_actor=flow, low_actor=flow,
-                  critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
-                  value=functools.partial(StateValue, hidden_dims=hidden), n=N, gamma=0.999, tau=0.005,
-                  learning_rate=3e-4, q_agg="min", value_loss="bce", num_samples=32,
-                  goal_sampling=GoalSampling(actor_geom_sample=False))
+    return SHARSA(
+        high_actor=flow,
+        low_actor=flow,
+        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
+        value=functools.partial(StateValue, hidden_dims=hidden),
+        n=N,
+        gamma=0.999,
+        tau=0.005,
+        learning_rate=3e-4,
+        q_agg="min",
+        value_loss="bce",
+        num_samples=32,
+        goal_sampling=GoalSampling(actor_geom_sample=False),
+    )
 
 
 def to_flax(nets, target_critic) -> dict:
@@ -118,8 +142,11 @@ def dataset_arrays(data, compact: bool = True) -> dict:
     last state, as macfw's ``traj_end``)."""
     end = np.asarray(data.traj_end)
     i = np.arange(len(end))
-    out = {"observations": np.asarray(data.observations), "actions": np.asarray(data.actions),
-           "oracle_reps": np.asarray(data.goals)}
+    out = {
+        "observations": np.asarray(data.observations),
+        "actions": np.asarray(data.actions),
+        "oracle_reps": np.asarray(data.goals),
+    }
     if compact:
         out.update(terminals=(i >= end - 1).astype(np.float32), valids=(i < end).astype(np.float32))
     else:
@@ -145,8 +172,13 @@ def reference_batch(ref, dataset_class: str, arrays: dict, batch: dict, config) 
 
 
 #: the authors' batch fields the cut window changes, per defect (see :func:`batches`)
-CUT_VALUE = ("high_value_subgoal_steps", "high_value_rewards", "high_value_masks", "high_value_actions",
-             "high_value_next_observations")
+CUT_VALUE = (
+    "high_value_subgoal_steps",
+    "high_value_rewards",
+    "high_value_masks",
+    "high_value_actions",
+    "high_value_next_observations",
+)
 CUT_SUBGOAL = ("high_actor_actions", "low_actor_goals")
 
 
@@ -173,15 +205,26 @@ def batches(ref, agent, spec, num: int, batch_size: int, seed: int, config):
         b = jax.device_get(sample(k))
         theirs, fixed = (reference_batch(ref, "HGCDataset", a, b, config) for a in (compact, uncut))
         for name, fields in zip(cut, (CUT_VALUE, CUT_SUBGOAL)):
-            rows = sorted({int(r) for f in fields for r in np.nonzero(
-                np.any((theirs[f] != fixed[f]).reshape(batch_size, -1), axis=1))[0]})
+            rows = sorted(
+                {
+                    int(r)
+                    for f in fields
+                    for r in np.nonzero(np.any((theirs[f] != fixed[f]).reshape(batch_size, -1), axis=1))[0]
+                }
+            )
             for r in rows:
                 if b["idx"][r] + agent.n != b["traj_end"][r]:
                     raise AssertionError(f"row {r}: the compact layout changed a window inside the trajectory")
                 keep = [f for f in fields if f not in ("high_value_actions", "high_value_next_observations")]
-                row = lambda d: {f: np.asarray(d[f][r]).tolist() for f in keep}  # noqa: E731
-                cut[name].append({"idx": int(b["idx"][r]), "traj_end": int(b["traj_end"][r]),
-                                  "macfw": row(fixed), "reference": row(theirs)})
+                row = lambda d: {f: np.asarray(d[f][r]).tolist() for f in keep}  # noqa: E731,B023,B023
+                cut[name].append(
+                    {
+                        "idx": int(b["idx"][r]),
+                        "traj_end": int(b["traj_end"][r]),
+                        "macfw": row(fixed),
+                        "reference": row(theirs),
+                    }
+                )
         out.append((b, fixed))
     return out, cut
 
@@ -216,8 +259,12 @@ def reference_update_with(mod):
 
     def upd(agent, batch, noise):
         B = noise["u_high"].shape[0]
-        tape = [("normal", noise["z_high"]), ("uniform", noise["u_high"].reshape(B, 1)),
-                ("normal", noise["z_low"]), ("uniform", noise["u_low"].reshape(B, 1))]
+        tape = [
+            ("normal", noise["z_high"]),
+            ("uniform", noise["u_high"].reshape(B, 1)),
+            ("normal", noise["z_low"]),
+            ("uniform", noise["u_low"].reshape(B, 1)),
+        ]
         with unjitted(cls), replay(tape) as left:
             out = cls.update(agent, batch)
         if left:
@@ -249,12 +296,19 @@ def run(ref, opts: Options) -> dict:
                 raise AssertionError(f"macfw does not report {missing} (mapped to {[METRICS[k] for k in missing]})")
     params_err = tree_rel_err(to_flax(state.nets, state.target_critic), theirs.network.params)
     terms[opts.updates - 1]["act"] = compare_acting(agent, state, theirs, data[-1][0], opts.seed)
-    defects = {name: {"macfw": [dict(c["macfw"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
-                      "reference": [dict(c["reference"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
-                      "reason": REASONS[name]} for name, rows in cut.items() if rows}
+    defects = {
+        name: {
+            "macfw": [dict(c["macfw"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
+            "reference": [dict(c["reference"], idx=c["idx"], traj_end=c["traj_end"]) for c in rows],
+            "reason": REASONS[name],
+        }
+        for name, rows in cut.items()
+        if rows
+    }
     speed = measure_speed(ref, opts) if opts.speed else None
-    return agent_result(terms[0], terms[opts.updates - 1], params_err, defects=defects, speed=speed,
-                        updates=opts.updates)
+    return agent_result(
+        terms[0], terms[opts.updates - 1], params_err, defects=defects, speed=speed, updates=opts.updates
+    )
 
 
 def compare_acting(agent, state, theirs, batch: dict, seed: int, num: int = 8) -> dict:
@@ -300,6 +354,10 @@ def measure_speed(ref, opts: Options) -> dict:
     t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
     peak = matmul_peak()
     ups = {k: opts.calls / v for k, v in t.items()}
-    return {"updates_per_s": ups, "flops_per_update": flops,
-            "utilisation": {k: flops[k] * ups[k] / peak for k in ups}, "matmul_peak_flops": peak,
-            "load_average": list(os.getloadavg())}
+    return {
+        "updates_per_s": ups,
+        "flops_per_update": flops,
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+        "load_average": list(os.getloadavg()),
+    }

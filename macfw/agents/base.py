@@ -24,7 +24,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -49,8 +50,8 @@ class BatchSpec:
     ``success ()`` the chunk success label; ``value_goals, actor_goals (goal_dim,)`` hindsight
     relabelled goals drawn as ``goals`` says (``(0,)`` single-task); ``next_goals (goal_dim,)``
     the goal representation of s_{t+n}; ``idx``, ``value_goal_idx``, ``actor_goal_idx ()`` the dataset
-    indices of s_t, of the value goal and of the actor goal; ``traj_end ()`` the index of the last observation of s_t's trajectory;
-    and, when ``future_len > 0``,
+    indices of s_t, of the value goal and of the actor goal; ``traj_end ()`` the index of the last
+    observation of s_t's trajectory; and, when ``future_len > 0``,
     ``future_obs (future_len, ob_dim)`` = s_{t+1} .. s_{t+future_len}.
 
     Attributes:
@@ -170,8 +171,9 @@ class Agent(abc.ABC):
         """
 
     @abc.abstractmethod
-    def act(self, params: Any, s: Float[Array, " ob_dim"], g: Float[Array, " goal_dim"], *,
-            key) -> Float[Array, "k act_dim"]:
+    def act(
+        self, params: Any, s: Float[Array, " ob_dim"], g: Float[Array, " goal_dim"], *, key
+    ) -> Float[Array, "k act_dim"]:
         """Actions for one scaled observation and goal: ``(chunk_len, act_dim)`` when
         :attr:`acts_in_chunks`, else ``(1, act_dim)``; values in [-1, 1]. ``params`` is
         :meth:`acting_params` of a state."""
@@ -226,7 +228,8 @@ class Agent(abc.ABC):
                 f"{name}.batch_spec.goals = {got!r} is not the goal sampling configured for {name}, {want!r}: "
                 f"its batches would ignore the GoalSampling bindings. Give {name} a goal_sampling argument and "
                 f"pass it as BatchSpec(..., goals=...) (see macfw.data.goals.goal_sampling_for), or remove the "
-                f"GoalSampling bindings.")
+                f"GoalSampling bindings."
+            )
 
     def refresh_spec(self) -> RefreshSpec | None:
         """When the loop calls :meth:`refresh` (None: never; the default)."""
@@ -242,7 +245,7 @@ class Agent(abc.ABC):
         return state.nets
 
     # -- benchmark hooks (macfw.bench); the defaults suit an agent without loops in its update
-    def for_flop_count(self) -> "Agent":
+    def for_flop_count(self) -> Agent:
         """An equivalent agent whose compiled update XLA's cost analysis counts in full (XLA counts a
         loop body once, so e.g. an imagined rollout is unrolled); default ``self``."""
         return self
@@ -264,12 +267,14 @@ def copy_of(tree):
 def ema(target, online, tau: float):
     """Polyak averaging of a target network: ``(1 - tau) * target + tau * online`` for every floating
     array leaf (other leaves from ``target``); ``tau`` per gradient step."""
-    return jax.tree_util.tree_map(lambda t, v: (1.0 - tau) * t + tau * v if eqx.is_inexact_array(t) else t,
-                                  target, online)
+    return jax.tree_util.tree_map(
+        lambda t, v: (1.0 - tau) * t + tau * v if eqx.is_inexact_array(t) else t, target, online
+    )
 
 
-def gradient_step(nets, opt_state, optimizer: optax.GradientTransformation,
-                  loss_fn: Callable[[Any], tuple[Array, dict]]) -> tuple[Any, Any, dict]:
+def gradient_step(
+    nets, opt_state, optimizer: optax.GradientTransformation, loss_fn: Callable[[Any], tuple[Array, dict]]
+) -> tuple[Any, Any, dict]:
     """One optimiser step on ``loss_fn(nets) -> (loss, metrics)`` w.r.t. every floating array of ``nets``.
 
     Returns the updated ``nets``, the optimiser state and ``metrics`` with ``optim/grad_norm`` (the
@@ -300,8 +305,9 @@ def vmap_steps(fn: Callable, *args):
     """
     lead = args[0].shape[:2]
     if len(lead) < 2 or any(x.shape[:2] != lead for x in args):
-        raise ValueError(f"vmap_steps needs arguments with the same two leading axes, got shapes "
-                         f"{[tuple(x.shape) for x in args]}")
+        raise ValueError(
+            f"vmap_steps needs arguments with the same two leading axes, got shapes {[tuple(x.shape) for x in args]}"
+        )
     if reference.active("vmap_steps"):  # the reference computation: the nested vmaps
         return jax.vmap(jax.vmap(fn))(*args)
     n = lead[0] * lead[1]

@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -107,17 +108,33 @@ class FutureFlow(eqx.Module):
     flow_steps: int = eqx.field(static=True)
     solver: Any = eqx.field(static=True)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, future_len: int = 32, hidden_dims: Sequence[int] = HIDDEN,
-                 layer_norm: bool = True, flow_steps: int = 10, solver: str = "euler",
-                 compute_dtype: str | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        future_len: int = 32,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        flow_steps: int = 10,
+        solver: str = "euler",
+        compute_dtype: str | None = None,
+    ):
         future_len = check_int("FMPC.future_len", future_len)
         self.flow_steps = check_int("FutureFlow.flow_steps", flow_steps)
         check("FutureFlow.solver", solver, _solver_ok(solver), "a diffrax solver name such as 'euler', or an instance")
         self.solver = solver
         self.future_dim = future_len * spec.ob_dim
         d_in = spec.ob_dim + spec.act_dim + self.future_dim + 1
-        self.field = MLP(d_in, self.future_dim, hidden_dims, key=key, layer_norm=layer_norm,
-                         compute_dtype=compute_dtype, name=type(self).__name__)
+        self.field = MLP(
+            d_in,
+            self.future_dim,
+            hidden_dims,
+            key=key,
+            layer_norm=layer_norm,
+            compute_dtype=compute_dtype,
+            name=type(self).__name__,
+        )
 
     def velocity(self, s, a, x, u) -> Float[Array, " future_dim"]:
         """``v(s, a, x, u)``: ``x: (L * ob_dim,)``, ``u`` scalar flow time."""
@@ -157,13 +174,12 @@ def _solver_ok(solver) -> bool:
 # --------------------------------------------------------------------------------------------
 # Equations (pure functions; tests pin them)
 # --------------------------------------------------------------------------------------------
-def critic_target(r: Array, m: Array, v_next: Array, *, gamma: float, future_len: int,
-                  clip01: bool = False) -> Array:
+def critic_target(r: Array, m: Array, v_next: Array, *, gamma: float, future_len: int, clip01: bool = False) -> Array:
     """FMPC's critic target ``r + gamma^L m v_next`` (elementwise), clipped to [0, 1] when ``clip01``.
 
     ``v_next`` is ``V(s_{t+L}, g)`` as a value (a probability for BCE heads: the sigmoid of the logit).
     """
-    target = r + (gamma ** future_len) * m * v_next
+    target = r + (gamma**future_len) * m * v_next
     return jnp.clip(target, 0.0, 1.0) if clip01 else target
 
 
@@ -191,10 +207,10 @@ def _sg(tree):
 class FMPCNetworks(eqx.Module):
     """Every trained network of FMPC (what the optimiser updates)."""
 
-    model: eqx.Module   # FutureFlow: p(X | s, a)
+    model: eqx.Module  # FutureFlow: p(X | s, a)
     policy: eqx.Module  # FlowPolicy over single actions: pi(a | s, g_a)
     critic: eqx.Module  # QCritic on (X, g, a)
-    value: eqx.Module   # StateValue V(s, g)
+    value: eqx.Module  # StateValue V(s, g)
 
 
 class FMPCState(eqx.Module):
@@ -235,10 +251,22 @@ class FMPC(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, model: Callable = FutureFlow, policy: Callable | None = None, critic: Callable = QCritic,
-                 value: Callable = StateValue, *, future_len: int = 32, num_samples: int = 64, gamma: float = 0.999,
-                 tau: float = 0.005, learning_rate: float = 3e-4, value_loss: str = "bce",
-                 normalize_reward: bool = True, goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        model: Callable = FutureFlow,
+        policy: Callable | None = None,
+        critic: Callable = QCritic,
+        value: Callable = StateValue,
+        *,
+        future_len: int = 32,
+        num_samples: int = 64,
+        gamma: float = 0.999,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        value_loss: str = "bce",
+        normalize_reward: bool = True,
+        goal_sampling: GoalSampling | None = None,
+    ):
         name = type(self).__name__
         policy = functools.partial(FlowPolicy, distill=False) if policy is None else policy
         for slot, f in (("model", model), ("policy", policy), ("critic", critic), ("value", value)):
@@ -259,9 +287,14 @@ class FMPC(Agent):
     def batch_spec(self) -> BatchSpec:
         """Windows of L steps: ``rewards``/``masks``/``success``/``next_obs`` span ``[t, t+L)`` and
         ``future_obs`` holds ``s_{t+1..t+L}``; the actions' first ``act_dim`` floats are ``a_t``."""
-        return BatchSpec(chunk_len=self.future_len, gamma=self.gamma, normalize_reward=self.normalize_reward,
-                         future_len=self.future_len, binding="FMPC.future_len",
-                         goals=self.goal_sampling)
+        return BatchSpec(
+            chunk_len=self.future_len,
+            gamma=self.gamma,
+            normalize_reward=self.normalize_reward,
+            future_len=self.future_len,
+            binding="FMPC.future_len",
+            goals=self.goal_sampling,
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)
@@ -278,13 +311,19 @@ class FMPC(Agent):
         one = dataclasses.replace(spec, chunk_len=1)
         future = dataclasses.replace(one, ob_dim=self.future_len * spec.ob_dim)
         f = self.factories
-        nets = FMPCNetworks(model=f["model"](one, key=ks[0], future_len=self.future_len),
-                            policy=f["policy"](one, key=ks[1]), critic=f["critic"](future, key=ks[2]),
-                            value=f["value"](one, key=ks[3]))
-        check("FMPC.policy", type(nets.policy).__name__,
-              hasattr(nets.policy, "flow_loss") and getattr(nets.policy, "one_step", None) is None,
-              "a flow policy trained by flow matching alone, sampled by solving its ODE (the authors'): "
-              "@FlowPolicy with FlowPolicy.distill = False")
+        nets = FMPCNetworks(
+            model=f["model"](one, key=ks[0], future_len=self.future_len),
+            policy=f["policy"](one, key=ks[1]),
+            critic=f["critic"](future, key=ks[2]),
+            value=f["value"](one, key=ks[3]),
+        )
+        check(
+            "FMPC.policy",
+            type(nets.policy).__name__,
+            hasattr(nets.policy, "flow_loss") and getattr(nets.policy, "one_step", None) is None,
+            "a flow policy trained by flow matching alone, sampled by solving its ODE (the authors'): "
+            "@FlowPolicy with FlowPolicy.distill = False",
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.value)
         return FMPCState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_value=target, opt_state=opt_state)
@@ -302,14 +341,23 @@ class FMPC(Agent):
         ob_dim, act_dim = self.spec.ob_dim, self.spec.act_dim
         fut = batch["future_obs"]
         if self.spec.goal_conditioned:
-            reward, label = batch["success"], goal_later_label(batch["idx"], batch["value_goal_idx"],
-                                                              batch.get("traj_end"))
+            reward, label = (
+                batch["success"],
+                goal_later_label(batch["idx"], batch["value_goal_idx"], batch.get("traj_end")),
+            )
         else:
             reward, label = batch["rewards"], jnp.zeros((B,), jnp.float32)
-        return {"obs": batch["obs"], "action": batch["actions"][:, :act_dim],
-                "future": fut.reshape(B, self.future_len * ob_dim), "last": fut[:, -1],
-                "value_goals": batch["value_goals"], "actor_goals": batch["actor_goals"],
-                "reward": reward, "mask": batch["masks"], "value_label": label}
+        return {
+            "obs": batch["obs"],
+            "action": batch["actions"][:, :act_dim],
+            "future": fut.reshape(B, self.future_len * ob_dim),
+            "last": fut[:, -1],
+            "value_goals": batch["value_goals"],
+            "actor_goals": batch["actor_goals"],
+            "reward": reward,
+            "mask": batch["masks"],
+            "value_label": label,
+        }
 
     def targets(self, nets: FMPCNetworks, target_value, inputs: dict) -> dict[str, Array]:
         """Regression targets ``(B,)`` under stop-gradient: ``q`` for Q (:func:`critic_target` with
@@ -321,13 +369,19 @@ class FMPC(Agent):
         v_next = jax.vmap(nets.value)(inputs["last"], g)
         if self._bce:
             v_next = jax.nn.sigmoid(v_next)
-        q = critic_target(inputs["reward"], inputs["mask"], v_next, gamma=self.gamma, future_len=self.future_len,
-                          clip01=self._bce)
+        q = critic_target(
+            inputs["reward"], inputs["mask"], v_next, gamma=self.gamma, future_len=self.future_len, clip01=self._bce
+        )
         if self.spec.goal_conditioned:
             v = inputs["value_label"]
         else:
-            v = critic_target(inputs["reward"], inputs["mask"], jax.vmap(target_value)(inputs["last"], g),
-                              gamma=self.gamma, future_len=self.future_len)
+            v = critic_target(
+                inputs["reward"],
+                inputs["mask"],
+                jax.vmap(target_value)(inputs["last"], g),
+                gamma=self.gamma,
+                future_len=self.future_len,
+            )
         return {"q": q, "v": v}
 
     # ------------------------------------------------------------------ the update
@@ -337,18 +391,22 @@ class FMPC(Agent):
         (B, act_dim)``, ``policy_u (B,)``); normals and uniforms on [0, 1)."""
         kz, ku, pz, pu = jax.random.split(key, 4)
         B = batch_size
-        return {"model_z": jax.random.normal(kz, (B, self.future_len * self.spec.ob_dim)),
-                "model_u": jax.random.uniform(ku, (B,)),
-                "policy_z": jax.random.normal(pz, (B, self.spec.act_dim)),
-                "policy_u": jax.random.uniform(pu, (B,))}
+        return {
+            "model_z": jax.random.normal(kz, (B, self.future_len * self.spec.ob_dim)),
+            "model_u": jax.random.uniform(ku, (B,)),
+            "policy_z": jax.random.normal(pz, (B, self.spec.act_dim)),
+            "policy_u": jax.random.uniform(pu, (B,)),
+        }
 
     def loss(self, nets: FMPCNetworks, inputs: dict, targets: dict, noise: dict) -> tuple[Array, dict]:
         """The four losses on one batch of :meth:`training_inputs` with the draws ``noise``
         (:meth:`draw_noise`); ``(total, metrics)``."""
-        model_l, m_model = jax.vmap(nets.model.flow_loss)(inputs["obs"], inputs["action"], inputs["future"],
-                                                         noise["model_z"], noise["model_u"])
-        policy_l = jax.vmap(nets.policy.flow_loss)(inputs["obs"], inputs["actor_goals"], inputs["action"],
-                                                   noise["policy_z"], noise["policy_u"])
+        model_l, m_model = jax.vmap(nets.model.flow_loss)(
+            inputs["obs"], inputs["action"], inputs["future"], noise["model_z"], noise["model_u"]
+        )
+        policy_l = jax.vmap(nets.policy.flow_loss)(
+            inputs["obs"], inputs["actor_goals"], inputs["action"], noise["policy_z"], noise["policy_u"]
+        )
         g = inputs["value_goals"]
         v = jax.vmap(nets.value)(inputs["obs"], g)
         q = jax.vmap(nets.critic)(inputs["future"], g, inputs["action"])
@@ -359,12 +417,23 @@ class FMPC(Agent):
             v, q = jax.nn.sigmoid(v), jax.nn.sigmoid(q)
         total = model_l.mean() + policy_l.mean() + value_l + critic_l
         metrics = {k: jnp.mean(x) for k, x in m_model.items()}
-        metrics.update({"flow/loss": policy_l.mean(),
-                        "flow/vel": jnp.linalg.norm(inputs["action"] - noise["policy_z"], axis=-1).mean(),
-                        "value/loss": value_l, "value/v_mean": v.mean(), "value/v_max": v.max(),
-                        "value/v_min": v.min(), "value/target_mean": targets["v"].mean(),
-                        "critic/loss": critic_l, "critic/q_mean": q.mean(), "critic/q_max": q.max(),
-                        "critic/q_min": q.min(), "critic/target_mean": targets["q"].mean(), "total/loss": total})
+        metrics.update(
+            {
+                "flow/loss": policy_l.mean(),
+                "flow/vel": jnp.linalg.norm(inputs["action"] - noise["policy_z"], axis=-1).mean(),
+                "value/loss": value_l,
+                "value/v_mean": v.mean(),
+                "value/v_max": v.max(),
+                "value/v_min": v.min(),
+                "value/target_mean": targets["v"].mean(),
+                "critic/loss": critic_l,
+                "critic/q_mean": q.mean(),
+                "critic/q_max": q.max(),
+                "critic/q_min": q.min(),
+                "critic/target_mean": targets["q"].mean(),
+                "total/loss": total,
+            }
+        )
         return total, metrics
 
     def update(self, state: FMPCState, batch: dict, noise: dict[str, Array] | None = None) -> tuple[FMPCState, dict]:
@@ -376,10 +445,12 @@ class FMPC(Agent):
         inputs = self.training_inputs(batch)
         targets = self.targets(state.nets, state.target_value, inputs)
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, inputs, targets, noise))
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, inputs, targets, noise)
+        )
         target = ema(state.target_value, nets.value, self.tau)
-        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_value=target,
-                                   opt_state=opt_state), metrics
+        return dataclasses.replace(
+            state, step=state.step + 1, key=key, nets=nets, target_value=target, opt_state=opt_state
+        ), metrics
 
     # ------------------------------------------------------------------ acting
     def candidates(self, nets: FMPCNetworks, s, g, *, key) -> tuple[Array, Array]:

@@ -8,8 +8,8 @@ policy, a one-step actor ``pi(s, g, z) -> A`` is trained as in FQL (Park et al.,
 
 with ``z ~ N(0, I)``, ``alpha = 0.3``, the critic under stop-gradient in the first term (the actor's
 Q-maximisation never moves ``Q``) and the flow ODE solution of the behaviour policy ``v``, clipped
-to ``[-1, 1]`` (the authors' ``agents/mbfql.py``), as the stop-gradient target. Imagined rollouts and acting use the actor's chunk directly, with no
-candidates and no ``argmax Q`` (:class:`DirectSampler`).
+to ``[-1, 1]`` (the authors' ``agents/mbfql.py``), as the stop-gradient target. Imagined rollouts
+and acting use the actor's chunk directly, with no candidates and no ``argmax Q`` (:class:`DirectSampler`).
 
 Gin::
 
@@ -25,7 +25,7 @@ Shapes per example: ``s: (ob_dim,)``, ``g: (goal_dim,)``, ``z, A: (chunk_dim,)``
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -39,7 +39,6 @@ from macfw.nn.models import HIDDEN
 from macfw.registry import register
 from macfw.samplers import Sampler
 from macfw.spec import Spec
-
 
 
 @register("actor")
@@ -56,10 +55,24 @@ class FQLActor(eqx.Module):
     net: MLP
     chunk_dim: int = eqx.field(static=True)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
-        self.net = MLP(spec.ob_dim + spec.goal_dim + spec.chunk_dim, spec.chunk_dim, hidden_dims, key=key,
-                       layer_norm=layer_norm, compute_dtype=compute_dtype, name=type(self).__name__)
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        compute_dtype: str | None = None,
+    ):
+        self.net = MLP(
+            spec.ob_dim + spec.goal_dim + spec.chunk_dim,
+            spec.chunk_dim,
+            hidden_dims,
+            key=key,
+            layer_norm=layer_norm,
+            compute_dtype=compute_dtype,
+            name=type(self).__name__,
+        )
         self.chunk_dim = spec.chunk_dim
 
     def __call__(self, s, g, z) -> Float[Array, " chunk_dim"]:
@@ -110,8 +123,15 @@ class MACFQL(MAC):
         without a ``solve`` method.
     """
 
-    def __init__(self, *args, actor: Callable = FQLActor, alpha: float = 0.3, normalize_q_loss: bool = True,
-                 actor_goals: str = "actor_goals", **kwargs):
+    def __init__(
+        self,
+        *args,
+        actor: Callable = FQLActor,
+        alpha: float = 0.3,
+        normalize_q_loss: bool = True,
+        actor_goals: str = "actor_goals",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.alpha = check_float("MACFQL.alpha", alpha, low=0.0)
         self.actor_goals = check_choice("MACFQL.actor_goals", actor_goals, ("actor_goals", "value_goals"))
@@ -121,8 +141,12 @@ class MACFQL(MAC):
     # ------------------------------------------------------------------ building
     def init(self, spec: Spec, key) -> TrainState:
         state = super().init(spec, key)
-        check("MAC.policy", type(state.nets.policy).__name__, callable(getattr(state.nets.policy, "solve", None)),
-              "a policy with a solve(s, g, z) method (MACFQL distils the flow ODE solution), e.g. @FlowPolicy")
+        check(
+            "MAC.policy",
+            type(state.nets.policy).__name__,
+            callable(getattr(state.nets.policy, "solve", None)),
+            "a policy with a solve(s, g, z) method (MACFQL distils the flow ODE solution), e.g. @FlowPolicy",
+        )
         key, k_actor = jax.random.split(state.key)
         nets = dataclasses.replace(state.nets, actor=self.factories["actor"](spec, key=k_actor))
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
@@ -159,8 +183,13 @@ class MACFQL(MAC):
         if self.normalize_q_loss:
             q_loss = q_loss * jax.lax.stop_gradient(1.0 / (jnp.mean(jnp.abs(q)) + 1e-6))
         loss = q_loss + self.alpha * distill
-        return loss, {"actor/loss": loss, "actor/q_loss": q_loss, "actor/distill_loss": distill,
-                      "actor/q_mean": jnp.mean(q), "actor/action_abs_mean": jnp.mean(jnp.abs(A))}
+        return loss, {
+            "actor/loss": loss,
+            "actor/q_loss": q_loss,
+            "actor/distill_loss": distill,
+            "actor/q_mean": jnp.mean(q),
+            "actor/action_abs_mean": jnp.mean(jnp.abs(A)),
+        }
 
     def loss(self, nets: Networks, target_value, batch: dict, roll: dict, key) -> tuple[Array, dict]:
         """MAC's loss plus :meth:`actor_loss` (DESIGN §2.7, MAC-FQL)."""

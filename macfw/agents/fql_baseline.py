@@ -38,7 +38,8 @@ gradient step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -84,8 +85,9 @@ def _q_per_example(critic, s, g, a) -> Array:
     return q.reshape(q.shape[0], -1)
 
 
-def fql_critic_target(target_critic, actor, s_next, g, rewards, masks, z_next, *, gamma: float,
-                      q_agg: str = "mean") -> Array:
+def fql_critic_target(
+    target_critic, actor, s_next, g, rewards, masks, z_next, *, gamma: float, q_agg: str = "mean"
+) -> Array:
     """FQL's TD target ``r + gamma m agg_j Q'_j(s', g, clip(mu(s', g, z'), -1, 1))``: ``(B,)``.
 
     Args:
@@ -105,8 +107,9 @@ def fql_critic_target(target_critic, actor, s_next, g, rewards, masks, z_next, *
     return rewards + gamma * masks * q_next
 
 
-def fql_actor_loss(actor, critic, s, g, z, flow_target, *, alpha: float,
-                   normalize_q_loss: bool = False) -> tuple[Array, dict]:
+def fql_actor_loss(
+    actor, critic, s, g, z, flow_target, *, alpha: float, normalize_q_loss: bool = False
+) -> tuple[Array, dict]:
     """FQL's one-step policy loss ``alpha * distill + q_loss`` (paper Eq. (5); authors' ``actor_loss``).
 
     ``distill = mean_{b, i} (mu(s, g, z) - flow_target)^2`` (mean over the batch and the action
@@ -132,8 +135,13 @@ def fql_actor_loss(actor, critic, s, g, z, flow_target, *, alpha: float,
     if normalize_q_loss:
         q_loss = q_loss * _sg(1.0 / jnp.mean(jnp.abs(q)))
     loss = alpha * distill + q_loss
-    return loss, {"actor/loss": loss, "actor/distill_loss": distill, "actor/q_loss": q_loss,
-                  "actor/q_mean": jnp.mean(q), "actor/action_abs_mean": jnp.mean(jnp.abs(a))}
+    return loss, {
+        "actor/loss": loss,
+        "actor/distill_loss": distill,
+        "actor/q_loss": q_loss,
+        "actor/q_mean": jnp.mean(q),
+        "actor/action_abs_mean": jnp.mean(jnp.abs(a)),
+    }
 
 
 @register("agent")
@@ -162,13 +170,25 @@ class FQL(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, policy: Callable = FlowPolicy, actor: Callable = FQLActor, critic: Callable | None = None, *,
-                 alpha: float = 300.0, gamma: float = 0.99, tau: float = 0.005, learning_rate: float = 3e-4,
-                 q_agg: str = "mean", normalize_q_loss: bool = False, goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        policy: Callable = FlowPolicy,
+        actor: Callable = FQLActor,
+        critic: Callable | None = None,
+        *,
+        alpha: float = 300.0,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        q_agg: str = "mean",
+        normalize_q_loss: bool = False,
+        goal_sampling: GoalSampling | None = None,
+    ):
         name = type(self).__name__
         for slot, f in (("policy", policy), ("actor", actor), ("critic", critic)):
-            check(f"{name}.{slot}", f, callable(f),
-                  "a network class, e.g. @critic/Ensemble (see gin/baselines/fql.gin)")
+            check(
+                f"{name}.{slot}", f, callable(f), "a network class, e.g. @critic/Ensemble (see gin/baselines/fql.gin)"
+            )
         self.factories = dict(policy=policy, actor=actor, critic=critic)
         self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
         self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -195,10 +215,15 @@ class FQL(Agent):
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         key, k_p, k_a, k_c = jax.random.split(key, 4)
         f = self.factories
-        nets = FQLNetworks(policy=f["policy"](spec, key=k_p), actor=f["actor"](spec, key=k_a),
-                           critic=f["critic"](spec, key=k_c))
-        check("FQL.policy", type(nets.policy).__name__, callable(getattr(nets.policy, "solve", None)),
-              "a policy with a solve(s, g, z) method (FQL distils the flow ODE solution), e.g. @FlowPolicy")
+        nets = FQLNetworks(
+            policy=f["policy"](spec, key=k_p), actor=f["actor"](spec, key=k_a), critic=f["critic"](spec, key=k_c)
+        )
+        check(
+            "FQL.policy",
+            type(nets.policy).__name__,
+            callable(getattr(nets.policy, "solve", None)),
+            "a policy with a solve(s, g, z) method (FQL distils the flow ODE solution), e.g. @FlowPolicy",
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.critic)
         return FQLState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state)
@@ -231,23 +256,34 @@ class FQL(Agent):
     def critic_target(self, nets: FQLNetworks, target_critic, batch: dict, key) -> Array:
         """The TD target of :func:`fql_critic_target` on a one-step view of the batch: ``(B,)``."""
         z = jax.random.normal(key, (batch["rewards"].shape[0], self.spec.act_dim))
-        return fql_critic_target(target_critic, nets.actor, batch["next_obs"], batch["value_goals"], batch["rewards"],
-                                 batch["masks"], z, gamma=self.gamma, q_agg=self.q_agg)
+        return fql_critic_target(
+            target_critic,
+            nets.actor,
+            batch["next_obs"],
+            batch["value_goals"],
+            batch["rewards"],
+            batch["masks"],
+            z,
+            gamma=self.gamma,
+            q_agg=self.q_agg,
+        )
 
     def actor_loss(self, nets: FQLNetworks, batch: dict, key) -> tuple[Array, dict]:
         """:func:`fql_actor_loss` on the batch's states and actor goals, with the flow ODE target."""
         s, g = batch["obs"], batch["actor_goals"]
         z = jax.random.normal(key, (s.shape[0], self.spec.act_dim))
         target = _sg(self.flow_target(nets.policy, s, g, z))
-        return fql_actor_loss(nets.actor, nets.critic, s, g, z, target, alpha=self.alpha,
-                              normalize_q_loss=self.normalize_q_loss)
+        return fql_actor_loss(
+            nets.actor, nets.critic, s, g, z, target, alpha=self.alpha, normalize_q_loss=self.normalize_q_loss
+        )
 
     def loss(self, nets: FQLNetworks, batch: dict, target_q: Array, key) -> tuple[Array, dict]:
         """Flow BC + critic + actor losses on a one-step view ``batch``; ``(total, metrics)``."""
         k_flow, k_actor = jax.random.split(key)
         B = batch["rewards"].shape[0]
         flow, m_flow = jax.vmap(lambda s, g, a, k: nets.policy.loss(s, g, a, key=k))(
-            batch["obs"], batch["actor_goals"], batch["actions"], jax.random.split(k_flow, B))
+            batch["obs"], batch["actor_goals"], batch["actions"], jax.random.split(k_flow, B)
+        )
         flow = jnp.mean(flow)
         q = _q_per_example(nets.critic, batch["obs"], batch["value_goals"], batch["actions"])  # (B, k)
         critic_loss = jnp.mean((q - target_q[:, None]) ** 2)
@@ -255,8 +291,16 @@ class FQL(Agent):
         total = flow + critic_loss + actor
         metrics = {k: jnp.mean(v) for k, v in m_flow.items()}
         metrics.update(m_actor)
-        metrics.update({"critic/loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_max": q.max(),
-                        "critic/q_min": q.min(), "critic/target_mean": target_q.mean(), "total/loss": total})
+        metrics.update(
+            {
+                "critic/loss": critic_loss,
+                "critic/q_mean": q.mean(),
+                "critic/q_max": q.max(),
+                "critic/q_min": q.min(),
+                "critic/target_mean": target_q.mean(),
+                "total/loss": total,
+            }
+        )
         return total, metrics
 
     def update(self, state: FQLState, batch: dict) -> tuple[FQLState, dict]:
@@ -265,7 +309,9 @@ class FQL(Agent):
         b = one_step_view(batch)  # masks = 1 - success
         target_q = _sg(self.critic_target(_sg(state.nets), _sg(state.target_critic), b, k_next))
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, b, target_q, k_loss))
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, b, target_q, k_loss)
+        )
         target = ema(state.target_critic, nets.critic, self.tau)
-        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
-                                   opt_state=opt_state), metrics
+        return dataclasses.replace(
+            state, step=state.step + 1, key=key, nets=nets, target_critic=target, opt_state=opt_state
+        ), metrics

@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -122,11 +123,27 @@ class ClippedMeanActor(eqx.Module):
 
     net: MLP
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 final_init_scale: float = 0.01, compute_dtype: str | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        final_init_scale: float = 0.01,
+        compute_dtype: str | None = None,
+    ):
         scale = check_float("ClippedMeanActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
-        self.net = MLP(spec.ob_dim + spec.goal_dim, spec.chunk_dim, hidden_dims, key=key, layer_norm=layer_norm,
-                       final_init_scale=scale, compute_dtype=compute_dtype, name=type(self).__name__)
+        self.net = MLP(
+            spec.ob_dim + spec.goal_dim,
+            spec.chunk_dim,
+            hidden_dims,
+            key=key,
+            layer_norm=layer_norm,
+            final_init_scale=scale,
+            compute_dtype=compute_dtype,
+            name=type(self).__name__,
+        )
 
     def mean(self, s, g) -> Float[Array, " chunk_dim"]:
         """The unbounded mean ``mu(s, g)``: ``(chunk_dim,)`` (what the BC term regresses)."""
@@ -174,8 +191,9 @@ def value_loss(v: Float[Array, " B"], target_qs: Float[Array, "B k"], expectile:
     return loss, {"value/loss": loss, "value/v_mean": v.mean(), "value/v_max": v.max(), "value/v_min": v.min()}
 
 
-def critic_target(rewards: Float[Array, " B"], masks: Float[Array, " B"], next_v: Float[Array, " B"],
-                  gamma: float) -> Float[Array, " B"]:
+def critic_target(
+    rewards: Float[Array, " B"], masks: Float[Array, " B"], next_v: Float[Array, " B"], gamma: float
+) -> Float[Array, " B"]:
     """The one-step target ``y = r + gamma m V(s', g_v)`` (``gamma`` per environment step)."""
     return rewards + gamma * masks * next_v
 
@@ -183,12 +201,18 @@ def critic_target(rewards: Float[Array, " B"], masks: Float[Array, " B"], next_v
 def critic_loss(qs: Float[Array, "B k"], target: Float[Array, " B"]) -> tuple[Array, dict]:
     """``E_batch[ sum_j (Q_j - y)^2 ]`` (the authors' ``((q1 - y)^2 + (q2 - y)^2).mean()``)."""
     loss = jnp.mean(jnp.sum((qs - target[:, None]) ** 2, axis=1))
-    return loss, {"critic/loss": loss, "critic/q_mean": qs.mean(), "critic/target_mean": target.mean(),
-                  "critic/target_max": target.max(), "critic/target_min": target.min()}
+    return loss, {
+        "critic/loss": loss,
+        "critic/q_mean": qs.mean(),
+        "critic/target_mean": target.mean(),
+        "critic/target_max": target.max(),
+        "critic/target_min": target.min(),
+    }
 
 
-def ddpg_bc_loss(q_pi: Float[Array, "B k"], bc_out: Float[Array, "B d"], data_actions: Float[Array, "B d"],
-                 alpha: float) -> tuple[Array, dict]:
+def ddpg_bc_loss(
+    q_pi: Float[Array, "B k"], bc_out: Float[Array, "B d"], data_actions: Float[Array, "B d"], alpha: float
+) -> tuple[Array, dict]:
     """DDPG+BC with ``|Q|`` normalisation (OGBench's GCIQL actor):
     ``-E[min_j Q_j] / sg(E|min_j Q_j| + 1e-6) - alpha E[log N(a; bc_out, I)]``, where
     ``-log N(a; mu, I) = 0.5 ||mu - a||^2 + 0.5 d log(2 pi)`` (the authors' unit-std Gaussian: the
@@ -208,9 +232,16 @@ def ddpg_bc_loss(q_pi: Float[Array, "B k"], bc_out: Float[Array, "B d"], data_ac
     log_prob = -0.5 * sq - 0.5 * d * _LOG_2PI  # log N(a; bc_out, I) per example
     bc = -alpha * jnp.mean(log_prob)
     loss = q_loss + bc
-    return loss, {"actor/loss": loss, "actor/q_loss": q_loss, "actor/bc_loss": bc, "actor/q_mean": jnp.mean(q),
-                  "actor/q_abs_mean": q_abs, "actor/bc_log_prob": jnp.mean(log_prob), "actor/mse": jnp.mean(sq) / d,
-                  "actor/std": jnp.ones((), bc_out.dtype)}  # the authors' constant unit std, logged as they do
+    return loss, {
+        "actor/loss": loss,
+        "actor/q_loss": q_loss,
+        "actor/bc_loss": bc,
+        "actor/q_mean": jnp.mean(q),
+        "actor/q_abs_mean": q_abs,
+        "actor/bc_log_prob": jnp.mean(log_prob),
+        "actor/mse": jnp.mean(sq) / d,
+        "actor/std": jnp.ones((), bc_out.dtype),
+    }  # the authors' constant unit std, logged as they do
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,17 +290,30 @@ class GCIQL(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, value: Callable = StateValue, critic: Callable | None = None,
-                 actor: Callable = ClippedMeanActor, *, gamma: float = 0.999, expectile: float = 0.9,
-                 alpha: float = 1.0, tau: float = 0.005, learning_rate: float = 3e-4,
-                 goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        value: Callable = StateValue,
+        critic: Callable | None = None,
+        actor: Callable = ClippedMeanActor,
+        *,
+        gamma: float = 0.999,
+        expectile: float = 0.9,
+        alpha: float = 1.0,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        goal_sampling: GoalSampling | None = None,
+    ):
         name = type(self).__name__
         for slot, f in (("value", value), ("critic", critic), ("actor", actor)):
-            check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @critic/Ensemble (see gin/baselines/gciql.gin)")
+            check(
+                f"{name}.{slot}",
+                f,
+                callable(f),
+                "a network class, e.g. @critic/Ensemble (see gin/baselines/gciql.gin)",
+            )
         self.factories = dict(value=value, critic=critic, actor=actor)
         self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.expectile = check_float(f"{name}.expectile", expectile, low=0.0, high=1.0, low_open=True,
-                                     high_open=True)
+        self.expectile = check_float(f"{name}.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
         self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
         self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
         self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
@@ -292,12 +336,12 @@ class GCIQL(Agent):
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         key, k_v, k_q, k_pi = jax.random.split(key, 4)
         f = self.factories
-        nets = GCIQLNetworks(value=f["value"](spec, key=k_v), critic=f["critic"](spec, key=k_q),
-                             actor=f["actor"](spec, key=k_pi))
+        nets = GCIQLNetworks(
+            value=f["value"](spec, key=k_v), critic=f["critic"](spec, key=k_q), actor=f["actor"](spec, key=k_pi)
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.critic)
-        return GCIQLState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
-                          opt_state=opt_state)
+        return GCIQLState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state)
 
     # ------------------------------------------------------------------ acting
     def act(self, nets: GCIQLNetworks, s, g, *, key):
@@ -336,7 +380,9 @@ class GCIQL(Agent):
     def update(self, state: GCIQLState, batch: dict) -> tuple[GCIQLState, dict]:
         """One gradient step on the loop's one-step ``batch`` (pure; jit it), then the critics' EMA."""
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, state.target_critic, batch))
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, state.target_critic, batch)
+        )
         target = ema(state.target_critic, state.nets.critic, self.tau)  # the critics before this step (the authors')
-        return dataclasses.replace(state, step=state.step + 1, nets=nets, target_critic=target,
-                                   opt_state=opt_state), metrics
+        return dataclasses.replace(
+            state, step=state.step + 1, nets=nets, target_critic=target, opt_state=opt_state
+        ), metrics

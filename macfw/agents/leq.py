@@ -75,7 +75,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -128,18 +129,40 @@ class LEQActor(DeterministicActor):
       ConfigError: ``final_init_scale <= 0`` or bad ``hidden_dims``.
     """
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 final_init_scale: float = 0.01, compute_dtype: str | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        final_init_scale: float = 0.01,
+        compute_dtype: str | None = None,
+    ):
         scale = check_float("LEQActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
-        self.net = MLP(spec.ob_dim + spec.goal_dim, spec.chunk_dim, hidden_dims, key=key, layer_norm=layer_norm,
-                       final_init_scale=scale, compute_dtype=compute_dtype, name=type(self).__name__)
+        self.net = MLP(
+            spec.ob_dim + spec.goal_dim,
+            spec.chunk_dim,
+            hidden_dims,
+            key=key,
+            layer_norm=layer_norm,
+            final_init_scale=scale,
+            compute_dtype=compute_dtype,
+            name=type(self).__name__,
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # The losses as pure functions of arrays (H = horizon, B = batch; leading axes as stated)
 # --------------------------------------------------------------------------------------------
-def leq_lambda_returns(rewards: Float[Array, "H ..."], masks: Float[Array, "H ..."], q: Float[Array, "H1 ..."], *,
-                       discount: float, lam: float) -> tuple[Array, Array]:
+def leq_lambda_returns(
+    rewards: Float[Array, "H ..."],
+    masks: Float[Array, "H ..."],
+    q: Float[Array, "H1 ..."],
+    *,
+    discount: float,
+    lam: float,
+) -> tuple[Array, Array]:
     """LEQ's lambda-returns of one imagined rollout (module docstring, step 3).
 
     Args:
@@ -175,7 +198,7 @@ def return_chain(horizon: int, *, discount: float, lam: float) -> tuple[np.ndarr
     ``alpha_t = 1 / (1 + lam w_t)``, the weight of ``q_t`` in ``Q^lam_t`` (``alpha_H = 1``), and
     ``chain_t = prod_{l<t} gamma lam w_l / (1 + lam w_l)``, so that ``d Q^lam_0 / d Q^lam_t = M_t chain_t``."""
     H = horizon
-    w = np.array([sum(lam ** k for k in range(H - t)) for t in range(H)], np.float64)  # w_t, t < H
+    w = np.array([sum(lam**k for k in range(H - t)) for t in range(H)], np.float64)  # w_t, t < H
     alpha = np.append(1.0 / (1.0 + lam * w), 1.0)
     chain = np.concatenate([[1.0], np.cumprod(discount * lam * w / (1.0 + lam * w))])
     return alpha, chain
@@ -187,10 +210,20 @@ def expectile_weights(returns: Array, q: Array, expectile: float) -> Array:
     return jnp.where(returns > q, expectile, 1.0 - expectile)
 
 
-def critic_objective(q_data: Float[Array, " B"], q_data_ema: Float[Array, " B"], y_data: Float[Array, " B"],
-                     q_model: Float[Array, "H B"], q_model_ema: Float[Array, "H B"], returns: Float[Array, "H B"],
-                     alive: Float[Array, "H B"], *, discount: float, expectile: float, data_expectile: float,
-                     model_weight: float) -> tuple[Array, dict]:
+def critic_objective(
+    q_data: Float[Array, " B"],
+    q_data_ema: Float[Array, " B"],
+    y_data: Float[Array, " B"],
+    q_model: Float[Array, "H B"],
+    q_model_ema: Float[Array, "H B"],
+    returns: Float[Array, "H B"],
+    alive: Float[Array, "H B"],
+    *,
+    discount: float,
+    expectile: float,
+    data_expectile: float,
+    model_weight: float,
+) -> tuple[Array, dict]:
     """LEQ's critic loss (module docstring, step 4) and its parts as metrics.
 
     Args:
@@ -212,12 +245,18 @@ def critic_objective(q_data: Float[Array, " B"], q_data_ema: Float[Array, " B"],
     model = jnp.mean(weight * expectile_loss(q_model, returns, expectile))
     model_reg = jnp.mean(weight * (q_model_ema - q_model) ** 2)
     loss = (1.0 - model_weight) * (data + data_reg) + model_weight * (model + model_reg)
-    return loss, {"critic/loss": loss, "critic/data_loss": data, "critic/model_loss": model,
-                  "critic/reg_loss": (1.0 - model_weight) * data_reg + model_weight * model_reg,
-                  "critic/reg_loss_data": data_reg, "critic/reg_loss_model": model_reg,
-                  "critic/loss_weight_mean": weight.mean(),
-                  "critic/q_data_mean": q_data.mean(), "critic/q_model_mean": q_model.mean(),
-                  "critic/target_data_mean": y_data.mean()}
+    return loss, {
+        "critic/loss": loss,
+        "critic/data_loss": data,
+        "critic/model_loss": model,
+        "critic/reg_loss": (1.0 - model_weight) * data_reg + model_weight * model_reg,
+        "critic/reg_loss_data": data_reg,
+        "critic/reg_loss_model": model_reg,
+        "critic/loss_weight_mean": weight.mean(),
+        "critic/q_data_mean": q_data.mean(),
+        "critic/q_model_mean": q_model.mean(),
+        "critic/target_data_mean": y_data.mean(),
+    }
 
 
 def actor_surrogate(actions: Float[Array, "H1 B act_dim"], weighted_grads: Float[Array, "H1 B act_dim"]) -> Array:
@@ -227,8 +266,9 @@ def actor_surrogate(actions: Float[Array, "H1 B act_dim"], weighted_grads: Float
     return -jnp.sum(jnp.mean(jnp.sum(_sg(weighted_grads) * actions, axis=-1), axis=1))
 
 
-def model_sample(dynamics, s: Float[Array, "B ob_dim"], a: Float[Array, "B act_dim"], member: Array,
-                 eps: Float[Array, "B ob_dim"]) -> Float[Array, "B ob_dim"]:
+def model_sample(
+    dynamics, s: Float[Array, "B ob_dim"], a: Float[Array, "B act_dim"], member: Array, eps: Float[Array, "B ob_dim"]
+) -> Float[Array, "B ob_dim"]:
     """The next states of a batch from an ensemble of Gaussian models: example ``b`` takes member
     ``member[b]``'s ``mean + exp(log_std) * eps[b]`` (a reparameterised sample, differentiable in ``s``
     and ``a``). Every member is evaluated on the whole batch and the chosen rows kept (as the
@@ -255,11 +295,14 @@ def model_nll(dynamics, s, a, s_next, eps: Float[Array, "k B ob_dim"]) -> tuple[
     means, ``dynamics/sample_mse`` of the samples ``mean + sigma * eps``, ``dynamics/std_mean``."""
     mean, log_std = _member_stats(dynamics, s, a)
     z = (s_next[None] - mean) * jnp.exp(-log_std)
-    nll = jnp.mean(-jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI, axis=-1))
+    nll = jnp.mean(-jnp.sum(-0.5 * z**2 - log_std - 0.5 * _LOG_2PI, axis=-1))
     sample = _sg(mean + jnp.exp(log_std) * eps)
-    return nll, {"dynamics/loss": nll, "dynamics/mse": jnp.mean((_sg(mean) - s_next[None]) ** 2),
-                 "dynamics/sample_mse": jnp.mean((sample - s_next[None]) ** 2),
-                 "dynamics/std_mean": jnp.mean(jnp.exp(_sg(log_std)))}
+    return nll, {
+        "dynamics/loss": nll,
+        "dynamics/mse": jnp.mean((_sg(mean) - s_next[None]) ** 2),
+        "dynamics/sample_mse": jnp.mean((sample - s_next[None]) ** 2),
+        "dynamics/std_mean": jnp.mean(jnp.exp(_sg(log_std))),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,22 +353,40 @@ class LEQ(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, dynamics: Callable | None = None, success: Callable = SuccessModel,
-                 reward: Callable = RewardModel, actor: Callable = LEQActor, critic: Callable = QCritic, *,
-                 gamma: float = 0.999, lam: float = 1.0, horizon: int = 10, expectile: float = 0.5,
-                 data_expectile: float = 0.5, model_weight: float = 0.95, tau: float = 0.005,
-                 learning_rate: float = 3e-4, unroll_rollout: bool = False,
-                 goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        dynamics: Callable | None = None,
+        success: Callable = SuccessModel,
+        reward: Callable = RewardModel,
+        actor: Callable = LEQActor,
+        critic: Callable = QCritic,
+        *,
+        gamma: float = 0.999,
+        lam: float = 1.0,
+        horizon: int = 10,
+        expectile: float = 0.5,
+        data_expectile: float = 0.5,
+        model_weight: float = 0.95,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        unroll_rollout: bool = False,
+        goal_sampling: GoalSampling | None = None,
+    ):
         for slot, f in (("dynamics", dynamics), ("actor", actor), ("critic", critic), ("success", success)):
-            check(f"LEQ.{slot}", f, callable(f), "a network class, e.g. @dynamics/Ensemble for LEQ.dynamics "
-                  "(see gin/baselines/leq.gin)")
+            check(
+                f"LEQ.{slot}",
+                f,
+                callable(f),
+                "a network class, e.g. @dynamics/Ensemble for LEQ.dynamics (see gin/baselines/leq.gin)",
+            )
         self.factories = dict(dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic)
         self.gamma = check_float("LEQ.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
         self.lam = check_float("LEQ.lam", lam, low=0.0, high=1.0)
         self.horizon = check_int("LEQ.horizon", horizon)
         self.expectile = check_float("LEQ.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.data_expectile = check_float("LEQ.data_expectile", data_expectile, low=0.0, high=1.0, low_open=True,
-                                          high_open=True)
+        self.data_expectile = check_float(
+            "LEQ.data_expectile", data_expectile, low=0.0, high=1.0, low_open=True, high_open=True
+        )
         self.model_weight = check_float("LEQ.model_weight", model_weight, low=0.0, high=1.0)
         self.tau = check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True)
         self.learning_rate = check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True)
@@ -348,14 +409,17 @@ class LEQ(Agent):
         key, *ks = jax.random.split(key, 6)
         f = self.factories
         nets = LEQNetworks(
-            dynamics=f["dynamics"](spec, key=ks[0]), success=f["success"](spec, key=ks[1]),
+            dynamics=f["dynamics"](spec, key=ks[0]),
+            success=f["success"](spec, key=ks[1]),
             reward=None if spec.goal_conditioned or f["reward"] is None else f["reward"](spec, key=ks[2]),
-            actor=f["actor"](spec, key=ks[3]), critic=f["critic"](spec, key=ks[4]))
+            actor=f["actor"](spec, key=ks[3]),
+            critic=f["critic"](spec, key=ks[4]),
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.critic)
         return LEQState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state)
 
-    def for_flop_count(self) -> "LEQ":
+    def for_flop_count(self) -> LEQ:
         """This agent with the rollouts unrolled, so XLA counts every step's FLOPs."""
         import copy
 
@@ -377,8 +441,10 @@ class LEQ(Agent):
         k_member, k_eps = jax.random.split(key)
         H = self.horizon
         num = getattr(nets.dynamics, "num", 1)
-        return {"member": jax.random.randint(k_member, (H, batch_size), 0, num, jnp.int32),
-                "eps": jax.random.normal(k_eps, (H, batch_size, self.spec.ob_dim), dtype)}
+        return {
+            "member": jax.random.randint(k_member, (H, batch_size), 0, num, jnp.int32),
+            "eps": jax.random.normal(k_eps, (H, batch_size, self.spec.ob_dim), dtype),
+        }
 
     def draw_noise(self, nets: LEQNetworks, key, batch_size: int, dtype=jnp.float32) -> dict:
         """Every random draw of one update, at batch level: ``critic`` and ``actor``, the two rollouts'
@@ -386,12 +452,20 @@ class LEQ(Agent):
         ``dynamics/sample_mse`` metric's sample (:meth:`model_losses`)."""
         k_c, k_a, k_d = jax.random.split(key, 3)
         num = getattr(nets.dynamics, "num", 1)
-        return {"critic": self.rollout_noise(nets, k_c, batch_size, dtype),
-                "actor": self.rollout_noise(nets, k_a, batch_size, dtype),
-                "dynamics": jax.random.normal(k_d, (num, batch_size, self.spec.ob_dim), dtype)}
+        return {
+            "critic": self.rollout_noise(nets, k_c, batch_size, dtype),
+            "actor": self.rollout_noise(nets, k_a, batch_size, dtype),
+            "dynamics": jax.random.normal(k_d, (num, batch_size, self.spec.ob_dim), dtype),
+        }
 
-    def rollout(self, nets: LEQNetworks, s0: Float[Array, "B ob_dim"], g: Float[Array, "B goal_dim"],
-                noise: dict[str, Array], delta: Float[Array, "H1 B act_dim"] | None = None) -> dict[str, Array]:
+    def rollout(
+        self,
+        nets: LEQNetworks,
+        s0: Float[Array, "B ob_dim"],
+        g: Float[Array, "B goal_dim"],
+        noise: dict[str, Array],
+        delta: Float[Array, "H1 B act_dim"] | None = None,
+    ) -> dict[str, Array]:
         """``H`` model steps of the actor from ``s0`` with goals ``g`` (module docstring, step 2).
 
         Differentiable in its inputs (callers pass stop-gradient networks). ``noise`` is
@@ -402,7 +476,7 @@ class LEQ(Agent):
         Returns a dict of ``states (H+1, B, ob_dim)``, ``actions (H+1, B, act_dim)``, ``rewards,
         masks (H, B)``, ``q, returns, alive (H+1, B)`` (see :func:`leq_lambda_returns`).
         """
-        H, B = self.horizon, s0.shape[0]
+        H = self.horizon
         goal_conditioned = g.shape[-1] > 0
         dt = s0.dtype
 
@@ -425,11 +499,19 @@ class LEQ(Agent):
         a_last = act(states[H], H)
         q = jnp.concatenate([outs["q"], jax.vmap(nets.critic)(states[H], g, a_last)[None]], axis=0)
         returns, alive = leq_lambda_returns(outs["rewards"], outs["masks"], q, discount=self.gamma, lam=self.lam)
-        return {"states": states, "actions": jnp.concatenate([outs["actions"], a_last[None]], axis=0),
-                "rewards": outs["rewards"], "masks": outs["masks"], "q": q, "returns": returns, "alive": alive}
+        return {
+            "states": states,
+            "actions": jnp.concatenate([outs["actions"], a_last[None]], axis=0),
+            "rewards": outs["rewards"],
+            "masks": outs["masks"],
+            "q": q,
+            "returns": returns,
+            "alive": alive,
+        }
 
-    def actor_rollout(self, nets: LEQNetworks, s0, g, noise: dict[str, Array], *,
-                      jacobian: str = "chain") -> dict[str, Array]:
+    def actor_rollout(
+        self, nets: LEQNetworks, s0, g, noise: dict[str, Array], *, jacobian: str = "chain"
+    ) -> dict[str, Array]:
         """The rollout for the actor (constant: every network held fixed; ``noise`` as :meth:`rollout`'s)
         and the per-step action gradients ``d Q^lam_t / d a_t`` with their expectile weights ``e_t``
         (module docstring, step 5).
@@ -452,13 +534,16 @@ class LEQ(Agent):
         frozen = _sg(nets)
         H, B = self.horizon, s0.shape[0]
         delta = jnp.zeros((H + 1, B, self.spec.act_dim), s0.dtype)
-        returns, vjp, roll = jax.vjp(lambda d: (lambda r: (r["returns"], r))(self.rollout(frozen, s0, g, noise, d)),
-                                     delta, has_aux=True)
+        returns, vjp, roll = jax.vjp(
+            lambda d: (lambda r: (r["returns"], r))(self.rollout(frozen, s0, g, noise, d)), delta, has_aux=True
+        )
         alpha, chain = return_chain(H, discount=self.gamma, lam=self.lam)
         if jacobian == "chain" and chain.min() > CHAIN_MIN:
             (adj,) = vjp(jnp.zeros_like(returns).at[0].set(1.0))  # d Q^lam_0 / d a_t, (H+1, B, act_dim)
             g_steps = jnp.broadcast_to(g, roll["states"].shape[:2] + g.shape[1:])
-            dq_da = vmap_steps(jax.grad(lambda a, s, gg: frozen.critic(s, gg, a)), roll["actions"], roll["states"], g_steps)
+            dq_da = vmap_steps(
+                jax.grad(lambda a, s, gg: frozen.critic(s, gg, a)), roll["actions"], roll["states"], g_steps
+            )
             alive = roll["alive"][..., None]
             P = alive * jnp.asarray(chain, returns.dtype)[:, None, None]
             local = jnp.asarray(alpha, returns.dtype)[:, None, None] * dq_da
@@ -477,11 +562,14 @@ class LEQ(Agent):
         actions = vmap_steps(nets.actor, aroll["states"], g_steps)  # (H+1, B, act_dim)
         loss = actor_surrogate(actions, aroll["weights"][..., None] * aroll["grads"])
         alive = aroll["alive"]
-        return loss, {"actor/loss": loss, "actor/return_mean": aroll["returns"][0].mean(),
-                      "actor/lambda_return_mean": aroll["returns"].mean(),
-                      "actor/weight_mean": jnp.mean(aroll["weights"] * alive) / jnp.mean(alive),
-                      "actor/grad_norm_mean": jnp.mean(jnp.linalg.norm(aroll["grads"], axis=-1)),
-                      "actor/abs_action_mean": jnp.abs(aroll["actions"]).mean()}
+        return loss, {
+            "actor/loss": loss,
+            "actor/return_mean": aroll["returns"][0].mean(),
+            "actor/lambda_return_mean": aroll["returns"].mean(),
+            "actor/weight_mean": jnp.mean(aroll["weights"] * alive) / jnp.mean(alive),
+            "actor/grad_norm_mean": jnp.mean(jnp.linalg.norm(aroll["grads"], axis=-1)),
+            "actor/abs_action_mean": jnp.abs(aroll["actions"]).mean(),
+        }
 
     # ------------------------------------------------------------------ the update
     def model_losses(self, nets: LEQNetworks, real: dict, dyn_eps: Float[Array, "k B ob_dim"]) -> tuple[Array, dict]:
@@ -501,12 +589,14 @@ class LEQ(Agent):
         if nets.reward is not None:
             rew, m_r = jax.vmap(nets.reward.loss)(s, vg, a, real["rewards"])
             total = total + rew.mean()
-            metrics.update({k: jnp.mean(v) for k, v in m_r.items()}, **reward_metrics(_sg(m_r["reward/pred"]),
-                                                                                    real["rewards"]))
+            metrics.update(
+                {k: jnp.mean(v) for k, v in m_r.items()}, **reward_metrics(_sg(m_r["reward/pred"]), real["rewards"])
+            )
         return total, metrics
 
-    def loss(self, nets: LEQNetworks, target_critic, real: dict, y_data: Array, croll: dict,
-             aroll: dict, dyn_eps: Array) -> tuple[Array, dict]:
+    def loss(
+        self, nets: LEQNetworks, target_critic, real: dict, y_data: Array, croll: dict, aroll: dict, dyn_eps: Array
+    ) -> tuple[Array, dict]:
         """Sum of every LEQ loss and namespaced metrics. ``real``: the one-step batch; ``y_data``: the data
         target; ``croll``: the critic's rollout (value goals); ``aroll``: :meth:`actor_rollout` (actor goals);
         ``dyn_eps``: the noise of the ``dynamics/sample_mse`` metric (:meth:`model_losses`)."""
@@ -521,9 +611,18 @@ class LEQ(Agent):
         q_data = jax.vmap(nets.critic)(s, vg, a)
         q_model = on_steps(nets.critic, st, at)
         critic_loss, m_c = critic_objective(
-            q_data, jax.vmap(target_critic)(s, vg, a), y_data, q_model, on_steps(target_critic, st, at),
-            croll["returns"][:H], croll["alive"][:H], discount=self.gamma, expectile=self.expectile,
-            data_expectile=self.data_expectile, model_weight=self.model_weight)
+            q_data,
+            jax.vmap(target_critic)(s, vg, a),
+            y_data,
+            q_model,
+            on_steps(target_critic, st, at),
+            croll["returns"][:H],
+            croll["alive"][:H],
+            discount=self.gamma,
+            expectile=self.expectile,
+            data_expectile=self.data_expectile,
+            model_weight=self.model_weight,
+        )
 
         actor_loss, m_a = self.actor_loss(nets, aroll, ag)
 
@@ -531,18 +630,25 @@ class LEQ(Agent):
         metrics.update({**m_c, **m_a})
         alive = croll["alive"][:H]
         r_alive = croll["rewards"] * alive
-        metrics.update({
-            "critic/q_data_min": q_data.min(), "critic/q_data_max": q_data.max(),
-            "critic/q_model_min": q_model.min(), "critic/q_model_max": q_model.max(),
-            "critic/reward_data_mean": real["rewards"].mean(), "critic/reward_data_max": real["rewards"].max(),
-            "critic/reward_data_min": real["rewards"].min(),
-            "critic/reward_model_mean": r_alive.mean(), "critic/reward_model_max": r_alive.max(),
-            "critic/reward_model_min": r_alive.min(),
-            "critic/alive_mean": croll["alive"].mean(),
-            "critic/state_abs_max": jnp.max(jnp.abs(croll["states"][:H] * alive[..., None])),
-            "rollout/reward_mean": jnp.sum(r_alive) / jnp.sum(alive),
-            "rollout/done_rate": 1.0 - croll["alive"][H].mean(),
-            "total/loss": total})
+        metrics.update(
+            {
+                "critic/q_data_min": q_data.min(),
+                "critic/q_data_max": q_data.max(),
+                "critic/q_model_min": q_model.min(),
+                "critic/q_model_max": q_model.max(),
+                "critic/reward_data_mean": real["rewards"].mean(),
+                "critic/reward_data_max": real["rewards"].max(),
+                "critic/reward_data_min": real["rewards"].min(),
+                "critic/reward_model_mean": r_alive.mean(),
+                "critic/reward_model_max": r_alive.max(),
+                "critic/reward_model_min": r_alive.min(),
+                "critic/alive_mean": croll["alive"].mean(),
+                "critic/state_abs_max": jnp.max(jnp.abs(croll["states"][:H] * alive[..., None])),
+                "rollout/reward_mean": jnp.sum(r_alive) / jnp.sum(alive),
+                "rollout/done_rate": 1.0 - croll["alive"][H].mean(),
+                "total/loss": total,
+            }
+        )
         return total, metrics
 
     def update(self, state: LEQState, batch: dict, noise: dict | None = None) -> tuple[LEQState, dict]:
@@ -562,8 +668,12 @@ class LEQ(Agent):
         aroll = self.actor_rollout(nets, real["obs"], real["actor_goals"], noise["actor"])
 
         nets, opt_state, metrics = gradient_step(
-            nets, state.opt_state, self.optimizer(),
-            lambda nets: self.loss(nets, state.target_critic, real, _sg(y_data), croll, aroll, noise["dynamics"]))
+            nets,
+            state.opt_state,
+            self.optimizer(),
+            lambda nets: self.loss(nets, state.target_critic, real, _sg(y_data), croll, aroll, noise["dynamics"]),
+        )
         target = ema(state.target_critic, state.nets.critic, self.tau)  # the critic before this step (the authors')
-        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
-                                   opt_state=opt_state), metrics
+        return dataclasses.replace(
+            state, step=state.step + 1, key=key, nets=nets, target_critic=target, opt_state=opt_state
+        ), metrics

@@ -39,7 +39,8 @@ macfw's later-state goals may be the final observation, theirs stop one before i
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -48,14 +49,29 @@ import optax
 from jaxtyping import Array
 
 from macfw import reference
-from macfw.agents.base import (Agent, BatchSpec, copy_of, ema, gradient_step, param_checksum,  # noqa: F401  (re-exported)
-                               vmap_steps)
+from macfw.agents.base import (
+    Agent,
+    BatchSpec,
+    copy_of,
+    ema,
+    gradient_step,
+    param_checksum,  # noqa: F401  (re-exported)
+    vmap_steps,
+)
 from macfw.data.goals import GoalSampling, goal_sampling_for
 from macfw.errors import check_float, check_int
 from macfw.nn.flow import FlowPolicy
 from macfw.nn.mlp import fold_layer_norms
-from macfw.nn.models import (ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel, evaluate_jointly,
-                             reward_metrics, success_metrics)
+from macfw.nn.models import (
+    ChunkDynamics,
+    QCritic,
+    RewardModel,
+    StateValue,
+    SuccessModel,
+    evaluate_jointly,
+    reward_metrics,
+    success_metrics,
+)
 from macfw.registry import register
 from macfw.rollout import imagine
 from macfw.samplers import RejectionSampler, Sampler
@@ -168,13 +184,28 @@ class MAC(Agent):
         ``GoalSampling()``, i.e. the ``GoalSampling.*`` Gin bindings; :mod:`macfw.data.goals`).
     """
 
-    def __init__(self, dynamics: Callable = ChunkDynamics, policy: Callable = FlowPolicy, critic: Callable = QCritic,
-                 value: Callable = StateValue, success: Callable = SuccessModel, reward: Callable = RewardModel,
-                 sampler: Sampler | None = None, *, chunk_len: int = 10, normalize_reward: bool = True,
-                 gamma: float = 0.99, lam: float = 1.0, horizon: int = 10,
-                 tau: float = 0.005, learning_rate: float = 3e-4, rollout_batch_size: int | None = None,
-                 grad_clip: float | None = None, unroll_rollout: bool = False,
-                 goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        dynamics: Callable = ChunkDynamics,
+        policy: Callable = FlowPolicy,
+        critic: Callable = QCritic,
+        value: Callable = StateValue,
+        success: Callable = SuccessModel,
+        reward: Callable = RewardModel,
+        sampler: Sampler | None = None,
+        *,
+        chunk_len: int = 10,
+        normalize_reward: bool = True,
+        gamma: float = 0.99,
+        lam: float = 1.0,
+        horizon: int = 10,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        rollout_batch_size: int | None = None,
+        grad_clip: float | None = None,
+        unroll_rollout: bool = False,
+        goal_sampling: GoalSampling | None = None,
+    ):
         self._chunk_len = check_int("MAC.chunk_len", chunk_len)
         self.normalize_reward = bool(normalize_reward)
         self.gamma = check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True)
@@ -184,7 +215,9 @@ class MAC(Agent):
         self.learning_rate = check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True)
         self.rollout_batch_size = check_int("MAC.rollout_batch_size", rollout_batch_size, allow_none=True)
         self.grad_clip = check_float("MAC.grad_clip", grad_clip, low=0.0, low_open=True, allow_none=True)
-        self.factories = dict(dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward)
+        self.factories = dict(
+            dynamics=dynamics, policy=policy, critic=critic, value=value, success=success, reward=reward
+        )
         self.sampler = sampler if sampler is not None else RejectionSampler()
         self.unroll_rollout = bool(unroll_rollout)
         self.goal_sampling = goal_sampling_for(type(self).__name__, goal_sampling)
@@ -195,8 +228,13 @@ class MAC(Agent):
     @property
     def batch_spec(self) -> BatchSpec:
         """Chunks of ``chunk_len`` steps with hindsight-relabelled goals (DESIGN §2.1)."""
-        return BatchSpec(chunk_len=self._chunk_len, gamma=self.gamma, normalize_reward=self.normalize_reward,
-                         binding="MAC.chunk_len", goals=self.goal_sampling)
+        return BatchSpec(
+            chunk_len=self._chunk_len,
+            gamma=self.gamma,
+            normalize_reward=self.normalize_reward,
+            binding="MAC.chunk_len",
+            goals=self.goal_sampling,
+        )
 
     # ------------------------------------------------------------------ building
     def optimizer(self) -> optax.GradientTransformation:
@@ -222,8 +260,7 @@ class MAC(Agent):
         )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.value)
-        return TrainState(step=jnp.zeros((), jnp.int32), nets=nets, target_value=target,
-                          opt_state=opt_state, key=key)
+        return TrainState(step=jnp.zeros((), jnp.int32), nets=nets, target_value=target, opt_state=opt_state, key=key)
 
     def check_config(self, batch_size: int) -> None:
         """Also: ``MAC.rollout_batch_size`` at most ``train.batch_size`` (rollouts start from batch states).
@@ -231,8 +268,13 @@ class MAC(Agent):
         Raises:
           ConfigError: see :meth:`Agent.check_config`.
         """
-        check_int("MAC.rollout_batch_size", self.rollout_batch_size, maximum=batch_size, allow_none=True,
-                  note=f"train.batch_size = {batch_size}")
+        check_int(
+            "MAC.rollout_batch_size",
+            self.rollout_batch_size,
+            maximum=batch_size,
+            allow_none=True,
+            note=f"train.batch_size = {batch_size}",
+        )
         super().check_config(batch_size)
 
     # ------------------------------------------------------------------ acting
@@ -242,7 +284,7 @@ class MAC(Agent):
         return A.reshape(self.spec.chunk_len, self.spec.act_dim)
 
     # ------------------------------------------------------------------ benchmark hooks
-    def for_flop_count(self) -> "MAC":
+    def for_flop_count(self) -> MAC:
         """This agent with the H-step rollout unrolled, so XLA counts every step's FLOPs."""
         import copy
 
@@ -268,10 +310,13 @@ class MAC(Agent):
         Br = self.rollout_batch_size or batch["obs"].shape[0]
         s0, g0 = batch["obs"][:Br], batch["value_goals"][:Br]
         roll = eqx.filter_jit(lambda nets, s, g, k: self.rollout(nets, s, g, k)["states"])
-        samp = eqx.filter_jit(jax.vmap(lambda nets, s, g, k: self.sampler(nets.policy, nets.critic, s, g, key=k),
-                                       in_axes=(None, 0, 0, 0)))
-        return {"rollout": (roll, (state.nets, s0, g0, jax.random.PRNGKey(1))),
-                "sampler": (samp, (state.nets, s0, g0, jax.random.split(jax.random.PRNGKey(2), Br)))}
+        samp = eqx.filter_jit(
+            jax.vmap(lambda nets, s, g, k: self.sampler(nets.policy, nets.critic, s, g, key=k), in_axes=(None, 0, 0, 0))
+        )
+        return {
+            "rollout": (roll, (state.nets, s0, g0, jax.random.PRNGKey(1))),
+            "sampler": (samp, (state.nets, s0, g0, jax.random.split(jax.random.PRNGKey(2), Br))),
+        }
 
     # ------------------------------------------------------------------ the update
     def rollout(self, nets: Networks, s0, g, key):
@@ -308,7 +353,9 @@ class MAC(Agent):
 
         with jax.named_scope("model_losses"):  # (named scopes: the phases of macfw.profiling's table)
             dyn, m_dyn = jax.vmap(nets.dynamics.loss)(s, A, batch["next_obs"])
-            flow, m_flow = jax.vmap(lambda *x: nets.policy.loss(*x[:3], key=x[3]))(s, ag, A, jax.random.split(k_flow, B))
+            flow, m_flow = jax.vmap(lambda *x: nets.policy.loss(*x[:3], key=x[3]))(
+                s, ag, A, jax.random.split(k_flow, B)
+            )
             succ, m_succ = jax.vmap(nets.success.loss)(s, vg, A, batch["success"])
             total = dyn.mean() + flow.mean() + succ.mean()
             metrics = {**m_dyn, **m_flow, **m_succ}
@@ -325,11 +372,12 @@ class MAC(Agent):
         with jax.named_scope("value_critic"):
             # value: lambda-returns against V' on the H+1 imagined states (at lam = 1 only V'(s_H) is needed).
             states, g = roll["states"], roll["goals"]
-            discount = self.gamma ** self.spec.chunk_len
+            discount = self.gamma**self.spec.chunk_len
             g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
             if self.lam == 1.0 and not reference.active("lambda_one"):  # V' on s_H alone: the rest cancels
-                returns = monte_carlo_returns(roll["rewards"], roll["masks"], jax.vmap(target_value)(states[-1], g),
-                                              discount=discount)
+                returns = monte_carlo_returns(
+                    roll["rewards"], roll["masks"], jax.vmap(target_value)(states[-1], g), discount=discount
+                )
             else:
                 v_targ = vmap_steps(target_value, states, g_steps)  # (H+1, Br)
                 returns = lambda_returns(roll["rewards"], roll["masks"], v_targ, discount=discount, lam=self.lam)
@@ -347,14 +395,25 @@ class MAC(Agent):
         total = total + value_loss + critic_loss
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
         metrics.update(stats)
-        metrics.update({
-            "value/loss": value_loss, "value/mean": v_pred.mean(), "value/max": v_pred.max(), "value/min": v_pred.min(),
-            "value/return_mean": returns.mean(), "value/return_min": returns.min(), "value/return_max": returns.max(),
-            "value/return_std": returns.std(),
-            "critic/loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_max": q.max(), "critic/q_min": q.min(),
-            "rollout/reward_mean": roll["rewards"].mean(), "rollout/done_rate": 1.0 - roll["masks"].mean(),
-            "total/loss": total,
-        })
+        metrics.update(
+            {
+                "value/loss": value_loss,
+                "value/mean": v_pred.mean(),
+                "value/max": v_pred.max(),
+                "value/min": v_pred.min(),
+                "value/return_mean": returns.mean(),
+                "value/return_min": returns.min(),
+                "value/return_max": returns.max(),
+                "value/return_std": returns.std(),
+                "critic/loss": critic_loss,
+                "critic/q_mean": q.mean(),
+                "critic/q_max": q.max(),
+                "critic/q_min": q.min(),
+                "rollout/reward_mean": roll["rewards"].mean(),
+                "rollout/done_rate": 1.0 - roll["masks"].mean(),
+                "total/loss": total,
+            }
+        )
         return total, metrics
 
     def update(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -366,8 +425,11 @@ class MAC(Agent):
         roll["goals"] = g0
 
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(),
-            lambda nets: self.loss(nets, state.target_value, batch, roll, k_loss))
+            state.nets,
+            state.opt_state,
+            self.optimizer(),
+            lambda nets: self.loss(nets, state.target_value, batch, roll, k_loss),
+        )
         with jax.named_scope("optimizer"):  # V' <- (1 - tau) V' + tau V, V before this step (the authors' order)
             target = ema(state.target_value, state.nets.value, self.tau)
         return TrainState(step=state.step + 1, nets=nets, target_value=target, opt_state=opt_state, key=key), metrics

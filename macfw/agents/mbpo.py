@@ -56,17 +56,27 @@ class ModelRollouts:
         ``first_rollout_step`` that is not a positive multiple of ``rollout_freq``).
     """
 
-    def __init__(self, rollout_freq: int = 1000, rollout_length: int = 5, num_starts: int = 50_000,
-                 retain_rounds: int = 5, real_ratio: float = 0.5, first_rollout_step: int | None = None):
+    def __init__(
+        self,
+        rollout_freq: int = 1000,
+        rollout_length: int = 5,
+        num_starts: int = 50_000,
+        retain_rounds: int = 5,
+        real_ratio: float = 0.5,
+        first_rollout_step: int | None = None,
+    ):
         self.rollout_freq = check_int("ModelRollouts.rollout_freq", rollout_freq)
         self.rollout_length = check_int("ModelRollouts.rollout_length", rollout_length)
         self.num_starts = check_int("ModelRollouts.num_starts", num_starts)
         self.retain_rounds = check_int("ModelRollouts.retain_rounds", retain_rounds)
         self.real_ratio = check_float("ModelRollouts.real_ratio", real_ratio, low=0.0, high=1.0, low_open=True)
         first = self.rollout_freq if first_rollout_step is None else first_rollout_step
-        check("ModelRollouts.first_rollout_step", first_rollout_step,
-              isinstance(first, int) and first >= 1 and first % self.rollout_freq == 0,
-              f"None or a positive multiple of ModelRollouts.rollout_freq = {self.rollout_freq}")
+        check(
+            "ModelRollouts.first_rollout_step",
+            first_rollout_step,
+            isinstance(first, int) and first >= 1 and first % self.rollout_freq == 0,
+            f"None or a positive multiple of ModelRollouts.rollout_freq = {self.rollout_freq}",
+        )
         self.first_rollout_step = int(first)
 
     @property
@@ -75,8 +85,12 @@ class ModelRollouts:
         return self.num_starts * self.rollout_length * self.retain_rounds
 
     def refresh_spec(self) -> RefreshSpec:
-        return RefreshSpec(every=self.rollout_freq, batch_size=self.num_starts, first=self.first_rollout_step,
-                           binding="ModelRollouts.rollout_freq")
+        return RefreshSpec(
+            every=self.rollout_freq,
+            batch_size=self.num_starts,
+            first=self.first_rollout_step,
+            binding="ModelRollouts.rollout_freq",
+        )
 
     def model_batch_size(self, batch_size: int) -> int:
         """Model transitions in a batch of ``batch_size``: ``round(batch_size * (1 - real_ratio))``."""
@@ -104,17 +118,25 @@ class ModelBuffer(eqx.Module):
     size: Int[Array, ""]
 
     @classmethod
-    def empty(cls, capacity: int, spec: Spec) -> "ModelBuffer":
+    def empty(cls, capacity: int, spec: Spec) -> ModelBuffer:
         z = lambda *shape: jnp.zeros((capacity, *shape), jnp.float32)  # noqa: E731
-        return cls(obs=z(spec.ob_dim), actions=z(spec.act_dim), next_obs=z(spec.ob_dim), rewards=z(), masks=z(),
-                   value_goals=z(spec.goal_dim), actor_goals=z(spec.goal_dim), ptr=jnp.zeros((), jnp.int32),
-                   size=jnp.zeros((), jnp.int32))
+        return cls(
+            obs=z(spec.ob_dim),
+            actions=z(spec.act_dim),
+            next_obs=z(spec.ob_dim),
+            rewards=z(),
+            masks=z(),
+            value_goals=z(spec.goal_dim),
+            actor_goals=z(spec.goal_dim),
+            ptr=jnp.zeros((), jnp.int32),
+            size=jnp.zeros((), jnp.int32),
+        )
 
     @property
     def capacity(self) -> int:
         return int(self.rewards.shape[0])
 
-    def add(self, transitions: dict[str, Array]) -> "ModelBuffer":
+    def add(self, transitions: dict[str, Array]) -> ModelBuffer:
         """Append ``M`` transitions (a dict of :data:`FIELDS`, each ``(M, ...)``, ``M <= C``),
         overwriting the oldest ones."""
         M, C = transitions["rewards"].shape[0], self.capacity
@@ -122,8 +144,9 @@ class ModelBuffer(eqx.Module):
             raise ValueError(f"Cannot add {M} transitions to a model buffer of capacity {C}.")
         idx = (self.ptr + jnp.arange(M)) % C
         new = {f: getattr(self, f).at[idx].set(transitions[f].astype(jnp.float32)) for f in FIELDS}
-        return ModelBuffer(**new, ptr=((self.ptr + M) % C).astype(jnp.int32),
-                           size=jnp.minimum(self.size + M, C).astype(jnp.int32))
+        return ModelBuffer(
+            **new, ptr=((self.ptr + M) % C).astype(jnp.int32), size=jnp.minimum(self.size + M, C).astype(jnp.int32)
+        )
 
     def sample(self, key, n: int) -> dict[str, Array]:
         """``n`` transitions drawn uniformly (with replacement) from the filled part: each ``(n, ...)``.
@@ -136,9 +159,15 @@ def one_step_view(batch: dict[str, Array]) -> dict[str, Array]:
     """The loop's batch (:class:`~macfw.agents.base.BatchSpec` with ``chunk_len = 1``) as transitions
     of :data:`FIELDS`: the mask is ``1 - success`` (0 where the step reaches the goal or solves the
     task, as OGBench's masks; 1 everywhere with ``OGBenchDataset.singletask_masks = 'ones'``)."""
-    return {"obs": batch["obs"], "actions": batch["actions"], "next_obs": batch["next_obs"],
-            "rewards": batch["rewards"], "masks": 1.0 - batch["success"], "value_goals": batch["value_goals"],
-            "actor_goals": batch["actor_goals"]}
+    return {
+        "obs": batch["obs"],
+        "actions": batch["actions"],
+        "next_obs": batch["next_obs"],
+        "rewards": batch["rewards"],
+        "masks": 1.0 - batch["success"],
+        "value_goals": batch["value_goals"],
+        "actor_goals": batch["actor_goals"],
+    }
 
 
 def mix(real: dict[str, Array], buffer: ModelBuffer, key, num_model: int) -> tuple[dict[str, Array], Array]:
@@ -153,7 +182,6 @@ def mix(real: dict[str, Array], buffer: ModelBuffer, key, num_model: int) -> tup
     n_real = B - num_model
     has = buffer.size > 0
     model = buffer.sample(key, num_model)
-    out = {f: jnp.concatenate([real[f][:n_real], jnp.where(has, model[f], real[f][n_real:])], axis=0)
-           for f in FIELDS}
+    out = {f: jnp.concatenate([real[f][:n_real], jnp.where(has, model[f], real[f][n_real:])], axis=0) for f in FIELDS}
     is_model = jnp.concatenate([jnp.zeros((n_real,)), jnp.full((num_model,), has.astype(jnp.float32))])
     return out, is_model

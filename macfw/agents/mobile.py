@@ -50,8 +50,10 @@ class MOBILE(MOPO):
         standard normals (J = ``num_samples``)."""
         k_dyn, k_act = jax.random.split(key)
         shape = (nets.dynamics.num, self.num_samples, n)
-        return {"penalty/next_obs": jax.random.normal(k_dyn, (*shape, self.spec.ob_dim)),
-                "penalty/next_actions": jax.random.normal(k_act, (*shape, self.spec.act_dim))}
+        return {
+            "penalty/next_obs": jax.random.normal(k_dyn, (*shape, self.spec.ob_dim)),
+            "penalty/next_actions": jax.random.normal(k_act, (*shape, self.spec.act_dim)),
+        }
 
     def penalty(self, nets, target_critic, batch, noise):
         """``u(s, a) = std_i mean_j mean_c Q'_c(s'_ij, g_v, a'_ij)`` per model transition: ``(n,)``."""

@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -129,17 +130,30 @@ class MOPO(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, dynamics: Callable | None = None, success: Callable = SuccessModel,
-                 reward: Callable = RewardModel, actor: Callable = TanhGaussianActor, critic: Callable | None = None,
-                 temperature: Callable = Temperature, rollouts: ModelRollouts | None = None, *, gamma: float = 0.999,
-                 beta: float = 0.003, tau: float = 0.005, learning_rate: float = 3e-4,
-                 target_entropy_scale: float = 0.5, q_agg: str = "min",
-                 goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        dynamics: Callable | None = None,
+        success: Callable = SuccessModel,
+        reward: Callable = RewardModel,
+        actor: Callable = TanhGaussianActor,
+        critic: Callable | None = None,
+        temperature: Callable = Temperature,
+        rollouts: ModelRollouts | None = None,
+        *,
+        gamma: float = 0.999,
+        beta: float = 0.003,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        target_entropy_scale: float = 0.5,
+        q_agg: str = "min",
+        goal_sampling: GoalSampling | None = None,
+    ):
         name = type(self).__name__
         for slot, f in (("dynamics", dynamics), ("critic", critic)):
             check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @{slot}/Ensemble (see gin/baselines/)")
-        self.factories = dict(dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic,
-                              temperature=temperature)
+        self.factories = dict(
+            dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic, temperature=temperature
+        )
         self.rollouts = rollouts if rollouts is not None else ModelRollouts()
         self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
         self.beta = check_float(f"{name}.beta", beta, low=0.0)
@@ -168,14 +182,23 @@ class MOPO(Agent):
         key, *ks = jax.random.split(key, 7)
         f = self.factories
         nets = MOPONetworks(
-            dynamics=f["dynamics"](spec, key=ks[0]), success=f["success"](spec, key=ks[1]),
+            dynamics=f["dynamics"](spec, key=ks[0]),
+            success=f["success"](spec, key=ks[1]),
             reward=None if spec.goal_conditioned or f["reward"] is None else f["reward"](spec, key=ks[2]),
-            actor=f["actor"](spec, key=ks[3]), critic=f["critic"](spec, key=ks[4]),
-            temperature=f["temperature"](spec, key=ks[5]))
+            actor=f["actor"](spec, key=ks[3]),
+            critic=f["critic"](spec, key=ks[4]),
+            temperature=f["temperature"](spec, key=ks[5]),
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.critic)
-        return MOPOState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
-                         opt_state=opt_state, buffer=ModelBuffer.empty(self.rollouts.capacity, spec))
+        return MOPOState(
+            step=jnp.zeros((), jnp.int32),
+            key=key,
+            nets=nets,
+            target_critic=target,
+            opt_state=opt_state,
+            buffer=ModelBuffer.empty(self.rollouts.capacity, spec),
+        )
 
     # ------------------------------------------------------------------ acting
     def act(self, nets: MOPONetworks, s, g, *, key):
@@ -194,8 +217,11 @@ class MOPO(Agent):
         """
         k_dyn, k_next, k_act, k_pen = jax.random.split(key, 4)
         B, A = n_real + n_model, self.spec.act_dim
-        noise = {"dynamics": jax.random.normal(k_dyn, (nets.dynamics.num, n_real, self.spec.ob_dim)),
-                 "next_actions": jax.random.normal(k_next, (B, A)), "actions": jax.random.normal(k_act, (B, A))}
+        noise = {
+            "dynamics": jax.random.normal(k_dyn, (nets.dynamics.num, n_real, self.spec.ob_dim)),
+            "next_actions": jax.random.normal(k_next, (B, A)),
+            "actions": jax.random.normal(k_act, (B, A)),
+        }
         noise.update(self.penalty_noise(nets, k_pen, n_model))
         return noise
 
@@ -235,15 +261,19 @@ class MOPO(Agent):
         ``critic/q_max``, ``actor/std`` is ``actor/std_mean`` (see ``experiments/parity_cases/mopo.py``).
         """
         # models on the real transitions: one evaluation of every member gives the NLL and the metrics
-        mean, log_std = nets.dynamics.over_batch(lambda m, s, a: m.mean_log_std(s, a), real["obs"],
-                                                 real["actions"])  # (k, n, ob_dim) each
+        mean, log_std = nets.dynamics.over_batch(
+            lambda m, s, a: m.mean_log_std(s, a), real["obs"], real["actions"]
+        )  # (k, n, ob_dim) each
         s_next = real["next_obs"][None]
         z = (s_next - mean) * jnp.exp(-log_std)
-        dyn = jnp.mean(-jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI, axis=-1))
+        dyn = jnp.mean(-jnp.sum(-0.5 * z**2 - log_std - 0.5 * _LOG_2PI, axis=-1))
         sample = mean + jnp.exp(log_std) * noise["dynamics"]
-        metrics = {"dynamics/loss": dyn, "dynamics/mse": jnp.mean((_sg(mean) - s_next) ** 2),
-                   "dynamics/sample_mse": jnp.mean((_sg(sample) - s_next) ** 2),
-                   "dynamics/std_mean": jnp.mean(jnp.exp(_sg(log_std)))}
+        metrics = {
+            "dynamics/loss": dyn,
+            "dynamics/mse": jnp.mean((_sg(mean) - s_next) ** 2),
+            "dynamics/sample_mse": jnp.mean((_sg(sample) - s_next) ** 2),
+            "dynamics/std_mean": jnp.mean(jnp.exp(_sg(log_std))),
+        }
 
         label = 1.0 - real["masks"]
         logit = jax.vmap(nets.success)(real["obs"], real["value_goals"], real["actions"])
@@ -267,10 +297,19 @@ class MOPO(Agent):
 
         total = total + critic_loss + actor_loss + temp_loss
         metrics.update(m_t)
-        metrics.update({"critic/loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_max": q.max(),
-                        "critic/q_min": q.min(), "critic/target_mean": target_q.mean(),
-                        "actor/loss": actor_loss, "actor/q_mean": q_pi.mean(),
-                        "actor/std_mean": jnp.mean(jnp.exp(_sg(pi_log_std))), "total/loss": total})
+        metrics.update(
+            {
+                "critic/loss": critic_loss,
+                "critic/q_mean": q.mean(),
+                "critic/q_max": q.max(),
+                "critic/q_min": q.min(),
+                "critic/target_mean": target_q.mean(),
+                "actor/loss": actor_loss,
+                "actor/q_mean": q_pi.mean(),
+                "actor/std_mean": jnp.mean(jnp.exp(_sg(pi_log_std))),
+                "total/loss": total,
+            }
+        )
         return total, metrics
 
     def update(self, state: MOPOState, batch: dict) -> tuple[MOPOState, dict]:
@@ -290,8 +329,9 @@ class MOPO(Agent):
         state, metrics = self.update_on(state, real, mixed, is_model, noise)
         return dataclasses.replace(state, key=key), metrics
 
-    def update_on(self, state: MOPOState, real: dict, mixed: dict, is_model: Array,
-                  noise: dict) -> tuple[MOPOState, dict]:
+    def update_on(
+        self, state: MOPOState, real: dict, mixed: dict, is_model: Array, noise: dict
+    ) -> tuple[MOPOState, dict]:
         """The gradient step given the real transitions ``real`` (``n_real`` of them, the models'
         batch), the mixed batch ``mixed`` (``B``: ``real`` first, then ``n_model`` buffer
         transitions, flagged by ``is_model: (B,)``) and the draws ``noise`` (:meth:`draw_noise`).
@@ -306,16 +346,23 @@ class MOPO(Agent):
         target_q = _sg(self._target_q(_sg(nets), _sg(state.target_critic), mixed, noise["next_actions"]))
 
         nets, opt_state, metrics = gradient_step(
-            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, real, mixed, target_q, noise))
+            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, real, mixed, target_q, noise)
+        )
         # the authors' order: the EMA reads the critics before this step (their target_update reads
         # self.network, the pre-update parameters): Q'_{t+1} = (1 - tau) Q'_t + tau Q_t
         target = ema(state.target_critic, state.nets.critic, self.tau)
         n_m = jnp.maximum(jnp.sum(is_m), 1.0)
-        metrics.update({**m_pen, "penalty/mean": jnp.sum(u * is_m) / n_m,
-                        "buffer/size": state.buffer.size.astype(jnp.float32),
-                        "buffer/model_fraction": jnp.mean(is_model)})
-        return dataclasses.replace(state, step=state.step + 1, nets=nets, target_critic=target,
-                                   opt_state=opt_state), metrics
+        metrics.update(
+            {
+                **m_pen,
+                "penalty/mean": jnp.sum(u * is_m) / n_m,
+                "buffer/size": state.buffer.size.astype(jnp.float32),
+                "buffer/model_fraction": jnp.mean(is_model),
+            }
+        )
+        return dataclasses.replace(
+            state, step=state.step + 1, nets=nets, target_critic=target, opt_state=opt_state
+        ), metrics
 
     # ------------------------------------------------------------------ the model buffer
     def rollout_noise(self, nets: MOPONetworks, key, num: int) -> dict[str, Array]:
@@ -324,9 +371,11 @@ class MOPO(Agent):
         the chosen member) and ``members (H, num)`` int32 (the member of each step, uniform)."""
         H = self.rollouts.rollout_length
         k_a, k_s, k_m = jax.random.split(key, 3)
-        return {"actions": jax.random.normal(k_a, (H, num, self.spec.act_dim)),
-                "dynamics": jax.random.normal(k_s, (H, num, self.spec.ob_dim)),
-                "members": jax.random.randint(k_m, (H, num), 0, nets.dynamics.num)}
+        return {
+            "actions": jax.random.normal(k_a, (H, num, self.spec.act_dim)),
+            "dynamics": jax.random.normal(k_s, (H, num, self.spec.ob_dim)),
+            "members": jax.random.randint(k_m, (H, num), 0, nets.dynamics.num),
+        }
 
     def rollout(self, nets: MOPONetworks, starts: dict, noise: dict) -> dict[str, Array]:
         """One rollout round: ``H`` model steps from every start state with the draws ``noise``
@@ -362,8 +411,10 @@ class MOPO(Agent):
         key, k_roll = jax.random.split(state.key)
         flat = self.rollout(state.nets, starts, self.rollout_noise(state.nets, k_roll, starts["obs"].shape[0]))
         buffer = state.buffer.add(flat)
-        metrics = {"buffer/rollout_reward_mean": flat["rewards"].mean(),
-                   "buffer/rollout_done_rate": 1.0 - flat["masks"].mean()}
+        metrics = {
+            "buffer/rollout_reward_mean": flat["rewards"].mean(),
+            "buffer/rollout_done_rate": 1.0 - flat["masks"].mean(),
+        }
         return dataclasses.replace(state, key=key, buffer=buffer), metrics
 
 
@@ -373,5 +424,8 @@ def _success_metrics(logit: Array, label: Array) -> dict[str, Array]:
     :func:`~macfw.nn.models.success_metrics` (the range, the accuracy at 0.7 and 0.9, per class, the
     label mean; 0 where theirs is 0/0 = NaN: macfw's loop stops on a non-finite metric)."""
     p = jax.nn.sigmoid(logit)
-    return {"success/prob": p.mean(), "success/accuracy": jnp.mean(((p > 0.5) == (label > 0.5)).astype(jnp.float32)),
-            **success_metrics(p, label)}
+    return {
+        "success/prob": p.mean(),
+        "success/accuracy": jnp.mean(((p > 0.5) == (label > 0.5)).astype(jnp.float32)),
+        **success_metrics(p, label),
+    }

@@ -59,7 +59,8 @@ Code name -> symbol: ``n`` n (environment steps), ``gamma`` gamma (per environme
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -79,8 +80,9 @@ from macfw.spec import Spec
 
 
 # ---------------------------------------------------------------------------------------------- equations
-def nstep_goal_reward(idx: Int[Array, " B"], value_goal_idx: Int[Array, " B"], n: int,
-                      gamma: float) -> tuple[Float[Array, " B"], Float[Array, " B"], Float[Array, " B"]]:
+def nstep_goal_reward(
+    idx: Int[Array, " B"], value_goal_idx: Int[Array, " B"], n: int, gamma: float
+) -> tuple[Float[Array, " B"], Float[Array, " B"], Float[Array, " B"]]:
     """The n-step goal-reaching reward, mask and success of the authors' ``HGCDataset`` (BCE values).
 
     With ``k = value_goal_idx - idx`` (environment steps from s_t to the value goal's dataset index):
@@ -104,18 +106,25 @@ def nstep_goal_reward(idx: Int[Array, " B"], value_goal_idx: Int[Array, " B"], n
     return reward, 1.0 - success, success
 
 
-def nstep_target(reward: Array, mask: Array, next_q: Array, gamma: float, n: int,
-                 clip: tuple[float, float] | None = (0.0, 1.0)) -> Array:
+def nstep_target(
+    reward: Array, mask: Array, next_q: Array, gamma: float, n: int, clip: tuple[float, float] | None = (0.0, 1.0)
+) -> Array:
     """``clip(reward + gamma^n * mask * next_q, *clip)`` elementwise (no clipping when ``clip`` is None).
 
     ``next_q`` is the aggregated target value at ``s_{t+n}`` (probabilities for BCE critics).
     """
-    target = reward + (gamma ** n) * mask * next_q
+    target = reward + (gamma**n) * mask * next_q
     return target if clip is None else jnp.clip(target, clip[0], clip[1])
 
 
-def sacbc_actor_loss(log_prob: Float[Array, " B"], q: Float[Array, " B"], actions: Float[Array, "B act_dim"],
-                     data_actions: Float[Array, "B act_dim"], alpha: float, temperature: Array) -> tuple[Array, dict]:
+def sacbc_actor_loss(
+    log_prob: Float[Array, " B"],
+    q: Float[Array, " B"],
+    actions: Float[Array, "B act_dim"],
+    data_actions: Float[Array, "B act_dim"],
+    alpha: float,
+    temperature: Array,
+) -> tuple[Array, dict]:
     """SAC + BC actor loss, scale-normalised as the authors' ``ngcsacbc.actor_loss``.
 
     ``mean(temperature * log_prob - q) + alpha * mean(||actions - data_actions||^2) * sg(mean|q|)``
@@ -127,8 +136,15 @@ def sacbc_actor_loss(log_prob: Float[Array, " B"], q: Float[Array, " B"], action
     bc = alpha * jnp.mean(sq)
     scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(q)))
     loss = sac + bc * scale
-    return loss, {"actor/loss": loss, "actor/sac_loss": sac, "actor/bc_loss": bc, "actor/bc_scale": scale,
-                  "actor/scaled_bc_loss": bc * scale, "actor/mse": jnp.mean(sq), "actor/q_mean": jnp.mean(q)}
+    return loss, {
+        "actor/loss": loss,
+        "actor/sac_loss": sac,
+        "actor/bc_loss": bc,
+        "actor/bc_scale": scale,
+        "actor/scaled_bc_loss": bc * scale,
+        "actor/mse": jnp.mean(sq),
+        "actor/q_mean": jnp.mean(q),
+    }
 
 
 def critic_values(critic, s: Array, g: Array, a: Array) -> Float[Array, "k B"]:
@@ -196,14 +212,32 @@ class NStepSACBC(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, actor: Callable = TanhGaussianActor, critic: Callable | None = None,
-                 temperature: Callable = Temperature, *, n: int = 25, gamma: float = 0.999, alpha: float = 0.1,
-                 tau: float = 0.005, learning_rate: float = 3e-4, target_entropy_scale: float = 0.5,
-                 q_agg: str = "min", value_loss: str = "bce", goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        actor: Callable = TanhGaussianActor,
+        critic: Callable | None = None,
+        temperature: Callable = Temperature,
+        *,
+        n: int = 25,
+        gamma: float = 0.999,
+        alpha: float = 0.1,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        target_entropy_scale: float = 0.5,
+        q_agg: str = "min",
+        value_loss: str = "bce",
+        goal_sampling: GoalSampling | None = None,
+    ):
         name = type(self).__name__
         for slot, f in (("actor", actor), ("critic", critic), ("temperature", temperature)):
-            check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @{slot}/Ensemble (see gin/baselines/)"
-                  if slot == "critic" else "a registered network class")
+            check(
+                f"{name}.{slot}",
+                f,
+                callable(f),
+                f"a network class, e.g. @{slot}/Ensemble (see gin/baselines/)"
+                if slot == "critic"
+                else "a registered network class",
+            )
         self.factories = dict(actor=actor, critic=critic, temperature=temperature)
         self.n = check_int(f"{name}.n", n, minimum=1)
         self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -219,8 +253,9 @@ class NStepSACBC(Agent):
     @property
     def batch_spec(self) -> BatchSpec:
         """Windows of ``n`` environment steps: ``next_obs = s_{t+n}``; single-task rewards unnormalised."""
-        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="NStepSACBC.n",
-                         goals=self.goal_sampling)
+        return BatchSpec(
+            chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="NStepSACBC.n", goals=self.goal_sampling
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)
@@ -238,12 +273,14 @@ class NStepSACBC(Agent):
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         key, k_a, k_c, k_t = jax.random.split(key, 4)
         f = self.factories
-        nets = NStepSACBCNetworks(actor=f["actor"](one, key=k_a), critic=f["critic"](one, key=k_c),
-                                  temperature=f["temperature"](one, key=k_t))
+        nets = NStepSACBCNetworks(
+            actor=f["actor"](one, key=k_a), critic=f["critic"](one, key=k_c), temperature=f["temperature"](one, key=k_t)
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.critic)
-        return NStepSACBCState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
-                               opt_state=opt_state)
+        return NStepSACBCState(
+            step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state
+        )
 
     # ------------------------------------------------------------------ acting
     def act(self, nets: NStepSACBCNetworks, s, g, *, key):
@@ -307,14 +344,25 @@ class NStepSACBC(Agent):
 
         total = critic_loss + actor_loss + temp_loss
         metrics.update(m_t)
-        metrics.update({"critic/loss": critic_loss, "critic/q_mean": q_val.mean(), "critic/q_max": q_val.max(),
-                        "critic/q_min": q_val.min(), "critic/q_logit_mean": out.mean(),
-                        "critic/q_logit_max": out.max(), "critic/q_logit_min": out.min(),
-                        "critic/target_mean": target.mean(), "actor/std": std.mean(), "total/loss": total})
+        metrics.update(
+            {
+                "critic/loss": critic_loss,
+                "critic/q_mean": q_val.mean(),
+                "critic/q_max": q_val.max(),
+                "critic/q_min": q_val.min(),
+                "critic/q_logit_mean": out.mean(),
+                "critic/q_logit_max": out.max(),
+                "critic/q_logit_min": out.min(),
+                "critic/target_mean": target.mean(),
+                "actor/std": std.mean(),
+                "total/loss": total,
+            }
+        )
         return total, metrics
 
-    def update(self, state: NStepSACBCState, batch: dict,
-               noise: dict[str, Array] | None = None) -> tuple[NStepSACBCState, dict]:
+    def update(
+        self, state: NStepSACBCState, batch: dict, noise: dict[str, Array] | None = None
+    ) -> tuple[NStepSACBCState, dict]:
         """One gradient step on the loop's n-step ``batch`` (pure; jit it). ``noise``: the draws of
         :meth:`draw_noise` (None: drawn from the state's key)."""
         key, k_noise = jax.random.split(state.key)
@@ -324,9 +372,11 @@ class NStepSACBC(Agent):
         target = _sg(self.target_q(_sg(nets), _sg(state.target_critic), batch, noise["next_actions"]))
 
         nets, opt_state, metrics = gradient_step(
-            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, target, noise["actions"]))
+            nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, target, noise["actions"])
+        )
         target_critic = ema(state.target_critic, state.nets.critic, self.tau)  # the critics before this step
         _, mask = self.rewards_and_masks(batch)
         metrics.update({"critic/mask_mean": jnp.mean(mask)})
-        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target_critic,
-                                   opt_state=opt_state), metrics
+        return dataclasses.replace(
+            state, step=state.step + 1, key=key, nets=nets, target_critic=target_critic, opt_state=opt_state
+        ), metrics

@@ -58,7 +58,8 @@ sample a success, ``steps < n``, though the goal was not reached) never applies.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -142,8 +143,9 @@ def dataset_subgoals(success: Float[Array, " B"], value_goals, next_goals) -> Fl
     return jnp.where(success[:, None] > 0.5, value_goals, next_goals)
 
 
-def high_actor_targets(idx: Int[Array, " B"], actor_goal_idx: Int[Array, " B"], actor_goals, next_goals, n: int
-                       ) -> Float[Array, "B goal_dim"]:
+def high_actor_targets(
+    idx: Int[Array, " B"], actor_goal_idx: Int[Array, " B"], actor_goals, next_goals, n: int
+) -> Float[Array, "B goal_dim"]:
     """The subgoal the high-level flow regresses (the authors' HGCDataset ``high_actor_actions``): the
     goal representation at ``t + min(n, d)`` with ``d = actor_goal_idx - idx``, i.e. the actor goal
     itself where ``0 <= d < n`` (reached inside the ``n`` steps), else ``next_goals`` (``s_{t+n}``'s).
@@ -181,10 +183,22 @@ class SHARSA(Agent):
 
     acts_in_chunks = False
 
-    def __init__(self, high_actor: Callable = FlowPolicy, low_actor: Callable = FlowPolicy,
-                 critic: Callable | None = None, value: Callable = StateValue, *, n: int = 25,
-                 gamma: float = 0.999, tau: float = 0.005, learning_rate: float = 3e-4, q_agg: str = "min",
-                 value_loss: str = "bce", num_samples: int = 32, goal_sampling: GoalSampling | None = None):
+    def __init__(
+        self,
+        high_actor: Callable = FlowPolicy,
+        low_actor: Callable = FlowPolicy,
+        critic: Callable | None = None,
+        value: Callable = StateValue,
+        *,
+        n: int = 25,
+        gamma: float = 0.999,
+        tau: float = 0.005,
+        learning_rate: float = 3e-4,
+        q_agg: str = "min",
+        value_loss: str = "bce",
+        num_samples: int = 32,
+        goal_sampling: GoalSampling | None = None,
+    ):
         name = type(self).__name__
         for slot, f in (("high_actor", high_actor), ("low_actor", low_actor), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class (see gin/baselines/sharsa.gin)")
@@ -204,8 +218,9 @@ class SHARSA(Agent):
     def batch_spec(self) -> BatchSpec:
         """Samples spanning ``n`` environment steps (``next_obs`` = s_{t+n}, ``next_goals`` its goal
         representation) with hindsight-relabelled goals."""
-        return BatchSpec(chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="SHARSA.n",
-                         goals=self.goal_sampling)
+        return BatchSpec(
+            chunk_len=self.n, gamma=self.gamma, normalize_reward=False, binding="SHARSA.n", goals=self.goal_sampling
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)
@@ -217,8 +232,12 @@ class SHARSA(Agent):
         return dataclasses.replace(spec, act_dim=spec.goal_dim, chunk_len=1)
 
     def init(self, spec: Spec, key) -> SHARSAState:
-        check("OGBenchDataset.task_mode", "singletask", spec.goal_dim > 0,
-              "'oraclerep' (or 'goal'): SHARSA is goal-conditioned (subgoals are goal representations)")
+        check(
+            "OGBenchDataset.task_mode",
+            "singletask",
+            spec.goal_dim > 0,
+            "'oraclerep' (or 'goal'): SHARSA is goal-conditioned (subgoals are goal representations)",
+        )
         self.spec = spec
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         key, *ks = jax.random.split(key, 5)
@@ -226,11 +245,12 @@ class SHARSA(Agent):
         nets = SHARSANetworks(
             high_actor=f["high_actor"](sub, key=ks[0]),
             low_actor=f["low_actor"](dataclasses.replace(spec, chunk_len=1), key=ks[1]),
-            critic=f["critic"](sub, key=ks[2]), value=f["value"](spec, key=ks[3]))
+            critic=f["critic"](sub, key=ks[2]),
+            value=f["value"](spec, key=ks[3]),
+        )
         opt_state = self.optimizer().init(eqx.filter(nets, eqx.is_inexact_array))
         target = copy_of(nets.critic)
-        return SHARSAState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target,
-                           opt_state=opt_state)
+        return SHARSAState(step=jnp.zeros((), jnp.int32), key=key, nets=nets, target_critic=target, opt_state=opt_state)
 
     def check_config(self, batch_size: int) -> None:
         """Builds every network abstractly for a one-unit goal-conditioned spec (the base class's spec
@@ -281,8 +301,9 @@ class SHARSA(Agent):
         q_t = self._prob(batched_heads(target_critic, s, g, w))  # (B, heads)
         out["value_targets"] = q_t.min(axis=1) if self.q_agg == "min" else q_t.mean(axis=1)
         out["subgoals"] = w
-        out["high_targets"] = high_actor_targets(batch["idx"], batch["actor_goal_idx"], batch["actor_goals"],
-                                                 batch["next_goals"], self.n)
+        out["high_targets"] = high_actor_targets(
+            batch["idx"], batch["actor_goal_idx"], batch["actor_goals"], batch["next_goals"], self.n
+        )
         return jax.tree_util.tree_map(_sg, out)
 
     def noise(self, key, batch_size: int) -> dict[str, Array]:
@@ -293,8 +314,12 @@ class SHARSA(Agent):
         kz_h, ku_h = jax.random.split(k_high)
         kz_l, ku_l = jax.random.split(k_low)
         B, sp = batch_size, self.spec
-        return {"z_high": jax.random.normal(kz_h, (B, sp.goal_dim)), "u_high": jax.random.uniform(ku_h, (B,)),
-                "z_low": jax.random.normal(kz_l, (B, sp.act_dim)), "u_low": jax.random.uniform(ku_l, (B,))}
+        return {
+            "z_high": jax.random.normal(kz_h, (B, sp.goal_dim)),
+            "u_high": jax.random.uniform(ku_h, (B,)),
+            "z_low": jax.random.normal(kz_l, (B, sp.act_dim)),
+            "u_low": jax.random.uniform(ku_l, (B,)),
+        }
 
     def loss(self, nets: SHARSANetworks, batch: dict, tg: dict, noise: dict) -> tuple[Array, dict]:
         """Value, critic, high- and low-level flow-matching losses on ``batch`` with the draws ``noise``
@@ -307,18 +332,30 @@ class SHARSA(Agent):
         critic = jnp.mean(jnp.sum(self._loss_fn(q, tg["targets"][:, None]), axis=1))
 
         a0 = batch["actions"][:, : self.spec.act_dim]
-        high = jnp.mean(jax.vmap(nets.high_actor.flow_loss)(s, batch["actor_goals"], tg["high_targets"],
-                                                            noise["z_high"], noise["u_high"]))
-        low = jnp.mean(jax.vmap(nets.low_actor.flow_loss)(s, batch["next_goals"], a0, noise["z_low"],
-                                                          noise["u_low"]))
+        high = jnp.mean(
+            jax.vmap(nets.high_actor.flow_loss)(
+                s, batch["actor_goals"], tg["high_targets"], noise["z_high"], noise["u_high"]
+            )
+        )
+        low = jnp.mean(jax.vmap(nets.low_actor.flow_loss)(s, batch["next_goals"], a0, noise["z_low"], noise["u_low"]))
         total = value + critic + high + low
         p_v, y = self._prob(v), tg["targets"]
         metrics = {
-            "value/loss": value, "value/v_mean": p_v.mean(), "value/v_max": p_v.max(), "value/v_min": p_v.min(),
+            "value/loss": value,
+            "value/v_mean": p_v.mean(),
+            "value/v_max": p_v.max(),
+            "value/v_min": p_v.min(),
             "value/target_mean": tg["value_targets"].mean(),
-            "critic/loss": critic, "critic/q_mean": self._prob(q).mean(), "critic/target_mean": y.mean(),
-            "critic/target_max": y.max(), "critic/target_min": y.min(), "critic/success_rate": tg["success"].mean(),
-            "high_actor/loss": high, "low_actor/loss": low, "total/loss": total}
+            "critic/loss": critic,
+            "critic/q_mean": self._prob(q).mean(),
+            "critic/target_mean": y.mean(),
+            "critic/target_max": y.max(),
+            "critic/target_min": y.min(),
+            "critic/success_rate": tg["success"].mean(),
+            "high_actor/loss": high,
+            "low_actor/loss": low,
+            "total/loss": total,
+        }
         return total, metrics
 
     def update(self, state: SHARSAState, batch: dict, noise: dict | None = None) -> tuple[SHARSAState, dict]:
@@ -329,7 +366,9 @@ class SHARSA(Agent):
             noise = self.noise(k_loss, batch["obs"].shape[0])
         tg = self.targets(state.nets, state.target_critic, batch)
         nets, opt_state, metrics = gradient_step(
-            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, tg, noise))
+            state.nets, state.opt_state, self.optimizer(), lambda nets: self.loss(nets, batch, tg, noise)
+        )
         target = ema(state.target_critic, state.nets.critic, self.tau)  # the critic before this step (the authors')
-        return dataclasses.replace(state, step=state.step + 1, key=key, nets=nets, target_critic=target,
-                                   opt_state=opt_state), metrics
+        return dataclasses.replace(
+            state, step=state.step + 1, key=key, nets=nets, target_critic=target, opt_state=opt_state
+        ), metrics

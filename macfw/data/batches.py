@@ -45,7 +45,7 @@ class Scaler:
     hi: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Scaler":
+    def fit(cls, x: np.ndarray) -> Scaler:
         x = np.asarray(x, np.float32)
         return cls(lo=x.min(axis=0), hi=x.max(axis=0))
 
@@ -65,7 +65,7 @@ class Scaler:
         return {"lo": np.asarray(self.lo), "hi": np.asarray(self.hi)}
 
     @classmethod
-    def from_dict(cls, d) -> "Scaler":
+    def from_dict(cls, d) -> Scaler:
         return cls(lo=np.asarray(d["lo"], np.float32), hi=np.asarray(d["hi"], np.float32))
 
 
@@ -121,22 +121,43 @@ def valid_starts(traj_end: np.ndarray, chunk_len: int) -> np.ndarray:
     t = np.arange(len(traj_end))
     starts = np.where(t + chunk_len <= traj_end)[0].astype(np.int32)
     longest = int(np.max(traj_end - t)) if len(t) else 0
-    check("train.chunk_len", chunk_len, len(starts) > 0,
-          f"at most {longest}, the longest chunk inside one trajectory of the data (or use longer episodes)")
+    check(
+        "train.chunk_len",
+        chunk_len,
+        len(starts) > 0,
+        f"at most {longest}, the longest chunk inside one trajectory of the data (or use longer episodes)",
+    )
     return starts
 
 
 def sample_for(spec, data: ChunkData, key, batch_size: int, *, goal_conditioned: bool) -> dict[str, Array]:
     """:func:`sample_batch` for an agent's :class:`~macfw.agents.base.BatchSpec` ``spec`` (its chunk
     length, discount, reward scale, future window and goal sampling)."""
-    return sample_batch(data, key, batch_size, chunk_len=spec.chunk_len, gamma=spec.gamma,
-                        goal_conditioned=goal_conditioned, normalize_reward=spec.normalize_reward,
-                        future_len=spec.future_len, goals=getattr(spec, "goals", None))
+    return sample_batch(
+        data,
+        key,
+        batch_size,
+        chunk_len=spec.chunk_len,
+        gamma=spec.gamma,
+        goal_conditioned=goal_conditioned,
+        normalize_reward=spec.normalize_reward,
+        future_len=spec.future_len,
+        goals=getattr(spec, "goals", None),
+    )
 
 
-def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma: float,
-                 goal_conditioned: bool, normalize_reward: bool = True, future_len: int = 0,
-                 goals: GoalSampling | None = None) -> dict[str, Array]:
+def sample_batch(
+    data: ChunkData,
+    key,
+    batch_size: int,
+    *,
+    chunk_len: int,
+    gamma: float,
+    goal_conditioned: bool,
+    normalize_reward: bool = True,
+    future_len: int = 0,
+    goals: GoalSampling | None = None,
+) -> dict[str, Array]:
     """Sample one training batch (pure and jittable).
 
     Returns a dict of arrays (B = batch_size):
@@ -180,16 +201,29 @@ def sample_batch(data: ChunkData, key, batch_size: int, *, chunk_len: int, gamma
         vg, ag = goal_indices(ks, t, end, N, gamma, goals=goals)
         success = ((vg >= t) & (vg < t + n)).astype(jnp.float32)
         batch.update(
-            value_goals=data.goals[vg], actor_goals=data.goals[ag], value_goal_idx=vg, actor_goal_idx=ag,
+            value_goals=data.goals[vg],
+            actor_goals=data.goals[ag],
+            value_goal_idx=vg,
+            actor_goal_idx=ag,
             next_goals=data.goals[t + n],
-            success=success, rewards=success - 1.0, masks=1.0 - success,
+            success=success,
+            rewards=success - 1.0,
+            masks=1.0 - success,
         )
     else:
         r = chunk_reward(data.rewards[steps], gamma, normalize_reward)
         success = jnp.any(data.masks[steps] < 0.5, axis=1).astype(jnp.float32)
         empty = jnp.zeros((batch_size, 0), jnp.float32)
-        batch.update(value_goals=empty, actor_goals=empty, value_goal_idx=t, actor_goal_idx=t, next_goals=empty,
-                     success=success, rewards=r, masks=jnp.ones_like(r))
+        batch.update(
+            value_goals=empty,
+            actor_goals=empty,
+            value_goal_idx=t,
+            actor_goal_idx=t,
+            next_goals=empty,
+            success=success,
+            rewards=r,
+            masks=jnp.ones_like(r),
+        )
     return batch
 
 

@@ -39,8 +39,9 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def measure(dataset: str = "cube-single-play-v0", episodes: int = 8, workers=(1, 2), rounds: int = 2,
-            episode_length: int = 1001) -> dict:
+def measure(
+    dataset: str = "cube-single-play-v0", episodes: int = 8, workers=(1, 2), rounds: int = 2, episode_length: int = 1001
+) -> dict:
     """Times :func:`generate_dataset` per worker count (see the module docstring); returns the figures.
 
     Raises:
@@ -66,15 +67,23 @@ def measure(dataset: str = "cube-single-play-v0", episodes: int = 8, workers=(1,
     med = {w: statistics.median(t) for w, t in times.items()}
     tps = {w: transitions / med[w] for w in workers}
     return {
-        "dataset": dataset, "episodes": episodes, "episode_length": episode_length, "transitions": transitions,
-        "rounds": rounds, "seconds": times, "median_s": med, "transitions_per_s": tps,
-        "scaling": {w: tps[w] / tps[workers[0]] for w in workers}, "digest": digests[workers[0]],
+        "dataset": dataset,
+        "episodes": episodes,
+        "episode_length": episode_length,
+        "transitions": transitions,
+        "rounds": rounds,
+        "seconds": times,
+        "median_s": med,
+        "transitions_per_s": tps,
+        "scaling": {w: tps[w] / tps[workers[0]] for w in workers},
+        "digest": digests[workers[0]],
     }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m macfw.data.gen_bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m macfw.data.gen_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dataset", default="cube-single-play-v0")
     ap.add_argument("--episodes", type=int, default=8, help="training episodes per generation")
     ap.add_argument("--episode-length", type=int, default=1001, help="environment steps per episode")

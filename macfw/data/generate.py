@@ -65,9 +65,10 @@ import pathlib
 import re
 import socket
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -171,8 +172,11 @@ def base_dataset_name(name: str) -> str:
 def _is_locomotion(env_stem: str, dataset_type: str) -> bool:
     """OGBench's rule for a locomotion environment ('maze' or 'soccer' in the name), or a locomotion
     dataset type of an environment that is not a manipulation one."""
-    return ("maze" in env_stem or "soccer" in env_stem
-            or (dataset_type in _LOCOMOTION_TYPES and env_stem not in SUPPORTED_ENVS))
+    return (
+        "maze" in env_stem
+        or "soccer" in env_stem
+        or (dataset_type in _LOCOMOTION_TYPES and env_stem not in SUPPORTED_ENVS)
+    )
 
 
 def locomotion_data_message(dataset_name: str) -> str:
@@ -193,25 +197,33 @@ def locomotion_data_message(dataset_name: str) -> str:
     else:
         env = "-".join(splits[:-1]) if len(splits) == 3 else "-".join(splits[:-2])
         if len(splits) > 3:
-            wrong_type = (f"OGBench has no {dtype!r} data for {env!r} (its locomotion datasets are 'navigate', "
-                          "'stitch' and, for antmaze, 'explore'; set OGBenchDataset.dataset_type = 'navigate'). ")
+            wrong_type = (
+                f"OGBench has no {dtype!r} data for {env!r} (its locomotion datasets are 'navigate', "
+                "'stitch' and, for antmaze, 'explore'; set OGBenchDataset.dataset_type = 'navigate'). "
+            )
         dtype = "navigate"
     name = f"{env}-{dtype}-{version}"
-    why = ("OGBench's locomotion data comes from trained expert policies (SAC agents in OGBench's experts.tar.gz, "
-           "a download; data_gen_scripts/generate_locomaze.py), not from scripted oracles"
-           if not env.startswith("pointmaze") else
-           "OGBench's pointmaze data comes from the subgoal controller of data_gen_scripts/generate_locomaze.py, "
-           "which macfw does not implement")
+    why = (
+        "OGBench's locomotion data comes from trained expert policies (SAC agents in OGBench's experts.tar.gz, "
+        "a download; data_gen_scripts/generate_locomaze.py), not from scripted oracles"
+        if not env.startswith("pointmaze")
+        else "OGBench's pointmaze data comes from the subgoal controller of data_gen_scripts/generate_locomaze.py, "
+        "which macfw does not implement"
+    )
     big = ""
     stem = f"{env}-{dtype}"
     if stem in _LOCOMOTION_100M:
-        big = (f", or the 100M-transition shards {OGBENCH_DATASET_URL}/{stem}-100m-{version}/ (wget -r -np -nH "
-               f"--cut-dirs=2 -A '*.npz' URL; see seohongpark/horizon-reduction's README)")
-    return (f"{wrong_type}Cannot generate {name!r} here: {why}; macfw generates only the manipulation 'play' "
-            f"data of OGBench's scripted oracles ({', '.join(SUPPORTED_ENVS)}). Download the official files from "
-            f"OGBench's dataset server, {OGBENCH_DATASET_URL}/{name}.npz and {OGBENCH_DATASET_URL}/{name}-val.npz"
-            f"{big}, and set OGBenchDataset.dataset_path to the .npz file (its -val.npz beside it) or to the "
-            f"directory of shards {name}-000.npz, {name}-001.npz, ... (each with its -val sibling).")
+        big = (
+            f", or the 100M-transition shards {OGBENCH_DATASET_URL}/{stem}-100m-{version}/ (wget -r -np -nH "
+            f"--cut-dirs=2 -A '*.npz' URL; see seohongpark/horizon-reduction's README)"
+        )
+    return (
+        f"{wrong_type}Cannot generate {name!r} here: {why}; macfw generates only the manipulation 'play' "
+        f"data of OGBench's scripted oracles ({', '.join(SUPPORTED_ENVS)}). Download the official files from "
+        f"OGBench's dataset server, {OGBENCH_DATASET_URL}/{name}.npz and {OGBENCH_DATASET_URL}/{name}-val.npz"
+        f"{big}, and set OGBenchDataset.dataset_path to the .npz file (its -val.npz beside it) or to the "
+        f"directory of shards {name}-000.npz, {name}-001.npz, ... (each with its -val sibling)."
+    )
 
 
 def _parse_dataset_name(dataset_name: str) -> tuple[str, str, str]:
@@ -229,10 +241,12 @@ def _parse_dataset_name(dataset_name: str) -> tuple[str, str, str]:
     supported_envs = ", ".join(f"{e}-v0" for e in SUPPORTED_ENVS)
     if len(splits) >= 3 and _is_locomotion("-".join(splits[:-2]), splits[-2]):
         raise DatasetError(locomotion_data_message(base))
-    if base.startswith("visual-") and base[len("visual-"):].split("-")[0] in {e.split("-")[0] for e in SUPPORTED_ENVS}:
-        raise DatasetError(f"cannot generate {dataset_name!r}: macfw generates state-based datasets only (the "
-                           f"visual-* variants store 64 x 64 rendered images); use {base[len('visual-'):]!r}, or set "
-                           "OGBenchDataset.dataset_path to OGBench's official file")
+    if base.startswith("visual-") and base[len("visual-") :].split("-")[0] in {e.split("-")[0] for e in SUPPORTED_ENVS}:
+        raise DatasetError(
+            f"cannot generate {dataset_name!r}: macfw generates state-based datasets only (the "
+            f"visual-* variants store 64 x 64 rendered images); use {base[len('visual-') :]!r}, or set "
+            "OGBenchDataset.dataset_path to OGBench's official file"
+        )
     if base.endswith("-v0") and base[: -len("-v0")] in SUPPORTED_ENVS:
         raise DatasetError(
             f"{dataset_name!r} is an environment name, not a dataset name; pass a dataset name such "
@@ -308,7 +322,6 @@ def _make_env_and_agents(env_stem: str, episode_length: int):
         warnings.filterwarnings("ignore", message=r".*DISPLAY.*")
         warnings.filterwarnings("ignore", message=r".*precision lowered.*")
         import gymnasium
-
         import ogbench.manipspace  # noqa: F401  (registers the environments)
         from ogbench.manipspace.oracles.plan.button_plan import ButtonPlanOracle
         from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
@@ -681,8 +694,11 @@ def generate_shards(
     todo = [k for k, p in enumerate(paths) if not p.exists()]
     num_val = max(1, episodes_per_shard // 10)
     if len(todo) < num_shards:
-        print(f"macfw: {num_shards - len(todo)} of {num_shards} shard(s) already in {str(out_dir)!r}; "
-              f"generating the other {len(todo)}", flush=True)
+        print(
+            f"macfw: {num_shards - len(todo)} of {num_shards} shard(s) already in {str(out_dir)!r}; "
+            f"generating the other {len(todo)}",
+            flush=True,
+        )
     if not todo:
         return paths
     from tqdm import tqdm
@@ -709,7 +725,8 @@ def generate_shards(
                     except BrokenProcessPool as e:
                         raise RuntimeError(
                             "a dataset-generation worker process died; if this was called from a script, guard "
-                            "its entry point with `if __name__ == '__main__':`, or pass workers=1") from e
+                            "its entry point with `if __name__ == '__main__':`, or pass workers=1"
+                        ) from e
             finally:
                 bar.close()
 
@@ -739,19 +756,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         "with OGBench's scripted oracles.",
     )
     parser.add_argument("--dataset", required=True, help="OGBench dataset name, e.g. cube-single-play-v0")
-    parser.add_argument("--episodes", type=int, default=1000,
-                        help="training episodes (per shard with --shards; default 1000)")
-    parser.add_argument("--shards", type=int, default=None,
-                        help="write this many OGBench-named shards <env>-<type>-v0-000.npz, ... (with -val siblings) "
-                             "into the directory --out; resumable")
+    parser.add_argument(
+        "--episodes", type=int, default=1000, help="training episodes (per shard with --shards; default 1000)"
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="write this many OGBench-named shards <env>-<type>-v0-000.npz, ... (with -val siblings) "
+        "into the directory --out; resumable",
+    )
     parser.add_argument("--episode-length", type=int, default=1001, help="steps per episode (default 1001)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument(
         "--out",
         default=None,
-        help="output .npz file, or a directory for the default file name "
-        "(default: <cache dir>/datasets)",
+        help="output .npz file, or a directory for the default file name (default: <cache dir>/datasets)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -762,13 +783,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.shards is not None:
         try:
             _parse_dataset_name(args.dataset)
-            out = (pathlib.Path(args.out).expanduser() if args.out is not None else default_cache_dir() / "datasets" /
-                   f"{base_dataset_name(args.dataset)[:-3]}-shards{args.shards}-e{args.episodes}-l{args.episode_length}"
-                   f"-s{args.seed}-v0")
+            out = (
+                pathlib.Path(args.out).expanduser()
+                if args.out is not None
+                else default_cache_dir()
+                / "datasets"
+                / f"{base_dataset_name(args.dataset)[:-3]}-shards{args.shards}-e{args.episodes}-l{args.episode_length}"
+                f"-s{args.seed}-v0"
+            )
             if str(out).endswith(".npz"):
                 parser.error("--out must be a directory with --shards")
-            paths = generate_shards(args.dataset, out, args.shards, args.episodes, episode_length=args.episode_length,
-                                    seed=args.seed, workers=args.workers, progress=not args.no_progress)
+            paths = generate_shards(
+                args.dataset,
+                out,
+                args.shards,
+                args.episodes,
+                episode_length=args.episode_length,
+                seed=args.seed,
+                workers=args.workers,
+                progress=not args.no_progress,
+            )
         except ValueError as e:
             fail(e)
         print(out)

@@ -79,17 +79,28 @@ class GoalSampling:
             if abs(total - 1.0) > _TOL:
                 rest = 1.0 - p[0] - p[1]
                 if rest >= -_TOL:  # the usual slip: p_trajgoal changed, p_randomgoal left at its default
-                    check(f"GoalSampling.{names[2]}", p[2], False,
-                          f"{rest:.6g} = 1 - GoalSampling.{names[0]} - GoalSampling.{names[1]}: the {who} goal's "
-                          f"three probabilities must sum to 1, they sum to {total:.6g}")
-                check(f"GoalSampling.{names[1]}", p[1], False,
-                      f"at most {1.0 - p[0]:.6g} = 1 - GoalSampling.{names[0]}: the {who} goal's three "
-                      f"probabilities must sum to 1, they sum to {total:.6g}")
+                    check(
+                        f"GoalSampling.{names[2]}",
+                        p[2],
+                        False,
+                        f"{rest:.6g} = 1 - GoalSampling.{names[0]} - GoalSampling.{names[1]}: the {who} goal's "
+                        f"three probabilities must sum to 1, they sum to {total:.6g}",
+                    )
+                check(
+                    f"GoalSampling.{names[1]}",
+                    p[1],
+                    False,
+                    f"at most {1.0 - p[0]:.6g} = 1 - GoalSampling.{names[0]}: the {who} goal's three "
+                    f"probabilities must sum to 1, they sum to {total:.6g}",
+                )
 
     def probabilities(self, who: str) -> tuple[float, float, float]:
         """``(p_curgoal, p_trajgoal, p_randomgoal)`` of ``who`` (``'value'`` or ``'actor'``)."""
-        return (getattr(self, f"{who}_p_curgoal"), getattr(self, f"{who}_p_trajgoal"),
-                getattr(self, f"{who}_p_randomgoal"))
+        return (
+            getattr(self, f"{who}_p_curgoal"),
+            getattr(self, f"{who}_p_trajgoal"),
+            getattr(self, f"{who}_p_randomgoal"),
+        )
 
 
 #: The defaults (DESIGN §2.1): what a :class:`~macfw.agents.base.BatchSpec` holds unless told otherwise.
@@ -110,6 +121,7 @@ def goal_sampling_for(agent_name: str, goal_sampling) -> GoalSampling:
     """
     if goal_sampling is None:
         return GoalSampling()
-    check(f"{agent_name}.goal_sampling", goal_sampling, isinstance(goal_sampling, GoalSampling),
-          "None or @GoalSampling()")
+    check(
+        f"{agent_name}.goal_sampling", goal_sampling, isinstance(goal_sampling, GoalSampling), "None or @GoalSampling()"
+    )
     return goal_sampling

@@ -63,8 +63,7 @@ def _draw_one(key, s, tables, *, batch_size: int, gamma: float, goal_conditioned
     out = {"t": t, "end": end}
     if goal_conditioned:
         row_lo = tables["space_rows"][s]
-        vg, ag = goal_indices(ks, t, end, tables["space_rows"][s + 1] - row_lo, gamma, row_offset=row_lo,
-                              goals=goals)
+        vg, ag = goal_indices(ks, t, end, tables["space_rows"][s + 1] - row_lo, gamma, row_offset=row_lo, goals=goals)
         out.update(vg=vg, ag=ag)
     return out
 
@@ -92,15 +91,23 @@ class ShardSampler:
             space_start = np.array([0, t["start_cum"][-1]], np.int32)
             space_rows = np.array([0, data.size], np.int32)
         self.num_spaces = len(space_start) - 1
-        self.tables = jax.device_put({"space_start": space_start, "space_rows": space_rows,
-                                      "start_cum": t["start_cum"], "traj_first": t["traj_first"],
-                                      "traj_final": t["traj_final"]}, cpu)
+        self.tables = jax.device_put(
+            {
+                "space_start": space_start,
+                "space_rows": space_rows,
+                "start_cum": t["start_cum"],
+                "traj_first": t["traj_first"],
+                "traj_final": t["traj_final"],
+            },
+            cpu,
+        )
         self.key = jax.device_put(jnp.asarray(key), cpu)
         self.num_starts = int(t["start_cum"][-1])
         self._fields = ("t", "end", "vg", "ag") if self.gc else ("t", "end")
         gamma = batch_spec.gamma
-        self._one = functools.partial(_draw_one, gamma=gamma, goal_conditioned=self.gc,
-                                      goals=getattr(batch_spec, "goals", None))
+        self._one = functools.partial(
+            _draw_one, gamma=gamma, goal_conditioned=self.gc, goals=getattr(batch_spec, "goals", None)
+        )
         self._np_tables = {k: np.asarray(v) for k, v in jax.device_get(self.tables).items()}
         self._key_np = np.asarray(jax.device_get(self.key))
         self._draw_steps = jax.jit(self._draw_steps_fn, static_argnames=("K", "batch_size", "num_seeds"))
@@ -145,8 +152,12 @@ class ShardSampler:
     def key_indices(self, keys, spaces, batch_size: int) -> dict:
         """Indices of one batch per key: ``keys (M, 2)``, ``spaces (M,)`` -> ``(M, B)`` int arrays."""
         with jax.default_device(_cpu()):
-            out = self._draw_keys(jax.device_put(jnp.asarray(keys), _cpu()), jnp.asarray(np.asarray(spaces, np.int32)),
-                                  self.tables, batch_size=batch_size)
+            out = self._draw_keys(
+                jax.device_put(jnp.asarray(keys), _cpu()),
+                jnp.asarray(np.asarray(spaces, np.int32)),
+                self.tables,
+                batch_size=batch_size,
+            )
         return {k: np.asarray(v) for k, v in out.items()}
 
     # -- 2. and 3. rows and values ------------------------------------------------------------------
@@ -154,7 +165,7 @@ class ShardSampler:
         """The batch fields (as :func:`~macfw.data.batches.sample_batch`) for indices ``ind`` (arrays
         of any leading shape ``L + (B,)``), only for batch rows ``rows = (lo, hi)`` (default all)."""
         if rows is not None:
-            ind = {k: v[..., rows[0]:rows[1]] for k, v in ind.items()}
+            ind = {k: v[..., rows[0] : rows[1]] for k, v in ind.items()}
         lead = ind["t"].shape
         t = ind["t"].reshape(-1).astype(np.int64)
         d, n, fl = self.data, self.spec.chunk_len, self.spec.future_len
@@ -163,14 +174,19 @@ class ShardSampler:
         if fl:
             w = np.arange(max(n, fl) + 1)
             win = d.obs_scaler(d.take("observations", t[:, None] + w[None, :], shard))
-            obs, next_obs, future = win[:, 0], win[:, n], win[:, 1:1 + fl]
+            obs, next_obs, future = win[:, 0], win[:, n], win[:, 1 : 1 + fl]
         else:
             win = d.obs_scaler(d.take("observations", np.stack([t, t + n], axis=1), shard))
             obs, next_obs, future = win[:, 0], win[:, 1], None
         steps = t[:, None] + np.arange(n)[None, :]
         actions = d.take("actions", steps, shard).reshape(F, -1)
-        b = {"idx": ind["t"].reshape(-1), "obs": obs, "actions": actions, "next_obs": next_obs,
-             "traj_end": ind["end"].reshape(-1)}
+        b = {
+            "idx": ind["t"].reshape(-1),
+            "obs": obs,
+            "actions": actions,
+            "next_obs": next_obs,
+            "traj_end": ind["end"].reshape(-1),
+        }
         if future is not None:
             b["future_obs"] = future
         if self.gc:
@@ -182,9 +198,16 @@ class ShardSampler:
                 g = d.obs_scaler(d.take("observations", np.stack([vg, ag], axis=1)))
                 ng = next_obs
             success = ((vg >= t) & (vg < t + n)).astype(np.float32)
-            b.update(value_goals=g[:, 0], actor_goals=g[:, 1], value_goal_idx=ind["vg"].reshape(-1),
-                     actor_goal_idx=ind["ag"].reshape(-1), next_goals=ng,
-                     success=success, rewards=success - np.float32(1.0), masks=np.float32(1.0) - success)
+            b.update(
+                value_goals=g[:, 0],
+                actor_goals=g[:, 1],
+                value_goal_idx=ind["vg"].reshape(-1),
+                actor_goal_idx=ind["ag"].reshape(-1),
+                next_goals=ng,
+                success=success,
+                rewards=success - np.float32(1.0),
+                masks=np.float32(1.0) - success,
+            )
         else:
             with jax.default_device(_cpu()):
                 r = np.asarray(self._reward(jax.device_put(d.take("rewards", steps, shard), _cpu())))
@@ -193,14 +216,27 @@ class ShardSampler:
             else:
                 success = np.any(d.take("masks", steps, shard) < 0.5, axis=1).astype(np.float32)
             empty = np.zeros((F, 0), np.float32)
-            b.update(value_goals=empty, actor_goals=empty, value_goal_idx=b["idx"], actor_goal_idx=b["idx"],
-                     next_goals=empty, success=success,
-                     rewards=r, masks=np.ones_like(r))
+            b.update(
+                value_goals=empty,
+                actor_goals=empty,
+                value_goal_idx=b["idx"],
+                actor_goal_idx=b["idx"],
+                next_goals=empty,
+                success=success,
+                rewards=r,
+                masks=np.ones_like(r),
+            )
         d.maybe_release()
         return {k: v.reshape(lead + v.shape[1:]) for k, v in b.items()}
 
-    def stack(self, first_step: int, K: int, batch_size: int, num_seeds: int | None = None,
-              rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    def stack(
+        self,
+        first_step: int,
+        K: int,
+        batch_size: int,
+        num_seeds: int | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> dict[str, np.ndarray]:
         """The batches of gradient steps ``first_step .. + K - 1``: ``(K, [S,] B_rows, ...)`` numpy."""
         return self.gather(self.step_indices(first_step, K, batch_size, num_seeds), rows)
 
@@ -220,10 +256,15 @@ class ShardSampler:
     def describe(self) -> dict:
         """What fixes the stream (for checkpoints): sampling, interval, key, shards."""
         d = self.data
-        return {"sampling": d.sampling, "rotation_interval": d.rotation_interval if d.sampling == "shard_rotation" else None,
-                "key_data": [int(x) for x in np.asarray(jax.device_get(self.key)).reshape(-1)],
-                "step_key": "fold_in(key, gradient step)", "shards": d.describe(), "scaler_source": d.scaler_source,
-                "num_valid_starts": self.num_starts}
+        return {
+            "sampling": d.sampling,
+            "rotation_interval": d.rotation_interval if d.sampling == "shard_rotation" else None,
+            "key_data": [int(x) for x in np.asarray(jax.device_get(self.key)).reshape(-1)],
+            "step_key": "fold_in(key, gradient step)",
+            "shards": d.describe(),
+            "scaler_source": d.scaler_source,
+            "num_valid_starts": self.num_starts,
+        }
 
 
 def process_rows(sharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int] | None:
@@ -236,7 +277,7 @@ def process_rows(sharding, global_shape: tuple[int, ...], axis: int) -> tuple[in
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     covered = np.zeros(hi - lo, bool)
     for a, b in spans:
-        covered[a - lo:b - lo] = True
+        covered[a - lo : b - lo] = True
     return (lo, hi) if covered.all() else None
 
 
@@ -254,9 +295,24 @@ class ShardedBatches:
       prefetch: stacks made ahead (grain's ``prefetch_buffer_size``); ``threads``: threads making them.
     """
 
-    def __init__(self, sampler: ShardSampler, *, batch_size: int, K: int, sharding, num_seeds: int | None = None,
-                 prefetch: int = 2, threads: int = 1):
-        self.sampler, self.batch_size, self.K, self.sharding, self.num_seeds = sampler, batch_size, K, sharding, num_seeds
+    def __init__(
+        self,
+        sampler: ShardSampler,
+        *,
+        batch_size: int,
+        K: int,
+        sharding,
+        num_seeds: int | None = None,
+        prefetch: int = 2,
+        threads: int = 1,
+    ):
+        self.sampler, self.batch_size, self.K, self.sharding, self.num_seeds = (
+            sampler,
+            batch_size,
+            K,
+            sharding,
+            num_seeds,
+        )
         self.prefetch, self.threads = int(prefetch), int(threads)
         self.axis = 2 if num_seeds is not None else 1
         lead = (K, num_seeds, batch_size) if num_seeds is not None else (K, batch_size)
@@ -278,7 +334,7 @@ class ShardedBatches:
         ax = self.axis
 
         def place(x):
-            shape = self.lead + x.shape[len(self.lead):]
+            shape = self.lead + x.shape[len(self.lead) :]
 
             def cb(idx):
                 idx = list(idx)

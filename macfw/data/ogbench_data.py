@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +75,10 @@ def check_dataset_file(path: str | os.PathLike, task_mode: str | None = None) ->
     """
     path = Path(path)
     if not str(path).endswith(".npz"):
-        raise DatasetError(f"Dataset file {str(path)!r} must end in '.npz' (OGBench finds the validation file by "
-                           "replacing '.npz' with '-val.npz'). Fix OGBenchDataset.dataset_path.")
+        raise DatasetError(
+            f"Dataset file {str(path)!r} must end in '.npz' (OGBench finds the validation file by "
+            "replacing '.npz' with '-val.npz'). Fix OGBenchDataset.dataset_path."
+        )
     required = REQUIRED_KEYS + INFO_KEYS.get(task_mode or "", ())
     for p in (path, Path(str(path).replace(".npz", "-val.npz"))):
         if not p.is_file():
@@ -85,7 +86,7 @@ def check_dataset_file(path: str | os.PathLike, task_mode: str | None = None) ->
                 f"Dataset file {str(p)!r} does not exist. OGBench expects NAME.npz and NAME-val.npz side by side; "
                 "fix OGBenchDataset.dataset_path, or leave it unset to generate the data into the cache."
             )
-        fix = ("Delete it to have it regenerated (cached data), or point OGBenchDataset.dataset_path at a good copy.")
+        fix = "Delete it to have it regenerated (cached data), or point OGBenchDataset.dataset_path at a good copy."
         try:
             with np.load(p, allow_pickle=False) as f:
                 keys = set(f.files)
@@ -93,23 +94,29 @@ def check_dataset_file(path: str | os.PathLike, task_mode: str | None = None) ->
                 if missing:
                     raise DatasetError(
                         f"Dataset file {str(p)!r} lacks the required key(s) {missing} (has {sorted(keys)}). An OGBench "
-                        f"dataset needs {list(REQUIRED_KEYS)} (and qpos for singletask/oraclerep). {fix}")
+                        f"dataset needs {list(REQUIRED_KEYS)} (and qpos for singletask/oraclerep). {fix}"
+                    )
                 arrays = {k: f[k] for k in required}  # reads every member in full: catches truncation
         except DatasetError:
             raise
         except Exception as e:  # BadZipFile, zlib.error, EOFError, pickle refusal (not an npz), ...
             raise DatasetError(
                 f"Dataset file {str(p)!r} is not a readable .npz ({type(e).__name__}: {e}). It may be truncated or "
-                f"not an OGBench dataset. {fix}") from e
+                f"not an OGBench dataset. {fix}"
+            ) from e
         n = len(arrays["observations"])
         for k in ("observations", "actions"):
             if arrays[k].ndim < 2:
-                raise DatasetError(f"Dataset file {str(p)!r}: {k!r} has shape {arrays[k].shape}, expected "
-                                   f"(transitions, size...). {fix}")
+                raise DatasetError(
+                    f"Dataset file {str(p)!r}: {k!r} has shape {arrays[k].shape}, expected "
+                    f"(transitions, size...). {fix}"
+                )
         bad = {k: len(v) for k, v in arrays.items() if len(v) != n}
         if bad:
-            raise DatasetError(f"Dataset file {str(p)!r}: arrays differ in length ({n} observations but {bad}); "
-                               f"the file is damaged. {fix}")
+            raise DatasetError(
+                f"Dataset file {str(p)!r}: arrays differ in length ({n} observations but {bad}); "
+                f"the file is damaged. {fix}"
+            )
 
 
 #: Single-task mask semantics (see ``OGBenchDataset.singletask_masks``).
@@ -166,16 +173,32 @@ class OGBenchDataset:
       DatasetError (at :meth:`load`): no ``dataset_path`` for data that cannot be generated.
     """
 
-    def __init__(self, env_name: str = "cube-single", dataset_type: str = "play", task_mode: str = "singletask",
-                 task_id: int | None = None, dataset_path: str | None = None, num_episodes: int = 1000,
-                 episode_length: int = 1001, data_seed: int = 0, cache_dir: str | None = None,
-                 scale_with: str = "val", workers: int | None = None, singletask_masks: str = "ogbench",
-                 sampling: str = "uniform", rotation_interval: int = 1000, max_shards: int | None = None,
-                 prefetch: int = 2, prefetch_threads: int = 1, release_mib: int = 256):
+    def __init__(
+        self,
+        env_name: str = "cube-single",
+        dataset_type: str = "play",
+        task_mode: str = "singletask",
+        task_id: int | None = None,
+        dataset_path: str | None = None,
+        num_episodes: int = 1000,
+        episode_length: int = 1001,
+        data_seed: int = 0,
+        cache_dir: str | None = None,
+        scale_with: str = "val",
+        workers: int | None = None,
+        singletask_masks: str = "ogbench",
+        sampling: str = "uniform",
+        rotation_interval: int = 1000,
+        max_shards: int | None = None,
+        prefetch: int = 2,
+        prefetch_threads: int = 1,
+        release_mib: int = 256,
+    ):
         self.task_mode = check_choice("OGBenchDataset.task_mode", task_mode, TASK_MODES)
         self.scale_with = check_choice("OGBenchDataset.scale_with", scale_with, ("val", "train"))
-        self.task_id = check_int("OGBenchDataset.task_id", task_id, maximum=5, allow_none=True,
-                                 note="None: the default task")
+        self.task_id = check_int(
+            "OGBenchDataset.task_id", task_id, maximum=5, allow_none=True, note="None: the default task"
+        )
         self.num_episodes = check_int("OGBenchDataset.num_episodes", num_episodes)
         self.episode_length = check_int("OGBenchDataset.episode_length", episode_length, minimum=2)
         self.data_seed = check_int("OGBenchDataset.data_seed", data_seed, minimum=0)
@@ -184,8 +207,9 @@ class OGBenchDataset:
         from macfw.data.host_sampler import SAMPLINGS
 
         self.sampling = check_choice("OGBenchDataset.sampling", sampling, SAMPLINGS)
-        self.rotation_interval = check_int("OGBenchDataset.rotation_interval", rotation_interval,
-                                           note="gradient steps per shard")
+        self.rotation_interval = check_int(
+            "OGBenchDataset.rotation_interval", rotation_interval, note="gradient steps per shard"
+        )
         self.max_shards = check_int("OGBenchDataset.max_shards", max_shards, allow_none=True, note="None: all")
         self.prefetch = check_int("OGBenchDataset.prefetch", prefetch)
         self.prefetch_threads = check_int("OGBenchDataset.prefetch_threads", prefetch_threads)
@@ -216,18 +240,26 @@ class OGBenchDataset:
         import difflib
 
         import gymnasium
-
         import ogbench  # noqa: F401  (registers the environments)
 
         env_id = f"{self.env_name}-v0"
         if not isinstance(self.env_name, str) or env_id not in gymnasium.registry:
-            known = sorted({k[:-3] for k in gymnasium.registry if k.endswith("-v0") and "singletask" not in k
-                            and not k.startswith("visual") and any(w in k for w in ("cube", "scene", "puzzle", "maze", "soccer"))})
+            known = sorted(
+                {
+                    k[:-3]
+                    for k in gymnasium.registry
+                    if k.endswith("-v0")
+                    and "singletask" not in k
+                    and not k.startswith("visual")
+                    and any(w in k for w in ("cube", "scene", "puzzle", "maze", "soccer"))
+                }
+            )
             close = difflib.get_close_matches(str(self.env_name), known, n=3)
             hint = f" Did you mean {close}?" if close else ""
             raise UnknownEnvironmentError(
                 f"OGBench has no environment {self.env_name!r} (no {env_id!r}).{hint} Fix OGBenchDataset.env_name; "
-                f"known environments: {known}.")
+                f"known environments: {known}."
+            )
 
     def resolve_path(self) -> Path:
         """The train file to load (generating it into the cache when no path is configured), or the
@@ -247,8 +279,14 @@ class OGBenchDataset:
             return path
         from macfw.data.generate import ensure_dataset
 
-        path = ensure_dataset(self.base_name, self.num_episodes, episode_length=self.episode_length,
-                              seed=self.data_seed, cache_dir=self.cache_dir, workers=self.workers)
+        path = ensure_dataset(
+            self.base_name,
+            self.num_episodes,
+            episode_length=self.episode_length,
+            seed=self.data_seed,
+            cache_dir=self.cache_dir,
+            workers=self.workers,
+        )
         check_dataset_file(path, self.task_mode)
         return path
 
@@ -273,25 +311,34 @@ class OGBenchDataset:
             return self.load_sharded(path, chunk_len, window)
         from macfw.errors import check
 
-        check("OGBenchDataset.sampling", self.sampling, self.sampling == "uniform",
-              "'uniform' for a single dataset file ('shard_rotation' needs a directory of shards as "
-              "OGBenchDataset.dataset_path)")
+        check(
+            "OGBenchDataset.sampling",
+            self.sampling,
+            self.sampling == "uniform",
+            "'uniform' for a single dataset file ('shard_rotation' needs a directory of shards as "
+            "OGBenchDataset.dataset_path)",
+        )
         try:
-            env, train, val = ogbench.make_env_and_datasets(self.dataset_name, dataset_path=str(path),
-                                                            compact_dataset=True)
+            env, train, val = ogbench.make_env_and_datasets(
+                self.dataset_name, dataset_path=str(path), compact_dataset=True
+            )
         except (KeyError, ValueError, IndexError) as e:
             raise DatasetError(
                 f"OGBench could not load {str(path)!r} as {self.dataset_name!r} ({type(e).__name__}: {e}). The file "
-                "may belong to another environment; fix OGBenchDataset.env_name/task_mode or dataset_path.") from e
+                "may belong to another environment; fix OGBenchDataset.env_name/task_mode or dataset_path."
+            ) from e
         try:
-            for what, space, arr in (("observation", env.observation_space, train["observations"]),
-                                     ("action", env.action_space, train["actions"])):
+            for what, space, arr in (
+                ("observation", env.observation_space, train["observations"]),
+                ("action", env.action_space, train["actions"]),
+            ):
                 want = tuple(getattr(space, "shape", None) or ())
                 if want and tuple(np.shape(arr)[1:]) != want:
                     raise DatasetError(
                         f"Dataset file {str(path)!r} has {what}s of size {tuple(np.shape(arr)[1:])} but the OGBench "
                         f"environment {self.env_name!r} has {want}: the file belongs to another environment. Fix "
-                        "OGBenchDataset.env_name or OGBenchDataset.dataset_path.")
+                        "OGBenchDataset.env_name or OGBenchDataset.dataset_path."
+                    )
         finally:
             env.close()
         return self.prepare(train, val, chunk_len, window)
@@ -305,26 +352,46 @@ class OGBenchDataset:
 
         env = ogbench.make_env_and_datasets(self.dataset_name, env_only=True)
         try:
-            sharded = open_sharded(directory, base_name=self.base_name, dataset_name=self.dataset_name,
-                                   task_mode=self.task_mode, singletask_masks=self.singletask_masks,
-                                   scale_with=self.scale_with, env=env, cache_dir=self.cache_dir,
-                                   max_shards=self.max_shards, sampling=self.sampling,
-                                   rotation_interval=self.rotation_interval, release_mib=self.release_mib)
-            for what, space, got in (("observation", env.observation_space, (sharded.ob_dim,)),
-                                     ("action", env.action_space, (sharded.act_dim,))):
+            sharded = open_sharded(
+                directory,
+                base_name=self.base_name,
+                dataset_name=self.dataset_name,
+                task_mode=self.task_mode,
+                singletask_masks=self.singletask_masks,
+                scale_with=self.scale_with,
+                env=env,
+                cache_dir=self.cache_dir,
+                max_shards=self.max_shards,
+                sampling=self.sampling,
+                rotation_interval=self.rotation_interval,
+                release_mib=self.release_mib,
+            )
+            for what, space, got in (
+                ("observation", env.observation_space, (sharded.ob_dim,)),
+                ("action", env.action_space, (sharded.act_dim,)),
+            ):
                 want = tuple(getattr(space, "shape", None) or ())
                 if want and got != want:
                     raise DatasetError(
                         f"The shards in {str(directory)!r} have {what}s of size {got} but the OGBench environment "
                         f"{self.env_name!r} has {want}: they belong to another environment. Fix "
-                        "OGBenchDataset.env_name or OGBenchDataset.dataset_path.")
+                        "OGBenchDataset.env_name or OGBenchDataset.dataset_path."
+                    )
         finally:
             env.close()
         sharded.index_tables(max(chunk_len, window or 0))  # ConfigError now if no trajectory is long enough
         spec = Spec(ob_dim=sharded.ob_dim, act_dim=sharded.act_dim, goal_dim=sharded.goal_dim, chunk_len=int(chunk_len))
-        return LoadedData(data=sharded, spec=spec, obs_scaler=sharded.obs_scaler, goal_scaler=sharded.goal_scaler,
-                          dataset_name=self.dataset_name, env_name=self.env_name, task_mode=self.task_mode,
-                          task_id=self.task_id, num_transitions=sharded.size)
+        return LoadedData(
+            data=sharded,
+            spec=spec,
+            obs_scaler=sharded.obs_scaler,
+            goal_scaler=sharded.goal_scaler,
+            dataset_name=self.dataset_name,
+            env_name=self.env_name,
+            task_mode=self.task_mode,
+            task_id=self.task_id,
+            num_transitions=sharded.size,
+        )
 
     def prepare(self, train: dict, val: dict, chunk_len: int, window: int | None = None) -> LoadedData:
         """Turn OGBench's compact dataset dicts into :class:`LoadedData` (see :meth:`load`)."""
@@ -349,18 +416,34 @@ class OGBenchDataset:
         traj_end = trajectory_ends(train["valids"])
         starts = valid_starts(traj_end, max(chunk_len, window or 0))
         data = ChunkData(
-            observations=jnp.asarray(obs), actions=jnp.asarray(actions), goals=jnp.asarray(goals),
-            rewards=jnp.asarray(rewards), masks=jnp.asarray(masks), traj_end=jnp.asarray(traj_end),
+            observations=jnp.asarray(obs),
+            actions=jnp.asarray(actions),
+            goals=jnp.asarray(goals),
+            rewards=jnp.asarray(rewards),
+            masks=jnp.asarray(masks),
+            traj_end=jnp.asarray(traj_end),
             starts=jnp.asarray(starts),
         )
-        spec = Spec(ob_dim=int(obs.shape[1]), act_dim=int(actions.shape[1]), goal_dim=int(goals.shape[1]),
-                    chunk_len=int(chunk_len))
-        return LoadedData(data=data, spec=spec, obs_scaler=obs_scaler, goal_scaler=goal_scaler,
-                          dataset_name=self.dataset_name, env_name=self.env_name, task_mode=self.task_mode,
-                          task_id=self.task_id, num_transitions=n)
+        spec = Spec(
+            ob_dim=int(obs.shape[1]),
+            act_dim=int(actions.shape[1]),
+            goal_dim=int(goals.shape[1]),
+            chunk_len=int(chunk_len),
+        )
+        return LoadedData(
+            data=data,
+            spec=spec,
+            obs_scaler=obs_scaler,
+            goal_scaler=goal_scaler,
+            dataset_name=self.dataset_name,
+            env_name=self.env_name,
+            task_mode=self.task_mode,
+            task_id=self.task_id,
+            num_transitions=n,
+        )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_task_id(env_name: str) -> int:
     """OGBench's default single-task task id for ``env_name`` (e.g. 2 for cube-single).
 
@@ -373,7 +456,6 @@ def default_task_id(env_name: str) -> int:
     import warnings
 
     import gymnasium
-
     import ogbench  # noqa: F401
 
     from macfw.logs import versions
@@ -414,7 +496,7 @@ def _write_json(path, obj: dict) -> None:
     from macfw.logs import write_json_atomic
 
     if not path.parent.is_dir():  # only beside what the cache folder holds already (e.g. datasets): a
-        return                    # command that needs no data (macfw.evaluate) creates no folder for this
+        return  # command that needs no data (macfw.evaluate) creates no folder for this
     try:
         write_json_atomic(path, obj)
     except OSError:  # a cache: never fail for it

@@ -57,8 +57,12 @@ def env_shapes(env_name: str) -> dict:
         env = ogbench.make_env_and_datasets(f"{env_name}-play-v0", env_only=True)
         try:
             u = env.unwrapped
-            return {"ob_dim": int(env.observation_space.shape[0]), "act_dim": int(env.action_space.shape[0]),
-                    "nq": int(u._model.nq), "nv": int(u._model.nv)}  # noqa: SLF001
+            return {
+                "ob_dim": int(env.observation_space.shape[0]),
+                "act_dim": int(env.action_space.shape[0]),
+                "nq": int(u._model.nq),
+                "nv": int(u._model.nv),
+            }  # noqa: SLF001
         finally:
             env.close()
 
@@ -69,6 +73,7 @@ def synthetic_shard(rows: int, shapes: dict, seed: int) -> tuple[dict, dict]:
 
     def part(n):
         ep_start = (np.arange(n) % EPISODE) == 0
+
         def walk(dim, scale):
             x = rng.normal(size=(n, dim)).astype(np.float32) * scale
             x[ep_start] = rng.normal(size=(int(ep_start.sum()), dim)).astype(np.float32)
@@ -77,14 +82,19 @@ def synthetic_shard(rows: int, shapes: dict, seed: int) -> tuple[dict, dict]:
             base = np.maximum.accumulate(np.where(ep_start, np.arange(n), 0))
             prev = np.where((base > 0)[:, None], c[np.maximum(base - 1, 0)], np.float32(0.0))
             return (c - prev).astype(np.float32)
+
         terminals = np.zeros(n, np.float32)
         terminals[(np.arange(n) % EPISODE) == EPISODE - 1] = 1.0
         terminals[-1] = 1.0
         qpos = walk(shapes["nq"], 0.002)
         qpos[:, 14:17] = 0.4 + 0.05 * np.tanh(qpos[:, 14:17])  # cube 0 near the table's centre
-        return {"observations": walk(shapes["ob_dim"], 0.01),
-                "actions": np.tanh(rng.normal(size=(n, shapes["act_dim"]))).astype(np.float32),
-                "terminals": terminals, "qpos": qpos, "qvel": walk(shapes["nv"], 0.01)}
+        return {
+            "observations": walk(shapes["ob_dim"], 0.01),
+            "actions": np.tanh(rng.normal(size=(n, shapes["act_dim"]))).astype(np.float32),
+            "terminals": terminals,
+            "qpos": qpos,
+            "qvel": walk(shapes["nv"], 0.01),
+        }
 
     return part(rows), part(max(rows // 10, EPISODE))
 
@@ -119,8 +129,13 @@ def build_shards(out: Path, transitions: int, shard_transitions: int, env_name: 
         if rows == shard_transitions and first_full is None:
             first_full = path
     files = sum(p.stat().st_size for p in out.glob("*.npz"))
-    return {"num_shards": num, "shard_rows": sizes, "shapes": shapes, "shard_files_bytes": files,
-            "build_s": time.perf_counter() - t0}
+    return {
+        "num_shards": num,
+        "shard_rows": sizes,
+        "shapes": shapes,
+        "shard_files_bytes": files,
+        "build_s": time.perf_counter() - t0,
+    }
 
 
 def _hwm(pid: int) -> int | None:
@@ -156,15 +171,17 @@ def run_child(cmd: list[str], env: dict, log: Path, poll_s: float = 0.1) -> tupl
 def child_convert(args) -> None:
     """Convert the shards and time the sampler alone; writes a JSON to ``args.child_out``."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from macfw.agents.base import BatchSpec
     from macfw.data.host_sampler import ShardedBatches, ShardSampler
     from macfw.data.ogbench_data import OGBenchDataset
     from macfw.parallel import make_mesh
 
-    ds = OGBenchDataset(env_name=args.env, task_mode="singletask", dataset_path=str(args.shard_dir),
-                        cache_dir=str(args.cache))
+    ds = OGBenchDataset(
+        env_name=args.env, task_mode="singletask", dataset_path=str(args.shard_dir), cache_dir=str(args.cache)
+    )
     t0 = time.perf_counter()
     loaded = ds.load(args.chunk_len, args.chunk_len)
     load_s = time.perf_counter() - t0
@@ -185,10 +202,16 @@ def child_convert(args) -> None:
     # (other threads x prefetch settings: --child configs, a process of its own)
     default = f"{ds.prefetch_threads}x{ds.prefetch}"
     by_config = {}
-    for cfg in ([default] if args.child == "convert" else [c for c in args.sampler_configs.split(",") if c]):
+    for cfg in [default] if args.child == "convert" else [c for c in args.sampler_configs.split(",") if c]:
         threads, prefetch = (int(x) for x in cfg.split("x"))
-        hb = ShardedBatches(sampler, batch_size=B, K=K, sharding=NamedSharding(mesh, P(None, "data")),
-                            threads=threads, prefetch=prefetch)
+        hb = ShardedBatches(
+            sampler,
+            batch_size=B,
+            K=K,
+            sharding=NamedSharding(mesh, P(None, "data")),
+            threads=threads,
+            prefetch=prefetch,
+        )
         first = (len(by_config) + 1) * 10**6 * K  # fresh steps: rows not read by the previous config
         hb.start(first, K, first + 10**6 * K)
         jax.block_until_ready(hb.next())
@@ -199,22 +222,40 @@ def child_convert(args) -> None:
         by_config[cfg] = n * K / (time.perf_counter() - t0)
         hb.close()
     pipe = by_config.get(default, float("nan"))
-    out = {"convert_s": float(sum(per_shard)), "convert_s_per_shard": per_shard, "load_s": load_s,
-           "disk_bytes": data.disk_bytes, "rows": data.size, "sampler_batches_per_s": pipe,
-           "sampler_batches_per_s_sync": sync, "sampler_batches_per_s_by_threads_x_prefetch": by_config,
-           "sampler_default_threads_x_prefetch": default, "sampler_batch_size": B, "sampler_K": K}
+    out = {
+        "convert_s": float(sum(per_shard)),
+        "convert_s_per_shard": per_shard,
+        "load_s": load_s,
+        "disk_bytes": data.disk_bytes,
+        "rows": data.size,
+        "sampler_batches_per_s": pipe,
+        "sampler_batches_per_s_sync": sync,
+        "sampler_batches_per_s_by_threads_x_prefetch": by_config,
+        "sampler_default_threads_x_prefetch": default,
+        "sampler_batch_size": B,
+        "sampler_K": K,
+    }
     Path(args.child_out).write_text(json.dumps(out))
 
 
 # --------------------------------------------------------------------------------- training runs
 def train_cmd(args, workdir: Path, on_disk: bool) -> list[str]:
-    b = [f"OGBenchDataset.env_name = '{args.env}'", "OGBenchDataset.task_mode = 'singletask'",
-         f"OGBenchDataset.dataset_path = '{args.shard_dir}'", f"OGBenchDataset.cache_dir = '{args.cache}'",
-         f"train.data_on_device = {not on_disk}", f"train.num_steps = {args.steps}",
-         f"train.steps_per_dispatch = {args.steps_per_dispatch}", f"train.batch_size = {args.batch_size}",
-         f"train.log_interval = {args.steps}", f"train.eval_interval = {args.steps}",
-         f"train.save_interval = {args.steps}", "train.eval_episodes = 1", "train.progress = False",
-         "train.device_data_limit_gb = 1000.0"]
+    b = [
+        f"OGBenchDataset.env_name = '{args.env}'",
+        "OGBenchDataset.task_mode = 'singletask'",
+        f"OGBenchDataset.dataset_path = '{args.shard_dir}'",
+        f"OGBenchDataset.cache_dir = '{args.cache}'",
+        f"train.data_on_device = {not on_disk}",
+        f"train.num_steps = {args.steps}",
+        f"train.steps_per_dispatch = {args.steps_per_dispatch}",
+        f"train.batch_size = {args.batch_size}",
+        f"train.log_interval = {args.steps}",
+        f"train.eval_interval = {args.steps}",
+        f"train.save_interval = {args.steps}",
+        "train.eval_episodes = 1",
+        "train.progress = False",
+        "train.device_data_limit_gb = 1000.0",
+    ]
     if not on_disk and args.inmemory_max_shards:
         b.append(f"OGBenchDataset.max_shards = {args.inmemory_max_shards}")
     cmd = [sys.executable, "-m", "macfw.run", "--gin_file", "gin/smoke.gin", "--workdir", str(workdir)]
@@ -224,8 +265,11 @@ def train_cmd(args, workdir: Path, on_disk: bool) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m macfw.data.scale_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m macfw.data.scale_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--transitions", type=int, required=True, help="transitions in all shards together")
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--shard-transitions", type=int, default=1_000_000, help="rows per shard (OGBench: 1001000)")
@@ -235,12 +279,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="samples per gradient step (smoke budget: 32)")
     p.add_argument("--chunk-len", type=int, default=5, help="the smoke agent's chunk length (gin/smoke.gin)")
     p.add_argument("--repeats", type=int, default=3, help="training runs of each kind (alternating; medians reported)")
-    p.add_argument("--inmemory-max-shards", type=int, default=5,
-                   help="at most this many shards in memory for the in-memory runs (0: all)")
+    p.add_argument(
+        "--inmemory-max-shards",
+        type=int,
+        default=5,
+        help="at most this many shards in memory for the in-memory runs (0: all)",
+    )
     p.add_argument("--sampler-seconds", type=float, default=10.0, help="seconds of sampler-only timing")
-    p.add_argument("--sampler-configs", default="2x4,4x8",
-                   help="other prefetch threads x stacks made ahead to time the sampler with, in a process of its "
-                        "own (the default OGBenchDataset.prefetch_threads x prefetch gives sampler_batches_per_s)")
+    p.add_argument(
+        "--sampler-configs",
+        default="2x4,4x8",
+        help="other prefetch threads x stacks made ahead to time the sampler with, in a process of its "
+        "own (the default OGBenchDataset.prefetch_threads x prefetch gives sampler_batches_per_s)",
+    )
     p.add_argument("--dir", default=None, help="where shards and stores go (default <cache>/scale_bench/N)")
     p.add_argument("--keep", action="store_true", help="keep the shards and stores")
     p.add_argument("--child", choices=["convert", "configs"], help=argparse.SUPPRESS)
@@ -259,21 +310,60 @@ def main(argv=None) -> int:
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     env = dict(os.environ)
-    print(f"scale_bench: building {args.transitions} transitions of SYNTHETIC shards ({args.env} shapes, "
-          f"{args.shard_transitions} per shard) in {root}", flush=True)
+    print(
+        f"scale_bench: building {args.transitions} transitions of SYNTHETIC shards ({args.env} shapes, "
+        f"{args.shard_transitions} per shard) in {root}",
+        flush=True,
+    )
     built = build_shards(args.shard_dir, args.transitions, args.shard_transitions, args.env)
     shutil.rmtree(args.cache, ignore_errors=True)  # convert from scratch: convert_s is measured
-    out = {"synthetic": True, "data": (f"synthetic random-walk shards with {args.env}'s OGBench shapes; shard 0 "
-                                       "generated, further full shards copies of it (replicated)"),
-           "transitions": args.transitions, "shard_transitions": args.shard_transitions, "env": args.env, **built,
-           "steps": args.steps, "batch_size": args.batch_size, "steps_per_dispatch": args.steps_per_dispatch,
-           "repeats": args.repeats, "cpu_count": os.cpu_count(), "load_avg_start": list(os.getloadavg())}
+    out = {
+        "synthetic": True,
+        "data": (
+            f"synthetic random-walk shards with {args.env}'s OGBench shapes; shard 0 "
+            "generated, further full shards copies of it (replicated)"
+        ),
+        "transitions": args.transitions,
+        "shard_transitions": args.shard_transitions,
+        "env": args.env,
+        **built,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "steps_per_dispatch": args.steps_per_dispatch,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": list(os.getloadavg()),
+    }
     conv_json = runs / "convert.json"
-    cmd = [sys.executable, "-m", "macfw.data.scale_bench", "--transitions", str(args.transitions), "--json", "-",
-           "--child", "convert", "--child-out", str(conv_json), "--shard-dir", str(args.shard_dir), "--cache",
-           str(args.cache), "--env", args.env, "--batch-size", str(args.batch_size), "--steps-per-dispatch",
-           str(args.steps_per_dispatch), "--chunk-len", str(args.chunk_len), "--sampler-seconds",
-           str(args.sampler_seconds), "--sampler-configs", args.sampler_configs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "macfw.data.scale_bench",
+        "--transitions",
+        str(args.transitions),
+        "--json",
+        "-",
+        "--child",
+        "convert",
+        "--child-out",
+        str(conv_json),
+        "--shard-dir",
+        str(args.shard_dir),
+        "--cache",
+        str(args.cache),
+        "--env",
+        args.env,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps-per-dispatch",
+        str(args.steps_per_dispatch),
+        "--chunk-len",
+        str(args.chunk_len),
+        "--sampler-seconds",
+        str(args.sampler_seconds),
+        "--sampler-configs",
+        args.sampler_configs,
+    ]
     print("scale_bench: converting and timing the sampler ...", flush=True)
     rc, rss, wall = run_child(cmd, env, runs / "convert.log")
     if rc != 0:
@@ -292,7 +382,8 @@ def main(argv=None) -> int:
             c = json.loads(cfg_json.read_text())
             out["sampler_batches_per_s_by_threads_x_prefetch"] = {
                 conv["sampler_default_threads_x_prefetch"]: conv["sampler_batches_per_s"],
-                **c["sampler_batches_per_s_by_threads_x_prefetch"]}
+                **c["sampler_batches_per_s_by_threads_x_prefetch"],
+            }
             out["rss_sampler_configs_bytes"] = rss_c
     per = {"ondisk": [], "inmemory": []}
     rss_kind = {"ondisk": [rss], "inmemory": []}
@@ -312,23 +403,35 @@ def main(argv=None) -> int:
             rss_kind[kind].append(rss)
             if kind == "inmemory":
                 out["inmemory_transitions"] = s["num_transitions"]
-            print(f"scale_bench:   {s['updates_per_s']:.1f} updates/s, peak RSS {rss / 2**20:.0f} MiB, "
-                  f"{wall:.0f} s", flush=True)
+            print(
+                f"scale_bench:   {s['updates_per_s']:.1f} updates/s, peak RSS {rss / 2**20:.0f} MiB, {wall:.0f} s",
+                flush=True,
+            )
     up_d, up_m = statistics.median(per["ondisk"]), statistics.median(per["inmemory"])
-    out.update(updates_per_s_ondisk=up_d, updates_per_s_inmemory=up_m, ondisk_over_inmemory=up_d / up_m,
-               updates_per_s_runs=per, peak_rss_bytes=max(rss_kind["ondisk"]),
-               peak_rss_bytes_runs=rss_kind, peak_rss_bytes_inmemory=max(rss_kind["inmemory"]),
-               train_commands=commands, load_avg_end=list(os.getloadavg()),
-               bench_command=shlex.join(["python", "-m", "macfw.data.scale_bench"] + list(argv or sys.argv[1:])))
+    out.update(
+        updates_per_s_ondisk=up_d,
+        updates_per_s_inmemory=up_m,
+        ondisk_over_inmemory=up_d / up_m,
+        updates_per_s_runs=per,
+        peak_rss_bytes=max(rss_kind["ondisk"]),
+        peak_rss_bytes_runs=rss_kind,
+        peak_rss_bytes_inmemory=max(rss_kind["inmemory"]),
+        train_commands=commands,
+        load_avg_end=list(os.getloadavg()),
+        bench_command=shlex.join(["python", "-m", "macfw.data.scale_bench"] + list(argv or sys.argv[1:])),
+    )
     text = json.dumps(out, indent=1)
     if args.json == "-":
         print(text)
     else:
         Path(args.json).write_text(text + "\n")
-    print(f"scale_bench (SYNTHETIC data): {args.transitions} transitions in {built['num_shards']} shard(s): peak RSS "
-          f"{out['peak_rss_bytes'] / 2**30:.2f} GiB, stores {out['disk_bytes'] / 2**30:.2f} GiB on disk, converted in "
-          f"{out['convert_s']:.1f} s, sampler {out['sampler_batches_per_s']:.0f} batches/s, training "
-          f"{up_d:.1f} (on disk) vs {up_m:.1f} (in memory) updates/s = {up_d / up_m:.3f}", flush=True)
+    print(
+        f"scale_bench (SYNTHETIC data): {args.transitions} transitions in {built['num_shards']} shard(s): peak RSS "
+        f"{out['peak_rss_bytes'] / 2**30:.2f} GiB, stores {out['disk_bytes'] / 2**30:.2f} GiB on disk, converted in "
+        f"{out['convert_s']:.1f} s, sampler {out['sampler_batches_per_s']:.0f} batches/s, training "
+        f"{up_d:.1f} (on disk) vs {up_m:.1f} (in memory) updates/s = {up_d / up_m:.3f}",
+        flush=True,
+    )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -96,8 +96,9 @@ def list_shards(directory: str | os.PathLike, base_name: str, max_shards: int | 
     DatasetError, DatasetNotFoundError = _errors()
     directory = Path(directory)
     if not directory.is_dir():
-        raise DatasetNotFoundError(f"Dataset directory {str(directory)!r} does not exist. Fix "
-                                   "OGBenchDataset.dataset_path.")
+        raise DatasetNotFoundError(
+            f"Dataset directory {str(directory)!r} does not exist. Fix OGBenchDataset.dataset_path."
+        )
     found: dict[int, Path] = {}
     others: set[str] = set()
     for p in directory.iterdir():
@@ -109,12 +110,17 @@ def list_shards(directory: str | os.PathLike, base_name: str, max_shards: int | 
             others.add(base)
             continue
         if index in found:
-            raise DatasetError(f"Dataset directory {str(directory)!r} has two shards with index {index} "
-                               f"({found[index].name!r} and {p.name!r}); remove one.")
+            raise DatasetError(
+                f"Dataset directory {str(directory)!r} has two shards with index {index} "
+                f"({found[index].name!r} and {p.name!r}); remove one."
+            )
         found[index] = p
     if not found:
-        hint = (f" It holds shards of {sorted(others)}: fix OGBenchDataset.env_name (or dataset_type)."
-                if others else f" Expected {base_name}-000.npz, {base_name}-001.npz, ... (each with a -val sibling).")
+        hint = (
+            f" It holds shards of {sorted(others)}: fix OGBenchDataset.env_name (or dataset_type)."
+            if others
+            else f" Expected {base_name}-000.npz, {base_name}-001.npz, ... (each with a -val sibling)."
+        )
         raise DatasetNotFoundError(f"Dataset directory {str(directory)!r} holds no shard of {base_name!r}.{hint}")
     shards = [found[i] for i in sorted(found)]
     if max_shards is not None:
@@ -123,7 +129,8 @@ def list_shards(directory: str | os.PathLike, base_name: str, max_shards: int | 
         if not val_path(s).is_file():
             raise DatasetNotFoundError(
                 f"Shard {str(s)!r} has no validation file {val_path(s).name!r} beside it (OGBench shards come in "
-                "pairs). Restore it, or remove the shard.")
+                "pairs). Restore it, or remove the shard."
+            )
     return shards
 
 
@@ -190,7 +197,7 @@ def _clean_leftovers(folder: Path, max_age_s: float = 7 * 86400) -> None:
             continue
         if not entry.name.startswith(folder.name + TMP_MARK):
             continue
-        tag = entry.name[len(folder.name + TMP_MARK):]
+        tag = entry.name[len(folder.name + TMP_MARK) :]
         parts = tag.rsplit("-", 2)
         try:
             age = time.time() - entry.stat().st_mtime
@@ -345,23 +352,30 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
         for d, need in ((base_dir, need_base), (var_dir, need_var)):
             if need and d is not None and d.exists():  # replaced by _write_columns, not removed here: another
                 # process may finish it while this one converts (removing it then broke that process's read)
-                warnings.warn(f"Re-converting the shard store {str(d)!r} ({manifest_problem(d, sources)}).")
+                warnings.warn(
+                    f"Re-converting the shard store {str(d)!r} ({manifest_problem(d, sources)}).", stacklevel=2
+                )
         import ogbench
 
         name = dataset_name if need_var else base_name
         try:
-            train, val = ogbench.make_env_and_datasets(name, dataset_path=str(shard), compact_dataset=True,
-                                                       dataset_only=True, cur_env=env)
+            train, val = ogbench.make_env_and_datasets(
+                name, dataset_path=str(shard), compact_dataset=True, dataset_only=True, cur_env=env
+            )
         except Exception as e:
-            raise DatasetError(f"OGBench could not load the shard {str(shard)!r} as {name!r} ({type(e).__name__}: "
-                               f"{e}). It may be truncated or belong to another environment.") from e
+            raise DatasetError(
+                f"OGBench could not load the shard {str(shard)!r} as {name!r} ({type(e).__name__}: "
+                f"{e}). It may be truncated or belong to another environment."
+            ) from e
         if need_base:
             obs = np.asarray(train["observations"], np.float32)
             acts = np.clip(np.asarray(train["actions"], np.float32), -ACTION_CLIP, ACTION_CLIP)
             stats = {"observations": {"train": _minmax(obs), "val": _minmax(val["observations"])}}
-            _write_columns(base_dir, {"observations": obs, "actions": acts,
-                                      "trajectories": trajectory_table(train["valids"])},
-                           {"sources": sources, "rows": len(obs), "stats": stats, "shard": shard.name})
+            _write_columns(
+                base_dir,
+                {"observations": obs, "actions": acts, "trajectories": trajectory_table(train["valids"])},
+                {"sources": sources, "rows": len(obs), "stats": stats, "shard": shard.name},
+            )
             del obs, acts
         if need_var:
             cols, stats = {}, {}
@@ -371,8 +385,17 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
             if "rewards" in train:
                 cols["rewards"] = np.asarray(train["rewards"], np.float32)
                 cols["masks"] = np.asarray(train["masks"], np.float32)
-            _write_columns(var_dir, cols, {"sources": sources, "rows": len(train["observations"]), "stats": stats,
-                                           "dataset_name": dataset_name, "shard": shard.name})
+            _write_columns(
+                var_dir,
+                cols,
+                {
+                    "sources": sources,
+                    "rows": len(train["observations"]),
+                    "stats": stats,
+                    "dataset_name": dataset_name,
+                    "shard": shard.name,
+                },
+            )
         del train, val
     convert_s = time.perf_counter() - t0 if (need_base or need_var) else 0.0
     base = json.loads((base_dir / MANIFEST).read_text())
@@ -404,8 +427,17 @@ class ShardedData:
     Column arrays are read-only views of memory maps; nothing is loaded until rows are gathered.
     """
 
-    def __init__(self, stores: list[ShardStore], *, task_mode: str, singletask_masks: str, scale_with: str,
-                 sampling: str = "uniform", rotation_interval: int = 1000, release_mib: int = 256):
+    def __init__(
+        self,
+        stores: list[ShardStore],
+        *,
+        task_mode: str,
+        singletask_masks: str,
+        scale_with: str,
+        sampling: str = "uniform",
+        rotation_interval: int = 1000,
+        release_mib: int = 256,
+    ):
         DatasetError, _ = _errors()
         self.stores = stores
         self.task_mode, self.singletask_masks = task_mode, singletask_masks
@@ -413,26 +445,38 @@ class ShardedData:
         rows = [s.rows for s in stores]
         self.row_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         if self.row_offsets[-1] >= 2**31 - 1:
-            raise DatasetError(f"{int(self.row_offsets[-1])} rows: sampling indices are int32, so at most 2**31 - 1 "
-                               "rows are supported. Use OGBenchDataset.max_shards to use fewer shards.")
+            raise DatasetError(
+                f"{int(self.row_offsets[-1])} rows: sampling indices are int32, so at most 2**31 - 1 "
+                "rows are supported. Use OGBenchDataset.max_shards to use fewer shards."
+            )
         self.traj = np.concatenate([s.columns["trajectories"] + off for s, off in zip(stores, self.row_offsets)])
         self.traj_offsets = np.concatenate([[0], np.cumsum([len(s.columns["trajectories"]) for s in stores])])
         dims = {(s.columns["observations"].shape[1:], s.columns["actions"].shape[1:]) for s in stores}
         if len(dims) != 1:
-            raise DatasetError(f"The shards differ in observation/action sizes ({sorted(dims)}): they belong to "
-                               "different environments. Keep one dataset per directory.")
+            raise DatasetError(
+                f"The shards differ in observation/action sizes ({sorted(dims)}): they belong to "
+                "different environments. Keep one dataset per directory."
+            )
         gkey = "oracle_reps" if task_mode == "oraclerep" else None
         if scale_with == "val":
             pick = lambda st, k: st.base["stats"][k]["val"] if k == "observations" else st.variant["stats"][k]["val"]  # noqa: E731
-            self.obs_scaler = Scaler(*(np.asarray(pick(stores[0], "observations")[w], np.float32) for w in ("lo", "hi")))
+            self.obs_scaler = Scaler(
+                *(np.asarray(pick(stores[0], "observations")[w], np.float32) for w in ("lo", "hi"))
+            )
             self.scaler_source = f"the validation file of the first shard ({val_path(stores[0].shard).name})"
-            gsc = (Scaler(*(np.asarray(pick(stores[0], gkey)[w], np.float32) for w in ("lo", "hi"))) if gkey else None)
+            gsc = Scaler(*(np.asarray(pick(stores[0], gkey)[w], np.float32) for w in ("lo", "hi"))) if gkey else None
         else:
+
             def fit(k):
-                ss = [st.base["stats"][k]["train"] if k == "observations" else st.variant["stats"][k]["train"]
-                      for st in stores]
-                return Scaler(lo=np.min([np.asarray(s["lo"], np.float32) for s in ss], axis=0),
-                              hi=np.max([np.asarray(s["hi"], np.float32) for s in ss], axis=0))
+                ss = [
+                    st.base["stats"][k]["train"] if k == "observations" else st.variant["stats"][k]["train"]
+                    for st in stores
+                ]
+                return Scaler(
+                    lo=np.min([np.asarray(s["lo"], np.float32) for s in ss], axis=0),
+                    hi=np.max([np.asarray(s["hi"], np.float32) for s in ss], axis=0),
+                )
+
             self.obs_scaler = fit("observations")
             self.scaler_source = f"the training split of all {len(stores)} shards"
             gsc = fit(gkey) if gkey else None
@@ -483,8 +527,15 @@ class ShardedData:
 
     def describe(self) -> list[dict]:
         """Every shard by name, rows and source size/time (what a checkpoint records of the data)."""
-        return [{"name": s.shard.name, "rows": s.rows, "size": s.base["sources"]["train"]["size"],
-                 "mtime_ns": s.base["sources"]["train"]["mtime_ns"]} for s in self.stores]
+        return [
+            {
+                "name": s.shard.name,
+                "rows": s.rows,
+                "size": s.base["sources"]["train"]["size"],
+                "mtime_ns": s.base["sources"]["train"]["mtime_ns"],
+            }
+            for s in self.stores
+        ]
 
     # -- index space -----------------------------------------------------------------------
     def index_tables(self, window: int) -> dict[str, np.ndarray]:
@@ -508,11 +559,19 @@ class ShardedData:
         shard_start_cum = start_cum[self.traj_offsets]
         longest = int(np.max(final - first)) if len(first) else 0
         per_shard = np.diff(shard_start_cum)
-        check("train.chunk_len", window, bool(np.all(per_shard > 0)),
-              f"at most {longest}, the longest chunk inside one trajectory of the data (or use longer episodes)")
-        return {"traj_first": first.astype(np.int32), "traj_final": final.astype(np.int32),
-                "start_cum": start_cum.astype(np.int32), "shard_start_cum": shard_start_cum.astype(np.int32),
-                "row_offsets": self.row_offsets.astype(np.int32)}
+        check(
+            "train.chunk_len",
+            window,
+            bool(np.all(per_shard > 0)),
+            f"at most {longest}, the longest chunk inside one trajectory of the data (or use longer episodes)",
+        )
+        return {
+            "traj_first": first.astype(np.int32),
+            "traj_final": final.astype(np.int32),
+            "start_cum": start_cum.astype(np.int32),
+            "shard_start_cum": shard_start_cum.astype(np.int32),
+            "row_offsets": self.row_offsets.astype(np.int32),
+        }
 
     # -- reading rows ------------------------------------------------------------------------
     def column(self, name: str) -> list[np.ndarray]:
@@ -561,8 +620,8 @@ class ShardedData:
         kernel maps up to 16 cached neighbours per fault); reading rows at random over many GB would
         grow it towards the dataset's size. ``MADV_DONTNEED`` unmaps them (the kernel's page cache
         keeps them; the next read maps them back), so the resident size stays within about
-        ``release_mib`` (plus one gather) of what it was; checked after every gather. The growth is read from ``/proc/self/statm`` (file-backed
-        resident pages); elsewhere it is estimated as 16 pages per row read.
+        ``release_mib`` (plus one gather) of what it was; checked after every gather. The growth is read from
+        ``/proc/self/statm`` (file-backed resident pages); elsewhere it is estimated as 16 pages per row read.
         """
         now = _file_rss()
         if now is None:
@@ -604,16 +663,21 @@ class ShardedData:
             goals = np.zeros((n, 0), np.float32)
         if self.task_mode == "singletask":
             rewards = np.concatenate(self.column("rewards"))
-            masks = (np.ones(n, np.float32) if self.singletask_masks == "ones"
-                     else np.concatenate(self.column("masks")))
+            masks = np.ones(n, np.float32) if self.singletask_masks == "ones" else np.concatenate(self.column("masks"))
         else:
             rewards, masks = np.zeros(n, np.float32), np.ones(n, np.float32)
         valids = np.ones(n, np.float32)
         valids[self.traj[:, 1]] = 0.0
         traj_end = trajectory_ends(valids)
-        return ChunkData(observations=jnp.asarray(scaled), actions=jnp.asarray(np.concatenate(self.column("actions"))),
-                         goals=jnp.asarray(goals), rewards=jnp.asarray(rewards), masks=jnp.asarray(masks),
-                         traj_end=jnp.asarray(traj_end), starts=jnp.asarray(valid_starts(traj_end, window)))
+        return ChunkData(
+            observations=jnp.asarray(scaled),
+            actions=jnp.asarray(np.concatenate(self.column("actions"))),
+            goals=jnp.asarray(goals),
+            rewards=jnp.asarray(rewards),
+            masks=jnp.asarray(masks),
+            traj_end=jnp.asarray(traj_end),
+            starts=jnp.asarray(valid_starts(traj_end, window)),
+        )
 
 
 def _file_rss() -> int | None:
@@ -626,10 +690,22 @@ def _file_rss() -> int | None:
         return None
 
 
-def open_sharded(directory: str | os.PathLike, *, base_name: str, dataset_name: str, task_mode: str,
-                 singletask_masks: str = "ogbench", scale_with: str = "val", env=None, cache_dir=None,
-                 max_shards: int | None = None, sampling: str = "uniform", rotation_interval: int = 1000,
-                 release_mib: int = 256, progress: bool = True) -> ShardedData:
+def open_sharded(
+    directory: str | os.PathLike,
+    *,
+    base_name: str,
+    dataset_name: str,
+    task_mode: str,
+    singletask_masks: str = "ogbench",
+    scale_with: str = "val",
+    env=None,
+    cache_dir=None,
+    max_shards: int | None = None,
+    sampling: str = "uniform",
+    rotation_interval: int = 1000,
+    release_mib: int = 256,
+    progress: bool = True,
+) -> ShardedData:
     """Convert (once) and memory-map every shard of ``base_name`` in ``directory`` (see the module doc).
 
     Raises:
@@ -639,20 +715,31 @@ def open_sharded(directory: str | os.PathLike, *, base_name: str, dataset_name: 
     stores = []
     todo = [s for s in shards if _needs_conversion(s, base_name, dataset_name, cache_dir)]
     if todo and progress:
-        print(f"macfw: converting {len(todo)} of {len(shards)} shard(s) of {dataset_name} in {str(directory)!r} "
-              f"into memory-mappable stores under {str(store_root(cache_dir))!r} (once)", flush=True)
+        print(
+            f"macfw: converting {len(todo)} of {len(shards)} shard(s) of {dataset_name} in {str(directory)!r} "
+            f"into memory-mappable stores under {str(store_root(cache_dir))!r} (once)",
+            flush=True,
+        )
     for s in shards:
         st = convert_shard(s, base_name=base_name, dataset_name=dataset_name, env=env, cache_dir=cache_dir)
         if st.convert_s and progress:
             print(f"macfw: converted {s.name} ({st.rows} rows) in {st.convert_s:.1f} s", flush=True)
         stores.append(st)
-    return ShardedData(stores, task_mode=task_mode, singletask_masks=singletask_masks, scale_with=scale_with,
-                       sampling=sampling, rotation_interval=rotation_interval, release_mib=release_mib)
+    return ShardedData(
+        stores,
+        task_mode=task_mode,
+        singletask_masks=singletask_masks,
+        scale_with=scale_with,
+        sampling=sampling,
+        rotation_interval=rotation_interval,
+        release_mib=release_mib,
+    )
 
 
 def _needs_conversion(shard: Path, base_name: str, dataset_name: str, cache_dir) -> bool:
     folder = store_dir(shard, cache_dir)
     sources = _sources(shard)
     variant = variant_name(dataset_name, base_name)
-    return (manifest_problem(folder / "base", sources) is not None
-            or (variant is not None and manifest_problem(folder / variant, sources) is not None))
+    return manifest_problem(folder / "base", sources) is not None or (
+        variant is not None and manifest_problem(folder / variant, sources) is not None
+    )

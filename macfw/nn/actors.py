@@ -7,7 +7,7 @@ Shapes per example: ``s: (ob_dim,)``, ``g: (goal_dim,)`` (``(0,)`` single-task);
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -88,10 +88,24 @@ class DeterministicActor(eqx.Module):
 
     net: MLP
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
-        self.net = MLP(spec.ob_dim + spec.goal_dim, spec.chunk_dim, hidden_dims, key=key, layer_norm=layer_norm,
-                       compute_dtype=compute_dtype, name=type(self).__name__)
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        compute_dtype: str | None = None,
+    ):
+        self.net = MLP(
+            spec.ob_dim + spec.goal_dim,
+            spec.chunk_dim,
+            hidden_dims,
+            key=key,
+            layer_norm=layer_norm,
+            compute_dtype=compute_dtype,
+            name=type(self).__name__,
+        )
 
     def __call__(self, s, g) -> Float[Array, " chunk_dim"]:
         return jnp.tanh(self.net(jnp.concatenate([s, g])))

@@ -21,7 +21,8 @@ Shapes: a member maps one example to its output (e.g. ``(ob_dim,)``); the ensemb
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax

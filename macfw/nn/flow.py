@@ -8,7 +8,7 @@ Paper §4.2 (MAC); flow matching after Lipman et al. (2023), one-step distillati
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from collections.abc import Sequence
 
 import diffrax
 import equinox as eqx
@@ -42,12 +42,10 @@ class BehaviorPolicy(eqx.Module):
     """
 
     @abc.abstractmethod
-    def loss(self, s, g, A, *, key: PRNGKeyArray) -> tuple[Array, dict]:
-        ...
+    def loss(self, s, g, A, *, key: PRNGKeyArray) -> tuple[Array, dict]: ...
 
     @abc.abstractmethod
-    def sample(self, s, g, *, key: PRNGKeyArray) -> Float[Array, " chunk_dim"]:
-        ...
+    def sample(self, s, g, *, key: PRNGKeyArray) -> Float[Array, " chunk_dim"]: ...
 
     def sample_many(self, s, g, num: int, *, key: PRNGKeyArray) -> Float[Array, "num chunk_dim"]:
         """``num`` independent samples for one ``(s, g)``: ``(num, chunk_dim)``, not clipped.
@@ -65,13 +63,28 @@ def resolve_solver(solver: str | diffrax.AbstractSolver) -> diffrax.AbstractSolv
     Raises:
       ConfigError: any other value (names ``FlowPolicy.solver`` and lists the known names).
     """
-    check("FlowPolicy.solver", solver, solver in SOLVERS if isinstance(solver, str)
-          else isinstance(solver, diffrax.AbstractSolver), f"one of {sorted(SOLVERS)} or a diffrax solver instance")
+    check(
+        "FlowPolicy.solver",
+        solver,
+        solver in SOLVERS if isinstance(solver, str) else isinstance(solver, diffrax.AbstractSolver),
+        f"one of {sorted(SOLVERS)} or a diffrax solver instance",
+    )
     return SOLVERS[solver]() if isinstance(solver, str) else solver
 
 
-def solve_flow(field, s, g, z, *, num_steps: int = 10, solver: str | diffrax.AbstractSolver = "euler",
-               adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3, max_steps: int = 256):
+def solve_flow(
+    field,
+    s,
+    g,
+    z,
+    *,
+    num_steps: int = 10,
+    solver: str | diffrax.AbstractSolver = "euler",
+    adaptive: bool = False,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    max_steps: int = 256,
+):
     """Solve ``dx/du = field(s, g, x, u)`` from ``x(0) = z`` to ``x(1)`` with diffrax.
 
     Args:
@@ -98,8 +111,15 @@ def solve_flow(field, s, g, z, *, num_steps: int = 10, solver: str | diffrax.Abs
         controller = diffrax.ConstantStepSize()
         steps = num_steps
     sol = diffrax.diffeqsolve(
-        term, solver, t0=0.0, t1=1.0, dt0=1.0 / num_steps, y0=z,
-        stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True), max_steps=steps,
+        term,
+        solver,
+        t0=0.0,
+        t1=1.0,
+        dt0=1.0 / num_steps,
+        y0=z,
+        stepsize_controller=controller,
+        saveat=diffrax.SaveAt(t1=True),
+        max_steps=steps,
         throw=False,
     )
     return sol.ys[-1]
@@ -138,9 +158,20 @@ class FlowPolicy(BehaviorPolicy):
     adaptive: bool = eqx.field(static=True)
     distill_weight: float = eqx.field(static=True)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 flow_steps: int = 10, solver: str = "euler", adaptive: bool = False, distill: bool = True,
-                 distill_weight: float = 1.0, compute_dtype: str | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        flow_steps: int = 10,
+        solver: str = "euler",
+        adaptive: bool = False,
+        distill: bool = True,
+        distill_weight: float = 1.0,
+        compute_dtype: str | None = None,
+    ):
         self.flow_steps = check_int("FlowPolicy.flow_steps", flow_steps)
         resolve_solver(solver)
         self.solver = solver
@@ -210,8 +241,9 @@ class FlowPolicy(BehaviorPolicy):
         """Flow matching (+ distillation) for one example, its noise drawn from ``key``: ``z ~ N(0, I)``,
         ``u ~ U[0, 1]`` and ``z_distill ~ N(0, I)`` (:meth:`loss_from_noise`)."""
         kz, ku, kd = jax.random.split(key, 3)
-        return self.loss_from_noise(s, g, A, jax.random.normal(kz, A.shape), jax.random.uniform(ku),
-                                    jax.random.normal(kd, A.shape))
+        return self.loss_from_noise(
+            s, g, A, jax.random.normal(kz, A.shape), jax.random.uniform(ku), jax.random.normal(kd, A.shape)
+        )
 
     def loss_from_noise(self, s, g, A, z, u, z_distill) -> tuple[Array, dict]:
         """:meth:`loss` with its noise passed in (``z``, ``z_distill``: ``(chunk_dim,)``; ``u`` scalar).

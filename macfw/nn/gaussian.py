@@ -10,7 +10,7 @@ Shapes per example: ``s: (ob_dim,)``, ``g: (goal_dim,)``, ``A: (chunk_dim,)``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -43,7 +43,7 @@ def squashed_sample(mean: Array, log_std: Array, eps: Array) -> tuple[Array, Arr
     argument so that a caller may draw it for a whole batch at once.
     """
     u = mean + jnp.exp(log_std) * eps
-    gauss = -0.5 * eps ** 2 - log_std - 0.5 * _LOG_2PI
+    gauss = -0.5 * eps**2 - log_std - 0.5 * _LOG_2PI
     log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
     return jnp.tanh(u), jnp.sum(gauss - log_det, axis=-1)
 
@@ -90,17 +90,41 @@ class GaussianPolicy(BehaviorPolicy):
     log_std_max: float = eqx.field(static=True)
     log_std_bound: str = eqx.field(static=True)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 log_std_min: float = -5.0, log_std_max: float = 2.0, state_dependent_std: bool = True,
-                 final_init_scale: float = 1.0, compute_dtype: str | None = None, log_std_bound: str = "tanh"):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        log_std_min: float = -5.0,
+        log_std_max: float = 2.0,
+        state_dependent_std: bool = True,
+        final_init_scale: float = 1.0,
+        compute_dtype: str | None = None,
+        log_std_bound: str = "tanh",
+    ):
         name = type(self).__name__
         self.log_std_bound = check_choice(f"{name}.log_std_bound", log_std_bound, LOG_STD_BOUNDS)
         self.log_std_max = check_float("GaussianPolicy.log_std_max", log_std_max)
-        self.log_std_min = check_float("GaussianPolicy.log_std_min", log_std_min, high=self.log_std_max, high_open=True,
-                                       note=f"GaussianPolicy.log_std_max = {self.log_std_max}")
+        self.log_std_min = check_float(
+            "GaussianPolicy.log_std_min",
+            log_std_min,
+            high=self.log_std_max,
+            high_open=True,
+            note=f"GaussianPolicy.log_std_max = {self.log_std_max}",
+        )
         out = 2 * spec.chunk_dim if state_dependent_std else spec.chunk_dim
-        self.net = MLP(spec.ob_dim + spec.goal_dim, out, hidden_dims, key=key, layer_norm=layer_norm,
-                       final_init_scale=final_init_scale, compute_dtype=compute_dtype, name=type(self).__name__)
+        self.net = MLP(
+            spec.ob_dim + spec.goal_dim,
+            out,
+            hidden_dims,
+            key=key,
+            layer_norm=layer_norm,
+            final_init_scale=final_init_scale,
+            compute_dtype=compute_dtype,
+            name=type(self).__name__,
+        )
         self.log_std_param = None if state_dependent_std else jnp.zeros((spec.chunk_dim,), jnp.float32)
         self.chunk_dim = spec.chunk_dim
 
@@ -109,7 +133,7 @@ class GaussianPolicy(BehaviorPolicy):
         ``log_std_bound`` says) of the pre-squash Gaussian, each ``(chunk_dim,)``."""
         out = self.net(jnp.concatenate([s, g]))
         if self.log_std_param is None:
-            mean, log_std = out[: self.chunk_dim], out[self.chunk_dim:]
+            mean, log_std = out[: self.chunk_dim], out[self.chunk_dim :]
         else:
             mean, log_std = out, self.log_std_param
         if self.log_std_bound == "clip":
@@ -123,8 +147,8 @@ class GaussianPolicy(BehaviorPolicy):
         A = jnp.clip(A, -1.0 + TARGET_EPS, 1.0 - TARGET_EPS)
         u = jnp.arctanh(A)
         z = (u - mean) * jnp.exp(-log_std)
-        gauss = -0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI
-        log_det = jnp.log1p(-A ** 2)  # log |dA/du| = log(1 - tanh(u)^2)
+        gauss = -0.5 * z**2 - log_std - 0.5 * _LOG_2PI
+        log_det = jnp.log1p(-(A**2))  # log |dA/du| = log(1 - tanh(u)^2)
         return jnp.sum(gauss - log_det)
 
     def sample(self, s, g, *, key):

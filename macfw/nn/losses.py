@@ -7,7 +7,7 @@ Used by the Q and V ensembles of the baselines (DESIGN §9) and selectable by na
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import optax
@@ -33,7 +33,7 @@ def expectile(pred: Array, target: Array, tau: float) -> Array:
     above the prediction more, so the minimiser is an upper expectile of the target."""
     diff = target - pred
     weight = jnp.where(diff > 0, tau, 1.0 - tau)
-    return weight * diff ** 2
+    return weight * diff**2
 
 
 LOSSES = ("mse", "bce", "expectile")
@@ -50,6 +50,5 @@ def value_loss(kind: str, *, tau: float = 0.5, binding: str = "value_loss") -> C
         return mse
     if kind == "bce":
         return bce
-    tau = check_float(f"{binding.rsplit('.', 1)[0]}.expectile", tau, low=0.0, high=1.0, low_open=True,
-                      high_open=True)
+    tau = check_float(f"{binding.rsplit('.', 1)[0]}.expectile", tau, low=0.0, high=1.0, low_open=True, high_open=True)
     return lambda pred, target: expectile(pred, target, tau)

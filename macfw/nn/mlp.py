@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -42,7 +42,7 @@ def _linear_layer(in_dim: int, out_dim: int, scale: float, key: PRNGKeyArray) ->
     layer = eqx.nn.Linear(in_dim, out_dim, key=key)
     init = jax.nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
     weight = init(key, (in_dim, out_dim), layer.weight.dtype).T
-    return eqx.tree_at(lambda l: (l.weight, l.bias), layer, (weight, jnp.zeros_like(layer.bias)))
+    return eqx.tree_at(lambda lin: (lin.weight, lin.bias), layer, (weight, jnp.zeros_like(layer.bias)))
 
 
 class MLP(eqx.Module):
@@ -111,8 +111,9 @@ class MLP(eqx.Module):
             raise ValueError(f"MLP sizes from the data must be in_dim >= 0, out_dim >= 1; got {in_dim}, {out_dim}.")
         keys = jax.random.split(key, len(dims) - 1)
         scales = [1.0] * (len(dims) - 2) + [float(final_init_scale)]
-        self.layers = tuple(_linear_layer(max(a, 1), b, scale, k)
-                            for a, b, scale, k in zip(dims[:-1], dims[1:], scales, keys))
+        self.layers = tuple(
+            _linear_layer(max(a, 1), b, scale, k) for a, b, scale, k in zip(dims[:-1], dims[1:], scales, keys)
+        )
         self.norms = tuple(eqx.nn.LayerNorm(h, eps=LAYER_NORM_EPS) if layer_norm else None for h in dims[1:-1])
         self.activation = activation
         self.compute_dtype = compute_dtype
@@ -148,8 +149,10 @@ class MLP(eqx.Module):
         if reference.active("prefix"):
             return self(jnp.concatenate([pre, tail]))
         if pre.shape[-1] != layer.weight.shape[0] or tail.shape[-1] > layer.weight.shape[1]:
-            raise ValueError(f"from_prefix: pre {pre.shape} and tail {tail.shape} do not fit the first layer "
-                             f"{layer.weight.shape} (out, in); pass pre = mlp.prefix(head).")
+            raise ValueError(
+                f"from_prefix: pre {pre.shape} and tail {tail.shape} do not fit the first layer "
+                f"{layer.weight.shape} (out, in); pass pre = mlp.prefix(head)."
+            )
         h = layer.weight.shape[1] - tail.shape[-1]
         return self._rest(pre + self._dot(tail, layer.weight[:, h:])).astype(tail.dtype)
 
@@ -168,7 +171,7 @@ class MLP(eqx.Module):
         return self._output(h)
 
     # ---------------------------------------------------------------- LayerNorms folded into products
-    def with_folded_layer_norms(self) -> "MLP":
+    def with_folded_layer_norms(self) -> MLP:
         """This MLP with each LayerNorm folded into the product after it, for forward passes without a
         gradient that reuse the weights many times (MAC's imagined rollout, :func:`fold_layer_norms`).
 
@@ -186,8 +189,13 @@ class MLP(eqx.Module):
         (``"folded_layer_norm"``). The result is differentiable (gradients reach the weights through
         the folding), but it is meant for stretches of forward passes without a gradient.
         """
-        if (self.folded is not None or not self.norms or self.compute_dtype is not None
-                or any(n is None for n in self.norms) or reference.active("folded_layer_norm")):
+        if (
+            self.folded is not None
+            or not self.norms
+            or self.compute_dtype is not None
+            or any(n is None for n in self.norms)
+            or reference.active("folded_layer_norm")
+        ):
             return self
         folded = []
         for i, norm in enumerate(self.norms):
@@ -306,8 +314,12 @@ def joint_first_layer(mlps: Sequence[MLP], x: Float[Array, " in_dim"]) -> list[A
     numbers). Falls back to the separate calls for a single MLP, an empty input, MLPs of different
     input sizes or compute dtypes, and inside :func:`macfw.reference.reference_computation`
     (``"joint_first_layer"``). Used by :func:`macfw.nn.models.evaluate_jointly`."""
-    if (len(mlps) < 2 or x.shape[-1] == 0 or reference.active("joint_first_layer")
-            or len({(m.layers[0].weight.shape[1], m.compute_dtype) for m in mlps}) != 1):
+    if (
+        len(mlps) < 2
+        or x.shape[-1] == 0
+        or reference.active("joint_first_layer")
+        or len({(m.layers[0].weight.shape[1], m.compute_dtype) for m in mlps}) != 1
+    ):
         return [m(x) for m in mlps]
     weight = jnp.concatenate([m.layers[0].weight for m in mlps], axis=0)
     bias = jnp.concatenate([m.layers[0].bias for m in mlps], axis=0)
@@ -315,7 +327,7 @@ def joint_first_layer(mlps: Sequence[MLP], x: Float[Array, " in_dim"]) -> list[A
     outs, start = [], 0
     for m in mlps:
         n = m.layers[0].weight.shape[0]
-        outs.append(m._rest(h[..., start:start + n]).astype(x.dtype))
+        outs.append(m._rest(h[..., start : start + n]).astype(x.dtype))
         start += n
     return outs
 
@@ -324,5 +336,6 @@ def fold_layer_norms(tree):
     """``tree`` (any pytree of modules, e.g. MAC's networks) with every :class:`MLP` replaced by
     :meth:`MLP.with_folded_layer_norms`: for a stretch of forward passes without gradients, such as
     MAC's imagined rollout (the weights are folded once, before its loop)."""
-    return jax.tree_util.tree_map(lambda x: x.with_folded_layer_norms() if isinstance(x, MLP) else x, tree,
-                                  is_leaf=lambda x: isinstance(x, MLP))
+    return jax.tree_util.tree_map(
+        lambda x: x.with_folded_layer_norms() if isinstance(x, MLP) else x, tree, is_leaf=lambda x: isinstance(x, MLP)
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -41,8 +41,7 @@ class Dynamics(eqx.Module):
     """Base of the dynamics family: ``f(s_t, A_t) -> s_{t+n}`` (one call jumps ``n`` env steps)."""
 
     @abc.abstractmethod
-    def __call__(self, s: Float[Array, " ob_dim"], A: Float[Array, " chunk_dim"]) -> Float[Array, " ob_dim"]:
-        ...
+    def __call__(self, s: Float[Array, " ob_dim"], A: Float[Array, " chunk_dim"]) -> Float[Array, " ob_dim"]: ...
 
     def loss(self, s, A, s_next, *, key=None) -> tuple[Array, dict]:
         """Mean squared error to the real ``s_{t+n}`` for one example; returns ``(loss, metrics)``."""
@@ -66,9 +65,18 @@ class ChunkDynamics(Dynamics):
     net: MLP
     mlp_input_blocks = ("s", "A")  # the MLP's input, concatenated (see evaluate_jointly)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
-        self.net = _mlp(self, spec.ob_dim + spec.chunk_dim, spec.ob_dim, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        compute_dtype: str | None = None,
+    ):
+        self.net = _mlp(
+            self, spec.ob_dim + spec.chunk_dim, spec.ob_dim, hidden_dims, key, layer_norm, compute_dtype=compute_dtype
+        )
 
     def from_mlp_output(self, s, out) -> Float[Array, " ob_dim"]:
         """``s + out``: the next state from the MLP's output ``(ob_dim,)``."""
@@ -105,19 +113,40 @@ class GaussianDynamics(Dynamics):
     log_std_min: float = eqx.field(static=True)
     log_std_max: float = eqx.field(static=True)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 log_std_min: float = -5.0, log_std_max: float = 1.0, compute_dtype: str | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        log_std_min: float = -5.0,
+        log_std_max: float = 1.0,
+        compute_dtype: str | None = None,
+    ):
         self.log_std_max = check_float("GaussianDynamics.log_std_max", log_std_max)
-        self.log_std_min = check_float("GaussianDynamics.log_std_min", log_std_min, high=self.log_std_max,
-                                       high_open=True, note=f"GaussianDynamics.log_std_max = {self.log_std_max}")
-        self.net = _mlp(self, spec.ob_dim + spec.chunk_dim, 2 * spec.ob_dim, hidden_dims, key, layer_norm,
-                        compute_dtype=compute_dtype)
+        self.log_std_min = check_float(
+            "GaussianDynamics.log_std_min",
+            log_std_min,
+            high=self.log_std_max,
+            high_open=True,
+            note=f"GaussianDynamics.log_std_max = {self.log_std_max}",
+        )
+        self.net = _mlp(
+            self,
+            spec.ob_dim + spec.chunk_dim,
+            2 * spec.ob_dim,
+            hidden_dims,
+            key,
+            layer_norm,
+            compute_dtype=compute_dtype,
+        )
         self.ob_dim = spec.ob_dim
 
     def mean_log_std(self, s, A) -> tuple[Float[Array, " ob_dim"], Float[Array, " ob_dim"]]:
         """Mean ``s + mu(s, A)`` and ``log sigma(s, A)`` of the next state, each ``(ob_dim,)``."""
         out = self.net(jnp.concatenate([s, A]))
-        raw = out[self.ob_dim:]
+        raw = out[self.ob_dim :]
         log_std = self.log_std_min + (self.log_std_max - self.log_std_min) * jax.nn.sigmoid(raw)
         return s + out[: self.ob_dim], log_std
 
@@ -134,15 +163,18 @@ class GaussianDynamics(Dynamics):
         """``log N(s_next; mean, sigma^2)`` summed over the ``ob_dim`` dimensions."""
         mean, log_std = self.mean_log_std(s, A)
         z = (s_next - mean) * jnp.exp(-log_std)
-        return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI)
+        return jnp.sum(-0.5 * z**2 - log_std - 0.5 * _LOG_2PI)
 
     def loss(self, s, A, s_next, *, key=None) -> tuple[Array, dict]:
         """Negative log-likelihood of the real next state for one example; ``(loss, metrics)``."""
         mean, log_std = self.mean_log_std(s, A)
         z = (s_next - mean) * jnp.exp(-log_std)
-        nll = -jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * _LOG_2PI)
-        return nll, {"dynamics/loss": nll, "dynamics/mse": jnp.mean((mean - s_next) ** 2),
-                     "dynamics/std_mean": jnp.mean(jnp.exp(log_std))}
+        nll = -jnp.sum(-0.5 * z**2 - log_std - 0.5 * _LOG_2PI)
+        return nll, {
+            "dynamics/loss": nll,
+            "dynamics/mse": jnp.mean((mean - s_next) ** 2),
+            "dynamics/std_mean": jnp.mean(jnp.exp(log_std)),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,9 +198,24 @@ class _ChunkHead(_Head):
 
     mlp_input_blocks = ("s", "g", "A")  # the MLP's input, concatenated (see evaluate_jointly)
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
-        self.net = _mlp(self, spec.ob_dim + spec.goal_dim + spec.chunk_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        compute_dtype: str | None = None,
+    ):
+        self.net = _mlp(
+            self,
+            spec.ob_dim + spec.goal_dim + spec.chunk_dim,
+            1,
+            hidden_dims,
+            key,
+            layer_norm,
+            compute_dtype=compute_dtype,
+        )
 
     def from_mlp_output(self, s, out) -> Float[Array, ""]:
         """The scalar from the MLP's output ``(1,)``."""
@@ -194,8 +241,15 @@ class QCritic(_ChunkHead):
 class StateValue(_Head):
     """State value ``V(s, g) -> R`` fitted to lambda-returns of imagined rollouts (paper §4.2)."""
 
-    def __init__(self, spec: Spec, *, key: PRNGKeyArray, hidden_dims: Sequence[int] = HIDDEN, layer_norm: bool = True,
-                 compute_dtype: str | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        key: PRNGKeyArray,
+        hidden_dims: Sequence[int] = HIDDEN,
+        layer_norm: bool = True,
+        compute_dtype: str | None = None,
+    ):
         self.net = _mlp(self, spec.ob_dim + spec.goal_dim, 1, hidden_dims, key, layer_norm, compute_dtype=compute_dtype)
 
     def __call__(self, s, g) -> Float[Array, ""]:
@@ -239,10 +293,15 @@ def success_metrics(prob: Float[Array, " B"], label: Float[Array, " B"]) -> dict
     non-finite metrics)."""
     pos, neg = label > 0.5, label < 0.5
     frac = lambda hit, among: jnp.sum(hit & among) / jnp.maximum(jnp.sum(among), 1)  # noqa: E731
-    return {"success/prob_max": jnp.max(prob), "success/prob_min": jnp.min(prob),
-            "success/accuracy_0.7": jnp.mean((prob > 0.7) == pos), "success/accuracy_0.9": jnp.mean((prob > 0.9) == pos),
-            "success/pos_accuracy": frac(prob > 0.5, pos), "success/neg_accuracy": frac(prob < 0.5, neg),
-            "success/label_mean": jnp.mean(label)}
+    return {
+        "success/prob_max": jnp.max(prob),
+        "success/prob_min": jnp.min(prob),
+        "success/accuracy_0.7": jnp.mean((prob > 0.7) == pos),
+        "success/accuracy_0.9": jnp.mean((prob > 0.9) == pos),
+        "success/pos_accuracy": frac(prob > 0.5, pos),
+        "success/neg_accuracy": frac(prob < 0.5, neg),
+        "success/label_mean": jnp.mean(label),
+    }
 
 
 def reward_metrics(pred: Float[Array, " B"], target: Float[Array, " B"]) -> dict[str, Array]:
@@ -269,8 +328,9 @@ def evaluate_jointly(models: Sequence[eqx.Module], s, g, A) -> list[Array]:
     :func:`macfw.reference.reference_computation` (``"joint_first_layer"``), each model is called.
     """
     sizes = {"s": s.shape[-1], "g": g.shape[-1], "A": A.shape[-1]}
-    inputs = {tuple(b for b in m.mlp_input_blocks if sizes[b] > 0) for m in models
-              if type(m) in JOINT_MODELS}  # each model's non-empty input blocks
+    inputs = {
+        tuple(b for b in m.mlp_input_blocks if sizes[b] > 0) for m in models if type(m) in JOINT_MODELS
+    }  # each model's non-empty input blocks
     if len(models) < 2 or any(type(m) not in JOINT_MODELS for m in models) or len(inputs) != 1:
         return [m(s, A) if isinstance(m, Dynamics) else m(s, g, A) for m in models]
     outs = joint_first_layer([m.net for m in models], _blocks(inputs.pop(), s, g, A))

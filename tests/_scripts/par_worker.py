@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -79,8 +78,12 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sfx = f"_p{jax.process_index()}" if distributed else ""
-    info: dict = {"device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-                  "process_count": jax.process_count(), "process_index": jax.process_index()}
+    info: dict = {
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "process_index": jax.process_index(),
+    }
 
     p = PRESETS["tiny"]
     K = p["steps_per_dispatch"]
@@ -122,8 +125,11 @@ def main() -> int:
     info["compile_s"] = time.perf_counter() - t0
     info["hlo_all_reduce"] = hlo.count("all-reduce(") + hlo.count("all-reduce-start(")
     header = hlo.splitlines()[0] if hlo else ""
-    info["hlo_num_partitions"] = (int(header.split("num_partitions=")[1].split(",")[0].split("}")[0].strip())
-                                  if "num_partitions=" in header else 1)
+    info["hlo_num_partitions"] = (
+        int(header.split("num_partitions=")[1].split(",")[0].split("}")[0].strip())
+        if "num_partitions=" in header
+        else 1
+    )
     losses = []
     for _ in range(a.dispatches):
         state, m = step(data, state)
@@ -147,14 +153,22 @@ def main() -> int:
 
     # ---- host-sampled batches, prefetched by HostBatches (twice, same key: must agree exactly)
     if a.host:
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
-        hstep = TrainStep(agent, fresh_state(mesh), batch_size=BATCH, steps_per_dispatch=K,
-                          mesh=mesh, host_batches=True)
+        hstep = TrainStep(
+            agent, fresh_state(mesh), batch_size=BATCH, steps_per_dispatch=K, mesh=mesh, host_batches=True
+        )
         for name in ("host_a", "host_b"):
-            hb = HostBatches(data_host, key=jax.random.PRNGKey(SEED + 7919), batch_size=BATCH,
-                             batch_spec=agent.batch_spec, goal_conditioned=spec.goal_conditioned, K=K,
-                             sharding=NamedSharding(mesh, P(None, "data")))
+            hb = HostBatches(
+                data_host,
+                key=jax.random.PRNGKey(SEED + 7919),
+                batch_size=BATCH,
+                batch_spec=agent.batch_spec,
+                goal_conditioned=spec.goal_conditioned,
+                K=K,
+                sharding=NamedSharding(mesh, P(None, "data")),
+            )
             hb.start(0, K, K * a.dispatches)
             st = fresh_state(mesh)
             hfinite = []

@@ -29,7 +29,8 @@ def main() -> int:
     initialize_distributed()
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from macfw.agents.base import BatchSpec
     from macfw.data.host_sampler import ShardedBatches, ShardSampler
@@ -38,10 +39,12 @@ def main() -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = OGBenchDataset(env_name="cube-single", task_mode="oraclerep", dataset_path=args.shards,
-                                cache_dir=args.cache).load(5, 5)
-    sampler = ShardSampler(loaded.data, batch_spec=BatchSpec(chunk_len=5, gamma=0.99), goal_conditioned=True,
-                           key=jax.random.PRNGKey(3))
+        loaded = OGBenchDataset(
+            env_name="cube-single", task_mode="oraclerep", dataset_path=args.shards, cache_dir=args.cache
+        ).load(5, 5)
+    sampler = ShardSampler(
+        loaded.data, batch_spec=BatchSpec(chunk_len=5, gamma=0.99), goal_conditioned=True, key=jax.random.PRNGKey(3)
+    )
     hb = ShardedBatches(sampler, batch_size=BATCH, K=K, sharding=NamedSharding(make_mesh(), P(None, "data")))
     hb.start(10, K, 10 + 2 * K)
     out, shapes = {}, {}
@@ -54,8 +57,9 @@ def main() -> int:
     i = jax.process_index()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     np.savez(Path(args.out) / f"p{i}.npz", **out)
-    Path(args.out, f"p{i}.json").write_text(json.dumps({"process": i, "count": jax.process_count(),
-                                                        "rows": list(hb.rows), "shapes": shapes}))
+    Path(args.out, f"p{i}.json").write_text(
+        json.dumps({"process": i, "count": jax.process_count(), "rows": list(hb.rows), "shapes": shapes})
+    )
     hb.close()
     return 0
 
