@@ -17,6 +17,8 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from collections.abc import Callable
+from typing import Any, cast
 
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):`(~?)([^`]+)`")
 NOT_BOUND = {"self", "spec", "key", "args", "kwargs"}  # given by the code, never by Gin
@@ -56,10 +58,11 @@ def components() -> dict[str, list[tuple[str, type]]]:
         import macfw  # noqa: F401
         import macfw.launch  # noqa: F401  (SlurmLauncher's Gin bindings)
         from macfw import registry
-    return {kind: [(n, registry.get(kind, n)) for n in names] for kind, names in registry.registered().items()}
+    all_names = cast(dict[str, list[str]], registry.registered())  # no ``kind``: the dict of every kind
+    return {kind: [(n, registry.get(kind, n)) for n in names] for kind, names in all_names.items()}
 
 
-def other_configurables() -> list[tuple[str, object]]:
+def other_configurables() -> list[tuple[str, Callable[..., Any]]]:
     """Gin configurables of macfw that are not registered components (``train``, ``make_mesh``, ...)."""
     registered = {id(c) for entries in components().values() for _, c in entries}
     try:

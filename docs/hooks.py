@@ -28,6 +28,8 @@ def _module(name: str):
     this hook)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load docs/{name}.py: no module spec for {HERE / f'{name}.py'}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

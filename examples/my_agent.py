@@ -65,7 +65,7 @@ class ChunkBC(Agent):
             opt_state=self.tx.init(eqx.filter(nets, eqx.is_inexact_array)),
         )
 
-    def update(self, state, batch):
+    def update(self, state: AgentState, batch):
         key, k_loss = jax.random.split(state.key)
         B = batch["obs"].shape[0]
 
@@ -81,5 +81,6 @@ class ChunkBC(Agent):
         return AgentState(step=state.step + 1, key=key, nets=nets, opt_state=opt_state), metrics
 
     def act(self, params, s, g, *, key):
+        assert self.spec is not None, "ChunkBC.act before init(spec, key)"
         A = jnp.clip(params.sample(s, g, key=key), -1.0, 1.0)
         return A.reshape(self.n, self.spec.act_dim)

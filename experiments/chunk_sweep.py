@@ -200,7 +200,7 @@ def plot(path: Path, res, title: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", required=True, help="sweep folder (runs/, chunk_sweep.md, chunk_sweep.png)")
     p.add_argument("--base", default="gin/quickstart.gin", help="base Gin file (default gin/quickstart.gin)")

@@ -726,7 +726,8 @@ def plan(a, p: argparse.ArgumentParser) -> tuple[list[Job], list[dict]]:
     return jobs, cells
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--protocol",
@@ -808,10 +809,11 @@ def main(argv=None) -> int:
         help="--dry-run's estimate without --bench: achieved TFLOP/s per accelerator (default 100)",
     )
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)  # regenerates paper_flops.json
-    a = p.parse_args(argv)
-    if a.count_flops:
-        count_flops()
-        return 0
+    return p
+
+
+def check_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Fill in the default ``--budget`` and reject out-of-range or contradictory flags (``p.error`` exits)."""
     if a.budget is None:
         a.budget = "paper" if a.protocol else "smoke"
     if a.parallel < 1:
@@ -822,6 +824,52 @@ def main(argv=None) -> int:
         p.error(f"--accel-tflops must be > 0, got {a.accel_tflops}")
     if a.slurm_gpus not in (None, "auto") and not a.slurm_gpus.isdigit():
         p.error(f"--slurm-gpus must be 'auto' or an integer >= 0, got {a.slurm_gpus!r}")
+
+
+def finished_jobs(jobs: list[Job], out: Path, budget: str) -> list[Job]:
+    """``--table-only``: the runs that have finished (a note for each one left out); exits when none has."""
+    missing = [j for j in jobs if not (j.workdir / "summary.json").exists()]
+    for j in missing:
+        print(f"[compare] {j.name}: not finished, left out of the table ({j.workdir})", flush=True)
+    jobs = [j for j in jobs if j not in missing]
+    if not jobs:
+        raise SystemExit(f"--table-only: no finished run under {out / 'runs' / budget}")
+    return jobs
+
+
+def train(jobs: list[Job], launcher) -> None:
+    """Check the datasets, then train every run with ``launcher``; a SLURM failure exits with its message."""
+    check_data(jobs)
+    from macfw.launch import SlurmError
+
+    try:
+        launch(jobs, launcher)
+    except SlurmError as e:
+        raise SystemExit(f"compare.py: error: {e}") from None
+
+
+def write_results(jobs: list[Job], out: Path, budget: str, t0: float) -> None:
+    """Collect the runs' results; write table.md, table.csv and curves.png under ``out``; print the table."""
+    rows = collect(jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table_md(rows, budget)
+    (out / "table.md").write_text(md)
+    write_csv(rows, out / "table.csv", budget)
+    curves(jobs, out / "curves.png", budget)
+    print(md)
+    print(
+        f"[compare] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'curves.png'} ({time.time() - t0:.0f} s)",
+        flush=True,
+    )
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.count_flops:
+        count_flops()
+        return 0
+    check_args(a, p)
     jobs, cells = plan(a, p)
     try:
         launcher = None if (a.dry_run or a.table_only) else make_launcher(a)
@@ -834,31 +882,10 @@ def main(argv=None) -> int:
     out = a.out.absolute()
     t0 = time.time()
     if a.table_only:
-        missing = [j for j in jobs if not (j.workdir / "summary.json").exists()]
-        for j in missing:
-            print(f"[compare] {j.name}: not finished, left out of the table ({j.workdir})", flush=True)
-        jobs = [j for j in jobs if j not in missing]
-        if not jobs:
-            raise SystemExit(f"--table-only: no finished run under {out / 'runs' / a.budget}")
+        jobs = finished_jobs(jobs, out, a.budget)
     else:
-        check_data(jobs)
-        from macfw.launch import SlurmError
-
-        try:
-            launch(jobs, launcher)
-        except SlurmError as e:
-            raise SystemExit(f"compare.py: error: {e}") from None
-    rows = collect(jobs)
-    out.mkdir(parents=True, exist_ok=True)
-    md = table_md(rows, a.budget)
-    (out / "table.md").write_text(md)
-    write_csv(rows, out / "table.csv", a.budget)
-    curves(jobs, out / "curves.png", a.budget)
-    print(md)
-    print(
-        f"[compare] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'curves.png'} ({time.time() - t0:.0f} s)",
-        flush=True,
-    )
+        train(jobs, launcher)
+    write_results(jobs, out, a.budget, t0)
     return 0
 
 

@@ -102,7 +102,7 @@ def _run(cmd, env, log: Path, kill: tuple | None, workdir: Path, timeout: float 
     return rc, log.read_text(), killed
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--kills", type=int, default=2, help="SIGKILLs per trial before the final run")
@@ -117,7 +117,131 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: time)")
     ap.add_argument("--keep", action="store_true", help="keep every trial's folder (default: only failed ones)")
     ap.add_argument("--jobs", type=int, default=1, help="trials run side by side")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _reference_run(out: Path, env: dict, ref: Path) -> None:
+    """Generate the data (not timed), then run the uninterrupted reference into ``ref`` unless it finished."""
+    if (ref / "summary.json").exists():
+        return
+    shutil.rmtree(ref, ignore_errors=True)
+    gen = subprocess.run(  # generate the data first (not timed)
+        [
+            sys.executable,
+            "-c",
+            "import macfw.run, macfw.data.ogbench_data as d; "
+            "macfw.run.parse_gin(['gin/smoke.gin'], []); print(d.OGBenchDataset().resolve_path())",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if gen.returncode != 0:
+        raise SystemExit(f"data generation failed: {gen.stderr[-3000:]}")
+    rc, text, _ = _run(_cmd(ref), env, out / "reference.log", None, ref)  # also fills the compilation cache
+    if rc != 0:
+        print(text[-5000:])
+        raise SystemExit(f"reference run failed (rc {rc})")
+
+
+def _timing_run(out: Path, env: dict, ref: Path) -> None:
+    """A second uninterrupted run (warm caches) that must match the reference; writes ``ref/timing.json``."""
+    if (ref / "timing.json").exists():
+        return
+    timed = out / "timed"
+    shutil.rmtree(timed, ignore_errors=True)
+    t0 = time.time()  # T0: start-up until the first save begins; D: from there to the end (warm caches)
+    p = subprocess.Popen(
+        _cmd(timed, "train.save_interval = 10", "train.max_to_keep = 2"),
+        cwd=REPO,
+        env=env,
+        stdout=open(out / "timed.log", "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    t_first = None
+    while p.poll() is None:
+        if t_first is None and _ckpt_names(timed):
+            t_first = time.time()
+        time.sleep(0.02)
+    t_end = time.time()
+    if (
+        p.returncode != 0
+        or t_first is None
+        or json.loads((timed / "summary.json").read_text())["param_checksum"]
+        != json.loads((ref / "summary.json").read_text())["param_checksum"]
+    ):
+        raise SystemExit(f"two uninterrupted runs differ (rc {p.returncode}); see {out / 'timed.log'}")
+    (ref / "timing.json").write_text(json.dumps({"T0": t_first - t0, "D": t_end - t_first}))
+    shutil.rmtree(timed, ignore_errors=True)
+
+
+def _one_trial(
+    trial: int, a: argparse.Namespace, out: Path, env: dict, seed: int, T0: float, D: float, checksum: str
+) -> dict:
+    """One trial: ``a.kills`` SIGKILLs, then a run to the end; checks each resume and the final checksum."""
+    rng = random.Random(seed * 1000 + trial)
+    w = out / f"trial{trial:03d}"
+    shutil.rmtree(w, ignore_errors=True)
+    cmd = _cmd(w, "train.save_interval = 10", "train.max_to_keep = 2")
+    events, problems, rc, text = [], [], None, ""
+    t_trial = time.time()
+    for attempt in range(a.kills + 5):
+        listed = _listed(w)
+        kill = None
+        if attempt < a.kills:  # mostly while training and saving, sometimes anywhere in start-up
+            kill = ("at", rng.uniform(0.0, T0)) if rng.random() < a.early else ("train", rng.uniform(0.0, D))
+        rc, text, at_kill = _run(cmd, env, out / f"trial{trial:03d}_{attempt}.log", kill, w)
+        killed = at_kill is not None
+        if listed:
+            resumed = [int(x) for x in re.findall(r"resuming from step (\d+) ", text)]
+            if resumed != [listed[-1]] and (resumed or not killed):  # (a run killed early says nothing)
+                problems.append(f"run {attempt}: listed {listed} but resumed from {resumed or 'nothing'}")
+            if "cannot be restored" in text:
+                problems.append(f"run {attempt}: the newest listed step {listed[-1]} did not restore")
+        events.append(
+            {
+                "kill": kill,
+                "killed": killed,
+                "folders_at_kill": at_kill,
+                "rc": rc,
+                "listed_before": listed,
+                "listed_after": _listed(w),
+            }
+        )
+        if rc == 0 and not killed:
+            break
+        if rc not in (0, -signal.SIGKILL):
+            problems.append(f"run {attempt}: exit code {rc}: {text[-500:]}")
+            break
+    final = None
+    if (w / "summary.json").exists():
+        final = json.loads((w / "summary.json").read_text()).get("param_checksum")
+    if final != checksum:
+        problems.append(f"final checksum {final} != reference {checksum}")
+    ok = not problems
+    kills = sum(e["killed"] for e in events)
+    at = [e["folders_at_kill"] for e in events if e["killed"]]
+    print(
+        f"[kill_resume] trial {trial}: {'identical' if ok else 'DIFFERENT'}; {kills} kill(s), step folders at "
+        f"each kill: {at}" + (f"; problems: {problems}" if problems else ""),
+        flush=True,
+    )
+    if ok and not a.keep:
+        shutil.rmtree(w, ignore_errors=True)
+    return {
+        "trial": trial,
+        "identical": ok,
+        "kills": kills,
+        "events": events,
+        "problems": problems,
+        "wall_s": time.time() - t_trial,
+    }
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
     try:  # Orbax's notes about read-only checkpoint managers (used here to list steps) are noise
         from absl import logging as absl_logging
 
@@ -131,53 +255,8 @@ def main(argv=None) -> int:
     seed = a.seed if a.seed is not None else int(time.time())
 
     ref = out / "reference"
-    if not (ref / "summary.json").exists():
-        shutil.rmtree(ref, ignore_errors=True)
-        gen = subprocess.run(  # generate the data first (not timed)
-            [
-                sys.executable,
-                "-c",
-                "import macfw.run, macfw.data.ogbench_data as d; "
-                "macfw.run.parse_gin(['gin/smoke.gin'], []); print(d.OGBenchDataset().resolve_path())",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if gen.returncode != 0:
-            raise SystemExit(f"data generation failed: {gen.stderr[-3000:]}")
-        rc, text, _ = _run(_cmd(ref), env, out / "reference.log", None, ref)  # also fills the compilation cache
-        if rc != 0:
-            print(text[-5000:])
-            raise SystemExit(f"reference run failed (rc {rc})")
-    if not (ref / "timing.json").exists():
-        timed = out / "timed"
-        shutil.rmtree(timed, ignore_errors=True)
-        t0 = time.time()  # T0: start-up until the first save begins; D: from there to the end (warm caches)
-        p = subprocess.Popen(
-            _cmd(timed, "train.save_interval = 10", "train.max_to_keep = 2"),
-            cwd=REPO,
-            env=env,
-            stdout=open(out / "timed.log", "w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        t_first = None
-        while p.poll() is None:
-            if t_first is None and _ckpt_names(timed):
-                t_first = time.time()
-            time.sleep(0.02)
-        t_end = time.time()
-        if (
-            p.returncode != 0
-            or t_first is None
-            or json.loads((timed / "summary.json").read_text())["param_checksum"]
-            != json.loads((ref / "summary.json").read_text())["param_checksum"]
-        ):
-            raise SystemExit(f"two uninterrupted runs differ (rc {p.returncode}); see {out / 'timed.log'}")
-        (ref / "timing.json").write_text(json.dumps({"T0": t_first - t0, "D": t_end - t_first}))
-        shutil.rmtree(timed, ignore_errors=True)
+    _reference_run(out, env, ref)
+    _timing_run(out, env, ref)
     timing = json.loads((ref / "timing.json").read_text())
     T0, D = timing["T0"], timing["D"]
     T = T0 + D
@@ -189,63 +268,7 @@ def main(argv=None) -> int:
     )
 
     def one_trial(trial: int) -> dict:
-        rng = random.Random(seed * 1000 + trial)
-        w = out / f"trial{trial:03d}"
-        shutil.rmtree(w, ignore_errors=True)
-        cmd = _cmd(w, "train.save_interval = 10", "train.max_to_keep = 2")
-        events, problems, rc, text = [], [], None, ""
-        t_trial = time.time()
-        for attempt in range(a.kills + 5):
-            listed = _listed(w)
-            kill = None
-            if attempt < a.kills:  # mostly while training and saving, sometimes anywhere in start-up
-                kill = ("at", rng.uniform(0.0, T0)) if rng.random() < a.early else ("train", rng.uniform(0.0, D))
-            rc, text, at_kill = _run(cmd, env, out / f"trial{trial:03d}_{attempt}.log", kill, w)
-            killed = at_kill is not None
-            if listed:
-                resumed = [int(x) for x in re.findall(r"resuming from step (\d+) ", text)]
-                if resumed != [listed[-1]] and (resumed or not killed):  # (a run killed early says nothing)
-                    problems.append(f"run {attempt}: listed {listed} but resumed from {resumed or 'nothing'}")
-                if "cannot be restored" in text:
-                    problems.append(f"run {attempt}: the newest listed step {listed[-1]} did not restore")
-            events.append(
-                {
-                    "kill": kill,
-                    "killed": killed,
-                    "folders_at_kill": at_kill,
-                    "rc": rc,
-                    "listed_before": listed,
-                    "listed_after": _listed(w),
-                }
-            )
-            if rc == 0 and not killed:
-                break
-            if rc not in (0, -signal.SIGKILL):
-                problems.append(f"run {attempt}: exit code {rc}: {text[-500:]}")
-                break
-        final = None
-        if (w / "summary.json").exists():
-            final = json.loads((w / "summary.json").read_text()).get("param_checksum")
-        if final != checksum:
-            problems.append(f"final checksum {final} != reference {checksum}")
-        ok = not problems
-        kills = sum(e["killed"] for e in events)
-        at = [e["folders_at_kill"] for e in events if e["killed"]]
-        print(
-            f"[kill_resume] trial {trial}: {'identical' if ok else 'DIFFERENT'}; {kills} kill(s), step folders at "
-            f"each kill: {at}" + (f"; problems: {problems}" if problems else ""),
-            flush=True,
-        )
-        if ok and not a.keep:
-            shutil.rmtree(w, ignore_errors=True)
-        return {
-            "trial": trial,
-            "identical": ok,
-            "kills": kills,
-            "events": events,
-            "problems": problems,
-            "wall_s": time.time() - t_trial,
-        }
+        return _one_trial(trial, a, out, env, seed, T0, D, checksum)
 
     from concurrent.futures import ThreadPoolExecutor
 

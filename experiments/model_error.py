@@ -42,6 +42,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", required=True, help="output folder (model_error.csv, model_error.png)")
     p.add_argument("--env", default="cube-single", help="OGBench environment (default cube-single)")
@@ -129,7 +130,11 @@ def load_splits(args):
     )
     ds.check_env()
     path = ds.resolve_path()
-    env, train, val = ogbench.make_env_and_datasets(ds.dataset_name, dataset_path=str(path), compact_dataset=True)
+    # OGBench's return type depends on its flags (env_only/dataset_only); these give (env, train, val).
+    env, train, val = cast(
+        "tuple[Any, dict, dict]",
+        ogbench.make_env_and_datasets(ds.dataset_name, dataset_path=str(path), compact_dataset=True),
+    )
     env.close()
     loaded = ds.prepare(train, val, chunk_len=1)
     val_obs = np.asarray(loaded.obs_scaler(np.asarray(val["observations"], np.float32)))

@@ -264,7 +264,7 @@ def render(table: dict, sources: list[str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("paths", nargs="+", help="run folders / roots (searched recursively), globs, or summary.json files")
     p.add_argument("--out", default=None, help="write the markdown here too")

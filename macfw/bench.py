@@ -59,107 +59,27 @@ import argparse
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from macfw.data.batches import ChunkData, sample_for, trajectory_ends, valid_starts
+from macfw.bench_setup import (  # noqa: F401  (matmul_peak: re-exported as macfw.bench.matmul_peak)
+    PRESETS,
+    REPO,
+    build_agent,
+    matmul_peak,
+    peak_meter,
+    synthetic_data,
+)
+from macfw.bench_setup import setup_agent as _setup
+from macfw.bench_setup import time_fn as _time
+from macfw.data.batches import sample_for
 from macfw.memory import retain_freed_memory
 from macfw.reference import parse_only, reference_computation
 from macfw.spec import Spec
-
-REPO = Path(__file__).resolve().parents[1]
-
-#: Sizes (``batch``, ``steps_per_dispatch``) and Gin bindings of each preset.
-PRESETS = {
-    # MLP 2 x 256, batch 256, rollout batch 256, n = 10, H = 10, N = 8 (DESIGN §7's CPU reference point)
-    "cpu-small": dict(
-        batch=256,
-        steps_per_dispatch=10,
-        bindings={
-            "HIDDEN": (256, 256),
-            "CHUNK": 10,
-            "MAC.rollout_batch_size": 256,
-            "MAC.horizon": 10,
-            "RejectionSampler.num_train_candidates": 8,
-            "FlowPolicy.flow_steps": 10,
-        },
-    ),
-    # the paper's defaults (DESIGN §2.6)
-    "paper": dict(
-        batch=1024,
-        steps_per_dispatch=10,
-        bindings={
-            "HIDDEN": (1024,) * 4,
-            "CHUNK": 10,
-            "MAC.rollout_batch_size": 1024,
-            "MAC.horizon": 10,
-            "RejectionSampler.num_train_candidates": 8,
-            "FlowPolicy.flow_steps": 10,
-        },
-    ),
-    # tiny, for tests
-    "tiny": dict(
-        batch=32,
-        steps_per_dispatch=2,
-        bindings={
-            "HIDDEN": (32, 32),
-            "CHUNK": 5,
-            "MAC.rollout_batch_size": 16,
-            "MAC.horizon": 3,
-            "RejectionSampler.num_train_candidates": 2,
-            "FlowPolicy.flow_steps": 3,
-        },
-    ),
-}
-
-
-def synthetic_data(
-    spec: Spec, num_episodes: int = 20, episode_length: int = 201, seed: int = 0, window: int | None = None
-) -> ChunkData:
-    """Random data in OGBench's compact layout (sizes matter for speed, values do not); chunk starts
-    leave ``window`` steps (default ``spec.chunk_len``) before each trajectory's end."""
-    rng = np.random.default_rng(seed)
-    n = num_episodes * episode_length
-    valids = np.ones(n, np.float32)
-    valids[episode_length - 1 :: episode_length] = 0
-    ends = trajectory_ends(valids)
-    return ChunkData(
-        observations=jnp.asarray(rng.uniform(-1, 1, (n, spec.ob_dim)), jnp.float32),
-        actions=jnp.asarray(rng.uniform(-1, 1, (n, spec.act_dim)), jnp.float32),
-        goals=jnp.asarray(rng.uniform(-1, 1, (n, spec.goal_dim)), jnp.float32),
-        rewards=jnp.asarray(-(rng.uniform(size=n) < 0.9).astype(np.float32)),
-        masks=jnp.asarray(rng.uniform(size=n) < 0.95, jnp.float32),
-        traj_end=jnp.asarray(ends),
-        starts=jnp.asarray(valid_starts(ends, max(spec.chunk_len, window or 0))),
-    )
-
-
-def build_agent(preset: dict, *, gin_files=("gin/mac.gin",), gin_bindings=(), compute_dtype=None):
-    """The agent that ``gin_files`` bind to ``train.agent``, with ``preset``'s sizes and bindings.
-
-    Gin files are looked up relative to the working directory, then to the macfw checkout.
-
-    Raises:
-      FileNotFoundError: a Gin file that exists in neither place.
-    """
-    import gin
-    from macfw.run import parse_gin
-
-    files = []
-    for f in gin_files:
-        p = Path(f)
-        if not p.is_file() and (REPO / f).is_file():
-            p = REPO / f
-        files.append(str(p))
-    binds = {**preset["bindings"], **({"COMPUTE_DTYPE": compute_dtype} if compute_dtype else {})}
-    gin.clear_config()
-    parse_gin(files, [f"{k} = {v!r}" for k, v in binds.items()] + list(gin_bindings))
-    ref = gin.query_parameter("train.agent")
-    return ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
 
 
 def _flops(compiled) -> float:
@@ -168,70 +88,6 @@ def _flops(compiled) -> float:
     if isinstance(ca, (list, tuple)):
         ca = ca[0]
     return float(ca.get("flops", 0.0)) if ca else 0.0
-
-
-def _time(fn, *args, repeat=5, min_time=1.0):
-    jax.block_until_ready(fn(*args))  # warm
-    best = float("inf")
-    t_total, runs = 0.0, 0
-    while runs < repeat or t_total < min_time:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        dt = time.perf_counter() - t0
-        best = min(best, dt)
-        t_total += dt
-        runs += 1
-        if runs > 1000:
-            break
-    return t_total / runs, best
-
-
-def matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
-    """FLOP/s of a large plain matrix product on the default device (the practical peak)."""
-    return peak_meter(dtype, size)(min_time=1.0)
-
-
-def peak_meter(dtype=jnp.float32, size: int | None = None) -> Callable[..., float]:
-    """A compiled, warm ``size x size`` matrix product (2048 on CPU, 8192 on GPU); calling the result
-    times it again (``repeat`` runs, at least ``min_time`` seconds) and returns its FLOP/s."""
-    if size is None:
-        size = 8192 if jax.default_backend() == "gpu" else 2048
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(k1, (size, size), dtype)
-    b = jax.random.normal(k2, (size, size), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(f(a, b))
-
-    def measure(repeat: int = 3, min_time: float = 0.0) -> float:
-        return 2.0 * size**3 / _time(f, a, b, repeat=repeat, min_time=min_time)[0]
-
-    return measure
-
-
-def _setup(
-    preset: str,
-    *,
-    gin_files=("gin/mac.gin",),
-    gin_bindings=(),
-    ob_dim: int = 28,
-    act_dim: int = 5,
-    goal_dim: int = 0,
-    compute_dtype=None,
-    steps_per_dispatch: int | None = None,
-):
-    """The agent at ``preset``'s sizes, synthetic data, its initial state and its compiled-on-first-call
-    training step: ``(agent, spec, data, state, step, K, B)`` (K updates per dispatch, batch B)."""
-    from macfw.step import make_train_step
-
-    p = PRESETS[preset]
-    K = steps_per_dispatch or p["steps_per_dispatch"]
-    B = p["batch"]
-    agent = build_agent(p, gin_files=gin_files, gin_bindings=gin_bindings, compute_dtype=compute_dtype)
-    spec = Spec(ob_dim=ob_dim, act_dim=act_dim, goal_dim=goal_dim, chunk_len=agent.batch_spec.chunk_len)
-    data = synthetic_data(spec, window=agent.batch_spec.window)
-    state = agent.init(spec, jax.random.PRNGKey(0))
-    step = make_train_step(agent, batch_size=B, steps_per_dispatch=K, template=state)
-    return agent, spec, data, state, step, K, B
 
 
 def _first_call(step, data, state):
@@ -356,6 +212,45 @@ def compile_times(preset: str = "cpu-small", *, cache_dir: str | Path | None = N
     }
 
 
+def _timed_dispatches(step, data, state, dispatches: int, compute_dtype) -> tuple[float, object, list, list]:
+    """The real training step (K updates per dispatch) timed: its first call, then ``dispatches``
+    dispatches, each followed by the peak matrix product, so that every dispatch has a peak figure
+    measured beside it (a shared machine's speed drifts by 15% within minutes): utilisation is the
+    median over these pairs. Returns ``(compile_s, state, dispatch seconds, peak FLOP/s)``."""
+    compile_s, state = _first_call(step, data, state)
+    meter = peak_meter(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
+    dispatch_s, peaks = [], []
+    for _ in range(dispatches):
+        t0 = time.perf_counter()
+        state, m = step(data, state)
+        jax.block_until_ready(m)
+        dispatch_s.append(time.perf_counter() - t0)
+        peaks.append(meter())
+    return compile_s, state, dispatch_s, peaks
+
+
+def _update_flops(agent, spec: Spec, data, B: int, count_executed: bool) -> tuple[float, float | None, float]:
+    """FLOPs per update: XLA cost analysis of the counting variant, plus what it misses.
+
+    Twice: the reference computation, which is what the method computes and what utilisation counts,
+    and (``count_executed``) the program that runs, with products of inputs shared across candidates
+    and ODE steps (macfw.nn.mlp.MLP.prefix); a fresh step function each, as JAX caches traces per
+    function. Returns ``(flops, executed flops or None, seconds spent compiling them)``."""
+    from macfw.step import make_train_step
+
+    agent_c = agent.for_flop_count()
+    state_c = agent_c.init(spec, jax.random.PRNGKey(0))
+    t0 = time.perf_counter()
+    with reference_computation(rolled_threefry=False):  # (XLA counts a loop body once)
+        step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
+        flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
+    executed = None
+    if count_executed:
+        step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
+        executed = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
+    return flops, executed, time.perf_counter() - t0
+
+
 def run(
     preset: str = "cpu-small",
     *,
@@ -372,8 +267,6 @@ def run(
     """Time one agent's training step at ``preset``'s sizes on synthetic data; returns the figures.
     ``count_executed=False`` skips the second FLOP count (the executed program's; its figures are then
     None)."""
-    from macfw.step import make_train_step
-
     agent, spec, data, state, step, K, B = _setup(
         preset,
         gin_files=gin_files,
@@ -387,35 +280,9 @@ def run(
     bspec = agent.batch_spec
     p = PRESETS[preset]
 
-    # --- timing: the real training step (K updates per dispatch), each dispatch followed by the peak
-    # matrix product, so that every dispatch has a peak figure measured beside it (a shared machine's
-    # speed drifts by 15% within minutes): utilisation is the median over these pairs
-    compile_s, state = _first_call(step, data, state)
-    meter = peak_meter(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
-    dispatch_s, peaks = [], []
-    for _ in range(dispatches):
-        t0 = time.perf_counter()
-        state, m = step(data, state)
-        jax.block_until_ready(m)
-        dispatch_s.append(time.perf_counter() - t0)
-        peaks.append(meter())
+    compile_s, state, dispatch_s, peaks = _timed_dispatches(step, data, state, dispatches, compute_dtype)
     ups = dispatches * K / sum(dispatch_s)
-
-    # --- FLOPs per update: XLA cost analysis of the counting variant, plus what it misses
-    # (twice: the reference computation, which is what the method computes and what utilisation
-    # counts, and the program that runs, with products of inputs shared across candidates and ODE
-    # steps (macfw.nn.mlp.MLP.prefix); a fresh step function each, as JAX caches traces per function)
-    agent_c = agent.for_flop_count()
-    state_c = agent_c.init(spec, jax.random.PRNGKey(0))
-    t0 = time.perf_counter()
-    with reference_computation(rolled_threefry=False):  # (XLA counts a loop body once)
-        step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
-        flops = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
-    executed = None
-    if count_executed:
-        step_c = make_train_step(agent_c, batch_size=B, steps_per_dispatch=1, template=state_c)
-        executed = _flops(step_c.lower(data, state_c).compile()) + agent_c.uncounted_flops(state_c, B)
-    count_compile_s = time.perf_counter() - t0
+    flops, executed, count_compile_s = _update_flops(agent, spec, data, B, count_executed)
     peak = float(np.median(peaks))
     pair_util = [flops * K / d / pk for d, pk in zip(dispatch_s, peaks)]
 
@@ -481,6 +348,7 @@ def count_flops(
       FileNotFoundError, GinConfigError: as :func:`build_agent`.
     """
     import gin
+
     from macfw.step import make_train_step
 
     agent = build_agent({"bindings": {}}, gin_files=gin_files, gin_bindings=gin_bindings)
@@ -563,7 +431,8 @@ def _profile_main(a, model: dict, argv) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """``python -m macfw.bench``'s command line."""
     ap = argparse.ArgumentParser(
         prog="python -m macfw.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -620,67 +489,60 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--_first-dispatch", dest="first_dispatch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_compilation-cache", dest="compilation_cache", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    retained = retain_freed_memory()  # as python -m macfw.run does (macfw.memory): the dispatches timed are training's
-    if a.only is not None and not a.against_reference:
-        ap.error(f"--only {a.only} goes with --against-reference (it selects the speed-ups the reference turns off)")
-    model = dict(
-        gin_files=a.gin_file or ("gin/mac.gin",),
-        gin_bindings=a.gin_bindings,
+    return ap
+
+
+def _against_reference_main(a: argparse.Namespace, model: dict[str, Any]) -> int:
+    """``--against-reference``: :func:`against_reference`, printed and written as JSON."""
+    r = against_reference(a.preset, pairs=a.dispatches, only=a.only, **model)
+    print(f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):")
+    off = ", ".join(r["only"]) if r["only"] else "all"
+    print(f"  reference computation ({off} off): {1e3 * r['reference_update_s']:.2f} ms per update (median)")
+    print(f"  current:               {1e3 * r['current_update_s']:.2f} ms per update (median)")
+    print(f"  speed-up {r['speedup']:.3f}x; largest relative difference of the metrics {r['max_rel_diff']:.2e}")
+    _dump(a.json, r)
+    return 0
+
+
+def _compile_time_main(a: argparse.Namespace) -> int:
+    """``--compile-time``: :func:`compile_times` with the model arguments passed on to the children, printed
+    and written as JSON."""
+    extra = [x for f in (a.gin_file or []) for x in ("--gin_file", f)]
+    extra += [x for b in a.gin_bindings for x in ("--gin_bindings", b)]
+    extra += ["--ob-dim", str(a.ob_dim), "--act-dim", str(a.act_dim), "--goal-dim", str(a.goal_dim)]
+    extra += ["--steps-per-dispatch", str(a.steps_per_dispatch)] if a.steps_per_dispatch else []
+    extra += ["--compute-dtype", a.compute_dtype] if a.compute_dtype else []
+    r = compile_times(a.preset, extra_args=extra)
+    print(f"first dispatch ({r['runs']['off']['steps_per_dispatch']} updates), preset {a.preset}, seconds:")
+    print(f"  no compilation cache: {r['off_s']:.2f}")
+    print(f"  empty cache (cold):   {r['cold_s']:.2f}")
+    print(f"  filled cache (warm):  {r['warm_s']:.2f}   cold / warm = {r['cold_over_warm']:.2f}")
+    print(f"  one later dispatch:   {r['dispatch_s']:.3f}")
+    _dump(a.json, r)
+    return 0
+
+
+def _all_agents_main(a: argparse.Namespace) -> int:
+    """``--all-agents``: :func:`run_all_agents`, as a Markdown table and JSON."""
+    rows = run_all_agents(
+        a.preset,
+        goal_dim=a.goal_dim or 3,
+        dispatches=a.dispatches,
         ob_dim=a.ob_dim,
         act_dim=a.act_dim,
-        goal_dim=a.goal_dim,
         compute_dtype=a.compute_dtype,
         steps_per_dispatch=a.steps_per_dispatch,
     )
-    if a.first_dispatch:  # a child of --compile-time: one JSON line
-        if a.compilation_cache:
-            jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
-        print(json.dumps(first_dispatch(a.preset, **model)))
-        return 0
-    if a.profile:
-        return _profile_main(a, model, argv)
-    if a.against_reference:
-        r = against_reference(a.preset, pairs=a.dispatches, only=a.only, **model)
-        print(
-            f"preset {a.preset}, {r['pairs']} alternated pairs of dispatches ({r['steps_per_dispatch']} updates each):"
-        )
-        off = ", ".join(r["only"]) if r["only"] else "all"
-        print(f"  reference computation ({off} off): {1e3 * r['reference_update_s']:.2f} ms per update (median)")
-        print(f"  current:               {1e3 * r['current_update_s']:.2f} ms per update (median)")
-        print(f"  speed-up {r['speedup']:.3f}x; largest relative difference of the metrics {r['max_rel_diff']:.2e}")
-        _dump(a.json, r)
-        return 0
-    if a.compile_time:
-        extra = [x for f in (a.gin_file or []) for x in ("--gin_file", f)]
-        extra += [x for b in a.gin_bindings for x in ("--gin_bindings", b)]
-        extra += ["--ob-dim", str(a.ob_dim), "--act-dim", str(a.act_dim), "--goal-dim", str(a.goal_dim)]
-        extra += ["--steps-per-dispatch", str(a.steps_per_dispatch)] if a.steps_per_dispatch else []
-        extra += ["--compute-dtype", a.compute_dtype] if a.compute_dtype else []
-        r = compile_times(a.preset, extra_args=extra)
-        print(f"first dispatch ({r['runs']['off']['steps_per_dispatch']} updates), preset {a.preset}, seconds:")
-        print(f"  no compilation cache: {r['off_s']:.2f}")
-        print(f"  empty cache (cold):   {r['cold_s']:.2f}")
-        print(f"  filled cache (warm):  {r['warm_s']:.2f}   cold / warm = {r['cold_over_warm']:.2f}")
-        print(f"  one later dispatch:   {r['dispatch_s']:.3f}")
-        _dump(a.json, r)
-        return 0
-    if a.all_agents:
-        rows = run_all_agents(
-            a.preset,
-            goal_dim=a.goal_dim or 3,
-            dispatches=a.dispatches,
-            ob_dim=a.ob_dim,
-            act_dim=a.act_dim,
-            compute_dtype=a.compute_dtype,
-            steps_per_dispatch=a.steps_per_dispatch,
-        )
-        print(f"\n| agent | updates/s | utilisation | FLOP per update |  (preset {a.preset}, {rows[0]['device']})")
-        print("|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['name']} | {r['updates_per_s']:.2f} | {r['utilisation']:.3f} | {r['flops_per_update']:.3g} |")
-        _dump(a.json, rows)
-        return 0
+    print(f"\n| agent | updates/s | utilisation | FLOP per update |  (preset {a.preset}, {rows[0]['device']})")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['updates_per_s']:.2f} | {r['utilisation']:.3f} | {r['flops_per_update']:.3g} |")
+    _dump(a.json, rows)
+    return 0
+
+
+def _run_main(a: argparse.Namespace, model: dict[str, Any], retained: bool) -> int:
+    """The default command: :func:`run` for one agent, its figures printed and written as JSON."""
     out = run(a.preset, dispatches=a.dispatches, **model)
     out["retained_freed_memory"] = retained
     keys = (
@@ -705,6 +567,37 @@ def main(argv=None) -> int:
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
     _dump(a.json, out)
     return 0
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    retained = retain_freed_memory()  # as python -m macfw.run does (macfw.memory): the dispatches timed are training's
+    if a.only is not None and not a.against_reference:
+        ap.error(f"--only {a.only} goes with --against-reference (it selects the speed-ups the reference turns off)")
+    model: dict[str, Any] = dict(
+        gin_files=a.gin_file or ("gin/mac.gin",),
+        gin_bindings=a.gin_bindings,
+        ob_dim=a.ob_dim,
+        act_dim=a.act_dim,
+        goal_dim=a.goal_dim,
+        compute_dtype=a.compute_dtype,
+        steps_per_dispatch=a.steps_per_dispatch,
+    )
+    if a.first_dispatch:  # a child of --compile-time: one JSON line
+        if a.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
+        print(json.dumps(first_dispatch(a.preset, **model)))
+        return 0
+    if a.profile:
+        return _profile_main(a, model, argv)
+    if a.against_reference:
+        return _against_reference_main(a, model)
+    if a.compile_time:
+        return _compile_time_main(a)
+    if a.all_agents:
+        return _all_agents_main(a)
+    return _run_main(a, model, retained)
 
 
 if __name__ == "__main__":

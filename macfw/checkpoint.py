@@ -248,6 +248,7 @@ class Checkpointer:
         elif not self.directory.is_dir():
             raise FileNotFoundError(f"No checkpoint folder {str(self.directory)!r}.")
         with _quiet_absl(read_only):  # Orbax logs warnings about read-only options and managers
+            read_only_options: dict[str, Any] = {"save_interval_steps": 0} if read_only else {}
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=None,  # deletion is ours: only after the newer step's manifest exists
                 create=not read_only,
@@ -257,7 +258,7 @@ class Checkpointer:
                 cleanup_tmp_directories=False,
                 enable_async_checkpointing=async_save,
                 read_only=read_only,
-                **({"save_interval_steps": 0} if read_only else {}),
+                **read_only_options,
             )
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Literal, overload
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,20 @@ def _is_int(v) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool)
 
 
+@overload
+def check_int(
+    binding: str,
+    value: Any,
+    *,
+    minimum: int = 1,
+    maximum: int | None = None,
+    allow_none: Literal[False] = False,
+    note: str = "",
+) -> int: ...
+@overload
+def check_int(
+    binding: str, value: Any, *, minimum: int = 1, maximum: int | None = None, allow_none: bool, note: str = ""
+) -> int | None: ...
 def check_int(
     binding: str, value: Any, *, minimum: int = 1, maximum: int | None = None, allow_none: bool = False, note: str = ""
 ) -> int | None:
@@ -46,6 +60,30 @@ def check_int(
     return int(value)
 
 
+@overload
+def check_float(
+    binding: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: Literal[False] = False,
+    note: str = "",
+) -> float: ...
+@overload
+def check_float(
+    binding: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool,
+    note: str = "",
+) -> float | None: ...
 def check_float(
     binding: str,
     value: Any,

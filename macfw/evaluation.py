@@ -78,14 +78,19 @@ import collections
 import dataclasses
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gin
+
 from macfw._mujoco_gl import default_mujoco_gl as _default_mujoco_gl  # noqa: E402
 from macfw.errors import check_int
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 _default_mujoco_gl()
 
@@ -297,7 +302,8 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
     if path.suffix.lower() == ".mp4":
         if _mp4_writer_available():
             try:
-                imageio.v2.mimwrite(str(path), frames, fps=fps, macro_block_size=1)
+                ims: list[ArrayLike] = list(frames)
+                imageio.v2.mimwrite(str(path), ims, fps=fps, macro_block_size=1)
                 return path
             except Exception as e:  # e.g. codec problems; fall back to gif
                 warnings.warn(f"Could not write mp4 {str(path)!r} ({e!r}); writing a gif instead.", stacklevel=2)
@@ -643,7 +649,8 @@ class _WorkerSlots:
                 except Exception:
                     error = None
                 if isinstance(error, BaseException):
-                    error.add_note(f"(raised in evaluation worker {w}:\n{tb})")
+                    if sys.version_info >= (3, 11):  # Python 3.10 has no exception notes
+                        error.add_note(f"(raised in evaluation worker {w}:\n{tb})")
                 else:
                     error = RuntimeError(f"Evaluation worker {w} failed:\n{tb}")
             out.append(data)
@@ -744,32 +751,38 @@ def _run_slots(
                 options = dict(task_id=task_id, render_goal=False) if oracle_goal else None
                 resets[i] = ("reset", dict(seed=env_seed, options=options))
         for i, (ob, goal, keys) in slots_env.run(resets).items():
-            slots[i].ob = ob
+            ep = slots[i]
+            assert ep is not None  # reset just now
+            ep.ob = ob
             if ob_proto is None:
                 ob_proto = np.asarray(ob)
             if oracle_goal:
                 if goal is None:
                     raise _missing_goal_error(keys)
-                slots[i].goal = np.asarray(goal)
+                ep.goal = np.asarray(goal)
                 if goal_proto is None:
-                    goal_proto = slots[i].goal
-        live = [i for i in range(num_slots) if slots[i] is not None]
+                    goal_proto = ep.goal
+        live = {i: ep for i, ep in enumerate(slots) if ep is not None}  # slot -> its episode, in slot order
         if not live:
             return
 
         # 2. one decision for every live episode
         seeds_now = np.zeros(num_slots, np.int64)
-        for i in live:
-            seeds_now[i] = (slots[i].actor_base + slots[i].decision) % _SEED_MOD
-            slots[i].decision += 1
+        for i, ep in live.items():
+            seeds_now[i] = (ep.actor_base + ep.decision) % _SEED_MOD
+            ep.decision += 1
         chunks: dict[int, np.ndarray] = {}
         if batched is not None:
+            assert ob_proto is not None  # set at the first reset
             ob_batch = np.zeros((num_slots, *ob_proto.shape), ob_proto.dtype)
-            goal_batch = np.zeros((num_slots, *goal_proto.shape), goal_proto.dtype) if oracle_goal else None
-            for i in live:
-                ob_batch[i] = slots[i].ob
-                if oracle_goal:
-                    goal_batch[i] = slots[i].goal
+            goal_batch = None
+            if oracle_goal:
+                assert goal_proto is not None  # set at the first reset
+                goal_batch = np.zeros((num_slots, *goal_proto.shape), goal_proto.dtype)
+            for i, ep in live.items():
+                ob_batch[i] = ep.ob
+                if goal_batch is not None:
+                    goal_batch[i] = ep.goal
             out = np.asarray(batched(ob_batch, goal_batch, seeds_now))
             if out.ndim < 2 or out.shape[0] != num_slots:
                 raise ValueError(
@@ -779,8 +792,8 @@ def _run_slots(
             for i in live:
                 chunks[i] = _as_chunk(out[i], act_dim)
         else:
-            for i in live:
-                chunks[i] = _as_chunk(actor(np.asarray(slots[i].ob), slots[i].goal, int(seeds_now[i])), act_dim)
+            for i, ep in live.items():
+                chunks[i] = _as_chunk(actor(np.asarray(ep.ob), ep.goal, int(seeds_now[i])), act_dim)
         for i in live:
             _check_chunk_len(chunks[i], execute_steps)
 
@@ -808,7 +821,9 @@ def _registered_spec(env_id: str, env_name: str, task_mode: str):
     return gymnasium.spec(env_id)
 
 
-@gin.configurable("evaluate", module="macfw.evaluation", allowlist=["workers", "batch_size"])
+@gin.configurable(  # pyright: ignore[reportCallIssue]  (gin's untyped decorator factory)
+    "evaluate", module="macfw.evaluation", allowlist=["workers", "batch_size"]
+)
 def evaluate(
     actor: Actor,
     env_name: str,
@@ -883,6 +898,54 @@ def evaluate(
             finished; a later rendering or writing failure only warns, and the evaluation result
             is still returned. A worker process that died.
     """
+    plan = _check_plan(
+        env_name, task_mode, task_ids, episodes_per_task, execute_steps, seed, video_episodes, workers, batch_size
+    )
+    out_path = _resolve_video_path(video_path) if video_path is not None else None
+    recorder = _Recorder() if out_path is not None and plan.video_episodes > 0 else None
+    results = _run_episodes(actor, plan, env_kwargs, recorder=recorder, progress=progress)
+    video_paths = _save_video(recorder, out_path, plan)
+    return _eval_result(results, plan, video_paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """:func:`evaluate`'s checked arguments: which episodes run, and how."""
+
+    env_name: str
+    task_mode: str
+    task_ids: list[int]
+    episodes_per_task: int
+    execute_steps: int
+    seed: int
+    video_episodes: int
+    workers: int
+    batch_size: int
+
+    @property
+    def oracle_goal(self) -> bool:
+        """Whether the actor gets a goal (``'oraclerep'`` and ``'goal'`` modes)."""
+        return self.task_mode != "singletask"
+
+    def groups(self) -> list[tuple[str, list[tuple[int, int]]]]:
+        """The ``(task, episode)`` pairs by environment id: one env id for every task in the
+        goal-conditioned modes, one per task otherwise."""
+        env_name, episodes = self.env_name, range(self.episodes_per_task)
+        if self.oracle_goal:
+            return [(f"{env_name}-v0", [(t, e) for t in self.task_ids for e in episodes])]
+        return [(f"{env_name}-singletask-task{t}-v0", [(t, e) for e in episodes]) for t in self.task_ids]
+
+
+def _check_plan(
+    env_name, task_mode, task_ids, episodes_per_task, execute_steps, seed, video_episodes, workers, batch_size
+) -> _Plan:
+    """:func:`evaluate`'s arguments checked (``workers`` and ``batch_size`` None: their defaults; one worker
+    where not POSIX).
+
+    Raises:
+      ValueError: an argument out of range (see :func:`evaluate`).
+      ConfigError: ``workers`` or ``batch_size`` not an integer >= 1.
+    """
     if task_mode not in TASK_MODES:
         raise ValueError(f"Unknown task_mode {task_mode!r}; valid task modes are {list(TASK_MODES)}.")
     if not isinstance(env_name, str) or not env_name:
@@ -894,6 +957,21 @@ def evaluate(
     batch_size = default_batch_size() if batch_size is None else check_int("evaluate.batch_size", batch_size)
     if os.name != "posix":  # the workers' pipes are passed as POSIX file descriptors
         workers = 1
+    return _Plan(
+        env_name,
+        task_mode,
+        _check_task_ids(task_ids),
+        episodes_per_task,
+        execute_steps,
+        seed,
+        video_episodes,
+        workers,
+        batch_size,
+    )
+
+
+def _check_task_ids(task_ids) -> list[int]:
+    """``task_ids`` (or a single id) as a list of distinct ints >= 1."""
     if isinstance(task_ids, (int, np.integer)):
         task_ids = (task_ids,)
     task_ids = list(task_ids)
@@ -905,28 +983,27 @@ def evaluate(
     task_ids = [int(t) for t in task_ids]
     if len(set(task_ids)) != len(task_ids):
         raise ValueError(f"task_ids has duplicates: {task_ids!r}.")
+    return task_ids
 
-    out_path = _resolve_video_path(video_path) if video_path is not None else None
-    recorder = _Recorder() if out_path is not None and video_episodes > 0 else None
 
+def _run_episodes(
+    actor: Actor, plan: _Plan, env_kwargs: dict | None, *, recorder: _Recorder | None, progress: bool
+) -> dict[tuple[int, int], tuple[float, float, int]]:
+    """Every episode of ``plan``, one environment id after the other (:meth:`_Plan.groups`), recording the
+    first ``video_episodes`` of every task into ``recorder``; returns ``(success, return, length)`` by
+    ``(task, episode)``."""
     make_kwargs = dict(env_kwargs or {})
     if recorder is not None:
         make_kwargs.setdefault("render_mode", "rgb_array")
-    if task_mode == "oraclerep":
+    if plan.task_mode == "oraclerep":
         make_kwargs.setdefault("use_oracle_rep", True)
-    oracle_goal = task_mode != "singletask"
-
-    # Episodes by environment id: one env id for every task in the goal-conditioned modes, one per task otherwise.
-    if oracle_goal:
-        groups = [(f"{env_name}-v0", [(t, e) for t in task_ids for e in range(episodes_per_task)])]
-    else:
-        groups = [(f"{env_name}-singletask-task{t}-v0", [(t, e) for e in range(episodes_per_task)]) for t in task_ids]
+    groups = plan.groups()
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(task_ids) * episodes_per_task, desc=f"eval {env_name}", unit="ep")
+        bar = tqdm(total=len(plan.task_ids) * plan.episodes_per_task, desc=f"eval {plan.env_name}", unit="ep")
 
     results: dict[tuple[int, int], tuple[float, float, int]] = {}
     current: dict[int, tuple[int, int]] = {}  # slot -> its episode
@@ -935,46 +1012,36 @@ def evaluate(
         results[job] = res
         if bar is not None:
             bar.update(1)
-            done = [results[(job[0], e)][0] for e in range(episodes_per_task) if (job[0], e) in results]
+            done = [results[(job[0], e)][0] for e in range(plan.episodes_per_task) if (job[0], e) in results]
             bar.set_postfix(task=job[0], success=f"{np.mean(done):.2f}")
 
     def on_frame(slot):
         job = current[slot]
-        if recorder is None or job[1] >= video_episodes:
+        rec = recorder
+        if rec is None or job[1] >= plan.video_episodes:
             return None
-        return lambda env: recorder.capture(env, len(results), key=job)
+        return lambda env: rec.capture(env, len(results), key=job)
 
     try:
         for env_id, jobs in groups:
-            num_slots = min(batch_size, len(jobs))
-            num_workers = 1 if recorder is not None else min(workers, num_slots)
-            if num_workers <= 1:
-                slots_env = _LocalSlots(
-                    functools.partial(_make_env, env_id, env_name, task_mode, make_kwargs),
-                    num_slots,
-                    on_frame=on_frame,  # noqa: B023  (called within this iteration)
-                )
-            else:
-                import gymnasium
-
-                # The parent's registered spec (an OGBench one names its entry point by module path, so a
-                # worker imports OGBench, not macfw); cloudpickle carries a class defined in a script by value.
-                spec = _registered_spec(env_id, env_name, task_mode)
-                slots_env = _WorkerSlots(functools.partial(gymnasium.make, spec, **make_kwargs), num_slots, num_workers)
+            num_slots = min(plan.batch_size, len(jobs))
+            slots_env = _open_slots(
+                plan, env_id, make_kwargs, num_slots, record=recorder is not None, on_frame=on_frame
+            )
             ok = False
             try:
-                num_tasks = slots_env.info["num_tasks"] if oracle_goal else None
-                bad = [t for t in task_ids if num_tasks is not None and t > num_tasks]
+                num_tasks = slots_env.info["num_tasks"] if plan.oracle_goal else None
+                bad = [t for t in plan.task_ids if num_tasks is not None and t > num_tasks]
                 if bad:
-                    raise ValueError(f"task_ids {bad!r} out of range: {env_name!r} has tasks 1..{num_tasks}.")
+                    raise ValueError(f"task_ids {bad!r} out of range: {plan.env_name!r} has tasks 1..{num_tasks}.")
                 _run_slots(
                     slots_env,
                     num_slots,
                     jobs,
                     actor,
-                    seed=seed,
-                    oracle_goal=oracle_goal,
-                    execute_steps=execute_steps,
+                    seed=plan.seed,
+                    oracle_goal=plan.oracle_goal,
+                    execute_steps=plan.execute_steps,
                     on_start=current.__setitem__,
                     on_done=on_done,
                 )
@@ -984,26 +1051,57 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
+    return results
 
+
+def _open_slots(
+    plan: _Plan, env_id: str, make_kwargs: dict, num_slots: int, *, record: bool, on_frame: Callable
+) -> _LocalSlots | _WorkerSlots:
+    """``num_slots`` slots of ``env_id``: in this process (one worker, or a video being recorded), else in
+    worker processes."""
+    num_workers = 1 if record else min(plan.workers, num_slots)
+    if num_workers <= 1:
+        make = functools.partial(_make_env, env_id, plan.env_name, plan.task_mode, make_kwargs)
+        return _LocalSlots(make, num_slots, on_frame=on_frame)
+    import gymnasium
+
+    # The parent's registered spec (an OGBench one names its entry point by module path, so a
+    # worker imports OGBench, not macfw); cloudpickle carries a class defined in a script by value.
+    spec = _registered_spec(env_id, plan.env_name, plan.task_mode)
+    return _WorkerSlots(functools.partial(gymnasium.make, spec, **make_kwargs), num_slots, num_workers)
+
+
+def _save_video(recorder: _Recorder | None, out_path: Path | None, plan: _Plan) -> list[str]:
+    """Write the recorded episodes (the first ``video_episodes`` of every task, in order) as one video; returns
+    the written paths (none when nothing was recorded, or when writing failed: that only warns)."""
     video_paths: list[str] = []
-    if recorder is not None:
-        frames = recorder.ordered([(t, e) for t in task_ids for e in range(min(video_episodes, episodes_per_task))])
-        if frames:
-            try:
-                written = _write_video(out_path, frames, recorder.fps or 20.0)
-                video_paths.append(str(written))
-            except Exception as e:
-                warnings.warn(
-                    f"Writing the video to {str(out_path)!r} failed ({e!r}); the evaluation result is kept.",
-                    stacklevel=2,
-                )
+    if recorder is None or out_path is None:
+        return video_paths
+    episodes = range(min(plan.video_episodes, plan.episodes_per_task))
+    frames = recorder.ordered([(t, e) for t in plan.task_ids for e in episodes])
+    if frames:
+        try:
+            written = _write_video(out_path, frames, recorder.fps or 20.0)
+            video_paths.append(str(written))
+        except Exception as e:
+            warnings.warn(
+                f"Writing the video to {str(out_path)!r} failed ({e!r}); the evaluation result is kept.",
+                stacklevel=3,  # evaluate's caller
+            )
+    return video_paths
 
+
+def _eval_result(
+    results: dict[tuple[int, int], tuple[float, float, int]], plan: _Plan, video_paths: list[str]
+) -> EvalResult:
+    """The :class:`EvalResult` of the episodes' ``(success, return, length)`` by ``(task, episode)``."""
+    task_ids, episodes = plan.task_ids, range(plan.episodes_per_task)
     per_episode = [
         dict(task=t, episode=e, success=results[(t, e)][0], **{"return": results[(t, e)][1]}, length=results[(t, e)][2])
         for t in task_ids
-        for e in range(episodes_per_task)
+        for e in episodes
     ]
-    per_task = {f"task{t}": float(np.mean([results[(t, e)][0] for e in range(episodes_per_task)])) for t in task_ids}
+    per_task = {f"task{t}": float(np.mean([results[(t, e)][0] for e in episodes])) for t in task_ids}
     return EvalResult(
         success=float(np.mean(list(per_task.values()))),
         per_task_success=per_task,
@@ -1212,6 +1310,7 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
     import importlib
 
     import gin
+
     import macfw  # noqa: F401  (registers the built-in components and Gin configurables)
     from macfw.checkpoint import Checkpointer
     from macfw.spec import Spec
@@ -1240,7 +1339,7 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
             ref = gin.query_parameter("train.agent")
         except ValueError:
             ref = None
-        agent = ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
+        agent = ref.scoped_configurable_fn() if ref is not None and hasattr(ref, "scoped_configurable_fn") else ref
         if agent is None:
             raise FileNotFoundError(
                 f"The config stored in {str(ckdir)!r} binds no train.agent; this checkpoint cannot be rebuilt."
@@ -1250,6 +1349,17 @@ def load_checkpoint(workdir, step: int | None = None, imports: Iterable[str] = (
     finally:
         ckpt.close()
     return agent, state, meta, int(meta["step"])
+
+
+def _run_batch_size(meta: dict, batch_size: int | None) -> int:
+    """The episodes in flight to re-evaluate a run with: ``batch_size``, else the run's own
+    (``meta['eval']['batch_size']``), else (a run from before batched evaluation) its config's
+    ``evaluate.batch_size`` or 1, one episode at a time; checked (:func:`resolve_batch_size`)."""
+    if batch_size is None:
+        batch_size = (meta.get("eval") or {}).get("batch_size")
+    if batch_size is None:  # a run from before batched evaluation: one episode at a time, unless configured
+        batch_size = _bound("batch_size") or 1
+    return resolve_batch_size(batch_size)
 
 
 def evaluate_checkpoint(
@@ -1290,11 +1400,7 @@ def evaluate_checkpoint(
         batch_size = check_int("evaluate.batch_size", batch_size)
     agent, state, meta, step = load_checkpoint(workdir, step, imports)
     workers = resolve_workers(workers)  # after the stored config is parsed
-    if batch_size is None:
-        batch_size = (meta.get("eval") or {}).get("batch_size")
-    if batch_size is None:  # a run from before batched evaluation: one episode at a time, unless configured
-        batch_size = _bound("batch_size") or 1
-    batch_size = resolve_batch_size(batch_size)
+    batch_size = _run_batch_size(meta, batch_size)
     episodes = int(
         _run_setting(meta, "episodes", "train.eval_episodes", DEFAULT_EPISODES) if episodes is None else episodes
     )
@@ -1331,7 +1437,6 @@ def evaluate_checkpoint(
                 batch_size=batch_size,
             )
         )
-    tasks = list(results[0].per_task_success)
     report = {
         "workdir": str(Path(workdir).absolute()),
         "step": step,
@@ -1342,11 +1447,7 @@ def evaluate_checkpoint(
         "execute_steps": execute_steps,
         "workers": workers,
         "batch_size": batch_size,
-        "success": float(np.mean([r.success for r in results])),
-        "per_task_success": {t: float(np.mean([r.per_task_success[t] for r in results])) for t in tasks},
-        "episodes": int(sum(r.episodes for r in results)),
-        "mean_return": float(np.mean([r.mean_return for r in results])),
-        "mean_length": float(np.mean([r.mean_length for r in results])),
+        **merge_results(results),  # success, per_task_success, episodes, mean_return, mean_length
         "video_paths": [p for r in results for p in r.video_paths],
         "num_seeds": num_seeds,
         "per_seed": [r.to_dict() for r in results],

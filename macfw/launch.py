@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gin
+
 from macfw.errors import ConfigError, check
 
 #: SLURM job states (``squeue %T``) after which a job runs no more; any other state (PENDING,
@@ -476,7 +477,7 @@ class _Waiting:
     ran: bool = False
 
 
-@gin.configurable("SlurmLauncher")
+@gin.configurable("SlurmLauncher")  # pyright: ignore[reportCallIssue]  (gin's untyped decorator factory)
 class SlurmLauncher(Launcher):
     """One SLURM job per run, through submitit, with requeue on preemption (see the module docstring).
 

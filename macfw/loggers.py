@@ -52,7 +52,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, cast
 
 from macfw import registry
 from macfw.errors import ConfigError, check
@@ -263,14 +263,16 @@ class TensorBoardLogger(Logger):
         self.writer = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, step: int, metrics: Mapping[str, float], split: str) -> None:
+        writer = self.writer
+        assert writer is not None, "TensorBoardLogger.log before open()"
         if _check_split(split) == "train":
             for k, v in metrics.items():
                 if k not in self.train_exclude:
-                    self.writer.add_scalar(k, v, step)
+                    writer.add_scalar(k, v, step)
         else:
             for k in self.eval_metrics:
                 if k in metrics:
-                    self.writer.add_scalar(f"eval/{k}", metrics[k], step)
+                    writer.add_scalar(f"eval/{k}", metrics[k], step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -518,7 +520,7 @@ class WandbLogger(Logger):
                 dir=str(workdir),
                 id=self.run_id,
                 resume="allow",
-                mode=mode,
+                mode=cast(Literal["online", "offline", "disabled"] | None, mode),  # None, or one of MODES (checked)
             )
         except Exception as e:
             raise ConfigError(
@@ -541,6 +543,7 @@ class WandbLogger(Logger):
         _check_split(split)
         if step < self._first_step:
             return
+        assert self.run is not None, "WandbLogger.log before open()"
         self.run.log({f"{split}/{k}": v for k, v in metrics.items()}, step=int(step))
 
     def log_config(self, config_str: str) -> None:
@@ -548,6 +551,7 @@ class WandbLogger(Logger):
             bindings = gin_bindings(config_str)
         except Exception:  # a config the parser cannot read: keep the text alone
             bindings = {}
+        assert self.run is not None, "WandbLogger.log_config before open()"
         self.run.config.update({"gin": bindings, "gin_config": config_str}, allow_val_change=True)
 
     def close(self) -> None:

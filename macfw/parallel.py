@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 
+import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import gin
 from macfw.errors import check
 
 DATA_AXIS = "data"
@@ -47,6 +47,7 @@ def make_mesh(
         f"a shape covering the {devices.size} device(s) "
         f"(-1 fills) with one entry per name in make_mesh.axis_names = {tuple(axis_names)}",
     )
+    assert arr is not None  # check refused a shape that does not fit
     return Mesh(arr, axis_names)
 
 

@@ -16,7 +16,7 @@ is attributed to
 Figures are milliseconds of op time per gradient step (sums over the ops' spans divided by the
 updates profiled) and, for matrix products, their FLOPs (from the shapes in the compiled program)
 and the fraction of the matrix-product peak measured in the same process
-(:func:`macfw.bench.matmul_peak`) that they reach. Op time is not wall time: XLA's CPU runtime runs
+(:func:`macfw.bench_setup.matmul_peak`) that they reach. Op time is not wall time: XLA's CPU runtime runs
 independent operations at once, so the sum of op time can exceed the update's wall time
 (``op_time_ms`` vs ``wall_ms``), and an operation that shares the cores with another one takes longer
 and shows a lower fraction of the peak than it would alone. Each phase's **wall** figure is therefore
@@ -341,11 +341,14 @@ def profile(preset: str = "cpu-small", *, dispatches: int = 3, **model) -> dict:
       RuntimeError: the trace has none of the step's operations (on the CPU: ``XLA_FLAGS`` lacks
         ``--xla_cpu_enable_xprof_traceme=true``).
     """
-    from macfw import bench
+    from macfw.bench_setup import matmul_peak, setup_agent
 
-    agent, spec, data, state, step, K, B = bench._setup(preset, **model)
+    agent, spec, data, state, step, K, B = setup_agent(preset, **model)
     compiled = step.lower(data, state).compile()
-    module, ops = parse_hlo(getattr(compiled, "compiled", compiled).as_text())
+    hlo = getattr(compiled, "compiled", compiled).as_text()
+    if hlo is None:
+        raise RuntimeError(f"XLA returned no HLO text for the compiled training step of preset {preset!r}.")
+    module, ops = parse_hlo(hlo)
     data_p, arrays = step._placed(data, state)
     arrays, m = compiled(data_p, arrays)  # warm
     jax.block_until_ready(m)
@@ -364,7 +367,7 @@ def profile(preset: str = "cpu-small", *, dispatches: int = 3, **model) -> dict:
             f"in traces only with XLA_FLAGS={TRACEME_FLAG} set before JAX starts (python -m macfw.bench "
             f"--profile sets it itself); XLA_FLAGS is {os.environ.get('XLA_FLAGS', '')!r}."
         )
-    peak = bench.matmul_peak()
+    peak = matmul_peak()
     out = breakdown(ops, times, dispatches * K, peak, spans=spans)
     out.update(
         preset=preset,

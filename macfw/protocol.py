@@ -451,8 +451,9 @@ def operative_bindings(gin_files: Iterable[str | os.PathLike], gin_bindings: Ite
       registry.UnknownComponentError, GinConfigError, FileNotFoundError: as :func:`macfw.run.parse_gin`.
     """
     import gin
-    import macfw.train  # noqa: F401  (registers train())
     from gin import config as gin_config
+
+    import macfw.train  # noqa: F401  (registers train())
     from macfw.run import parse_gin
 
     gin.clear_config()
@@ -485,6 +486,7 @@ def _resolve(value: Any, config: dict, depth: int = 0) -> Any:
     if isinstance(value, gin_config.ConfigurableReference):
         scoped = value.scoped_selector  # 'GAMMA/gin.macro', 'critic/macfw.nn.ensemble.Ensemble'
         scope, _, selector = scoped.rpartition("/")
+        assert value.configurable is not None  # set when the config was parsed
         if value.configurable.selector == "gin.macro":
             return _resolve(config.get((scope, "gin.macro"), {}).get("value"), config, depth + 1)
         name = f"{scope}/{_short(selector)}" if scope else _short(selector)
@@ -504,6 +506,7 @@ def build_config(gin_files: Iterable[str | os.PathLike], gin_bindings: Iterable[
       ConfigError: a value out of range; the errors of :func:`operative_bindings`.
     """
     import gin
+
     import macfw.train  # noqa: F401
     from macfw.run import parse_gin
 

@@ -16,11 +16,11 @@ command line, or a plain ``import`` in Python) is all that is needed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import gin
 
-T = TypeVar("T")
+T = TypeVar("T", bound=type)
 
 #: The component kinds macfw knows. A new kind can be added with :func:`add_kind`.
 KINDS: tuple[str, ...] = (
@@ -79,20 +79,21 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
     _check_kind(kind)
 
     def decorator(cls: T) -> T:
-        reg_name = name or cls.__name__  # type: ignore[attr-defined]
+        reg_name = name or cls.__name__
         existing = _REGISTRY[kind].get(reg_name)
         if existing is not None and existing is not cls:
             same_place = getattr(existing, "__module__", None) == getattr(cls, "__module__", None) and getattr(
                 existing, "__qualname__", None
             ) == getattr(cls, "__qualname__", None)
             if same_place:  # the same module imported twice: keep the first registration
-                return existing  # type: ignore[return-value]
+                return cast(T, existing)
             raise ValueError(
                 f"A {kind} named {reg_name!r} is already registered "
                 f"({existing.__module__}.{existing.__qualname__}); pass name=... to register "
-                f"{cls.__module__}.{cls.__qualname__} under another name."  # type: ignore[attr-defined]
+                f"{cls.__module__}.{cls.__qualname__} under another name."
             )
-        configurable = gin.configurable(reg_name)(cls)
+        # gin.configurable returns the class it decorates; pyright misreads its untyped decorator factory
+        configurable = cast(T, gin.configurable(reg_name)(cls))  # pyright: ignore[reportCallIssue]
         _REGISTRY[kind][reg_name] = configurable
         return configurable
 

@@ -23,6 +23,7 @@ import signal
 import sys
 
 import gin
+
 import macfw  # noqa: F401  (registers every built-in component)
 import macfw.train  # noqa: F401  (registers train() with Gin)
 from macfw import registry

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -18,6 +19,21 @@ from macfw.agents.base import Agent
 from macfw.compiler import compiler_options
 from macfw.data.batches import sample_for
 from macfw.errors import check, check_int
+from macfw.spec import Spec
+
+
+def _spec_of(agent: Agent) -> Spec:
+    """``agent.spec``, the sizes :meth:`Agent.init` built the agent for.
+
+    Raises:
+      ValueError: ``agent.spec`` is None (the agent was never initialised).
+    """
+    if agent.spec is None:
+        raise ValueError(
+            f"{type(agent).__name__}.spec is None: initialise the agent first (agent.init(spec, key), "
+            "e.g. through init_state)."
+        )
+    return agent.spec
 
 
 def check_batch_size(batch_size: int, mesh) -> int:
@@ -92,7 +108,7 @@ class TrainStep:
         self.agent, self.K, self.host_batches, self.num_seeds = agent, int(steps_per_dispatch), host_batches, num_seeds
         self.batch_size = batch_size
         _, self.static = eqx.partition(template, eqx.is_array)
-        goal_conditioned = agent.spec.goal_conditioned
+        goal_conditioned = _spec_of(agent).goal_conditioned
         bspec = agent.batch_spec
         bshard = batch_sharded(self.mesh)
 
@@ -126,7 +142,7 @@ class TrainStep:
             one = jax.vmap(one, in_axes=(0 if host_batches else None, 0))
 
         def run(data, arrays):
-            st = eqx.combine(arrays, self.static)
+            st: Any = eqx.combine(arrays, self.static)  # an agent state: step, key, nets (macfw.agents.base)
             if host_batches:
                 st, metrics = jax.lax.scan(lambda c, b: one(b, c), st, data)
             else:
@@ -196,7 +212,7 @@ def make_train_step(
 ) -> TrainStep:
     """Build the compiled step (see :class:`TrainStep`); ``template`` defaults to a fresh init."""
     if template is None:
-        template = agent.init(agent.spec, jax.random.PRNGKey(0))
+        template = agent.init(_spec_of(agent), jax.random.PRNGKey(0))
     return TrainStep(
         agent,
         template,
@@ -235,7 +251,7 @@ class Refresher:
         self.agent, self.spec, self.num_seeds = agent, rs, num_seeds
         self.key = jax.random.PRNGKey(seed + REFRESH_KEY_OFFSET)
         _, self.static = eqx.partition(template, eqx.is_array)
-        bspec, gc = agent.batch_spec, agent.spec.goal_conditioned
+        bspec, gc = agent.batch_spec, _spec_of(agent).goal_conditioned
 
         def sample(data, key):
             one = lambda k: sample_for(bspec, data, k, rs.batch_size, goal_conditioned=gc)  # noqa: E731

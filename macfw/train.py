@@ -23,13 +23,13 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
+import gin
 import jax
 import numpy as np
 
-import gin
 from macfw import registry
 from macfw.agents.base import Agent, param_checksum
 from macfw.checkpoint import Checkpointer, CheckpointMismatchError
@@ -64,6 +64,9 @@ from macfw.step import (
     make_train_step,
 )
 from macfw.workdir_lock import WorkdirBusyError, WorkdirLock
+
+if TYPE_CHECKING:
+    from macfw.data.host_sampler import ShardedBatches
 
 __all__ = [
     "train",
@@ -128,7 +131,7 @@ def check_settings(
     for name, v in dict(
         num_steps=num_steps, log_interval=log_interval, eval_interval=eval_interval, save_interval=save_interval
     ).items():
-        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 and v % K == 0
+        ok = bool(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 and v % K == 0)
         check(f"train.{name}", v, ok, f"a positive integer multiple of train.steps_per_dispatch = {K}")
     batch_size = check_batch_size(batch_size, mesh)
     max_exec = agent.chunk_len if agent.acts_in_chunks else 1
@@ -177,6 +180,17 @@ def check_settings(
             f"a positive multiple of train.steps_per_dispatch = {K} (the loop refreshes between compiled calls)",
         )
         check(rs.binding, rs.every, rs.first % rs.every == 0, f"a divisor of the first refresh step {rs.first}")
+    _check_eval_tasks_fit(dataset, eval_task_ids)
+    return out
+
+
+def _check_eval_tasks_fit(dataset, eval_task_ids) -> None:
+    """Refuse ``train.eval_task_ids`` other than the trained task of single-task data (when the dataset
+    names its environment, mode and task).
+
+    Raises:
+      TaskMismatchError: see :func:`macfw.evaluation.resolve_task_ids`.
+    """
     if eval_task_ids is not None and all(hasattr(dataset, a) for a in ("env_name", "task_mode", "task_id")):
         try:
             resolve_task_ids(
@@ -186,7 +200,6 @@ def check_settings(
             raise
         except Exception:  # e.g. an unknown environment: the data loader names it
             pass
-    return out
 
 
 # ------------------------------------------------------------------------------- 2. build
@@ -394,6 +407,7 @@ def _agree_int(x: int | None) -> int | None:
 
 def _check_meta(run: Run, m: dict, s: int) -> None:
     """Refuse a checkpoint written for another agent, other data sizes or another number of seeds."""
+    assert run.ckpt is not None  # restore_or_initialize opens it before it restores
     where = f"Checkpoint step {s} in {str(run.ckpt.directory)!r}"
     agent_name = type(run.agent).__name__
     if m.get("agent", agent_name) != agent_name:
@@ -570,15 +584,17 @@ class SaveHook:
 
     def __call__(self, step: int, final: bool, stop: bool) -> None:
         if step % self.every == 0 or final or stop:
-            meta = dict(self.run.meta, step=step)
+            ckpt = self.run.ckpt
+            assert ckpt is not None  # opened by restore_or_initialize
+            meta: dict[str, Any] = dict(self.run.meta, step=step)
             if self.sampler_state is not None:
                 meta["sampler"] = dict(meta["sampler"], state=self.sampler_state(step))
-            self.run.ckpt.save(step, self.run.state, meta)
+            ckpt.save(step, self.run.state, meta)
             self.last_saved = step
             if step == self.sigkill_after:  # tests only (train.debug_sigkill_after_save)
                 import signal
 
-                self.run.ckpt.wait()
+                ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -733,227 +749,360 @@ def train(
       CheckpointMismatchError: the checkpoint does not fit the configured agent or data.
       NonFiniteError: a loss or parameter became NaN/Inf (nothing non-finite is saved).
     """
+    o = _Options(**locals())  # the arguments by name: as the first statement, locals() holds them only
     mesh = make_mesh()
-    c = check_settings(
-        agent=agent,
-        dataset=dataset,
-        mesh=mesh,
-        steps_per_dispatch=steps_per_dispatch,
-        num_steps=num_steps,
-        log_interval=log_interval,
-        eval_interval=eval_interval,
-        save_interval=save_interval,
-        batch_size=batch_size,
-        seed=seed,
-        num_seeds=num_seeds,
-        max_to_keep=max_to_keep,
-        eval_episodes=eval_episodes,
-        eval_task_ids=eval_task_ids,
-        execute_steps=execute_steps,
-        eval_seed=eval_seed,
-        device_data_limit_gb=device_data_limit_gb,
-        debug_nan_at_step=debug_nan_at_step,
-        data_on_device=data_on_device,
-        loggers=loggers,
-    )
-    K = c["K"]
+    c = _check_options(o, mesh)
     workdir, lock = claim_workdir(workdir)  # before anything in workdir is read or changed
     try:
-        pre = Preemption()
-        run: Run | None = None
-        progress_state = {"step": 0, "last_saved": None}
-        with pre:
-            try:
-                run = build(workdir, agent, dataset, mesh=mesh, seed=seed, num_seeds=num_seeds, pre=pre)
-                eval_task_ids = resolve_task_ids(
-                    run.loaded.env_name, run.loaded.task_mode, run.loaded.task_id, eval_task_ids
-                )
-                on_device = decide_placement(
-                    run, data_on_device=data_on_device, device_data_limit_gb=device_data_limit_gb
-                )
-                resume_step = restore_or_initialize(run, max_to_keep=max_to_keep, async_checkpoints=async_checkpoints)
-                progress_state.update(step=resume_step or 0, last_saved=resume_step)
-                if run.lead:
-                    (workdir / "config.gin").write_text(gin.config_str())
-
-                sharded = is_sharded(run.loaded.data)
-                step_fn = TrainStep(
-                    agent,
-                    run.state,
-                    batch_size=batch_size,
-                    steps_per_dispatch=K,
-                    mesh=run.mesh,
-                    host_batches=not on_device,
-                    num_seeds=num_seeds,
-                    debug_nan_at_step=debug_nan_at_step,
-                )
-                data = None
-                if on_device:  # sharded data that fits: all shards in memory, sampled inside the step
-                    data = put_replicated(
-                        run.loaded.data.to_chunk_data(agent.batch_spec.window) if sharded else run.loaded.data, run.mesh
-                    )
-                host = None
-                if not on_device:
-                    from jax.sharding import NamedSharding
-                    from jax.sharding import PartitionSpec as P
-
-                    spec = P(None, None, "data") if num_seeds is not None else P(None, "data")
-                    host_key = jax.random.PRNGKey(seed + HOST_KEY_OFFSET)
-                    if sharded:
-                        from macfw.data.host_sampler import ShardedBatches, ShardSampler
-
-                        sampler = ShardSampler(
-                            run.loaded.data,
-                            batch_spec=agent.batch_spec,
-                            goal_conditioned=run.loaded.spec.goal_conditioned,
-                            key=host_key,
-                        )
-                        host = ShardedBatches(
-                            sampler,
-                            batch_size=batch_size,
-                            K=K,
-                            sharding=NamedSharding(run.mesh, spec),
-                            num_seeds=num_seeds,
-                            prefetch=getattr(dataset, "prefetch", 2),
-                            threads=getattr(dataset, "prefetch_threads", 1),
-                        )
-                    else:
-                        host = HostBatches(
-                            run.loaded.data,
-                            key=host_key,
-                            batch_size=batch_size,
-                            batch_spec=agent.batch_spec,
-                            goal_conditioned=run.loaded.spec.goal_conditioned,
-                            K=K,
-                            sharding=NamedSharding(run.mesh, spec),
-                            num_seeds=num_seeds,
-                        )
-                refresher = (
-                    Refresher(agent, run.state, seed=seed, mesh=run.mesh, num_seeds=num_seeds)
-                    if agent.refresh_spec() is not None
-                    else None
-                )
-                eval_settings = dict(
-                    episodes=eval_episodes, execute_steps=execute_steps, seed=eval_seed, task_ids=list(eval_task_ids)
-                )
-                run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
-                if run.lead:  # the others log nothing
-                    open_loggers(
-                        c["loggers"], workdir, resume_step=resume_step, config_str=gin.config_str(), opened=run.loggers
-                    )
-                logger = LogHook(run, log_interval, resume_step)
-                evaluator = EvalHook(
-                    run,
-                    eval_interval,
-                    resume_step,
-                    episodes=eval_episodes,
-                    task_ids=eval_task_ids,
-                    execute_steps=execute_steps,
-                    eval_seed=eval_seed,
-                )
-                saver = SaveHook(
-                    run,
-                    save_interval,
-                    resume_step,
-                    sigkill_after=check_int(
-                        "train.debug_sigkill_after_save", debug_sigkill_after_save, allow_none=True
-                    ),
-                    sampler_state=getattr(host, "state", None),
-                )
-                step = current_step(run.state)
-                if progress and run.lead:
-                    from tqdm import tqdm
-
-                    run.pbar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-                if host is not None:
-                    host.start(step, K, num_steps)
-
-                pre.check()  # from here on a signal means: finish the dispatch, save, exit 0
-                train_time, timed_steps, first, interrupted = 0.0, 0, True, False
-                while step < num_steps:
-                    t0 = time.perf_counter()
-                    run.state, metrics = step_fn(data if host is None else host.next(), run.state)
-                    step += K
-                    m_host = jax.device_get(metrics)  # one small transfer; also the NaN guard
-                    if not first:
-                        train_time += time.perf_counter() - t0
-                        timed_steps += K
-                    first = False
-                    check_finite(m_host, step, K)
-                    if refresher is not None and refresher.due(step):  # e.g. MOPO's model-rollout buffer
-                        run.state, m_ref = refresher(data if host is None else host.data, run.state, step)
-                        m_host.update(jax.device_get(m_ref))
-                    progress_state["step"] = step
-                    run.ckpt.poll()  # a finished asynchronous save becomes visible
-                    if run.pbar is not None:
-                        run.pbar.update(K)
-                    final = step == num_steps
-                    ups = timed_steps / train_time if train_time > 0 else float("nan")
-                    logger(step, m_host, ups, final)
-                    stop = pre.agreed()
-                    if not stop:
-                        stop = evaluator(step, final)
-                    saver(step, final, stop)
-                    progress_state["last_saved"] = saver.last_saved
-                    if stop:
-                        interrupted = True
-                        who = (
-                            f"signal {pre.received}"
-                            if pre.received is not None
-                            else "another process of this run got a signal"
-                        )
-                        tqdm_write(
-                            run.pbar, f"[macfw] {who}: saving step {step}; exiting. Re-run the same command to resume."
-                        )
-                        break
-                run.ckpt.wait()
-                if hasattr(host, "close"):
-                    host.close()  # the prefetch threads of host-sampled shards
-                summary = {"step": step, "interrupted": interrupted, "last_saved_step": saver.last_saved}
-                if not interrupted and run.lead:
-                    with pre.interruptible():
-                        if evaluator.last is None:  # resumed at (or past) the end, or the last evaluation was abandoned
-                            evaluator.last = evaluator.evaluate(step)
-            except Preempted as p:
-                pre.immediate = False
-                summary = {
-                    "step": progress_state["step"],
-                    "interrupted": True,
-                    "last_saved_step": progress_state["last_saved"],
-                    "signal": int(p.args[0]) if p.args else None,
-                }
-                last = progress_state["last_saved"]
-                tqdm_write(
-                    run.pbar if run else None,
-                    f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
-                    + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
-                    + ". Re-run the same command to resume.",
-                )
-            except BaseException:
-                pre.immediate = False
-                if run is not None:
-                    _close_quietly([run.pbar, *run.loggers], run.ckpt)
-                raise
-            pre.immediate = False
-            if run is not None:
-                _close_quietly([run.pbar, *run.loggers], None)
-                if run.ckpt is not None:
-                    run.ckpt.close()  # waits for the last save; raises its error
-        if summary.get("interrupted") or not run.lead:
-            return summary
-        (workdir / "config.gin").write_text(gin.operative_config_str())
-        summary = summarize(
-            run,
-            step=step,
-            last_saved=saver.last_saved,
-            eval_results=evaluator.last,
-            updates_per_s=timed_steps / train_time if train_time > 0 else None,
-        )
-        write_json_atomic(workdir / "summary.json", summary)
-        return summary
+        return _train_in(workdir, o, mesh, c)
     finally:
         if lock is not None:
             lock.release()  # after the last save and summary.json
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """:func:`train`'s arguments as passed (``workdir`` before it is claimed); :func:`check_settings`
+    checks them."""
+
+    workdir: str | os.PathLike
+    agent: Agent | None
+    dataset: Any
+    seed: int
+    num_seeds: int | None
+    num_steps: int
+    batch_size: int
+    steps_per_dispatch: int
+    log_interval: int
+    eval_interval: int
+    save_interval: int
+    max_to_keep: int | None
+    eval_episodes: int
+    eval_task_ids: tuple[int, ...] | None
+    execute_steps: int
+    eval_seed: int
+    async_checkpoints: bool
+    progress: bool
+    data_on_device: bool | None
+    device_data_limit_gb: float
+    debug_nan_at_step: int | None
+    debug_sigkill_after_save: int | None
+    loggers: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The newest step reached and the newest saved, for the summary of a run a signal stops."""
+
+    step: int = 0
+    last_saved: int | None = None
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """How the run ended: its summary so far (``step``, ``interrupted``, ``last_saved_step``; ``signal``
+    when a signal stopped it with nothing new to save) and, after a finished run, what
+    :func:`summarize` adds (the lead's last evaluation, the updates per second)."""
+
+    summary: dict
+    eval_results: list | None = None
+    updates_per_s: float | None = None
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the loop drives: the compiled step, where its batches come from (the dataset on the
+    devices, or ``host`` batches), the refresher and the hooks."""
+
+    step_fn: TrainStep
+    data: Any
+    host: HostBatches | ShardedBatches | None
+    refresher: Refresher | None
+    logger: LogHook
+    evaluator: EvalHook
+    saver: SaveHook
+
+    def batches(self):
+        """The next dispatch's batches: the dataset on the devices, or the next host-made stack."""
+        return self.data if self.host is None else self.host.next()
+
+    def refresh_data(self):
+        """What the refresher samples start states from."""
+        return self.data if self.host is None else self.host.data
+
+
+def _check_options(o: _Options, mesh) -> dict:
+    """:func:`check_settings` on ``train``'s arguments."""
+    return check_settings(
+        agent=o.agent,
+        dataset=o.dataset,
+        mesh=mesh,
+        steps_per_dispatch=o.steps_per_dispatch,
+        num_steps=o.num_steps,
+        log_interval=o.log_interval,
+        eval_interval=o.eval_interval,
+        save_interval=o.save_interval,
+        batch_size=o.batch_size,
+        seed=o.seed,
+        num_seeds=o.num_seeds,
+        max_to_keep=o.max_to_keep,
+        eval_episodes=o.eval_episodes,
+        eval_task_ids=o.eval_task_ids,
+        execute_steps=o.execute_steps,
+        eval_seed=o.eval_seed,
+        device_data_limit_gb=o.device_data_limit_gb,
+        debug_nan_at_step=o.debug_nan_at_step,
+        data_on_device=o.data_on_device,
+        loggers=o.loggers,
+    )
+
+
+def _train_in(workdir: Path, o: _Options, mesh, c: dict) -> dict:
+    """:func:`train` in the claimed ``workdir``: build, restore, the loop and ``summary.json``, all under one
+    :class:`Preemption`. A signal with nothing new to save returns an interrupted summary; any other
+    error closes what is open (waiting for the last save) and propagates."""
+    assert o.agent is not None  # check_settings refused anything but an Agent
+    pre = Preemption()
+    run: Run | None = None
+    progress = _Progress()
+    with pre:
+        try:
+            run = build(workdir, o.agent, o.dataset, mesh=mesh, seed=o.seed, num_seeds=o.num_seeds, pre=pre)
+            out = _set_up_and_loop(run, o, c, progress)
+        except Preempted as p:
+            pre.immediate = False
+            out = _Outcome(_preempted_summary(run, p, progress))
+        except BaseException:
+            pre.immediate = False
+            if run is not None:
+                _close_quietly([run.pbar, *run.loggers], run.ckpt)
+            raise
+        pre.immediate = False
+        if run is not None:
+            _close_quietly([run.pbar, *run.loggers], None)
+            if run.ckpt is not None:
+                run.ckpt.close()  # waits for the last save; raises its error
+    if out.summary.get("interrupted"):
+        return out.summary
+    assert run is not None  # only a signal (an interrupted summary) stops the run before it is built
+    if not run.lead:
+        return out.summary
+    (workdir / "config.gin").write_text(gin.operative_config_str())
+    assert out.eval_results is not None  # the lead evaluates the last step before it finishes
+    summary = summarize(
+        run,
+        step=out.summary["step"],
+        last_saved=out.summary["last_saved_step"],
+        eval_results=out.eval_results,
+        updates_per_s=out.updates_per_s,
+    )
+    write_json_atomic(workdir / "summary.json", summary)
+    return summary
+
+
+def _preempted_summary(run: Run | None, p: Preempted, progress: _Progress) -> dict:
+    """The summary of a run a signal stopped with nothing new to save (set-up, an evaluation), said on the
+    console too."""
+    summary = {
+        "step": progress.step,
+        "interrupted": True,
+        "last_saved_step": progress.last_saved,
+        "signal": int(p.args[0]) if p.args else None,
+    }
+    last = progress.last_saved
+    tqdm_write(
+        run.pbar if run else None,
+        f"[macfw] signal {summary['signal']}: stopping (nothing new to save); "
+        + (f"the newest checkpoint is step {last}" if last is not None else "no checkpoint yet")
+        + ". Re-run the same command to resume.",
+    )
+    return summary
+
+
+def _set_up_and_loop(run: Run, o: _Options, c: dict, progress: _Progress) -> _Outcome:
+    """Restore (or initialize), set up and run the loop; after a full run the lead makes sure the last
+    step is evaluated."""
+    K = c["K"]
+    resume_step, eval_task_ids, on_device = _restore(run, o, progress)
+    loop = _make_loop(run, o, c, resume_step=resume_step, eval_task_ids=eval_task_ids, on_device=on_device)
+    step = current_step(run.state)
+    if o.progress and run.lead:
+        from tqdm import tqdm
+
+        run.pbar = tqdm(total=o.num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    if loop.host is not None:
+        loop.host.start(step, K, o.num_steps)
+
+    run.pre.check()  # from here on a signal means: finish the dispatch, save, exit 0
+    step, interrupted, updates_per_s = _loop(run, loop, step=step, num_steps=o.num_steps, K=K, progress=progress)
+    assert run.ckpt is not None  # opened by restore_or_initialize
+    run.ckpt.wait()
+    close = getattr(loop.host, "close", None)
+    if close is not None:
+        close()  # the prefetch threads of host-sampled shards
+    summary = {"step": step, "interrupted": interrupted, "last_saved_step": loop.saver.last_saved}
+    if not interrupted and run.lead:
+        with run.pre.interruptible():
+            if loop.evaluator.last is None:  # resumed at (or past) the end, or the last evaluation was abandoned
+                loop.evaluator.last = loop.evaluator.evaluate(step)
+    return _Outcome(summary, loop.evaluator.last, updates_per_s)
+
+
+def _restore(run: Run, o: _Options, progress: _Progress) -> tuple[int | None, tuple[int, ...], bool]:
+    """The evaluation tasks, the data's placement, the newest checkpoint restored (``progress`` follows
+    it) and ``config.gin``; returns the step resumed from (None: a fresh start), the tasks and whether
+    the data is on the devices."""
+    loaded = run.loaded
+    eval_task_ids = resolve_task_ids(loaded.env_name, loaded.task_mode, loaded.task_id, o.eval_task_ids)
+    on_device = decide_placement(run, data_on_device=o.data_on_device, device_data_limit_gb=o.device_data_limit_gb)
+    resume_step = restore_or_initialize(run, max_to_keep=o.max_to_keep, async_checkpoints=o.async_checkpoints)
+    progress.step, progress.last_saved = resume_step or 0, resume_step
+    if run.lead:
+        (run.workdir / "config.gin").write_text(gin.config_str())
+    return resume_step, eval_task_ids, on_device
+
+
+def _make_loop(
+    run: Run, o: _Options, c: dict, *, resume_step: int | None, eval_task_ids: tuple[int, ...], on_device: bool
+) -> _Loop:
+    """In this order: the compiled step, its batches' source, the refresher, the checkpoint meta, the open
+    loggers (the lead's) and the hooks."""
+    agent, K = run.agent, c["K"]
+    step_fn = TrainStep(
+        agent,
+        run.state,
+        batch_size=o.batch_size,
+        steps_per_dispatch=K,
+        mesh=run.mesh,
+        host_batches=not on_device,
+        num_seeds=o.num_seeds,
+        debug_nan_at_step=o.debug_nan_at_step,
+    )
+    data = _device_data(run) if on_device else None
+    host = None if on_device else _host_batches(run, o, K)
+    refresher = (
+        Refresher(agent, run.state, seed=o.seed, mesh=run.mesh, num_seeds=o.num_seeds)
+        if agent.refresh_spec() is not None
+        else None
+    )
+    eval_settings = dict(
+        episodes=o.eval_episodes, execute_steps=o.execute_steps, seed=o.eval_seed, task_ids=list(eval_task_ids)
+    )
+    run.meta = run_meta(run, eval_settings=eval_settings, on_device=on_device, host=host)
+    if run.lead:  # the others log nothing
+        open_loggers(
+            c["loggers"], run.workdir, resume_step=resume_step, config_str=gin.config_str(), opened=run.loggers
+        )
+    logger = LogHook(run, o.log_interval, resume_step)
+    evaluator = EvalHook(
+        run,
+        o.eval_interval,
+        resume_step,
+        episodes=o.eval_episodes,
+        task_ids=eval_task_ids,
+        execute_steps=o.execute_steps,
+        eval_seed=o.eval_seed,
+    )
+    saver = SaveHook(
+        run,
+        o.save_interval,
+        resume_step,
+        sigkill_after=check_int("train.debug_sigkill_after_save", o.debug_sigkill_after_save, allow_none=True),
+        sampler_state=getattr(host, "state", None),
+    )
+    return _Loop(step_fn, data, host, refresher, logger, evaluator, saver)
+
+
+def _device_data(run: Run):
+    """The dataset on the devices, sampled inside the step (sharded data that fits: all its shards)."""
+    data = run.loaded.data
+    return put_replicated(data.to_chunk_data(run.agent.batch_spec.window) if is_sharded(data) else data, run.mesh)
+
+
+def _host_batches(run: Run, o: _Options, K: int) -> HostBatches | ShardedBatches:
+    """Batches sampled on the host and prefetched, from ``PRNGKey(seed + HOST_KEY_OFFSET)``: from the memory
+    maps of a directory of shards (:class:`macfw.data.host_sampler.ShardedBatches`), else
+    :class:`HostBatches`."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    spec = P(None, None, "data") if o.num_seeds is not None else P(None, "data")
+    host_key = jax.random.PRNGKey(o.seed + HOST_KEY_OFFSET)
+    bspec, goal_conditioned = run.agent.batch_spec, run.loaded.spec.goal_conditioned
+    if is_sharded(run.loaded.data):
+        from macfw.data.host_sampler import ShardedBatches, ShardSampler
+
+        sampler = ShardSampler(run.loaded.data, batch_spec=bspec, goal_conditioned=goal_conditioned, key=host_key)
+        return ShardedBatches(
+            sampler,
+            batch_size=o.batch_size,
+            K=K,
+            sharding=NamedSharding(run.mesh, spec),
+            num_seeds=o.num_seeds,
+            prefetch=getattr(o.dataset, "prefetch", 2),
+            threads=getattr(o.dataset, "prefetch_threads", 1),
+        )
+    return HostBatches(
+        run.loaded.data,
+        key=host_key,
+        batch_size=o.batch_size,
+        batch_spec=bspec,
+        goal_conditioned=goal_conditioned,
+        K=K,
+        sharding=NamedSharding(run.mesh, spec),
+        num_seeds=o.num_seeds,
+    )
+
+
+def _loop(
+    run: Run, loop: _Loop, *, step: int, num_steps: int, K: int, progress: _Progress
+) -> tuple[int, bool, float | None]:
+    """Dispatch ``K`` gradient steps at a time from ``step`` until ``num_steps`` or a signal (that step
+    is saved), the hooks after each dispatch. Returns the step reached, whether a signal stopped the
+    loop, and the updates per second (the first dispatch, which compiles, untimed; None: none timed)."""
+    assert run.ckpt is not None  # opened by restore_or_initialize
+    train_time, timed_steps, first, interrupted = 0.0, 0, True, False
+    while step < num_steps:
+        t0 = time.perf_counter()
+        run.state, metrics = loop.step_fn(loop.batches(), run.state)
+        step += K
+        m_host = jax.device_get(metrics)  # one small transfer; also the NaN guard
+        if not first:
+            train_time += time.perf_counter() - t0
+            timed_steps += K
+        first = False
+        check_finite(m_host, step, K)
+        if loop.refresher is not None and loop.refresher.due(step):  # e.g. MOPO's model-rollout buffer
+            run.state, m_ref = loop.refresher(loop.refresh_data(), run.state, step)
+            m_host.update(jax.device_get(m_ref))
+        progress.step = step
+        run.ckpt.poll()  # a finished asynchronous save becomes visible
+        if run.pbar is not None:
+            run.pbar.update(K)
+        ups = timed_steps / train_time if train_time > 0 else float("nan")
+        if _after_dispatch(run, loop, step, m_host, ups, final=step == num_steps, progress=progress):
+            interrupted = True
+            break
+    return step, interrupted, timed_steps / train_time if train_time > 0 else None
+
+
+def _after_dispatch(
+    run: Run, loop: _Loop, step: int, m_host: dict, ups: float, *, final: bool, progress: _Progress
+) -> bool:
+    """The hooks after a dispatch: log; evaluate unless a signal arrived (on any process); save. Returns
+    True when the run stops here (a signal: this step is saved)."""
+    loop.logger(step, m_host, ups, final)
+    stop = run.pre.agreed()
+    if not stop:
+        stop = loop.evaluator(step, final)
+    loop.saver(step, final, stop)
+    progress.last_saved = loop.saver.last_saved
+    if stop:
+        who = (
+            f"signal {run.pre.received}" if run.pre.received is not None else "another process of this run got a signal"
+        )
+        tqdm_write(run.pbar, f"[macfw] {who}: saving step {step}; exiting. Re-run the same command to resume.")
+    return stop
 
 
 def _close_quietly(objs, ckpt) -> None:

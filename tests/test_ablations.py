@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = sorted((REPO / "gin" / "ablations").glob("*.gin"))
@@ -51,6 +52,7 @@ def _claim(claims: Path, name: str) -> bool:
 def worker(files: list[str], out_dir: Path, bindings: list[str]) -> None:
     """Train each not-yet-claimed file of ``files`` in this process; write ``out_dir/<stem>.json``."""
     import gin
+
     import macfw.run
 
     claims = out_dir / "claims"
@@ -61,7 +63,7 @@ def worker(files: list[str], out_dir: Path, bindings: list[str]) -> None:
             continue
         workdir = out_dir / "runs" / stem
         t0 = time.time()
-        result = {"file": f, "workdir": str(workdir)}
+        result: dict[str, Any] = {"file": f, "workdir": str(workdir)}
         try:
             gin.clear_config()
             rc = macfw.run.main(
@@ -88,13 +90,14 @@ def worker(files: list[str], out_dir: Path, bindings: list[str]) -> None:
 # ============================================================================================ tests
 if __name__ != "__main__":
     import equinox as eqx
+    import gin
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     import pytest
+    from gin.config import ConfigurableReference
 
-    import gin
     import macfw.run
     from macfw import registry
     from macfw.agents.fql import MACFQL, DirectSampler, FQLActor
@@ -160,7 +163,9 @@ if __name__ != "__main__":
         spec = _spec()
         pi = GaussianPolicy(spec, key=jax.random.PRNGKey(0), hidden_dims=HID)
         # push the mean far out so that the squashing is exercised
-        pi = eqx.tree_at(lambda p: p.net.layers[-1].bias, pi, pi.net.layers[-1].bias.at[: spec.chunk_dim].set(8.0))
+        bias = pi.net.layers[-1].bias
+        assert bias is not None
+        pi = eqx.tree_at(lambda p: p.net.layers[-1].bias, pi, bias.at[: spec.chunk_dim].set(8.0))
         b = _batch(spec, jax.random.PRNGKey(1))
         keys = jax.random.split(jax.random.PRNGKey(2), B)
         # targets at +-1 exactly are clipped before atanh: finite loss and gradient
@@ -358,7 +363,7 @@ if __name__ != "__main__":
         if "." not in name:  # a macro
             return gin.query_parameter("%" + name)
         v = gin.query_parameter(name)
-        return repr(v) if isinstance(v, gin.config.ConfigurableReference) else v
+        return repr(v) if isinstance(v, ConfigurableReference) else v
 
     def test_ablation_files_exist():
         names = {p.stem for p in ABLATIONS}

@@ -22,11 +22,12 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
+import gin
 import numpy as np
 import pytest
 
-import gin
 from macfw.data import generate as gen
 from macfw.data.ogbench_data import DatasetError, OGBenchDataset
 
@@ -167,8 +168,11 @@ def test_cube_octuple_generates_and_loads_through_ogbench_and_macfw(octuple):
     assert np.abs(cubes[LENGTH - 1] - cubes[0]).max() > 1e-3  # the oracle moved a cube in 60 steps
 
     with _quiet():
-        env, train, val = ogbench.make_env_and_datasets(
-            "cube-octuple-play-oraclerep-v0", dataset_path=str(path), compact_dataset=True
+        env, train, val = cast(  # (ogbench's return type is a union over its env_only / dataset_only flags)
+            "tuple[Any, dict, dict]",
+            ogbench.make_env_and_datasets(
+                "cube-octuple-play-oraclerep-v0", dataset_path=str(path), compact_dataset=True
+            ),
         )
     env.close()
     assert train["oracle_reps"].shape == (n, 24) and val["observations"].shape == (LENGTH, 91)
@@ -276,7 +280,7 @@ def _humanoid_sizes(env: str) -> tuple[int, int, int, int]:
     import ogbench
 
     with _quiet():
-        e = ogbench.make_env_and_datasets(f"{env}-navigate-v0", env_only=True)
+        e = cast(Any, ogbench.make_env_and_datasets(f"{env}-navigate-v0", env_only=True))  # (the env alone)
     try:
         return (e.observation_space.shape[0], e.action_space.shape[0], e.unwrapped.model.nq, e.unwrapped.model.nv)
     finally:
@@ -342,6 +346,7 @@ def test_official_humanoidmaze_file_loads(official, tmp_path):
     assert ds.dataset_name == "humanoidmaze-medium-navigate-oraclerep-v0"
     assert (loaded.spec.ob_dim, loaded.spec.act_dim, loaded.spec.goal_dim) == (69, 21, 2)
     assert loaded.num_transitions == 2 * MEDIUM_LEN
+    assert loaded.goal_scaler is not None
     np.testing.assert_allclose(np.asarray(loaded.data.goals), loaded.goal_scaler(raw["qpos"][:, :2]), atol=1e-5)
     starts = np.asarray(loaded.data.starts)
     assert len(starts) == 2 * (MEDIUM_LEN - chunk)  # t + chunk <= the episode's last row

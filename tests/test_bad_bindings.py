@@ -118,6 +118,7 @@ def worker(cases: list[dict], out: Path) -> None:
     """Run every case's ``macfw.run.main(argv)`` in this process (Gin cleared before each); write
     ``[{"rc": return value or None, "err": captured stderr plus any traceback}, ...]`` to ``out``."""
     import gin
+
     import macfw.run
 
     results = []

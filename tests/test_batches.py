@@ -111,6 +111,7 @@ def goal_batches(request):
     b = _batches(loaded, n, gamma, goal_conditioned=True)
     goal_scaler = loaded.goal_scaler
     if mode == "oraclerep":
+        assert goal_scaler is not None
         decode_goal = lambda x: np.rint((np.asarray(goal_scaler.inverse(np.asarray(x)))[..., 0] - 1.0) / 2.0).astype(
             int
         )

@@ -3,13 +3,15 @@ resolves names (built-in and user-registered) from Python and from Gin, and repo
 
 from __future__ import annotations
 
+from typing import cast
+
 import equinox as eqx
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gin
 import macfw
 import macfw.run
 from macfw import registry
@@ -138,9 +140,10 @@ def test_sampler_shapes_and_range(goal_dim):
     spec = _spec(goal_dim)
     s, g, _ = _inputs(goal_dim)
     pi = FlowPolicy(spec, key=jax.random.PRNGKey(4), hidden_dims=HID)
+    assert pi.one_step is not None
     # scale the one-step policy's output so that unclipped candidates leave [-1, 1]
     pi = eqx.tree_at(lambda p: p.one_step.layers[-1].weight, pi, pi.one_step.layers[-1].weight * 20.0)
-    q = QCritic(spec, key=jax.random.PRNGKey(5), hidden_dims=HID)
+    q = QCritic(spec, key=jax.random.PRNGKey(5), hidden_dims=HID)  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
     keys = jax.random.split(jax.random.PRNGKey(6), B)
 
     @eqx.filter_jit
@@ -196,7 +199,7 @@ def test_user_registered_sampler_selectable_from_gin():
     spec = _spec(4)
     agent.spec = spec
     pi = FlowPolicy(spec, key=jax.random.PRNGKey(0), hidden_dims=HID)
-    q = QCritic(spec, key=jax.random.PRNGKey(1), hidden_dims=HID)
+    q = QCritic(spec, key=jax.random.PRNGKey(1), hidden_dims=HID)  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
     s, g, _ = _inputs(4)
     k = jax.random.PRNGKey(9)
     got = agent.sampler(pi, q, s[0], g[0], key=k, acting=True)
@@ -222,7 +225,7 @@ def test_duplicate_name_from_other_class_raises():
 
 def test_reregistering_same_class_is_noop():
     assert macfw.register("sampler")(RejectionSampler) is RejectionSampler
-    assert registry.registered("sampler").count("RejectionSampler") == 1
+    assert cast("list[str]", registry.registered("sampler")).count("RejectionSampler") == 1
 
 
 def test_parse_gin_unknown_component(tmp_path):
@@ -260,5 +263,6 @@ def test_mlp_gelu_and_layer_norm_match_the_reference_functions():
     mlp = MLP(OB, 3, HID, key=jax.random.PRNGKey(3))
     h = jax.random.normal(jax.random.PRNGKey(4), (OB,))
     for layer, norm in zip(mlp.layers[:-1], mlp.norms):
+        assert norm is not None
         h = norm(jax.nn.gelu(layer(h)))
     np.testing.assert_allclose(mlp(jax.random.normal(jax.random.PRNGKey(4), (OB,))), mlp.layers[-1](h), atol=2e-5)

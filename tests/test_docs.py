@@ -37,6 +37,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -207,7 +208,7 @@ def test_components_page_lists_every_registered_component():
     from macfw import registry
 
     md = gen_components.markdown()
-    for kind, names in registry.registered().items():
+    for kind, names in cast("dict[str, list[str]]", registry.registered()).items():
         for n in names:
             assert f"| `{n}` |" in md, f"{kind} {n} missing from the generated components page"
         if names:
@@ -296,6 +297,7 @@ def test_readme_is_short_and_keeps_the_two_commands():
 )
 def test_mkdocs_build_strict(tmp_path):
     exe = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
+    assert exe is not None
     r = subprocess.run(
         [exe, "build", "--strict", "--site-dir", str(tmp_path / "site")],
         cwd=REPO,

@@ -8,12 +8,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import gymnasium
 import numpy as np
 import pytest
 
 from macfw.evaluation import EvalResult, evaluate
+
+if TYPE_CHECKING:
+    from gymnasium.envs.registration import EnvCreator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +63,8 @@ def _fake_env_class():
     return _FakeEnv
 
 
-_FakeEnv = _fake_env_class()
+# gymnasium types entry_point as a callable taking **kwargs; an Env class is a valid one at runtime
+_FakeEnv = cast("EnvCreator", _fake_env_class())
 
 _FAKE_ENVS = {
     "macfw-test-fake": dict(horizon=10, success_step=10),

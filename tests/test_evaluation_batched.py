@@ -8,14 +8,18 @@ seeded), and one short OGBench cube-single run."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any, cast
 
+import gin
 import gymnasium
 import numpy as np
 import pytest
 
-import gin
 from macfw.errors import ConfigError
 from macfw.evaluation import _episode_seeds, evaluate, make_actor, resolve_batch_size, resolve_workers
+
+if TYPE_CHECKING:
+    from gymnasium.envs.registration import EnvCreator
 
 # ----------------------------------------------------------------------------------------------
 # A goal-reaching point env. Defined inside a function so that cloudpickle sends the class to the
@@ -84,7 +88,8 @@ def _point_env_class():
     return PointEnv
 
 
-_PointEnv = _point_env_class()
+# gymnasium types entry_point as a callable taking **kwargs; an Env class is a valid one at runtime
+_PointEnv = cast("EnvCreator", _point_env_class())
 _VARIANTS = {
     "": {},
     "probe": dict(probe=True),
@@ -165,7 +170,9 @@ def _spread(res, both=True):
     ],
 )
 def test_parallel_equals_sequential(task_mode, task_ids, execute_steps, actor_fn, runs):
-    kw = dict(task_mode=task_mode, task_ids=task_ids, episodes_per_task=5, execute_steps=execute_steps, seed=11)
+    kw: dict[str, Any] = dict(
+        task_mode=task_mode, task_ids=task_ids, episodes_per_task=5, execute_steps=execute_steps, seed=11
+    )
     seq = _Recording(actor_fn)
     ref = evaluate(seq, "macfw-test-point", workers=1, batch_size=1, **kw)  # one episode after the other
     assert _spread(ref, both=actor_fn is _noisy)
@@ -180,7 +187,7 @@ def test_parallel_equals_sequential(task_mode, task_ids, execute_steps, actor_fn
 
 
 def test_batched_actor_called_once_per_decision_with_a_fixed_shape():
-    kw = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=4, execute_steps=2, seed=5)
+    kw: dict[str, Any] = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=4, execute_steps=2, seed=5)
     ref = evaluate(_Recording(_noisy), "macfw-test-point", workers=1, batch_size=1, **kw)
     actor = _WithBatched(_noisy)
     res = evaluate(actor, "macfw-test-point", workers=3, batch_size=3, **kw)
@@ -218,7 +225,7 @@ def test_decision_seeds_are_unchanged():
 def test_video_with_workers(tmp_path):
     import imageio.v3 as iio
 
-    kw = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=3, execute_steps=2, seed=3)
+    kw: dict[str, Any] = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=3, execute_steps=2, seed=3)
     ref = evaluate(_noisy, "macfw-test-point", workers=1, batch_size=1, video_path=tmp_path / "seq.gif", **kw)
     res = evaluate(_noisy, "macfw-test-point", workers=2, batch_size=3, video_path=tmp_path / "par.gif", **kw)
     assert res.per_episode == ref.per_episode
@@ -292,11 +299,11 @@ def test_worker_errors(variant, exc, match):
 
 
 def test_bad_actor_output_in_parallel():
-    kw = dict(task_mode="goal", task_ids=(1,), episodes_per_task=2, workers=2, batch_size=2)
+    kw: dict[str, Any] = dict(task_mode="goal", task_ids=(1,), episodes_per_task=2, workers=2, batch_size=2)
     with pytest.raises(ValueError, match=r"execute_steps=5.*n=4"):
         evaluate(_seek, "macfw-test-point", execute_steps=5, **kw)
     bad = _WithBatched(_seek)
-    bad.batched = lambda o, g, s: np.zeros((1, 4, 2))
+    bad.batched = lambda obs, goals, seeds: np.zeros((1, 4, 2))
     with pytest.raises(ValueError, match=r"batched actor returned an array of shape \(1, 4, 2\) for 2 episodes"):
         evaluate(bad, "macfw-test-point", **kw)
     with pytest.raises(ValueError, match=r"task_ids \[6\] out of range"):
@@ -383,7 +390,7 @@ def test_agent_parallel_equals_sequential_point_env(gin_file):
     product whose rounding depends on the batch size) give the same chunks in and out of workers."""
     actor = _agent_actor(3, 2, gin_file=gin_file)
     n = actor.agent.batch_spec.chunk_len
-    kw = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=3, execute_steps=min(2, n), seed=1)
+    kw: dict[str, Any] = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=3, execute_steps=min(2, n), seed=1)
     for batch_size, workers in ((2, 2), (4, 3)):  # (4, 3): two slots in one worker
         seq, par = _Tap(actor), _Tap(actor)
         ref = evaluate(seq, "macfw-test-point", workers=1, batch_size=batch_size, **kw)
@@ -399,7 +406,7 @@ def test_agent_parallel_equals_sequential_point_env(gin_file):
 
 def test_mac_parallel_equals_sequential_cube_single():
     actor = _agent_actor(28, 3, 5)
-    kw = dict(
+    kw: dict[str, Any] = dict(
         task_mode="oraclerep",
         task_ids=(1, 2),
         episodes_per_task=2,

@@ -23,6 +23,7 @@ EXP = REPO / "experiments"
 
 def _load(name):
     spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXP / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)

@@ -190,9 +190,9 @@ def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
     spec = Spec(ob_dim=6, act_dim=2, goal_dim=goal_dim, chunk_len=3)
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
     models = (
-        SuccessModel(spec, key=ks[0], hidden_dims=(16, 16)),
+        SuccessModel(spec, key=ks[0], hidden_dims=(16, 16)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         ChunkDynamics(spec, key=ks[1], hidden_dims=(16, 16)),
-        RewardModel(spec, key=ks[2], hidden_dims=(16, 16)),
+        RewardModel(spec, key=ks[2], hidden_dims=(16, 16)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
     )
     s = jax.random.normal(ks[3], (5, 6))
     g = jax.random.normal(ks[4], (5, goal_dim))
@@ -213,7 +213,7 @@ def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
         def __call__(self, s, A):
             return super().__call__(s, A) + 1.0
 
-    mine = (models[0], MyDynamics(spec, key=ks[1], hidden_dims=(16, 16)))
+    mine = (models[0], MyDynamics(spec, key=ks[1], hidden_dims=(16, 16)))  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
     out = f(mine, s, g, A)
     np.testing.assert_allclose(out[1], own[1] + 1.0, rtol=1e-5, atol=1e-5)
     assert str(jax.make_jaxpr(f)(mine, s, g, A)).count("dot_general") == ref_dots - 3  # two models called
@@ -331,6 +331,7 @@ def test_written_out_threefry_gives_the_same_bits_as_jax_rolled_loop():
         assert _threefry.unroll_threefry_on_cpu(True)
     unrolled_hlo = jax.jit(lambda k: draws(k)).lower(key).compile().as_text()
     unrolled = jax.jit(lambda k: draws(k))(key)
+    assert rolled_hlo is not None and unrolled_hlo is not None
     for a, b in zip(rolled, unrolled):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert " while(" in rolled_hlo and " while(" not in unrolled_hlo
@@ -353,6 +354,7 @@ def test_reference_computation_switches_every_speed_up_and_restores_them():
     assert not reference.active() and _threefry.is_unrolled()
     assert "custom_vjp" in fast_jaxpr and "custom_vjp" not in ref_jaxpr
     assert "reshape" in str(jax.make_jaxpr(lambda s: vmap_steps(jnp.sum, s))(s)) and "reshape" not in nested
+    assert hlo is not None
     assert " while(" in hlo
 
 

@@ -8,6 +8,7 @@ agent feeds its networks can be traced back to dataset indices (as tests/test_ba
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -59,7 +60,7 @@ def _agent(**kw):
     return FMPC(
         model=functools.partial(FutureFlow, hidden_dims=TINY, flow_steps=3),
         policy=functools.partial(FlowPolicy, hidden_dims=TINY, flow_steps=3, distill=False),
-        critic=functools.partial(QCritic, hidden_dims=TINY),
+        critic=functools.partial(QCritic, hidden_dims=TINY),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         value=functools.partial(StateValue, hidden_dims=TINY),
         gamma=GAMMA,
         **kw,
@@ -281,6 +282,7 @@ def test_act_returns_the_candidate_of_highest_q():
 
 
 def test_bad_bindings_name_themselves():
+    kw: dict[str, Any]
     for kw, name in (
         (dict(future_len=0), "FMPC.future_len"),
         (dict(num_samples=0), "FMPC.num_samples"),
@@ -301,6 +303,7 @@ def test_update_takes_its_draws_as_an_argument():
     _, agent, _, state, batch = _setup("oraclerep")
     B = batch["obs"].shape[0]
     noise = agent.draw_noise(jax.random.PRNGKey(5), B)
+    assert agent.spec is not None
     assert {k: v.shape for k, v in noise.items()} == {
         "model_z": (B, L * agent.spec.ob_dim),
         "model_u": (B,),
@@ -338,7 +341,7 @@ def test_a_distilled_policy_is_refused():
     agent = FMPC(
         policy=functools.partial(FlowPolicy, hidden_dims=TINY, distill=True),
         model=functools.partial(FutureFlow, hidden_dims=TINY),
-        critic=functools.partial(QCritic, hidden_dims=TINY),
+        critic=functools.partial(QCritic, hidden_dims=TINY),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         value=functools.partial(StateValue, hidden_dims=TINY),
         future_len=4,
     )
@@ -347,7 +350,7 @@ def test_a_distilled_policy_is_refused():
     assert (
         FMPC(
             model=functools.partial(FutureFlow, hidden_dims=TINY),
-            critic=functools.partial(QCritic, hidden_dims=TINY),
+            critic=functools.partial(QCritic, hidden_dims=TINY),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
             value=functools.partial(StateValue, hidden_dims=TINY),
             future_len=4,
         )

@@ -132,7 +132,7 @@ def _agent(**kw):
     return FQL(
         policy=functools.partial(FlowPolicy, hidden_dims=(16,), distill=False, layer_norm=False),
         actor=functools.partial(FQLActor, hidden_dims=(16,), layer_norm=False),
-        critic=functools.partial(Ensemble, member=functools.partial(QCritic, hidden_dims=(16,)), num=2),
+        critic=functools.partial(Ensemble, member=functools.partial(QCritic, hidden_dims=(16,)), num=2),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         **kw,
     )
 

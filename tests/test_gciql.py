@@ -12,12 +12,12 @@ import dataclasses
 from pathlib import Path
 
 import equinox as eqx
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gin
 from macfw.agents.gciql import (
     GCIQL,
     ClippedMeanActor,
@@ -256,7 +256,10 @@ def _real_agent():
     return GCIQL(
         value=lambda spec, key: StateValue(spec, key=key, hidden_dims=(8, 8)),
         critic=lambda spec, key: Ensemble(
-            spec, key=key, num=2, member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8))
+            spec,
+            key=key,
+            num=2,
+            member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         ),
         actor=lambda spec, key: ClippedMeanActor(spec, key=key, hidden_dims=(8, 8)),
         tau=0.1,
@@ -313,7 +316,7 @@ def test_fast_forms_compute_the_plain_ones():
     network pass) is (actor(s, g), actor.mean(s, g)); values and gradients alike."""
     spec = Spec(ob_dim=4, act_dim=2, goal_dim=3, chunk_len=1)
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    ens = Ensemble(spec, key=k1, num=2, member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8)))
+    ens = Ensemble(spec, key=k1, num=2, member=lambda sp, key: QCritic(sp, key=key, hidden_dims=(8, 8)))  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
     b = _real_batch(spec, 16, k2)
     f_fast = lambda e: batched_heads(e, b["obs"], b["value_goals"], b["actions"])  # noqa: E731
     f_plain = lambda e: jax.vmap(e)(b["obs"], b["value_goals"], b["actions"])  # noqa: E731
@@ -323,7 +326,7 @@ def test_fast_forms_compute_the_plain_ones():
     g2 = jax.grad(lambda e: jnp.sum(jnp.sin(f_plain(e))))(ens)
     for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-    one = QCritic(spec, key=k3, hidden_dims=(8,))
+    one = QCritic(spec, key=k3, hidden_dims=(8,))  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
     np.testing.assert_allclose(
         np.asarray(batched_heads(one, b["obs"], b["value_goals"], b["actions"])),
         np.asarray(jax.vmap(one)(b["obs"], b["value_goals"], b["actions"])),

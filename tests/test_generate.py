@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -61,15 +62,21 @@ def test_file_contents(cube_single):
 def test_loads_through_ogbench(cube_single):
     import ogbench
 
-    env, train, val = ogbench.make_env_and_datasets(
-        "cube-single-play-singletask-v0", dataset_path=str(cube_single), compact_dataset=True
+    env, train, val = cast(  # (ogbench's return type is a union over its env_only / dataset_only flags)
+        "tuple[Any, dict, dict]",
+        ogbench.make_env_and_datasets(
+            "cube-single-play-singletask-v0", dataset_path=str(cube_single), compact_dataset=True
+        ),
     )
     env.close()
     assert {"rewards", "masks", "valids"} <= set(train)
     assert train["observations"].shape == (2 * LENGTH, 28)
     assert val["rewards"].shape == (LENGTH,)
 
-    env, train, val = ogbench.make_env_and_datasets("cube-single-play-oraclerep-v0", dataset_path=str(cube_single))
+    env, train, val = cast(
+        "tuple[Any, dict, dict]",
+        ogbench.make_env_and_datasets("cube-single-play-oraclerep-v0", dataset_path=str(cube_single)),
+    )
     env.close()
     assert train["oracle_reps"].shape == (train["observations"].shape[0], 3)
     assert train["observations"].shape[0] == 2 * (LENGTH - 1)
@@ -133,7 +140,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_ensure_dataset_generates_once(tmp_path, capsys):
-    kw = dict(episode_length=5, cache_dir=tmp_path, workers=1, progress=False)
+    kw: dict[str, Any] = dict(episode_length=5, cache_dir=tmp_path, workers=1, progress=False)
     path = gen.ensure_dataset("cube-single-play-singletask-task1-v0", 1, **kw)
     assert path == tmp_path / "datasets" / gen.dataset_filename("cube-single-play-v0", 1, 5, 0)
     assert path.exists() and gen.val_dataset_path(path).exists()

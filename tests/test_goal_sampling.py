@@ -21,13 +21,14 @@ import glob
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gin
 import macfw  # noqa: F401  (registers every component)
 from macfw import registry
 from macfw.agents.base import BatchSpec
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 LENGTHS = [40, 3, 70, 25, 90, 12, 55, 33]  # observations per trajectory
 N = sum(LENGTHS)
 BATCH = 8192
-AUTHORS = dict(
+AUTHORS: dict[str, Any] = dict(
     value_p_curgoal=0.2,
     value_p_trajgoal=0.5,
     value_p_randomgoal=0.3,
@@ -50,7 +51,7 @@ AUTHORS = dict(
     actor_p_randomgoal=0.5,
     actor_geom_sample=True,
 )
-TRAJ_ACTOR = dict(actor_p_trajgoal=1.0, actor_p_randomgoal=0.0)
+TRAJ_ACTOR: dict[str, Any] = dict(actor_p_trajgoal=1.0, actor_p_randomgoal=0.0)
 BINDINGS = ["GoalSampling.actor_p_trajgoal = 1.0", "GoalSampling.actor_p_randomgoal = 0.0"]
 
 
@@ -158,7 +159,7 @@ def test_defaults_are_the_authors_and_registered():
     assert "GoalSampling" in registry.registered("goals")
     assert registry.get("goals", "GoalSampling") is GoalSampling
     with pytest.raises(dataclasses.FrozenInstanceError):
-        g.actor_p_trajgoal = 1.0
+        g.actor_p_trajgoal = 1.0  # pyright: ignore[reportAttributeAccessIssue]  (frozen: what the test checks)
     # ints are accepted and stored as floats; rounding within 1e-6 of a sum of 1 is accepted
     g2 = GoalSampling(actor_p_trajgoal=1, actor_p_randomgoal=0)
     assert isinstance(g2.actor_p_trajgoal, float) and g2 == GoalSampling(**TRAJ_ACTOR)

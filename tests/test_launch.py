@@ -211,6 +211,7 @@ def test_slurm_run_forwards_sigterm(fake):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(20)  # a watchdog: a run that never got SIGTERM is killed, and the test fails
         if job._returncode is None:
+            assert job._proc is not None
             job._proc.kill()
 
     threading.Thread(target=kill_when_started, daemon=True).start()

@@ -150,10 +150,10 @@ def tiny():
     member = functools.partial(GaussianDynamics, hidden_dims=HID)
     agent = LEQ(
         dynamics=functools.partial(Ensemble, member=member, num=3),
-        success=functools.partial(SuccessModel, hidden_dims=HID),
-        reward=functools.partial(RewardModel, hidden_dims=HID),
+        success=functools.partial(SuccessModel, hidden_dims=HID),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
+        reward=functools.partial(RewardModel, hidden_dims=HID),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         actor=functools.partial(LEQActor, hidden_dims=HID, final_init_scale=1.0),
-        critic=functools.partial(QCritic, hidden_dims=HID),
+        critic=functools.partial(QCritic, hidden_dims=HID),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         horizon=HORIZON,
         expectile=KAPPA,
         gamma=0.9,

@@ -195,7 +195,7 @@ def wandb_records(path: Path) -> list:
             continue
         part = chunk if kind in (1, 2) else part + chunk  # FULL, FIRST / MIDDLE, LAST
         if kind in (1, 4):
-            rec = pb.Record()
+            rec = pb.Record()  # pyright: ignore[reportAttributeAccessIssue]  (protobuf: generated at import)
             rec.ParseFromString(part)
             out.append(rec)
     return out

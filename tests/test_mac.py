@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -34,7 +35,7 @@ from macfw.nn.models import (
 from macfw.samplers import RejectionSampler
 from macfw.spec import Spec
 
-HID = dict(hidden_dims=(16, 16))
+HID: dict[str, Any] = dict(hidden_dims=(16, 16))
 
 
 def _policy_pushed_out_of_range():
@@ -43,6 +44,7 @@ def _policy_pushed_out_of_range():
     spec = Spec(ob_dim=3, act_dim=2, goal_dim=1, chunk_len=2)
     pol = FlowPolicy(spec, key=jax.random.PRNGKey(0), flow_steps=4, **HID)
     last = pol.field.layers[-1]
+    assert last.bias is not None
     return eqx.tree_at(lambda p: p.field.layers[-1].bias, pol, jnp.full_like(last.bias, 3.0)), spec
 
 

@@ -193,8 +193,8 @@ def _small(cls=MOPO, goal_dim=0, **kw):
         dynamics=_ensemble(GaussianDynamics, 3),
         critic=_ensemble(QCritic, 2),
         actor=P(TanhGaussianActor, hidden_dims=(8,), final_init_scale=0.01),
-        success=P(SuccessModel, hidden_dims=(8,)),
-        reward=P(RewardModel, hidden_dims=(8,)),
+        success=P(SuccessModel, hidden_dims=(8,)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
+        reward=P(RewardModel, hidden_dims=(8,)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         rollouts=ModelRollouts(num_starts=4, rollout_length=2, retain_rounds=2, rollout_freq=10),
         **kw,
     )
@@ -221,7 +221,8 @@ def _loop_batch(B=8, seed=0, goal_dim=0):
 def test_ensemble_over_batch_equals_every_member_on_every_row_and_the_reference_form():
     from macfw import reference
 
-    ens = Ensemble(SPEC, key=jax.random.PRNGKey(4), member=functools.partial(QCritic, hidden_dims=(8, 8)), num=3)
+    member = functools.partial(QCritic, hidden_dims=(8, 8))  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
+    ens = Ensemble(SPEC, key=jax.random.PRNGKey(4), member=member, num=3)
     b = _batch(5)
     fast = ens.over_batch(lambda m, s, g, a: m(s, g, a), b["obs"], b["value_goals"], b["actions"])
     with reference.reference_computation(only="members_outer"):

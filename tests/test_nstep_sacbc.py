@@ -7,12 +7,12 @@ HGCDataset)."""
 from __future__ import annotations
 
 import equinox as eqx
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gin
 from macfw.agents.nstep_sacbc import NStepSACBC, nstep_goal_reward, nstep_target, sacbc_actor_loss
 from macfw.data.batches import ChunkData, sample_batch, trajectory_ends, valid_starts
 from macfw.errors import ConfigError
@@ -34,7 +34,10 @@ def _clean_gin():
 
 def _agent(**kw):
     critic = lambda spec, *, key: Ensemble(
-        spec, key=key, member=lambda s, *, key: QCritic(s, key=key, hidden_dims=(8,)), num=2
+        spec,
+        key=key,
+        member=lambda s, *, key: QCritic(s, key=key, hidden_dims=(8,)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
+        num=2,
     )
     actor = lambda spec, *, key: TanhGaussianActor(spec, key=key, hidden_dims=(8,), final_init_scale=0.01)
     return NStepSACBC(actor=actor, critic=critic, n=kw.pop("n", N), gamma=GAMMA, **kw)
@@ -100,7 +103,8 @@ def test_nstep_target_and_clipping():
     got = np.asarray(nstep_target(jnp.asarray(r), jnp.asarray(m), jnp.asarray(q), GAMMA, N))
     np.testing.assert_allclose(got, np.clip(raw, 0.0, 1.0), rtol=1e-6)
     assert got[1] == 1.0 and got[2] == 0.0 and got[4] == 1.0  # 0.9 + 0.975 * 0.8 > 1 clipped
-    np.testing.assert_allclose(np.asarray(nstep_target(r, m, q, GAMMA, N, clip=None)), raw, rtol=1e-6)
+    unclipped = nstep_target(r, m, q, GAMMA, N, clip=None)  # pyright: ignore[reportArgumentType]  (numpy in: plain arithmetic)
+    np.testing.assert_allclose(np.asarray(unclipped), raw, rtol=1e-6)
 
 
 def _batch(goal_dim, idx, vg, rewards=None):

@@ -29,14 +29,14 @@ pytestmark = [
 def ref():
     if str(EXPERIMENTS) not in sys.path:
         sys.path.insert(0, str(EXPERIMENTS))
-    from parity_cases.common import load_reference
+    from parity_cases.common import load_reference  # pyright: ignore[reportMissingImports]  (experiments/ is put on sys.path above)
 
     return load_reference(REF)
 
 
 @pytest.mark.parametrize("agent", AGENTS)
 def test_parity(ref, agent):
-    from parity_cases.common import Options
+    from parity_cases.common import Options  # pyright: ignore[reportMissingImports]  (experiments/, on sys.path via ref)
 
     r = importlib.import_module(f"parity_cases.{agent}").run(ref, Options(pairs=1, calls=1))
     worst = max(r["terms"].items(), key=lambda kv: kv[1]["rel_err"])

@@ -61,6 +61,7 @@ def test_parse_hlo_counts_every_product_once_per_execution_with_its_phase():
 
     x, w1, w2 = jnp.ones((8, 32)), jnp.ones((32, 16)) * 0.01, jnp.ones((16, 16)) * 0.01
     text = jax.jit(f).lower(x, w1, w2).compile().as_text()
+    assert text is not None
     module, ops = parse_hlo(text)
     assert module.startswith("jit_f")
     mm = {n: o for n, o in ops.items() if o.kind == "matrix products" and o.flops > 0}

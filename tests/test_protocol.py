@@ -306,6 +306,7 @@ TABLE_CELLS = {
 
 def _load_compare():
     spec = importlib.util.spec_from_file_location("experiments_compare_protocol", REPO / "experiments" / "compare.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -347,8 +348,9 @@ def dry_runs(compare, tmp_path_factory):
 def _default(binding: str):
     """The default of ``Configurable.param`` in its registered class or function (for a value no Gin
     file binds, e.g. a GoalSampling probability at its default)."""
-    import macfw.train  # noqa: F401
     from gin import config as gin_config
+
+    import macfw.train  # noqa: F401
 
     name, param = binding.rsplit(".", 1)
     selector = gin_config._REGISTRY.get_match(name.split("/")[-1])  # noqa: SLF001
@@ -467,6 +469,7 @@ def test_every_shipped_gin_file_builds():
             continue
         if rel == "gin/slurm.gin":  # the cluster's settings: builds the launcher
             import gin
+
             from macfw.launch import SlurmLauncher
 
             try:

@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
 def test_restored_leaves_without_target_sharding_follow_the_others(tmp_path):
     d = tmp_path / "ck"
     _saved(d, [1]).close()
-    template = _state(0)
+    template: dict[str, Any] = _state(0)
     template["key"] = np.zeros(2, np.uint32)  # e.g. a key built on the host
     state, _ = Checkpointer(d, read_only=True).restore(template)
     assert isinstance(state["key"], jax.Array)
@@ -565,6 +566,7 @@ def test_injected_nan_stops_the_run_naming_the_step_and_saves_nothing_non_finite
 # ---------------------------------------------------------------------------- bad inputs (in-process main)
 def _main(argv, capsys) -> tuple[int, str]:
     import gin
+
     from macfw import run
 
     with GIN_LOCK:

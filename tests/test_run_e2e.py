@@ -81,7 +81,7 @@ def _cmd(workdir: Path, *extra: str) -> list[str]:
 def _popen(cmd, env, log: Path):
     f = open(log, "w")
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-    p._log_file = f  # noqa: SLF001
+    p._log_file = f  # noqa: SLF001  # pyright: ignore[reportAttributeAccessIssue]  (closed with the process)
     return p
 
 
@@ -116,7 +116,7 @@ def _tensorboard_scalars(workdir: Path) -> list[tuple[int, str, float]]:
         data, pos = path.read_bytes(), 0
         while pos < len(data):
             (n,) = struct.unpack("<Q", data[pos : pos + 8])
-            ev = event_pb2.Event()
+            ev = event_pb2.Event()  # pyright: ignore[reportAttributeAccessIssue]  (protobuf: generated at import)
             ev.ParseFromString(data[pos + 12 : pos + 12 + n])
             pos += 12 + n + 4
             out += [(ev.step, v.tag, v.simple_value) for v in ev.summary.value]

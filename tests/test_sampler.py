@@ -28,6 +28,7 @@ class TargetCritic(eqx.Module):
 @pytest.fixture(scope="module")
 def setup():
     policy = FlowPolicy(SPEC, key=jax.random.PRNGKey(0), hidden_dims=(32, 32))
+    assert policy.one_step is not None
     # widen the one-step policy's outputs so that many raw candidates leave [-1, 1]
     policy = eqx.tree_at(lambda p: p.one_step.layers[-1].weight, policy, policy.one_step.layers[-1].weight * 20.0)
     s = jnp.linspace(-1.0, 1.0, SPEC.ob_dim)

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import equinox as eqx
 import jax
 import numpy as np
 import pytest
 
+from macfw.agents.base import AgentState
 from macfw.bench import PRESETS, build_agent, synthetic_data
 from macfw.spec import Spec
 from macfw.train import TrainStep, init_state
@@ -27,7 +29,7 @@ def test_vmapped_seeds_match_separate_runs():
     agent = build_agent(p)
     spec = Spec(ob_dim=28, act_dim=5, goal_dim=0, chunk_len=agent.chunk_len)
     data = synthetic_data(spec)
-    stacked = init_state(agent, spec, seed=3, num_seeds=2)
+    stacked = cast(AgentState, init_state(agent, spec, seed=3, num_seeds=2))
     step = TrainStep(agent, stacked, batch_size=32, steps_per_dispatch=2, num_seeds=2)
     for _ in range(3):
         stacked, metrics = step(data, stacked)

@@ -14,6 +14,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -126,8 +127,9 @@ def test_store_holds_what_ogbench_loader_gives(shard_dir, tmp_path, task_mode):
     for k, st in enumerate(data.stores):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, train, val = ogbench.make_env_and_datasets(
-                ds.dataset_name, dataset_path=str(st.shard), compact_dataset=True
+            _, train, val = cast(  # (ogbench's return type is a union over its env_only / dataset_only flags)
+                "tuple[Any, dict, dict]",
+                ogbench.make_env_and_datasets(ds.dataset_name, dataset_path=str(st.shard), compact_dataset=True),
             )
         np.testing.assert_array_equal(st.columns["observations"], train["observations"])
         np.testing.assert_array_equal(st.columns["actions"], np.clip(train["actions"], -1 + 1e-5, 1 - 1e-5))
@@ -143,6 +145,7 @@ def test_store_holds_what_ogbench_loader_gives(shard_dir, tmp_path, task_mode):
             np.testing.assert_array_equal(loaded.obs_scaler.lo, val["observations"].min(0))
             np.testing.assert_array_equal(loaded.obs_scaler.hi, val["observations"].max(0))
             if task_mode == "oraclerep":
+                assert loaded.goal_scaler is not None
                 np.testing.assert_array_equal(loaded.goal_scaler.hi, val["oracle_reps"].max(0))
         assert isinstance(st.columns["observations"].base, np.memmap)  # mapped, not loaded
 
@@ -206,6 +209,7 @@ def test_interrupted_or_stale_conversions_are_redone(shard_dir, tmp_path):
 
 
 def test_out_of_range_settings(shard_dir, tmp_path):
+    kw: dict[str, Any]
     for kw, binding in (
         (dict(sampling="random"), "OGBenchDataset.sampling"),
         (dict(rotation_interval=0), "OGBenchDataset.rotation_interval"),
@@ -415,12 +419,15 @@ def test_mapped_pages_are_released(tmp_path):
     )
     data = ShardedData([st], task_mode="goal", singletask_masks="ogbench", scale_with="val", release_mib=8)
     start = _file_rss()
+    assert start is not None  # /proc/self/statm exists (the skipif above)
     rng = np.random.default_rng(0)
     peak = 0
     for _ in range(100):  # 100 x 128 random rows: without releases, most of the 100 MB file gets mapped
         data.take("observations", rng.integers(0, rows, 128))
         data.maybe_release()
-        peak = max(peak, _file_rss() - start)
+        now = _file_rss()
+        assert now is not None
+        peak = max(peak, now - start)
     assert data.releases > 0
     assert peak < 40 * 2**20, f"file-backed resident size grew by {peak / 2**20:.0f} MiB"
 

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_smoke_sweep_with_requeue_preemption_and_no_duplicates(cluster, tmp_path
     bad = _spec(out, "mac", 9, extra=("train.num_steps = -1",))
     runs = [mac0, sharsa0, mac1, sharsa1, bad]  # the two to preempt first: they run in the first pair of jobs
     refs = [_spec(tmp_path / "local", "mac", 0), _spec(tmp_path / "local", "sharsa", 0)]
-    settings = dict(time_min=20, cpus_per_job=1, mem_gb=1, signal_delay_s=90, poll_s=1.0)
+    settings: dict[str, Any] = dict(time_min=20, cpus_per_job=1, mem_gb=1, signal_delay_s=90, poll_s=1.0)
     names = {job_name(r.workdir): r for r in runs}
     seen_twice: list = []
     done = threading.Event()

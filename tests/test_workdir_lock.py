@@ -41,9 +41,17 @@ time.sleep(600)
 """
 
 
+def _holder(workdir) -> dict:
+    """``read_holder(workdir)``, which must find a record."""
+    record = read_holder(workdir)
+    assert record is not None, f"no holder record in {workdir}"
+    return record
+
+
 def _hold(workdir: Path) -> subprocess.Popen:
     """A child process that holds ``workdir``'s lock until it is killed."""
     p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
     assert p.stdout.readline().strip() == "locked", p.poll()
     return p
 
@@ -84,14 +92,14 @@ def test_lock_is_exclusive_names_its_holder_and_kill_9_frees_it_at_once(tmp_path
     w.mkdir()
     child = _hold(w)
     try:
-        record = read_holder(w)
+        record = _holder(w)
         assert record["pid"] == child.pid and record["host"] == HOST, record
         with pytest.raises(WorkdirBusyError) as e:
             WorkdirLock(w).acquire()
         msg = str(e.value)
         assert "\n" not in msg and f"process {child.pid} on host {HOST!r}" in msg, msg
         assert str(w / LOCK_FILE) in msg and "--workdir" in msg and "Wait for that run" in msg, msg
-        assert read_holder(w)["pid"] == child.pid  # the refused attempt did not touch the holder's record
+        assert _holder(w)["pid"] == child.pid  # the refused attempt did not touch the holder's record
         assert not held_here(w)
     finally:
         _kill(child)
@@ -100,7 +108,7 @@ def test_lock_is_exclusive_names_its_holder_and_kill_9_frees_it_at_once(tmp_path
     with WorkdirLock(w) as lock:  # no waiting, no stale lock
         assert time.monotonic() - t0 < 1.0
         assert lock.enforced and held_here(w)
-        assert read_holder(w)["pid"] == os.getpid()
+        assert _holder(w)["pid"] == os.getpid()
         with pytest.raises(WorkdirBusyError, match=f"process {os.getpid()} "):
             WorkdirLock(w).acquire()  # a second lock object of this same process is refused too
     assert not held_here(w)
@@ -117,7 +125,7 @@ def test_a_filesystem_without_locks_warns_and_runs_unprotected(tmp_path, monkeyp
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.warns(UserWarning, match="refuses file locks"):
         lock = WorkdirLock(tmp_path).acquire()
-    assert not lock.enforced and held_here(tmp_path) and read_holder(tmp_path)["pid"] == os.getpid()
+    assert not lock.enforced and held_here(tmp_path) and _holder(tmp_path)["pid"] == os.getpid()
     lock.release()
     assert not held_here(tmp_path)
 
@@ -126,6 +134,7 @@ def test_busy_workdir_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys
     """In-process callers of train() and the CLI: refused before anything in the workdir is read or
     changed (no config.gin rewrite, no checkpoint clean-up, no CSV append)."""
     import gin
+
     import macfw.train
     from macfw import run
 
@@ -196,7 +205,7 @@ def _cmd(workdir: Path) -> list[str]:
 def _start(cmd, env, log: Path) -> subprocess.Popen:
     out, err = open(f"{log}.out", "w"), open(f"{log}.err", "w")
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
-    p._files = (out, err)  # noqa: SLF001
+    p._files = (out, err)  # noqa: SLF001  # pyright: ignore[reportAttributeAccessIssue]  (closed in _finish)
     return p
 
 
@@ -206,7 +215,7 @@ def _finish(p: subprocess.Popen, log: Path, timeout=900) -> tuple[int, str, str]
     except subprocess.TimeoutExpired:
         p.kill()
         rc = p.wait()
-    for f in p._files:  # noqa: SLF001
+    for f in p._files:  # noqa: SLF001  # pyright: ignore[reportAttributeAccessIssue]  (set in _start)
         f.close()
     return rc, Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
 
@@ -254,12 +263,12 @@ def reference(world):
 def _pair(world, i: int, offset: float, first: int) -> dict:
     """Two runs of the same command on a fresh workdir; run ``first`` starts ``offset`` s before the other."""
     w = world["root"] / f"pair{i}"
-    procs = [None, None]
+    procs: dict[int, subprocess.Popen] = {}
     procs[first] = _start(_cmd(w), world["env"], world["root"] / f"pair{i}_{first}")
     time.sleep(offset)
     procs[1 - first] = _start(_cmd(w), world["env"], world["root"] / f"pair{i}_{1 - first}")
-    results = [_finish(p, world["root"] / f"pair{i}_{k}") for k, p in enumerate(procs)]
-    return dict(workdir=w, pids=[p.pid for p in procs], results=results, offset=offset, first=first)
+    results = [_finish(procs[k], world["root"] / f"pair{i}_{k}") for k in (0, 1)]
+    return dict(workdir=w, pids=[procs[k].pid for k in (0, 1)], results=results, offset=offset, first=first)
 
 
 @pytest.mark.slow
@@ -295,7 +304,7 @@ def test_two_runs_started_together_on_one_workdir_one_trains_the_other_exits_2(w
         summary = json.loads((w / "summary.json").read_text())
         assert summary["step"] == 40 and summary["param_checksum"] == reference["checksum"], where
         assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["20", "40"], where
-        assert read_holder(w)["pid"] == r["pids"][win], where
+        assert _holder(w)["pid"] == r["pids"][win], where
 
 
 @pytest.mark.slow

@@ -207,7 +207,12 @@ def replay(tape: list, *, unroll_scan: bool = False):
         return take("choice", shape, jnp.int32)
 
     def scan(f, init, xs=None, length=None, reverse=False, **kw):
-        n = length if xs is None else jax.tree_util.tree_leaves(xs)[0].shape[0]
+        if xs is not None:
+            n = int(jax.tree_util.tree_leaves(xs)[0].shape[0])
+        elif length is not None:
+            n = int(length)
+        else:
+            raise ValueError("scan: give xs or length (got xs = None and length = None)")
         carry, ys = init, [None] * n
         for i in reversed(range(n)) if reverse else range(n):
             carry, ys[i] = f(carry, None if xs is None else jax.tree_util.tree_map(lambda x: x[i], xs))  # noqa: B023  (called within this iteration)

@@ -55,6 +55,7 @@ import functools
 import importlib
 import inspect
 import textwrap
+from typing import Any
 
 import numpy as np
 
@@ -117,7 +118,7 @@ def macfw_agent(hidden):
     return FMPC(
         model=functools.partial(FutureFlow, hidden_dims=hidden, flow_steps=10),
         policy=functools.partial(FlowPolicy, hidden_dims=hidden, flow_steps=10, distill=False),
-        critic=functools.partial(QCritic, hidden_dims=hidden),
+        critic=functools.partial(QCritic, hidden_dims=hidden),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         value=functools.partial(StateValue, hidden_dims=hidden),
         future_len=FUTURE,
         num_samples=64,
@@ -172,7 +173,7 @@ def batches(agent, data, ds, num: int, batch_size: int, seed: int, gc: bool):
             rb = reference_sample(ds, batch_size, b["idx"], [vg, ag])
         else:
             rb = reference_sample(ds, batch_size, b["idx"], [])
-        rb = {k2: (None if v is None else np.array(v)) for k2, v in rb.items()}
+        rb: dict[str, Any] = {k2: (None if v is None else np.array(v)) for k2, v in rb.items()}
         if gc:
             label = np.asarray(agent.training_inputs(b)["value_label"])
             for r in np.nonzero(label != rb["returns_to_go"])[0]:

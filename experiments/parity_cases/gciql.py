@@ -84,7 +84,7 @@ def _macfw_agent(hidden):
 
     return GCIQL(
         value=functools.partial(StateValue, hidden_dims=hidden),
-        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
+        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         actor=functools.partial(ClippedMeanActor, hidden_dims=hidden, final_init_scale=0.01),
         gamma=0.999,
         expectile=0.9,

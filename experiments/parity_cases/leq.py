@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from typing import Any
 
 import numpy as np
 
@@ -126,8 +127,8 @@ METRICS = {
 CONSTANTS = {"critic/expectile": "expectile", "critic/model_batch_ratio": "model_weight", "actor/lambda_actor": "lam"}
 
 OB_DIM, ACT_DIM, GOAL_DIM, NUM_DYNAMICS, HORIZON = 28, 5, 3, 7, 10
-SMALL = dict(hidden=(64, 64), batch=32)
-CPU_SMALL = dict(hidden=(256, 256), batch=256)
+SMALL: dict[str, Any] = dict(hidden=(64, 64), batch=32)
+CPU_SMALL: dict[str, Any] = dict(hidden=(256, 256), batch=256)
 EXPECTILE = {False: 0.5, True: 0.3}  # single-task: the authors' default; goal-conditioned: asymmetric weights
 
 
@@ -145,10 +146,10 @@ def macfw_agent(hidden, expectile: float = 0.5):
             member=P(GaussianDynamics, hidden_dims=hidden, log_std_min=-5.0, log_std_max=1.0),
             num=NUM_DYNAMICS,
         ),
-        success=P(SuccessModel, hidden_dims=hidden),
-        reward=P(RewardModel, hidden_dims=hidden),
+        success=P(SuccessModel, hidden_dims=hidden),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
+        reward=P(RewardModel, hidden_dims=hidden),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         actor=P(LEQActor, hidden_dims=hidden, final_init_scale=0.01),
-        critic=P(QCritic, hidden_dims=hidden),
+        critic=P(QCritic, hidden_dims=hidden),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         gamma=0.999,
         lam=1.0,
         horizon=HORIZON,
@@ -466,7 +467,8 @@ def compare_updates(ref, gc: bool, opts: Options) -> dict:
     theirs_p = dict(theirs.network.params)
     if gc:  # no macfw counterpart (defect gc_reward_head_trained_unused)
         mine, theirs_p = dict(mine), dict(theirs_p)
-        mine.pop("modules_reward"), theirs_p.pop("modules_reward")
+        mine.pop("modules_reward")
+        theirs_p.pop("modules_reward")
         skipped[f"{tag}/params/modules_reward"] = "gc_reward_head_trained_unused"
     params = tree_rel_err(mine, theirs_p)
     terms_n[f"{tag}/params"] = {"macfw": None, "reference": None, "rel_err": params}

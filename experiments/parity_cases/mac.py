@@ -149,9 +149,9 @@ GRAD_TERMS = ("grad/max", "grad/min", "grad/norm")
 # ------------------------------------------------------------------------------ building both sides
 def build_macfw(sz: Sizes, seed: int):
     """macfw's MAC at sizes ``sz`` and its initial state: ``(agent, spec, state)``."""
+    import gin
     import jax
 
-    import gin
     from macfw.agents.mac import MAC
     from macfw.nn.flow import FlowPolicy
     from macfw.nn.models import ChunkDynamics, QCritic, RewardModel, StateValue, SuccessModel
@@ -216,7 +216,7 @@ def build_reference(ref, sz: Sizes, seed: int, state=None):
     import jax.numpy as jnp
 
     mod = ref.agent("mac")
-    from utils.flax_utils import TrainState  # the reference checkout's (load_reference put it first on sys.path)
+    from utils.flax_utils import TrainState  # pyright: ignore[reportMissingImports]  (the authors' code: on sys.path at run time, load_reference)
 
     cfg = reference_config(mod, sz)
     gc = sz.goal_dim > 0
@@ -529,6 +529,7 @@ def compare_case(ref, sz: Sizes, opts, prefix: str) -> tuple[dict, dict, dict, d
             ref_update, ref_grads = reference_fns(ref.agent("mac"), [(f, sh) for f, sh, _ in draws])
         arrays = [a for _, _, a in draws]
         if i == 0:
+            assert ref_grads is not None  # set with ref_update at the first update
             g_ref = _subset(ref_grads(ragent, rb, arrays), g_ours)
             terms_1["grads"] = {"macfw": None, "reference": None, "rel_err": tree_rel_err(g_ours, g_ref)}
             go, gr = grad_stats(g_ours), grad_stats(g_ref)

@@ -50,6 +50,7 @@ the gradients' effect in full.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -107,8 +108,8 @@ METRICS = {
 
 OB_DIM, ACT_DIM, GOAL_DIM = 28, 5, 3  # cube-single's observation and action; a 3-d oracle goal
 NUM_DYNAMICS, NUM_QS, ROLLOUT_STEPS = 7, 2, 5
-SMALL = dict(hidden=(64, 64), batch=32, starts=64)
-CPU_SMALL = dict(hidden=(256, 256), batch=256)
+SMALL: dict[str, Any] = dict(hidden=(64, 64), batch=32, starts=64)
+CPU_SMALL: dict[str, Any] = dict(hidden=(256, 256), batch=256)
 ROLLOUT_FIELDS = ("observations", "actions", "next_observations", "rewards", "masks", "value_goals", "actor_goals")
 MACFW_FIELD = {"observations": "obs", "next_observations": "next_obs"}
 
@@ -124,13 +125,13 @@ def macfw_agent(name: str, hidden, num_starts: int = 64, capacity_rounds: int = 
     from macfw.nn.models import GaussianDynamics, QCritic, RewardModel, SuccessModel
 
     P = functools.partial
-    kw = dict(
+    kw: dict[str, Any] = dict(
         dynamics=P(
             Ensemble,
             member=P(GaussianDynamics, hidden_dims=hidden, log_std_min=-5.0, log_std_max=1.0),
             num=NUM_DYNAMICS,
         ),
-        critic=P(Ensemble, member=P(QCritic, hidden_dims=hidden), num=NUM_QS),
+        critic=P(Ensemble, member=P(QCritic, hidden_dims=hidden), num=NUM_QS),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         actor=P(
             TanhGaussianActor,
             hidden_dims=hidden,
@@ -139,8 +140,8 @@ def macfw_agent(name: str, hidden, num_starts: int = 64, capacity_rounds: int = 
             log_std_max=2.0,
             log_std_bound="clip",
         ),
-        success=P(SuccessModel, hidden_dims=hidden),
-        reward=P(RewardModel, hidden_dims=hidden),
+        success=P(SuccessModel, hidden_dims=hidden),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
+        reward=P(RewardModel, hidden_dims=hidden),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         temperature=Temperature,
         rollouts=ModelRollouts(
             rollout_freq=1000,
@@ -352,7 +353,7 @@ def compare_updates(ref, name: str, gc: bool, opts: Options) -> dict:
         if gc
         else set()
     )
-    out = {"terms_1": {}, "terms_n": {}, "skipped": {}, "defects": {}}
+    out: dict[str, Any] = {"terms_1": {}, "terms_n": {}, "skipped": {}, "defects": {}}
     for i in range(opts.updates):
         real, model, _ = make_batch(spec, B, opts.seed * 1000 + i)
         mixed = {k: np.concatenate([real[k], model[k]]) for k in real}
@@ -484,7 +485,7 @@ def measure_speed(ref, name: str, opts: Options) -> dict:
         ref, name, CPU_SMALL["hidden"], B, False, opts.seed, num_starts=50_000, capacity_rounds=5
     )
     real, model, loop = make_batch(spec, B, opts.seed)
-    fill = {
+    fill: dict[str, Any] = {  # numpy arrays: the buffer stores them as it stores jax arrays
         k: np.tile(v, (state.buffer.capacity // v.shape[0] + 1,) + (1,) * (v.ndim - 1))[: state.buffer.capacity]
         for k, v in model.items()
     }

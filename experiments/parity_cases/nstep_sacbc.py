@@ -114,7 +114,7 @@ def macfw_agent(hidden):
             log_std_max=2.0,
             state_dependent_std=True,
         ),
-        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
+        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         temperature=Temperature,
         n=N_STEPS,
         gamma=GAMMA,

@@ -110,7 +110,7 @@ def _macfw_agent(hidden):
     return SHARSA(
         high_actor=flow,
         low_actor=flow,
-        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),
+        critic=functools.partial(Ensemble, num=2, member=functools.partial(QCritic, hidden_dims=hidden)),  # pyright: ignore[reportCallIssue]  (equinox: inherits the parent's __init__)
         value=functools.partial(StateValue, hidden_dims=hidden),
         n=N,
         gamma=0.999,

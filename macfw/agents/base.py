@@ -25,7 +25,7 @@ import abc
 import dataclasses
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -178,6 +178,16 @@ class Agent(abc.ABC):
         :attr:`acts_in_chunks`, else ``(1, act_dim)``; values in [-1, 1]. ``params`` is
         :meth:`acting_params` of a state."""
 
+    def _built_spec(self) -> Spec:
+        """:attr:`spec`, which :meth:`init` sets.
+
+        Raises:
+          RuntimeError: :meth:`init` has not been called (``spec`` is None).
+        """
+        if self.spec is None:
+            raise RuntimeError(f"{type(self).__name__}.spec is None: call init(spec, key) first.")
+        return self.spec
+
     def check_config(self, batch_size: int) -> None:
         """Fail on a bad configured value before any data is loaded or anything written.
 
@@ -242,7 +252,7 @@ class Agent(abc.ABC):
 
     def acting_params(self, state: eqx.Module) -> Any:
         """The part of a state :meth:`act` needs (default: ``state.nets``)."""
-        return state.nets
+        return cast(Any, state).nets  # every state has ``nets`` (module docstring)
 
     # -- benchmark hooks (macfw.bench); the defaults suit an agent without loops in its update
     def for_flop_count(self) -> Agent:

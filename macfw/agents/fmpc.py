@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -120,8 +120,9 @@ class FutureFlow(eqx.Module):
         solver: str = "euler",
         compute_dtype: str | None = None,
     ):
-        future_len = check_int("FMPC.future_len", future_len)
-        self.flow_steps = check_int("FutureFlow.flow_steps", flow_steps)
+        # (check_int returns None only with allow_none=True)
+        future_len = cast(int, check_int("FMPC.future_len", future_len))
+        self.flow_steps = cast(int, check_int("FutureFlow.flow_steps", flow_steps))
         check("FutureFlow.solver", solver, _solver_ok(solver), "a diffrax solver name such as 'euler', or an instance")
         self.solver = solver
         self.future_dim = future_len * spec.ob_dim
@@ -205,12 +206,12 @@ def _sg(tree):
 # The agent
 # --------------------------------------------------------------------------------------------
 class FMPCNetworks(eqx.Module):
-    """Every trained network of FMPC (what the optimiser updates)."""
+    """Every trained network of FMPC (what the optimiser updates); equinox Modules used duck-typed (``Any``)."""
 
-    model: eqx.Module  # FutureFlow: p(X | s, a)
-    policy: eqx.Module  # FlowPolicy over single actions: pi(a | s, g_a)
-    critic: eqx.Module  # QCritic on (X, g, a)
-    value: eqx.Module  # StateValue V(s, g)
+    model: Any  # FutureFlow: p(X | s, a)
+    policy: Any  # FlowPolicy over single actions: pi(a | s, g_a)
+    critic: Any  # QCritic on (X, g, a)
+    value: Any  # StateValue V(s, g)
 
 
 class FMPCState(eqx.Module):
@@ -219,7 +220,7 @@ class FMPCState(eqx.Module):
     step: Array
     key: Array
     nets: FMPCNetworks
-    target_value: eqx.Module
+    target_value: Any  # a copy of nets.value
     opt_state: Any
 
 
@@ -272,11 +273,12 @@ class FMPC(Agent):
         for slot, f in (("model", model), ("policy", policy), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class, e.g. @FutureFlow (see gin/baselines/fmpc.gin)")
         self.factories = dict(model=model, policy=policy, critic=critic, value=value)
-        self.future_len = check_int(f"{name}.future_len", future_len)
-        self.num_samples = check_int(f"{name}.num_samples", num_samples)
-        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        # (check_int/check_float return None only with allow_none=True)
+        self.future_len = cast(int, check_int(f"{name}.future_len", future_len))
+        self.num_samples = cast(int, check_int(f"{name}.num_samples", num_samples))
+        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, VALUE_LOSSES)
         check(f"{name}.normalize_reward", normalize_reward, isinstance(normalize_reward, bool), "True or False")
         self.normalize_reward = normalize_reward
@@ -301,7 +303,7 @@ class FMPC(Agent):
 
     @property
     def _bce(self) -> bool:
-        return self.spec.goal_conditioned and self.value_loss == "bce"
+        return self._built_spec().goal_conditioned and self.value_loss == "bce"
 
     # ------------------------------------------------------------------ building
     def init(self, spec: Spec, key) -> FMPCState:
@@ -338,9 +340,10 @@ class FMPC(Agent):
         single-task data). Uses ``batch['traj_end']`` for the label when the batch has it.
         """
         B = batch["obs"].shape[0]
-        ob_dim, act_dim = self.spec.ob_dim, self.spec.act_dim
+        spec = self._built_spec()
+        ob_dim, act_dim = spec.ob_dim, spec.act_dim
         fut = batch["future_obs"]
-        if self.spec.goal_conditioned:
+        if spec.goal_conditioned:
             reward, label = (
                 batch["success"],
                 goal_later_label(batch["idx"], batch["value_goal_idx"], batch.get("traj_end")),
@@ -372,7 +375,7 @@ class FMPC(Agent):
         q = critic_target(
             inputs["reward"], inputs["mask"], v_next, gamma=self.gamma, future_len=self.future_len, clip01=self._bce
         )
-        if self.spec.goal_conditioned:
+        if self._built_spec().goal_conditioned:
             v = inputs["value_label"]
         else:
             v = critic_target(
@@ -391,10 +394,11 @@ class FMPC(Agent):
         (B, act_dim)``, ``policy_u (B,)``); normals and uniforms on [0, 1)."""
         kz, ku, pz, pu = jax.random.split(key, 4)
         B = batch_size
+        spec = self._built_spec()
         return {
-            "model_z": jax.random.normal(kz, (B, self.future_len * self.spec.ob_dim)),
+            "model_z": jax.random.normal(kz, (B, self.future_len * spec.ob_dim)),
             "model_u": jax.random.uniform(ku, (B,)),
-            "policy_z": jax.random.normal(pz, (B, self.spec.act_dim)),
+            "policy_z": jax.random.normal(pz, (B, spec.act_dim)),
             "policy_u": jax.random.uniform(pu, (B,)),
         }
 
@@ -465,4 +469,4 @@ class FMPC(Agent):
         """The candidate action of the highest ``Q(X_i, g, a_i)``: ``(1, act_dim)`` in [-1, 1]."""
         actions, futures = self.candidates(nets, s, g, key=key)
         q = jax.vmap(lambda X, a: nets.critic(X, g, a))(futures, actions)
-        return actions[jnp.argmax(q)].reshape(1, self.spec.act_dim)
+        return actions[jnp.argmax(q)].reshape(1, self._built_spec().act_dim)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -133,7 +134,7 @@ class MACFQL(MAC):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.alpha = check_float("MACFQL.alpha", alpha, low=0.0)
+        self.alpha = cast(float, check_float("MACFQL.alpha", alpha, low=0.0))  # None only with allow_none
         self.actor_goals = check_choice("MACFQL.actor_goals", actor_goals, ("actor_goals", "value_goals"))
         self.factories["actor"] = actor
         self.normalize_q_loss = bool(normalize_q_loss)
@@ -171,11 +172,14 @@ class MACFQL(MAC):
         """The FQL actor loss on the batch, its Q and distillation terms; returns ``(loss, metrics)``."""
         s, g = batch["obs"], batch[self.actor_goals]
         B = s.shape[0]
-        z = jax.vmap(nets.actor.noise)(jax.random.split(key, B))
+        actor = nets.actor
+        if actor is None:
+            raise ValueError("MACFQL needs nets.actor; build the state with MACFQL.init.")
+        z = jax.vmap(actor.noise)(jax.random.split(key, B))
         # the flow ODE solution (diffrax), clipped to the action range as the authors' mbfql.py
         # sample_flow_actions clips its distillation target
         target = jax.lax.stop_gradient(jnp.clip(jax.vmap(nets.policy.solve)(s, g, z), -1.0, 1.0))
-        A = jax.vmap(nets.actor)(s, g, z)
+        A = jax.vmap(actor)(s, g, z)
         distill = jnp.mean((A - target) ** 2)
         critic = jax.lax.stop_gradient(nets.critic)  # the Q term trains the actor only
         q = jax.vmap(critic)(s, g, jnp.clip(A, -1.0, 1.0))

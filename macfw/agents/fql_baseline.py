@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -58,11 +58,11 @@ from macfw.spec import Spec
 
 
 class FQLNetworks(eqx.Module):
-    """Every trained network of FQL (what the optimiser updates)."""
+    """Every trained network of FQL (what the optimiser updates); equinox Modules used duck-typed (``Any``)."""
 
-    policy: eqx.Module  # flow BC v(s, g, x, u) (FlowPolicy, distill=False)
-    actor: eqx.Module  # one-step policy mu(s, g, z) (FQLActor)
-    critic: eqx.Module  # Ensemble of QCritic: (s, g, a) -> (k,)
+    policy: Any  # flow BC v(s, g, x, u) (FlowPolicy, distill=False)
+    actor: Any  # one-step policy mu(s, g, z) (FQLActor)
+    critic: Any  # Ensemble of QCritic: (s, g, a) -> (k,)
 
 
 class FQLState(eqx.Module):
@@ -71,7 +71,7 @@ class FQLState(eqx.Module):
     step: Array
     key: Array
     nets: FQLNetworks
-    target_critic: eqx.Module
+    target_critic: Any  # a copy of nets.critic
     opt_state: Any
 
 
@@ -189,11 +189,13 @@ class FQL(Agent):
             check(
                 f"{name}.{slot}", f, callable(f), "a network class, e.g. @critic/Ensemble (see gin/baselines/fql.gin)"
             )
+        assert critic is not None  # check() refused a non-callable
         self.factories = dict(policy=policy, actor=actor, critic=critic)
-        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
-        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        # (check_float returns None only with allow_none=True)
+        self.alpha = cast(float, check_float(f"{name}.alpha", alpha, low=0.0))
+        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("mean", "min"))
         check(f"{name}.normalize_q_loss", normalize_q_loss, isinstance(normalize_q_loss, bool), "True or False")
         self.normalize_q_loss = normalize_q_loss
@@ -234,7 +236,7 @@ class FQL(Agent):
         pol = state.nets.policy
         if not (hasattr(pol, "velocity") and getattr(pol, "flow_steps", 1) > 1):
             return 0.0
-        spec = self.spec
+        spec = self._built_spec()
         s, g, x = (jnp.zeros((batch_size, d)) for d in (spec.ob_dim, spec.goal_dim, spec.act_dim))
         vel = jax.jit(jax.vmap(lambda pol, s, g, x: pol.velocity(s, g, x, 0.5), in_axes=(None, 0, 0, 0)))
         ca = vel.lower(pol, s, g, x).compile().cost_analysis()
@@ -244,8 +246,9 @@ class FQL(Agent):
     # ------------------------------------------------------------------ acting
     def act(self, nets: FQLNetworks, s, g, *, key):
         """``clip(mu(s, g, z), -1, 1)`` with ``z ~ N(0, I)`` from ``key``: ``(1, act_dim)``."""
-        z = jax.random.normal(key, (self.spec.act_dim,))
-        return jnp.clip(nets.actor(s, g, z), -1.0, 1.0).reshape(1, self.spec.act_dim)
+        act_dim = self._built_spec().act_dim
+        z = jax.random.normal(key, (act_dim,))
+        return jnp.clip(nets.actor(s, g, z), -1.0, 1.0).reshape(1, act_dim)
 
     # ------------------------------------------------------------------ the losses
     def flow_target(self, policy, s, g, z) -> Array:
@@ -255,7 +258,7 @@ class FQL(Agent):
 
     def critic_target(self, nets: FQLNetworks, target_critic, batch: dict, key) -> Array:
         """The TD target of :func:`fql_critic_target` on a one-step view of the batch: ``(B,)``."""
-        z = jax.random.normal(key, (batch["rewards"].shape[0], self.spec.act_dim))
+        z = jax.random.normal(key, (batch["rewards"].shape[0], self._built_spec().act_dim))
         return fql_critic_target(
             target_critic,
             nets.actor,
@@ -271,7 +274,7 @@ class FQL(Agent):
     def actor_loss(self, nets: FQLNetworks, batch: dict, key) -> tuple[Array, dict]:
         """:func:`fql_actor_loss` on the batch's states and actor goals, with the flow ODE target."""
         s, g = batch["obs"], batch["actor_goals"]
-        z = jax.random.normal(key, (s.shape[0], self.spec.act_dim))
+        z = jax.random.normal(key, (s.shape[0], self._built_spec().act_dim))
         target = _sg(self.flow_target(nets.policy, s, g, z))
         return fql_actor_loss(
             nets.actor, nets.critic, s, g, z, target, alpha=self.alpha, normalize_q_loss=self.normalize_q_loss

@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -82,7 +82,7 @@ def _sg(tree):
     return jax.lax.stop_gradient(tree)
 
 
-def batched_heads(critic: eqx.Module, *xs) -> Array:
+def batched_heads(critic: Callable[..., Array], *xs) -> Array:
     """``jax.vmap(critic)(*xs)``: a critic (or ensemble of ``k``) on a batch, ``(B, k)`` (``(B,)`` for
     one network). An :class:`~macfw.nn.ensemble.Ensemble` is evaluated members-outer (each member on
     the whole batch, then transposed), as the authors' ``nn.vmap`` over members: the same numbers,
@@ -133,7 +133,7 @@ class ClippedMeanActor(eqx.Module):
         final_init_scale: float = 0.01,
         compute_dtype: str | None = None,
     ):
-        scale = check_float("ClippedMeanActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
+        scale = cast(float, check_float("ClippedMeanActor.final_init_scale", final_init_scale, low=0.0, low_open=True))
         self.net = MLP(
             spec.ob_dim + spec.goal_dim,
             spec.chunk_dim,
@@ -159,7 +159,7 @@ class ClippedMeanActor(eqx.Module):
         return jnp.clip(mu, -1.0, 1.0), mu
 
 
-def actor_outputs(actor: eqx.Module, s, g) -> tuple[Array, Array]:
+def actor_outputs(actor: Any, s, g) -> tuple[Array, Array]:
     """``(action given to Q, output the BC term regresses)`` for one example, each ``(act_dim,)``.
 
     An actor with a ``mean`` method (:class:`ClippedMeanActor`) regresses its unclipped mean and
@@ -248,11 +248,11 @@ def ddpg_bc_loss(
 # The agent
 # --------------------------------------------------------------------------------------------
 class GCIQLNetworks(eqx.Module):
-    """Every trained network of GCIQL (what the optimiser updates)."""
+    """Every trained network of GCIQL (what the optimiser updates); equinox Modules used duck-typed (``Any``)."""
 
-    value: eqx.Module  # StateValue V(s, g)
-    critic: eqx.Module  # Ensemble of QCritic (2)
-    actor: eqx.Module  # ClippedMeanActor
+    value: Any  # StateValue V(s, g)
+    critic: Any  # Ensemble of QCritic (2)
+    actor: Any  # ClippedMeanActor
 
 
 class GCIQLState(eqx.Module):
@@ -261,7 +261,7 @@ class GCIQLState(eqx.Module):
     step: Array
     key: Array
     nets: GCIQLNetworks
-    target_critic: eqx.Module
+    target_critic: Any  # a copy of nets.critic
     opt_state: Any
 
 
@@ -311,12 +311,16 @@ class GCIQL(Agent):
                 callable(f),
                 "a network class, e.g. @critic/Ensemble (see gin/baselines/gciql.gin)",
             )
+        assert critic is not None  # check() refused a non-callable
         self.factories = dict(value=value, critic=critic, actor=actor)
-        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.expectile = check_float(f"{name}.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
-        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        # (check_float returns None only with allow_none=True)
+        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.expectile = cast(
+            float, check_float(f"{name}.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
+        )
+        self.alpha = cast(float, check_float(f"{name}.alpha", alpha, low=0.0))
+        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 
@@ -347,7 +351,7 @@ class GCIQL(Agent):
     def act(self, nets: GCIQLNetworks, s, g, *, key):
         """The actor's action for one scaled state and goal: ``(1, act_dim)`` in [-1, 1]
         (deterministic: the authors evaluate at temperature 0, i.e. the clipped mean)."""
-        return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self.spec.act_dim)
+        return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self._built_spec().act_dim)
 
     # ------------------------------------------------------------------ the losses
     def value_part(self, nets: GCIQLNetworks, target_critic, batch: dict) -> tuple[Array, dict]:

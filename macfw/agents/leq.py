@@ -76,7 +76,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -139,7 +139,7 @@ class LEQActor(DeterministicActor):
         final_init_scale: float = 0.01,
         compute_dtype: str | None = None,
     ):
-        scale = check_float("LEQActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
+        scale = cast(float, check_float("LEQActor.final_init_scale", final_init_scale, low=0.0, low_open=True))
         self.net = MLP(
             spec.ob_dim + spec.goal_dim,
             spec.chunk_dim,
@@ -309,13 +309,13 @@ def model_nll(dynamics, s, a, s_next, eps: Float[Array, "k B ob_dim"]) -> tuple[
 # The agent
 # --------------------------------------------------------------------------------------------
 class LEQNetworks(eqx.Module):
-    """Every trained network of LEQ (what the optimiser updates)."""
+    """Every trained network of LEQ (what the optimiser updates); equinox Modules used duck-typed (``Any``)."""
 
-    dynamics: eqx.Module  # Ensemble of GaussianDynamics
-    success: eqx.Module
-    reward: eqx.Module | None  # None for goal-conditioned data
-    actor: eqx.Module
-    critic: eqx.Module
+    dynamics: Any  # Ensemble of GaussianDynamics
+    success: Any
+    reward: Any | None  # None for goal-conditioned data
+    actor: Any
+    critic: Any
 
 
 class LEQState(eqx.Module):
@@ -324,7 +324,7 @@ class LEQState(eqx.Module):
     step: Array
     key: Array
     nets: LEQNetworks
-    target_critic: eqx.Module
+    target_critic: Any  # a copy of nets.critic
     opt_state: Any
 
 
@@ -379,17 +379,21 @@ class LEQ(Agent):
                 callable(f),
                 "a network class, e.g. @dynamics/Ensemble for LEQ.dynamics (see gin/baselines/leq.gin)",
             )
+        assert dynamics is not None  # check() refused a non-callable
         self.factories = dict(dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic)
-        self.gamma = check_float("LEQ.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.lam = check_float("LEQ.lam", lam, low=0.0, high=1.0)
-        self.horizon = check_int("LEQ.horizon", horizon)
-        self.expectile = check_float("LEQ.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.data_expectile = check_float(
-            "LEQ.data_expectile", data_expectile, low=0.0, high=1.0, low_open=True, high_open=True
+        # (check_int/check_float return None only with allow_none=True)
+        self.gamma = cast(float, check_float("LEQ.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.lam = cast(float, check_float("LEQ.lam", lam, low=0.0, high=1.0))
+        self.horizon = cast(int, check_int("LEQ.horizon", horizon))
+        self.expectile = cast(
+            float, check_float("LEQ.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
         )
-        self.model_weight = check_float("LEQ.model_weight", model_weight, low=0.0, high=1.0)
-        self.tau = check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.data_expectile = cast(
+            float, check_float("LEQ.data_expectile", data_expectile, low=0.0, high=1.0, low_open=True, high_open=True)
+        )
+        self.model_weight = cast(float, check_float("LEQ.model_weight", model_weight, low=0.0, high=1.0))
+        self.tau = cast(float, check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True))
         self.unroll_rollout = bool(unroll_rollout)
         self.goal_sampling = goal_sampling_for("LEQ", goal_sampling)
         self.spec: Spec | None = None
@@ -430,7 +434,7 @@ class LEQ(Agent):
     # ------------------------------------------------------------------ acting
     def act(self, nets: LEQNetworks, s, g, *, key):
         """The deterministic action ``pi(s, g)``: ``(1, act_dim)`` in (-1, 1)."""
-        return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self.spec.act_dim)
+        return jnp.clip(nets.actor(s, g), -1.0, 1.0).reshape(1, self._built_spec().act_dim)
 
     # ------------------------------------------------------------------ imagined rollouts
     def rollout_noise(self, nets: LEQNetworks, key, batch_size: int, dtype=jnp.float32) -> dict[str, Array]:
@@ -443,7 +447,7 @@ class LEQ(Agent):
         num = getattr(nets.dynamics, "num", 1)
         return {
             "member": jax.random.randint(k_member, (H, batch_size), 0, num, jnp.int32),
-            "eps": jax.random.normal(k_eps, (H, batch_size, self.spec.ob_dim), dtype),
+            "eps": jax.random.normal(k_eps, (H, batch_size, self._built_spec().ob_dim), dtype),
         }
 
     def draw_noise(self, nets: LEQNetworks, key, batch_size: int, dtype=jnp.float32) -> dict:
@@ -455,7 +459,7 @@ class LEQ(Agent):
         return {
             "critic": self.rollout_noise(nets, k_c, batch_size, dtype),
             "actor": self.rollout_noise(nets, k_a, batch_size, dtype),
-            "dynamics": jax.random.normal(k_d, (num, batch_size, self.spec.ob_dim), dtype),
+            "dynamics": jax.random.normal(k_d, (num, batch_size, self._built_spec().ob_dim), dtype),
         }
 
     def rollout(
@@ -479,6 +483,12 @@ class LEQ(Agent):
         H = self.horizon
         goal_conditioned = g.shape[-1] > 0
         dt = s0.dtype
+        if goal_conditioned:
+            reward_fn = None
+        elif nets.reward is None:
+            raise ValueError("LEQ on single-task data needs a reward model, got nets.reward = None (LEQ.reward = None)")
+        else:
+            reward_fn = jax.vmap(nets.reward)
 
         def act(s, t):
             a = jax.vmap(nets.actor)(s, g)
@@ -488,7 +498,7 @@ class LEQ(Agent):
             a = act(s, x["t"])
             s_next = model_sample(nets.dynamics, s, a, x["member"], x["eps"])
             c = (jax.nn.sigmoid(jax.vmap(nets.success)(s, g, a)) > 0.5).astype(dt)
-            r = c - 1.0 if goal_conditioned else jax.vmap(nets.reward)(s, g, a)
+            r = c - 1.0 if reward_fn is None else reward_fn(s, g, a)
             q = jax.vmap(nets.critic)(s, g, a)
             return s_next, (s, {"actions": a, "rewards": r, "masks": 1.0 - c, "q": q})
 
@@ -533,7 +543,7 @@ class LEQ(Agent):
             raise ValueError(f"jacobian must be 'chain' or 'per_step', got {jacobian!r}.")
         frozen = _sg(nets)
         H, B = self.horizon, s0.shape[0]
-        delta = jnp.zeros((H + 1, B, self.spec.act_dim), s0.dtype)
+        delta = jnp.zeros((H + 1, B, self._built_spec().act_dim), s0.dtype)
         returns, vjp, roll = jax.vjp(
             lambda d: (lambda r: (r["returns"], r))(self.rollout(frozen, s0, g, noise, d)), delta, has_aux=True
         )

@@ -40,7 +40,7 @@ macfw's later-state goals may be the final observation, theirs stop one before i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -79,15 +79,19 @@ from macfw.spec import Spec
 
 
 class Networks(eqx.Module):
-    """Every trained network of MAC (the parameters the optimiser updates)."""
+    """Every trained network of MAC (the parameters the optimiser updates).
 
-    dynamics: eqx.Module
-    policy: eqx.Module
-    critic: eqx.Module
-    value: eqx.Module
-    success: eqx.Module
-    reward: eqx.Module | None
-    actor: eqx.Module | None = None  # an extra actor (MAC-FQL, macfw.agents.fql); None for MAC
+    Each is an :class:`equinox.Module` built by a component factory and used duck-typed (called,
+    ``.loss``, ...), hence typed ``Any``.
+    """
+
+    dynamics: Any
+    policy: Any
+    critic: Any
+    value: Any
+    success: Any
+    reward: Any | None
+    actor: Any | None = None  # an extra actor (MAC-FQL, macfw.agents.fql); None for MAC
 
 
 class TrainState(eqx.Module):
@@ -103,7 +107,7 @@ class TrainState(eqx.Module):
 
     step: Array
     nets: Networks
-    target_value: eqx.Module
+    target_value: Any  # a copy of nets.value
     opt_state: Any
     key: Array
 
@@ -206,13 +210,14 @@ class MAC(Agent):
         unroll_rollout: bool = False,
         goal_sampling: GoalSampling | None = None,
     ):
-        self._chunk_len = check_int("MAC.chunk_len", chunk_len)
+        # (check_int/check_float return None only with allow_none=True)
+        self._chunk_len = cast(int, check_int("MAC.chunk_len", chunk_len))
         self.normalize_reward = bool(normalize_reward)
-        self.gamma = check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True)
-        self.lam = check_float("MAC.lam", lam, low=0.0, high=1.0)
-        self.horizon = check_int("MAC.horizon", horizon)
-        self.tau = check_float("MAC.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.gamma = cast(float, check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True))
+        self.lam = cast(float, check_float("MAC.lam", lam, low=0.0, high=1.0))
+        self.horizon = cast(int, check_int("MAC.horizon", horizon))
+        self.tau = cast(float, check_float("MAC.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True))
         self.rollout_batch_size = check_int("MAC.rollout_batch_size", rollout_batch_size, allow_none=True)
         self.grad_clip = check_float("MAC.grad_clip", grad_clip, low=0.0, low_open=True, allow_none=True)
         self.factories = dict(
@@ -281,7 +286,8 @@ class MAC(Agent):
     def act(self, nets: Networks, s, g, *, key, acting: bool = True):
         """A chunk for one (scaled) state and goal: ``(chunk_len, act_dim)`` in [-1, 1]."""
         A = self.sampler(nets.policy, nets.critic, s, g, key=key, acting=acting)
-        return A.reshape(self.spec.chunk_len, self.spec.act_dim)
+        spec = self._built_spec()
+        return A.reshape(spec.chunk_len, spec.act_dim)
 
     # ------------------------------------------------------------------ benchmark hooks
     def for_flop_count(self) -> MAC:
@@ -292,20 +298,20 @@ class MAC(Agent):
         agent.unroll_rollout = True
         return agent
 
-    def uncounted_flops(self, state, batch_size: int) -> float:
+    def uncounted_flops(self, state: TrainState, batch_size: int) -> float:
         """The distillation target's diffrax ODE loop is counted once: add ``flow_steps - 1`` batched
         velocity evaluations (none for a policy without ``velocity``/``flow_steps``)."""
         pol = state.nets.policy
         if not (hasattr(pol, "velocity") and getattr(pol, "flow_steps", 1) > 1):
             return 0.0
-        spec = self.spec
+        spec = self._built_spec()
         s, g, x = (jnp.zeros((batch_size, d)) for d in (spec.ob_dim, spec.goal_dim, spec.chunk_dim))
         vel = jax.jit(jax.vmap(lambda pol, s, g, x: pol.velocity(s, g, x, 0.5), in_axes=(None, 0, 0, 0)))
         ca = vel.lower(pol, s, g, x).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return (pol.flow_steps - 1) * float((ca or {}).get("flops", 0.0))
 
-    def benchmark_parts(self, state, batch):
+    def benchmark_parts(self, state: TrainState, batch):
         """The imagined rollout and the rejection sampler, each over ``rollout_batch_size`` states."""
         Br = self.rollout_batch_size or batch["obs"].shape[0]
         s0, g0 = batch["obs"][:Br], batch["value_goals"][:Br]
@@ -329,10 +335,15 @@ class MAC(Agent):
         nets = fold_layer_norms(jax.lax.stop_gradient(nets))
         B = s0.shape[0]
         goal_conditioned = g.shape[-1] > 0
+        if goal_conditioned:
+            models = (nets.success, nets.dynamics)
+        elif nets.reward is None:
+            raise ValueError("MAC on single-task data needs a reward model, got nets.reward = None (MAC.reward = None)")
+        else:
+            models = (nets.success, nets.dynamics, nets.reward)
 
         def one(s, gg, k):
             A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
-            models = (nets.success, nets.dynamics) + (() if goal_conditioned else (nets.reward,))
             logit, s_next, *rest = evaluate_jointly(models, s, gg, A)  # one first-layer product where it can
             c = (jax.nn.sigmoid(logit) > 0.5).astype(jnp.float32)
             r = c - 1.0 if goal_conditioned else rest[0]
@@ -372,7 +383,7 @@ class MAC(Agent):
         with jax.named_scope("value_critic"):
             # value: lambda-returns against V' on the H+1 imagined states (at lam = 1 only V'(s_H) is needed).
             states, g = roll["states"], roll["goals"]
-            discount = self.gamma**self.spec.chunk_len
+            discount = self.gamma ** self._built_spec().chunk_len
             g_steps = jnp.broadcast_to(g, states.shape[:2] + g.shape[1:])
             if self.lam == 1.0 and not reference.active("lambda_one"):  # V' on s_H alone: the rest cancels
                 returns = monte_carlo_returns(

@@ -20,6 +20,8 @@ Units: ``rollout_freq`` and ``first_rollout_step`` in gradient steps; ``rollout_
 
 from __future__ import annotations
 
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -65,11 +67,14 @@ class ModelRollouts:
         real_ratio: float = 0.5,
         first_rollout_step: int | None = None,
     ):
-        self.rollout_freq = check_int("ModelRollouts.rollout_freq", rollout_freq)
-        self.rollout_length = check_int("ModelRollouts.rollout_length", rollout_length)
-        self.num_starts = check_int("ModelRollouts.num_starts", num_starts)
-        self.retain_rounds = check_int("ModelRollouts.retain_rounds", retain_rounds)
-        self.real_ratio = check_float("ModelRollouts.real_ratio", real_ratio, low=0.0, high=1.0, low_open=True)
+        # (check_int/check_float return None only with allow_none=True)
+        self.rollout_freq = cast(int, check_int("ModelRollouts.rollout_freq", rollout_freq))
+        self.rollout_length = cast(int, check_int("ModelRollouts.rollout_length", rollout_length))
+        self.num_starts = cast(int, check_int("ModelRollouts.num_starts", num_starts))
+        self.retain_rounds = cast(int, check_int("ModelRollouts.retain_rounds", retain_rounds))
+        self.real_ratio = cast(
+            float, check_float("ModelRollouts.real_ratio", real_ratio, low=0.0, high=1.0, low_open=True)
+        )
         first = self.rollout_freq if first_rollout_step is None else first_rollout_step
         check(
             "ModelRollouts.first_rollout_step",

@@ -20,6 +20,8 @@ update 1.23-1.32x the authors' at ``cpu-small``, issue 29).
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 
@@ -43,16 +45,17 @@ class MOBILE(MOPO):
 
     def __init__(self, *args, num_samples: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
-        self.num_samples = check_int("MOBILE.num_samples", num_samples)
+        self.num_samples = cast(int, check_int("MOBILE.num_samples", num_samples))  # None only with allow_none
 
     def penalty_noise(self, nets, key, n):
         """``next_obs (k, J, n, ob_dim)`` (``s'_ij``) and ``next_actions (k, J, n, act_dim)`` (``a'_ij``),
         standard normals (J = ``num_samples``)."""
         k_dyn, k_act = jax.random.split(key)
         shape = (nets.dynamics.num, self.num_samples, n)
+        spec = self._built_spec()
         return {
-            "penalty/next_obs": jax.random.normal(k_dyn, (*shape, self.spec.ob_dim)),
-            "penalty/next_actions": jax.random.normal(k_act, (*shape, self.spec.act_dim)),
+            "penalty/next_obs": jax.random.normal(k_dyn, (*shape, spec.ob_dim)),
+            "penalty/next_actions": jax.random.normal(k_act, (*shape, spec.act_dim)),
         }
 
     def penalty(self, nets, target_critic, batch, noise):

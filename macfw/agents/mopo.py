@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -75,14 +75,15 @@ from macfw.spec import Spec
 
 
 class MOPONetworks(eqx.Module):
-    """Every trained network of MOPO/MOBILE (what the optimiser updates)."""
+    """Every trained network of MOPO/MOBILE (what the optimiser updates); equinox Modules used
+    duck-typed (``Any``)."""
 
-    dynamics: eqx.Module  # Ensemble of GaussianDynamics
-    success: eqx.Module
-    reward: eqx.Module | None  # None for goal-conditioned data
-    actor: eqx.Module
-    critic: eqx.Module  # Ensemble of QCritic
-    temperature: eqx.Module
+    dynamics: Any  # Ensemble of GaussianDynamics
+    success: Any
+    reward: Any | None  # None for goal-conditioned data
+    actor: Any
+    critic: Any  # Ensemble of QCritic
+    temperature: Any
 
 
 class MOPOState(eqx.Module):
@@ -91,7 +92,7 @@ class MOPOState(eqx.Module):
     step: Array
     key: Array
     nets: MOPONetworks
-    target_critic: eqx.Module
+    target_critic: Any  # a copy of nets.critic
     opt_state: Any
     buffer: ModelBuffer
 
@@ -151,15 +152,17 @@ class MOPO(Agent):
         name = type(self).__name__
         for slot, f in (("dynamics", dynamics), ("critic", critic)):
             check(f"{name}.{slot}", f, callable(f), f"a network class, e.g. @{slot}/Ensemble (see gin/baselines/)")
+        assert dynamics is not None and critic is not None  # check() refused a non-callable
         self.factories = dict(
             dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic, temperature=temperature
         )
         self.rollouts = rollouts if rollouts is not None else ModelRollouts()
-        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.beta = check_float(f"{name}.beta", beta, low=0.0)
-        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
-        self.target_entropy_scale = check_float(f"{name}.target_entropy_scale", target_entropy_scale)
+        # (check_float returns None only with allow_none=True)
+        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.beta = cast(float, check_float(f"{name}.beta", beta, low=0.0))
+        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.target_entropy_scale = cast(float, check_float(f"{name}.target_entropy_scale", target_entropy_scale))
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
@@ -203,7 +206,7 @@ class MOPO(Agent):
     # ------------------------------------------------------------------ acting
     def act(self, nets: MOPONetworks, s, g, *, key):
         """The actor's mode ``tanh(mean(s, g))``: ``(1, act_dim)`` (the authors evaluate at temperature 0)."""
-        return nets.actor.mode(s, g).reshape(1, self.spec.act_dim)
+        return nets.actor.mode(s, g).reshape(1, self._built_spec().act_dim)
 
     # ------------------------------------------------------------------ the random draws of one update
     def draw_noise(self, nets: MOPONetworks, key, n_real: int, n_model: int) -> dict[str, Array]:
@@ -216,9 +219,10 @@ class MOPO(Agent):
         (:meth:`penalty_noise`), each a standard normal. ``B = n_real + n_model``.
         """
         k_dyn, k_next, k_act, k_pen = jax.random.split(key, 4)
-        B, A = n_real + n_model, self.spec.act_dim
+        spec = self._built_spec()
+        B, A = n_real + n_model, spec.act_dim
         noise = {
-            "dynamics": jax.random.normal(k_dyn, (nets.dynamics.num, n_real, self.spec.ob_dim)),
+            "dynamics": jax.random.normal(k_dyn, (nets.dynamics.num, n_real, spec.ob_dim)),
             "next_actions": jax.random.normal(k_next, (B, A)),
             "actions": jax.random.normal(k_act, (B, A)),
         }
@@ -249,7 +253,7 @@ class MOPO(Agent):
         q_next = target_critic.over_batch(_q, batch["next_obs"], batch["value_goals"], a_next)  # (k, B)
         q_next = q_next.min(axis=0) if self.q_agg == "min" else q_next.mean(axis=0)
         target = batch["rewards"] + self.gamma * batch["masks"] * q_next
-        if self.spec.goal_conditioned:
+        if self._built_spec().goal_conditioned:
             target = jnp.clip(target, -1.0 / (1.0 - self.gamma), 0.0)
         return target
 
@@ -293,7 +297,7 @@ class MOPO(Agent):
         q_pi = _sg(nets.critic).over_batch(_q, mixed["obs"], mixed["actor_goals"], a).mean(axis=0)
         alpha = _sg(nets.temperature())
         actor_loss = jnp.mean(alpha * log_p - q_pi)
-        temp_loss, m_t = nets.temperature.loss(log_p, -self.target_entropy_scale * self.spec.act_dim)
+        temp_loss, m_t = nets.temperature.loss(log_p, -self.target_entropy_scale * self._built_spec().act_dim)
 
         total = total + critic_loss + actor_loss + temp_loss
         metrics.update(m_t)
@@ -371,9 +375,10 @@ class MOPO(Agent):
         the chosen member) and ``members (H, num)`` int32 (the member of each step, uniform)."""
         H = self.rollouts.rollout_length
         k_a, k_s, k_m = jax.random.split(key, 3)
+        spec = self._built_spec()
         return {
-            "actions": jax.random.normal(k_a, (H, num, self.spec.act_dim)),
-            "dynamics": jax.random.normal(k_s, (H, num, self.spec.ob_dim)),
+            "actions": jax.random.normal(k_a, (H, num, spec.act_dim)),
+            "dynamics": jax.random.normal(k_s, (H, num, spec.ob_dim)),
             "members": jax.random.randint(k_m, (H, num), 0, nets.dynamics.num),
         }
 
@@ -385,7 +390,13 @@ class MOPO(Agent):
         ``c - 1``; single-task reward from the reward head; mask ``1 - c``; goals of the start sample."""
         nets = _sg(nets)
         s0, vg, ag = starts["obs"], starts["value_goals"], starts["actor_goals"]
-        N, gc = s0.shape[0], self.spec.goal_conditioned
+        N, gc = s0.shape[0], self._built_spec().goal_conditioned
+        if gc:
+            reward_fn = None
+        elif nets.reward is None:
+            raise ValueError(f"{type(self).__name__} on single-task data needs a reward model, got nets.reward = None")
+        else:
+            reward_fn = jax.vmap(nets.reward)
 
         def step(s, nz):
             a, _, _ = self._actor_samples(nets.actor, s, vg, nz["actions"])
@@ -394,7 +405,7 @@ class MOPO(Agent):
             rows = jnp.arange(s.shape[0])
             s_next = mean[nz["members"], rows] + jnp.exp(log_std[nz["members"], rows]) * nz["dynamics"]
             c = (jax.nn.sigmoid(jax.vmap(nets.success)(s, vg, a)) > 0.5).astype(jnp.float32)
-            r = c - 1.0 if gc else jax.vmap(nets.reward)(s, vg, a)
+            r = c - 1.0 if reward_fn is None else reward_fn(s, vg, a)
             return s_next, {"obs": s, "actions": a, "next_obs": s_next, "rewards": r, "masks": 1.0 - c}
 
         with jax.named_scope("rollout"):

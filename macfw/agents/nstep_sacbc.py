@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -163,11 +163,11 @@ def critic_values(critic, s: Array, g: Array, a: Array) -> Float[Array, "k B"]:
 
 # ---------------------------------------------------------------------------------------------- the agent
 class NStepSACBCNetworks(eqx.Module):
-    """Every trained network (what the optimiser updates)."""
+    """Every trained network (what the optimiser updates); equinox Modules used duck-typed (``Any``)."""
 
-    actor: eqx.Module
-    critic: eqx.Module  # Ensemble of QCritic on single actions
-    temperature: eqx.Module
+    actor: Any
+    critic: Any  # Ensemble of QCritic on single actions
+    temperature: Any
 
 
 class NStepSACBCState(eqx.Module):
@@ -176,7 +176,7 @@ class NStepSACBCState(eqx.Module):
     step: Array
     key: Array
     nets: NStepSACBCNetworks
-    target_critic: eqx.Module
+    target_critic: Any  # a copy of nets.critic
     opt_state: Any
 
 
@@ -238,13 +238,15 @@ class NStepSACBC(Agent):
                 if slot == "critic"
                 else "a registered network class",
             )
+        assert critic is not None  # check() refused a non-callable
         self.factories = dict(actor=actor, critic=critic, temperature=temperature)
-        self.n = check_int(f"{name}.n", n, minimum=1)
-        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
-        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
-        self.target_entropy_scale = check_float(f"{name}.target_entropy_scale", target_entropy_scale)
+        # (check_int/check_float return None only with allow_none=True)
+        self.n = cast(int, check_int(f"{name}.n", n, minimum=1))
+        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.alpha = cast(float, check_float(f"{name}.alpha", alpha, low=0.0))
+        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.target_entropy_scale = cast(float, check_float(f"{name}.target_entropy_scale", target_entropy_scale))
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
@@ -263,7 +265,7 @@ class NStepSACBC(Agent):
     @property
     def _bce(self) -> bool:
         """BCE critic (logits; values are probabilities) on goal-conditioned data."""
-        return self.spec.goal_conditioned and self.value_loss == "bce"
+        return self._built_spec().goal_conditioned and self.value_loss == "bce"
 
     # ------------------------------------------------------------------ building
     def init(self, spec: Spec, key) -> NStepSACBCState:
@@ -285,13 +287,13 @@ class NStepSACBC(Agent):
     # ------------------------------------------------------------------ acting
     def act(self, nets: NStepSACBCNetworks, s, g, *, key):
         """The actor's mode ``tanh(mean(s, g))``: ``(1, act_dim)`` (the authors evaluate at temperature 0)."""
-        return nets.actor.mode(s, g).reshape(1, self.spec.act_dim)
+        return nets.actor.mode(s, g).reshape(1, self._built_spec().act_dim)
 
     # ------------------------------------------------------------------ the update
     def rewards_and_masks(self, batch: dict) -> tuple[Array, Array]:
         """The n-step reward and mask per example, ``(B,)`` each: goal-conditioned from the indices
         (:func:`nstep_goal_reward`), single-task the batch's n-step discounted reward and mask."""
-        if self.spec.goal_conditioned:
+        if self._built_spec().goal_conditioned:
             r, m, _ = nstep_goal_reward(batch["idx"], batch["value_goal_idx"], self.n, self.gamma)
             return r, m
         return batch["rewards"], batch["masks"]
@@ -301,7 +303,7 @@ class NStepSACBC(Agent):
         actor samples, ``next_actions`` (``a' ~ pi(s_{t+n}, g)`` of the target) and ``actions``
         (``a ~ pi(s_t, g_a)`` of the actor loss), each ``(B, act_dim)``."""
         k_next, k_act = jax.random.split(key)
-        shape = (batch_size, self.spec.act_dim)
+        shape = (batch_size, self._built_spec().act_dim)
         return {"next_actions": jax.random.normal(k_next, shape), "actions": jax.random.normal(k_act, shape)}
 
     @staticmethod
@@ -322,12 +324,13 @@ class NStepSACBC(Agent):
             q_next = jax.nn.sigmoid(q_next)
         q_next = q_next.min(axis=0) if self.q_agg == "min" else q_next.mean(axis=0)
         r, m = self.rewards_and_masks(batch)
-        return nstep_target(r, m, q_next, self.gamma, self.n, (0.0, 1.0) if self.spec.goal_conditioned else None)
+        clip = (0.0, 1.0) if self._built_spec().goal_conditioned else None
+        return nstep_target(r, m, q_next, self.gamma, self.n, clip)
 
     def loss(self, nets: NStepSACBCNetworks, batch: dict, target: Array, eps: Array) -> tuple[Array, dict]:
         """Critic, actor and temperature losses on ``batch`` for a fixed ``target``; ``eps (B, act_dim)``
         the noise of ``a ~ pi(s_t, g_a)``. Returns ``(total, metrics)``."""
-        act_dim = self.spec.act_dim
+        act_dim = self._built_spec().act_dim
         a_data = batch["actions"][:, :act_dim]
         out = critic_values(nets.critic, batch["obs"], batch["value_goals"], a_data)  # (k, B)
         if self._bce:

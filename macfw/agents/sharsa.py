@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -79,12 +79,12 @@ from macfw.spec import Spec
 
 
 class SHARSANetworks(eqx.Module):
-    """Every trained network of SHARSA (what the optimiser updates)."""
+    """Every trained network of SHARSA (what the optimiser updates); equinox Modules used duck-typed (``Any``)."""
 
-    high_actor: eqx.Module  # flow over subgoals (goal_dim,) given (s, g)
-    low_actor: eqx.Module  # flow over one action (act_dim,) given (s, subgoal)
-    critic: eqx.Module  # Ensemble of QCritic on (s, g, subgoal): (num,) logits
-    value: eqx.Module  # StateValue on (s, g): a logit
+    high_actor: Any  # flow over subgoals (goal_dim,) given (s, g)
+    low_actor: Any  # flow over one action (act_dim,) given (s, subgoal)
+    critic: Any  # Ensemble of QCritic on (s, g, subgoal): (num,) logits
+    value: Any  # StateValue on (s, g): a logit
 
 
 class SHARSAState(eqx.Module):
@@ -93,7 +93,7 @@ class SHARSAState(eqx.Module):
     step: Array
     key: Array
     nets: SHARSANetworks
-    target_critic: eqx.Module
+    target_critic: Any  # a copy of nets.critic
     opt_state: Any
 
 
@@ -202,14 +202,16 @@ class SHARSA(Agent):
         name = type(self).__name__
         for slot, f in (("high_actor", high_actor), ("low_actor", low_actor), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class (see gin/baselines/sharsa.gin)")
+        assert critic is not None  # check() refused a non-callable
         self.factories = dict(high_actor=high_actor, low_actor=low_actor, critic=critic, value=value)
-        self.n = check_int(f"{name}.n", n)
-        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
-        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        # (check_int/check_float return None only with allow_none=True)
+        self.n = cast(int, check_int(f"{name}.n", n))
+        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
+        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
-        self.num_samples = check_int(f"{name}.num_samples", num_samples)
+        self.num_samples = cast(int, check_int(f"{name}.num_samples", num_samples))
         self._loss_fn = make_value_loss(self.value_loss, binding=f"{name}.value_loss")
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
@@ -282,7 +284,7 @@ class SHARSA(Agent):
         k_high, k_low = jax.random.split(key)
         w, _, _ = self.select_subgoal(nets, s, g, key=k_high)
         a = nets.low_actor.sample(s, w, key=k_low)
-        return jnp.clip(a, -1.0, 1.0).reshape(1, self.spec.act_dim)
+        return jnp.clip(a, -1.0, 1.0).reshape(1, self._built_spec().act_dim)
 
     # ------------------------------------------------------------------ the update
     def _prob(self, x: Array) -> Array:
@@ -313,7 +315,7 @@ class SHARSA(Agent):
         k_high, k_low = jax.random.split(key)
         kz_h, ku_h = jax.random.split(k_high)
         kz_l, ku_l = jax.random.split(k_low)
-        B, sp = batch_size, self.spec
+        B, sp = batch_size, self._built_spec()
         return {
             "z_high": jax.random.normal(kz_h, (B, sp.goal_dim)),
             "u_high": jax.random.uniform(ku_h, (B,)),
@@ -331,7 +333,7 @@ class SHARSA(Agent):
         q = batched_heads(nets.critic, s, g, w)  # (B, heads), members-outer (see batched_heads)
         critic = jnp.mean(jnp.sum(self._loss_fn(q, tg["targets"][:, None]), axis=1))
 
-        a0 = batch["actions"][:, : self.spec.act_dim]
+        a0 = batch["actions"][:, : self._built_spec().act_dim]
         high = jnp.mean(
             jax.vmap(nets.high_actor.flow_loss)(
                 s, batch["actor_goals"], tg["high_targets"], noise["z_high"], noise["u_high"]

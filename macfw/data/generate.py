@@ -68,11 +68,12 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from macfw.data.errors import DatasetError
+from macfw.diskfull import disk_full_error
 
 __all__ = [
     "SUPPORTED_ENVS",
@@ -123,6 +124,12 @@ _NOISE_SMOOTHING = 0.5
 _TRAIN, _VAL = 0, 1  # split ids, part of each episode's seed
 
 #: OGBench's dataset server (``ogbench.utils.DATASET_URL``): ``<URL>/<name>.npz`` and ``<name>-val.npz``.
+#: What a full disk during generation tells the user (files are written under temporary names and removed
+#: on failure, so nothing half-written is ever read).
+DISK_FULL_FIX = (
+    "Free space there (or write elsewhere: --out, or MACFW_CACHE_DIR) and run the same command again: "
+    "nothing half-written was kept."
+)
 OGBENCH_DATASET_URL = "https://rail.eecs.berkeley.edu/datasets/ogbench"
 #: Locomotion datasets OGBench publishes as 100M-transition shard directories ``<URL>/<name>-100m-v0/``
 #: (OGBench's README, "Additional Features"; seohongpark/horizon-reduction's README).
@@ -334,7 +341,7 @@ def _make_env_and_agents(env_stem: str, episode_length: int):
             mode="data_collection",
             max_episode_steps=episode_length,
         )
-    kw = dict(env=env, noise=_NOISE, noise_smoothing=_NOISE_SMOOTHING)
+    kw: dict[str, Any] = dict(env=env, noise=_NOISE, noise_smoothing=_NOISE_SMOOTHING)
     if env_stem.startswith("cube"):
         agents = {"cube": CubePlanOracle(**kw)}
     elif env_stem == "scene":
@@ -414,7 +421,7 @@ def _collect_episode(task: tuple) -> tuple[int, int, dict[str, np.ndarray]]:
                 buttons.append(info["prev_button_states"])
             ob = next_ob
 
-        episode = {
+        episode: dict[str, np.ndarray] = {
             "observations": np.asarray(obs, dtype=np.float32),
             "actions": np.asarray(acts, dtype=np.float32),
             "terminals": np.asarray(terms, dtype=np.float32),
@@ -460,8 +467,12 @@ def _is_stale_tmp(p: pathlib.Path) -> bool:
 def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = _tmp_name(path)
     try:
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, **cast("dict[str, Any]", arrays))  # (numpy's stub: a key could be allow_pickle)
         os.replace(tmp, path)
+    except OSError as e:  # name the file (zipfile's errors do not): a full disk's message says where
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -478,6 +489,41 @@ def _collect_here(tasks, results, bar) -> None:
             bar.update(1)
     finally:
         np.random.set_state(rng_state)
+
+
+def _collect_in_pool(tasks, results, bar, workers: int) -> None:
+    """Collect ``tasks`` in ``workers`` spawned worker processes into ``results[split][index]``,
+    ticking ``bar``.
+
+    Raises:
+      RuntimeError: a worker process died (the message says how to guard a script's entry point).
+    """
+    # 'spawn', not fork: the parent may have imported JAX (not fork-safe).
+    # Refer to the worker function through its importable module name (not '__main__'
+    # when run with ``python -m``), so spawned children can unpickle it.
+    from macfw.data.generate import _collect_episode as collect
+
+    ctx = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    try:
+        futures = [executor.submit(collect, task) for task in tasks]
+        for future in as_completed(futures):
+            split, index, episode = future.result()
+            results[split][index] = episode
+            bar.update(1)
+    except BrokenProcessPool as e:
+        raise RuntimeError(
+            "a dataset-generation worker process died; if this was called from a script, "
+            "guard its entry point with `if __name__ == '__main__':` (worker processes are "
+            "spawned and re-import the main module), or pass workers=1"
+        ) from e
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _concat(episodes: list) -> dict[str, np.ndarray]:
+    """The episodes' arrays concatenated along the rows, per key (the keys of the first episode)."""
+    return {k: np.concatenate([ep[k] for ep in episodes], axis=0) for k in episodes[0]}
 
 
 def generate_dataset(
@@ -557,39 +603,16 @@ def generate_dataset(
         if workers == 1:
             _collect_here(tasks, results, bar)
         else:
-            # 'spawn', not fork: the parent may have imported JAX (not fork-safe).
-            # Refer to the worker function through its importable module name (not '__main__'
-            # when run with ``python -m``), so spawned children can unpickle it.
-            from macfw.data.generate import _collect_episode as collect
-
-            ctx = multiprocessing.get_context("spawn")
-            executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-            try:
-                futures = [executor.submit(collect, task) for task in tasks]
-                for future in as_completed(futures):
-                    split, index, episode = future.result()
-                    results[split][index] = episode
-                    bar.update(1)
-            except BrokenProcessPool as e:
-                raise RuntimeError(
-                    "a dataset-generation worker process died; if this was called from a script, "
-                    "guard its entry point with `if __name__ == '__main__':` (worker processes are "
-                    "spawned and re-import the main module), or pass workers=1"
-                ) from e
-            finally:
-                executor.shutdown(wait=True, cancel_futures=True)
+            _collect_in_pool(tasks, results, bar, workers)
     finally:
         bar.close()
-
-    def concat(episodes):
-        return {k: np.concatenate([ep[k] for ep in episodes], axis=0) for k in episodes[0]}
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.exists():
         out_path.unlink()  # keep "training file exists => both files complete" true meanwhile
-    _save_atomic(val_path, concat(results[_VAL]))
+    _save_atomic(val_path, _concat(results[_VAL]))
     results[_VAL] = []
-    _save_atomic(out_path, concat(results[_TRAIN]))
+    _save_atomic(out_path, _concat(results[_TRAIN]))
     return out_path
 
 
@@ -708,7 +731,10 @@ def generate_shards(
         for k in todo:
             tasks = [(env_stem, episode_length, seed, _TRAIN, i, k) for i in range(episodes_per_shard)]
             tasks += [(env_stem, episode_length, seed, _VAL, i, k) for i in range(num_val)]
-            results = {_TRAIN: [None] * episodes_per_shard, _VAL: [None] * num_val}
+            results: dict[int, list[dict[str, np.ndarray] | None]] = {
+                _TRAIN: [None] * episodes_per_shard,
+                _VAL: [None] * num_val,
+            }
             bar = tqdm(total=len(tasks), unit="episode", desc=paths[k].name, disable=not progress)
             try:
                 if executor is None:
@@ -729,13 +755,9 @@ def generate_shards(
                         ) from e
             finally:
                 bar.close()
-
-            def concat(episodes):
-                return {key: np.concatenate([ep[key] for ep in episodes], axis=0) for key in episodes[0]}
-
-            _save_atomic(val_dataset_path(paths[k]), concat(results[_VAL]))
+            _save_atomic(val_dataset_path(paths[k]), _concat(results[_VAL]))
             results[_VAL] = []
-            _save_atomic(paths[k], concat(results[_TRAIN]))
+            _save_atomic(paths[k], _concat(results[_TRAIN]))
             del results
     finally:
         if executor is not None:
@@ -778,7 +800,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def fail(e: Exception):
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        full = disk_full_error(e, fix=DISK_FULL_FIX)
+        if isinstance(e, OSError) and full is None:
+            raise e
+        parser.exit(2, f"{parser.prog}: error: {full or e}\n")
 
     if args.shards is not None:
         try:
@@ -803,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 workers=args.workers,
                 progress=not args.no_progress,
             )
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             fail(e)
         print(out)
         print(f"{len(paths)} shard(s): {paths[0].name} .. {paths[-1].name}")
@@ -829,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             workers=args.workers,
             progress=not args.no_progress,
         )
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         fail(e)
     print(path)
     print(val_dataset_path(path))

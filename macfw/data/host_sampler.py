@@ -35,12 +35,16 @@ prefetch buffer; its iterator state goes into every checkpoint with the step).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import chunk_reward, goal_indices
+
+if TYPE_CHECKING:
+    import grain
 
 SAMPLINGS = ("uniform", "shard_rotation")
 
@@ -318,8 +322,8 @@ class ShardedBatches:
         lead = (K, num_seeds, batch_size) if num_seeds is not None else (K, batch_size)
         self.lead = lead
         self.rows = process_rows(sharding, lead, self.axis)
-        self._it = None
-        self._first = None
+        self._it: grain.DatasetIterator | None = None
+        self._first: int | None = None
 
     @property
     def data(self) -> ShardSampler:
@@ -353,17 +357,18 @@ class ShardedBatches:
 
         self._first = first_step
         ds = grain.MapDataset.range(first_step, last_step, stride).map(self.make)
-        self._it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
-        self._it = iter(self._it)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
+        self._it = iter(it)
         if hasattr(self._it, "start_prefetch"):
             self._it.start_prefetch()
 
     def next(self):
+        assert self._it is not None, "ShardedBatches.next() before start()"
         return next(self._it)
 
     def state(self, step: int) -> dict:
         """The sampler's state after the dispatch ending at gradient step ``step`` (for checkpoints)."""
-        out = {"step": int(step)}
+        out: dict[str, Any] = {"step": int(step)}
         if self._it is not None:
             try:
                 out["grain"] = {"first_step": self._first, "stride": self.K, **self._it.get_state()}

@@ -15,19 +15,22 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax.numpy as jnp
 import numpy as np
 
 from macfw.data.batches import ChunkData, Scaler, trajectory_ends, valid_starts
+from macfw.data.checks import INFO_KEYS, REQUIRED_KEYS, check_dataset_file  # noqa: F401  (re-exported)
 from macfw.data.errors import DatasetError, DatasetNotFoundError, UnknownEnvironmentError  # noqa: F401  (re-exported)
 from macfw.errors import check_choice, check_int
 from macfw.registry import register
 from macfw.spec import Spec
 
+if TYPE_CHECKING:
+    import gymnasium
+
 TASK_MODES = ("singletask", "oraclerep", "goal")
-REQUIRED_KEYS = ("observations", "actions", "terminals")
 ACTION_CLIP = 1.0 - 1e-5
 
 
@@ -54,69 +57,6 @@ class LoadedData:
     task_mode: str
     task_id: int | None
     num_transitions: int
-
-
-#: Extra keys OGBench's loader reads in these task modes (reward relabelling / oracle goals).
-INFO_KEYS = {"singletask": ("qpos",), "oraclerep": ("qpos",)}
-
-
-def check_dataset_file(path: str | os.PathLike, task_mode: str | None = None) -> None:
-    """Fail early, clearly, on a missing, truncated or foreign dataset file.
-
-    Checks ``path`` and its ``-val.npz`` companion: both exist, are readable ``.npz`` archives
-    whose required arrays (``observations``, ``actions``, ``terminals``, plus ``qpos`` for the
-    ``singletask``/``oraclerep`` modes) can be read in full, with 2-D observations and actions and
-    one row per transition in each array.
-
-    Raises:
-      DatasetNotFoundError (a FileNotFoundError): a file does not exist.
-      DatasetError (a ValueError): not a readable ``.npz``, truncated, a required key missing, or
-        inconsistent array shapes (names the file, the key and the fix).
-    """
-    path = Path(path)
-    if not str(path).endswith(".npz"):
-        raise DatasetError(
-            f"Dataset file {str(path)!r} must end in '.npz' (OGBench finds the validation file by "
-            "replacing '.npz' with '-val.npz'). Fix OGBenchDataset.dataset_path."
-        )
-    required = REQUIRED_KEYS + INFO_KEYS.get(task_mode or "", ())
-    for p in (path, Path(str(path).replace(".npz", "-val.npz"))):
-        if not p.is_file():
-            raise DatasetNotFoundError(
-                f"Dataset file {str(p)!r} does not exist. OGBench expects NAME.npz and NAME-val.npz side by side; "
-                "fix OGBenchDataset.dataset_path, or leave it unset to generate the data into the cache."
-            )
-        fix = "Delete it to have it regenerated (cached data), or point OGBenchDataset.dataset_path at a good copy."
-        try:
-            with np.load(p, allow_pickle=False) as f:
-                keys = set(f.files)
-                missing = [k for k in required if k not in keys]
-                if missing:
-                    raise DatasetError(
-                        f"Dataset file {str(p)!r} lacks the required key(s) {missing} (has {sorted(keys)}). An OGBench "
-                        f"dataset needs {list(REQUIRED_KEYS)} (and qpos for singletask/oraclerep). {fix}"
-                    )
-                arrays = {k: f[k] for k in required}  # reads every member in full: catches truncation
-        except DatasetError:
-            raise
-        except Exception as e:  # BadZipFile, zlib.error, EOFError, pickle refusal (not an npz), ...
-            raise DatasetError(
-                f"Dataset file {str(p)!r} is not a readable .npz ({type(e).__name__}: {e}). It may be truncated or "
-                f"not an OGBench dataset. {fix}"
-            ) from e
-        n = len(arrays["observations"])
-        for k in ("observations", "actions"):
-            if arrays[k].ndim < 2:
-                raise DatasetError(
-                    f"Dataset file {str(p)!r}: {k!r} has shape {arrays[k].shape}, expected "
-                    f"(transitions, size...). {fix}"
-                )
-        bad = {k: len(v) for k, v in arrays.items() if len(v) != n}
-        if bad:
-            raise DatasetError(
-                f"Dataset file {str(p)!r}: arrays differ in length ({n} observations but {bad}); "
-                f"the file is damaged. {fix}"
-            )
 
 
 #: Single-task mask semantics (see ``OGBenchDataset.singletask_masks``).
@@ -319,8 +259,9 @@ class OGBenchDataset:
             "OGBenchDataset.dataset_path)",
         )
         try:
-            env, train, val = ogbench.make_env_and_datasets(
-                self.dataset_name, dataset_path=str(path), compact_dataset=True
+            env, train, val = cast(
+                "tuple[gymnasium.Env, dict, dict]",  # (its return type covers env_only / dataset_only too)
+                ogbench.make_env_and_datasets(self.dataset_name, dataset_path=str(path), compact_dataset=True),
             )
         except (KeyError, ValueError, IndexError) as e:
             raise DatasetError(
@@ -350,7 +291,7 @@ class OGBenchDataset:
 
         from macfw.data.shards import open_sharded
 
-        env = ogbench.make_env_and_datasets(self.dataset_name, env_only=True)
+        env = cast("gymnasium.Env", ogbench.make_env_and_datasets(self.dataset_name, env_only=True))
         try:
             sharded = open_sharded(
                 directory,
@@ -470,7 +411,8 @@ def default_task_id(env_name: str) -> int:
         env = gymnasium.make(f"{env_name}-singletask-v0")
         try:
             env.reset(seed=0)
-            task_id = int(env.unwrapped._reward_task_id)  # noqa: SLF001
+            unwrapped: Any = env.unwrapped  # an OGBench single-task environment (not in gymnasium's types)
+            task_id = int(unwrapped._reward_task_id)  # noqa: SLF001
         finally:
             env.close()
     _write_json(path, {**_read_json(path), key: task_id})

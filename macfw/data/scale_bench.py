@@ -39,8 +39,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import gymnasium
 
 REPO = Path(__file__).resolve().parents[2]
 EPISODE = 1001
@@ -54,12 +58,18 @@ def env_shapes(env_name: str) -> dict:
         warnings.simplefilter("ignore")
         import ogbench
 
-        env = ogbench.make_env_and_datasets(f"{env_name}-play-v0", env_only=True)
+        env = cast("gymnasium.Env", ogbench.make_env_and_datasets(f"{env_name}-play-v0", env_only=True))
         try:
-            u = env.unwrapped
+            u: Any = env.unwrapped  # an OGBench MuJoCo environment (its _model is not in gymnasium's types)
+            ob_shape, act_shape = env.observation_space.shape, env.action_space.shape
+            if ob_shape is None or act_shape is None:
+                raise ValueError(
+                    f"OGBench environment {env_name!r} has observation shape {ob_shape} and action shape "
+                    f"{act_shape}; scale_bench needs both"
+                )
             return {
-                "ob_dim": int(env.observation_space.shape[0]),
-                "act_dim": int(env.action_space.shape[0]),
+                "ob_dim": int(ob_shape[0]),
+                "act_dim": int(act_shape[0]),
                 "nq": int(u._model.nq),
                 "nv": int(u._model.nv),
             }  # noqa: SLF001
@@ -264,7 +274,8 @@ def train_cmd(args, workdir: Path, on_disk: bool) -> list[str]:
     return cmd
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """``python -m macfw.data.scale_bench``'s command line."""
     p = argparse.ArgumentParser(
         prog="python -m macfw.data.scale_bench",
         description=__doc__,
@@ -298,26 +309,12 @@ def main(argv=None) -> int:
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--shard-dir", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child in ("convert", "configs"):
-        child_convert(args)
-        return 0
-    from macfw.data.generate import default_cache_dir
+    return p
 
-    root = Path(args.dir) if args.dir else default_cache_dir() / "scale_bench" / str(args.transitions)
-    args.shard_dir, args.cache = root / "shards", root / "cache"
-    runs = root / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir(parents=True)
-    env = dict(os.environ)
-    print(
-        f"scale_bench: building {args.transitions} transitions of SYNTHETIC shards ({args.env} shapes, "
-        f"{args.shard_transitions} per shard) in {root}",
-        flush=True,
-    )
-    built = build_shards(args.shard_dir, args.transitions, args.shard_transitions, args.env)
-    shutil.rmtree(args.cache, ignore_errors=True)  # convert from scratch: convert_s is measured
-    out = {
+
+def _settings(args: argparse.Namespace, built: dict) -> dict:
+    """The figures' dict, first filled with the settings and what :func:`build_shards` built."""
+    return {
         "synthetic": True,
         "data": (
             f"synthetic random-walk shards with {args.env}'s OGBench shapes; shard 0 "
@@ -334,6 +331,12 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         "load_avg_start": list(os.getloadavg()),
     }
+
+
+def _measure_conversion(args: argparse.Namespace, env: dict, runs: Path, out: dict) -> int | None:
+    """Step 2 of the module doc in child processes: conversion and the sampler with the default prefetch
+    settings, then (``--sampler-configs``) with the others; their figures go into ``out``. Returns the
+    first child's peak RSS in bytes, or None when it failed (its log's end printed to stderr)."""
     conv_json = runs / "convert.json"
     cmd = [
         sys.executable,
@@ -365,10 +368,10 @@ def main(argv=None) -> int:
         args.sampler_configs,
     ]
     print("scale_bench: converting and timing the sampler ...", flush=True)
-    rc, rss, wall = run_child(cmd, env, runs / "convert.log")
+    rc, rss, _ = run_child(cmd, env, runs / "convert.log")
     if rc != 0:
         print((runs / "convert.log").read_text()[-4000:], file=sys.stderr)
-        return 1
+        return None
     conv = json.loads(conv_json.read_text())
     out.update(conv)
     out["rss_convert_and_sampler_bytes"] = rss
@@ -385,8 +388,18 @@ def main(argv=None) -> int:
                 **c["sampler_batches_per_s_by_threads_x_prefetch"],
             }
             out["rss_sampler_configs_bytes"] = rss_c
+    return rss
+
+
+def _measure_training(
+    args: argparse.Namespace, env: dict, runs: Path, out: dict, rss_convert: int, argv: list[str] | None
+) -> bool:
+    """Step 3 of the module doc: ``--repeats`` alternated training runs on disk and in memory; their
+    updates/s, peak RSS and commands go into ``out`` (``rss_convert``: the conversion child's peak, an
+    on-disk figure; ``argv``: :func:`main`'s, for ``bench_command``). False when a run failed (its
+    log's end printed to stderr)."""
     per = {"ondisk": [], "inmemory": []}
-    rss_kind = {"ondisk": [rss], "inmemory": []}
+    rss_kind = {"ondisk": [rss_convert], "inmemory": []}
     commands = {}
     for r in range(args.repeats):
         for kind in ("ondisk", "inmemory"):
@@ -397,7 +410,7 @@ def main(argv=None) -> int:
             rc, rss, wall = run_child(cmd, env, runs / f"{kind}-{r}.log")
             if rc != 0:
                 print((runs / f"{kind}-{r}.log").read_text()[-4000:], file=sys.stderr)
-                return 1
+                return False
             s = json.loads((wd / "summary.json").read_text())
             per[kind].append(float(s["updates_per_s"]))
             rss_kind[kind].append(rss)
@@ -420,6 +433,13 @@ def main(argv=None) -> int:
         load_avg_end=list(os.getloadavg()),
         bench_command=shlex.join(["python", "-m", "macfw.data.scale_bench"] + list(argv or sys.argv[1:])),
     )
+    return True
+
+
+def _report(args: argparse.Namespace, out: dict, built: dict, root: Path) -> None:
+    """Write ``out`` as JSON (``--json -``: to stdout), print the one-line summary, remove ``root``
+    unless ``--keep``."""
+    up_d, up_m = out["updates_per_s_ondisk"], out["updates_per_s_inmemory"]
     text = json.dumps(out, indent=1)
     if args.json == "-":
         print(text)
@@ -434,6 +454,35 @@ def main(argv=None) -> int:
     )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child in ("convert", "configs"):
+        child_convert(args)
+        return 0
+    from macfw.data.generate import default_cache_dir
+
+    root = Path(args.dir) if args.dir else default_cache_dir() / "scale_bench" / str(args.transitions)
+    args.shard_dir, args.cache = root / "shards", root / "cache"
+    runs = root / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    env = dict(os.environ)
+    print(
+        f"scale_bench: building {args.transitions} transitions of SYNTHETIC shards ({args.env} shapes, "
+        f"{args.shard_transitions} per shard) in {root}",
+        flush=True,
+    )
+    built = build_shards(args.shard_dir, args.transitions, args.shard_transitions, args.env)
+    shutil.rmtree(args.cache, ignore_errors=True)  # convert from scratch: convert_s is measured
+    out = _settings(args, built)
+    rss = _measure_conversion(args, env, runs, out)
+    if rss is None:
+        return 1
+    if not _measure_training(args, env, runs, out, rss, argv):
+        return 1
+    _report(args, out, built, root)
     return 0
 
 

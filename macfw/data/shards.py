@@ -48,10 +48,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from macfw.data.batches import ChunkData, Scaler, trajectory_ends, valid_starts
+from macfw.data.checks import check_dataset_file
+from macfw.data.errors import DatasetError, DatasetNotFoundError
 from macfw.fsync import fsync_path
 
 STORE_FORMAT = 1
@@ -62,12 +65,6 @@ ACTION_CLIP = 1.0 - 1e-5  # == macfw.data.ogbench_data.ACTION_CLIP
 #: ``<base>-<index>.npz`` with an OGBench base name (``<env>-<type>-v<k>``); no dots in the base, so
 #: temporary files (``...-000.npz.tmp-12.npz``) never look like shards.
 _SHARD_RE = re.compile(r"^(?P<base>[A-Za-z0-9][A-Za-z0-9-]*-v\d+)-(?P<index>\d+)\.npz$")
-
-
-def _errors():
-    from macfw.data import ogbench_data
-
-    return ogbench_data.DatasetError, ogbench_data.DatasetNotFoundError
 
 
 # ------------------------------------------------------------------------------------- shard files
@@ -93,7 +90,6 @@ def list_shards(directory: str | os.PathLike, base_name: str, max_shards: int | 
         shard lacks its ``-val`` sibling.
       DatasetError: two shards share an index (``-001`` and ``-0001``).
     """
-    DatasetError, DatasetNotFoundError = _errors()
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetNotFoundError(
@@ -243,6 +239,21 @@ def _write_columns(final: Path, columns: dict[str, np.ndarray], manifest: dict) 
         raise
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in an ``.npy`` file's header (reads a few hundred bytes).
+
+    Raises:
+      ValueError: not an ``.npy`` file (a damaged column).
+    """
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), dtype
+
+
 def manifest_problem(folder: Path, sources: dict | None = None) -> str | None:
     """Why ``folder`` is not a complete, current store folder (None when it is)."""
     try:
@@ -260,6 +271,11 @@ def manifest_problem(folder: Path, sources: dict | None = None) -> str | None:
             p = Path(folder) / c["file"]
             if not p.is_file() or p.stat().st_size != int(c["bytes"]):
                 return f"column {name!r} missing or of the wrong size"
+            shape, dtype = _npy_header(p)
+            if list(shape) != list(c["shape"]) or str(dtype) != c["dtype"]:
+                return f"column {name!r} holds {dtype}{list(shape)}, its manifest says {c['dtype']}{c['shape']}"
+            if name != "trajectories" and shape[:1] != (int(m["rows"]),):
+                return f"column {name!r} has {shape[:1]} rows, the manifest {m['rows']}"
     except (KeyError, TypeError, ValueError) as e:
         return f"malformed manifest ({e!r})"
     return None
@@ -316,14 +332,23 @@ class ShardStore:
         return total
 
 
+def _split_stats(store: ShardStore, key: str, split: str) -> dict:
+    """Column ``key``'s min/max statistics on ``split`` (``'train'`` or ``'val'``): the observations'
+    from the base manifest, the others' from the variant's."""
+    if key == "observations":
+        return store.base["stats"][key][split]
+    assert store.variant is not None, f"column {key!r} of {store.shard.name} has no variant manifest"
+    return store.variant["stats"][key][split]
+
+
 def _open_columns(folder: Path, manifest: dict) -> tuple[dict, list]:
     cols, maps = {}, []
     for name, c in manifest["columns"].items():
         mm = np.load(folder / c["file"], mmap_mode="r", allow_pickle=False)
         if isinstance(mm, np.memmap):
             maps.append(mm)
-            try:
-                mm._mmap.madvise(mmap.MADV_RANDOM)  # noqa: SLF001  (no read-ahead: rows are read at random)
+            try:  # no read-ahead: rows are read at random (numpy's private mmap handle: not in its stubs)
+                mm._mmap.madvise(mmap.MADV_RANDOM)  # noqa: SLF001  # pyright: ignore[reportAttributeAccessIssue]
             except (AttributeError, OSError, ValueError):
                 pass
         cols[name] = np.asarray(mm)  # a plain ndarray view (no np.memmap overhead per index)
@@ -339,7 +364,6 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
     Raises:
       DatasetError: OGBench's loader cannot read the shard (names it).
     """
-    DatasetError, _ = _errors()
     shard = Path(shard)
     folder = store_dir(shard, cache_dir)
     sources = _sources(shard)
@@ -349,6 +373,7 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
     need_var = var_dir is not None and manifest_problem(var_dir, sources) is not None
     t0 = time.perf_counter()
     if need_base or need_var:
+        check_dataset_file(shard)  # a damaged shard: one DatasetError naming it, never a half-read store
         for d, need in ((base_dir, need_base), (var_dir, need_var)):
             if need and d is not None and d.exists():  # replaced by _write_columns, not removed here: another
                 # process may finish it while this one converts (removing it then broke that process's read)
@@ -359,13 +384,17 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
 
         name = dataset_name if need_var else base_name
         try:
-            train, val = ogbench.make_env_and_datasets(
-                name, dataset_path=str(shard), compact_dataset=True, dataset_only=True, cur_env=env
+            train, val = cast(
+                "tuple[dict, dict]",  # dataset_only: the two splits (its return type covers every mode)
+                ogbench.make_env_and_datasets(
+                    name, dataset_path=str(shard), compact_dataset=True, dataset_only=True, cur_env=env
+                ),
             )
         except Exception as e:
             raise DatasetError(
                 f"OGBench could not load the shard {str(shard)!r} as {name!r} ({type(e).__name__}: "
-                f"{e}). It may be truncated or belong to another environment."
+                f"{e}). It may be truncated or belong to another environment: delete it and regenerate it "
+                "(python -m macfw.data.generate --shards ...), or restore a good copy."
             ) from e
         if need_base:
             obs = np.asarray(train["observations"], np.float32)
@@ -378,6 +407,7 @@ def convert_shard(shard: Path, *, base_name: str, dataset_name: str, env=None, c
             )
             del obs, acts
         if need_var:
+            assert var_dir is not None  # need_var: the dataset has a variant folder
             cols, stats = {}, {}
             if "oracle_reps" in train:
                 cols["oracle_reps"] = np.asarray(train["oracle_reps"], np.float32)
@@ -438,7 +468,6 @@ class ShardedData:
         rotation_interval: int = 1000,
         release_mib: int = 256,
     ):
-        DatasetError, _ = _errors()
         self.stores = stores
         self.task_mode, self.singletask_masks = task_mode, singletask_masks
         self.sampling, self.rotation_interval = sampling, int(rotation_interval)
@@ -459,7 +488,7 @@ class ShardedData:
             )
         gkey = "oracle_reps" if task_mode == "oraclerep" else None
         if scale_with == "val":
-            pick = lambda st, k: st.base["stats"][k]["val"] if k == "observations" else st.variant["stats"][k]["val"]  # noqa: E731
+            pick = lambda st, k: _split_stats(st, k, "val")  # noqa: E731
             self.obs_scaler = Scaler(
                 *(np.asarray(pick(stores[0], "observations")[w], np.float32) for w in ("lo", "hi"))
             )
@@ -468,10 +497,7 @@ class ShardedData:
         else:
 
             def fit(k):
-                ss = [
-                    st.base["stats"][k]["train"] if k == "observations" else st.variant["stats"][k]["train"]
-                    for st in stores
-                ]
+                ss = [_split_stats(st, k, "train") for st in stores]
                 return Scaler(
                     lo=np.min([np.asarray(s["lo"], np.float32) for s in ss], axis=0),
                     hi=np.max([np.asarray(s["hi"], np.float32) for s in ss], axis=0),
@@ -656,6 +682,7 @@ class ShardedData:
         del obs
         n = self.size
         if self.task_mode == "oraclerep":
+            assert self.goal_scaler is not None  # oraclerep: fitted on the oracle goals in __init__
             goals = self.goal_scaler(np.concatenate(self.column("oracle_reps")))
         elif self.task_mode == "goal":
             goals = scaled

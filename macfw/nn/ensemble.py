@@ -59,6 +59,7 @@ class Ensemble(eqx.Module):
     def __init__(self, spec: Spec, *, key: PRNGKeyArray, member: Callable | None = None, num: int = 2):
         self.num = check_int("Ensemble.num", num)
         check("Ensemble.member", member, callable(member), "a registered network class, e.g. @GaussianDynamics")
+        assert member is not None  # check refused anything not callable
         self.members = eqx.filter_vmap(lambda k: member(spec, key=k))(jax.random.split(key, self.num))
 
     def member(self, i) -> eqx.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -122,6 +123,7 @@ def solve_flow(
         max_steps=steps,
         throw=False,
     )
+    assert sol.ys is not None  # SaveAt(t1=True) saves x(1)
     return sol.ys[-1]
 
 
@@ -178,7 +180,7 @@ class FlowPolicy(BehaviorPolicy):
         self.distill_weight = check_float("FlowPolicy.distill_weight", distill_weight, low=0.0)
         k1, k2 = jax.random.split(key)
         d_in = spec.ob_dim + spec.goal_dim + spec.chunk_dim
-        kw = dict(layer_norm=layer_norm, compute_dtype=compute_dtype, name=type(self).__name__)
+        kw: dict[str, Any] = dict(layer_norm=layer_norm, compute_dtype=compute_dtype, name=type(self).__name__)
         self.field = MLP(d_in + 1, spec.chunk_dim, hidden_dims, key=k1, **kw)
         self.one_step = MLP(d_in, spec.chunk_dim, hidden_dims, key=k2, **kw) if distill else None
         self.chunk_dim = spec.chunk_dim
@@ -219,9 +221,10 @@ class FlowPolicy(BehaviorPolicy):
     def sample_many(self, s, g, num, *, key):
         """``num`` chunks from noise ``z: (num, chunk_dim)`` drawn in one call (mu, or the ODE solve)."""
         z = jax.random.normal(key, (num, self.chunk_dim))
-        if self.one_step is not None:  # mu's first-layer product of [s, g] once for the num draws
-            pre = self.one_step.prefix(jnp.concatenate([s, g]))
-            return jax.vmap(lambda zi: self.one_step.from_prefix(pre, zi))(z)
+        one_step = self.one_step
+        if one_step is not None:  # mu's first-layer product of [s, g] once for the num draws
+            pre = one_step.prefix(jnp.concatenate([s, g]))
+            return jax.vmap(lambda zi: one_step.from_prefix(pre, zi))(z)
         pre = self.state_prefix(s, g)
         return jax.vmap(lambda zi: self.solve(s, g, zi, pre=pre))(z)
 

@@ -42,7 +42,13 @@ def _linear_layer(in_dim: int, out_dim: int, scale: float, key: PRNGKeyArray) ->
     layer = eqx.nn.Linear(in_dim, out_dim, key=key)
     init = jax.nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
     weight = init(key, (in_dim, out_dim), layer.weight.dtype).T
-    return eqx.tree_at(lambda lin: (lin.weight, lin.bias), layer, (weight, jnp.zeros_like(layer.bias)))
+    return eqx.tree_at(lambda lin: (lin.weight, lin.bias), layer, (weight, jnp.zeros_like(_bias(layer))))
+
+
+def _bias(layer: eqx.nn.Linear) -> Array:
+    """``layer.bias``: every linear layer of an :class:`MLP` has one (:func:`_linear_layer`)."""
+    assert layer.bias is not None
+    return layer.bias
 
 
 class MLP(eqx.Module):
@@ -137,7 +143,7 @@ class MLP(eqx.Module):
         if reference.active("prefix"):
             return head
         layer = self.layers[0]
-        return self._dot(head, layer.weight[:, : head.shape[-1]]) + layer.bias
+        return self._dot(head, layer.weight[:, : head.shape[-1]]) + _bias(layer)
 
     def from_prefix(self, pre: Float[Array, " hidden0"], tail: Float[Array, " t"]) -> Float[Array, " out_dim"]:
         """The output for inputs ``concat([head, tail])`` given ``pre = self.prefix(head)`` (see :meth:`prefix`).
@@ -199,9 +205,10 @@ class MLP(eqx.Module):
             return self
         folded = []
         for i, norm in enumerate(self.norms):
+            assert norm is not None  # a LayerNorm after every hidden layer (checked above)
             layer = self.layers[i + 1]
             weight = layer.weight if norm.weight is None else layer.weight * norm.weight
-            shift = layer.bias if norm.bias is None else layer.bias + layer.weight @ norm.bias
+            shift = _bias(layer) if norm.bias is None else _bias(layer) + layer.weight @ norm.bias
             colsum = jnp.sum(weight, axis=1)
             if i == len(self.norms) - 1:
                 weight = self._padded(weight)
@@ -213,8 +220,10 @@ class MLP(eqx.Module):
 
     def _rest_folded(self, h: Array) -> Array:
         """:meth:`_rest` with the folded products of :meth:`with_folded_layer_norms`."""
+        assert self.folded is not None  # _rest calls this for a folded MLP only
         act = ACTIVATIONS[self.activation]
         for norm, (weight, colsum, shift) in zip(self.norms, self.folded):
+            assert norm is not None  # folded only with a LayerNorm after every hidden layer
             a = act(h)
             mean = jnp.mean(a)
             var = jnp.maximum(jnp.mean(a * a) - mean * mean, 0.0)  # the one-pass variance of _layer_norm
@@ -232,7 +241,7 @@ class MLP(eqx.Module):
         :func:`macfw.reference.reference_computation` (``"padded_outputs"``) the plain product."""
         layer = self.layers[-1]
         out = layer.weight.shape[0]
-        return self._dot(h, self._padded(layer.weight))[..., :out] + layer.bias
+        return self._dot(h, self._padded(layer.weight))[..., :out] + _bias(layer)
 
     def _padded(self, weight: Array) -> Array:
         """``weight (out, in)`` with zero rows up to a multiple of 16 when ``out > 16`` is not one
@@ -254,7 +263,7 @@ class MLP(eqx.Module):
         batch-major, ``(batch, out)``, so the LayerNorm after it reduces along contiguous memory.
         (``W @ x`` leaves XLA's CPU backend a feature-major layout and a transposing copy per layer,
         about a fifth of an update's time at 2 x 256.)"""
-        return self._dot(x, layer.weight) + layer.bias
+        return self._dot(x, layer.weight) + _bias(layer)
 
 
 def _layer_norm(norm: eqx.nn.LayerNorm, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
@@ -322,7 +331,7 @@ def joint_first_layer(mlps: Sequence[MLP], x: Float[Array, " in_dim"]) -> list[A
     ):
         return [m(x) for m in mlps]
     weight = jnp.concatenate([m.layers[0].weight for m in mlps], axis=0)
-    bias = jnp.concatenate([m.layers[0].bias for m in mlps], axis=0)
+    bias = jnp.concatenate([_bias(m.layers[0]) for m in mlps], axis=0)
     h = mlps[0]._dot(x, weight) + bias
     outs, start = [], 0
     for m in mlps:

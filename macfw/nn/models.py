@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -316,7 +317,7 @@ def reward_metrics(pred: Float[Array, " B"], target: Float[Array, " B"]) -> dict
 JOINT_MODELS = (ChunkDynamics, QCritic, SuccessModel, RewardModel)
 
 
-def evaluate_jointly(models: Sequence[eqx.Module], s, g, A) -> list[Array]:
+def evaluate_jointly(models: Sequence[Callable[..., Array]], s, g, A) -> list[Array]:
     """Dynamics ``f(s, A)`` and chunk heads ``h(s, g, A)`` on one state, goal and chunk: ``[m(...) for m in
     models]`` (``s: (ob_dim,)``, ``g: (goal_dim,)``, ``A: (chunk_dim,)``; each result as its own call's).
 
@@ -328,10 +329,11 @@ def evaluate_jointly(models: Sequence[eqx.Module], s, g, A) -> list[Array]:
     :func:`macfw.reference.reference_computation` (``"joint_first_layer"``), each model is called.
     """
     sizes = {"s": s.shape[-1], "g": g.shape[-1], "A": A.shape[-1]}
+    joint = cast("list[ChunkDynamics | _ChunkHead]", [m for m in models if type(m) in JOINT_MODELS])
     inputs = {
-        tuple(b for b in m.mlp_input_blocks if sizes[b] > 0) for m in models if type(m) in JOINT_MODELS
+        tuple(b for b in m.mlp_input_blocks if sizes[b] > 0) for m in joint
     }  # each model's non-empty input blocks
-    if len(models) < 2 or any(type(m) not in JOINT_MODELS for m in models) or len(inputs) != 1:
+    if len(models) < 2 or len(joint) != len(models) or len(inputs) != 1:
         return [m(s, A) if isinstance(m, Dynamics) else m(s, g, A) for m in models]
-    outs = joint_first_layer([m.net for m in models], _blocks(inputs.pop(), s, g, A))
-    return [m.from_mlp_output(s, out) for m, out in zip(models, outs)]
+    outs = joint_first_layer([m.net for m in joint], _blocks(inputs.pop(), s, g, A))
+    return [m.from_mlp_output(s, out) for m, out in zip(joint, outs)]

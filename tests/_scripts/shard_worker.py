@@ -55,6 +55,7 @@ def main() -> int:
             out[f"{d}/{k}"] = np.concatenate([np.asarray(s.data) for s in shards], axis=1)
             shapes[k] = list(v.shape)
     i = jax.process_index()
+    assert hb.rows is not None
     Path(args.out).mkdir(parents=True, exist_ok=True)
     np.savez(Path(args.out) / f"p{i}.npz", **out)
     Path(args.out, f"p{i}.json").write_text(
