@@ -34,6 +34,7 @@ CODES = frozenset({errno.ENOSPC, errno.EDQUOT})
 _TS_CODE = re.compile(r"os_error_code='(\d+)'")
 _TS_PATH = re.compile(r'(?:local file|Failed writing:|writing local file) "([^"]+)"')
 _TEXT = ("No space left on device", "Disk quota exceeded")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's ndarray.tofile/np.save on a full disk
 
 _PENDING: list[BaseException] = []  # full-disk errors raised in background threads, oldest first
 _PENDING_GUARD = threading.Lock()
@@ -89,6 +90,7 @@ def find(e: BaseException | None) -> tuple[BaseException, str | None] | None:
             (isinstance(x, OSError) and x.errno in CODES)
             or (code is not None and int(code.group(1)) in CODES)
             or any(t in text for t in _TEXT)
+            or (isinstance(x, OSError) and x.errno is None and _SHORT_WRITE.search(text) is not None)
         ):
             path = _path_in(x)
             if path is None:  # a wrapper names the path, the innermost error the cause
@@ -162,6 +164,35 @@ def install_thread_hook() -> None:
 
     _HOOK = hook
     threading.excepthook = hook
+
+
+class _DiskFullRecords:
+    """A logging filter that drops library records about a full disk (Orbax logs every failed write of an
+    asynchronous save at ERROR level, with TensorStore's whole spec): macfw reports it once, as one line."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and is_disk_full(record.exc_info[1]):
+            return False
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001  (a record that cannot format is not ours to judge)
+            return True
+        return not (any(t in text for t in _TEXT) or any(f"os_error_code='{c}'" in text for c in CODES))
+
+
+def quiet_library_logs() -> None:
+    """Drop the absl (Orbax) log records about a full disk; others are untouched. Once per process."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DiskFullRecords) for f in logger.filters):
+        logger.addFilter(_DiskFullRecords())
+
+
+def note(e: BaseException) -> None:
+    """Keep ``e`` (a full disk met while stopping, e.g. by the last checkpoint save) for :func:`pending`."""
+    with _PENDING_GUARD:
+        _PENDING.append(e)
 
 
 def pending() -> BaseException | None:

@@ -572,6 +572,18 @@ class _LocalSlots:
         self.envs = []
 
 
+class WorkerDiedError(RuntimeError):
+    """An evaluation worker process ended in the middle of a command (killed, or crashed in MuJoCo).
+
+    :func:`evaluate` starts the workers again and re-runs that environment's episodes with the same
+    seeds, up to :data:`WORKER_RESTARTS` times; then this error (its message names the worker, its exit
+    code and the end of its stderr) reaches the caller."""
+
+
+#: How often :func:`evaluate` starts dead evaluation workers again before it gives up (per environment id).
+WORKER_RESTARTS = 2
+
+
 class _WorkerSlots:
     """``n`` slots spread over ``workers`` worker processes (slot i in worker ``i % workers``), each
     worker with its own envs ``env_fn()``.
@@ -638,7 +650,7 @@ class _WorkerSlots:
                     self.procs[w].wait(timeout=10)
                 except Exception:
                     pass
-                raise RuntimeError(
+                raise WorkerDiedError(
                     f"Evaluation worker {w} died (exit code {self.procs[w].returncode}); its "
                     f"stderr ends with:\n{self._stderr_tail(w)}"
                 ) from None
@@ -1022,32 +1034,49 @@ def _run_episodes(
             return None
         return lambda env: rec.capture(env, len(results), key=job)
 
+    def run_group(env_id: str, jobs: list) -> None:
+        num_slots = min(plan.batch_size, len(jobs))
+        slots_env = _open_slots(plan, env_id, make_kwargs, num_slots, record=recorder is not None, on_frame=on_frame)
+        ok = False
+        try:
+            num_tasks = slots_env.info["num_tasks"] if plan.oracle_goal else None
+            bad = [t for t in plan.task_ids if num_tasks is not None and t > num_tasks]
+            if bad:
+                raise ValueError(f"task_ids {bad!r} out of range: {plan.env_name!r} has tasks 1..{num_tasks}.")
+            _run_slots(
+                slots_env,
+                num_slots,
+                jobs,
+                actor,
+                seed=plan.seed,
+                oracle_goal=plan.oracle_goal,
+                execute_steps=plan.execute_steps,
+                on_start=current.__setitem__,
+                on_done=on_done,
+            )
+            ok = True
+        finally:
+            slots_env.close(kill=not ok)
+
     try:
         for env_id, jobs in groups:
-            num_slots = min(plan.batch_size, len(jobs))
-            slots_env = _open_slots(
-                plan, env_id, make_kwargs, num_slots, record=recorder is not None, on_frame=on_frame
-            )
-            ok = False
-            try:
-                num_tasks = slots_env.info["num_tasks"] if plan.oracle_goal else None
-                bad = [t for t in plan.task_ids if num_tasks is not None and t > num_tasks]
-                if bad:
-                    raise ValueError(f"task_ids {bad!r} out of range: {plan.env_name!r} has tasks 1..{num_tasks}.")
-                _run_slots(
-                    slots_env,
-                    num_slots,
-                    jobs,
-                    actor,
-                    seed=plan.seed,
-                    oracle_goal=plan.oracle_goal,
-                    execute_steps=plan.execute_steps,
-                    on_start=current.__setitem__,
-                    on_done=on_done,
-                )
-                ok = True
-            finally:
-                slots_env.close(kill=not ok)
+            for attempt in range(WORKER_RESTARTS + 1):
+                try:
+                    run_group(env_id, jobs)
+                    break
+                except WorkerDiedError as e:
+                    # every episode of this env id again, with the same seeds and slots: the same results
+                    for job in jobs:
+                        results.pop(job, None)
+                    if bar is not None:
+                        bar.n = len(results)
+                    if attempt == WORKER_RESTARTS:
+                        raise
+                    warnings.warn(
+                        f"{str(e).split(';')[0]}. Starting the workers again and re-running the {len(jobs)} "
+                        f"episodes of {env_id} with the same seeds (restart {attempt + 1} of {WORKER_RESTARTS}).",
+                        stacklevel=2,
+                    )
     finally:
         if bar is not None:
             bar.close()

@@ -54,7 +54,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
-from macfw import registry
+from macfw import diskfull, registry
 from macfw.errors import ConfigError, check
 from macfw.logs import CSVLog, write_text_atomic
 
@@ -256,15 +256,40 @@ class TensorBoardLogger(Logger):
             )
         self.eval_metrics, self.train_exclude = tuple(eval_metrics), frozenset(train_exclude)
         self.writer = None
+        self.workdir: Path | None = None
 
     def open(self, workdir: Path, *, resume_step: int | None) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step is not None else None)
+        diskfull.install_thread_hook()  # a full disk in tensorboardX's thread: raised by log(), no traceback
+        self.workdir = Path(workdir)
+        # max_queue: room for every event between two log() calls, so that a put never blocks on a writer
+        # thread that died since the last check (tensorboardX's default of 10 blocks forever then)
+        self.writer = SummaryWriter(
+            str(workdir), purge_step=resume_step + 1 if resume_step is not None else None, max_queue=10_000
+        )
+
+    def _check_writer(self) -> None:
+        """tensorboardX writes from a thread with a bounded queue: once that thread has died (a full disk),
+        ``add_scalar`` would block forever when the queue is full. Raise its error instead (checked at
+        every call; the queue holds 10,000 events, far more than one call adds).
+
+        Raises:
+          DiskFullError: the thread died of a full disk (the message names the events file).
+          OSError: the thread died of something else.
+        """
+        ew = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
+        thread = getattr(ew, "_worker", None)  # tensorboardX's EventFileWriter (private; absent: no check)
+        if thread is None or thread.is_alive() or getattr(ew, "_closed", False):
+            return
+        events = getattr(getattr(ew, "_ev_writer", None), "_file_name", None) or self.workdir
+        diskfull.raise_pending(fallback_path=events)
+        raise OSError(f"TensorBoard's event writer thread for {events} stopped (see its error above).")
 
     def log(self, step: int, metrics: Mapping[str, float], split: str) -> None:
         writer = self.writer
         assert writer is not None, "TensorBoardLogger.log before open()"
+        self._check_writer()
         if _check_split(split) == "train":
             for k, v in metrics.items():
                 if k not in self.train_exclude:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -11,37 +13,54 @@ from typing import Any
 
 
 class CSVLog:
-    """Append-only CSV with a fixed header; on resume, rows after the resumed step are dropped."""
+    """Append-only CSV with a fixed header; on resume, rows after the resumed step are dropped, and so is a
+    last row that a crash or a full disk cut in half (no final newline, or fewer fields than the header).
+    A row whose write fails (a full disk) is taken back at once: the file ends with whole rows."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         self.fields: list[str] | None = None
         if path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-                fields = list(rows[0].keys()) if rows else None
+            text = path.read_text()
+            if text and not text.endswith("\n"):
+                text = text[: text.rfind("\n") + 1]  # the row being written when the run stopped
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            fields = list(rows[0].keys()) if rows else None
+            rows = [r for r in rows if None not in r.values() and None not in r]  # whole rows only
             if resume_step is None:
                 rows = []
             else:
                 rows = [r for r in rows if int(float(r["step"])) <= resume_step]
             self.fields = fields if rows else None
             tmp = path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="") as f:
-                if rows and fields:
-                    w = csv.DictWriter(f, fieldnames=fields)
-                    w.writeheader()
-                    w.writerows(rows)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "w", newline="") as f:
+                    if rows and fields:
+                        w = csv.DictWriter(f, fieldnames=fields)
+                        w.writeheader()
+                        w.writerows(rows)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
     def write(self, row: dict) -> None:
         if self.fields is None:
             self.fields = list(row.keys())
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fields).writeheader()
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
-                {k: row.get(k, "") for k in self.fields}
-            )
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
+                    {k: row.get(k, "") for k in self.fields}
+                )
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # never half a row (truncating needs no space)
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
+            raise
 
 
 def versions() -> dict[str, str]:

@@ -26,7 +26,7 @@ import gin
 
 import macfw  # noqa: F401  (registers every built-in component)
 import macfw.train  # noqa: F401  (registers train() with Gin)
-from macfw import registry
+from macfw import diskfull, registry
 from macfw.memory import retain_freed_memory
 
 
@@ -107,7 +107,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from macfw.checkpoint import CheckpointMismatchError, CheckpointSaveError
     from macfw.data.ogbench_data import DatasetError
     from macfw.errors import ConfigError
-    from macfw.evaluation import TaskMismatchError
+    from macfw.evaluation import TaskMismatchError, WorkerDiedError
     from macfw.train import WorkdirError
     from macfw.workdir_lock import WorkdirBusyError
 
@@ -122,6 +122,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
         WorkdirError,
         WorkdirBusyError,
         TaskMismatchError,
+        WorkerDiedError,  # after its restarts (the step's checkpoint was saved before the evaluation)
+        diskfull.DiskFullError,
     )
 
 
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
     if in_main:
         _early_signals()
     _enable_compilation_cache()
+    diskfull.install_thread_hook()  # a full disk in a writer thread: kept for one line, not a traceback
+    diskfull.quiet_library_logs()
     retain_freed_memory()  # XLA's per-dispatch buffers stay mapped (macfw.memory)
     try:
         from macfw.parallel import initialize_distributed
@@ -224,16 +228,18 @@ def main(argv=None) -> int:
             flush=True,
         )
         return 130
-    except NonFiniteError as e:
-        if debug:
+    except Exception as e:
+        full = diskfull.disk_full_error(e, fallback_path=args.workdir) or diskfull.disk_full_error(
+            diskfull.pending(), fallback_path=args.workdir
+        )
+        if debug or not (full is not None or isinstance(e, (NonFiniteError, *known_errors()))):
             raise
-        report("macfw", e)
-        return 3
-    except known_errors() as e:
-        if debug:
-            raise
-        report("macfw", e)
-        return 2
+        report("macfw", full or e)
+        if full is not None and in_main:  # Orbax's and tensorboardX's threads and exit handlers would
+            sys.stdout.flush()  # now fail on the full disk too, each with a traceback: the line above says it
+            sys.stderr.flush()
+            os._exit(2)
+        return 3 if full is None and isinstance(e, NonFiniteError) else 2
     if summary.get("interrupted"):
         saved = summary.get("last_saved_step")
         print(

@@ -30,7 +30,7 @@ import gin
 import jax
 import numpy as np
 
-from macfw import registry
+from macfw import diskfull, registry
 from macfw.agents.base import Agent, param_checksum
 from macfw.checkpoint import Checkpointer, CheckpointMismatchError
 from macfw.data.ogbench_data import LoadedData
@@ -1089,13 +1089,19 @@ def _loop(
 def _after_dispatch(
     run: Run, loop: _Loop, step: int, m_host: dict, ups: float, *, final: bool, progress: _Progress
 ) -> bool:
-    """The hooks after a dispatch: log; evaluate unless a signal arrived (on any process); save. Returns
-    True when the run stops here (a signal: this step is saved)."""
+    """The hooks after a dispatch: log; save; evaluate unless a signal arrived (on any process). Returns
+    True when the run stops here (a signal: this step is saved).
+
+    The save comes before the evaluation (and runs in the background while it goes on), so an evaluation
+    that crashes or is killed loses no training: the re-run resumes from this step. A signal that
+    arrives during the evaluation saves this step if it was not saved already."""
     loop.logger(step, m_host, ups, final)
     stop = run.pre.agreed()
+    loop.saver(step, final, stop)
     if not stop:
         stop = loop.evaluator(step, final)
-    loop.saver(step, final, stop)
+        if stop and loop.saver.last_saved != step:
+            loop.saver(step, final, stop)
     progress.last_saved = loop.saver.last_saved
     if stop:
         who = (
@@ -1115,6 +1121,9 @@ def _close_quietly(objs, ckpt) -> None:
             try:
                 obj.close()
             except Exception as e:
+                if diskfull.is_disk_full(e):  # the error that stops the run says it, in one line
+                    diskfull.note(e)
+                    continue
                 warnings.warn(
                     f"While stopping, closing {type(obj).__name__} failed ({type(e).__name__}: {e}).", stacklevel=2
                 )
@@ -1122,6 +1131,9 @@ def _close_quietly(objs, ckpt) -> None:
         try:
             ckpt.close()
         except Exception as e:  # the original error matters more; say what happened to the save
+            if diskfull.is_disk_full(e):
+                diskfull.note(e)
+                return
             warnings.warn(
                 f"While stopping, the last checkpoint save failed too ({type(e).__name__}: {e}).", stacklevel=2
             )

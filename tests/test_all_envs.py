@@ -154,6 +154,7 @@ def octuple(tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow
 def test_cube_octuple_generates_and_loads_through_ogbench_and_macfw(octuple):
     import ogbench
 
@@ -188,6 +189,7 @@ def test_cube_octuple_generates_and_loads_through_ogbench_and_macfw(octuple):
     assert {p.name for p in (octuple / "datasets").iterdir()} == {path.name, gen.val_dataset_path(path).name}
 
 
+@pytest.mark.slow
 def test_puzzle_4x5_generates_and_loads(tmp_path):
     with _quiet():
         loaded = OGBenchDataset(
@@ -217,6 +219,7 @@ def _assert_locomotion_message(msg: str, name: str):
         assert needle in msg, (needle, msg)
 
 
+@pytest.mark.slow
 def test_generating_navigate_data_is_one_line_from_the_command_line(tmp_path):
     r = subprocess.run(
         [
@@ -439,6 +442,7 @@ def _train(tmp_path, env: str, *bindings) -> dict:
     return json.loads((workdir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_gciql_trains_on_the_official_humanoidmaze_file(official, tmp_path):
     """40 gradient steps of a tiny GCIQL (gin/smoke_budget.gin sizes) on the 1M-style file, then OGBench's
     humanoidmaze-medium evaluation (one episode, its 2000-step time limit)."""

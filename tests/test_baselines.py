@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here shares one end-to-end campaign (the slow tier)
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = sorted(p.stem for p in (REPO / "gin" / "baselines").glob("*.gin"))
 pytestmark = pytest.mark.slow

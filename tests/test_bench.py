@@ -73,6 +73,7 @@ def cli(tmp_path_factory):
         c.proc.wait()
 
 
+@pytest.mark.slow
 def test_flops_grow_with_every_rollout_step(cli, monkeypatch):
     """FLOPs(H=3) - FLOPs(H=1) must hold at least two more rollout steps (XLA counts a loop body once,
     so a rolled-up rollout would add only the H-proportional value-loss work)."""

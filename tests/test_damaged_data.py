@@ -118,6 +118,7 @@ def test_a_damaged_dataset_file_is_one_line_naming_it_and_the_fix(good, damage, 
     assert not (w / "checkpoints").exists() or not any((w / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_shard_is_one_line_naming_the_shard(good, damage, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "shards"

@@ -187,6 +187,7 @@ def test_the_convention_parses_as_documented():
     assert bs[3].code == "echo indented\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _params())
 def test_tutorial_runs_as_written(name, tmp_path):
     run_tutorial(DOCS / "tutorials" / name, tmp_path)

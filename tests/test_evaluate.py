@@ -98,6 +98,7 @@ class _Counter:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_random_actor_cube_single_singletask():
     actor = _Counter(n=1)
     res = evaluate(actor, "cube-single", task_ids=(1,), episodes_per_task=2, seed=0)
@@ -114,6 +115,7 @@ def test_random_actor_cube_single_singletask():
     json.dumps(d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("execute_steps,calls", [(5, 40), (1, 200)])
 def test_execute_steps_counts_decisions(execute_steps, calls):
     actor = _Counter(n=5)
@@ -122,6 +124,7 @@ def test_execute_steps_counts_decisions(execute_steps, calls):
     assert actor.calls == calls
 
 
+@pytest.mark.slow
 def test_oraclerep_passes_goal():
     actor = _Counter(n=5)
     res = evaluate(actor, "cube-single", task_mode="oraclerep", task_ids=(1, 2), episodes_per_task=1, execute_steps=5)
@@ -275,6 +278,7 @@ def _run_video(tmp_path, gl):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_video_cube_single_egl(tmp_path):
     import imageio.v3 as iio
 
@@ -290,6 +294,7 @@ def test_video_cube_single_egl(tmp_path):
     assert frames.std() > 0
 
 
+@pytest.mark.slow
 def test_video_bad_backend_raises_clear_error(tmp_path):
     d = _run_video(tmp_path, "glfw")  # GLFW needs a display; DISPLAY is removed
     if "error" not in d:

@@ -68,6 +68,7 @@ def _evaluate(run, *args, cache_gone=True):
     )
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_the_runs_own_evaluation(run):
     w = run["workdir"]
     r = _evaluate(run)
@@ -86,6 +87,7 @@ def test_evaluate_cli_reproduces_the_runs_own_evaluation(run):
     assert out["mean_length"] == pytest.approx(float(row["mean_length"]))
 
 
+@pytest.mark.slow
 def test_evaluate_cli_options_and_errors(run):
     w = run["workdir"]
     r = _evaluate(run, "--step", "10", "--episodes", "2", "--tasks", "2", "--execute_steps", "5")
@@ -122,6 +124,7 @@ def test_evaluate_cli_options_and_errors(run):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "No checkpoints" in r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_skips_an_incomplete_step_and_leaves_the_folder_alone(run, tmp_path):
     w = tmp_path / "copy"
     shutil.copytree(run["workdir"], w)
@@ -134,6 +137,7 @@ def test_evaluate_cli_skips_an_incomplete_step_and_leaves_the_folder_alone(run, 
     assert half.is_dir()  # read-only: evaluation never deletes anything
 
 
+@pytest.mark.slow
 def test_evaluate_cli_workers_do_not_change_the_result(run):
     """The trained MAC checkpoint, 3 episodes: its recorded batch size, in this process or in workers."""
     from macfw.evaluation import default_batch_size

@@ -42,12 +42,14 @@ def _point_env_class():
             use_oracle_rep=False,
             fail_at=None,
             exit_at=None,
+            kill_once_at=None,
             omit_success=False,
             omit_goal=False,
             probe=False,
         ):
             self.task, self.render_mode, self.probe = task, render_mode, probe
             self.fail_at, self.exit_at, self.omit_success, self.omit_goal = fail_at, exit_at, omit_success, omit_goal
+            self.kill_once_at = kill_once_at
             self.num_tasks = 5
             self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (6 if probe else 3,), np.float64)
             self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -75,6 +77,12 @@ def _point_env_class():
                 raise ValueError(f"PointEnv failed on purpose at step {self.t}")
             if self.exit_at is not None and self.t == self.exit_at:
                 os._exit(3)
+            marker = os.environ.get("MACFW_TEST_KILL_ONCE")
+            if self.kill_once_at == self.t and marker and not os.path.exists(marker):
+                open(marker, "w").close()  # once: the restarted worker runs on
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9 of the worker, mid-episode
             self.x = self.x + 0.25 * np.asarray(action, np.float64) + 0.02 * self.np_random.normal(size=2)
             d, R = float(np.linalg.norm(self.x - self.goal)), 0.06
             info = {} if self.omit_success else {"success": float(d < R)}
@@ -95,6 +103,7 @@ _VARIANTS = {
     "probe": dict(probe=True),
     "fail": dict(fail_at=5),
     "exit": dict(exit_at=4),
+    "killonce": dict(kill_once_at=3),
     "nosuccess": dict(omit_success=True),
     "nogoal": dict(omit_goal=True),
 }
@@ -298,6 +307,22 @@ def test_worker_errors(variant, exc, match):
         )
 
 
+def test_a_killed_worker_is_started_again_and_the_result_equals_a_run_without_the_fault(tmp_path, monkeypatch):
+    """A worker killed with SIGKILL in the middle of an episode: the workers start again, the env's
+    episodes run again with the same seeds, and every episode's result equals the undisturbed run's.
+    A worker that dies every time fails the evaluation after WORKER_RESTARTS restarts."""
+    kw: dict[str, Any] = dict(task_mode="goal", task_ids=(1, 2), episodes_per_task=3, workers=2, batch_size=4, seed=3)
+    ref = evaluate(_noisy, "macfw-test-point", **kw)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("MACFW_TEST_KILL_ONCE", str(marker))
+    with pytest.warns(UserWarning, match=r"worker \d died \(exit code -9\).*re-running the 6 episodes.*restart 1 of 2"):
+        got = evaluate(_noisy, "macfw-test-pointkillonce", **kw)
+    assert marker.exists()
+    assert got.per_episode == ref.per_episode and got.to_dict() == ref.to_dict()
+    with pytest.warns(UserWarning, match="restart 2 of 2"), pytest.raises(RuntimeError, match=r"worker \d died"):
+        evaluate(_seek, "macfw-test-pointexit", **dict(kw, execute_steps=1))
+
+
 def test_bad_actor_output_in_parallel():
     kw: dict[str, Any] = dict(task_mode="goal", task_ids=(1,), episodes_per_task=2, workers=2, batch_size=2)
     with pytest.raises(ValueError, match=r"execute_steps=5.*n=4"):
@@ -384,6 +409,7 @@ class _Tap:
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gin_file", ["gin/mac.gin", "gin/baselines/mopo.gin"])
 def test_agent_parallel_equals_sequential_point_env(gin_file):
     """MAC (chunks, seeded candidates) and MOPO (one deterministic action, tanh of the mean: a vmapped

@@ -84,6 +84,7 @@ def test_prefix_pair_equals_the_plain_call_and_reference_mode_is_the_plain_call(
         m.from_prefix(pre, jnp.zeros(9))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out_dim", [50, 28, 16, 1])
 def test_padded_output_layer_equals_the_plain_product(out_dim):
     """``padded_outputs``: a last layer of more than 16 outputs, not a multiple of 16, is computed with
@@ -108,6 +109,7 @@ def test_padded_output_layer_equals_the_plain_product(out_dim):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", [(32,), (32, 32), (32, 32, 32)])
 def test_layer_norms_folded_into_the_next_product_equal_normalise_then_multiply(hidden):
     """``folded_layer_norm``: ``LN(a) W^T + b`` computed as ``rstd (a (W diag w)^T) - rstd m (W diag w) 1 +
@@ -178,6 +180,7 @@ def test_fold_layer_norms_replaces_every_mlp_of_a_tree_and_mac_folds_its_rollout
         np.testing.assert_allclose(fast[k], ref[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("goal_dim", [0, 3])
 def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
     """``joint_first_layer``: MAC's rollout evaluates success, reward and dynamics on the chosen chunk
@@ -219,6 +222,7 @@ def test_models_evaluated_jointly_equal_their_own_calls(goal_dim):
     assert str(jax.make_jaxpr(f)(mine, s, g, A)).count("dot_general") == ref_dots - 3  # two models called
 
 
+@pytest.mark.slow
 def test_joint_first_layer_equals_separate_calls_with_gradients():
     from macfw.nn.mlp import joint_first_layer
 
@@ -273,6 +277,7 @@ def test_vmap_steps_equals_nested_vmaps_and_names_bad_shapes():
         vmap_steps(f, s, jnp.zeros((3, 5, 2)))
 
 
+@pytest.mark.slow
 def test_mac_losses_after_50_updates_equal_the_reference_computation():
     """``macfw.bench.against_reference`` at the tiny sizes: MAC from seed 0 on synthetic data, the
     reference computation (traced and compiled inside :func:`~macfw.reference.reference_computation`,

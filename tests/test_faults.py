@@ -80,6 +80,22 @@ def _error_lines(stderr: str) -> list[str]:
     ]
 
 
+def _foreign_tracebacks(stderr: str) -> list[str]:
+    """The tracebacks in ``stderr`` other than TensorStore's "Event loop is closed" ones: after an
+    asynchronous Orbax save fails, TensorStore's pending writes call back into the save's closed event
+    loop and it prints each failure from its own threads (sometimes none, sometimes dozens; outside what
+    macfw can catch; docs/reliability.md)."""
+    noise = ("asyncio/base_events.py", "_check_closed", "Event loop is closed", "call_soon_threadsafe")
+    blocks = stderr.split("Traceback (most recent call last):")[1:]
+    foreign = []
+    for b in blocks:
+        body = b.split("\nmacfw: error:")[0]  # (the final line follows the last block)
+        lines = [ln for ln in body.splitlines() if ln.strip() and "WARN" not in ln and "gym.logger" not in ln]
+        if not all(any(n in ln for n in noise) for ln in lines):
+            foreign.append(b[:2000])
+    return foreign
+
+
 def _temporary_files(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if ".tmp" in p.name]
 
@@ -104,6 +120,8 @@ def test_every_shape_of_a_full_disk_is_recognised_with_its_path_and_free_space(t
     assert str(target) in str(err) and " free of " in str(err) and "run the same command again" in str(err)
     quota = diskfull.disk_full_error(OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "train.csv")))
     assert quota is not None and "train.csv" in str(quota)
+    short = diskfull.disk_full_error(OSError("2020 requested and 992 written"), fallback_path=tmp_path)
+    assert short is not None and str(tmp_path) in str(short)  # numpy's short write on a full disk
     assert diskfull.disk_full_error(OSError(errno.EIO, "I/O error", "x")) is None
     assert diskfull.disk_full_error(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
     assert "\n" not in str(err)
@@ -136,9 +154,9 @@ def test_a_dead_tensorboard_writer_thread_raises_instead_of_hanging(tmp_path, mo
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "events.out.tfevents"))
 
-    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
     lg = TensorBoardLogger()
     lg.open(tmp_path, resume_step=None)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)  # the disk fills after the start
     done = threading.Event()
     raised: list[BaseException] = []
 
@@ -210,9 +228,10 @@ def test_a_full_workdir_stops_with_one_line_and_a_rerun_after_freeing_space_resu
         from macfw.faults import fill, listed_steps
 
         fill(filler)
-        out, err = p.communicate(timeout=900)
+        out, err = p.communicate(timeout=300)  # (a hang here is the failure this test exists for)
         lines = _error_lines(err)
-        assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in err, (p.returncode, err[-4000:])
+        assert p.returncode == 2 and len(lines) == 1 and _foreign_tracebacks(err) == [], (p.returncode, err[-4000:])
+        assert [ln for ln in err.splitlines() if ln.strip()][-1] == lines[0]  # the last word
         assert "No space left on device writing " + str(w) in lines[0] and " free of " in lines[0], lines[0]
         listed = listed_steps(w)
         assert listed and listed[0] >= 10, listed
@@ -284,7 +303,8 @@ def test_a_full_disk_during_shard_conversion_leaves_no_store_a_run_would_read(tm
     with tmpfs(tmp_path / "cache", "120k") as cache:
         with pytest.raises(OSError) as info:
             open_()
-        assert diskfull.disk_full_error(info.value) is not None, info.value
+        full = diskfull.disk_full_error(info.value)
+        assert full is not None and str(cache) in str(full) and " free of " in str(full), info.value
         assert _temporary_files(cache) == []
         stores = list((cache / "shard-stores").rglob(MANIFEST)) if (cache / "shard-stores").exists() else []
         for m in stores:  # a store with a manifest is complete (all its columns of their sizes)

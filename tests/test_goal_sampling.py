@@ -297,6 +297,7 @@ def test_an_agent_whose_batches_ignore_the_bindings_is_refused(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ defaults = before
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["goal", "oraclerep"])
 @pytest.mark.parametrize("gamma", [0.8, 0.999, 1.0])
 def test_default_batches_equal_the_frozen_sampler(mode, gamma):
@@ -322,6 +323,7 @@ def test_default_batches_equal_the_frozen_sampler(mode, gamma):
 
 
 # ------------------------------------------------------------------------------ what each setting does
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["goal", "oraclerep"])
 def test_trajectory_actor_goals_stay_in_the_trajectory(mode):
     loaded = _loaded(mode, 3)
@@ -474,6 +476,7 @@ def _load_shards(shard_dir, cache, task_mode, **kw):
         ).load(5, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_mode", ["goal", "oraclerep"])
 def test_host_sampler_defaults_equal_the_frozen_sampler_and_honours_the_setting(shard_dir, tmp_path, task_mode):
     from macfw.data.host_sampler import ShardSampler

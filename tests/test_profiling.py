@@ -127,6 +127,7 @@ def _mlp_macs(i: int, o: int, h: int = 32) -> int:
     return i * h + h * h + h * o
 
 
+@pytest.mark.slow
 def test_profile_command_at_the_tiny_preset(tmp_path):
     """``python -m macfw.bench --preset tiny --profile`` (it restarts itself with the CPU trace flag):
     MAC's phases are all there, and the rollout's matrix-product FLOPs per update lie between the

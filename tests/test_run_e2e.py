@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here shares one end-to-end campaign (the slow tier)
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--gin_file", "gin/smoke.gin"]
 SUMMARY_KEYS = {"step", "success", "per_task_success", "episodes", "updates_per_s", "wall_time_s", "param_checksum"}

@@ -24,6 +24,7 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))]
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_match_separate_runs():
     p = PRESETS["tiny"]
     agent = build_agent(p)
@@ -92,6 +93,7 @@ def test_user_component_from_outside_module(tmp_path):
     assert "TopKMeanSampler" in r.stderr and "RejectionSampler" in r.stderr
 
 
+@pytest.mark.slow
 def test_user_agent_in_one_file_trains_resumes_and_evaluates(tmp_path):
     """CONTRIBUTING's "Adding an agent": examples/my_agent.py + examples/chunk_bc.gin, nothing else."""
     env = dict(

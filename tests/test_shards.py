@@ -115,6 +115,7 @@ def test_list_shards_order_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the store
+@pytest.mark.slow
 @pytest.mark.parametrize("task_mode", ["singletask", "oraclerep"])
 def test_store_holds_what_ogbench_loader_gives(shard_dir, tmp_path, task_mode):
     """Columns of every converted shard == ogbench.make_env_and_datasets of that shard (rewards and
@@ -256,6 +257,7 @@ SPECS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_mode", ["singletask", "oraclerep", "goal"])
 def test_host_batches_equal_sample_batch(shard_dir, tmp_path, task_mode):
     """On the concatenated shards, the host sampler's batch of a key is sample_batch's, bit for bit:
@@ -270,6 +272,7 @@ def test_host_batches_equal_sample_batch(shard_dir, tmp_path, task_mode):
             _assert_same_batch(_sample_batch(chunk, spec, gc, key, 96), smp.sample(key, 96), f"{task_mode} {spec}")
 
 
+@pytest.mark.slow
 def test_step_stacks_and_seeds(shard_dir, tmp_path):
     """Stack of steps j..j+K-1 = sample_batch(fold_in(key, j)) per step; with seeds, split(., S)[i];
     refresh-style sampling with seeds = fold_in(key, i) per seed (macfw.step.Refresher)."""
@@ -297,6 +300,7 @@ def test_step_stacks_and_seeds(shard_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_shard_rotation_one_shard_at_a_time(shard_dir, tmp_path):
     """shard_rotation: gradient step j samples shard (j // interval) % 3 only (starts and random goals),
     and that batch is sample_batch on that shard alone (indices shifted by the shard's first row)."""

@@ -71,6 +71,7 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_generation_killed_and_rerun_gives_the_same_shards(shards, tmp_path):
     out = tmp_path / "killed"
     p = subprocess.Popen(_gen_cmd(out), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,6 +105,7 @@ def _train_cmd(shards: Path, workdir: Path, *bindings: str) -> list[str]:
     return cmd
 
 
+@pytest.mark.slow
 def test_sharded_smoke_run_resumes_after_sigkill_to_the_same_checksum(shards, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -138,6 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_gather_only_their_rows(shards, tmp_path):
     """2 processes x 1 CPU device: each converts (concurrently, into one cache) and gathers rows
     [4 i, 4 i + 4) of the 8-row batch; those equal the same rows of a one-process batch."""

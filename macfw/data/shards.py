@@ -214,10 +214,15 @@ def _write_columns(final: Path, columns: dict[str, np.ndarray], manifest: dict) 
         files = {}
         for name, arr in columns.items():
             p = tmp / f"{name}.npy"
-            with open(p, "wb") as f:
-                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(p, "wb") as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # name the file (numpy's short-write error does not): a full disk says where
+                if e.filename is None:
+                    raise OSError(e.errno, e.strerror or str(e), str(p)) from e
+                raise
             files[name] = {"file": p.name, "bytes": p.stat().st_size, "shape": list(arr.shape), "dtype": str(arr.dtype)}
         manifest = dict(manifest, format=STORE_FORMAT, columns=files, written_at=time.time())
         with open(tmp / MANIFEST, "w") as f:
