@@ -17,8 +17,8 @@ of ``--faults`` equally often, in a random order) at a uniform moment in ``[0, T
     then the same command to the end.
 ``writer``
     a second ``macfw.run`` on the same workdir: whichever holds the workdir trains undisturbed, the
-    other exits 2 with one line naming the holder (a second started after the first ended finds the
-    run finished and exits 0).
+    other exits 2 with one line naming the holder (a second that takes the lock after the first ended
+    resumes from the final step, finds the run finished and exits 0).
 ``disk_full``
     the workdir is a 64 MiB tmpfs; another process fills it (a file written until ENOSPC): the run
     stops with one line ``macfw: error: No space left on device writing PATH (FREE ...)``, exit 2;
@@ -195,7 +195,11 @@ class Campaign:
             errors = [ln for ln in err.splitlines() if ln.startswith("macfw: error:")]
             if len(errors) != 1 or "is in use by another run" not in errors[0] or "Traceback" in err:
                 o.problems.append(f"the exit 2 is not one 'in use' line: {tail(err)}")
-        elif not (rcs == [0, 0] and not was_running):
+        elif rcs == [0, 0]:  # the first ended before the second took the lock: it found the run finished
+            last = max(listed_steps(w), default=None)
+            if f"resuming from step {last} " not in results[1][1]:
+                o.problems.append(f"both exited 0 but the second did not start from the final step {last}")
+        else:
             o.problems.append(
                 f"exit codes {rcs} (first running at the second's start: {was_running}): "
                 f"{tail(results[0][2])} {tail(results[1][2])}"
