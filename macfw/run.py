@@ -142,10 +142,16 @@ def report(prog: str, e: BaseException) -> None:
 
 
 def _early_signals() -> None:
-    """Until train() takes over: SIGTERM/SIGINT stop the start-up at once (nothing to save yet)."""
+    """Until train() takes over: SIGTERM/SIGINT stop the start-up at once (nothing to save yet).
+
+    The signal is also kept (:func:`macfw.signals.note_early`): a handler's exception that lands in
+    code that ignores exceptions (a garbage-collection callback: "Exception ignored in ...") would
+    otherwise be lost and the run would go on; train() then stops at its first check."""
+    from macfw.signals import note_early
     from macfw.train import Preempted
 
     def handle(signum, frame):
+        note_early(signum)
         raise Preempted(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,16 @@ class Preempted(BaseException):
     """
 
 
+_EARLY: list[int] = []  # signals received before train() installed its handler (see note_early)
+
+
+def note_early(signum: int) -> None:
+    """Keep a SIGTERM/SIGINT received during ``macfw.run``'s start-up, before :class:`Preemption` exists:
+    its ``Preempted`` may be swallowed where it lands (a gc callback ignores exceptions), and the next
+    :class:`Preemption` starts with it received, so the run still stops at its first check."""
+    _EARLY.append(int(signum))
+
+
 class Preemption:
     """SIGTERM/SIGINT handling for the whole of :func:`macfw.train.train`.
 
@@ -30,7 +40,7 @@ class Preemption:
         import signal
 
         self.signal = signal
-        self.received: int | None = None
+        self.received: int | None = _EARLY[-1] if _EARLY else None  # one that arrived during start-up
         self.immediate = immediate
         self._old = {}
 

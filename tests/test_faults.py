@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -173,6 +174,29 @@ def test_a_dead_tensorboard_writer_thread_raises_instead_of_hanging(tmp_path, mo
     assert done.wait(60), "TensorBoardLogger.log blocked on a dead writer thread"
     assert raised and isinstance(raised[0], diskfull.DiskFullError), raised
     assert "events.out.tfevents" in str(raised[0])
+
+
+def test_a_start_up_signal_whose_exception_is_swallowed_still_stops_the_run(monkeypatch):
+    """Found by ``python -m macfw.faults``: SIGTERM 1.9 s into ``macfw.run`` raised ``Preempted`` inside
+    JAX's gc callback, which ignores exceptions ("Exception ignored in: _xla_gc_callback"), and the run
+    trained to the end. The start-up handler also keeps the signal; train()'s handler starts with it."""
+    from macfw import run, signals
+
+    monkeypatch.setattr(signals, "_EARLY", [])
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run._early_signals()
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        with contextlib.suppress(signals.Preempted):  # where it lands, the exception is ignored
+            handler(signal.SIGTERM, None)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    pre = signals.Preemption()
+    assert pre.received == signal.SIGTERM
+    with pytest.raises(signals.Preempted):
+        pre.check()
 
 
 # ============================================================================ a real full disk (root)
