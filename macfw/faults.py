@@ -54,6 +54,7 @@ REPO = Path(macfw.__file__).resolve().parents[1]
 FAULTS = ("kill", "sigterm", "writer", "disk_full")
 BINDINGS = ("train.progress = False", "train.save_interval = 10", "train.max_to_keep = 2")
 TMPFS_SIZE = "64m"
+LOST_SIGNAL_S = 20.0  # a run still going this long after SIGTERM, without saying it stopped, lost the signal
 _RESUMED = re.compile(r"resuming from step (\d+) ")
 
 
@@ -171,13 +172,17 @@ class Campaign:
         log = self.out / f"{w.name}_term"
         p = self.start(w, log)
         at = rng.uniform(0.0, self.T)
+        sent = None
         if wait_for(p, at):
             p.send_signal(signal.SIGTERM)
             o.events.append(f"SIGTERM at {at:.1f} s")
-        rc, _, err = self.finish(p, log)
+            sent = time.time()
+        rc, out, err = self.finish(p, log)
         o.events.append(f"exit {rc}, checkpoints {listed_steps(w)}")
         if rc != 0:
             o.problems.append(f"exit {rc} after SIGTERM (0 expected): {tail(err)}")
+        elif sent is not None and "stopped by" not in out and time.time() - sent > LOST_SIGNAL_S:
+            o.problems.append(f"SIGTERM delivered, but the run went on for {time.time() - sent:.0f} s to the end")
         self.run_to_end(w, self.out / f"{w.name}_end", o)
 
     def writer(self, w: Path, o: Outcome, rng: random.Random) -> None:

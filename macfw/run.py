@@ -220,6 +220,9 @@ def main(argv=None) -> int:
         from macfw.train import train
 
         summary = train(args.workdir)
+        if in_main:  # done: a signal from now on (a job ending as it finishes) has nothing to stop or save
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
     except Preempted as e:
         print(
             f"[macfw] stopped by signal {e.args[0] if e.args else ''} during start-up; nothing to save. "
