@@ -13,6 +13,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,13 +87,19 @@ def _foreign_tracebacks(stderr: str) -> list[str]:
     asynchronous Orbax save fails, TensorStore's pending writes call back into the save's closed event
     loop and it prints each failure from its own threads (sometimes none, sometimes dozens; outside what
     macfw can catch; docs/reliability.md)."""
-    noise = ("asyncio/base_events.py", "_check_closed", "Event loop is closed", "call_soon_threadsafe")
+    # TensorStore's threads print these concurrently, so their lines interleave and split anywhere:
+    # a line is noise when nothing is left of it once the pieces of that traceback are removed.
+    pieces = re.compile(
+        r'File "[^"]*asyncio/base_events\.py", line \d+, in (call_soon_threadsafe|_check_closed)'
+        r"|self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|RuntimeError|Event loop is closed"
+        r"|[\s:]"
+    )
     blocks = stderr.split("Traceback (most recent call last):")[1:]
     foreign = []
     for b in blocks:
         body = b.split("\nmacfw: error:")[0]  # (the final line follows the last block)
-        lines = [ln for ln in body.splitlines() if ln.strip() and "WARN" not in ln and "gym.logger" not in ln]
-        if not all(any(n in ln for n in noise) for ln in lines):
+        lines = [ln for ln in body.splitlines() if "WARN" not in ln and "gym.logger" not in ln]
+        if any(pieces.sub("", ln) for ln in lines):
             foreign.append(b[:2000])
     return foreign
 
