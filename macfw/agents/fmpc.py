@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -120,9 +120,8 @@ class FutureFlow(eqx.Module):
         solver: str = "euler",
         compute_dtype: str | None = None,
     ):
-        # (check_int returns None only with allow_none=True)
-        future_len = cast(int, check_int("FMPC.future_len", future_len))
-        self.flow_steps = cast(int, check_int("FutureFlow.flow_steps", flow_steps))
+        future_len = check_int("FMPC.future_len", future_len)
+        self.flow_steps = check_int("FutureFlow.flow_steps", flow_steps)
         check("FutureFlow.solver", solver, _solver_ok(solver), "a diffrax solver name such as 'euler', or an instance")
         self.solver = solver
         self.future_dim = future_len * spec.ob_dim
@@ -273,12 +272,11 @@ class FMPC(Agent):
         for slot, f in (("model", model), ("policy", policy), ("critic", critic), ("value", value)):
             check(f"{name}.{slot}", f, callable(f), "a network class, e.g. @FutureFlow (see gin/baselines/fmpc.gin)")
         self.factories = dict(model=model, policy=policy, critic=critic, value=value)
-        # (check_int/check_float return None only with allow_none=True)
-        self.future_len = cast(int, check_int(f"{name}.future_len", future_len))
-        self.num_samples = cast(int, check_int(f"{name}.num_samples", num_samples))
-        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
-        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.future_len = check_int(f"{name}.future_len", future_len)
+        self.num_samples = check_int(f"{name}.num_samples", num_samples)
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, VALUE_LOSSES)
         check(f"{name}.normalize_reward", normalize_reward, isinstance(normalize_reward, bool), "True or False")
         self.normalize_reward = normalize_reward

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import cast
 
 import equinox as eqx
 import jax
@@ -134,7 +133,7 @@ class MACFQL(MAC):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.alpha = cast(float, check_float("MACFQL.alpha", alpha, low=0.0))  # None only with allow_none
+        self.alpha = check_float("MACFQL.alpha", alpha, low=0.0)  # None only with allow_none
         self.actor_goals = check_choice("MACFQL.actor_goals", actor_goals, ("actor_goals", "value_goals"))
         self.factories["actor"] = actor
         self.normalize_q_loss = bool(normalize_q_loss)

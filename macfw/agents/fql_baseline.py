@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -191,11 +191,10 @@ class FQL(Agent):
             )
         assert critic is not None  # check() refused a non-callable
         self.factories = dict(policy=policy, actor=actor, critic=critic)
-        # (check_float returns None only with allow_none=True)
-        self.alpha = cast(float, check_float(f"{name}.alpha", alpha, low=0.0))
-        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
-        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("mean", "min"))
         check(f"{name}.normalize_q_loss", normalize_q_loss, isinstance(normalize_q_loss, bool), "True or False")
         self.normalize_q_loss = normalize_q_loss

@@ -133,7 +133,7 @@ class ClippedMeanActor(eqx.Module):
         final_init_scale: float = 0.01,
         compute_dtype: str | None = None,
     ):
-        scale = cast(float, check_float("ClippedMeanActor.final_init_scale", final_init_scale, low=0.0, low_open=True))
+        scale = check_float("ClippedMeanActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
         self.net = MLP(
             spec.ob_dim + spec.goal_dim,
             spec.chunk_dim,
@@ -313,14 +313,13 @@ class GCIQL(Agent):
             )
         assert critic is not None  # check() refused a non-callable
         self.factories = dict(value=value, critic=critic, actor=actor)
-        # (check_float returns None only with allow_none=True)
-        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
         self.expectile = cast(
             float, check_float(f"{name}.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
         )
-        self.alpha = cast(float, check_float(f"{name}.alpha", alpha, low=0.0))
-        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
 

@@ -139,7 +139,7 @@ class LEQActor(DeterministicActor):
         final_init_scale: float = 0.01,
         compute_dtype: str | None = None,
     ):
-        scale = cast(float, check_float("LEQActor.final_init_scale", final_init_scale, low=0.0, low_open=True))
+        scale = check_float("LEQActor.final_init_scale", final_init_scale, low=0.0, low_open=True)
         self.net = MLP(
             spec.ob_dim + spec.goal_dim,
             spec.chunk_dim,
@@ -381,19 +381,18 @@ class LEQ(Agent):
             )
         assert dynamics is not None  # check() refused a non-callable
         self.factories = dict(dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic)
-        # (check_int/check_float return None only with allow_none=True)
-        self.gamma = cast(float, check_float("LEQ.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
-        self.lam = cast(float, check_float("LEQ.lam", lam, low=0.0, high=1.0))
-        self.horizon = cast(int, check_int("LEQ.horizon", horizon))
+        self.gamma = check_float("LEQ.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.lam = check_float("LEQ.lam", lam, low=0.0, high=1.0)
+        self.horizon = check_int("LEQ.horizon", horizon)
         self.expectile = cast(
             float, check_float("LEQ.expectile", expectile, low=0.0, high=1.0, low_open=True, high_open=True)
         )
         self.data_expectile = cast(
             float, check_float("LEQ.data_expectile", data_expectile, low=0.0, high=1.0, low_open=True, high_open=True)
         )
-        self.model_weight = cast(float, check_float("LEQ.model_weight", model_weight, low=0.0, high=1.0))
-        self.tau = cast(float, check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.model_weight = check_float("LEQ.model_weight", model_weight, low=0.0, high=1.0)
+        self.tau = check_float("LEQ.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float("LEQ.learning_rate", learning_rate, low=0.0, low_open=True)
         self.unroll_rollout = bool(unroll_rollout)
         self.goal_sampling = goal_sampling_for("LEQ", goal_sampling)
         self.spec: Spec | None = None

@@ -40,7 +40,7 @@ macfw's later-state goals may be the final observation, theirs stop one before i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -210,14 +210,13 @@ class MAC(Agent):
         unroll_rollout: bool = False,
         goal_sampling: GoalSampling | None = None,
     ):
-        # (check_int/check_float return None only with allow_none=True)
-        self._chunk_len = cast(int, check_int("MAC.chunk_len", chunk_len))
+        self._chunk_len = check_int("MAC.chunk_len", chunk_len)
         self.normalize_reward = bool(normalize_reward)
-        self.gamma = cast(float, check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True))
-        self.lam = cast(float, check_float("MAC.lam", lam, low=0.0, high=1.0))
-        self.horizon = cast(int, check_int("MAC.horizon", horizon))
-        self.tau = cast(float, check_float("MAC.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.gamma = check_float("MAC.gamma", gamma, low=0.0, high=1.0, low_open=True)
+        self.lam = check_float("MAC.lam", lam, low=0.0, high=1.0)
+        self.horizon = check_int("MAC.horizon", horizon)
+        self.tau = check_float("MAC.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float("MAC.learning_rate", learning_rate, low=0.0, low_open=True)
         self.rollout_batch_size = check_int("MAC.rollout_batch_size", rollout_batch_size, allow_none=True)
         self.grad_clip = check_float("MAC.grad_clip", grad_clip, low=0.0, low_open=True, allow_none=True)
         self.factories = dict(

@@ -67,11 +67,10 @@ class ModelRollouts:
         real_ratio: float = 0.5,
         first_rollout_step: int | None = None,
     ):
-        # (check_int/check_float return None only with allow_none=True)
-        self.rollout_freq = cast(int, check_int("ModelRollouts.rollout_freq", rollout_freq))
-        self.rollout_length = cast(int, check_int("ModelRollouts.rollout_length", rollout_length))
-        self.num_starts = cast(int, check_int("ModelRollouts.num_starts", num_starts))
-        self.retain_rounds = cast(int, check_int("ModelRollouts.retain_rounds", retain_rounds))
+        self.rollout_freq = check_int("ModelRollouts.rollout_freq", rollout_freq)
+        self.rollout_length = check_int("ModelRollouts.rollout_length", rollout_length)
+        self.num_starts = check_int("ModelRollouts.num_starts", num_starts)
+        self.retain_rounds = check_int("ModelRollouts.retain_rounds", retain_rounds)
         self.real_ratio = cast(
             float, check_float("ModelRollouts.real_ratio", real_ratio, low=0.0, high=1.0, low_open=True)
         )

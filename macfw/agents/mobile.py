@@ -20,8 +20,6 @@ update 1.23-1.32x the authors' at ``cpu-small``, issue 29).
 
 from __future__ import annotations
 
-from typing import cast
-
 import jax
 import jax.numpy as jnp
 
@@ -45,7 +43,7 @@ class MOBILE(MOPO):
 
     def __init__(self, *args, num_samples: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
-        self.num_samples = cast(int, check_int("MOBILE.num_samples", num_samples))  # None only with allow_none
+        self.num_samples = check_int("MOBILE.num_samples", num_samples)  # None only with allow_none
 
     def penalty_noise(self, nets, key, n):
         """``next_obs (k, J, n, ob_dim)`` (``s'_ij``) and ``next_actions (k, J, n, act_dim)`` (``a'_ij``),

@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -157,12 +157,11 @@ class MOPO(Agent):
             dynamics=dynamics, success=success, reward=reward, actor=actor, critic=critic, temperature=temperature
         )
         self.rollouts = rollouts if rollouts is not None else ModelRollouts()
-        # (check_float returns None only with allow_none=True)
-        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
-        self.beta = cast(float, check_float(f"{name}.beta", beta, low=0.0))
-        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
-        self.target_entropy_scale = cast(float, check_float(f"{name}.target_entropy_scale", target_entropy_scale))
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.beta = check_float(f"{name}.beta", beta, low=0.0)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.target_entropy_scale = check_float(f"{name}.target_entropy_scale", target_entropy_scale)
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -240,13 +240,12 @@ class NStepSACBC(Agent):
             )
         assert critic is not None  # check() refused a non-callable
         self.factories = dict(actor=actor, critic=critic, temperature=temperature)
-        # (check_int/check_float return None only with allow_none=True)
-        self.n = cast(int, check_int(f"{name}.n", n, minimum=1))
-        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
-        self.alpha = cast(float, check_float(f"{name}.alpha", alpha, low=0.0))
-        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
-        self.target_entropy_scale = cast(float, check_float(f"{name}.target_entropy_scale", target_entropy_scale))
+        self.n = check_int(f"{name}.n", n, minimum=1)
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.alpha = check_float(f"{name}.alpha", alpha, low=0.0)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
+        self.target_entropy_scale = check_float(f"{name}.target_entropy_scale", target_entropy_scale)
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
         self.goal_sampling = goal_sampling_for(name, goal_sampling)

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -204,14 +204,13 @@ class SHARSA(Agent):
             check(f"{name}.{slot}", f, callable(f), "a network class (see gin/baselines/sharsa.gin)")
         assert critic is not None  # check() refused a non-callable
         self.factories = dict(high_actor=high_actor, low_actor=low_actor, critic=critic, value=value)
-        # (check_int/check_float return None only with allow_none=True)
-        self.n = cast(int, check_int(f"{name}.n", n))
-        self.gamma = cast(float, check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True))
-        self.tau = cast(float, check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True))
-        self.learning_rate = cast(float, check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True))
+        self.n = check_int(f"{name}.n", n)
+        self.gamma = check_float(f"{name}.gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.tau = check_float(f"{name}.tau", tau, low=0.0, high=1.0, low_open=True)
+        self.learning_rate = check_float(f"{name}.learning_rate", learning_rate, low=0.0, low_open=True)
         self.q_agg = check_choice(f"{name}.q_agg", q_agg, ("min", "mean"))
         self.value_loss = check_choice(f"{name}.value_loss", value_loss, ("bce", "mse"))
-        self.num_samples = cast(int, check_int(f"{name}.num_samples", num_samples))
+        self.num_samples = check_int(f"{name}.num_samples", num_samples)
         self._loss_fn = make_value_loss(self.value_loss, binding=f"{name}.value_loss")
         self.goal_sampling = goal_sampling_for(name, goal_sampling)
         self.spec: Spec | None = None
