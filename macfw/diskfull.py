@@ -189,6 +189,13 @@ def quiet_library_logs() -> None:
         logger.addFilter(_DiskFullRecords())
 
 
+def clear() -> None:
+    """Forget the full-disk errors kept so far: a run starts with none (``macfw.run.main`` calls this, so
+    a later run in the same process never reports an earlier run's full disk)."""
+    with _PENDING_GUARD:
+        _PENDING.clear()
+
+
 def note(e: BaseException) -> None:
     """Keep ``e`` (a full disk met while stopping, e.g. by the last checkpoint save) for :func:`pending`."""
     with _PENDING_GUARD:

@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     _enable_compilation_cache()
     diskfull.install_thread_hook()  # a full disk in a writer thread: kept for one line, not a traceback
     diskfull.quiet_library_logs()
+    diskfull.clear()  # (an earlier run in this process: its full disk is not this run's)
     retain_freed_memory()  # XLA's per-dispatch buffers stay mapped (macfw.memory)
     try:
         from macfw.parallel import initialize_distributed

@@ -135,6 +135,24 @@ def test_every_shape_of_a_full_disk_is_recognised_with_its_path_and_free_space(t
     assert "\n" not in str(err)
 
 
+def test_a_run_does_not_report_an_earlier_runs_full_disk(tmp_path, capsys):
+    """The kept background-thread errors are per run: main() starts with none, so a later in-process
+    run's own error is the one reported (it was not, before: found by the fast tier on a fresh clone)."""
+    import gin
+
+    from macfw import run
+
+    diskfull.note(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "earlier")))
+    gin.clear_config()
+    try:
+        rc = run.main(["--gin_file", "gin/smoke.gin", "--gin_bindings", "MAC.horizon = 0", "--workdir", str(tmp_path)])
+    finally:
+        gin.clear_config()
+        diskfull.clear()
+    err = capsys.readouterr().err
+    assert rc == 2 and "MAC.horizon = 0" in err and "No space left" not in err, err
+
+
 def test_a_row_cut_by_a_full_disk_is_dropped_on_resume(tmp_path):
     from macfw.logs import CSVLog
 
@@ -158,6 +176,7 @@ def test_a_dead_tensorboard_writer_thread_raises_instead_of_hanging(tmp_path, mo
     from macfw.loggers import TensorBoardLogger
 
     diskfull.install_thread_hook()
+    monkeypatch.setattr(diskfull, "_PENDING", [])  # this test's full disk stays in this test
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "events.out.tfevents"))
