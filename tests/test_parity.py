@@ -38,9 +38,10 @@ def ref():
 def test_parity(ref, agent):
     from parity_cases.common import Options  # pyright: ignore[reportMissingImports]  (experiments/, on sys.path via ref)
 
-    r = importlib.import_module(f"parity_cases.{agent}").run(ref, Options(pairs=1, calls=1))
+    r = importlib.import_module(f"parity_cases.{agent}").run(ref, Options(pairs=1, steps_per_dispatch=2))
     worst = max(r["terms"].items(), key=lambda kv: kv[1]["rel_err"])
     assert r["max_rel_err"] <= MAX_REL_ERR, f"{agent}: worst term {worst[0]}: {worst[1]}"
     for field in ("updates_per_s", "flops_per_update", "utilisation"):
         assert set(r[field]) == {"macfw", "reference"} and all(v > 0 for v in r[field].values()), (field, r[field])
     assert r["matmul_peak_flops"] > 0
+    assert r["steps_per_dispatch"] == 2 and r["updates_per_s_single_call"]["macfw"] > 0

@@ -44,8 +44,12 @@ class Options:
     Attributes:
       updates: updates after which the terms and the parameters are compared again (10).
       speed: time both updates (cpu-small sizes, alternated in one process).
-      pairs: alternated timing pairs (each side ``calls`` calls per pair).
-      calls: jitted updates per timed call.
+      pairs: alternated timing pairs.
+      calls: unused by the timing (kept for callers that set it; each timed call is
+        ``steps_per_dispatch`` updates of every side).
+      steps_per_dispatch: macfw's updates per compiled call when timed as its training loop runs
+        them (``train.steps_per_dispatch``, gin/base.gin: 10); also the updates per timed call of the
+        single-call and reference timings.
       seed: of the parameters, the batches and the draws.
     """
 
@@ -53,6 +57,7 @@ class Options:
     speed: bool = True
     pairs: int = 5
     calls: int = 3
+    steps_per_dispatch: int = 10
     seed: int = 0
 
 
@@ -277,10 +282,13 @@ def xla_flops(jitted: Callable, *args) -> float:
     return float(ca.get("flops", 0.0)) if ca else 0.0
 
 
-def macfw_update(agent, state):
+def macfw_update(agent, state, steps: int = 1):
     """macfw's ``agent.update`` compiled as its training step compiles it (:class:`macfw.step.TrainStep`):
     one ``jax.jit`` over the state's arrays (the static rest closed over), the state donated, with
-    :func:`macfw.compiler.compiler_options` for the device (on the CPU: 512-bit vectors).
+    :func:`macfw.compiler.compiler_options` for the device (on the CPU: 512-bit vectors). With
+    ``steps > 1``, ``steps`` updates per call in one ``lax.scan``, as the training loop runs
+    ``train.steps_per_dispatch`` updates per compiled call; the batch argument then holds one batch per
+    update on a leading axis (:func:`stacked`) and the metrics are the last update's.
 
     Returns ``(step, arrays)``: ``step(arrays, batch) -> (arrays, metrics)`` and ``state``'s arrays
     (``eqx.combine(arrays, static)`` is the state). Donation invalidates the ``arrays`` passed in:
@@ -293,9 +301,15 @@ def macfw_update(agent, state):
 
     arrays, static = eqx.partition(state, eqx.is_array)
 
-    def step(arrays, batch):
+    def one(arrays, batch):
         new, metrics = agent.update(eqx.combine(arrays, static), batch)
         return eqx.partition(new, eqx.is_array)[0], metrics
+
+    def step(arrays, batch):
+        if steps == 1:
+            return one(arrays, batch)
+        arrays, metrics = jax.lax.scan(one, arrays, batch)
+        return arrays, jax.tree_util.tree_map(lambda m: m[-1], metrics)
 
     platform = jax.tree_util.tree_leaves(arrays)[0].devices().pop().platform
     jitted = jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options(platform))
@@ -331,6 +345,105 @@ def alternate(fns: dict[str, Callable[[], Any]], pairs: int = 5) -> dict[str, fl
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def stacked(batch, n: int):
+    """``n`` copies of ``batch`` (a pytree of arrays) on a new leading axis: one batch per update of a
+    :func:`macfw_update` step with ``steps = n``. The copies are slices of one input array, so the
+    compiler cannot tell them apart or hoist work on them out of the loop."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(lambda x: jnp.stack([x] * n), batch)
+
+
+def time_updates(agent, state, batch, reference_update: Callable[[], Any], flops: dict, opts: Options) -> dict:
+    """Both sides' update rates at equal sizes, alternated in one process (issue 29), and the case's
+    speed entry of the JSON.
+
+    macfw's update is timed as its training loop runs it, ``opts.steps_per_dispatch`` (K) updates per
+    compiled call (:func:`macfw_update` with ``steps = K``: the ``lax.scan`` of
+    :class:`macfw.step.TrainStep`, the state donated, the K batches already on the device), and also
+    one update per call (``updates_per_s_single_call``). ``reference_update()`` runs one of the
+    authors' jitted updates on their batch (already on the device; the closure keeps their state) and
+    returns its output: one call per update, as their training loop calls it. It is first called
+    inside :func:`jax_threefry`, so a first compilation is theirs. Each timed call is K updates of
+    one side; the matrix-product peak is timed in the same alternation.
+
+    Args:
+      agent, state: macfw's agent and its state (not donated: copied).
+      batch: macfw's batch for ``agent.update`` (arrays).
+      reference_update: see above.
+      flops: ``{"macfw", "reference"}`` FLOPs of one update (XLA's count).
+      opts: ``pairs`` and ``steps_per_dispatch``.
+
+    Returns:
+      ``updates_per_s`` (``macfw``: K per dispatch; ``reference``), ``updates_per_s_single_call``
+      (``macfw``), ``steps_per_dispatch``, ``flops_per_update``, ``utilisation`` (from
+      ``updates_per_s``), ``matmul_peak_flops``, ``load_average``.
+    """
+    import os
+
+    import jax
+
+    K = int(opts.steps_per_dispatch)
+    if K < 1:
+        raise ValueError(f"Options.steps_per_dispatch must be >= 1, got {K}")
+    batch = jax.device_put(batch)
+    batches = jax.device_put(stacked(batch, K))
+    single, arrays_1 = macfw_update(agent, state)
+    scanned, arrays_k = macfw_update(agent, state, K)
+    box = {"one": arrays_1, "k": arrays_k}
+
+    def macfw_scanned():
+        box["k"], out = scanned(box["k"], batches)
+        return out
+
+    def macfw_single():
+        out = None
+        for _ in range(K):
+            box["one"], out = single(box["one"], batch)
+        return out
+
+    def reference():
+        out = None
+        for _ in range(K):
+            out = reference_update()
+        return out
+
+    with jax_threefry():  # the authors' update compiled as their code compiles it
+        jax.block_until_ready(reference_update())
+    meter, meter_flops = _peak_meter()
+    secs = alternate(
+        {"macfw": macfw_scanned, "macfw_single_call": macfw_single, "reference": reference, "peak": meter},
+        pairs=opts.pairs,
+    )
+    peak = meter_flops / secs.pop("peak")
+    ups = {"macfw": K / secs["macfw"], "reference": K / secs["reference"]}
+    return {
+        "updates_per_s": ups,
+        "updates_per_s_single_call": {"macfw": K / secs["macfw_single_call"]},
+        "steps_per_dispatch": K,
+        "flops_per_update": dict(flops),
+        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
+        "matmul_peak_flops": peak,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def _peak_meter(n: int = 2048) -> tuple[Callable[[], Any], float]:
+    """A zero-argument function running one ``n x n`` float32 matrix product (for :func:`alternate`),
+    and its FLOPs."""
+    import jax
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a, b = jax.random.normal(ka, (n, n)), jax.random.normal(kb, (n, n))
+    mm = jax.jit(lambda a, b: a @ b)
+
+    def run():
+        return mm(a, b)
+
+    return run, 2.0 * n**3
 
 
 def matmul_peak() -> float:

@@ -68,7 +68,7 @@ from parity_cases.common import (
     tree_rel_err,
     unjitted,
 )
-from parity_cases.nstep_sacbc import array_term, compact_arrays, map_params, reference_sample, time_updates
+from parity_cases.nstep_sacbc import array_term, compact_arrays, map_params, measure_updates, reference_sample
 
 #: the authors' metric -> macfw's metric
 METRICS = {
@@ -360,4 +360,4 @@ def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) 
     alternated in one process."""
     agent, state, theirs, data, ds = build(ref, hidden, batch_size, opts.seed, True)
     b, rb = batches(agent, data, ds, 1, batch_size, opts.seed, True)[0][0]
-    return time_updates(agent, state, b, theirs, rb, opts)
+    return measure_updates(agent, state, b, theirs, rb, opts)

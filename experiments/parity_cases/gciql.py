@@ -28,19 +28,17 @@ Metrics (the authors' name -> macfw's): see :data:`METRICS`. The authors' ``grad
 from __future__ import annotations
 
 import functools
-import os
 
 from parity_cases.common import (
     Options,
     agent_result,
-    alternate,
     compare_terms,
     ensemble_to_flax,
     jax_threefry,
     macfw_update,
-    matmul_peak,
     mlp_to_flax,
     mlp_to_flax_split,
+    time_updates,
     tree_rel_err,
     xla_flops,
 )
@@ -195,26 +193,10 @@ def measure_speed(ref, opts: Options) -> dict:
     flops = {"macfw": xla_flops(step, arrays, b)}
     with jax_threefry():  # the authors' update compiled as their code compiles it
         flops["reference"] = xla_flops(ref_step, theirs, rb)
-        jax.block_until_ready(ref_step(theirs, rb))
-    box = {"m": arrays, "r": theirs}
+    box = {"r": theirs}
 
-    def mine():
-        for _ in range(opts.calls):
-            box["m"], out = step(box["m"], b)
+    def reference_update():
+        box["r"], out = ref_step(box["r"], rb)
         return out
 
-    def reference():
-        for _ in range(opts.calls):
-            box["r"], out = ref_step(box["r"], rb)
-        return out
-
-    t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
-    peak = matmul_peak()
-    ups = {k: opts.calls / v for k, v in t.items()}
-    return {
-        "updates_per_s": ups,
-        "flops_per_update": flops,
-        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
-        "matmul_peak_flops": peak,
-        "load_average": list(os.getloadavg()),
-    }
+    return time_updates(agent, state, b, reference_update, flops, opts)

@@ -68,13 +68,11 @@ import numpy as np
 from parity_cases.common import (
     Options,
     agent_result,
-    alternate,
     ensemble_to_flax,
-    macfw_update,
-    matmul_peak,
     mlp_to_flax,
     mlp_to_flax_split,
     rel_err,
+    time_updates,
     tree_rel_err,
     xla_flops,
 )
@@ -585,7 +583,6 @@ def measure_speed(ref, opts: Options, gc: bool = False) -> dict:
     (macfw's of its reference computation, every same-result speed-up off, as ``macfw.bench`` counts,
     with the rollouts unrolled, ``LEQ.for_flop_count``, since XLA counts a loop body once; theirs
     unrolls in Python)."""
-    import os
 
     import equinox as eqx
     import jax
@@ -602,31 +599,13 @@ def measure_speed(ref, opts: Options, gc: bool = False) -> dict:
         flops_ref = xla_flops(ref_step, theirs, rb)
     with reference_computation(rolled_threefry=False):  # what the method computes, as macfw.bench counts
         flops = {"macfw": xla_flops(eqx.filter_jit(counted.update), state, b), "reference": flops_ref}
-    step, arrays = macfw_update(agent, state)
-    box = {"m": arrays, "r": theirs}
+    box = {"r": theirs}
 
-    def mine():
-        for _ in range(opts.calls):
-            box["m"], out = step(box["m"], b)
+    def reference_update():
+        box["r"], out = ref_step(box["r"], rb)
         return out
 
-    def reference():
-        for _ in range(opts.calls):
-            box["r"], out = ref_step(box["r"], rb)
-        return out
-
-    with jax_threefry():  # compile the authors' update as their code compiles it
-        jax.block_until_ready(reference())
-    t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
-    peak = matmul_peak()
-    ups = {k: opts.calls / v for k, v in t.items()}
-    return {
-        "updates_per_s": ups,
-        "flops_per_update": flops,
-        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
-        "matmul_peak_flops": peak,
-        "load_average": list(os.getloadavg()),
-    }
+    return time_updates(agent, state, b, reference_update, flops, opts)
 
 
 # ------------------------------------------------------------------------------ the case

@@ -55,13 +55,15 @@ norm of the per-leaf L2 norms). The authors' defects (DESIGN §9 and new ones sh
 
 Speed (``opts.speed``): each side's jitted update at ``cpu-small`` (2 x 256, batch 256, rollout
 batch 256, n 10, H 10, N 8, 10 flow steps; single-task, as ``macfw.bench``'s ``cpu-small``), the
-batch on the device, ``opts.pairs`` alternated pairs of ``opts.calls`` updates each. macfw's update
-is ``jax.jit(MAC.update)`` with the state donated and :func:`macfw.compiler.compiler_options` (as
-its training step compiles it); the authors' ``MACAgent.update`` is compiled with JAX's own threefry
-lowering (``import macfw`` registers a written-out one for the CPU, which would also speed up the
-authors' program). FLOPs per update by XLA's count with every loop unrolled (macfw: the reference
-computation of ``macfw.bench``, the authors' scans unrolled), utilisation against the FLOP/s of a
-2048 x 2048 matrix product timed in the same alternation (so that the machine's drift hits all three).
+batch on the device, alternated (:func:`~parity_cases.common.time_updates`). macfw's update runs as
+its training loop runs it, ``opts.steps_per_dispatch`` updates per compiled call (``jax.jit`` of a
+``lax.scan`` over ``MAC.update``, the state donated, :func:`macfw.compiler.compiler_options`), and
+also one per call; the authors' ``MACAgent.update``, one per call as their loop calls it, is compiled
+with JAX's own threefry lowering (``import macfw`` registers a written-out one for the CPU, which
+would also speed up the authors' program). FLOPs per update by XLA's count with every loop unrolled
+(macfw: the reference computation of ``macfw.bench``, the authors' scans unrolled), utilisation
+against the FLOP/s of a 2048 x 2048 matrix product timed in the same alternation (so that the
+machine's drift hits all of them).
 """
 
 from __future__ import annotations
@@ -69,18 +71,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 
 import numpy as np
 
 from parity_cases.common import (
     agent_result,
-    alternate,
-    jax_threefry,
-    macfw_update,
     mlp_to_flax,
     rel_err,
     replay,
+    time_updates,
     tree_rel_err,
     unjitted,
     xla_flops,
@@ -605,39 +604,15 @@ def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
         flops_ref = xla_flops(jax.jit(mod.MACAgent.update.__wrapped__), ragent, rbatch)
     jax.clear_caches()
 
-    ours, arrays = macfw_update(agent, state)
-    holder = {"ours": arrays, "ref": ragent}
+    box = {"ref": ragent}
 
-    def run_ours():
-        for _ in range(opts.calls):
-            holder["ours"], m = ours(holder["ours"], batch)
-        return m
-
-    def run_ref():
-        for _ in range(opts.calls):
-            holder["ref"], info = holder["ref"].update(rbatch)
+    def reference_update():
+        box["ref"], info = box["ref"].update(rbatch)
         return info
 
-    with jax_threefry():  # compile the authors' update as their code compiles it
-        jax.block_until_ready(run_ref())
-    jax.block_until_ready(run_ours())
-    # the matrix-product peak timed in the same alternation (a shared machine's speed drifts within minutes)
-    n = 2048
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a, b2 = jax.random.normal(ka, (n, n)), jax.random.normal(kb, (n, n))
-    mm = jax.jit(lambda a, b: a @ b)
-    secs = alternate({"macfw": run_ours, "reference": run_ref, "peak": lambda: mm(a, b2)}, pairs=opts.pairs)
-    peak = 2.0 * n**3 / secs.pop("peak")
-    ups = {k: opts.calls / v for k, v in secs.items()}
-    flops = {"macfw": flops_ours, "reference": flops_ref}
-    return {
-        "updates_per_s": ups,
-        "flops_per_update": flops,
-        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
-        "matmul_peak_flops": peak,
-        "speed_sizes": dataclasses.asdict(sz),
-        "load_average": list(os.getloadavg()),
-    }
+    out = time_updates(agent, state, batch, reference_update, {"macfw": flops_ours, "reference": flops_ref}, opts)
+    out["speed_sizes"] = dataclasses.asdict(sz)
+    return out
 
 
 # ------------------------------------------------------------------------------ the case

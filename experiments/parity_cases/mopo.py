@@ -57,14 +57,13 @@ import numpy as np
 from parity_cases.common import (
     Options,
     agent_result,
-    alternate,
     ensemble_to_flax,
     macfw_update,
-    matmul_peak,
     mlp_to_flax,
     mlp_to_flax_split,
     rel_err,
     replay,
+    time_updates,
     tree_rel_err,
     unjitted,
     xla_flops,
@@ -493,30 +492,15 @@ def measure_speed(ref, name: str, opts: Options) -> dict:
     b = jax.device_put(loop)
     rb, fb = jax.device_put(reference_batch(real, False)), jax.device_put(reference_batch(model, False))
     step, arrays = macfw_update(agent, state)  # as macfw's TrainStep compiles it (state donated)
-    del state
     ref_step = type(theirs).update
     flops = {"macfw": xla_flops(step, arrays, b), "reference": xla_flops(ref_step, theirs, rb, fb)}
-    box = {"m": arrays, "r": theirs}
+    box = {"r": theirs}
 
-    def mine():
-        for _ in range(opts.calls):
-            box["m"], out = step(box["m"], b)
+    def reference_update():
+        box["r"], out = ref_step(box["r"], rb, fb)
         return out
 
-    def reference():
-        for _ in range(opts.calls):
-            box["r"], out = ref_step(box["r"], rb, fb)
-        return out
-
-    t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
-    peak = matmul_peak()
-    ups = {k: opts.calls / v for k, v in t.items()}
-    return {
-        "updates_per_s": ups,
-        "flops_per_update": flops,
-        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
-        "matmul_peak_flops": peak,
-    }
+    return time_updates(agent, state, b, reference_update, flops, opts)
 
 
 # ------------------------------------------------------------------------------ the case

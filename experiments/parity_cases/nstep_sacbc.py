@@ -48,15 +48,12 @@ import numpy as np
 from parity_cases.common import (
     Options,
     agent_result,
-    alternate,
     compare_terms,
     ensemble_to_flax,
-    jax_threefry,
-    macfw_update,
-    matmul_peak,
     mlp_to_flax_split,
     rel_err,
     replay,
+    time_updates,
     tree_rel_err,
     unjitted,
     xla_flops,
@@ -345,50 +342,26 @@ def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) 
     """Each side's jitted update at cpu-small sizes (2 x 256, batch 256, n 25), alternated in one process."""
     agent, state, theirs, data, hgc = build(ref, hidden, batch_size, opts.seed)
     b, rb = batches(agent, data, hgc, 1, batch_size, opts.seed)[0][0]
-    return time_updates(agent, state, b, theirs, rb, opts)
+    return measure_updates(agent, state, b, theirs, rb, opts)
 
 
-def time_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict:
-    """``updates_per_s``, ``flops_per_update``, ``utilisation`` and ``matmul_peak_flops`` of macfw's
-    ``agent.update`` (compiled as its training step compiles it, :func:`macfw_update`: the state
-    donated, the compiler options of :mod:`macfw.compiler`) and the authors' jitted ``update``
-    (compiled with JAX's own threefry), the batches already on the device, ``opts.pairs`` alternated
-    pairs of ``opts.calls`` updates each. FLOPs: XLA's count, both programs with macfw's written-out
-    threefry (the random bits count alike)."""
-    import os
-
+def measure_updates(agent, state, b: dict, theirs, rb: dict, opts: Options) -> dict:
+    """The speed entry (:func:`~parity_cases.common.time_updates`) of macfw's ``agent.update`` and the
+    authors' jitted ``update`` on the batches ``b`` and ``rb``. FLOPs: XLA's count, both programs
+    with macfw's written-out threefry (the random bits count alike); the authors' timed update is
+    compiled with JAX's own threefry."""
     import jax
 
-    b, rb = jax.device_put(b), jax.device_put(rb)
     ref_update = type(theirs).update
     # FLOPs with one threefry lowering for both (macfw's written-out one: JAX's CPU lowering is a loop
     # whose body XLA counts once), so that the random bits count the same on both sides
-    flops_ref = xla_flops(ref_update, theirs, rb)
-    flops_ours = xla_flops(jax.jit(agent.update), state, b)
-    jax.clear_caches()  # the timed programs are compiled afresh below, the authors' with their threefry
-    ours, arrays = macfw_update(agent, state)
-    box = {"m": arrays, "r": theirs}
+    flops = {"macfw": xla_flops(jax.jit(agent.update), state, b), "reference": xla_flops(ref_update, theirs, rb)}
+    jax.clear_caches()  # the timed programs are compiled afresh, the authors' with their threefry
+    box = {"r": theirs}
+    rb = jax.device_put(rb)
 
-    def mine():
-        for _ in range(opts.calls):
-            box["m"], out = ours(box["m"], b)
+    def reference_update():
+        box["r"], out = ref_update(box["r"], rb)
         return out
 
-    def reference():
-        for _ in range(opts.calls):
-            box["r"], out = ref_update(box["r"], rb)
-        return out
-
-    with jax_threefry():  # compile the authors' update as their code compiles it
-        jax.block_until_ready(reference())
-    t = alternate({"macfw": mine, "reference": reference}, pairs=opts.pairs)
-    peak = matmul_peak()
-    ups = {k: opts.calls / v for k, v in t.items()}
-    flops = {"macfw": flops_ours, "reference": flops_ref}
-    return {
-        "updates_per_s": ups,
-        "flops_per_update": flops,
-        "utilisation": {k: flops[k] * ups[k] / peak for k in ups},
-        "matmul_peak_flops": peak,
-        "load_average": list(os.getloadavg()),
-    }
+    return time_updates(agent, state, b, reference_update, flops, opts)
