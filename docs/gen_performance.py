@@ -2,16 +2,16 @@
 
 Every file ``docs/data/*.json`` holds measurements of one kind::
 
-    {"kind": "bench" | "all_agents" | "profile" | "scale_bench",
+    {"kind": "bench" | "all_agents" | "profile" | "scale_bench" | "parity",
      "title": "...",
      "entries": [{"date": "2026-12-01", "machine": "...", "command": "python -m macfw.bench ...",
                   "provenance": "json" | "hand-entered", "note": "...", "result": {...}}, ...]}
 
 ``result`` is what the command writes with ``--json`` (``python -m macfw.bench``: one dict;
 ``--all-agents``: a list of dicts; ``--profile``: the profile dict; ``python -m
-macfw.data.scale_bench``: its dict). Entries marked ``"provenance": "hand-entered"`` were copied
-from the README of their date, where no JSON of the run was kept: they hold only the figures the
-README gave (a missing figure prints as "–").
+macfw.data.scale_bench``: its dict; ``python experiments/parity.py``: its dict of agents). Entries
+marked ``"provenance": "hand-entered"`` were copied from the README of their date, where no JSON
+of the run was kept: they hold only the figures the README gave (a missing figure prints as "–").
 
 docs/performance.md holds markers ``<!-- generated: performance FILE -->``; the MkDocs hook
 (``docs/hooks.py``) replaces each with :func:`render` of ``docs/data/FILE.json`` at every build.
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
-KINDS = ("bench", "all_agents", "profile", "scale_bench")
+KINDS = ("bench", "all_agents", "profile", "scale_bench", "parity")
 PHASE_KINDS = ("matrix products", "elementwise", "reductions", "random numbers", "data movement")
 
 
@@ -197,7 +197,51 @@ def _scale_bench(doc: dict) -> list[str]:
     return lines
 
 
-RENDER = {"bench": _bench, "all_agents": _all_agents, "profile": _profile, "scale_bench": _scale_bench}
+def _ratio(a, b) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}x"
+
+
+def _parity(doc: dict) -> list[str]:
+    """Per entry: every agent's largest relative difference from the authors' code, the terms skipped
+    as the authors' named defects, and both sides' update rates, FLOPs and utilisation."""
+    lines = []
+    for e in doc["entries"]:
+        lines += [
+            f"**{e['date']}**, {e['machine']}: `{e['command']}` ({_origin(e)}). {e.get('note', '')}",
+            "",
+            "| agent | max rel. err | terms compared | skipped (the authors' defects) | updates/s macfw "
+            "| updates/s authors | ratio | macfw, one update per call | FLOP per update macfw / authors "
+            "| utilisation macfw / authors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for agent, r in e["result"].items():
+            ups = r.get("updates_per_s") or {}
+            one = (r.get("updates_per_s_single_call") or {}).get("macfw")
+            fl, ut = r.get("flops_per_update") or {}, r.get("utilisation") or {}
+            cells = [
+                f"| {agent}",
+                _num(r.get("max_rel_err"), ".1e"),
+                str(len(r.get("terms", {}))),
+                str(len(r.get("skipped", {}))),
+                _num(ups.get("macfw"), ".2f"),
+                _num(ups.get("reference"), ".2f"),
+                _ratio(ups.get("macfw"), ups.get("reference")),
+                "–" if one is None else f"{one:.2f} ({_ratio(one, ups.get('reference'))})",
+                f"{_num(fl.get('macfw'), '.3g')} / {_num(fl.get('reference'), '.3g')}",
+                f"{_num(ut.get('macfw'), '.3f')} / {_num(ut.get('reference'), '.3f')} |",
+            ]
+            lines.append(" | ".join(cells))
+        lines.append("")
+    return lines
+
+
+RENDER = {
+    "bench": _bench,
+    "all_agents": _all_agents,
+    "profile": _profile,
+    "scale_bench": _scale_bench,
+    "parity": _parity,
+}
 
 
 def render(name: str) -> str:
