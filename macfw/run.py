@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+from typing import NoReturn
 
 import gin
 
@@ -138,7 +139,31 @@ def one_line(e: BaseException) -> str:
 
 
 def report(prog: str, e: BaseException) -> None:
-    print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+    """``<prog>: error: <one line>`` on stderr, in one write (another thread's output cannot split it)."""
+    sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
+    sys.stderr.flush()
+
+
+def last_word(prog: str, e: BaseException) -> NoReturn:
+    """:func:`report` as the process's last output, then exit 2 at once (``os._exit``).
+
+    For a full disk: Orbax's and TensorStore's threads, tensorboardX's writer and the exit handlers
+    would now fail on it too, each printing a traceback, some of them after the line (TensorStore's
+    "Event loop is closed" from its own threads; tests/test_faults.py saw one split the line). So
+    stderr and stdout are pointed at ``/dev/null`` first, for every thread, and the line goes to a
+    copy of the original stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    line = f"{prog}: error: {one_line(e)}\n".encode()
+    try:
+        err = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.write(err, line)
+    except OSError:  # no stderr to duplicate: say it the plain way
+        report(prog, e)
+    os._exit(2)
 
 
 def _early_signals() -> None:
@@ -244,11 +269,9 @@ def main(argv=None) -> int:
         )
         if debug or not (full is not None or isinstance(e, (NonFiniteError, *known_errors()))):
             raise
+        if full is not None and in_main:  # the other threads and exit handlers would fail on it too
+            last_word("macfw", full)
         report("macfw", full or e)
-        if full is not None and in_main:  # Orbax's and tensorboardX's threads and exit handlers would
-            sys.stdout.flush()  # now fail on the full disk too, each with a traceback: the line above says it
-            sys.stderr.flush()
-            os._exit(2)
         return 3 if full is None and isinstance(e, NonFiniteError) else 2
     if summary.get("interrupted"):
         saved = summary.get("last_saved_step")
