@@ -13,8 +13,9 @@ of ``--faults`` equally often, in a random order) at a uniform moment in ``[0, 0
     ``kill -9`` of the run (1 or 2 times, each at a random moment), then the same command to the end;
     each restart must resume from the newest checkpoint listed before it.
 ``sigterm``
-    SIGTERM (a SLURM preemption): the run saves and exits 0 (during start-up: exits 0 without a save),
-    then the same command to the end.
+    SIGTERM (a SLURM preemption): the run saves and exits 0 (during start-up: exits 0 without a save;
+    before ``macfw.run`` has installed its handler, while Python imports JAX, the signal's default
+    action ends the process, which has written nothing), then the same command to the end.
 ``writer``
     a second ``macfw.run`` on the same workdir: whichever holds the workdir trains undisturbed, the
     other exits 2 with one line naming the holder (a second that takes the lock after the first ended
@@ -191,7 +192,9 @@ class Campaign:
             sent = time.time()
         rc, out, err = self.finish(p, log)
         o.events.append(f"exit {rc}, checkpoints {listed_steps(w)}")
-        if rc != 0:
+        if rc == -signal.SIGTERM and not written(w):
+            o.events.append("ended by SIGTERM before macfw's handler (interpreter start-up), nothing written")
+        elif rc != 0:
             o.problems.append(f"exit {rc} after SIGTERM (0 expected): {tail(err)}")
         elif sent is not None and "stopped by" not in out and time.time() - sent > LOST_SIGNAL_S:
             o.problems.append(f"SIGTERM delivered, but the run went on for {time.time() - sent:.0f} s to the end")
@@ -272,6 +275,13 @@ def fill(path: Path) -> None:
                     f.write(data)
             except OSError:
                 pass
+
+
+def written(workdir: Path) -> list[str]:
+    """What a run has written in ``workdir``: its entries, except the lock file (empty: nothing)."""
+    if not workdir.is_dir():
+        return []
+    return sorted(e.name for e in workdir.iterdir() if e.name != ".lock")
 
 
 def listed_steps(workdir: Path) -> list[int]:
