@@ -252,14 +252,16 @@ def last_binding_wins(binds: list[str]) -> list[str]:
     return list(out.values())
 
 
-def command(job: Job) -> list[str]:
+def command(job: Job, workdir: Path | None = None) -> list[str]:
+    """``python -m macfw.run --gin_file ... --gin_bindings ... --workdir ...`` of ``job`` (its own
+    workdir unless ``workdir`` is given)."""
     files, binds = run_config(job)
     cmd = [sys.executable, "-m", "macfw.run"]
     for f in files:
         cmd += ["--gin_file", f]
     for b in binds:
         cmd += ["--gin_bindings", b]
-    return cmd + ["--workdir", str(job.workdir)]
+    return cmd + ["--workdir", str(job.workdir if workdir is None else workdir)]
 
 
 # ------------------------------------------------------------------------------------ dry run

@@ -231,14 +231,8 @@ def macfw_files_and_bindings(setup: Setup, agent: str, seed: int) -> tuple[list[
 
 
 def macfw_command(run: Run) -> list[str]:
-    """``python -m macfw.run --gin_file ... --gin_bindings ... --workdir <run folder>``."""
-    files, binds = macfw_files_and_bindings(run.setup, run.agent, run.seed)
-    cmd = [sys.executable, "-m", "macfw.run"]
-    for f in files:
-        cmd += ["--gin_file", f]
-    for b in binds:
-        cmd += ["--gin_bindings", b]
-    return cmd + ["--workdir", str(run.folder)]
+    """``python -m macfw.run --gin_file ... --gin_bindings ... --workdir <run folder>`` (:func:`compare.command`)."""
+    return compare.command(macfw_job(run.setup, run.agent, run.seed), workdir=run.folder)
 
 
 def reference_command(run: Run) -> list[str]:

@@ -45,8 +45,6 @@ class Options:
       updates: updates after which the terms and the parameters are compared again (10).
       speed: time both updates (cpu-small sizes, alternated in one process).
       pairs: alternated timing pairs.
-      calls: unused by the timing (kept for callers that set it; each timed call is
-        ``steps_per_dispatch`` updates of every side).
       steps_per_dispatch: macfw's updates per compiled call when timed as its training loop runs
         them (``train.steps_per_dispatch``, gin/base.gin: 10); also the updates per timed call of the
         single-call and reference timings.
@@ -56,7 +54,6 @@ class Options:
     updates: int = 10
     speed: bool = True
     pairs: int = 5
-    calls: int = 3
     steps_per_dispatch: int = 10
     seed: int = 0
 
