@@ -404,12 +404,12 @@ def count_flops(path: Path = FLOPS_FILE) -> dict:
 
 
 # ------------------------------------------------------------------------------------ launching
-def make_launcher(a):
+def make_launcher(a, prefix: str = "[compare]"):
     """The launcher ``--launcher`` names, with its settings (``--parallel``; ``--slurm-*`` over ``--slurm-gin``)."""
     from macfw.launch import LocalLauncher, SlurmLauncher
 
     if a.launcher == "local":
-        return LocalLauncher(parallel=a.parallel, prefix="[compare]")
+        return LocalLauncher(parallel=a.parallel, prefix=prefix)
     gpus = a.slurm_gpus if a.slurm_gpus in (None, "auto") else int(a.slurm_gpus)
     return SlurmLauncher.from_gin(
         a.slurm_gin or [],
@@ -419,7 +419,7 @@ def make_launcher(a):
         gpus_per_job=gpus,
         cpus_per_job=a.slurm_cpus,
         mem_gb=a.slurm_mem_gb,
-        prefix="[compare]",
+        prefix=prefix,
     )
 
 
@@ -728,6 +728,45 @@ def plan(a, p: argparse.ArgumentParser) -> tuple[list[Job], list[dict]]:
     return jobs, cells
 
 
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """The launcher flags (``--launcher``, ``--parallel``, ``--slurm-*``), shared with
+    ``learning_parity.py``; :func:`check_launcher_args` checks them, :func:`make_launcher` builds the launcher."""
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: processes on this machine; slurm: one SLURM job per run (submitit)",
+    )
+    p.add_argument("--parallel", type=int, default=1, help="local launcher: runs trained at once (one process each)")
+    p.add_argument(
+        "--slurm-gin",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="Gin file of SlurmLauncher settings (e.g. a copy of gin/slurm.gin; repeatable)",
+    )
+    p.add_argument("--slurm-partition", default=None, help="slurm: --partition")
+    p.add_argument(
+        "--slurm-time",
+        type=int,
+        default=None,
+        help="slurm: time limit per job (minutes); a longer run saves and is requeued",
+    )
+    p.add_argument(
+        "--slurm-gpus", default=None, help="slurm: accelerators per job ('auto': 1 where the nodes have GPUs)"
+    )
+    p.add_argument("--slurm-cpus", type=int, default=None, help="slurm: CPU cores per job")
+    p.add_argument("--slurm-mem-gb", type=float, default=None, help="slurm: host memory per job (GB)")
+
+
+def check_launcher_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Reject out-of-range launcher flags (``p.error`` exits, naming the value received)."""
+    if a.parallel < 1:
+        p.error(f"--parallel must be >= 1, got {a.parallel}")
+    if a.slurm_gpus not in (None, "auto") and not a.slurm_gpus.isdigit():
+        p.error(f"--slurm-gpus must be 'auto' or an integer >= 0, got {a.slurm_gpus!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's flags (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -765,32 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DATA_DIR,
         help=f"with --protocol at the paper budget: where the official datasets are (default {DEFAULT_DATA_DIR})",
     )
-    p.add_argument(
-        "--launcher",
-        choices=("local", "slurm"),
-        default="local",
-        help="local: processes on this machine; slurm: one SLURM job per run (submitit)",
-    )
-    p.add_argument("--parallel", type=int, default=1, help="local launcher: runs trained at once (one process each)")
-    p.add_argument(
-        "--slurm-gin",
-        action="append",
-        default=None,
-        metavar="FILE",
-        help="Gin file of SlurmLauncher settings (e.g. a copy of gin/slurm.gin; repeatable)",
-    )
-    p.add_argument("--slurm-partition", default=None, help="slurm: --partition")
-    p.add_argument(
-        "--slurm-time",
-        type=int,
-        default=None,
-        help="slurm: time limit per job (minutes); a longer run saves and is requeued",
-    )
-    p.add_argument(
-        "--slurm-gpus", default=None, help="slurm: accelerators per job ('auto': 1 where the nodes have GPUs)"
-    )
-    p.add_argument("--slurm-cpus", type=int, default=None, help="slurm: CPU cores per job")
-    p.add_argument("--slurm-mem-gb", type=float, default=None, help="slurm: host memory per job (GB)")
+    add_launcher_args(p)
     p.add_argument(
         "--table-only",
         action="store_true",
@@ -818,14 +832,11 @@ def check_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     """Fill in the default ``--budget`` and reject out-of-range or contradictory flags (``p.error`` exits)."""
     if a.budget is None:
         a.budget = "paper" if a.protocol else "smoke"
-    if a.parallel < 1:
-        p.error(f"--parallel must be >= 1, got {a.parallel}")
+    check_launcher_args(a, p)
     if a.json is not None and not a.dry_run:
         p.error("--json goes with --dry-run (it writes the planned runs)")
     if a.accel_tflops <= 0:
         p.error(f"--accel-tflops must be > 0, got {a.accel_tflops}")
-    if a.slurm_gpus not in (None, "auto") and not a.slurm_gpus.isdigit():
-        p.error(f"--slurm-gpus must be 'auto' or an integer >= 0, got {a.slurm_gpus!r}")
 
 
 def finished_jobs(jobs: list[Job], out: Path, budget: str) -> list[Job]:

@@ -40,9 +40,17 @@ the final success's mean and std over the seeds, the settings table; and ``OUT/t
 Results depend on the settings, so each result file records them and a re-run with other settings in
 the same ``--out`` stops with a message instead of mixing them.
 
-Runs go one after the other; campaigns can be split by agent (``--agents mopo`` in one shell,
-``--agents leq`` in another, same ``--out``). ``--dry-run`` prints the dataset, every run's command,
-its state (done / to run) and the settings of both sides, and trains nothing.
+Launchers, as ``compare.py``'s (``--launcher``, :mod:`macfw.launch`): ``local`` trains ``--parallel``
+runs at once on this machine (default one after the other; on one GPU the processes share its memory,
+see :class:`macfw.launch.LocalLauncher`); ``slurm`` submits one job per run with submitit
+(``--slurm-*`` flags or ``--slurm-gin``), waits for them and collects the results. Each run's folder
+``OUT/runs/<agent>/<impl>-seed<s>`` is its workdir, with its output in ``stdout.log``; both sides write
+``summary.json`` there last, so a re-launch skips finished runs and does not submit a run whose job is
+still queued. A preempted macfw run resumes from its checkpoint; the authors' side has no checkpoint
+and restarts from step 0 (give jobs a time limit above one run). The dataset is generated before
+launching, into macfw's cache on this machine (``--dataset-path`` names one on the cluster's shared
+file system). ``--dry-run`` prints the dataset, every run's command, its state (done / to run) and the
+settings of both sides, and trains nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +61,6 @@ import json
 import math
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,10 +192,17 @@ class Run:
 
     @property
     def log_path(self) -> Path:
-        return self.folder / ("stdout.log" if self.impl == "macfw" else "log.txt")
+        """``<folder>/stdout.log``: the run's output (both implementations; :mod:`macfw.launch` appends to it)."""
+        return self.folder / "stdout.log"
 
     def command(self) -> list[str]:
         return macfw_command(self) if self.impl == "macfw" else reference_command(self)
+
+    def spec(self):
+        """The run for :mod:`macfw.launch`: its folder is its workdir (both sides write ``summary.json`` there last)."""
+        from macfw.launch import RunSpec
+
+        return RunSpec(self.name, self.folder, self.command(), REPO)
 
 
 def macfw_bindings(setup: Setup, agent: str) -> list[str]:
@@ -236,7 +250,8 @@ def macfw_command(run: Run) -> list[str]:
 
 
 def reference_command(run: Run) -> list[str]:
-    """``python experiments/learning_parity_ref.py ...`` for the run (its raw result: ``<folder>/result.json``)."""
+    """``python experiments/learning_parity_ref.py ... --workdir <run folder>`` (its raw result:
+    ``<folder>/result.json``, then ``<folder>/summary.json``)."""
     s = run.setup
     return [
         sys.executable,
@@ -269,8 +284,8 @@ def reference_command(run: Run) -> list[str]:
         str(s.rollout_freq),
         "--rollout-starts",
         str(s.rollout_starts),
-        "--out",
-        str(run.folder / "result.json"),
+        "--workdir",
+        str(run.folder),
     ]
 
 
@@ -357,27 +372,12 @@ def macfw_result(run: Run) -> dict:
     }
 
 
-def execute(run: Run) -> str | None:
-    """Train ``run`` in a subprocess (its output appended to its log) and write its result file.
-    Returns None on success, else what failed (with the log's last lines)."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    _write_json(run.folder / "settings.json", run.setup.fingerprint(run.agent))
-    t0 = time.time()
-    with open(run.log_path, "a") as log:
-        log.write(f"\n[learning_parity] {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(run.command())}\n")
-        log.flush()
-        proc = subprocess.Popen(run.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let macfw.run save its checkpoint
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise SystemExit(f"[learning_parity] interrupted during {run.name}; re-run the command to go on") from None
-    if rc != 0:
-        return f"exit {rc} after {time.time() - t0:.0f} s; {run.log_path}:\n{_tail(run.log_path)}"
+def record(run: Run) -> str | None:
+    """Write the result file of a run that has finished (its folder's ``summary.json``): from its
+    ``eval.csv`` (macfw) or ``result.json`` (the authors' side), with the settings. Returns None when
+    written, else why not (with the log's last lines)."""
+    if not (run.folder / "summary.json").is_file():
+        return f"did not finish (no {run.folder / 'summary.json'}); {run.log_path}:\n{_tail(run.log_path)}"
     try:
         if run.impl == "macfw":
             result = macfw_result(run)
@@ -388,6 +388,28 @@ def execute(run: Run) -> str | None:
     result["settings"] = run.setup.fingerprint(run.agent)
     _write_json(run.result_path, result)
     return None
+
+
+def train(runs: list[Run], launcher) -> dict[str, str]:
+    """Train ``runs`` with ``launcher`` (:mod:`macfw.launch`: local processes or SLURM jobs; a run whose
+    folder has ``summary.json`` is not run again) and write each finished run's result file. Returns
+    ``{run name: why}`` for the runs without a result."""
+    for r in runs:
+        r.folder.mkdir(parents=True, exist_ok=True)
+        _write_json(r.folder / "settings.json", r.setup.fingerprint(r.agent))
+    launcher.launch([r.spec() for r in runs])
+    failures: dict[str, str] = {}
+    for r in runs:
+        why = record(r)
+        if why is None:
+            res = json.loads(r.result_path.read_text())
+            print(
+                f"[learning_parity] {r.name}: success {res['success'][-1]:.1f}% at step {res['steps'][-1]}", flush=True
+            )
+        else:
+            failures[r.name] = why
+            print(f"[learning_parity] {r.name}: FAILED: {why}", flush=True)
+    return failures
 
 
 # ------------------------------------------------------------------------------ settings of both sides
@@ -671,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--json", type=Path, default=None, help="also write the campaign's JSON here")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the settings; train nothing")
+    compare.add_launcher_args(p)
     return p
 
 
@@ -686,6 +709,7 @@ def _ints(text: str, flag: str, p: argparse.ArgumentParser, minimum: int) -> lis
 
 def check_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Setup:
     """The arguments checked into a :class:`Setup` (``p.error`` exits, naming the value and the fix)."""
+    compare.check_launcher_args(a, p)
     agents = [x.strip() for x in a.agents.split(",") if x.strip()]
     unknown = [x for x in agents if x not in AGENTS]
     if unknown or not agents:
@@ -785,7 +809,8 @@ def main(argv=None) -> int:
         return 0
     try:
         load_reference(setup.ref_dir)
-    except ReferenceCodeError as e:
+        launcher = compare.make_launcher(a, prefix="[learning_parity]")
+    except (ReferenceCodeError, ValueError, ImportError) as e:  # no checkout; a launcher setting; no submitit
         p.error(str(e))
     print_plan(setup, runs, states)
     if setup.dataset_path is None:
@@ -793,24 +818,23 @@ def main(argv=None) -> int:
 
         ensure_dataset(setup.env.base_name, setup.episodes, episode_length=setup.episode_length, seed=setup.data_seed)
     t0 = time.time()
-    failures: dict[str, str] = {}
+    todo = []
     for i, r in enumerate(runs, 1):
         if states[r.name] == "done":
             print(f"[learning_parity] [{i}/{len(runs)}] {r.name}: done already ({r.result_path})", flush=True)
-            continue
-        print(f"[learning_parity] [{i}/{len(runs)}] {r.name}: training (log {r.log_path})", flush=True)
-        t = time.time()
-        why = execute(r)
-        if why is None:
-            res = json.loads(r.result_path.read_text())
-            print(
-                f"[learning_parity] {r.name}: success {res['success'][-1]:.1f}% at step {res['steps'][-1]} "
-                f"({time.time() - t:.0f} s)",
-                flush=True,
-            )
         else:
-            failures[r.name] = why
-            print(f"[learning_parity] {r.name}: FAILED: {why}", flush=True)
+            todo.append(r)
+    from macfw.launch import SlurmError
+
+    try:
+        failures = train(todo, launcher) if todo else {}
+    except SlurmError as e:
+        p.error(str(e))
+    except KeyboardInterrupt:
+        raise SystemExit(
+            "[learning_parity] interrupted: the runs were stopped (macfw's saved a checkpoint); "
+            "re-run the same command to go on"
+        ) from None
     result = collect(setup, failures)
     result["settings"] = {ag: settings_rows(setup, ag, reference_config_plain(setup, ag)[0]) for ag in setup.agents}
     result["wall_time_s"] = time.time() - t0

@@ -3,7 +3,7 @@ MAC authors' own code and data pipeline, evaluated by macfw's evaluation.
 
     python experiments/learning_parity_ref.py --reference-dir DIR --agent mopo \\
         --env cube-single-play-singletask-task2-v0 --dataset-path FILE.npz --seed 0 --steps N \\
-        --eval-every E --eval-episodes 15 --hidden 256,256 --batch-size 256 --eval-batch 8 --out result.json \\
+        --eval-every E --eval-episodes 15 --hidden 256,256 --batch-size 256 --eval-batch 8 --workdir RUN_DIR \\
         [--rollout-freq 1000] [--rollout-starts 50000]
 
 ``learning_parity.py`` starts it, one process per (agent, seed); it is not meant to be run by hand.
@@ -41,7 +41,12 @@ evaluation does).
 
 Writes ``--out``: ``{"impl": "reference", "agent", "seed", "steps": [...], "success": [...] (%, one per
 evaluation), "per_task_success": [...], "metrics": [...] (their update's scalar metrics at each
-evaluation), "config": {their config}, "mbpo": {main_mbpo flags or null}, "wall_time_s"}``.
+evaluation), "config": {their config}, "mbpo": {main_mbpo flags or null}, "wall_time_s"}``
+(default ``--workdir``'s ``result.json``); with ``--workdir``, then ``summary.json`` (the final success as a
+fraction), which :mod:`macfw.launch`'s launchers take as the sign that the run finished, as for a
+``macfw.run`` workdir. SIGTERM (Ctrl-C in the harness, a SLURM preemption or requeue) stops the run
+with exit 0 and nothing written: the authors' loop has no checkpoint, so a restarted run trains from
+step 0 (give SLURM jobs a time limit above one whole run).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import importlib
 import json
 import random
 import re
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -381,13 +387,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--rollout-freq", type=int, default=MBPO_FLAGS["mb_rollout_freq"], help="mb_rollout_freq")
     p.add_argument("--rollout-starts", type=int, default=MBPO_FLAGS["mb_batch_size"], help="mb_batch_size")
-    p.add_argument("--out", type=Path, required=True, help="the result JSON")
+    p.add_argument("--out", type=Path, default=None, help="the result JSON (default WORKDIR/result.json)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="the run's folder: result.json, then summary.json (macfw.launch's sign of a finished run)",
+    )
     return p
 
 
+class Stopped(Exception):
+    """SIGTERM arrived (Ctrl-C in ``learning_parity.py``, a SLURM preemption or requeue)."""
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise Stopped()
+
+
 def main(argv=None) -> int:
-    """Train and evaluate one (agent, seed) with the authors' code; write ``--out``."""
-    a = build_parser().parse_args(argv)
+    """Train and evaluate one (agent, seed) with the authors' code; write ``--out`` (and, with ``--workdir``,
+    ``summary.json`` after it). SIGTERM stops the run with exit 0 and writes nothing: the authors' loop
+    keeps no checkpoint, so a restarted run trains from step 0."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.out is None and a.workdir is None:
+        p.error("give --workdir DIR (writes DIR/result.json and DIR/summary.json) or --out FILE.json")
+    if a.out is None:
+        a.out = a.workdir / "result.json"
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return _main(a)
+    except Stopped:
+        print(
+            f"[reference] {a.agent} seed {a.seed}: SIGTERM, stopped without a result (the authors' loop keeps "
+            "no checkpoint: a restart trains from step 0)",
+            flush=True,
+        )
+        return 0
+
+
+def _main(a: argparse.Namespace) -> int:
     t0 = time.time()
     env = parse_env_name(a.env)
     try:
@@ -451,6 +491,19 @@ def main(argv=None) -> int:
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(a.out)
+    if a.workdir is not None:  # written last: a run with summary.json has its result
+        summary = {
+            "impl": "reference",
+            "agent": a.agent,
+            "seed": a.seed,
+            "step": out["steps"][-1],
+            "success": out["success"][-1] / 100.0,
+            "wall_time_s": out["wall_time_s"],
+        }
+        a.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = a.workdir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        tmp.replace(a.workdir / "summary.json")
     print(f"[reference] wrote {a.out} ({out['wall_time_s']:.0f} s)", flush=True)
     return 0
 

@@ -83,6 +83,9 @@ ENDED_STATES = frozenset(
 
 _INSTALL_HINT = "pip install -e '.[slurm]'"
 
+#: JAX's GPU memory settings; :class:`LocalLauncher` leaves the runs' environment alone when one is set.
+GPU_MEMORY_ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
 
 class SlurmError(RuntimeError):
     """The SLURM cluster cannot be used (no ``sbatch``, ``sinfo``/``squeue`` failing, a refused
@@ -219,6 +222,12 @@ class LocalLauncher(Launcher):
     Ctrl-C (or any error) while runs are going sends them SIGTERM and waits for them, so each saves
     a checkpoint and exits (re-launch to resume).
 
+    With ``parallel > 1`` the runs start with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless the
+    environment sets JAX's GPU memory already (``XLA_PYTHON_CLIENT_PREALLOCATE``, ``_MEM_FRACTION`` or
+    ``_ALLOCATOR``): by default each JAX process takes 75% of every GPU's memory when it starts, so the
+    second run on one GPU would fail with out-of-memory. Each then takes the memory it uses (no effect
+    on a CPU).
+
     Args:
       parallel: runs at once (one process each).
       prefix: starts every progress line.
@@ -230,6 +239,13 @@ class LocalLauncher(Launcher):
             raise ValueError(f"LocalLauncher(parallel={parallel!r}): must be an integer >= 1 (runs at once).")
         self.parallel, self.prefix, self.poll_s = parallel, prefix, poll_s
 
+    def child_env(self) -> dict[str, str] | None:
+        """The runs' environment: None (this process's) with one run at a time or when JAX's GPU memory
+        is set already; else this process's plus ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (see the class)."""
+        if self.parallel == 1 or any(k in os.environ for k in GPU_MEMORY_ENV):
+            return None
+        return {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
     def launch(self, runs: Iterable[RunSpec]) -> list[RunSpec]:
         runs = _check_runs(runs)
         todo = [r for r in runs if not r.finished()]
@@ -238,6 +254,12 @@ class LocalLauncher(Launcher):
                 self._say(f"{r.name}: done already ({r.workdir})")
         running: list[tuple[RunSpec, subprocess.Popen, float]] = []
         failed: list[RunSpec] = []
+        env = self.child_env()
+        if env is not None and todo:
+            self._say(
+                f"{self.parallel} runs at once: each starts with XLA_PYTHON_CLIENT_PREALLOCATE=false (runs "
+                "sharing a GPU take the memory they use; set XLA_PYTHON_CLIENT_MEM_FRACTION to choose)"
+            )
         try:
             while todo or running:
                 while todo and len(running) < self.parallel:
@@ -245,7 +267,7 @@ class LocalLauncher(Launcher):
                     r.workdir.mkdir(parents=True, exist_ok=True)
                     step = newest_checkpoint(r.workdir)
                     with open(r.log_path, "a") as log:
-                        p = subprocess.Popen(list(r.command), cwd=r.cwd, stdout=log, stderr=subprocess.STDOUT)
+                        p = subprocess.Popen(list(r.command), cwd=r.cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
                     running.append((r, p, time.time()))
                     how = f"resumed from step {step}" if step is not None else "started"
                     self._say(f"{r.name}: {how} in {r.workdir}")

@@ -8,6 +8,7 @@ tests/test_slurm.py.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -105,6 +106,46 @@ def test_local_launcher_runs_skips_and_reports(fake, capsys):
     assert "ok1: started" not in out and "bad: started" in out
     with pytest.raises(ValueError, match="parallel"):
         LocalLauncher(parallel=0)
+
+
+def test_parallel_runs_do_not_preallocate_gpu_memory(tmp_path, monkeypatch, capsys):
+    """Two JAX processes on one GPU: each would take 75% of its memory when it starts, and the second
+    fail. With parallel > 1 the runs get XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the user set
+    JAX's GPU memory; one run at a time keeps the environment as it is."""
+    script = tmp_path / "env_run.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "wd = sys.argv[2]; os.makedirs(wd, exist_ok=True)\n"
+        "keys = ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION', 'MACFW_TEST_MARK')\n"
+        "json.dump({k: os.environ.get(k) for k in keys}, open(os.path.join(wd, 'env.json'), 'w'))\n"
+        "json.dump({'success': 0.0}, open(os.path.join(wd, 'summary.json'), 'w'))\n"
+    )
+    for k in launch.GPU_MEMORY_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MACFW_TEST_MARK", "kept")
+
+    def envs(tag: str, parallel: int) -> list[dict]:
+        runs = [
+            RunSpec(
+                f"{tag}{i}",
+                tmp_path / f"{tag}{i}",
+                [sys.executable, str(script), "--workdir", str(tmp_path / f"{tag}{i}")],
+                tmp_path,
+            )
+            for i in range(2)
+        ]
+        assert LocalLauncher(parallel=parallel, poll_s=0.05).launch(runs) == []
+        return [json.loads((r.workdir / "env.json").read_text()) for r in runs]
+
+    both = envs("p", 2)
+    assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and e["MACFW_TEST_MARK"] == "kept" for e in both), both
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE=false" in capsys.readouterr().out
+    assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] is None for e in envs("s", 1))
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".3")  # the user's choice is kept
+    chosen = envs("u", 2)
+    assert all(
+        e["XLA_PYTHON_CLIENT_PREALLOCATE"] is None and e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".3" for e in chosen
+    )
 
 
 # --------------------------------------------------------------------------- SlurmLauncher

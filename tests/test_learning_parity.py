@@ -65,6 +65,8 @@ def _main():
         (["--env", "antsoccer-arena-navigate-oraclerep-v0"], ["gin/envs/antsoccer-arena.gin", "cube-single"]),
         (["--eval-every", "100"], ["--eval-every must be in 1..--steps (50), got 100"]),
         (["--hidden", "32,x"], ["--hidden must be comma-separated integers >= 1, got '32,x'"]),
+        (["--parallel", "0"], ["--parallel must be >= 1, got 0"]),
+        (["--slurm-gpus", "two"], ["--slurm-gpus must be 'auto' or an integer >= 0, got 'two'"]),
     ],
 )
 def test_bad_arguments_are_named_with_the_fix(flags, said, tmp_path, capsys):
@@ -89,6 +91,55 @@ def test_dry_run_plans_both_implementations_and_trains_nothing(tmp_path, capsys)
     assert "| discount | 0.999 | gin/baselines/mopo.gin (MOPO.gamma) |" in text  # the settings of both sides
     assert "2 runs (2 to run, 0 done); nothing trained (--dry-run)" in text
     assert not out.exists()
+
+
+def test_runs_go_through_a_launcher_and_results_come_from_their_workdirs(tmp_path, capsys):
+    """Every run is a macfw.launch RunSpec whose workdir is its folder (the authors' side too: its
+    command names --workdir); after the launch, a run with summary.json gets its result file (macfw's
+    from eval.csv, the authors' from result.json) and one without is reported with its log."""
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    import learning_parity as lp  # pyright: ignore[reportMissingImports]
+
+    argv = ["--reference-dir", str(tmp_path / "none"), *TINY, "--seeds", "0,1", "--out", str(tmp_path / "out")]
+    p = lp.build_parser()
+    setup = lp.check_args(p.parse_args(argv), p)
+    runs = lp.plan_runs(setup)
+    assert [r.name for r in runs] == [f"mopo seed {s} {i}" for s in (0, 1) for i in ("macfw", "reference")]
+    for r in runs:
+        spec = r.spec()
+        assert spec.workdir == r.folder and spec.log_path == r.log_path and spec.cwd == lp.REPO
+        assert list(spec.command[spec.command.index("--workdir") :][:2]) == ["--workdir", str(r.folder)]
+
+    class Launcher:  # finishes seed 0 of both sides as each would, leaves seed 1 without a summary
+        def launch(self, specs):
+            self.names = [s.name for s in specs]
+            for s in specs:
+                (s.workdir / "stdout.log").write_text("last line of the run\n")
+                if "seed 0" not in s.name:
+                    continue
+                if s.name.endswith("macfw"):
+                    (s.workdir / "eval.csv").write_text("step,success,success/task2\n50,0.25,0.25\n")
+                else:
+                    (s.workdir / "result.json").write_text(
+                        json.dumps({"impl": "reference", "steps": [50], "success": [40.0]})
+                    )
+                (s.workdir / "summary.json").write_text(json.dumps({"success": 0.3}))
+            return []
+
+    launcher = Launcher()
+    failures = lp.train(runs, launcher)
+    assert launcher.names == [r.name for r in runs]
+    assert sorted(failures) == ["mopo seed 1 macfw", "mopo seed 1 reference"]
+    assert "did not finish" in failures["mopo seed 1 macfw"] and "last line of the run" in failures["mopo seed 1 macfw"]
+    done = {r.impl: json.loads(r.result_path.read_text()) for r in runs if r.seed == 0}
+    assert done["macfw"]["success"] == [25.0] and done["macfw"]["steps"] == [50]
+    assert done["reference"]["success"] == [40.0]
+    assert all(d["settings"] == setup.fingerprint("mopo") for d in done.values())
+    assert [lp.run_state(r) for r in runs] == ["done", "done", "to run", "to run"]
+    assert (runs[2].folder / "settings.json").is_file()  # a later run with other settings stops, not mixes
+    out = capsys.readouterr().out
+    assert "mopo seed 0 macfw: success 25.0% at step 50" in out and "mopo seed 1 reference: FAILED" in out
 
 
 @pytest.mark.slow
