@@ -704,9 +704,10 @@ class SlurmLauncher(Launcher):
             self._say(f"{run.name}: job {w.job_id} running{again}" + (f" (resumes from step {step})" if step else ""))
             w.ran = True
         elif state in ("PENDING", "REQUEUED") and w.ran and w.state not in ("PENDING", "REQUEUED"):
+            step = newest_checkpoint(run.workdir)
             self._say(
                 f"{run.name}: job {w.job_id} requeued ({state}: preempted, timed out or 'scontrol requeue'); "
-                f"it resumes from step {newest_checkpoint(run.workdir)}"
+                + (f"it resumes from step {step}" if step is not None else "no checkpoint: it starts from step 0")
             )
         w.state = state
 
