@@ -1,7 +1,7 @@
 """Every agent against the authors' code: the same losses on the same batch, and the speed of both (issue 29).
 
     python experiments/parity.py --reference-dir DIR --agents mac,mopo,mobile,leq,fmpc,gciql,nstep_sacbc,sharsa \\
-        [--json p.json] [--updates 10] [--no-speed] [--check]
+        [--json p.json] [--updates 10] [--no-speed] [--speed-sizes cpu-small|paper] [--check]
 
 DIR is a checkout of the MAC authors' code (kwanyoungpark/MAC); it is imported from there, never
 copied, and needs the extra ``pip install -e '.[parity]'`` (flax, distrax, ml_collections). For each
@@ -10,9 +10,10 @@ the same initial parameters (macfw's Equinox modules mapped into the authors' Fl
 given the same batches and the same random draws, and every loss term and metric the authors log is
 compared after 1 update and after ``--updates``, and the updated parameters after ``--updates``.
 Differences that are the authors' known defects (DESIGN §9) are listed by name with each side's value.
-Speed: each side's jitted update at the ``cpu-small`` sizes (2 x 256 networks, batch 256), the batches
-already on the device, alternated in one process, with XLA's FLOP count per update and utilisation
-against one matrix-product peak measured in the same alternation. Each side runs as its own training
+Speed: each side's jitted update at the ``cpu-small`` sizes (2 x 256 networks, batch 256; ``--speed-sizes
+paper``: the paper's 4 x 1024 and batch 1024, for a GPU), the batches already on the device,
+alternated in one process, with XLA's FLOP count per update and utilisation against one
+matrix-product peak measured in the same alternation. Each side runs as its own training
 loop runs it: macfw ``--steps-per-dispatch`` updates per compiled call (``train.steps_per_dispatch``,
 default 10: a ``lax.scan``, the state donated), the authors' one jitted ``update`` per call; macfw's
 rate at one update per call is reported beside it (``updates_per_s_single_call``).
@@ -20,7 +21,7 @@ rate at one update per call is reported beside it (``updates_per_s_single_call``
 Each agent runs in its own process unless ``--in-process`` (its memory and compiled programs slowed
 the next agents' timing). Prints one line per agent and a table; ``--json`` writes ``{agent: {terms,
 max_rel_err, skipped, defects, updates_per_s, updates_per_s_single_call, steps_per_dispatch,
-flops_per_update, utilisation, matmul_peak_flops}}``. ``--check`` exits 1
+flops_per_update, utilisation, matmul_peak_flops, speed_sizes}}``. ``--check`` exits 1
 unless every agent has ``max_rel_err <= 1e-3`` and macfw's update is at least as fast as the
 authors' (MAC: 1.5x).
 """
@@ -38,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from parity_cases.common import Options, ReferenceCodeError, load_reference  # noqa: E402
+from parity_cases.common import SPEED_SIZES, Options, ReferenceCodeError, load_reference  # noqa: E402
 
 AGENTS = ("mac", "mopo", "mobile", "leq", "fmpc", "gciql", "nstep_sacbc", "sharsa")
 MAX_REL_ERR = 1e-3
@@ -105,6 +106,13 @@ def main(argv=None) -> int:
         default=10,
         help="macfw's updates per compiled call when timed (train.steps_per_dispatch; default 10)",
     )
+    p.add_argument(
+        "--speed-sizes",
+        choices=sorted(SPEED_SIZES),
+        default="cpu-small",
+        help="the sizes both updates are timed at: cpu-small (2 x 256, batch 256; the acceptance's, default) "
+        "or paper (4 x 1024, batch 1024: for an accelerator)",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 unless every agent passes the acceptance")
     p.add_argument(
         "--in-process",
@@ -126,7 +134,13 @@ def main(argv=None) -> int:
         ref = load_reference(a.reference_dir)
     except ReferenceCodeError as e:
         p.error(str(e))
-    opts = Options(updates=a.updates, speed=not a.no_speed, pairs=a.pairs, steps_per_dispatch=a.steps_per_dispatch)
+    opts = Options(
+        updates=a.updates,
+        speed=not a.no_speed,
+        pairs=a.pairs,
+        steps_per_dispatch=a.steps_per_dispatch,
+        speed_sizes=a.speed_sizes,
+    )
     results, failures = {}, {}
     for name in agents:
         t0 = time.time()
@@ -134,6 +148,8 @@ def main(argv=None) -> int:
             r = importlib.import_module(f"parity_cases.{name}").run(ref, opts)
         else:
             r = run_alone(name, argv if argv is not None else sys.argv[1:])
+        if r.get("updates_per_s"):
+            r["speed_sizes"] = a.speed_sizes
         results[name] = r
         failures[name] = verdict(name, r)
         ups = r.get("updates_per_s")

@@ -33,6 +33,16 @@ import numpy as np
 REFERENCE_FILES = ("agents/mac.py", "utils/networks.py", "utils/flax_utils.py")
 
 
+#: The sizes the updates are timed at: ``cpu-small`` (``macfw.bench``'s preset and issue 29's
+#: acceptance) and ``paper`` (the paper's 4 x 1024 networks and batch 1024, DESIGN §2.6; for an
+#: accelerator: an update is seconds on a 2-core CPU). Other settings are the cases' own (MAC:
+#: n = 10, H = 10, N = 8, 10 flow steps at both).
+SPEED_SIZES: dict[str, dict] = {
+    "cpu-small": {"hidden": (256, 256), "batch": 256},
+    "paper": {"hidden": (1024, 1024, 1024, 1024), "batch": 1024},
+}
+
+
 class ReferenceCodeError(RuntimeError):
     """The reference checkout or its dependencies are missing (the message names the fix)."""
 
@@ -49,6 +59,8 @@ class Options:
         them (``train.steps_per_dispatch``, gin/base.gin: 10); also the updates per timed call of the
         single-call and reference timings.
       seed: of the parameters, the batches and the draws.
+      speed_sizes: the sizes both updates are timed at, a name in :data:`SPEED_SIZES` (``cpu-small``,
+        the acceptance's; ``paper``, the paper's networks and batch, for an accelerator).
     """
 
     updates: int = 10
@@ -56,6 +68,17 @@ class Options:
     pairs: int = 5
     steps_per_dispatch: int = 10
     seed: int = 0
+    speed_sizes: str = "cpu-small"
+
+    @property
+    def speed_hidden(self) -> tuple[int, ...]:
+        """Hidden sizes of every network when timed (:data:`SPEED_SIZES`)."""
+        return SPEED_SIZES[self.speed_sizes]["hidden"]
+
+    @property
+    def speed_batch(self) -> int:
+        """Batch size when timed (MAC: also its rollout batch; MOPO/MOBILE: real + model halves)."""
+        return SPEED_SIZES[self.speed_sizes]["batch"]
 
 
 def load_reference(ref_dir: str | Path) -> types.SimpleNamespace:

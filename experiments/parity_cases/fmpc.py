@@ -355,9 +355,10 @@ def run(ref, opts: Options) -> dict:
     return agent_result(terms_1, terms_n, max(errs.values()), defects=defects, speed=speed, updates=opts.updates)
 
 
-def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) -> dict:
-    """Each side's jitted update at cpu-small sizes (2 x 256, batch 256, a 32-step future, goal-conditioned),
-    alternated in one process."""
+def measure_speed(ref, opts: Options) -> dict:
+    """Each side's jitted update at ``opts.speed_sizes`` (cpu-small: 2 x 256, batch 256; a 32-step future,
+    goal-conditioned), alternated in one process."""
+    hidden, batch_size = opts.speed_hidden, opts.speed_batch
     agent, state, theirs, data, ds = build(ref, hidden, batch_size, opts.seed, True)
     b, rb = batches(agent, data, ds, 1, batch_size, opts.seed, True)[0][0]
     return measure_updates(agent, state, b, theirs, rb, opts)

@@ -180,13 +180,13 @@ def compare_acting(agent, state, theirs, batch: dict, seed: int, num: int = 8) -
 
 
 def measure_speed(ref, opts: Options) -> dict:
-    """Each side's jitted update at cpu-small sizes (2 x 256, batch 256), alternated in one process:
+    """Each side's jitted update at ``opts.speed_sizes`` (cpu-small: 2 x 256, batch 256), alternated in one process:
     macfw's compiled as its training step compiles it (:func:`macfw_update`), the authors' ``update``
     compiled with JAX's own threefry (:func:`jax_threefry`)."""
     import jax
 
-    agent, spec, state, theirs, config = build(ref, (256, 256), 256, opts.seed)
-    b, rb = batches(ref, spec, 1, 256, opts.seed, config)[0]
+    agent, spec, state, theirs, config = build(ref, opts.speed_hidden, opts.speed_batch, opts.seed)
+    b, rb = batches(ref, spec, 1, opts.speed_batch, opts.seed, config)[0]
     b, rb = jax.device_put(b), jax.device_put(rb)
     step, arrays = macfw_update(agent, state)
     ref_step = type(theirs).update

@@ -126,7 +126,6 @@ CONSTANTS = {"critic/expectile": "expectile", "critic/model_batch_ratio": "model
 
 OB_DIM, ACT_DIM, GOAL_DIM, NUM_DYNAMICS, HORIZON = 28, 5, 3, 7, 10
 SMALL: dict[str, Any] = dict(hidden=(64, 64), batch=32)
-CPU_SMALL: dict[str, Any] = dict(hidden=(256, 256), batch=256)
 EXPECTILE = {False: 0.5, True: 0.3}  # single-task: the authors' default; goal-conditioned: asymmetric weights
 
 
@@ -575,7 +574,7 @@ def jax_threefry():
 
 
 def measure_speed(ref, opts: Options, gc: bool = False) -> dict:
-    """Each side's jitted update at cpu-small sizes (2 x 256, batch 256, H = 10, 7 members),
+    """Each side's jitted update at ``opts.speed_sizes`` (cpu-small: 2 x 256, batch 256; H = 10, 7 members),
     single-task (as ``macfw.bench``), alternated in one process, the batch on the device. macfw's is
     the loop's ``update`` compiled as its training step compiles it (:func:`macfw_update`: draws from
     the state's key, the state donated, macfw's compiler options); the authors' is their jitted
@@ -589,8 +588,8 @@ def measure_speed(ref, opts: Options, gc: bool = False) -> dict:
 
     from macfw.reference import reference_computation
 
-    B = CPU_SMALL["batch"]
-    agent, spec, state, theirs = build(ref, CPU_SMALL["hidden"], B, gc, opts.seed)
+    B = opts.speed_batch
+    agent, spec, state, theirs = build(ref, opts.speed_hidden, B, gc, opts.seed)
     _, loop = make_batch(spec, B, opts.seed)
     b, rb = jax.device_put(loop), jax.device_put(reference_batch(loop, gc))
     ref_step = type(theirs).update

@@ -53,8 +53,9 @@ norm of the per-leaf L2 norms). The authors' defects (DESIGN §9 and new ones sh
 ``skipped`` and ``defects`` with both values: ``gc_unused_reward_head`` (above) and ``st/success/pos_acc`` (their 0/0
 = NaN on batches without a positive label: every single-task batch; macfw reports 0).
 
-Speed (``opts.speed``): each side's jitted update at ``cpu-small`` (2 x 256, batch 256, rollout
-batch 256, n 10, H 10, N 8, 10 flow steps; single-task, as ``macfw.bench``'s ``cpu-small``), the
+Speed (``opts.speed``): each side's jitted update at ``opts.speed_sizes``: ``cpu-small`` (2 x 256, batch
+256, rollout batch 256, n 10, H 10, N 8, 10 flow steps; single-task, as ``macfw.bench``'s ``cpu-small``)
+or ``paper`` (4 x 1024, batch and rollout batch 1024, the rest the same), the
 batch on the device, alternated (:func:`~parity_cases.common.time_updates`). macfw's update runs as
 its training loop runs it, ``opts.steps_per_dispatch`` updates per compiled call (``jax.jit`` of a
 ``lax.scan`` over ``MAC.update``, the state donated, :func:`macfw.compiler.compiler_options`), and
@@ -578,8 +579,13 @@ def _unrolled_scans():
         jax.lax.scan = orig
 
 
-def speed(ref, opts, sz: Sizes = CPU_SMALL) -> dict:
-    """Both jitted updates at ``sz``, alternated; FLOPs and utilisation (module docstring)."""
+def speed(ref, opts, sz: Sizes | None = None) -> dict:
+    """Both jitted updates at ``sz`` (None: ``opts.speed_sizes``, the rollout batch the batch), alternated;
+    FLOPs and utilisation (module docstring)."""
+    if sz is None:
+        sz = dataclasses.replace(
+            CPU_SMALL, hidden=opts.speed_hidden, batch=opts.speed_batch, rollout_batch=opts.speed_batch
+        )
     import jax
     import jax.numpy as jnp
 

@@ -108,7 +108,6 @@ METRICS = {
 OB_DIM, ACT_DIM, GOAL_DIM = 28, 5, 3  # cube-single's observation and action; a 3-d oracle goal
 NUM_DYNAMICS, NUM_QS, ROLLOUT_STEPS = 7, 2, 5
 SMALL: dict[str, Any] = dict(hidden=(64, 64), batch=32, starts=64)
-CPU_SMALL: dict[str, Any] = dict(hidden=(256, 256), batch=256)
 ROLLOUT_FIELDS = ("observations", "actions", "next_observations", "rewards", "masks", "value_goals", "actor_goals")
 MACFW_FIELD = {"observations": "obs", "next_observations": "next_obs"}
 
@@ -471,7 +470,7 @@ def data_pipeline_defect() -> dict:
 
 # ------------------------------------------------------------------------------ speed
 def measure_speed(ref, name: str, opts: Options) -> dict:
-    """Each side's jitted update at cpu-small sizes (2 x 256, batch 256: 128 real + 128 model),
+    """Each side's jitted update at ``opts.speed_sizes`` (cpu-small: 2 x 256, batch 256: 128 real + 128 model),
     single-task, alternated in one process. macfw's is the loop's ``update`` compiled as its
     training step compiles it (:func:`macfw_update`: the state donated; the buffer, full, on the
     device); the authors' is ``update(real_batch,
@@ -479,9 +478,9 @@ def measure_speed(ref, name: str, opts: Options) -> dict:
     import equinox as eqx
     import jax
 
-    B = CPU_SMALL["batch"]
+    B = opts.speed_batch
     agent, spec, state, theirs = build(
-        ref, name, CPU_SMALL["hidden"], B, False, opts.seed, num_starts=50_000, capacity_rounds=5
+        ref, name, opts.speed_hidden, B, False, opts.seed, num_starts=50_000, capacity_rounds=5
     )
     real, model, loop = make_batch(spec, B, opts.seed)
     fill: dict[str, Any] = {  # numpy arrays: the buffer stores them as it stores jax arrays

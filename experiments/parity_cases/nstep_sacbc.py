@@ -338,8 +338,10 @@ def run(ref, opts: Options) -> dict:
     )
 
 
-def measure_speed(ref, opts: Options, hidden=(256, 256), batch_size: int = 256) -> dict:
-    """Each side's jitted update at cpu-small sizes (2 x 256, batch 256, n 25), alternated in one process."""
+def measure_speed(ref, opts: Options) -> dict:
+    """Each side's jitted update at ``opts.speed_sizes`` (cpu-small: 2 x 256, batch 256; n 25), alternated in
+    one process."""
+    hidden, batch_size = opts.speed_hidden, opts.speed_batch
     agent, state, theirs, data, hgc = build(ref, hidden, batch_size, opts.seed)
     b, rb = batches(agent, data, hgc, 1, batch_size, opts.seed)[0][0]
     return measure_updates(agent, state, b, theirs, rb, opts)
