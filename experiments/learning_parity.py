@@ -29,9 +29,10 @@ that of a single-seed macfw run) and the same episodes in flight (``evaluate.bat
 
 Output: per run ``OUT/results/<agent>/<impl>-seed<s>.json`` (collected from its folder once the launch
 has ended; a re-run skips finished runs, and a macfw run resumes from its last checkpoint in
-``OUT/runs/<agent>/macfw-seed<s>``; a failed run is reported with its log and the others go on); at the end ``OUT/learning_parity.json``
-(and ``--json OUT``): per agent and implementation, per seed the success % at each evaluation step,
-the final success's mean and std over the seeds, the settings table; and ``OUT/table.md``, printed:
+``OUT/runs/<agent>/macfw-seed<s>``; a failed run is reported with its log and the others go on); at the
+end ``OUT/learning_parity.json`` (and ``--json OUT``): per agent and implementation, per seed the
+success % at each evaluation step, the final success's mean and std over the seeds, the settings
+table; and ``OUT/table.md``, printed:
 
     | agent | macfw success % (mean ± std, n seeds) | authors' success % (mean ± std, n seeds) | within spread? |
 
