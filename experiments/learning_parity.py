@@ -331,10 +331,11 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """``data`` as JSON in ``path`` (its folder made first), atomically (:func:`macfw.logs.write_json_atomic`)."""
+    from macfw.logs import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
 
 
 def macfw_result(run: Run) -> dict:
@@ -833,7 +834,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     except KeyboardInterrupt:
         raise SystemExit(
-            "[learning_parity] interrupted: the runs were stopped (macfw's saved a checkpoint); "
+            "[learning_parity] interrupted: the runs were stopped (macfw's runs saved a checkpoint); "
             "re-run the same command to go on"
         ) from None
     result = collect(setup, failures)

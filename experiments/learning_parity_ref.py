@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import random
 import re
 import signal
@@ -487,10 +486,10 @@ def _main(a: argparse.Namespace) -> int:
     out["config"] = {k: plain(v) for k, v in config.to_dict().items()} if hasattr(config, "to_dict") else {}
     out["mbpo"] = flags
     out["wall_time_s"] = time.time() - t0
+    from macfw.logs import write_json_atomic
+
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(a.out)
+    write_json_atomic(a.out, out)
     if a.workdir is not None:  # written last: a run with summary.json has its result
         summary = {
             "impl": "reference",
@@ -501,9 +500,7 @@ def _main(a: argparse.Namespace) -> int:
             "wall_time_s": out["wall_time_s"],
         }
         a.workdir.mkdir(parents=True, exist_ok=True)
-        tmp = a.workdir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        tmp.replace(a.workdir / "summary.json")
+        write_json_atomic(a.workdir / "summary.json", summary)
     print(f"[reference] wrote {a.out} ({out['wall_time_s']:.0f} s)", flush=True)
     return 0
 

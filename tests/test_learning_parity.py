@@ -49,12 +49,17 @@ TINY = [
 ]
 
 
-def _main():
+def _module():
+    """experiments/learning_parity.py, imported (its folder put on sys.path)."""
     if str(SCRIPT.parent) not in sys.path:
         sys.path.insert(0, str(SCRIPT.parent))
     import learning_parity  # pyright: ignore[reportMissingImports]  (experiments/, put on sys.path above)
 
-    return learning_parity.main
+    return learning_parity
+
+
+def _main():
+    return _module().main
 
 
 @pytest.mark.parametrize(
@@ -97,10 +102,7 @@ def test_runs_go_through_a_launcher_and_results_come_from_their_workdirs(tmp_pat
     """Every run is a macfw.launch RunSpec whose workdir is its folder (the authors' side too: its
     command names --workdir); after the launch, a run with summary.json gets its result file (macfw's
     from eval.csv, the authors' from result.json) and one without is reported with its log."""
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    import learning_parity as lp  # pyright: ignore[reportMissingImports]
-
+    lp = _module()
     argv = ["--reference-dir", str(tmp_path / "none"), *TINY, "--seeds", "0,1", "--out", str(tmp_path / "out")]
     p = lp.build_parser()
     setup = lp.check_args(p.parse_args(argv), p)

@@ -53,7 +53,7 @@ class Options:
 
     Attributes:
       updates: updates after which the terms and the parameters are compared again (10).
-      speed: time both updates (cpu-small sizes, alternated in one process).
+      speed: time both updates (at ``speed_sizes``, alternated in one process).
       pairs: alternated timing pairs.
       steps_per_dispatch: macfw's updates per compiled call when timed as its training loop runs
         them (``train.steps_per_dispatch``, gin/base.gin: 10); also the updates per timed call of the

@@ -106,7 +106,6 @@ class Sizes:
 
 
 SMALL = Sizes()
-CPU_SMALL = Sizes(hidden=(256, 256), batch=256, rollout_batch=256, goal_dim=0)
 
 #: the authors' info key -> macfw's metric name
 METRICS = {
@@ -579,13 +578,10 @@ def _unrolled_scans():
         jax.lax.scan = orig
 
 
-def speed(ref, opts, sz: Sizes | None = None) -> dict:
-    """Both jitted updates at ``sz`` (None: ``opts.speed_sizes``, the rollout batch the batch), alternated;
+def speed(ref, opts) -> dict:
+    """Both jitted updates at ``opts.speed_sizes`` (single-task, the rollout batch the batch), alternated;
     FLOPs and utilisation (module docstring)."""
-    if sz is None:
-        sz = dataclasses.replace(
-            CPU_SMALL, hidden=opts.speed_hidden, batch=opts.speed_batch, rollout_batch=opts.speed_batch
-        )
+    sz = Sizes(hidden=opts.speed_hidden, batch=opts.speed_batch, rollout_batch=opts.speed_batch, goal_dim=0)
     import jax
     import jax.numpy as jnp
 
