@@ -18,6 +18,10 @@ one job each (1 CPU, so two at a time on 2 cores):
   failed, naming its logs;
 - a second launcher started while the jobs are queued submits nothing (it waits for them), and a
   third after the end finds every run done; every run's job was submitted exactly once.
+
+Two more tests launch the experiment scripts through the cluster: compare.py's goal-conditioned
+protocol cell, and (where ``MACFW_PARITY_REF`` names a checkout of the authors' code) issue 29's
+learning-parity campaign at a tiny budget.
 """
 
 from __future__ import annotations
@@ -233,3 +237,62 @@ def test_compare_runs_a_goal_conditioned_protocol_cell_on_the_cluster(cluster, t
         assert s["step"] == 40 and s["dataset"] == "puzzle-3x3-play-oraclerep-v0"
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and "submitted" not in r2.stdout and r2.stdout.count("done already") == 2, r2.stdout
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MACFW_PARITY_REF"), reason="set MACFW_PARITY_REF to a checkout of kwanyoungpark/MAC"
+)
+def test_learning_parity_campaign_on_the_cluster(cluster, tmp_path):
+    """Issue 29's learning table as docs/experiments.md launches it on a cluster (``--launcher slurm``),
+    at a tiny budget: MOPO, MOBILE and LEQ, seed 0, both implementations, one SLURM job per run (6);
+    every job finishes, the table has a row per agent, and a second invocation submits nothing."""
+    out = tmp_path / "lp"
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments" / "learning_parity.py"),
+        "--reference-dir",
+        os.environ["MACFW_PARITY_REF"],
+        "--agents",
+        "mopo,mobile,leq",
+        "--steps",
+        "50",
+        "--seeds",
+        "0",
+        "--eval-every",
+        "50",
+        "--eval-episodes",
+        "2",
+        "--hidden",
+        "32,32",
+        "--batch-size",
+        "32",
+        "--rollout-freq",
+        "20",
+        "--rollout-starts",
+        "64",
+        "--episodes",
+        "4",
+        "--episode-length",
+        "101",
+        "--launcher",
+        "slurm",
+        "--slurm-cpus",
+        "1",
+        "--slurm-time",
+        "30",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    print(r.stdout[-4000:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("submitted as job") == 6 and r.stdout.count(": finished (job") == 6, r.stdout
+    result = json.loads((out / "learning_parity.json").read_text())
+    for agent in ("mopo", "mobile", "leq"):
+        for impl in ("macfw", "reference"):
+            side = result["agents"][agent][impl]
+            assert side["n_seeds"] == 1 and not side["failed"], (agent, impl, side)
+            assert side["per_seed"]["0"]["steps"] == [50]
+        assert f"| {agent} | " in (out / "table.md").read_text()
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and "submitted" not in r2.stdout and r2.stdout.count("done already") == 6, r2.stdout
