@@ -247,33 +247,16 @@ def test_learning_parity_campaign_on_the_cluster(cluster, tmp_path):
     at a tiny budget: MOPO, MOBILE and LEQ, seed 0, both implementations, one SLURM job per run (6);
     every job finishes, the table has a row per agent, and a second invocation submits nothing."""
     out = tmp_path / "lp"
+    from test_learning_parity import TINY  # the harness's tiny budget (MOPO, seed 0, 50 steps, 2 x 32 networks)
+
     cmd = [
         sys.executable,
         str(REPO / "experiments" / "learning_parity.py"),
         "--reference-dir",
         os.environ["MACFW_PARITY_REF"],
-        "--agents",
+        *TINY,
+        "--agents",  # (a later flag wins: all three agents)
         "mopo,mobile,leq",
-        "--steps",
-        "50",
-        "--seeds",
-        "0",
-        "--eval-every",
-        "50",
-        "--eval-episodes",
-        "2",
-        "--hidden",
-        "32,32",
-        "--batch-size",
-        "32",
-        "--rollout-freq",
-        "20",
-        "--rollout-starts",
-        "64",
-        "--episodes",
-        "4",
-        "--episode-length",
-        "101",
         "--launcher",
         "slurm",
         "--slurm-cpus",
