@@ -25,7 +25,10 @@ keeps its plain form, used while tracing inside :func:`reference_computation`:
   default of 256;
 * ``"members_outer"``: an ensemble over a batch with the members as the outer axis
   (:meth:`macfw.nn.ensemble.Ensemble.over_batch`; MOPO/MOBILE's models, critics and penalty) -> the
-  rows outermost, each row calling every member.
+  rows outermost, each row calling every member;
+* ``"heads_after_rollout"``: MAC's imagined rollout runs only the sampler and the dynamics inside its
+  loop and labels the ``H x B`` (state, chunk) pairs with the success and reward heads after it
+  (:meth:`macfw.agents.mac.MAC.rollout`) -> every head inside the loop, on each step's ``B`` rows.
 
 ``macfw.bench`` counts FLOPs on the reference (what the method computes) and
 ``python -m macfw.bench --against-reference [--only NAME,...]`` times the two alternately in one
@@ -51,6 +54,7 @@ SPEEDUPS = (
     "folded_layer_norm",
     "wide_vectors",
     "members_outer",
+    "heads_after_rollout",
 )
 
 _OFF: list[frozenset] = [frozenset()]

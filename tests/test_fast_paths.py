@@ -1,6 +1,6 @@
 """Issue 12: the faster update computes what the reference computation does.
 
-Nine changes made MAC's update (and every MLP's backward pass) faster without changing what is
+Ten changes made MAC's update (and every MLP's backward pass) faster without changing what is
 computed (:data:`macfw.reference.SPEEDUPS`): LayerNorm's closed-form gradient (a custom VJP), the
 state's first-layer product shared across the rejection sampler's N candidates and the flow ODE's
 steps (``MLP.prefix``), one flattened vmap instead of two nested ones over rollout steps
@@ -10,8 +10,10 @@ equation is checked in ``test_lambda_returns.py``) and last layers padded to a m
 outputs (``padded_outputs``), and the rollout's success, reward and dynamics models with one
 first-layer product (``joint_first_layer``), and in the rollout each MLP's LayerNorms folded into the
 next layer's product (``folded_layer_norm``), and the CPU training step compiled with 512-bit vectors
-(``wide_vectors``). Each is checked against its reference here: alone on tiny inputs,
-and all together over 50 MAC updates from a
+(``wide_vectors``), and the rollout's success and reward heads run after its loop on all the
+(state, chunk) pairs at once (``heads_after_rollout``). (The eleventh, ``members_outer``, is MOPO and
+MOBILE's; ``test_mopo_mobile.py`` checks it.) Each is checked against its reference here: alone on
+tiny inputs, and all together over 50 MAC updates from a
 fixed seed, where the reference is the pre-change computation traced in the same process (so the
 comparison holds on any CPU's instruction set).
 """
@@ -386,3 +388,53 @@ def test_cpu_training_step_is_compiled_with_wide_vectors_and_the_reference_is_no
     assert step.compiler_options == compiler.CPU_OPTIONS
     with reference_computation(only="wide_vectors"):
         assert bench._setup("tiny")[4].compiler_options is None
+
+
+def _dots_inside_loops(jaxpr) -> int:
+    """The ``dot_general`` equations inside the scan and while loops of ``jaxpr`` (nested calls included)."""
+
+    from jax.extend import core
+
+    def subjaxprs(eqn):
+        for v in eqn.params.values():
+            for x in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(x, core.ClosedJaxpr):
+                    yield x.jaxpr
+                elif isinstance(x, core.Jaxpr):
+                    yield x
+
+    def count(j, inside: bool) -> int:
+        n = 0
+        for eqn in j.eqns:
+            n += int(inside and eqn.primitive.name == "dot_general")
+            loop = eqn.primitive.name in ("scan", "while")
+            n += sum(count(sub, inside or loop) for sub in subjaxprs(eqn))
+        return n
+
+    return count(jaxpr.jaxpr, False)
+
+
+@pytest.mark.parametrize("goal_dim", [0, 3])
+def test_rollout_heads_labelled_after_the_loop_equal_heads_inside_it(goal_dim):
+    """``heads_after_rollout``: inside MAC's rollout loop only the sampler and the dynamics run (the
+    next state is all the next step reads); the success head (and, single-task, the reward head)
+    label the ``H x B`` (state, chunk) pairs after it. The states, chunks, rewards and masks are the
+    reference's (every head inside the loop), and the loop holds fewer products."""
+    from macfw import bench
+
+    agent, spec, data, state, step, K, B = bench._setup("tiny", goal_dim=goal_dim)
+    s0 = data.observations[:8]
+    g0 = 0.5 * jax.random.normal(jax.random.PRNGKey(5), (8, goal_dim))
+    roll = lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4))  # noqa: E731
+    fast, fast_dots = roll(), _dots_inside_loops(jax.make_jaxpr(roll)())
+    with reference_computation(only="heads_after_rollout"):  # a new function: JAX caches traces
+        roll_ref = lambda: agent.rollout(state.nets, s0, g0, jax.random.PRNGKey(4))  # noqa: E731
+        ref, ref_dots = roll_ref(), _dots_inside_loops(jax.make_jaxpr(roll_ref)())
+    # out of the loop: goal-conditioned, the success head's three products; single-task, the three
+    # models' joint first layer and the success and reward heads' other two products each, while the
+    # dynamics' own first layer comes in
+    assert ref_dots - fast_dots == (3 if goal_dim else 1 + 4 - 1), (fast_dots, ref_dots)
+    assert 0.0 < float(np.mean(fast["masks"])) <= 1.0 and np.ptp(np.asarray(fast["rewards"])) > 0
+    for k in ("states", "actions", "rewards", "masks"):
+        assert fast[k].shape == ref[k].shape, k
+        np.testing.assert_allclose(fast[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)

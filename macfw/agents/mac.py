@@ -328,31 +328,66 @@ class MAC(Agent):
         """Imagined rollout of H chunks (no gradient). ``s0: (B, ob_dim)``, ``g: (B, goal_dim)``.
 
         Returns dict with ``states (H+1, B, ob_dim)``, ``actions (H, B, chunk_dim)``,
-        ``rewards, masks (H, B)``.
+        ``rewards, masks (H, B)``: ``A_k = sampler(s_k, g)``, ``s_{k+1} = f(s_k, A_k)``, ``c_k =
+        [sigmoid(c(s_k, g, A_k)) > 0.5]``, ``masks_k = 1 - c_k``, ``rewards_k = c_k - 1`` with goals,
+        else ``r(s_k, A_k)`` (DESIGN §2.4 step 2). The loop runs the sampler and the dynamics only;
+        the heads label all ``H x B`` pairs after it (``"heads_after_rollout"``, a same-result
+        speed-up: :mod:`macfw.reference`).
+
+        Raises:
+          ValueError: single-task (``goal_dim = 0``) networks without a reward model.
         """
         # no gradient; LayerNorms folded into the products once, for all H steps (issue 12)
         nets = fold_layer_norms(jax.lax.stop_gradient(nets))
         B = s0.shape[0]
         goal_conditioned = g.shape[-1] > 0
         if goal_conditioned:
-            models = (nets.success, nets.dynamics)
+            heads = (nets.success,)
         elif nets.reward is None:
             raise ValueError("MAC on single-task data needs a reward model, got nets.reward = None (MAC.reward = None)")
         else:
-            models = (nets.success, nets.dynamics, nets.reward)
+            heads = (nets.success, nets.reward)
 
-        def one(s, gg, k):
-            A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
-            logit, s_next, *rest = evaluate_jointly(models, s, gg, A)  # one first-layer product where it can
+        def labels(logit, rest):
             c = (jax.nn.sigmoid(logit) > 0.5).astype(jnp.float32)
             r = c - 1.0 if goal_conditioned else rest[0]
-            return A, s_next, r, 1.0 - c
+            return r, 1.0 - c
+
+        if reference.active("heads_after_rollout"):  # the reference: every head inside the loop
+            models = (heads[0], nets.dynamics, *heads[1:])
+
+            def one(s, gg, k):
+                A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
+                logit, s_next, *rest = evaluate_jointly(models, s, gg, A)  # one first-layer product where it can
+                return A, s_next, *labels(logit, rest)
+
+            def step_labelled(s, k):
+                A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
+                return s_next, (A, r, m)
+
+            states, (actions, rewards, masks) = imagine(
+                step_labelled, s0, key, self.horizon, unroll=self.unroll_rollout
+            )
+            return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
+
+        # Only the dynamics feeds the next step; the success and reward heads label the H x B
+        # (state, chunk) pairs after the loop, in products of H x B rows instead of H of B rows each.
+        def chunk_step(s, gg, k):
+            A = self.sampler(nets.policy, nets.critic, s, gg, key=k)
+            return A, nets.dynamics(s, A)
 
         def step(s, k):
-            A, s_next, r, m = jax.vmap(one)(s, g, jax.random.split(k, B))
-            return s_next, (A, r, m)
+            A, s_next = jax.vmap(chunk_step)(s, g, jax.random.split(k, B))
+            return s_next, A
 
-        states, (actions, rewards, masks) = imagine(step, s0, key, self.horizon, unroll=self.unroll_rollout)
+        states, actions = imagine(step, s0, key, self.horizon, unroll=self.unroll_rollout)
+
+        def label(s, gg, A):
+            logit, *rest = evaluate_jointly(heads, s, gg, A)  # one first-layer product where it can
+            return labels(logit, rest)
+
+        with jax.named_scope("rollout"):
+            rewards, masks = vmap_steps(label, states[:-1], jnp.broadcast_to(g, (self.horizon,) + g.shape), actions)
         return {"states": states, "actions": actions, "rewards": rewards, "masks": masks}
 
     def loss(self, nets: Networks, target_value, batch: dict, roll: dict, key) -> tuple[Array, dict]:
