@@ -324,8 +324,9 @@ def evaluate_jointly(models: Sequence[Callable[..., Array]], s, g, A) -> list[Ar
     When every model is exactly one of :data:`JOINT_MODELS` and their MLPs read the same input (the
     same blocks of ``s, g, A`` once empty ones are dropped: single-task data, ``goal_dim = 0``, makes
     a head's ``[s, g, A]`` the dynamics' ``[s, A]``), the first layers are one matrix product
-    (:func:`macfw.nn.mlp.joint_first_layer`; MAC's imagined rollout: success, reward and dynamics on
-    the chosen chunk: a ``cpu-small`` update 1.04x faster, issue 12). Otherwise, or inside
+    (:func:`macfw.nn.mlp.joint_first_layer`; MAC's imagined rollout: success and reward on its
+    (state, chunk) pairs after its loop, and all three inside the loop in the reference computation:
+    a ``cpu-small`` update 1.04x faster, issue 12). Otherwise, or inside
     :func:`macfw.reference.reference_computation` (``"joint_first_layer"``), each model is called.
     """
     sizes = {"s": s.shape[-1], "g": g.shape[-1], "A": A.shape[-1]}
