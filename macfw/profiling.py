@@ -151,7 +151,10 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
     """The module name and every operation the runtime executes (the instructions of the entry and loop
     computations, not those inside fusions) of a compiled HLO module's text (``compiled.as_text()``):
     ``{instruction name: Op}``. Matrix-product FLOPs are ``2 * prod(output dims) * prod(contracting
-    dims)`` of each ``dot``, summed over a fusion's computation (and the computations it calls)."""
+    dims)`` of each ``dot``, summed over a fusion's computation (and the computations it calls). A
+    fusion with a product inside is a matrix product in that product's phase, whatever its root: XLA's
+    CPU backend fuses, e.g., a LayerNorm fold's weight scaling and column sums (a ``reduce_sum``) into
+    the product that reads them."""
     module = re.search(r"^HloModule (\S+?),?\s", text, re.M)
     shapes: dict[str, list[int] | None] = {}
     rows = []  # (computation, name, shape, opcode, rest)
@@ -169,14 +172,23 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
         rows.append((comp, name, shape, opcode, rest))
     comp_flops: dict[str, float] = collections.defaultdict(float)
     comp_calls: dict[str, list[str]] = collections.defaultdict(list)
+    comp_dot_name: dict[str, str] = {}  # the name stack of a computation's first product
     for comp, name, _shape, opcode, rest in rows:
         if opcode == "dot":
             comp_flops[comp] += _dot_flops(shapes[name], rest, shapes)
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            comp_dot_name.setdefault(comp, meta.group(1) if meta else "")
         for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
             comp_calls[comp].append(callee)
 
     def total(c, seen=()):
         return comp_flops.get(c, 0.0) + sum(total(k, seen + (c,)) for k in comp_calls.get(c, ()) if k not in seen)
+
+    def dot_name(c, seen=()):
+        if c in comp_dot_name:
+            return comp_dot_name[c]
+        names = (dot_name(k, seen + (c,)) for k in comp_calls.get(c, ()) if k not in seen)
+        return next((n for n in names if n is not None), None)
 
     inner = {c for cs in comp_calls.values() for c in cs}  # fused and reducer computations: not run as ops
     ops = {}
@@ -188,7 +200,13 @@ def parse_hlo(text: str) -> tuple[str, dict[str, Op]]:
         if opcode == "dot":
             flops = _dot_flops(shapes[name], rest, shapes)
         elif opcode == "fusion":
-            flops = sum(total(c) for c in re.findall(r"calls=%([\w.\-]+)", rest))
+            callees = re.findall(r"calls=%([\w.\-]+)", rest)
+            flops = sum(total(c) for c in callees)
+            inner_dot = next((n for n in map(dot_name, callees) if n is not None), None)
+            if flops > 0 and inner_dot:
+                # a fusion around a product (its root, e.g. a LayerNorm fold's reduce_sum, may name
+                # it otherwise) is the product, in the product's phase
+                op_name = inner_dot
         else:
             flops = 0.0
         kind = "loop" if opcode in _LOOP_OPS else kind_of(op_name, opcode, name)

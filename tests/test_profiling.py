@@ -73,6 +73,52 @@ def test_parse_hlo_counts_every_product_once_per_execution_with_its_phase():
     assert all(o.flops == 0 for o in ops.values() if o.kind != "matrix products")
 
 
+_FUSED_PRODUCT_HLO = """HloModule jit_f, entry_computation_layout={(f32[8,16]{1,0}, f32[16,16]{1,0})->f32[8]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_computation.1 (param_0: f32[8,16], param_1: f32[16,16]) -> f32[8] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %param_1 = f32[16,16]{1,0} parameter(1)
+  %dot.1 = f32[8,16]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, \
+metadata={op_name="jit(f)/rollout/vmap()/dot_general"}
+  %c = f32[] constant(0)
+  ROOT %reduce.1 = f32[8]{0} reduce(%dot.1, %c), dimensions={1}, to_apply=%add, metadata={op_name="jit(f)/reduce_sum"}
+}
+
+%fused_computation.2 (param_0: f32[8,16]) -> f32[8] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  ROOT %reduce.2 = f32[8]{0} reduce(%param_0, %c), dimensions={1}, to_apply=%add, metadata={op_name="jit(f)/reduce_sum"}
+}
+
+ENTRY %main (x: f32[8,16], w: f32[16,16]) -> f32[8] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,16]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[8]{0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.1, \
+metadata={op_name="jit(f)/reduce_sum"}
+  ROOT %reduce_fusion.2 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_computation.2, \
+metadata={op_name="jit(f)/reduce_sum"}
+}
+"""
+
+
+def test_a_fusion_around_a_product_is_the_product_in_its_phase():
+    """XLA's CPU backend may fuse a product with what reads or feeds it under a root named otherwise
+    (MAC's rollout heads: the LayerNorm fold's column sums, a ``reduce_sum`` outside any scope): the
+    fusion counts as a matrix product, with its FLOPs, in the product's phase; a reduction without a
+    product stays a reduction."""
+    module, ops = parse_hlo(_FUSED_PRODUCT_HLO)
+    assert module == "jit_f"
+    fused, plain = ops["ynn_fusion.1"], ops["reduce_fusion.2"]
+    assert (fused.kind, fused.phase, fused.flops) == ("matrix products", "rollout", 2 * 8 * 16 * 16)
+    assert (plain.kind, plain.phase, plain.flops) == ("reductions", "other", 0.0)
+
+
 def test_breakdown_sums_op_time_per_update_and_skips_loops_and_unknown_ops():
     ops = {
         "a": profiling.Op("rollout", "matrix products", 1e6),
